@@ -1,0 +1,179 @@
+"""Every source indexed into one table and split patient-wise (SPEC, "Data sources and how they
+merge").
+
+A patient's split is drawn from a hash of (seed, patient key), not from a shuffled list: the same
+patient lands in the same split whatever other data is indexed beside it, so adding a source never
+moves old images between train and test. Official lists (NIH ``test_list.txt``, Kermany's ``test``
+folder) pin patients to test; all of a patient's images follow the patient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pneumoscan.data.actualmed import Actualmed
+from pneumoscan.data.base import SourceError, XraySource
+from pneumoscan.data.covid import CovidChestXray
+from pneumoscan.data.kermany import Kermany
+from pneumoscan.data.montgomery import Montgomery
+from pneumoscan.data.nih import NIH
+from pneumoscan.data.rsna import RSNA
+from pneumoscan.data.shenzhen import Shenzhen
+from pneumoscan.labels import LABELS
+
+SOURCES: dict[str, type[XraySource]] = {
+    cls.name: cls for cls in (NIH, Kermany, RSNA, Montgomery, Shenzhen, CovidChestXray, Actualmed)
+}
+#: Folder names of the sources in ``../shared/data`` (each source's usual release name).
+FOLDER_NAMES = {
+    "nih": "nih-cxr14", "kermany": "kermany", "rsna": "rsna-pneumonia", "montgomery": "montgomery",
+    "shenzhen": "shenzhen", "covid": "covid-chestxray", "actualmed": "actualmed-covid",
+}
+MANIFEST_COLUMNS = ["path", "source", "patient", "view", "split", *LABELS, "mask"]
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.80, 0.08, 0.12)
+DEFAULT_SEED = 2019
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be built or read safely."""
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A reproducible number in [0, 1) for ``key``, independent of any other key."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(
+    patients: pd.Series,
+    official: pd.Series,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    seed: int = DEFAULT_SEED,
+) -> pd.Series:
+    """Split per row, decided per patient. ``official`` is "test", "train" or "" per row."""
+    train, val, test = fractions
+    if min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ManifestError(f"split fractions must be ≥ 0 and sum to 1, got {fractions}")
+    pinned = pd.DataFrame({"patient": patients, "official": official})
+    to_test = set(pinned.loc[pinned.official == "test", "patient"])
+    to_trainval = set(pinned.loc[pinned.official == "train", "patient"]) - to_test
+    decided = {}
+    for patient in patients.unique():
+        u = unit_hash(seed, patient)
+        if patient in to_test:
+            decided[patient] = "test"
+        elif patient in to_trainval:
+            decided[patient] = "val" if train + val > 0 and u < val / (train + val) else "train"
+        else:
+            decided[patient] = "train" if u < train else ("val" if u < train + val else "test")
+    return patients.map(decided)
+
+
+def resolve_sources(root: str | Path) -> dict[str, Path]:
+    """The sources found under a folder laid out like ``../shared/data``."""
+    root = Path(root)
+    return {name: root / folder for name, folder in FOLDER_NAMES.items() if (root / folder).is_dir()}
+
+
+def build_manifest(
+    sources: Mapping[str, str | Path],
+    *,
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
+    seed: int = DEFAULT_SEED,
+    rsna_mapping: str | Path | None = None,
+    warnings: list[str] | None = None,
+) -> pd.DataFrame:
+    """One row per image of every source: ``path, source, patient, view, split``, the 15 labels
+    (1/0, NaN unknown) and ``mask`` (segmentation masks, ``;``-joined, or empty)."""
+    unknown_names = set(sources) - set(SOURCES)
+    if unknown_names:
+        raise ManifestError(f"unknown sources {sorted(unknown_names)}; known: {sorted(SOURCES)}")
+    tables = []
+    for name, root in sources.items():
+        try:
+            source = RSNA(root, mapping=rsna_mapping) if name == "rsna" else SOURCES[name](root)
+        except SourceError as exc:
+            raise ManifestError(str(exc)) from exc
+        if name == "rsna" and "nih" in sources and not source.has_mapping and len(source):
+            raise ManifestError(
+                "RSNA images are re-annotated NIH images; without the RSNA↔NIH mapping "
+                f"({'pneumonia-challenge-dataset-mappings_2018.json'}) the same radiograph could "
+                "sit in two splits. Put the mapping in the RSNA folder or pass it "
+                "(--rsna-mapping), or index RSNA and NIH separately."
+            )
+        if warnings is not None:
+            warnings.extend(source.warnings)
+        table = source.csv.assign(source=name)
+        tables.append(table)
+    if not tables:
+        raise ManifestError("no sources given")
+    merged = pd.concat(tables, ignore_index=True)
+    merged["split"] = assign_splits(merged["patient"], merged["official_split"], fractions, seed)
+    return merged[MANIFEST_COLUMNS].reset_index(drop=True)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a manifest CSV and check it has the contract's columns."""
+    try:
+        table = pd.read_csv(path, dtype={"patient": str, "view": str, "mask": str})
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+    missing = [c for c in ["path", "source", "patient", "view", "split", *LABELS] if c not in table]
+    if missing:
+        raise ManifestError(f"{path}: not a PneumoScan manifest, missing columns {missing}")
+    table["view"] = table["view"].fillna("")
+    if "mask" not in table:
+        table["mask"] = ""
+    table["mask"] = table["mask"].fillna("")
+    try:
+        values = table[list(LABELS)].to_numpy(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ManifestError(f"{path}: label columns must be 1, 0 or empty ({exc})") from exc
+    bad = set(np.unique(values[~np.isnan(values)]).tolist()) - {0.0, 1.0}
+    if bad:
+        raise ManifestError(f"{path}: label columns must be 1, 0 or empty, found {sorted(bad)}")
+    return table
+
+
+def write_manifest(table: pd.DataFrame, path: str | Path) -> None:
+    """Write atomically (a crash never leaves half a manifest)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    out = table.copy()
+    out[list(LABELS)] = out[list(LABELS)].astype("Int8")  # 1 / 0 / empty, as the contract says
+    out.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def summarize(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two tables: "images (patients)" per source and split, and "positive/known" per label."""
+    groups = [(str(source), part) for source, part in table.groupby("source", sort=True)]
+    per_source = pd.DataFrame(
+        [{"source": source, **{split: f"{(p := part[part.split == split]).shape[0]:,} "
+                                      f"({p.patient.nunique():,})" for split in SPLITS}}
+         for source, part in [*groups, ("all", table)]]
+    )
+    per_label = pd.DataFrame(
+        [{"label": label, **{split: f"{int((v := table.loc[table.split == split, label]).eq(1).sum()):,}"
+                                    f"/{int(v.notna().sum()):,}" for split in SPLITS}}
+         for label in LABELS]
+    )
+    return per_source, per_label
+
+
+def patient_leaks(table: pd.DataFrame) -> list[str]:
+    """Patients found in more than one split (should always be empty)."""
+    counts = table.groupby("patient")["split"].nunique()
+    return sorted(counts[counts > 1].index)
+
+
+def label_matrix(table: pd.DataFrame) -> np.ndarray:
+    """N×15 float32 labels in SPEC order, NaN where unknown."""
+    return table[list(LABELS)].to_numpy(np.float32)

@@ -1,0 +1,280 @@
+"""Stage 1 (read): any chest X-ray file to a float32 picture in [0, 1], 0 = air (black), 1 = bone.
+
+PNG and JPEG are decoded with OpenCV (the fastest decoder measured here, ``../shared/STACK.md``);
+DICOM with pydicom, applying the modality LUT (rescale slope/intercept), then the VOI LUT or
+window when the file has one, then MONOCHROME1 inversion. Every way a file can be unusable ends
+in :class:`XrayReadError` with a sentence a person understands, never a library's own exception.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+#: Refuse images above this many pixels before decoding them (decompression bombs). The largest
+#: common chest radiographs (43×43 cm detectors at 0.1 mm) are about 4,300 × 4,300 = 18.5 M pixels.
+MAX_PIXELS = 64_000_000
+#: Below this side length a picture cannot hold a usable chest X-ray.
+MIN_SIDE = 64
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+
+DICOM_CODEC_HINT = (
+    "install a decoder for it: `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
+    "(JPEG, JPEG-LS, JPEG 2000) or `pip install python-gdcm`"
+)
+
+
+class XrayReadError(ValueError):
+    """A file that cannot be read as a chest X-ray; the message says why in plain words."""
+
+
+@dataclass(frozen=True)
+class XrayImage:
+    """A decoded X-ray: ``pixels`` is float32 H×W in [0, 1]; ``meta`` describes the file."""
+
+    pixels: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape  # type: ignore[return-value]
+
+
+def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
+    """Read a PNG, JPEG or DICOM file. Raises :class:`XrayReadError` for anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise XrayReadError(f"{path}: no such file")
+    if path.is_dir():
+        raise XrayReadError(f"{path}: is a folder, not an image file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise XrayReadError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
+    image = decode_xray(data, name=str(path), max_pixels=max_pixels)
+    image.meta["path"] = str(path)
+    return image
+
+
+def decode_xray(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XrayImage:
+    """Decode X-ray bytes (an upload, say); ``name`` is used in messages and to spot ``.dcm``."""
+    if len(data) == 0:
+        raise XrayReadError(f"{name}: the file is empty (0 bytes)")
+    if data.startswith(PNG_MAGIC):
+        pixels, meta = _decode_raster(data, "png", name, max_pixels)
+    elif data.startswith(JPEG_MAGIC):
+        pixels, meta = _decode_raster(data, "jpeg", name, max_pixels)
+    elif data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES:
+        pixels, meta = _decode_dicom(data, name, max_pixels)
+    else:
+        raise XrayReadError(f"{name}: not a PNG, JPEG or DICOM file (unrecognised content)")
+    span = float(pixels.max() - pixels.min())
+    if not np.isfinite(span):
+        raise XrayReadError(f"{name}: pixel values are not finite numbers")
+    if span < 1e-6:
+        raise XrayReadError(
+            f"{name}: every pixel has the same value, so the image shows nothing to read"
+        )
+    return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=meta)
+
+
+def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise XrayReadError(
+            f"{name}: {width}×{height} = {height * width:,} pixels is above the limit of "
+            f"{max_pixels:,} (refused to protect memory; pass a larger max_pixels if it is real)"
+        )
+    if min(height, width) < MIN_SIDE:
+        raise XrayReadError(
+            f"{name}: {width}×{height} pixels is too small for a chest X-ray "
+            f"(each side must be at least {MIN_SIDE})"
+        )
+
+
+def _decode_raster(
+    data: bytes, fmt: str, name: str, max_pixels: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    from PIL import Image  # header only: size and mode before any pixel is decoded
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+            mode = header.mode
+    except Image.DecompressionBombError as exc:
+        raise XrayReadError(f"{name}: refused as a decompression bomb ({exc})") from exc
+    except Exception as exc:  # PIL raises many types for broken headers
+        raise XrayReadError(f"{name}: the {fmt.upper()} header is damaged ({exc})") from exc
+    _check_size(name, height, width, max_pixels)
+    if fmt == "png" and data.rfind(b"IEND") == -1:
+        raise XrayReadError(f"{name}: the PNG file is truncated (no end chunk)")
+    if fmt == "jpeg" and data[-64:].rfind(b"\xff\xd9") == -1:
+        raise XrayReadError(f"{name}: the JPEG file is truncated (no end-of-image marker)")
+    try:
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise XrayReadError(f"{name}: the {fmt.upper()} data cannot be decoded ({exc})") from exc
+    if raw is None:
+        raise XrayReadError(f"{name}: the {fmt.upper()} data is corrupt and cannot be decoded")
+    if raw.ndim == 3:
+        if raw.shape[2] == 4:
+            raw = raw[:, :, :3]  # alpha carries no anatomy; NIH's RGBA files are opaque
+        raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY) if raw.shape[2] == 3 else raw[:, :, 0]
+    if raw.dtype == np.uint8:
+        pixels = raw.astype(np.float32) / 255.0
+        bit_depth, value_range = 8, None
+    elif raw.dtype == np.uint16:
+        # 16-bit files often hold 10-14 bit data: scale by the real range, not by 65535.
+        lo, hi = int(raw.min()), int(raw.max())
+        pixels = (raw.astype(np.float32) - lo) / max(hi - lo, 1)
+        bit_depth, value_range = 16, [lo, hi]
+    else:
+        raise XrayReadError(f"{name}: unsupported pixel type {raw.dtype}")
+    meta = {
+        "format": fmt,
+        "height": int(height),
+        "width": int(width),
+        "bit_depth": bit_depth,
+        "mode": mode,
+        "photometric": None,
+        "view_position": None,
+        "inverted": False,
+        "windowed": False,
+        "value_range": value_range,
+    }
+    return pixels, meta
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+    except InvalidDicomError as exc:
+        raise XrayReadError(f"{name}: not a valid DICOM file ({exc})") from exc
+    except Exception as exc:  # broken element encodings raise many types
+        raise XrayReadError(f"{name}: the DICOM header cannot be parsed ({exc})") from exc
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise XrayReadError(
+            f"{name}: the DICOM file has no pixel data (a report or structured document?)"
+        )
+    frames = _as_int(ds.get("NumberOfFrames", 1), default=1)
+    if frames > 1:
+        raise XrayReadError(
+            f"{name}: multi-frame DICOM ({frames} frames); PneumoScan reads single radiographs"
+        )
+    rows, cols = _as_int(ds.get("Rows"), 0), _as_int(ds.get("Columns"), 0)
+    if rows <= 0 or cols <= 0:
+        raise XrayReadError(f"{name}: the DICOM file does not say its image size (Rows/Columns)")
+    _check_size(name, rows, cols, max_pixels)
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    tsyntax_name = getattr(tsyntax, "name", str(tsyntax)) if tsyntax else "implicit little endian"
+    try:
+        arr = ds.pixel_array
+    except NotImplementedError as exc:
+        raise XrayReadError(
+            f"{name}: no installed decoder handles its transfer syntax '{tsyntax_name}'; "
+            f"{DICOM_CODEC_HINT}"
+        ) from exc
+    except RuntimeError as exc:  # decoders present, but every one of them failed
+        detail = str(exc).strip().splitlines()[-1].strip()
+        raise XrayReadError(
+            f"{name}: the installed decoders failed on its '{tsyntax_name}' pixel data "
+            f"({detail}); if other viewers open it, {DICOM_CODEC_HINT}"
+        ) from exc
+    except Exception as exc:
+        raise XrayReadError(f"{name}: the DICOM pixel data cannot be decoded ({exc})") from exc
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    try:
+        values, windowed = _dicom_to_unit(arr, ds, photometric)
+    except XrayReadError:
+        raise
+    except Exception as exc:
+        raise XrayReadError(f"{name}: the DICOM grey-level tags are inconsistent ({exc})") from exc
+    inverted = photometric == "MONOCHROME1"
+    if inverted:
+        values = 1.0 - values
+    meta = {
+        "format": "dicom",
+        "height": int(rows),
+        "width": int(cols),
+        "bit_depth": _as_int(ds.get("BitsStored", ds.get("BitsAllocated", 0)), 0),
+        "mode": None,
+        "photometric": photometric,
+        "view_position": str(ds.get("ViewPosition", "")).strip() or None,
+        "modality": str(ds.get("Modality", "")).strip() or None,
+        "transfer_syntax": tsyntax_name,
+        "inverted": inverted,
+        "windowed": windowed,
+        "value_range": None,
+    }
+    return values.astype(np.float32), meta
+
+
+def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarray, str | bool]:
+    """Stored values → modality values → VOI (LUT or window) → [0, 1]."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+        photometric = "RGB"
+    if arr.ndim == 3:  # RGB / YBR (pydicom already converted YBR to RGB)
+        grey = cv2.cvtColor(_to_uint8_or_16(arr), cv2.COLOR_RGB2GRAY).astype(np.float64)
+        return _min_max(grey), False
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
+        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+        out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
+        lo, hi = float(lut.min()), float(lut.max())
+        return np.clip((out - lo) / max(hi - lo, 1e-12), 0.0, 1.0), "voi_lut"
+    centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if centre is not None and width is not None:
+        c, w = _first(centre), _first(width)
+        if w > 0:
+            function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
+            return window(values, c, w, function), "window"
+    return _min_max(values), False
+
+
+def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """DICOM VOI windowing (PS3.3 C.11.2.1.2) mapped straight to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - centre) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((values - centre) / width + 0.5, 0.0, 1.0)
+    w = max(width - 1.0, 1e-12)
+    return np.clip((values - (centre - 0.5)) / w + 0.5, 0.0, 1.0)
+
+
+def _min_max(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(values.min()), float(values.max())
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+
+
+def _to_uint8_or_16(arr: np.ndarray) -> np.ndarray:
+    return arr.astype(np.uint8 if arr.max() <= 255 else np.uint16)
+
+
+def _first(value: Any) -> float:
+    """Window tags may be multi-valued; the first pair is the default view."""
+    if hasattr(value, "__len__") and not isinstance(value, str | bytes):
+        value = value[0]
+    return float(value)
+
+
+def _as_int(value: Any, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default

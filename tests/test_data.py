@@ -1,0 +1,209 @@
+"""Data sources in their original layouts, the merged manifest and its patient-wise split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+
+from pneumoscan.data import (
+    NIH, RSNA, SOURCES, Actualmed, CovidChestXray, Kermany, ManifestError, Montgomery, Shenzhen,
+    build_manifest, patient_leaks, read_manifest, resolve_sources, write_manifest,
+)
+from pneumoscan.data.kermany import patient_key
+from pneumoscan.data.manifest import assign_splits
+from pneumoscan.labels import FINDINGS, LABELS
+
+from conftest import DATA, needs_data
+
+
+def _labels(source, name):
+    rows = source.csv[source.csv.path.str.endswith("/" + name)]
+    assert len(rows) == 1, name
+    return rows.iloc[0]
+
+
+@needs_data
+def test_kermany_counts_and_labels():
+    source = Kermany(DATA / "kermany")
+    assert len(source) == 5_216
+    assert (source.csv.Pneumonia == 1).sum() == 3_875
+    assert (source.csv["No Finding"] == 1).sum() == 1_341
+    assert source.pathologies == LABELS and source.labels.shape == (5_216, 15)
+    pneu = _labels(source, "person1000_bacteria_2931.jpeg")
+    assert pneu.Pneumonia == 1 and pneu["No Finding"] == 0 and np.isnan(pneu.Effusion)
+    assert pneu.patient == "kermany:person1000"
+    norm = _labels(source, "IM-0115-0001.jpeg")
+    assert norm["No Finding"] == 1 and all(norm[f] == 0 for f in FINDINGS)
+    assert set(source.csv.official_split) == {"train"}
+
+
+def test_kermany_patient_keys():
+    assert patient_key("person1000_bacteria_2931.jpeg") == "person1000"
+    assert patient_key("person1000_virus_1681.jpeg") == "person1000"
+    assert patient_key("IM-0115-0001.jpeg") == "IM-0115"
+    assert patient_key("NORMAL2-IM-0381-0001.jpeg") == "NORMAL2-IM-0381"
+
+
+@needs_data
+def test_nih_counts_and_labels():
+    source = NIH(DATA / "nih-cxr14")
+    assert len(source) == 150 and source.csv.patient.nunique() == 150
+    assert (source.csv.Pneumonia == 1).sum() == 11
+    assert (source.csv.Infiltration == 1).sum() == 42 and (source.csv.Edema == 1).sum() == 6
+    assert not np.isnan(source.labels).any()  # NIH says all 15
+    row = _labels(source, "00000100_000.png")  # "Atelectasis|Effusion|Infiltration"
+    assert [l for l in LABELS if row[l] == 1] == ["Atelectasis", "Effusion", "Infiltration"]
+    assert row.patient == "nih:100" and row.view == "PA"
+    assert _labels(source, "00000129_000.png")["No Finding"] == 1
+
+
+@needs_data
+def test_montgomery_and_shenzhen_masks():
+    mont, shen = Montgomery(DATA / "montgomery"), Shenzhen(DATA / "shenzhen")
+    assert len(mont) == 69 and len(shen) == 416
+    assert all(len(m.split(";")) == 2 for m in mont.csv["mask"])
+    assert (shen.csv["mask"] != "").all()
+    assert np.isnan(mont.labels).all()
+
+
+@needs_data
+def test_covid_and_actualmed_labels():
+    covid, actual = CovidChestXray(DATA / "covid-chestxray"), Actualmed(DATA / "actualmed-covid")
+    assert len(covid) == 65 and covid.csv.patient.nunique() == 35
+    assert len(actual) == 22 and actual.csv.patient.nunique() == 20
+    meta = pd.read_csv(DATA / "covid-chestxray" / "metadata.csv")
+    ards = meta.loc[meta.finding == "ARDS", "filename"].iloc[0]
+    assert np.isnan(_labels(covid, ards).Pneumonia)
+    strep = meta.loc[meta.finding == "Streptococcus", "filename"].iloc[0]
+    assert _labels(covid, strep).Pneumonia == 1
+    assert (covid.csv.view == "L").sum() == 10
+    assert (covid.csv["mask"] != "").sum() == 50
+    assert (actual.csv.Pneumonia == 1).sum() == 12 and (actual.csv["No Finding"] == 1).sum() == 6
+    assert np.isnan(actual.labels).all(axis=1).sum() == 4  # blank finding = inconclusive
+
+
+@needs_data
+def test_full_manifest_has_no_patient_leak_and_expected_counts():
+    warnings: list[str] = []
+    table = build_manifest(resolve_sources(DATA), warnings=warnings)
+    assert list(table.columns[:5]) == ["path", "source", "patient", "view", "split"]
+    assert list(table.columns[5:20]) == list(LABELS)
+    counts = table.source.value_counts().to_dict()
+    assert counts == {"kermany": 5216, "shenzhen": 416, "nih": 150, "montgomery": 69,
+                      "covid": 65, "actualmed": 22}
+    assert patient_leaks(table) == []
+    assert set(table.split) == {"train", "val", "test"}
+    assert any("rsna" in w and "no DICOM" in w for w in warnings)  # labels here, images not
+    # Kermany's folder is its official training split: no Kermany image may land in test
+    assert set(table.loc[table.source == "kermany", "split"]) == {"train", "val"}
+    nih = table[table.source == "nih"].split.value_counts(normalize=True)
+    assert 0.6 < nih["train"] < 0.95
+
+
+@needs_data
+def test_manifest_round_trip(tmp_path):
+    table = build_manifest({"nih": DATA / "nih-cxr14", "covid": DATA / "covid-chestxray"})
+    write_manifest(table, tmp_path / "m.csv")
+    text = (tmp_path / "m.csv").read_text().splitlines()
+    assert ",1,0," in text[1] or ",0,1," in text[1]  # labels written as 1/0, not 1.0
+    back = read_manifest(tmp_path / "m.csv")
+    np.testing.assert_array_equal(back[list(LABELS)].to_numpy(), table[list(LABELS)].to_numpy())
+
+
+def test_read_manifest_refuses_foreign_csv(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ManifestError, match="missing columns"):
+        read_manifest(tmp_path / "x.csv")
+
+
+def test_split_is_per_patient_stable_and_honours_official_lists():
+    patients = pd.Series([f"p{i // 3}" for i in range(3000)])  # 1,000 patients × 3 images
+    official = pd.Series([""] * 3000)
+    splits = assign_splits(patients, official, seed=7)
+    assert splits.groupby(patients).nunique().max() == 1
+    share = splits.groupby(patients).first().value_counts(normalize=True)
+    assert abs(share["train"] - 0.8) < 0.05 and abs(share["test"] - 0.12) < 0.04
+    # adding other patients never moves these ones
+    more = assign_splits(pd.concat([patients, pd.Series(["q1", "q2"])], ignore_index=True),
+                         pd.Series([""] * 3002), seed=7)
+    assert (more[:3000].to_numpy() == splits.to_numpy()).all()
+    # an official test image pins its whole patient, a "train" pin excludes test
+    official = pd.Series(["test"] + [""] * 2 + ["train"] * 2997)
+    pinned = assign_splits(patients, official, seed=7)
+    assert set(pinned[:3]) == {"test"} and "test" not in set(pinned[3:])
+
+
+def _fake_rsna(tmp_path, with_mapping: bool):
+    """Two real RSNA label rows with small DICOMs written by the test."""
+    root = tmp_path / "rsna"
+    (root / "stage_2_train_images").mkdir(parents=True)
+    labels = pd.read_csv(DATA / "rsna-pneumonia" / "stage_2_train_labels.csv")
+    pos = labels[labels.Target == 1].patientId.iloc[0]
+    neg = labels[labels.Target == 0].patientId.iloc[0]
+    labels[labels.patientId.isin([pos, neg])].to_csv(root / "stage_2_train_labels.csv", index=False)
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    for pid in (pos, neg):
+        ds.save_as(root / "stage_2_train_images" / f"{pid}.dcm")
+    if with_mapping:
+        mapping = [{"subset_img_id": pos, "img_id": "00000100_000"},
+                   {"subset_img_id": neg, "img_id": "00000129_000"}]
+        (root / "pneumonia-challenge-dataset-mappings_2018.json").write_text(json.dumps(mapping))
+    return root, pos, neg
+
+
+@needs_data
+def test_rsna_labels_and_nih_mapping(tmp_path):
+    root, pos, neg = _fake_rsna(tmp_path, with_mapping=True)
+    source = RSNA(root)
+    assert len(source) == 2 and source.has_mapping
+    by_id = source.csv.set_index(source.csv.path.str.extract(r"([^/]+)\.dcm$")[0])
+    assert by_id.loc[pos, "Pneumonia"] == 1 and by_id.loc[pos, "No Finding"] == 0
+    assert by_id.loc[neg, "Pneumonia"] == 0 and np.isnan(by_id.loc[neg, "No Finding"])
+    assert set(source.csv.patient) == {"nih:100", "nih:129"}
+    table = build_manifest({"nih": DATA / "nih-cxr14", "rsna": root})
+    for patient in ("nih:100", "nih:129"):  # the RSNA copy follows its NIH original
+        assert table.loc[table.patient == patient, "split"].nunique() == 1
+        assert (table.patient == patient).sum() == 2
+
+
+@needs_data
+def test_rsna_with_nih_but_no_mapping_is_refused(tmp_path):
+    root, _, _ = _fake_rsna(tmp_path, with_mapping=False)
+    assert len(build_manifest({"rsna": root})) == 2  # alone it is fine
+    with pytest.raises(ManifestError, match="mapping"):
+        build_manifest({"nih": DATA / "nih-cxr14", "rsna": root})
+
+
+def test_missing_layout_is_a_clear_error(tmp_path):
+    with pytest.raises(ManifestError, match="Data_Entry_2017.csv"):
+        build_manifest({"nih": tmp_path})
+    with pytest.raises(ManifestError, match="unknown sources"):
+        build_manifest({"chexpert": tmp_path})
+    assert set(SOURCES) == {"nih", "kermany", "rsna", "montgomery", "shenzhen", "covid", "actualmed"}
+
+
+@needs_data
+def test_index_command_writes_manifest_and_summary(tmp_path):
+    out = tmp_path / "manifest.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "pneumoscan.cli", "index", "--root", str(DATA), "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Images (patients) per source and split" in result.stdout
+    assert "5,938" in result.stdout
+    assert len(read_manifest(out)) == 5_938
+
+
+def test_index_command_without_sources_fails_cleanly(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "index", "--out",
+                             str(tmp_path / "m.csv")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "no sources given" in result.stderr
+    assert "Traceback" not in result.stderr

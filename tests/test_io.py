@@ -1,0 +1,265 @@
+"""Stage 1: every encoding reads to the same kind of picture; every bad file gives XrayReadError."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray, read_xray, window
+
+from conftest import DATA, needs_data
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
+
+
+def _gradient(height: int = 128, width: int = 96) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return ((x + y) / (height + width - 2)).astype(np.float32)
+
+
+def _write_png(path: Path, array: np.ndarray) -> Path:
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+# --- good files ---------------------------------------------------------------------------
+
+
+@needs_data
+def test_every_image_in_shared_data_reads():
+    paths = [p for p in DATA.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+             and "mask" not in p.as_posix().lower()]
+    assert len(paths) >= 5_900  # 5,216 Kermany + 150 NIH + 485 Mont/Shen + 87 COVID + 1 DICOM
+    for path in paths:
+        image = read_xray(path)
+        assert image.pixels.dtype == np.float32 and image.pixels.ndim == 2
+        assert 0.0 <= image.pixels.min() < image.pixels.max() <= 1.0, path
+        assert (image.meta["height"], image.meta["width"]) == image.pixels.shape
+
+
+@needs_data
+def test_nih_png_metadata_and_scale(nih_png):
+    image = read_xray(nih_png)
+    raw = cv2.imread(str(nih_png), cv2.IMREAD_GRAYSCALE)
+    assert image.shape == (1024, 1024)
+    assert image.meta["format"] == "png" and image.meta["bit_depth"] == 8
+    np.testing.assert_allclose(image.pixels, raw / 255.0, atol=1e-6)
+
+
+@needs_data
+def test_rgba_nih_png_becomes_grey(data_dir):
+    rgba = [p for p in (data_dir / "nih-cxr14" / "images").glob("*.png")
+            if Image.open(p).mode == "RGBA"]
+    assert len(rgba) == 2  # as the data README says
+    image = read_xray(rgba[0])
+    assert image.meta["mode"] == "RGBA" and image.pixels.ndim == 2
+
+
+@needs_data
+def test_real_dicom_reads_like_its_pixels(siim_dicom):
+    image = read_xray(siim_dicom)
+    ds = pydicom.dcmread(siim_dicom)
+    assert image.meta["format"] == "dicom"
+    assert image.meta["photometric"] == "MONOCHROME2" and image.meta["view_position"] == "PA"
+    assert image.shape == (1024, 1024) and not image.meta["inverted"]
+    # no window in the file → min-max of the stored values, so correlation is exact
+    raw = ds.pixel_array.astype(np.float64)
+    np.testing.assert_allclose(image.pixels, (raw - raw.min()) / np.ptp(raw), atol=1e-6)
+    assert "PatientName" not in str(image.meta)
+
+
+@needs_data
+def test_monochrome1_reads_as_the_same_picture(siim_dicom, tmp_path):
+    ds = pydicom.dcmread(siim_dicom)
+    inverted = copy.deepcopy(ds)
+    inverted.decompress()  # the SIIM file is JPEG-compressed; write the inverse uncompressed
+    pixels = ds.pixel_array
+    inverted.PixelData = (255 - pixels).astype(np.uint8).tobytes()
+    inverted.PhotometricInterpretation = "MONOCHROME1"
+    inverted.save_as(tmp_path / "mono1.dcm")
+    normal, flipped = read_xray(siim_dicom), read_xray(tmp_path / "mono1.dcm")
+    assert flipped.meta["inverted"] and not normal.meta["inverted"]
+    np.testing.assert_allclose(flipped.pixels, normal.pixels, atol=1e-6)
+
+
+def test_sixteen_bit_png_uses_its_real_range(tmp_path):
+    # 12-bit data stored in a 16-bit PNG: 400..3700 must map to 0..1, not 0.006..0.056
+    data = (400 + _gradient() * 3300).astype(np.uint16)
+    image = read_xray(_write_png(tmp_path / "x16.png", data))
+    assert image.meta["bit_depth"] == 16 and image.meta["value_range"] == [400, 3700]
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+    np.testing.assert_allclose(image.pixels, (data - 400) / 3300.0, atol=1e-6)
+
+
+def test_colour_and_palette_png_become_grey(tmp_path):
+    grey = (_gradient() * 255).astype(np.uint8)
+    rgb = np.stack([grey] * 3, axis=-1)
+    rgb_img = read_xray(_write_png(tmp_path / "rgb.png", rgb))
+    np.testing.assert_allclose(rgb_img.pixels, grey / 255.0, atol=1 / 255)
+    Image.fromarray(grey, "L").convert("P").save(tmp_path / "palette.png")
+    pal = read_xray(tmp_path / "palette.png")
+    assert pal.meta["mode"] == "P" and pal.pixels.ndim == 2
+    assert np.abs(pal.pixels - grey / 255.0).mean() < 0.02
+
+
+def test_jpeg_reads(tmp_path):
+    grey = (_gradient() * 255).astype(np.uint8)
+    assert cv2.imwrite(str(tmp_path / "x.jpg"), grey, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    image = read_xray(tmp_path / "x.jpg")
+    assert image.meta["format"] == "jpeg"
+    assert np.abs(image.pixels - grey / 255.0).max() < 0.05
+
+
+def test_signed_ct_with_rescale_and_window():
+    path = get_testdata_file("CT_small.dcm")  # signed 16-bit, rescale intercept -1024
+    ds = pydicom.dcmread(path)
+    assert ds.PixelRepresentation == 1 and float(ds.RescaleIntercept) != 0
+    image = read_xray(path)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    np.testing.assert_allclose(image.pixels, (hu - hu.min()) / np.ptp(hu), atol=1e-5)
+
+
+def test_window_centre_width_applied():
+    image = read_xray(get_testdata_file("MR_small.dcm"))  # has WindowCenter/Width
+    assert image.meta["windowed"] == "window"
+    assert image.pixels.min() >= 0 and image.pixels.max() <= 1
+
+
+def test_window_formula_matches_dicom_standard():
+    values = np.array([0.0, 99.5, 100.0, 150.0, 300.0])
+    out = window(values, centre=100, width=101)  # linear: (x - 99.5) / 100 + 0.5
+    np.testing.assert_allclose(out, [0.0, 0.5, 0.505, 1.0, 1.0])
+    assert window(np.array([100.0]), 100, 50, "SIGMOID")[0] == pytest.approx(0.5)
+
+
+def test_twelve_bit_in_sixteen_bit_storage(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    data = (_gradient(64, 64) * 4095).astype(np.uint16)
+    ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 0, 16, 12, 11
+    ds.PixelData = data.tobytes()
+    for tag in ("WindowCenter", "WindowWidth"):
+        del ds[tag]
+    ds.save_as(tmp_path / "twelve.dcm")
+    image = read_xray(tmp_path / "twelve.dcm")
+    assert image.meta["bit_depth"] == 12
+    np.testing.assert_allclose(image.pixels, data / 4095.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["JPEG2000.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_RLE.dcm",
+                                  "SC_rgb_jpeg_dcmtk.dcm", "examples_palette.dcm"])
+def test_compressed_and_colour_dicoms_decode(name):
+    image = read_xray(get_testdata_file(name))
+    assert image.pixels.ndim == 2 and image.pixels.max() > image.pixels.min()
+
+
+def test_decode_bytes_of_upload(tmp_path):
+    path = _write_png(tmp_path / "x.png", (_gradient() * 255).astype(np.uint8))
+    image = decode_xray(path.read_bytes(), name="upload.png")
+    assert image.shape == (128, 96)
+
+
+# --- bad files ------------------------------------------------------------------------------
+
+
+def _expect(path_or_bytes, *words: str) -> str:
+    with pytest.raises(XrayReadError) as info:
+        if isinstance(path_or_bytes, bytes):
+            decode_xray(path_or_bytes, name="upload")
+        else:
+            read_xray(path_or_bytes)
+    message = str(info.value)
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_error_is_a_value_error():
+    assert issubclass(XrayReadError, ValueError)
+
+
+def test_missing_file(tmp_path):
+    _expect(tmp_path / "nope.png", "no such file")
+
+
+def test_folder(tmp_path):
+    _expect(tmp_path, "folder")
+
+
+def test_zero_bytes(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    _expect(tmp_path / "empty.png", "empty")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("this is a text file, not a radiograph\n" * 20)
+    _expect(tmp_path / "notes.png", "not a PNG, JPEG or DICOM")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated(tmp_path, suffix):
+    path = tmp_path / f"x{suffix}"
+    assert cv2.imwrite(str(path), (np.random.default_rng(0).random((256, 256)) * 255).astype(np.uint8))
+    data = path.read_bytes()
+    (tmp_path / f"cut{suffix}").write_bytes(data[: len(data) // 2])
+    _expect(tmp_path / f"cut{suffix}", "truncated")
+
+
+def test_corrupt_png_body(tmp_path):
+    path = _write_png(tmp_path / "x.png", (np.random.default_rng(1).random((128, 128)) * 255).astype(np.uint8))
+    data = bytearray(path.read_bytes())
+    data[60:400] = bytes(340)  # zero the compressed stream but keep header and IEND
+    _expect(bytes(data), "corrupt")
+
+
+def test_damaged_header(tmp_path):
+    _expect(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "header")
+
+
+def test_constant_image(tmp_path):
+    _expect(_write_png(tmp_path / "grey.png", np.full((128, 128), 90, np.uint8)), "same value")
+
+
+def test_too_small(tmp_path):
+    _expect(_write_png(tmp_path / "tiny.png", (_gradient(32, 200) * 255).astype(np.uint8)),
+            "too small")
+
+
+@pytest.mark.parametrize("side", [9_000, 20_000])
+def test_decompression_bomb_refused_before_decoding(tmp_path, side):
+    # A real side × side PNG compresses to a few hundred kB; it must be refused from its header.
+    path = tmp_path / "bomb.png"
+    Image.new("L", (side, side)).save(path)
+    assert path.stat().st_size < 2_000_000 and side * side > MAX_PIXELS
+    _expect(path, "limit")
+
+
+def test_multi_frame_dicom():
+    _expect(Path(get_testdata_file("SC_rgb_rle_2frame.dcm")), "multi-frame", "2 frames")
+
+
+def test_dicom_without_pixel_data():
+    _expect(Path(get_testdata_file("rtplan.dcm")), "no pixel data")
+
+
+def test_dicom_truncated_pixel_data():
+    _expect(Path(get_testdata_file("MR_truncated.dcm")), "cannot be decoded")
+
+
+def test_undecodable_transfer_syntax_names_the_package(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder exists here
+    ds.save_as(tmp_path / "mpeg.dcm")
+    _expect(tmp_path / "mpeg.dcm", "MPEG2", "pip install")
+
+
+def test_not_dicom_with_dcm_suffix(tmp_path):
+    (tmp_path / "fake.dcm").write_bytes(b"\x00\x01garbage" * 50)
+    with pytest.raises(XrayReadError):
+        read_xray(tmp_path / "fake.dcm")
