@@ -1,0 +1,44 @@
+"""Pictures for people: the X-ray with its lung contour and crop box drawn on it."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from pneumoscan.enhance import to_uint8
+
+LUNG_BGR = (80, 220, 80)
+BOX_BGR = (40, 170, 255)
+
+
+def segmentation_overlay(pixels: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
+                         fallback: bool) -> np.ndarray:
+    """BGR uint8 image: grey X-ray, lung contour in green, crop box in orange (dashed if the
+    whole image is used because the lungs were not found)."""
+    canvas = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
+    thickness = max(1, round(min(pixels.shape) / 256))
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(canvas, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
+    x0, y0, x1, y1 = box
+    if fallback:
+        _dashed_rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness)
+    else:
+        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness, cv2.LINE_AA)
+    label = "lungs not found: whole image used" if fallback else "lung crop"
+    scale = max(0.4, min(pixels.shape) / 700)
+    cv2.putText(canvas, label, (8 + x0, max(20, y0 + int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX,
+                scale, BOX_BGR, max(1, thickness), cv2.LINE_AA)
+    return canvas
+
+
+def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, int],
+                      colour: tuple[int, int, int], thickness: int) -> None:
+    (x0, y0), (x1, y1) = p0, p1
+    dash = max(6, 4 * thickness)
+    for a, b in (((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x1, y1), (x0, y1)), ((x0, y1), (x0, y0))):
+        length = int(np.hypot(b[0] - a[0], b[1] - a[1]))
+        for start in range(0, length, 2 * dash):
+            t0, t1 = start / max(length, 1), min(start + dash, length) / max(length, 1)
+            s = (int(a[0] + (b[0] - a[0]) * t0), int(a[1] + (b[1] - a[1]) * t0))
+            e = (int(a[0] + (b[0] - a[0]) * t1), int(a[1] + (b[1] - a[1]) * t1))
+            cv2.line(canvas, s, e, colour, thickness)

@@ -1,0 +1,137 @@
+"""Stage 3 (segment): a U-Net that maps a CLAHE-enhanced X-ray to a lung probability map, and the
+inference path from any X-ray to a cleaned lung mask and crop box on the original picture.
+
+Presets: ``small`` (MONAI UNet 16–256 with residual units, 1.6 M parameters, trains on a 2-core
+CPU) and ``thesis`` (MONAI BasicUNet 64–1024, the classic 2015 shape, 31 M parameters, for GPUs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from pneumoscan.crop import LungCrop, lung_crop, scale_box
+from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
+from pneumoscan.modelfile import load_model, save_model
+
+KIND = "lung-segmentation"
+PRESETS = ("small", "thesis")
+DEFAULT_SIZE = 224
+#: Mask clean-up runs at no more than this side (a 4,000-pixel radiograph is boxed as well at
+#: 1,024 and the opening stays cheap); the mask is then resized to the original.
+WORK_SIDE = 1024
+DEFAULT_MODEL = "lung_unet_small.pt"
+
+
+def build_unet(preset: str = "small") -> nn.Module:
+    """A 1-channel-in, 1-logit-out 2-D U-Net of the named width."""
+    from monai.networks.nets import BasicUNet, UNet
+
+    if preset == "small":
+        return UNet(spatial_dims=2, in_channels=1, out_channels=1,
+                    channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
+    if preset == "thesis":
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=1,
+                         features=(64, 128, 256, 512, 1024, 64))
+    raise ValueError(f"unknown U-Net preset {preset!r}; choose one of {PRESETS}")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How pixels are prepared for the U-Net; stored with every model and reused verbatim."""
+
+    size: int = DEFAULT_SIZE
+    clip_limit: float = CLAHE_CLIP_LIMIT
+    tile_grid: tuple[int, int] = CLAHE_TILE_GRID
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """[0, 1] X-ray of any size → CLAHE → size×size float32 in [0, 1]."""
+        enhanced = clahe(pixels, self.clip_limit, self.tile_grid)
+        return cv2.resize(enhanced, (self.size, self.size), interpolation=cv2.INTER_AREA)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "clip_limit": self.clip_limit, "tile_grid": list(self.tile_grid)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(int(data["size"]), float(data["clip_limit"]), tuple(data["tile_grid"]))
+
+
+@dataclass(frozen=True)
+class Segmentation(LungCrop):
+    """A :class:`LungCrop` on the original image plus the U-Net's probability map (size×size)."""
+
+    prob: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+
+
+class LungSegmenter:
+    """A trained U-Net with its preprocessing; turns X-rays into lung masks and crop boxes."""
+
+    def __init__(self, net: nn.Module, preprocessing: Preprocessing, meta: dict[str, Any]):
+        self.net = net.eval()
+        self.preprocessing = preprocessing
+        self.meta = meta
+
+    @classmethod
+    def load(cls, path: str | Path) -> LungSegmenter:
+        state, meta = load_model(path, kind=KIND)
+        net = build_unet(meta["preset"])
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: weights do not fit the {meta['preset']} U-Net "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return cls(net, Preprocessing.from_dict(meta["preprocessing"]), meta)
+
+    def save(self, path: str | Path, *, half: bool = False, **extra: Any) -> dict[str, Any]:
+        meta = {**self.meta, **extra, "kind": KIND,
+                "preprocessing": self.preprocessing.to_dict()}
+        return save_model(path, self.net.state_dict(), meta, half=half)
+
+    @torch.inference_mode()
+    def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Lung probability maps (N×size×size) for [0, 1] X-rays of any sizes."""
+        x = torch.from_numpy(np.stack([self.preprocessing(p) for p in batch]))[:, None]
+        return torch.sigmoid(self.net(x))[:, 0].numpy()
+
+    def segment(self, pixels: np.ndarray) -> Segmentation:
+        return self.segment_batch([pixels])[0]
+
+    def segment_batch(self, batch: list[np.ndarray]) -> list[Segmentation]:
+        """Mask (original size) and lung box (original pixels) for each X-ray."""
+        return [locate_lungs(prob, pixels.shape) for prob, pixels in
+                zip(self.probabilities(batch), batch)]
+
+
+def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int]) -> Segmentation:
+    """Upsample a probability map towards the original size (at most ``WORK_SIDE``), clean it,
+    box it, and express mask and box in the original image's pixels."""
+    height, width = original_shape[:2]
+    factor = min(1.0, WORK_SIDE / max(height, width))
+    work = (max(1, round(height * factor)), max(1, round(width * factor)))
+    prob_work = cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
+    found = lung_crop(prob_work)
+    mask = found.mask
+    if work != (height, width):
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+    box = scale_box(found.box, work, (height, width))
+    return Segmentation(mask=mask, box=box, fallback=found.fallback,
+                        lung_fraction=found.lung_fraction, regions=found.regions, prob=prob)
+
+
+def default_model_path() -> Path:
+    return Path(str(resources.files("pneumoscan") / "models" / DEFAULT_MODEL))
+
+
+def load_default() -> LungSegmenter:
+    """The shipped small U-Net (no network access); see ``models/lung_unet_small.md``."""
+    path = default_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"the default lung model is not installed at {path}")
+    return LungSegmenter.load(path)

@@ -1,0 +1,295 @@
+"""Training and evaluating the lung U-Net (SPEC stage 3) with Lightning.
+
+Montgomery (left + right masks merged) and Shenzhen are split 80/20 per image with a fixed seed.
+The thesis's augmentation (translation 0–20 %, rotation ±15°, zoom 0–20 %) is one MONAI
+``RandAffined`` applied to image and mask together. Its random state, and the shuffling, are
+derived from (seed, epoch, index), so a run resumed from an epoch checkpoint sees exactly the
+batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pneumoscan.crop import lung_crop
+from pneumoscan.data import Montgomery, Shenzhen
+from pneumoscan.data.manifest import unit_hash
+from pneumoscan.io import read_xray
+from pneumoscan.segment import KIND, LungSegmenter, Preprocessing, build_unet
+
+SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen}
+
+
+def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2,
+                       seed: int = 2019) -> pd.DataFrame:
+    """Rows ``path, source, mask, split`` for every image with a lung mask."""
+    tables = []
+    for name, root in sources.items():
+        if name not in SEG_SOURCES:
+            raise ValueError(f"no lung masks known for source {name!r}")
+        table = SEG_SOURCES[name](root).csv
+        table = table[table["mask"] != ""].assign(source=name)
+        tables.append(table[["path", "source", "patient", "mask"]])
+    table = pd.concat(tables, ignore_index=True)
+    draws = np.array([unit_hash(seed, p) for p in table.patient])
+    table["split"] = np.where(draws < val_fraction, "val", "train")
+    if val_fraction > 0 and not (table.split == "val").any() and len(table) > 1:
+        table.loc[int(draws.argmin()), "split"] = "val"  # tiny sets: still validate on something
+    return table
+
+
+def read_mask(spec: str) -> np.ndarray:
+    """A 0/1 uint8 lung mask from one or more ``;``-joined mask files (merged by union)."""
+    merged = None
+    for path in spec.split(";"):
+        mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise ValueError(f"cannot read mask {path}")
+        merged = mask if merged is None else np.maximum(merged, mask)
+    return (merged > 127).astype(np.uint8)
+
+
+def load_arrays(table: pd.DataFrame, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images (uint8, N×S×S) and masks (uint8 0/1) for the whole table, in memory."""
+    from tqdm import tqdm
+
+    size = prep.size
+    images = np.empty((len(table), size, size), np.uint8)
+    masks = np.empty((len(table), size, size), np.uint8)
+    for i, rec in enumerate(tqdm(table.to_dict("records"), desc="loading", unit="img")):
+        images[i] = np.round(prep(read_xray(rec["path"]).pixels) * 255)
+        mask = read_mask(rec["mask"]).astype(np.float32)
+        masks[i] = cv2.resize(mask, (size, size), interpolation=cv2.INTER_AREA) >= 0.5
+    return images, masks
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffles with a generator seeded by (seed, epoch): resumable and reproducible."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class SegDataset(Dataset):
+    """In-memory images and masks; the thesis's augmentation when ``augment``."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, augment: bool, seed: int = 0):
+        from monai.transforms import RandAffined
+
+        self.images, self.masks, self.augment, self.seed, self.epoch = images, masks, augment, seed, 0
+        size = images.shape[-1]
+        self.transform = RandAffined(
+            keys=("image", "mask"), prob=1.0, rotate_range=math.radians(15),
+            translate_range=(0.2 * size, 0.2 * size), scale_range=(0.2, 0.2),
+            mode=("bilinear", "nearest"), padding_mode="zeros",
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(self.images[i]).float()[None] / 255.0
+        mask = torch.from_numpy(self.masks[i]).float()[None]
+        if self.augment:
+            self.transform.set_random_state(seed=(self.seed * 7919 + self.epoch * 100_003 + i) % 2**32)
+            out = self.transform({"image": image, "mask": mask})
+            image, mask = out["image"].as_tensor(), out["mask"].as_tensor()
+        return image, mask
+
+
+def _lightning_module(preset: str, lr: float, patience: int):
+    import lightning as L
+    from monai.losses import DiceLoss
+
+    class SegModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = build_unet(preset)
+            self.bce, self.dice = nn.BCEWithLogitsLoss(), DiceLoss(sigmoid=True)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def _step(self, batch, stage: str):
+            x, y = batch
+            logits = self.net(x)
+            loss = self.bce(logits, y) + self.dice(logits, y)
+            self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=stage == "train",
+                     batch_size=len(x))
+            if stage == "val":
+                pred = (torch.sigmoid(logits) >= 0.5).float()
+                inter = (pred * y).sum((1, 2, 3))
+                dice = (2 * inter + 1e-6) / (pred.sum((1, 2, 3)) + y.sum((1, 2, 3)) + 1e-6)
+                self.log("val_dice", dice.mean(), prog_bar=True, on_epoch=True, batch_size=len(x))
+            return loss
+
+        def training_step(self, batch, _):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, _):
+            self._step(batch, "val")
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=lr)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=patience)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+    return SegModule()
+
+
+@dataclass
+class SegTrainConfig:
+    out: Path
+    sources: dict[str, str]
+    preset: str = "small"
+    size: int = 224
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    patience: int = 8
+    seed: int = 2019
+    val_fraction: float = 0.2
+    accelerator: str = "auto"
+    devices: int = 1
+    resume: bool = True
+
+
+def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
+    """Train, keep the best epoch by validation Dice, write ``model.pt`` and ``report.{md,json}``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**cfg.__dict__, "out": str(out)}, indent=2))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    prep = Preprocessing(size=cfg.size)
+    table = segmentation_table(cfg.sources, cfg.val_fraction, cfg.seed)
+    table.to_csv(out / "split.csv", index=False)
+    images, masks = load_arrays(table, prep)
+    train_idx = np.flatnonzero(table.split == "train")
+    val_idx = np.flatnonzero(table.split == "val")
+    train_set = SegDataset(images[train_idx], masks[train_idx], augment=True, seed=cfg.seed)
+    val_set = SegDataset(images[val_idx], masks[val_idx], augment=False)
+    sampler = EpochSampler(len(train_set), cfg.seed)
+
+    class EpochSeed(Callback):
+        def on_train_epoch_start(self, trainer, _):
+            sampler.set_epoch(trainer.current_epoch)
+            train_set.set_epoch(trainer.current_epoch)
+
+    ckpt_dir = out / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max",
+                                 save_last=True, save_top_k=1)
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        callbacks=[checkpoint, EpochSeed()], logger=CSVLogger(out, name="logs"),
+        log_every_n_steps=5, deterministic=False, enable_model_summary=False,
+    )
+    module = _lightning_module(cfg.preset, cfg.lr, cfg.patience)
+    last = ckpt_dir / "last.ckpt"
+    resume_from = str(last) if cfg.resume and last.exists() else None
+    started = time.time()
+    trainer.fit(
+        module,
+        DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=0, drop_last=False),
+        DataLoader(val_set, batch_size=cfg.batch_size, num_workers=0),
+        ckpt_path=resume_from,
+    )
+    best = checkpoint.best_model_path or str(last)
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    net = build_unet(cfg.preset)
+    net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
+    best_epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+    meta = {
+        "kind": KIND, "preset": cfg.preset, "labels": ["lung"], "threshold": 0.4,
+        "parameters": sum(p.numel() for p in net.parameters()),
+        "training_data": {name: int((table.source == name).sum()) for name in cfg.sources},
+        "split": f"per-image hash split, seed {cfg.seed}, {1 - cfg.val_fraction:.0%}/"
+                 f"{cfg.val_fraction:.0%} train/val",
+        "epochs_trained": int(trainer.current_epoch), "best_epoch": best_epoch,
+        "train_seconds_this_run": round(time.time() - started, 1),
+    }
+    segmenter = LungSegmenter(net, prep, meta)
+    metrics = evaluate_segmentation(segmenter, table[table.split == "val"], images[val_idx],
+                                    masks[val_idx])
+    meta["validation"] = metrics
+    written = segmenter.save(out / "model.pt")
+    write_report(out, written, metrics)
+    return written
+
+
+def dice_iou_acc(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
+    """Dice, IoU and pixel accuracy of two 0/1 masks (empty vs empty counts as perfect)."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    inter, union, total = (p & t).sum(), (p | t).sum(), p.sum() + t.sum()
+    dice = 1.0 if total == 0 else 2 * inter / total
+    iou = 1.0 if union == 0 else inter / union
+    return float(dice), float(iou), float((p == t).mean())
+
+
+def evaluate_segmentation(segmenter: LungSegmenter, table: pd.DataFrame,
+                          images: np.ndarray | None = None, masks: np.ndarray | None = None,
+                          batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Mean Dice / IoU / pixel accuracy per source at the model's input size, for the raw mask
+    (probability ≥ 0.5) and the cleaned one (the pipeline's threshold 0.4 + clean-up)."""
+    if images is None or masks is None:
+        images, masks = load_arrays(table, segmenter.preprocessing)
+    rows = []
+    net = segmenter.net.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start:start + batch_size]).float()[:, None] / 255.0
+            probs = torch.sigmoid(net(x))[:, 0].numpy()
+            for j, prob in enumerate(probs):
+                truth = masks[start + j]
+                cleaned = lung_crop(prob)
+                rows.append((*dice_iou_acc(prob >= 0.5, truth), *dice_iou_acc(cleaned.mask, truth),
+                             cleaned.fallback))
+    frame = pd.DataFrame(rows, columns=["dice", "iou", "pixel_accuracy", "clean_dice", "clean_iou",
+                                        "clean_pixel_accuracy", "fallback"])
+    frame["source"] = table.source.to_numpy()
+    result = {}
+    for source, part in [*frame.groupby("source"), ("all", frame)]:
+        result[str(source)] = {"images": int(len(part)),
+                               **{c: round(float(part[c].mean()), 4) for c in frame.columns
+                                  if c not in ("source",)}}
+    return result
+
+
+def write_report(out: Path, meta: dict[str, Any], metrics: dict[str, dict[str, float]]) -> None:
+    (out / "report.json").write_text(json.dumps({"model": meta, "validation": metrics}, indent=2))
+    lines = ["| source | images | Dice | IoU | pixel acc. | Dice (cleaned) | IoU (cleaned) | fallback |",
+             "|---|---|---|---|---|---|---|---|"]
+    for source, m in metrics.items():
+        lines.append(f"| {source} | {m['images']} | {m['dice']:.4f} | {m['iou']:.4f} | "
+                     f"{m['pixel_accuracy']:.4f} | {m['clean_dice']:.4f} | {m['clean_iou']:.4f} | "
+                     f"{m['fallback']:.1%} |")
+    (out / "report.md").write_text("# Lung segmentation: validation\n\n" + "\n".join(lines) + "\n")

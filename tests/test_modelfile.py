@@ -1,0 +1,67 @@
+"""Model files: metadata and SHA-256 travel with the weights; anything altered is refused."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from pneumoscan.labels import LABELS
+from pneumoscan.modelfile import ModelFileError, load_model, save_model, weights_sha256
+
+
+def _state():
+    torch.manual_seed(0)
+    return torch.nn.Linear(4, 3).state_dict()
+
+
+def test_round_trip_keeps_weights_and_metadata(tmp_path):
+    meta = save_model(tmp_path / "m.pt", _state(), {"kind": "test", "labels": list(LABELS)})
+    state, loaded = load_model(tmp_path / "m.pt", kind="test", labels=LABELS)
+    assert loaded["weights_sha256"] == meta["weights_sha256"] == weights_sha256(_state())
+    torch.testing.assert_close(state["weight"], _state()["weight"])
+
+
+def test_half_precision_loads_as_float32(tmp_path):
+    save_model(tmp_path / "m.pt", _state(), {"kind": "test"}, half=True)
+    state, _ = load_model(tmp_path / "m.pt", kind="test")
+    assert state["weight"].dtype == torch.float32
+    torch.testing.assert_close(state["weight"], _state()["weight"], atol=1e-3, rtol=1e-3)
+
+
+def test_altered_weights_are_refused(tmp_path):
+    save_model(tmp_path / "m.pt", _state(), {"kind": "test"})
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["state_dict"]["weight"][0, 0] += 1e-3
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match="SHA-256"):
+        load_model(tmp_path / "m.pt", kind="test")
+
+
+def test_wrong_kind_and_label_order_are_refused(tmp_path):
+    save_model(tmp_path / "m.pt", _state(), {"kind": "test", "labels": list(reversed(LABELS))})
+    with pytest.raises(ModelFileError, match="expected 'classifier'"):
+        load_model(tmp_path / "m.pt", kind="classifier")
+    with pytest.raises(ModelFileError, match="label order"):
+        load_model(tmp_path / "m.pt", kind="test", labels=LABELS)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pickle_payload_truncation_and_missing_file_are_refused(tmp_path, capsys):
+    with open(tmp_path / "evil.pt", "wb") as handle:
+        pickle.dump({"meta_json": "{}", "state_dict": _Payload()}, handle)
+    with pytest.raises(ModelFileError, match="safe loader"):
+        load_model(tmp_path / "evil.pt", kind="test")
+    assert "pwned" not in capsys.readouterr().out
+    save_model(tmp_path / "m.pt", _state(), {"kind": "test"})
+    data = (tmp_path / "m.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError):
+        load_model(tmp_path / "cut.pt", kind="test")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "none.pt", kind="test")
