@@ -250,6 +250,196 @@ def segment(
         raise typer.Exit(1)
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        fail(f"--shard must look like i/n (e.g. 0/4), got {text!r}")
+    if not 0 <= i < n:
+        fail(f"--shard i/n needs 0 ≤ i < n, got {text}")
+    return i, n
+
+
+@app.command()
+def prepare(
+    manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Manifest CSV (pneumoscan index).")],
+    out: Annotated[Path, typer.Option(help="Cache folder (created; rerun to resume).")],
+    size: Annotated[int, typer.Option(help="Crop side in pixels (the classifier input).")] = 224,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    shard: Annotated[str, typer.Option(help="i/n: this job's share of the shards (cluster arrays).")] = "0/1",
+    shard_size: Annotated[int, typer.Option(min=1)] = 128,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model; the shipped one if omitted.")] = None,
+) -> None:
+    """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
+    from pneumoscan.cache import CacheError
+    from pneumoscan.cache import prepare as run_prepare
+    from pneumoscan.data import ManifestError, read_manifest
+    from pneumoscan.modelfile import ModelFileError
+
+    try:
+        table = read_manifest(manifest)
+        result = run_prepare(table, out, size=size, shard_size=shard_size, workers=workers,
+                             shard=parse_shard(shard), seg_model=seg_model)
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    console.print(
+        f"{result['shards_done_now']} shards ({result['images_done_now']:,} images) done now, "
+        f"{result['errors_now']} unreadable; this job's shards: {result['shards_this_job']} of "
+        f"{result['shards_total']}; cache complete: {result['complete']}"
+        + (f" (unreadable images listed in {out / 'errors.csv'})" if result["complete"] else ""))
+
+
+@app.command()
+def train(
+    cache: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Crop cache (pneumoscan prepare).")],
+    out: Annotated[Path, typer.Option(help="Run folder: config, logs/metrics.csv, checkpoints, model.pt.")],
+    init: Annotated[str, typer.Option(help="imagenet, random, or a PneumoScan classifier file.")] = "imagenet",
+    weights: Annotated[Optional[Path], typer.Option(help="ImageNet densenet121-a639ec97.pth file.")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 150,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    betas: Annotated[str, typer.Option(help="Adam betas; the thesis printed 0.99,0.9.")] = "0.9,0.999",
+    patience: Annotated[int, typer.Option(help="Epochs without val-loss gain before LR × 0.1.")] = 8,
+    early_stop: Annotated[int, typer.Option(help="Stop after N epochs without gain (0 = never).")] = 0,
+    max_minutes: Annotated[float, typer.Option(help="Stop cleanly after this many minutes (0 = no limit).")] = 0.0,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process.")] = 2,
+    accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
+    devices: Annotated[int, typer.Option(min=1, help="Processes/GPUs per node (DDP when > 1).")] = 1,
+    num_nodes: Annotated[int, typer.Option(min=1)] = 1,
+    precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU), 32-true, 16-mixed, ...")] = "auto",
+    seed: Annotated[int, typer.Option()] = 2019,
+    all_views: Annotated[bool, typer.Option(help="Also train on lateral views.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
+    description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
+) -> None:
+    """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
+    from pneumoscan.cache import CacheError
+    from pneumoscan.classify import PretrainedWeightsError
+    from pneumoscan.classify_train import TrainConfig, train_classifier
+    from pneumoscan.modelfile import ModelFileError
+
+    try:
+        beta_pair = tuple(float(b) for b in betas.split(","))
+        assert len(beta_pair) == 2 and all(0 <= b < 1 for b in beta_pair)
+    except (ValueError, AssertionError):
+        fail(f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}")
+    if init not in ("imagenet", "random") and not Path(init).is_file():
+        fail(f"--init must be imagenet, random or an existing model file, got {init!r}")
+    cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
+                      epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
+                      early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
+                      devices=devices, num_nodes=num_nodes, precision=precision,
+                      frontal_only=not all_views, resume=resume, description=description,
+                      max_minutes=max_minutes)
+    try:
+        meta = train_classifier(cfg)
+    except (PretrainedWeightsError, CacheError, ModelFileError, ValueError) as exc:
+        fail(str(exc))
+    if meta is not None:
+        val = meta["validation"]
+        console.print(f"model written to {out / 'model.pt'}; validation mean AUC (14 findings) "
+                      f"{val['mean_auc_14']}, Pneumonia AUC {val['auc'].get('Pneumonia')}")
+
+
+@app.command()
+def evaluate(
+    manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
+    split: Annotated[str, typer.Option(help="Manifest split to score: train, val or test.")],
+    out: Annotated[Path, typer.Option(help="Folder for report.md, report.json, roc.png, reliability.png.")],
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file; the shipped one if omitted.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from.")] = None,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
+    n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the AUC CIs.")] = 1000,
+) -> None:
+    """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
+    from pneumoscan.cache import CacheError
+    from pneumoscan.data import ManifestError
+    from pneumoscan.evaluate import evaluate_split
+    from pneumoscan.modelfile import ModelFileError
+
+    try:
+        report = evaluate_split(manifest, split, out, model=model, cache=cache, seg_model=seg_model,
+                                n_boot=n_boot)
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    console.print((out / "report.md").read_text())
+    console.print(f"{report['n_images']} images scored; reports in {out}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
+    out: Annotated[Path, typer.Option(help="Folder for predictions and overlays.")] = Path("pneumoscan-out"),
+    cam: Annotated[Optional[str], typer.Option(help="Grad-CAM class: 'top' (most probable finding) or a class name.")] = "top",
+    fmt: Annotated[str, typer.Option("--format", help="json (predictions.jsonl) or csv (predictions.csv).")] = "json",
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
+) -> None:
+    """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray."""
+    import csv
+    import json
+
+    from tqdm import tqdm
+
+    from pneumoscan.labels import LABELS
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.overlay import prediction_figure
+    from pneumoscan.predict import Predictor, resolve_label
+
+    if fmt not in ("json", "csv"):
+        fail("--format must be json or csv")
+    if cam is not None and cam.lower() not in ("top", "none"):
+        try:
+            resolve_label(cam)
+        except ValueError as exc:
+            fail(str(exc))
+    cam = None if cam is None or cam.lower() == "none" else cam
+    try:
+        predictor = Predictor.from_paths(seg_model, model)
+    except (ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    files = expand_inputs(paths)
+    if not files:
+        fail("no PNG, JPEG or DICOM files found in the given paths")
+    out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    failures = 0
+    target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
+    with open(target, "w", newline="") as handle, tqdm(total=len(files), unit="img", desc="predict") as bar:
+        writer = None
+        if fmt == "csv":
+            writer = csv.writer(handle)
+            writer.writerow(["path", *LABELS, "findings", "box", "fallback", "cam_label", "overlay", "error"])
+        for start in range(0, len(files), batch_size):
+            chunk = files[start:start + batch_size]
+            for path, result in zip(chunk, predictor.predict_batch(chunk, cam=cam, keep_arrays=overlays)):
+                record = result.to_dict()
+                record["overlay"] = None
+                if result.error:
+                    failures += 1
+                    err.print(f"[yellow]failed:[/] {result.error}", highlight=False)
+                elif overlays:
+                    name = f"{output_stem(path, used)}_overlay.png"
+                    prob = result.probabilities.get(result.cam_label) if result.cam_label else None
+                    prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
+                                      result.cam_label, prob, str(out / name))
+                    record["overlay"] = name
+                if writer is None:
+                    handle.write(json.dumps(record) + "\n")
+                else:
+                    probs = result.probabilities or {}
+                    writer.writerow([record["path"], *(probs.get(label, "") for label in LABELS),
+                                     "|".join(result.findings or []), json.dumps(result.box),
+                                     result.fallback, result.cam_label, record["overlay"], result.error or ""])
+                bar.update(1)
+    console.print(f"{len(files) - failures} of {len(files)} images → {target}"
+                  + (f" (overlays in {out})" if overlays else ""))
+    if failures:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -94,6 +94,13 @@ def scale_box(box: tuple[int, int, int, int], from_shape: tuple[int, int],
             min(to_shape[1], int(np.ceil(x1 * sx))), min(to_shape[0], int(np.ceil(y1 * sy))))
 
 
+def crop_resize(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The classifier's input: the box cut from the original picture, resized to size×size."""
+    from pneumoscan.enhance import resize
+
+    return resize(apply_box(pixels, box), size).pixels
+
+
 def apply_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The pixels inside ``box`` (a view, no copy)."""
     x0, y0, x1, y1 = box

@@ -42,3 +42,42 @@ def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, in
             s = (int(a[0] + (b[0] - a[0]) * t0), int(a[1] + (b[1] - a[1]) * t0))
             e = (int(a[0] + (b[0] - a[0]) * t1), int(a[1] + (b[1] - a[1]) * t1))
             cv2.line(canvas, s, e, colour, thickness)
+
+
+def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
+                      fallback: bool, cam: np.ndarray | None, cam_label: str | None,
+                      probability: float | None, path: str, max_side: int = 1024) -> None:
+    """Save a PNG: the X-ray with lung contour, crop box and (if given) the Grad-CAM heat map
+    with a colour bar and the class name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = min(1.0, max_side / max(pixels.shape))
+    if scale < 1.0:  # draw at most max_side pixels: the figure is for eyes, not measurements
+        size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        mask = None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
+        cam = None if cam is None else cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
+        box = None if box is None else [round(v * scale) for v in box]
+    height, width = pixels.shape
+    fig, ax = plt.subplots(figsize=(7.5, 7.5 * height / width + 0.4), dpi=110)
+    ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
+    if cam is not None:
+        heat = ax.imshow(np.ma.masked_less(cam, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
+        bar.set_label("Grad-CAM (relative importance)")
+    if mask is not None and mask.any():
+        ax.contour(mask, levels=[0.5], colors=["#50dc50"], linewidths=1.0)
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#ffaa28",
+                                   linewidth=1.5, linestyle="--" if fallback else "-"))
+    title = "lungs not found: whole image used" if fallback else "lung crop"
+    if cam_label is not None:
+        title = f"Grad-CAM: {cam_label}" + (f" (p = {probability:.2f})" if probability is not None else "") + f" · {title}"
+    ax.set_title(title, fontsize=10)
+    ax.axis("off")
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

@@ -1,0 +1,265 @@
+"""The crop cache behind `pneumoscan prepare`: read → CLAHE → segment → crop → resize, done once.
+
+Layout of a cache folder::
+
+    config.json            input size, shard size, segmentation model SHA-256, manifest SHA-256
+    manifest.csv           the manifest rows, in shard order
+    shards/00000.npy       uint8 N×S×S crops (memory-mapped when read)
+    shards/00000.csv       per row: manifest row, box, fallback, lung fraction, error
+    shards/00000.json      written last: row count and SHA-256 of the .npy — the "done" mark
+    errors.csv             unreadable images (skipped, never fatal)
+
+Every file is written under a temporary name and renamed, and a shard counts as done only when its
+``.json`` exists and matches, so a killed run never leaves a shard that is read half-written; a
+rerun does the missing shards only. ``shard=(i, n)`` takes every n-th shard from i, so the jobs
+of a cluster array split the work without talking to each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pneumoscan.data.manifest import write_manifest
+
+CACHE_VERSION = 1
+
+
+class CacheError(ValueError):
+    """A cache folder that cannot be used as asked (wrong settings, damaged shard)."""
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def manifest_digest(table: pd.DataFrame) -> str:
+    """SHA-256 of the manifest's paths in order: a cache belongs to one manifest."""
+    return hashlib.sha256("\n".join(table["path"].astype(str)).encode()).hexdigest()
+
+
+def shard_paths(root: Path, k: int) -> tuple[Path, Path, Path]:
+    base = root / "shards" / f"{k:05d}"
+    return base.with_suffix(".npy"), base.with_suffix(".csv"), base.with_suffix(".json")
+
+
+def shard_done(root: Path, k: int, rows: int) -> bool:
+    """True when shard k was completely written (its mark exists and agrees with the array)."""
+    npy, csv, mark = shard_paths(root, k)
+    if not (npy.exists() and csv.exists() and mark.exists()):
+        return False
+    try:
+        info = json.loads(mark.read_text())
+        array = np.load(npy, mmap_mode="r")
+    except (ValueError, OSError):
+        return False
+    return info.get("rows") == rows == len(array)
+
+
+@dataclass(frozen=True)
+class _Job:
+    root: str
+    k: int
+    rows: list[dict[str, Any]]
+    size: int
+    seg_model: str | None
+
+
+_SEGMENTER = None
+
+
+def _worker_init(seg_model: str | None) -> None:
+    import cv2
+    import torch
+
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    global _SEGMENTER
+    from pneumoscan.segment import LungSegmenter, load_default
+
+    _SEGMENTER = LungSegmenter.load(seg_model) if seg_model else load_default()
+
+
+def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16
+               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """read → segment → crop → resize for each path: uint8 crops (zeros where unreadable) and,
+    per path, the box, fallback flag, lung fraction and error message ("" when read)."""
+    from pneumoscan.crop import crop_resize
+    from pneumoscan.io import XrayReadError, read_xray
+
+    crops = np.zeros((len(paths), size, size), np.uint8)
+    records, pending = [], []
+    for i, path in enumerate(paths):
+        rec = {"path": path, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
+               "lung_fraction": np.nan, "error": ""}
+        try:
+            pending.append((i, read_xray(path).pixels))
+        except XrayReadError as exc:
+            rec["error"] = str(exc)
+        records.append(rec)
+    for start in range(0, len(pending), batch):
+        chunk = pending[start:start + batch]
+        for (i, pixels), seg in zip(chunk, segmenter.segment_batch([p for _, p in chunk])):
+            crops[i] = np.round(crop_resize(pixels, seg.box, size) * 255)
+            x0, y0, x1, y1 = seg.box
+            records[i].update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=seg.fallback,
+                              lung_fraction=round(seg.lung_fraction, 4))
+    return crops, records
+
+
+def _do_shard(job: _Job) -> tuple[int, int, int]:
+    """Crop one shard; returns (shard, images, errors)."""
+    root = Path(job.root)
+    crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size)
+    for rec, row in zip(records, job.rows):
+        rec["row"] = row["row"]
+    npy, csv, mark = shard_paths(root, job.k)
+    tmp_npy = npy.with_name(npy.name + ".tmp.npy")
+    np.save(tmp_npy, crops)
+    tmp_npy.replace(npy)
+    _atomic_bytes(csv, pd.DataFrame(records).to_csv(index=False).encode())
+    digest = hashlib.sha256(npy.read_bytes()).hexdigest()
+    _atomic_bytes(mark, json.dumps({"rows": len(job.rows), "sha256": digest}).encode())
+    return job.k, len(job.rows), sum(1 for r in records if r["error"])
+
+
+def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size: int = 128,
+            workers: int = 1, shard: tuple[int, int] = (0, 1), seg_model: str | Path | None = None,
+            progress: bool = True) -> dict[str, Any]:
+    """Fill the cache for ``table`` (a manifest). Returns counts of what was done now and overall."""
+    from tqdm import tqdm
+
+    from pneumoscan.modelfile import load_model
+    from pneumoscan.segment import KIND as SEG_KIND
+    from pneumoscan.segment import default_model_path
+
+    root = Path(out)
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    index, count = shard
+    if not 0 <= index < count:
+        raise CacheError(f"--shard must be i/n with 0 ≤ i < n, got {index}/{count}")
+    seg_path = Path(seg_model) if seg_model else default_model_path()
+    _, seg_meta = load_model(seg_path, kind=SEG_KIND)
+    table = table.reset_index(drop=True)
+    config = {"version": CACHE_VERSION, "size": size, "shard_size": shard_size, "rows": len(table),
+              "shards": (len(table) + shard_size - 1) // shard_size,
+              "manifest_sha256": manifest_digest(table),
+              "segmentation_model_sha256": seg_meta["weights_sha256"],
+              "crop": "lung box on the original image (margin 5 %), resized to size×size, no CLAHE"}
+    config_path = root / "config.json"
+    if config_path.exists():
+        existing = json.loads(config_path.read_text())
+        if existing != config:
+            changed = sorted(k for k in config if existing.get(k) != config.get(k))
+            raise CacheError(f"{root} holds a cache made with other settings ({', '.join(changed)}); "
+                             f"use a new folder or delete this one")
+    else:
+        write_manifest(table, root / "manifest.csv")
+        _atomic_bytes(config_path, json.dumps(config, indent=2).encode())
+    records = table[["path"]].assign(row=np.arange(len(table))).to_dict("records")
+    mine = [k for k in range(config["shards"]) if k % count == index]
+    jobs = [_Job(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
+                 str(seg_model) if seg_model else None) for k in mine]
+    todo = [j for j in jobs if not shard_done(root, j.k, len(j.rows))]
+    done_images = errors = 0
+    bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
+               unit="img", desc="prepare", disable=not progress)
+    if workers <= 1:
+        _worker_init(str(seg_model) if seg_model else None)
+        results: Iterable = map(_do_shard, todo)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, _worker_init, (str(seg_model) if seg_model else None,))
+        results = pool.imap_unordered(_do_shard, todo)
+    try:
+        for _, n, bad in results:
+            done_images += n
+            errors += bad
+            bar.update(n)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    complete = all(shard_done(root, k, min(shard_size, len(table) - k * shard_size))
+                   for k in range(config["shards"]))
+    if complete:
+        collect_errors(root)
+    return {"shards_total": config["shards"], "shards_this_job": len(jobs), "shards_done_now": len(todo),
+            "images_done_now": done_images, "errors_now": errors, "complete": complete}
+
+
+def collect_errors(root: Path) -> pd.DataFrame:
+    """Gather every shard's unreadable rows into ``errors.csv``."""
+    frames = [pd.read_csv(p, keep_default_na=False) for p in sorted((root / "shards").glob("*.csv"))]
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "path", "error"])
+    bad = table.loc[table["error"].astype(str) != "", ["row", "path", "error"]]
+    _atomic_bytes(root / "errors.csv", bad.to_csv(index=False).encode())
+    return bad
+
+
+class CropCache:
+    """A complete cache, read back: ``table`` (manifest rows + boxes, readable rows only) and
+    ``images`` (memory-mapped uint8 crops, indexed like ``table``)."""
+
+    def __init__(self, root: str | Path, verify: bool = False):
+        from pneumoscan.data.manifest import read_manifest
+
+        self.root = Path(root)
+        config_path = self.root / "config.json"
+        if not config_path.exists():
+            raise CacheError(f"{self.root} is not a crop cache (no config.json); run `pneumoscan prepare`")
+        self.config = json.loads(config_path.read_text())
+        self.size = int(self.config["size"])
+        manifest = read_manifest(self.root / "manifest.csv")
+        shard_size, n = self.config["shard_size"], self.config["rows"]
+        arrays, metas = [], []
+        for k in range(self.config["shards"]):
+            rows = min(shard_size, n - k * shard_size)
+            if not shard_done(self.root, k, rows):
+                raise CacheError(f"{self.root}: shard {k} is missing or incomplete; rerun "
+                                 f"`pneumoscan prepare` with the same arguments to finish it")
+            npy, csv, mark = shard_paths(self.root, k)
+            if verify:
+                expected = json.loads(mark.read_text())["sha256"]
+                if hashlib.sha256(npy.read_bytes()).hexdigest() != expected:
+                    raise CacheError(f"{npy}: contents do not match their SHA-256 (damaged)")
+            arrays.append(np.load(npy, mmap_mode="r"))
+            metas.append(pd.read_csv(csv, keep_default_na=False))
+        meta = pd.concat(metas, ignore_index=True)
+        self._all_images = arrays
+        self._offsets = np.cumsum([0] + [len(a) for a in arrays])
+        ok = meta["error"].astype(str) == ""
+        self.errors = meta.loc[~ok, ["path", "error"]].reset_index(drop=True)
+        keep = meta.loc[ok, "row"].to_numpy()
+        self._rows = keep
+        boxes = meta.loc[ok, ["x0", "y0", "x1", "y1", "fallback", "lung_fraction"]].reset_index(drop=True)
+        boxes["fallback"] = boxes["fallback"].astype(str).str.lower() == "true"
+        self.table = pd.concat([manifest.iloc[keep].reset_index(drop=True), boxes], axis=1)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def image(self, i: int) -> np.ndarray:
+        """uint8 S×S crop of ``table`` row i."""
+        row = int(self._rows[i])
+        k = int(np.searchsorted(self._offsets, row, side="right") - 1)
+        return np.asarray(self._all_images[k][row - self._offsets[k]])
+
+    def images(self, indices: Iterable[int]) -> np.ndarray:
+        return np.stack([self.image(i) for i in indices])

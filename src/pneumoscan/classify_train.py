@@ -1,0 +1,284 @@
+"""Training the DenseNet-121 classifier (SPEC stage 6) with Lightning, from a crop cache.
+
+- Weighted binary cross-entropy: per-class positive weight = negatives / positives among the
+  training split's KNOWN labels; NaN labels (a source does not say) are masked out of the loss.
+- Adam (lr 1e-3, betas 0.9/0.999 by default; the thesis's "0.99/0.9" is selectable), LR × 0.1
+  when validation loss has not improved for 8 epochs, batch 16, up to 150 epochs.
+- Light augmentation on the device, batched: rotation ±7°, translation ±5 %, zoom ±5 %, no flips
+  (a flipped chest puts the heart on the wrong side). Its random draws and the shuffling come
+  from (seed, epoch, batch), so a resumed run repeats exactly what an uninterrupted one does.
+- Mixed precision on GPU; ``devices``/``num_nodes`` > 1 runs Lightning DDP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from datetime import timedelta
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pneumoscan.cache import CropCache
+from pneumoscan.classify import KIND, ChestClassifier, Classifier, load_imagenet
+from pneumoscan.labels import LABELS
+from pneumoscan.segment_train import EpochSampler
+
+
+class CropDataset(Dataset):
+    """(uint8 1×S×S crop, float32 labels with NaN) pairs from a crop cache."""
+
+    def __init__(self, cache: CropCache, indices: np.ndarray):
+        self.cache, self.indices = cache, np.asarray(indices)
+        self.labels = cache.table[list(LABELS)].to_numpy(np.float32)[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        crop = self.cache.image(int(self.indices[i]))
+        return torch.from_numpy(crop.copy())[None], torch.from_numpy(self.labels[i])
+
+
+def positive_weights(labels: np.ndarray) -> np.ndarray:
+    """negatives / positives per class over known labels; 1 where a class has no positives."""
+    known = ~np.isnan(labels)
+    pos = np.nansum(labels, axis=0)
+    neg = known.sum(axis=0) - pos
+    return np.where(pos > 0, neg / np.maximum(pos, 1), 1.0).astype(np.float32)
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
+    """Weighted BCE over known labels only (NaN targets contribute nothing)."""
+    known = ~torch.isnan(targets)
+    safe = torch.where(known, targets, torch.zeros_like(targets))
+    loss = F.binary_cross_entropy_with_logits(logits.float(), safe, pos_weight=pos_weight, reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, degrees: float = 7.0,
+            translate: float = 0.05, zoom: float = 0.05) -> torch.Tensor:
+    """One random small affine per image of a float batch (N×1×S×S), on x's device."""
+    n = x.shape[0]
+    draws = torch.rand((n, 4), generator=generator).to(x.device) * 2 - 1
+    angle = draws[:, 0] * math.radians(degrees)
+    scale = 1 + draws[:, 1] * zoom
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, draws[:, 2] * translate * 2], 1),
+                         torch.stack([sin, cos, draws[:, 3] * translate * 2], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@dataclass
+class TrainConfig:
+    cache: str
+    out: str
+    init: str = "imagenet"  # imagenet | random | path to a PneumoScan classifier file
+    weights: str | None = None  # ImageNet weights file (default: torch hub cache)
+    epochs: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    patience: int = 8
+    early_stop: int = 0  # 0 = off; else stop after this many epochs without val-loss gain
+    seed: int = 2019
+    workers: int = 2
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    frontal_only: bool = True
+    resume: bool = True
+    max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
+    description: str = ""
+
+
+def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any]):
+    import lightning as L
+
+    class ClassifierModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ChestClassifier()
+            self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
+            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def forward(self, x):
+            return self.model(x)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            x = x.float() / 255.0
+            if self.trainer.training:
+                generator = torch.Generator().manual_seed(
+                    cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.trainer.fit_loop.epoch_loop.batch_idx
+                    + 7919 * self.global_rank)
+                x = augment(x, generator)
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, y
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = masked_bce(self.model(x), y, self.pos_weight)
+            self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
+                     sync_dist=True)
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            logits = self.model(x)
+            loss = masked_bce(logits, y, self.pos_weight)
+            self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x), sync_dist=True)
+            self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach()))
+
+        def on_validation_epoch_end(self):
+            from pneumoscan.evaluate import roc_auc
+
+            if not self._val_outputs:
+                return
+            probs = torch.cat([p for p, _ in self._val_outputs])
+            labels = torch.cat([t for _, t in self._val_outputs])
+            self._val_outputs.clear()
+            probs, labels = self.all_gather(probs), self.all_gather(labels)
+            probs = probs.reshape(-1, len(LABELS)).cpu().numpy()
+            labels = labels.reshape(-1, len(LABELS)).cpu().numpy()
+            aucs = [roc_auc(labels[:, j], probs[:, j]) for j in range(len(LABELS))]
+            finite = [a for a in aucs if np.isfinite(a)]
+            self.log("val_auc_mean", float(np.mean(finite)) if finite else float("nan"), prog_bar=True,
+                     sync_dist=False, rank_zero_only=True)
+            pneu = aucs[LABELS.index("Pneumonia")]
+            self.log("val_auc_pneumonia", float(pneu), sync_dist=False, rank_zero_only=True)
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+    module = ClassifierModule()
+    if cfg.init == "imagenet":
+        init_info.update(load_imagenet(module.model, cfg.weights))
+    elif cfg.init == "random":
+        init_info.update({"init": "random"})
+    else:
+        source = Classifier.load(cfg.init)
+        module.model.load_state_dict(source.model.state_dict())
+        init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"]})
+    return module
+
+
+def select_rows(cache: CropCache, frontal_only: bool) -> dict[str, np.ndarray]:
+    """Indices per split of cache rows that carry at least one known label (and frontal views)."""
+    table = cache.table
+    usable = table[list(LABELS)].notna().any(axis=1).to_numpy().copy()
+    if frontal_only:
+        lateral = table["view"].fillna("").str.upper().isin({"L", "LL", "RL", "LATERAL", "LAT"})
+        usable &= ~lateral.to_numpy()
+    return {split: np.flatnonzero(usable & (table["split"] == split).to_numpy())
+            for split in ("train", "val", "test")}
+
+
+def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train; on rank 0 write ``model.pt`` (best val loss, with Youden thresholds) and a report."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = CropCache(cfg.cache)
+    rows = select_rows(cache, cfg.frontal_only)
+    if len(rows["train"]) == 0 or len(rows["val"]) == 0:
+        raise ValueError(f"the cache has {len(rows['train'])} training and {len(rows['val'])} "
+                         f"validation images with labels; both are needed")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    train_set, val_set = CropDataset(cache, rows["train"]), CropDataset(cache, rows["val"])
+    pos_weight = positive_weights(train_set.labels)
+    init_info: dict[str, Any] = {}
+    module = _module(cfg, pos_weight, init_info)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    sampler = EpochSampler(len(train_set), cfg.seed)
+
+    class EpochSeed(Callback):
+        def on_train_epoch_start(self, trainer, _):
+            sampler.set_epoch(trainer.current_epoch)
+
+    gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
+                                 mode="min", save_last=True, save_top_k=1)
+    callbacks: list[Any] = [checkpoint, EpochSeed()]
+    if cfg.early_stop:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.early_stop))
+    distributed = cfg.devices * cfg.num_nodes > 1
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        num_nodes=cfg.num_nodes, strategy="ddp" if distributed else "auto", precision=precision,
+        callbacks=callbacks, logger=CSVLogger(out, name="logs"), log_every_n_steps=10,
+        enable_model_summary=False,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
+    )
+    if gpu:
+        module = module.to(memory_format=torch.channels_last)
+    loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
+                   "pin_memory": gpu}
+    last = out / "checkpoints" / "last.ckpt"
+    started = time.time()
+    trainer.fit(
+        module,
+        DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
+        DataLoader(val_set, batch_size=max(cfg.batch_size, 32), **loader_args),
+        ckpt_path=str(last) if cfg.resume and last.exists() else None,
+    )
+    if not trainer.is_global_zero:
+        return None
+    best = checkpoint.best_model_path or str(last)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    model = ChestClassifier()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+                           if k.startswith("model.")})
+    table = cache.table
+    meta = {
+        "kind": KIND, "labels": list(LABELS), "input_size": cache.size,
+        "preprocessing": {"crop": cache.config["crop"], "input": "grey crop in [0,1], copied to 3 "
+                          "channels, ImageNet mean/std normalisation inside the model",
+                          "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
+                          "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
+        "init": init_info, "hidden": 1000, "dropout": 0.4,
+        "training_data": {
+            "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
+            "images_per_source": {str(k): int(v) for k, v in
+                                  table.iloc[rows["train"]]["source"].value_counts().items()},
+            "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
+            "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
+            "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
+        },
+        "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
+                      "plateau_patience": cfg.patience, "precision": precision,
+                      "devices": cfg.devices * cfg.num_nodes},
+        "epochs_trained": int(trainer.current_epoch), "best_epoch": int(ckpt["epoch"]),
+        "train_seconds_this_run": round(time.time() - started, 1),
+    }
+    classifier = Classifier(model, meta)
+    from pneumoscan.evaluate import evaluate_probabilities, thresholds_from
+
+    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0,
+                                         batch_size=64)
+    val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
+    classifier.meta["thresholds"] = thresholds_from(val_labels, val_probs)
+    classifier.thresholds = np.array([classifier.meta["thresholds"][l] for l in LABELS], np.float32)
+    report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val")
+    classifier.meta["validation"] = {"auc": report["auc"], "auc_ci": report["auc_ci"],
+                                     "mean_auc_14": report["mean_auc_14"], "n_images": report["n_images"]}
+    written = classifier.save(out / "model.pt")
+    (out / "val_report.json").write_text(json.dumps(report, indent=2))
+    return written
+

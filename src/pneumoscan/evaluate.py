@@ -1,0 +1,248 @@
+"""Stage 8 (evaluate): per-class AUC with bootstrap 95 % CIs, Youden thresholds, sensitivity and
+specificity, calibration (ECE, reliability diagram), ROC curves, and the published comparison.
+
+Labels may be NaN (a source does not say): each class is scored on the images that know it.
+A class without both positives and negatives in the split gets NaN, not a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.labels import FINDINGS, LABELS
+
+#: Mean AUC over the 14 ChestX-ray14 findings as published (SPEC stage 8), with the split each
+#: paper describes. None of them is comparable with a small development set.
+PUBLISHED = [
+    ("Wang et al. 2017 (ChestX-ray8)", 0.738, "NIH ChestX-ray14, random image split 70/10/20 (as the paper describes)"),
+    ("Yao et al. 2017", 0.803, "NIH ChestX-ray14, random split (as the paper describes)"),
+    ("Kumar et al. 2018", 0.795, "NIH ChestX-ray14, random split (as the paper describes)"),
+    ("Rajpurkar et al. 2017 (CheXNet)", 0.842, "NIH ChestX-ray14, patient-wise random split, no patient overlap"),
+    ("Thesis (Jadavpur 2019)", 0.810, "NIH ChestX-ray14; the thesis does not state its split"),
+]
+
+
+def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~np.isnan(y)
+    return y[keep].astype(int), p[keep]
+
+
+def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUC over the known labels; NaN unless both classes are present."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, p))
+
+
+def auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0,
+           level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUC (resampling images); NaN when undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if len(np.unique(y)) < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    stats = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            stats.append(roc_auc_score(y[idx], p[idx]))
+    if not stats:
+        return (float("nan"), float("nan"))
+    tail = (1 - level) / 2 * 100
+    return (float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail)))
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity − 1 (0.5 when undefined)."""
+    from sklearn.metrics import roc_curve
+
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if len(np.unique(y)) < 2:
+        return 0.5
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(max(thr[best], 0.0), 1.0))
+
+
+def thresholds_from(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Youden threshold per label (chosen on validation data)."""
+    return {label: youden_threshold(labels[:, j], probs[:, j]) for j, label in enumerate(LABELS)}
+
+
+def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    pred = p >= threshold
+    pos, neg = y == 1, y == 0
+    sens = float(pred[pos].mean()) if pos.any() else float("nan")
+    spec = float((~pred[neg]).mean()) if neg.any() else float("nan")
+    return sens, spec
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[float, list[dict[str, float]]]:
+    """Expected calibration error over equal-width bins, and the bins (for the diagram)."""
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if len(y) == 0:
+        return float("nan"), []
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    ece, table = 0.0, []
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            conf, freq = float(p[inside].mean()), float(y[inside].mean())
+            ece += inside.mean() * abs(conf - freq)
+            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(inside.sum()),
+                          "mean_probability": conf, "observed_rate": freq})
+    return float(ece), table
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if value is None or not np.isfinite(value) else round(float(value), 4)
+
+
+def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float],
+                           split: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The report's numbers for N×15 labels (NaN unknown) and probabilities."""
+    report: dict[str, Any] = {"split": split, "n_images": int(len(labels)), "auc": {}, "auc_ci": {},
+                              "per_label": {}, "calibration": {}}
+    for j, label in enumerate(LABELS):
+        y, p = labels[:, j], probs[:, j]
+        auc = roc_auc(y, p)
+        low, high = auc_ci(y, p, n_boot, seed)
+        sens, spec = sens_spec(y, p, thresholds.get(label, 0.5))
+        ece, bins = calibration(y, p)
+        report["auc"][label] = _nan_to_none(auc)
+        report["auc_ci"][label] = [_nan_to_none(low), _nan_to_none(high)]
+        report["per_label"][label] = {
+            "threshold": round(float(thresholds.get(label, 0.5)), 4), "sensitivity": _nan_to_none(sens),
+            "specificity": _nan_to_none(spec), "positives": int(np.nansum(y == 1)),
+            "known": int((~np.isnan(y)).sum()), "ece": _nan_to_none(ece)}
+        report["calibration"][label] = bins
+        report[label] = report["per_label"][label]  # contract: per label threshold/sens/spec at top level
+    finite = [report["auc"][f] for f in FINDINGS if report["auc"][f] is not None]
+    report["mean_auc_14"] = round(float(np.mean(finite)), 4) if finite else None
+    report["mean_auc_14_classes_scored"] = len(finite)
+    return report
+
+
+def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, out: str | Path,
+                 model_meta: dict[str, Any] | None = None) -> None:
+    """``report.json``, ``report.md``, ``roc.png`` and ``reliability.png`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _plot_roc(labels, probs, out / "roc.png")
+    _plot_reliability(report, out / "reliability.png")
+    lines = [f"# Evaluation on split `{report['split']}` ({report['n_images']} images)", ""]
+    if model_meta:
+        lines += [f"Model: weights SHA-256 `{model_meta.get('weights_sha256', '?')[:16]}…`, input "
+                  f"{model_meta.get('input_size')} px, trained on "
+                  f"{model_meta.get('training_data', {}).get('description', '?')}.", ""]
+    lines += ["| label | positives / known | AUC | 95 % CI | threshold | sensitivity | specificity | ECE |",
+              "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for label in LABELS:
+        pl, ci = report["per_label"][label], report["auc_ci"][label]
+        lines.append(f"| {label} | {pl['positives']} / {pl['known']} | {fmt(report['auc'][label])} | "
+                     f"{fmt(ci[0])}–{fmt(ci[1])} | {pl['threshold']:.3f} | {fmt(pl['sensitivity'])} | "
+                     f"{fmt(pl['specificity'])} | {fmt(pl['ece'])} |")
+    lines += ["", f"Mean AUC over the 14 findings: {fmt(report['mean_auc_14'])} "
+              f"({report['mean_auc_14_classes_scored']} of 14 findings had both positives and negatives).",
+              "", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
+              "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
+    lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
+    lines += [f"| this model | {fmt(report['mean_auc_14'])} | split `{report['split']}` of the given "
+              f"manifest ({report['n_images']} images) |", "",
+              "Thresholds are Youden-optimal on the validation split, stored with the model.", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(7, 7))
+    for j, label in enumerate(LABELS):
+        y, p = _known(labels[:, j], probs[:, j])
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({roc_auc(labels[:, j], probs[:, j]):.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC curves", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_reliability(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for label in LABELS:
+        bins = report["calibration"][label]
+        if bins and report["auc"][label] is not None:
+            ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
+                    ms=3, lw=1, label=f"{label} (ECE {report['per_label'][label]['ece']:.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: str | Path | None = None,
+                   cache: str | Path | None = None, seg_model: str | Path | None = None,
+                   n_boot: int = 1000) -> dict[str, Any]:
+    """Score one split of a manifest: crops from ``cache`` when given (rows matched by path),
+    else read, segmented and cropped here. Writes the report files; returns the report."""
+    from pneumoscan.cache import CropCache, crop_paths
+    from pneumoscan.classify import Classifier, load_default
+    from pneumoscan.data.manifest import ManifestError, read_manifest
+    from pneumoscan.segment import LungSegmenter
+    from pneumoscan.segment import load_default as load_default_segmenter
+
+    classifier = Classifier.load(model) if model else load_default()
+    table = read_manifest(manifest)
+    rows = table[(table.split == split) & table[list(LABELS)].notna().any(axis=1)].reset_index(drop=True)
+    if rows.empty:
+        raise ManifestError(f"{manifest}: split {split!r} has no labelled images "
+                            f"(splits present: {sorted(table.split.unique())})")
+    if cache is not None:
+        crop_cache = CropCache(cache)
+        if crop_cache.size != classifier.size:
+            raise ValueError(f"cache crops are {crop_cache.size} px but the model takes {classifier.size} px")
+        where = {p: i for i, p in enumerate(crop_cache.table["path"])}
+        found = rows["path"].map(where)
+        skipped = rows.loc[found.isna(), "path"].tolist()
+        rows = rows[found.notna()].reset_index(drop=True)
+        crops = crop_cache.images(found.dropna().astype(int))
+    else:
+        segmenter = LungSegmenter.load(seg_model) if seg_model else load_default_segmenter()
+        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size)
+        ok = np.array([r["error"] == "" for r in records])
+        skipped = [r["path"] for r in records if r["error"]]
+        rows, crops = rows[ok].reset_index(drop=True), crops[ok]
+    labels = rows[list(LABELS)].to_numpy(np.float32)
+    probs = classifier.predict_proba(crops.astype(np.float32) / 255.0)
+    thresholds = classifier.meta.get("thresholds") or {}
+    report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot)
+    report["skipped_unreadable"] = skipped
+    report["manifest"] = str(manifest)
+    write_report(report, labels, probs, out, classifier.meta)
+    return report

@@ -1,0 +1,133 @@
+"""Stage 6: DenseNet-121 + thesis head, ImageNet loading that fails loudly, loss and augmentation."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.classify import (
+    IMAGENET_FILE, ChestClassifier, Classifier, PretrainedWeightsError, backbone_key,
+    imagenet_weights_path, load_imagenet,
+)
+from pneumoscan.classify_train import augment, masked_bce, positive_weights
+from pneumoscan.labels import LABELS
+
+
+def _published_layout(model: ChestClassifier) -> dict[str, torch.Tensor]:
+    """A DenseNet-121 state dict in the key layout of densenet121-a639ec97.pth
+    (``...denselayer1.norm.1.weight``, ``classifier.weight`` 1000×1024, no num_batches_tracked)."""
+    torch.manual_seed(1)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("net.class_layers") or key.endswith("num_batches_tracked"):
+            continue
+        name = key.removeprefix("net.")
+        name = re.sub(r"\.layers\.(norm|conv)([12])\.", r".\1.\2.", name)
+        state[name] = torch.randn_like(value) if value.is_floating_point() else value
+    state["classifier.weight"] = torch.randn(1000, 1024)
+    state["classifier.bias"] = torch.randn(1000)
+    return state
+
+
+def test_head_is_the_thesis_head():
+    model = ChestClassifier()
+    head = model.net.class_layers.out
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert head[0].in_features == 1024 and head[0].out_features == 1000
+    assert head[2].p == 0.4 and head[3].out_features == 15
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 15)
+
+
+def test_published_keys_map_to_monai_names():
+    assert backbone_key("features.denseblock1.denselayer1.norm.1.weight") == \
+        "net.features.denseblock1.denselayer1.layers.norm1.weight"
+    assert backbone_key("features.denseblock2.denselayer3.conv2.weight") == \
+        "net.features.denseblock2.denselayer3.layers.conv2.weight"
+    assert backbone_key("features.norm5.running_var") == "net.features.norm5.running_var"
+
+
+def test_imagenet_file_in_published_layout_loads_every_backbone_tensor(tmp_path):
+    model = ChestClassifier()
+    published = _published_layout(model)
+    torch.save(published, tmp_path / IMAGENET_FILE)
+    head_before = model.net.class_layers.out[0].weight.clone()
+    info = load_imagenet(model, tmp_path / IMAGENET_FILE)
+    assert info["tensors_loaded"] == info["tensors_required"] > 600
+    torch.testing.assert_close(model.net.features.conv0.weight, published["features.conv0.weight"])
+    torch.testing.assert_close(model.net.features.denseblock4.denselayer16.layers.conv2.weight,
+                               published["features.denseblock4.denselayer16.conv.2.weight"])
+    torch.testing.assert_close(model.net.class_layers.out[0].weight, head_before)  # head stays new
+
+
+def test_imagenet_loading_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = imagenet_weights_path()
+    assert path == tmp_path / "hub" / "checkpoints" / IMAGENET_FILE
+    path.parent.mkdir(parents=True)
+    torch.save(_published_layout(ChestClassifier()), path)
+    assert load_imagenet(ChestClassifier())["file"] == IMAGENET_FILE
+
+
+def test_mismatched_weights_file_fails_loudly(tmp_path):
+    model = ChestClassifier()
+    published = {f"module.{k}": v for k, v in _published_layout(model).items()}  # DataParallel names
+    torch.save(published, tmp_path / "wrapped.pth")
+    before = model.net.features.conv0.weight.clone()
+    with pytest.raises(PretrainedWeightsError, match="only 0 of"):
+        load_imagenet(model, tmp_path / "wrapped.pth")
+    torch.testing.assert_close(model.net.features.conv0.weight, before)  # nothing half-loaded
+    partial = _published_layout(model)
+    partial["features.conv0.weight"] = torch.randn(64, 1, 7, 7)  # a 1-channel stem
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(PretrainedWeightsError, match="features.conv0.weight"):
+        load_imagenet(model, tmp_path / "partial.pth")
+
+
+def test_offline_without_weights_says_which_file_and_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(PretrainedWeightsError) as info:
+        load_imagenet(ChestClassifier())
+    message = str(info.value)
+    assert IMAGENET_FILE in message and str(tmp_path / "hub" / "checkpoints") in message
+    assert "--weights" in message and "--init random" in message
+
+
+def test_masked_bce_ignores_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    known = torch.tensor([[1.0, 0.0, float("nan")]])
+    weights = torch.ones(3)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, :2], known[:, :2])
+    torch.testing.assert_close(masked_bce(logits, known, weights), expected)
+    flipped = known.clone()
+    assert masked_bce(torch.tensor([[2.0, -1.0, -9.0]]), flipped, weights) == pytest.approx(expected.item())
+    assert torch.isfinite(masked_bce(logits, torch.full((1, 3), float("nan")), weights))
+
+
+def test_positive_weights_count_known_labels_only():
+    labels = np.array([[1, 0, np.nan], [0, 0, np.nan], [0, 1, np.nan], [0, np.nan, np.nan]], np.float32)
+    np.testing.assert_allclose(positive_weights(labels), [3.0, 2.0, 1.0])
+
+
+def test_augmentation_is_small_and_reproducible():
+    x = torch.zeros(4, 1, 64, 64)
+    x[:, :, 20:44, 10:30] = 1.0  # a bright block on the left
+    a = augment(x, torch.Generator().manual_seed(5))
+    b = augment(x, torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, x)
+    left, right = a[..., :32].sum(), a[..., 32:].sum()
+    assert left > 3 * right  # no horizontal flip moved the block across
+
+
+def test_classifier_round_trip_keeps_thresholds(tmp_path):
+    model = ChestClassifier()
+    meta = {"input_size": 64, "thresholds": {label: 0.3 for label in LABELS}}
+    Classifier(model, meta).save(tmp_path / "c.pt")
+    again = Classifier.load(tmp_path / "c.pt")
+    assert again.size == 64 and np.allclose(again.thresholds, 0.3)
+    crops = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
+    np.testing.assert_allclose(again.predict_proba(crops), Classifier(model, meta).predict_proba(crops),
+                               atol=1e-6)

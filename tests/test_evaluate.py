@@ -1,0 +1,63 @@
+"""Stage 8: AUC, bootstrap CI, Youden thresholds, calibration, the report files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumoscan.evaluate import (
+    auc_ci, calibration, evaluate_probabilities, roc_auc, sens_spec, write_report, youden_threshold,
+)
+from pneumoscan.labels import LABELS
+
+
+def test_auc_known_values_and_nan_for_one_class():
+    y = np.array([0, 0, 1, 1, np.nan])
+    assert roc_auc(y, np.array([0.1, 0.4, 0.35, 0.8, 0.9])) == pytest.approx(0.75)
+    assert np.isnan(roc_auc(np.array([0, 0, np.nan]), np.array([0.1, 0.2, 0.3])))
+    assert all(np.isnan(auc_ci(np.array([1.0, 1.0]), np.array([0.2, 0.3]))))
+
+
+def test_bootstrap_ci_brackets_the_auc():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400).astype(float)
+    p = np.clip(y * 0.3 + rng.random(400) * 0.7, 0, 1)
+    auc = roc_auc(y, p)
+    low, high = auc_ci(y, p, n_boot=300)
+    assert low < auc < high and high - low < 0.15
+
+
+def test_youden_threshold_separates_perfectly_separable_scores():
+    y = np.array([0, 0, 0, 1, 1, 1], float)
+    p = np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])
+    t = youden_threshold(y, p)
+    assert 0.3 < t <= 0.7
+    assert sens_spec(y, p, t) == (1.0, 1.0)
+
+
+def test_calibration_error_zero_when_calibrated_large_when_not():
+    p = np.repeat([0.25, 0.75], 400)
+    y = np.concatenate([np.r_[np.ones(100), np.zeros(300)], np.r_[np.ones(300), np.zeros(100)]])
+    ece, bins = calibration(y, p)
+    assert ece == pytest.approx(0.0, abs=1e-9) and len(bins) == 2
+    assert calibration(y, 1 - p)[0] == pytest.approx(0.5)
+
+
+def test_report_has_contract_keys_and_survives_classes_without_positives(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = np.full((50, 15), np.nan, np.float32)
+    labels[:, LABELS.index("Pneumonia")] = rng.integers(0, 2, 50)
+    labels[:, LABELS.index("Hernia")] = 0  # known, but no positives
+    probs = rng.random((50, 15)).astype(np.float32)
+    report = evaluate_probabilities(labels, probs, {}, split="val", n_boot=50)
+    assert report["auc"]["Hernia"] is None and report["auc"]["Pneumonia"] is not None
+    assert report["mean_auc_14"] == report["auc"]["Pneumonia"]
+    for label in LABELS:
+        assert {"threshold", "sensitivity", "specificity"} <= set(report[label])
+    write_report(report, labels, probs, tmp_path)
+    back = json.loads((tmp_path / "report.json").read_text())
+    assert set(back) >= {"auc", "auc_ci", "mean_auc_14", "n_images"}
+    assert (tmp_path / "roc.png").stat().st_size > 10_000 and (tmp_path / "reliability.png").exists()
+    assert "CheXNet" in (tmp_path / "report.md").read_text()

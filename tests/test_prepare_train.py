@@ -1,0 +1,173 @@
+"""`prepare` (crop cache), `train` (resume, 2-process DDP) and `evaluate` on a small real manifest."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pneumoscan.cache import CacheError, CropCache, prepare, shard_paths
+from pneumoscan.data import build_manifest, write_manifest
+from pneumoscan.modelfile import load_model
+
+from conftest import DATA, needs_data
+
+CLI = [sys.executable, "-m", "pneumoscan.cli"]
+pytestmark = needs_data
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tmp_path_factory) -> Path:
+    """NIH + COVID + Actualmed + every 40th Kermany image, and one unreadable file."""
+    root = tmp_path_factory.mktemp("manifest")
+    table = build_manifest({"nih": DATA / "nih-cxr14", "covid": DATA / "covid-chestxray",
+                            "actualmed": DATA / "actualmed-covid", "kermany": DATA / "kermany"})
+    kermany = table[table.source == "kermany"].iloc[::40]
+    table = pd.concat([table[table.source != "kermany"], kermany], ignore_index=True)
+    broken = root / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    extra = table.iloc[[0]].assign(path=str(broken), patient="nih:broken")
+    table = pd.concat([table, extra], ignore_index=True)
+    write_manifest(table, root / "manifest.csv")
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def cache64(small_manifest, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "c64"
+    result = subprocess.run([*CLI, "prepare", "--manifest", str(small_manifest), "--out", str(out),
+                             "--size", "64", "--shard-size", "64", "--workers", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_prepare_writes_complete_cache_and_lists_unreadable(cache64, small_manifest):
+    manifest = pd.read_csv(small_manifest)
+    cache = CropCache(cache64, verify=True)
+    assert len(cache) == len(manifest) - 1
+    errors = pd.read_csv(cache64 / "errors.csv")
+    assert len(errors) == 1 and errors.path.iloc[0].endswith("broken.png")
+    assert cache.image(0).shape == (64, 64) and cache.image(0).dtype == np.uint8
+    assert cache.image(0).std() > 5  # a picture, not zeros
+    assert {"x0", "y0", "x1", "y1", "fallback"} <= set(cache.table.columns)
+    nih = cache.table[cache.table.source == "nih"]
+    assert (nih.x1 > nih.x0).all() and (nih.x1 <= 1024).all()
+    assert nih.fallback.mean() < 0.5
+
+
+def test_prepare_resumes_only_missing_shards_and_matches(cache64, small_manifest, tmp_path):
+    table = pd.read_csv(small_manifest)
+    out = tmp_path / "partial"
+    prepare(table, out, size=64, shard_size=64, shard=(0, 2), progress=False)  # job 0 of a 2-job array
+    first = {k: shard_paths(out, k)[0].stat().st_mtime_ns for k in range(0, 4, 2)}
+    _, _, mark = shard_paths(out, 0)
+    mark.unlink()  # as if killed while shard 0 was being written
+    result = prepare(table, out, size=64, shard_size=64, shard=(0, 1), progress=False)
+    assert result["shards_done_now"] == result["shards_total"] - 1  # shard 2 kept, 0 redone
+    assert shard_paths(out, 2)[0].stat().st_mtime_ns == first[2]
+    assert result["complete"]
+    a, b = CropCache(cache64), CropCache(out, verify=True)
+    np.testing.assert_array_equal(a.images(range(len(a))), b.images(range(len(b))))
+
+
+def test_prepare_sigkill_then_resume_gives_identical_shards(small_manifest, cache64, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [*CLI, "prepare", "--manifest", str(small_manifest), "--out", str(out), "--size", "64",
+           "--shard-size", "64", "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not shard_paths(out, 0)[2].exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "errors.csv").exists(), "killed after the end; nothing was interrupted"
+    with pytest.raises(CacheError, match="incomplete"):
+        CropCache(out)
+    assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
+    a, b = CropCache(cache64), CropCache(out, verify=True)
+    np.testing.assert_array_equal(a.images(range(len(a))), b.images(range(len(b))))
+
+
+def test_prepare_refuses_a_cache_made_with_other_settings(cache64, small_manifest):
+    with pytest.raises(CacheError, match="size"):
+        prepare(pd.read_csv(small_manifest), cache64, size=96, shard_size=64, progress=False)
+
+
+def _train(cache: Path, out: Path, *extra: str) -> list[str]:
+    return [*CLI, "train", "--cache", str(cache), "--out", str(out), "--init", "random",
+            "--batch-size", "16", "--workers", "0", "--accelerator", "cpu", *extra]
+
+
+def test_train_resumes_exactly_after_sigkill(cache64, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    a = subprocess.run(_train(cache64, tmp_path / "a", "--epochs", "3"), capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert a.returncode == 0, a.stderr[-3000:]
+    proc = subprocess.Popen(_train(cache64, tmp_path / "b", "--epochs", "3"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env)
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 600
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "model.pt").exists(), "killed too late to test resume"
+    b = subprocess.run(_train(cache64, tmp_path / "b", "--epochs", "3"), capture_output=True, text=True,
+                       timeout=900, env=env)
+    assert b.returncode == 0, b.stderr[-3000:]
+    (_, ma), (_, mb) = (load_model(tmp_path / r / "model.pt", kind="chest-classifier") for r in "ab")
+    assert ma["weights_sha256"] == mb["weights_sha256"]
+    assert ma["epochs_trained"] == mb["epochs_trained"] == 3
+    assert ma["validation"] == mb["validation"] and ma["thresholds"] == mb["thresholds"]
+    assert ma["init"] == {"init": "random"}
+    metrics = pd.concat(pd.read_csv(p) for p in sorted((tmp_path / "b" / "logs").glob("*/metrics.csv")))
+    assert metrics["epoch"].max() == 2
+
+
+def test_two_process_ddp_on_cpu(cache64, tmp_path):
+    result = subprocess.run(_train(cache64, tmp_path / "ddp", "--epochs", "1", "--devices", "2"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world_size: 2" in result.stderr or "distributed_backend=gloo" in result.stderr
+    _, meta = load_model(tmp_path / "ddp" / "model.pt", kind="chest-classifier")
+    assert meta["optimiser"]["devices"] == 2 and meta["epochs_trained"] == 1
+
+
+def test_imagenet_init_offline_fails_with_instructions(cache64, tmp_path):
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
+    result = subprocess.run([*CLI, "train", "--cache", str(cache64), "--out", str(tmp_path / "r"),
+                             "--epochs", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "densenet121-a639ec97.pth" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_evaluate_from_manifest_and_from_cache_agree(cache64, small_manifest, tmp_path):
+    run = tmp_path / "run"
+    assert subprocess.run(_train(cache64, run, "--epochs", "1"), capture_output=True,
+                          timeout=900).returncode == 0
+    reports = []
+    for name, extra in (("direct", []), ("cached", ["--cache", str(cache64)])):
+        result = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "train",
+                                 "--out", str(tmp_path / name), "--model", str(run / "model.pt"),
+                                 "--n-boot", "100", *extra], capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append(json.loads((tmp_path / name / "report.json").read_text()))
+    direct, cached = reports
+    assert direct["n_images"] == cached["n_images"] > 50
+    assert direct["auc"] == cached["auc"]
+    assert set(direct) >= {"auc", "auc_ci", "mean_auc_14", "n_images"}
+    assert direct["skipped_unreadable"] == [] or direct["skipped_unreadable"][0].endswith("broken.png")
+    assert (tmp_path / "direct" / "report.md").exists() and (tmp_path / "direct" / "roc.png").exists()
+    bad = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "nope",
+                          "--out", str(tmp_path / "x"), "--model", str(run / "model.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no labelled images" in bad.stderr
