@@ -61,3 +61,19 @@ def test_report_has_contract_keys_and_survives_classes_without_positives(tmp_pat
     assert set(back) >= {"auc", "auc_ci", "mean_auc_14", "n_images"}
     assert (tmp_path / "roc.png").stat().st_size > 10_000 and (tmp_path / "reliability.png").exists()
     assert "CheXNet" in (tmp_path / "report.md").read_text()
+
+
+def test_source_confounding_is_flagged():
+    # positives only in source A; most negatives from source B, which is easy to tell apart
+    sources = np.array(["A"] * 10 + ["B"] * 90)
+    y = np.r_[np.ones(3), np.zeros(7), np.zeros(90)]
+    p = np.r_[np.full(10, 0.9), np.full(90, 0.1)]  # a pure source detector
+    labels = np.full((100, 15), np.nan)
+    labels[:, 0] = y
+    probs = np.tile(p[:, None], (1, 15))
+    report = evaluate_probabilities(labels, probs, {}, "val", n_boot=20, sources=sources)
+    check = report["per_label"][LABELS[0]]
+    assert report["auc"][LABELS[0]] > 0.9  # looks excellent...
+    assert check["negatives_from_sources_without_positives"] == pytest.approx(90 / 97, abs=1e-4)
+    assert check["auc_within_sources"] == pytest.approx(0.5)  # ...but knows nothing within A
+    assert check["sources_with_positives"] == ["A"]

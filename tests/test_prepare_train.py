@@ -72,7 +72,8 @@ def test_prepare_resumes_only_missing_shards_and_matches(cache64, small_manifest
     _, _, mark = shard_paths(out, 0)
     mark.unlink()  # as if killed while shard 0 was being written
     result = prepare(table, out, size=64, shard_size=64, shard=(0, 1), progress=False)
-    assert result["shards_done_now"] == result["shards_total"] - 1  # shard 2 kept, 0 redone
+    job0 = len(range(0, result["shards_total"], 2))
+    assert result["shards_done_now"] == result["shards_total"] - job0 + 1  # job 0's kept, 0 redone
     assert shard_paths(out, 2)[0].stat().st_mtime_ns == first[2]
     assert result["complete"]
     a, b = CropCache(cache64), CropCache(out, verify=True)
@@ -107,30 +108,39 @@ def _train(cache: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "16", "--workers", "0", "--accelerator", "cpu", *extra]
 
 
-def test_train_resumes_exactly_after_sigkill(cache64, tmp_path):
+@pytest.fixture(scope="module")
+def trained(cache64, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run: the reference for resume, and a model to evaluate."""
+    out = tmp_path_factory.mktemp("train") / "a"
+    result = subprocess.run(_train(cache64, out, "--epochs", "2"), capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_train_resumes_exactly_after_sigkill(cache64, trained, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    a = subprocess.run(_train(cache64, tmp_path / "a", "--epochs", "3"), capture_output=True, text=True,
-                       timeout=900, env=env)
-    assert a.returncode == 0, a.stderr[-3000:]
-    proc = subprocess.Popen(_train(cache64, tmp_path / "b", "--epochs", "3"), stdout=subprocess.DEVNULL,
+    out = tmp_path / "b"
+    proc = subprocess.Popen(_train(cache64, out, "--epochs", "2"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
-    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    last = out / "checkpoints" / "last.ckpt"
     deadline = time.time() + 600
     while not last.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "b" / "model.pt").exists(), "killed too late to test resume"
-    b = subprocess.run(_train(cache64, tmp_path / "b", "--epochs", "3"), capture_output=True, text=True,
+    assert not (out / "model.pt").exists(), "killed too late to test resume"
+    b = subprocess.run(_train(cache64, out, "--epochs", "2"), capture_output=True, text=True,
                        timeout=900, env=env)
     assert b.returncode == 0, b.stderr[-3000:]
-    (_, ma), (_, mb) = (load_model(tmp_path / r / "model.pt", kind="chest-classifier") for r in "ab")
+    (_, ma), (_, mb) = (load_model(run / "model.pt", kind="chest-classifier") for run in (trained, out))
     assert ma["weights_sha256"] == mb["weights_sha256"]
-    assert ma["epochs_trained"] == mb["epochs_trained"] == 3
+    assert ma["epochs_trained"] == mb["epochs_trained"] == 2
     assert ma["validation"] == mb["validation"] and ma["thresholds"] == mb["thresholds"]
     assert ma["init"] == {"init": "random"}
-    metrics = pd.concat(pd.read_csv(p) for p in sorted((tmp_path / "b" / "logs").glob("*/metrics.csv")))
-    assert metrics["epoch"].max() == 2
+    logs = [p for p in sorted((out / "logs").glob("*/metrics.csv")) if p.stat().st_size]
+    metrics = pd.concat(pd.read_csv(p) for p in logs)  # flushed every step: the killed run's rows survive
+    assert set(metrics.dropna(subset=["val_loss"])["epoch"]) == {0, 1}
 
 
 def test_two_process_ddp_on_cpu(cache64, tmp_path):
@@ -150,24 +160,20 @@ def test_imagenet_init_offline_fails_with_instructions(cache64, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_evaluate_from_manifest_and_from_cache_agree(cache64, small_manifest, tmp_path):
-    run = tmp_path / "run"
-    assert subprocess.run(_train(cache64, run, "--epochs", "1"), capture_output=True,
-                          timeout=900).returncode == 0
+def test_evaluate_from_manifest_and_from_cache_agree(cache64, trained, small_manifest, tmp_path):
     reports = []
     for name, extra in (("direct", []), ("cached", ["--cache", str(cache64)])):
-        result = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "train",
-                                 "--out", str(tmp_path / name), "--model", str(run / "model.pt"),
+        result = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "test",
+                                 "--out", str(tmp_path / name), "--model", str(trained / "model.pt"),
                                  "--n-boot", "100", *extra], capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
         reports.append(json.loads((tmp_path / name / "report.json").read_text()))
     direct, cached = reports
-    assert direct["n_images"] == cached["n_images"] > 50
+    assert direct["n_images"] == cached["n_images"] > 10
     assert direct["auc"] == cached["auc"]
     assert set(direct) >= {"auc", "auc_ci", "mean_auc_14", "n_images"}
-    assert direct["skipped_unreadable"] == [] or direct["skipped_unreadable"][0].endswith("broken.png")
     assert (tmp_path / "direct" / "report.md").exists() and (tmp_path / "direct" / "roc.png").exists()
     bad = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "nope",
-                          "--out", str(tmp_path / "x"), "--model", str(run / "model.pt")],
+                          "--out", str(tmp_path / "x"), "--model", str(trained / "model.pt")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no labelled images" in bad.stderr

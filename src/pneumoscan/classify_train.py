@@ -117,10 +117,12 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any])
             x, y = batch
             x = x.float() / 255.0
             if self.trainer.training:
-                generator = torch.Generator().manual_seed(
-                    cfg.seed * 1_000_003 + self.current_epoch * 10_007 + self.trainer.fit_loop.epoch_loop.batch_idx
-                    + 7919 * self.global_rank)
-                x = augment(x, generator)
+                # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
+                # replayed after a resume is the batch an uninterrupted run saw.
+                step_seed = (cfg.seed * 1_000_003 + self.current_epoch * 10_007
+                             + self.trainer.fit_loop.epoch_loop.batch_idx + 7919 * self.global_rank)
+                torch.manual_seed(step_seed)
+                x = augment(x, torch.Generator().manual_seed(step_seed))
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
             return x, y
@@ -222,7 +224,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
         num_nodes=cfg.num_nodes, strategy="ddp" if distributed else "auto", precision=precision,
-        callbacks=callbacks, logger=CSVLogger(out, name="logs"), log_every_n_steps=10,
+        callbacks=callbacks, logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1), log_every_n_steps=10,
         enable_model_summary=False,
         max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
     )
@@ -275,7 +277,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
     classifier.meta["thresholds"] = thresholds_from(val_labels, val_probs)
     classifier.thresholds = np.array([classifier.meta["thresholds"][l] for l in LABELS], np.float32)
-    report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val")
+    report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",
+                                    sources=table.iloc[rows["val"]]["source"].to_numpy())
     classifier.meta["validation"] = {"auc": report["auc"], "auc_ci": report["auc_ci"],
                                      "mean_auc_14": report["mean_auc_14"], "n_images": report["n_images"]}
     written = classifier.save(out / "model.pt")

@@ -15,8 +15,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never re-wrapped
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -26,6 +26,10 @@ def fail(message: str, code: int = 2) -> None:
 
 
 def print_table(title: str, frame) -> None:
+    """A rich table on a terminal; plain aligned text in logs and pipes (never truncated)."""
+    if not console.is_terminal:
+        console.print(f"{title}\n{frame.to_string(index=False)}", highlight=False)
+        return
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
         table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")

@@ -109,9 +109,29 @@ def _nan_to_none(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else round(float(value), 4)
 
 
+def source_check(y: np.ndarray, p: np.ndarray, sources: np.ndarray) -> dict[str, Any]:
+    """How much of a label's AUC could be telling sources apart rather than findings.
+
+    ``negatives_from_sources_without_positives``: the share of negatives that come from sources
+    with no positive at all for this label (a Kermany "normal" scored against an NIH finding, say).
+    ``auc_within_sources``: the AUC over the sources that do have positives only.
+    """
+    known = ~np.isnan(y)
+    y, p, sources = y[known], p[known], sources[known]
+    with_pos = set(sources[y == 1])
+    neg = y == 0
+    share = float(np.isin(sources[neg], list(with_pos), invert=True).mean()) if neg.any() else float("nan")
+    inside = np.isin(sources, list(with_pos))
+    return {"negatives_from_sources_without_positives": _nan_to_none(share),
+            "auc_within_sources": _nan_to_none(roc_auc(y[inside], p[inside])),
+            "sources_with_positives": sorted(map(str, with_pos))}
+
+
 def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float],
-                           split: str, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The report's numbers for N×15 labels (NaN unknown) and probabilities."""
+                           split: str, n_boot: int = 1000, seed: int = 0,
+                           sources: np.ndarray | None = None) -> dict[str, Any]:
+    """The report's numbers for N×15 labels (NaN unknown) and probabilities; with ``sources``
+    (one data-source name per image) each label also gets a :func:`source_check`."""
     report: dict[str, Any] = {"split": split, "n_images": int(len(labels)), "auc": {}, "auc_ci": {},
                               "per_label": {}, "calibration": {}}
     for j, label in enumerate(LABELS):
@@ -126,6 +146,8 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
             "threshold": round(float(thresholds.get(label, 0.5)), 4), "sensitivity": _nan_to_none(sens),
             "specificity": _nan_to_none(spec), "positives": int(np.nansum(y == 1)),
             "known": int((~np.isnan(y)).sum()), "ece": _nan_to_none(ece)}
+        if sources is not None:
+            report["per_label"][label].update(source_check(y, p, np.asarray(sources)))
         report["calibration"][label] = bins
         report[label] = report["per_label"][label]  # contract: per label threshold/sens/spec at top level
     finite = [report["auc"][f] for f in FINDINGS if report["auc"][f] is not None]
@@ -155,6 +177,16 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
         lines.append(f"| {label} | {pl['positives']} / {pl['known']} | {fmt(report['auc'][label])} | "
                      f"{fmt(ci[0])}–{fmt(ci[1])} | {pl['threshold']:.3f} | {fmt(pl['sensitivity'])} | "
                      f"{fmt(pl['specificity'])} | {fmt(pl['ece'])} |")
+    confounded = [label for label in LABELS
+                  if (report["per_label"][label].get("negatives_from_sources_without_positives") or 0) > 0.5
+                  and report["auc"][label] is not None]
+    if confounded:
+        lines += ["", "**Source warning.** For " + ", ".join(confounded) + ", more than half of the "
+                  "negatives come from data sources that have no positive for that label, so the AUC "
+                  "above can reward telling the sources apart rather than finding the disease. AUC "
+                  "within the sources that have positives: " + ", ".join(
+                      f"{label} {fmt(report['per_label'][label]['auc_within_sources'])}" for label in confounded)
+                  + "."]
     lines += ["", f"Mean AUC over the 14 findings: {fmt(report['mean_auc_14'])} "
               f"({report['mean_auc_14_classes_scored']} of 14 findings had both positives and negatives).",
               "", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
@@ -241,7 +273,8 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
     labels = rows[list(LABELS)].to_numpy(np.float32)
     probs = classifier.predict_proba(crops.astype(np.float32) / 255.0)
     thresholds = classifier.meta.get("thresholds") or {}
-    report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot)
+    report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot,
+                                    sources=rows["source"].to_numpy())
     report["skipped_unreadable"] = skipped
     report["manifest"] = str(manifest)
     write_report(report, labels, probs, out, classifier.meta)

@@ -210,7 +210,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
                                  save_last=True, save_top_k=1)
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        callbacks=[checkpoint, EpochSeed()], logger=CSVLogger(out, name="logs"),
+        callbacks=[checkpoint, EpochSeed()], logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
         log_every_n_steps=5, deterministic=False, enable_model_summary=False,
     )
     module = _lightning_module(cfg.preset, cfg.lr, cfg.patience)

@@ -1,0 +1,139 @@
+"""Stage 7 and the end-to-end Predictor: Grad-CAM, hooks released, `pneumoscan predict`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import resource
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pneumoscan.classify import ChestClassifier
+from pneumoscan.explain import GradCAM, cam_from_features, place_on_original
+from pneumoscan.io import read_xray
+from pneumoscan.labels import LABELS
+from pneumoscan.predict import Predictor, resolve_label
+
+from conftest import DATA, needs_data
+
+CLI = [sys.executable, "-m", "pneumoscan.cli"]
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Predictor:
+    return Predictor.from_default()
+
+
+@needs_data
+def test_gradcam_agrees_with_monai_and_with_the_forward_only_form(predictor, nih_png):
+    from monai.visualize import GradCAM as MonaiGradCAM
+
+    result = predictor.predict(nih_png, keep_arrays=True)
+    crop = np.asarray(result.pixels[result.box[1]:result.box[3], result.box[0]:result.box[2]])
+    import cv2
+
+    x = torch.from_numpy(cv2.resize(crop, (224, 224), interpolation=cv2.INTER_AREA))[None, None]
+    model = predictor.classifier.model
+    k = LABELS.index("Pneumonia")
+    with GradCAM(model) as cam:
+        ours = cam(x, k)[0]
+    theirs = MonaiGradCAM(nn_module=model, target_layers="net.class_layers.relu")(x, class_idx=k)
+    theirs = theirs[0, 0].detach().numpy()
+    assert np.abs(ours - (1 - theirs)).max() < 0.02  # MONAI's default normaliser maps max → 0
+    feats = {}
+    handle = model.net.class_layers.relu.register_forward_hook(lambda m, i, o: feats.setdefault("f", o.detach().clone()))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    forward_only = cam_from_features(feats["f"].numpy(), model.net.class_layers.out, k, (224, 224))[0]
+    assert np.abs(ours - forward_only).max() < 1e-4
+    assert ours.min() == 0.0 and ours.max() == pytest.approx(1.0)
+
+
+def test_gradcam_hooks_are_released_and_memory_stays_flat():
+    torch.manual_seed(0)
+    model = ChestClassifier().eval()
+    layer = model.net.class_layers.relu
+    x = torch.rand(1, 1, 64, 64)
+    rss = []
+    for i in range(200):
+        with GradCAM(model) as cam:
+            cam(x, i % 15)
+        assert len(layer._forward_hooks) == 0
+        if i in (20, 199):
+            rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert rss[1] - rss[0] < 50_000  # kB: no growth beyond allocator noise over 180 calls
+    with pytest.raises(RuntimeError, match="with"):
+        GradCAM(model)(x, 0)
+
+
+def test_heatmap_is_placed_through_the_crop_box():
+    cam = np.ones((224, 224), np.float32)
+    full = place_on_original(cam, (100, 50, 300, 450), (600, 500))
+    assert full.shape == (600, 500)
+    assert full[50:450, 100:300].min() == 1.0 and full.sum() == 200 * 400
+
+
+def test_resolve_label():
+    assert resolve_label("pneumonia") == "Pneumonia"
+    assert resolve_label("pleural thickening") == "Pleural_Thickening"
+    assert resolve_label("No Finding") == "No Finding"
+    with pytest.raises(ValueError, match="unknown class"):
+        resolve_label("covid")
+
+
+@needs_data
+def test_predictor_on_png_jpeg_dicom_array_and_bad_input(predictor, nih_png, siim_dicom, tmp_path):
+    kermany = DATA / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    array = read_xray(nih_png).pixels
+    results = predictor.predict_batch([nih_png, kermany, siim_dicom, bad, array], cam="top", keep_arrays=True)
+    for result in results[:3] + results[4:]:
+        assert result.error is None
+        assert list(result.probabilities) == list(LABELS)
+        assert all(0 <= v <= 1 for v in result.probabilities.values())
+        assert set(result.findings) <= set(LABELS)
+        assert result.cam.shape == result.pixels.shape and result.cam.max() <= 1.0
+        assert result.cam_label in LABELS and result.cam_label != "No Finding"
+        x0, y0, x1, y1 = result.box
+        assert result.cam[:y0].sum() == 0 and result.cam[y1:].sum() == 0  # heat only inside the box
+    assert results[3].error and "not a PNG" in results[3].error and results[3].probabilities is None
+    assert results[0].probabilities == results[4].probabilities  # file and array agree
+    dicom = results[2].to_dict()
+    assert dicom["image"]["format"] == "dicom" and "PatientName" not in json.dumps(dicom)
+    assert results[1].probabilities["Pneumonia"] > 0.5  # a training image: the pipeline runs end to end
+    json.dumps([r.to_dict() for r in results])
+
+
+@needs_data
+def test_predict_command_writes_contract_outputs(tmp_path, nih_png):
+    bad = tmp_path / "in" / "broken.jpg"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
+    kermany = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
+    out = tmp_path / "out"
+    result = subprocess.run([*CLI, "predict", str(nih_png), str(kermany), str(tmp_path / "in"), "--out", str(out),
+                             "--format", "json", "--cam", "pneumonia"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr  # one input failed, the others were done
+    assert "Traceback" not in result.stderr
+    lines = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    good = [l for l in lines if l["error"] is None]
+    assert len(good) == 2 and lines[2]["error"]
+    for line in good:
+        assert {"path", "probabilities", "findings", "box", "fallback", "error"} <= set(line)
+        assert list(line["probabilities"]) == list(LABELS) and line["cam_label"] == "Pneumonia"
+        assert (out / line["overlay"]).stat().st_size > 20_000
+    assert (out / f"{nih_png.stem}_overlay.png").exists()
+    csv_run = subprocess.run([*CLI, "predict", str(nih_png), "--out", str(tmp_path / "csv"), "--format", "csv",
+                              "--cam", "none", "--no-overlays"], capture_output=True, text=True, timeout=600)
+    assert csv_run.returncode == 0, csv_run.stderr
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "predictions.csv")))
+    assert len(rows) == 1 and float(rows[0]["Pneumonia"]) == pytest.approx(good[0]["probabilities"]["Pneumonia"], abs=1e-6)
+    unknown = subprocess.run([*CLI, "predict", str(nih_png), "--cam", "covid"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode == 2 and "unknown class" in unknown.stderr
