@@ -149,6 +149,15 @@ class Classifier:
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
+    def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
+        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""
+        from pneumoscan.explain import GradCAM
+
+        x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
+        with GradCAM(self.model) as cam:
+            return cam(x, class_index)[0]
+
+
 def default_model_path() -> Path:
     return Path(str(resources.files("pneumoscan") / "models" / DEFAULT_MODEL))
 

@@ -182,6 +182,15 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
     return found
 
 
+def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
+    """The image files to process (or a clean exit when there are none) and a ready output folder."""
+    files = expand_inputs(paths)
+    if not files:
+        fail("no PNG, JPEG or DICOM files found in the given paths")
+    out.mkdir(parents=True, exist_ok=True)
+    return files
+
+
 def output_stem(path: Path, used: set[str]) -> str:
     """NAME for NAME.ext, made unique (NAME-2, ...) when two inputs share a file name."""
     stem, n = path.stem, 1
@@ -214,10 +223,7 @@ def segment(
         segmenter = LungSegmenter.load(model) if model else load_default()
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
-    paths = expand_inputs(images)
-    if not paths:
-        fail("no PNG, JPEG or DICOM files found in the given paths")
-    out.mkdir(parents=True, exist_ok=True)
+    paths = gather_inputs(images, out)
     used: set[str] = set()
     failures = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
@@ -378,6 +384,7 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="json (predictions.jsonl) or csv (predictions.csv).")] = "json",
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="Run through ONNX Runtime from this export folder.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
 ) -> None:
@@ -401,13 +408,10 @@ def predict(
             fail(str(exc))
     cam = None if cam is None or cam.lower() == "none" else cam
     try:
-        predictor = Predictor.from_paths(seg_model, model)
+        predictor = Predictor.from_onnx(onnx) if onnx else Predictor.from_paths(seg_model, model)
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
-    files = expand_inputs(paths)
-    if not files:
-        fail("no PNG, JPEG or DICOM files found in the given paths")
-    out.mkdir(parents=True, exist_ok=True)
+    files = gather_inputs(paths, out)
     used: set[str] = set()
     failures = 0
     target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
@@ -442,6 +446,57 @@ def predict(
                   + (f" (overlays in {out})" if overlays else ""))
     if failures:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
+) -> None:
+    """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
+    try:
+        import uvicorn
+
+        from pneumoscan.server import create_app
+    except ImportError:
+        fail("the server needs the web extra: pip install 'pneumoscan[web]'")
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.predict import Predictor
+
+    try:
+        predictor = Predictor.from_paths(seg_model, model)
+    except (ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    app = create_app(predictor, max_upload_mb=max_upload_mb)
+    console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Folder for lung_unet.onnx, classifier.onnx and their metadata.")],
+    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+) -> None:
+    """Export both models for ONNX Runtime (then: pneumoscan predict --onnx OUT)."""
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.predict import Predictor
+
+    if fmt != "onnx":
+        fail("only --format onnx is supported")
+    try:
+        predictor = Predictor.from_paths(seg_model, model)
+        from pneumoscan.export import export_onnx
+    except (ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    except ImportError:
+        fail("export needs the onnx extra: pip install 'pneumoscan[onnx]'")
+    paths = export_onnx(predictor.segmenter, predictor.classifier, out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
 def main() -> None:  # pragma: no cover

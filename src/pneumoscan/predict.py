@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pneumoscan.classify import Classifier
 from pneumoscan.crop import crop_resize
-from pneumoscan.explain import GradCAM, place_on_original
+from pneumoscan.explain import place_on_original
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.segment import LungSegmenter
@@ -80,6 +79,13 @@ class Predictor:
         return cls(LungSegmenter.load(seg) if seg else load_segmenter(),
                    Classifier.load(cls_model) if cls_model else load_classifier())
 
+    @classmethod
+    def from_onnx(cls, folder: str | Path) -> Predictor:
+        """Both models through ONNX Runtime (``pneumoscan export --format onnx``)."""
+        from pneumoscan.export import load_onnx
+
+        return cls(*load_onnx(folder))
+
     @property
     def models(self) -> dict[str, Any]:
         """SHA-256 and training summary of both models (for reports and /health)."""
@@ -123,17 +129,11 @@ class Predictor:
             if cam is not None:
                 target = cam_label or max(FINDINGS, key=lambda f: p[LABELS.index(f)])
                 result.cam_label = target
-                heat = self.gradcam(crop, LABELS.index(target))
+                heat = self.classifier.gradcam(crop, LABELS.index(target))
                 result.cam = place_on_original(heat, seg.box, image.pixels.shape) if keep_arrays else None
             if keep_arrays:
                 result.pixels, result.mask = image.pixels, seg.mask
         return results
-
-    def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
-        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""
-        x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
-        with GradCAM(self.classifier.model) as cam:
-            return cam(x, class_index)[0]
 
     @staticmethod
     def _read(source: Any, name: str | None) -> XrayImage:

@@ -1,0 +1,52 @@
+"""ONNX export: ONNX Runtime matches PyTorch on real images, Grad-CAM included."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pneumoscan.crop import crop_resize
+from pneumoscan.io import read_xray
+from pneumoscan.labels import LABELS
+from pneumoscan.predict import Predictor
+
+from conftest import DATA, needs_data
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx")
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "export", "--format", "onnx", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+@needs_data
+def test_onnx_matches_pytorch_on_real_images(exported):
+    torch_p, onnx_p = Predictor.from_default(), Predictor.from_onnx(exported)
+    paths = [*sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:3],
+             DATA / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg",
+             next((DATA / "siim-acr-pneumothorax").rglob("*.dcm"))]
+    images = [read_xray(p).pixels for p in paths]
+    np.testing.assert_allclose(onnx_p.segmenter.probabilities(images), torch_p.segmenter.probabilities(images),
+                               atol=1e-4)
+    segs = torch_p.segmenter.segment_batch(images)
+    crops = np.stack([crop_resize(img, s.box, 224) for img, s in zip(images, segs)]).astype(np.float32)
+    np.testing.assert_allclose(onnx_p.classifier.predict_proba(crops), torch_p.classifier.predict_proba(crops),
+                               atol=1e-4)
+    for crop in crops[:2]:
+        for label in ("Pneumonia", "Effusion"):
+            k = LABELS.index(label)
+            assert np.abs(onnx_p.classifier.gradcam(crop, k) - torch_p.classifier.gradcam(crop, k)).max() < 1e-3
+    a, b = torch_p.predict(paths[0], cam="top"), onnx_p.predict(paths[0], cam="top")
+    assert a.box == b.box and a.cam_label == b.cam_label
+    assert max(abs(a.probabilities[l] - b.probabilities[l]) for l in LABELS) < 1e-4
+
+
+def test_incomplete_export_folder_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match="pneumoscan export"):
+        Predictor.from_onnx(tmp_path)

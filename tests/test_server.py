@@ -1,0 +1,154 @@
+"""REST API and web page: contract, 4xx for bad input, concurrency, and a real headless browser."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from pneumoscan.labels import LABELS
+from pneumoscan.predict import Predictor
+from pneumoscan.server import create_app
+
+from conftest import DATA, needs_data
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def client() -> TestClient:
+    return TestClient(create_app(Predictor.from_default(), max_upload_mb=4))
+
+
+def test_health(client):
+    body = client.get("/health").json()
+    assert body["status"] == "ok" and len(body["models"]["classifier"]) == 64
+
+
+@needs_data
+def test_predict_returns_the_cli_object_and_images(client, nih_png, siim_dicom):
+    from pneumoscan.predict import Predictor as P
+
+    for path, mime in ((nih_png, "image/png"), (siim_dicom, "application/dicom")):
+        response = client.post("/v1/predict", files={"file": (path.name, path.read_bytes(), mime)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert {"path", "probabilities", "findings", "box", "fallback", "error"} <= set(body)
+        assert list(body["probabilities"]) == list(LABELS) and body["error"] is None
+        assert body["path"] == path.name
+        assert body["overlay_png"].startswith("data:image/png;base64,")
+    direct = P.from_default().predict(nih_png)
+    first = client.post("/v1/predict", files={"file": ("a.png", nih_png.read_bytes())}).json()
+    assert first["probabilities"] == direct.probabilities and first["box"] == direct.box
+
+
+def test_bad_inputs_get_clear_4xx(client, tmp_path):
+    cases = [
+        ({"files": {"file": ("x.png", b"not an image at all")}}, 400, "not a PNG, JPEG or DICOM"),
+        ({"files": {"file": ("empty.png", b"")}}, 400, "empty"),
+        ({"files": {"file": ("big.png", b"\x89PNG" + b"0" * (5 * 2**20))}}, 413, "limit"),
+        ({}, 422, "file"),
+    ]
+    for kwargs, status, words in cases:
+        response = client.post("/v1/predict", **kwargs)
+        assert response.status_code == status, response.text
+        assert words in response.json()["error"]
+    bad_cam = client.post("/v1/predict?cam=covid", files={"file": ("x.png", b"xx")})
+    assert bad_cam.status_code == 422 and "unknown class" in bad_cam.json()["error"]
+
+
+def test_client_file_name_is_only_a_label(client, tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    path = tmp_path / "x.png"
+    Image.fromarray((np.random.default_rng(0).random((128, 128)) * 255).astype("uint8")).save(path)
+    body = client.post("/v1/predict?images=false",
+                       files={"file": ("../../etc/passwd", path.read_bytes())}).json()
+    assert body["path"] == "passwd" and "overlay_png" not in body
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@needs_data
+def test_concurrent_clients_get_correct_answers(server, nih_png):
+    paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:4]
+    expected = {p.name: Predictor.from_default().predict(p).probabilities for p in paths}
+
+    def client_run(path: Path) -> list[int]:
+        statuses = []
+        with httpx.Client(timeout=120) as http:
+            for _ in range(3):
+                response = http.post(server + "/v1/predict?images=false", files={"file": (path.name, path.read_bytes())})
+                statuses.append(response.status_code)
+                assert response.json()["probabilities"] == expected[path.name]
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(client_run, paths))
+    assert all(s == 200 for statuses in results for s in statuses)
+
+
+@needs_data
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    artifacts = Path(os.environ.get("PNEUMOSCAN_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        page.goto(server + "/")
+        page.set_input_files("#file", str(nih_png))
+        page.wait_for_selector("#findings tbody tr", timeout=120_000)
+        rows = page.locator("#findings tbody tr")
+        assert rows.count() == 15
+        values = [float(rows.nth(i).locator("td.p").inner_text()) for i in range(15)]
+        assert values == sorted(values, reverse=True)
+        names = {rows.nth(i).locator("td").first.inner_text().replace(" ", "_") for i in range(15)}
+        assert names == {label.replace(" ", "_") for label in LABELS}
+        assert page.locator("#overlay").get_attribute("src").startswith("data:image/png")
+        assert "Done" in page.locator("#status").inner_text()
+        page.screenshot(path=str(artifacts / "web_page.png"), full_page=True)
+        page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the error
+        page.wait_for_selector("#status.error", timeout=60_000)
+        assert "not a PNG, JPEG or DICOM" in page.locator("#status").inner_text()
+        browser.close()
+    assert (artifacts / "web_page.png").stat().st_size > 50_000
