@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import cv2
 import torch
 from torch.utils.data import DataLoader
 
@@ -47,6 +48,7 @@ def main() -> None:
     if args.manifest:
         table = read_manifest(args.manifest).head(args.prepare_n)
         torch.set_num_threads(1)
+        cv2.setNumThreads(1)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             prepare(table, Path(tmp) / "c", size=cache.size, workers=1, progress=False)

@@ -47,6 +47,18 @@ def test_onnx_matches_pytorch_on_real_images(exported):
     assert max(abs(a.probabilities[l] - b.probabilities[l]) for l in LABELS) < 1e-4
 
 
+def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):
+    from pneumoscan.export import export_onnx
+
+    predictor = Predictor.from_default()
+    x = np.random.default_rng(0).random((2, 224, 224)).astype(np.float32)
+    before = predictor.classifier.predict_proba(x)
+    export_onnx(predictor.segmenter, predictor.classifier, tmp_path)
+    assert not predictor.classifier.model.training and not predictor.segmenter.net.training
+    np.testing.assert_array_equal(predictor.classifier.predict_proba(x), before)
+    np.testing.assert_allclose(Predictor.from_onnx(tmp_path).classifier.predict_proba(x), before, atol=1e-4)
+
+
 def test_incomplete_export_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="pneumoscan export"):
         Predictor.from_onnx(tmp_path)

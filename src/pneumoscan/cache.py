@@ -81,12 +81,15 @@ class _Job:
 _SEGMENTER = None
 
 
-def _worker_init(seg_model: str | None) -> None:
+def _worker_init(seg_model: str | None, one_thread: bool = True) -> None:
+    """Load the segmenter once per worker; worker processes use one core each (the pool is the
+    parallelism), the caller's own process keeps its thread settings."""
     import cv2
     import torch
 
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
+    if one_thread:
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
     global _SEGMENTER
     from pneumoscan.segment import LungSegmenter, load_default
 
@@ -178,7 +181,7 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
     bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
                unit="img", desc="prepare", disable=not progress)
     if workers <= 1:
-        _worker_init(str(seg_model) if seg_model else None)
+        _worker_init(str(seg_model) if seg_model else None, one_thread=False)
         results: Iterable = map(_do_shard, todo)
         pool = None
     else:

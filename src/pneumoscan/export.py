@@ -46,7 +46,9 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
                           str(paths["segmentation"]), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
                           dynamo=False)
-        torch.onnx.export(_LogitsAndFeatures(classifier.model.eval()), (torch.rand(1, 1, cls_size, cls_size),),
+        # The wrapper must be in eval mode itself: export restores the wrapper's mode on every
+        # submodule afterwards, and a training-mode wrapper would leave the classifier training.
+        torch.onnx.export(_LogitsAndFeatures(classifier.model).eval(), (torch.rand(1, 1, cls_size, cls_size),),
                           str(paths["classifier"]), input_names=["crops"], output_names=["logits", "features"],
                           dynamic_axes={"crops": {0: "n"}, "logits": {0: "n"}, "features": {0: "n"}},
                           opset_version=17, dynamo=False)

@@ -1,0 +1,133 @@
+"""One table of PneumoScan throughput on this machine, plus torchxrayvision's DenseNet-121 on the
+same images in the same run.
+
+    python benchmarks/run_all.py [--quick] [--xrv-python /path/to/venv/bin/python]
+
+torchxrayvision needs torchvision, which this project's environment avoids, so it runs in its own
+virtual environment (make one with `python3 -m venv xrv && xrv/bin/pip install torch==2.14.1
+torchvision==0.29.1 torchxrayvision`) and is pointed to with --xrv-python or $XRV_PYTHON. Its
+architecture runs with random weights (`weights=None`): weights cannot be downloaded here, and
+speed does not depend on them. Both sides go from the same decoded images to 15/18 probabilities,
+each with its own preprocessing (ours: lung-box crop → 224; theirs: normalise → centre crop →
+224), batch 16, all CPU threads torch is given. The last line is
+``ratio_vs_torchxrayvision=X`` = our classifier images/s over theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+XRV_SCRIPT = r"""
+import json, sys, time
+import numpy as np, torch, torchxrayvision as xrv
+from PIL import Image
+paths, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
+images = [np.asarray(Image.open(p).convert("L"), np.float32) for p in paths]   # decoded once, like ours
+model = xrv.models.DenseNet(weights=None).eval()                                # same architecture, random weights
+crop, resize = xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)  # its default engine (skimage)
+def run():
+    for i in range(0, len(images), 16):
+        batch = np.stack([resize(crop(xrv.datasets.normalize(im, 255)[None]))[0] for im in images[i:i + 16]])
+        with torch.inference_mode():
+            model(torch.from_numpy(batch[:, None]))
+run()
+best = float("inf")
+for _ in range(repeat):
+    t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
+print(json.dumps({"images_per_s": len(images) / best, "torch": torch.__version__, "threads": torch.get_num_threads()}))
+"""
+
+
+def timed(fn, n: int, repeat: int) -> float:
+    """Best-of-``repeat`` images/s for ``fn`` processing ``n`` images."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return n / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 images, 1 repeat (a few minutes)")
+    parser.add_argument("--xrv-python", default=os.environ.get("XRV_PYTHON"))
+    args = parser.parse_args()
+    import torch
+
+    from pneumoscan.cache import CropCache, prepare
+    from pneumoscan.classify_train import CropDataset
+    from pneumoscan.crop import crop_resize
+    from pneumoscan.data import build_manifest
+    from pneumoscan.enhance import clahe
+    from pneumoscan.export import export_onnx
+    from pneumoscan.io import read_xray
+    from pneumoscan.predict import Predictor
+
+    n, repeat = (16, 1) if args.quick else (48, 3)
+    paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]
+    if len(paths) < n:
+        raise SystemExit(f"need {n} NIH PNGs under {DATA / 'nih-cxr14' / 'images'}")
+    torch_p = Predictor.from_default()
+    images = [read_xray(p).pixels for p in paths]
+    segs = torch_p.segmenter.segment_batch(images)
+    crops = np.stack([crop_resize(im, s.box, 224) for im, s in zip(images, segs)]).astype(np.float32)
+    rows: list[tuple[str, float]] = []
+    rows.append(("read + CLAHE (1024² PNG)", timed(lambda: [clahe(read_xray(p).pixels) for p in paths], n, repeat)))
+    rows.append(("segmentation: U-Net + clean-up + crop, batch 16",
+                 timed(lambda: [crop_resize(im, s.box, 224) for im, s in
+                                zip(images, torch_p.segmenter.segment_batch(images))], n, repeat)))
+    with tempfile.TemporaryDirectory() as tmp:
+        table = build_manifest({"nih": DATA / "nih-cxr14"}).head(n)
+        start = time.perf_counter()
+        prepare(table, Path(tmp) / "cache", workers=1, progress=False)
+        rows.append(("crop cache prepare, in process", n / (time.perf_counter() - start)))
+        cache = CropCache(Path(tmp) / "cache")
+        dataset = CropDataset(cache, np.arange(len(cache)))
+        loader_n = 50 * len(dataset)
+        rows.append(("loader from the crop cache (uint8 crops + labels)",
+                     timed(lambda: [dataset[i % len(dataset)] for i in range(loader_n)], loader_n, repeat)))
+        onnx_dir = Path(tmp) / "onnx"
+        export_onnx(torch_p.segmenter, torch_p.classifier, onnx_dir)
+        onnx_p = Predictor.from_onnx(onnx_dir)
+        ours = timed(lambda: torch_p.classifier.predict_proba(
+            np.stack([crop_resize(im, s.box, 224) for im, s in zip(images, segs)]).astype(np.float32)), n, repeat)
+        rows.append(("DenseNet-121 inference, PyTorch (crop → probabilities)", ours))
+        rows.append(("DenseNet-121 inference, ONNX Runtime", timed(lambda: onnx_p.classifier.predict_proba(crops), n, repeat)))
+        rows.append(("end-to-end predict + Grad-CAM, PyTorch, batch 8",
+                     timed(lambda: [torch_p.predict_batch(paths[i:i + 8], cam="top") for i in range(0, n, 8)], n, repeat)))
+        rows.append(("end-to-end predict + Grad-CAM, ONNX Runtime, batch 8",
+                     timed(lambda: [onnx_p.predict_batch(paths[i:i + 8], cam="top") for i in range(0, n, 8)], n, repeat)))
+    theirs = None
+    if args.xrv_python:
+        out = subprocess.run([args.xrv_python, "-c", XRV_SCRIPT, json.dumps([str(p) for p in paths]), str(repeat)],
+                             capture_output=True, text=True, timeout=1800)
+        if out.returncode != 0:
+            raise SystemExit("torchxrayvision run failed:\n" + out.stderr[-2000:])
+        theirs = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((f"torchxrayvision DenseNet-121 inference (torch {theirs['torch']}, own preprocessing)",
+                     theirs["images_per_s"]))
+    print(f"PneumoScan benchmarks: {n} NIH ChestX-ray14 PNGs (1024×1024), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, best of {repeat}")
+    print(f"{'step':<72}{'images/s':>10}")
+    for name, ips in rows:
+        print(f"{name:<72}{ips:>10.1f}")
+    if theirs is None:
+        print("ratio_vs_torchxrayvision=unmeasured (give --xrv-python or $XRV_PYTHON)")
+    else:
+        print(f"ratio_vs_torchxrayvision={ours / theirs['images_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Bad-input campaign: mutated PNG, JPEG and DICOM bytes end in a picture or an XrayReadError
+(reader), a Prediction with ``error`` (predictor) or a 4xx (server) — never another exception,
+never a 500.
+
+Examples per property: ``PNEUMOSCAN_FUZZ_EXAMPLES`` (default 150 for the reader, a fifth of that
+for the model-running properties); set it to thousands for a long campaign.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.data import get_testdata_file
+
+from pneumoscan.io import XrayImage, XrayReadError, decode_xray
+
+from conftest import DATA
+
+EXAMPLES = int(os.environ.get("PNEUMOSCAN_FUZZ_EXAMPLES", "150"))
+SLOW_EXAMPLES = max(10, EXAMPLES // 5)
+COMMON = {"deadline": 5000, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
+
+
+def _seeds() -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    grey = (rng.random((96, 80)) * 255).astype(np.uint8)
+    seeds = {
+        "png8": cv2.imencode(".png", grey)[1].tobytes(),
+        "png16": cv2.imencode(".png", (grey.astype(np.uint16) * 16))[1].tobytes(),
+        "png_rgb": cv2.imencode(".png", np.dstack([grey] * 3))[1].tobytes(),
+        "jpeg": cv2.imencode(".jpg", grey)[1].tobytes(),
+        "dicom_mr": open(get_testdata_file("MR_small.dcm"), "rb").read(),
+        "dicom_rgb": open(get_testdata_file("SC_rgb_small_odd.dcm"), "rb").read(),
+        "dicom_j2k": open(get_testdata_file("MR_small_jp2klossless.dcm"), "rb").read(),
+    }
+    nih = DATA / "nih-cxr14" / "images" / "00000100_000.png"
+    if nih.exists():  # a real chest X-ray, shrunk so each example stays fast
+        small = cv2.resize(cv2.imread(str(nih), cv2.IMREAD_GRAYSCALE), (128, 128), interpolation=cv2.INTER_AREA)
+        seeds["nih_png"] = cv2.imencode(".png", small)[1].tobytes()
+        seeds["nih_jpeg"] = cv2.imencode(".jpg", small)[1].tobytes()
+    return seeds
+
+
+SEEDS = _seeds()
+
+
+def _png_with_header(width: int, height: int, bit_depth: int, colour: int) -> bytes:
+    """A PNG whose IHDR claims any size/format, with a tiny (wrong-sized) image stream."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+            + chunk(b"IEND", b""))
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["truncate", "flip", "overwrite", "insert", "header"]))
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        if op == "truncate":
+            data = data[:at]
+        elif op == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "overwrite":
+            chunk = draw(st.binary(min_size=1, max_size=16))
+            data[at:at + len(chunk)] = chunk
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+        else:  # damage the first bytes, where the format is recognised
+            data[: min(16, len(data))] = draw(st.binary(min_size=min(16, len(data)), max_size=min(16, len(data))))
+    return bytes(data)
+
+
+def _check_reader(data: bytes, name: str) -> XrayImage | None:
+    try:
+        image = decode_xray(data, name=name)
+    except XrayReadError:
+        return None
+    assert image.pixels.dtype == np.float32 and image.pixels.ndim == 2
+    assert np.isfinite(image.pixels).all()
+    assert 0.0 <= image.pixels.min() and image.pixels.max() <= 1.0
+    return image
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(data=mutated(), suffix=st.sampled_from(["x.png", "x.jpg", "x.dcm", "upload"]))
+def test_reader_never_fails_otherwise(data, suffix):
+    _check_reader(data, suffix)
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(width=st.integers(0, 2**31 - 1), height=st.integers(0, 2**31 - 1),
+       depth=st.sampled_from([1, 2, 4, 8, 16, 3, 0]), colour=st.sampled_from([0, 2, 3, 4, 6, 5]))
+def test_absurd_png_headers_are_refused_before_decoding(width, height, depth, colour):
+    _check_reader(_png_with_header(width, height, depth, colour), "absurd.png")
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(rows=st.integers(0, 65_535), cols=st.integers(0, 65_535),
+       photometric=st.sampled_from(["MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL", "bogus"]),
+       bits=st.sampled_from([1, 8, 12, 16, 32]), signed=st.booleans(),
+       frames=st.sampled_from([None, "1", "2", "0"]),
+       window=st.sampled_from([None, (40.0, 400.0), (0.0, 0.0), (1e9, -5.0)]))
+def test_dicom_with_wrong_tags_is_refused_or_read(rows, cols, photometric, bits, signed, frames, window):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.Rows, ds.Columns, ds.PhotometricInterpretation = rows, cols, photometric
+    ds.BitsStored = bits
+    ds.PixelRepresentation = int(signed)
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    if window is None:
+        for tag in ("WindowCenter", "WindowWidth"):
+            if tag in ds:
+                del ds[tag]
+    else:
+        ds.WindowCenter, ds.WindowWidth = window
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    _check_reader(buffer.getvalue(), "tags.dcm")
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    from pneumoscan.predict import Predictor
+
+    return Predictor.from_default()
+
+
+@settings(max_examples=SLOW_EXAMPLES, **COMMON)
+@given(data=mutated())
+def test_predictor_turns_bad_bytes_into_errors(predictor, data):
+    result = predictor.predict(data, cam="top", name="fuzz")
+    assert (result.error is None) == (result.probabilities is not None)
+    if result.error is None:
+        assert len(result.probabilities) == 15 and all(0 <= v <= 1 for v in result.probabilities.values())
+
+
+@settings(max_examples=SLOW_EXAMPLES, **COMMON)
+@given(array=st.one_of(
+    st.just(np.full((100, 100), np.nan, np.float32)), st.just(np.zeros((100, 100), np.float32)),
+    st.just(np.ones((100, 100, 3), np.float32)), st.just(np.full((100, 100), 7.0, np.float32)),
+    st.integers(1, 300).map(lambda n: np.random.default_rng(n).random((n, 300)).astype(np.float32))))
+def test_predictor_refuses_unusable_arrays(predictor, array):
+    result = predictor.predict(array)
+    if result.error is None:
+        assert len(result.probabilities) == 15
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.server import create_app
+
+    return TestClient(create_app(predictor, max_upload_mb=2), raise_server_exceptions=False)
+
+
+@settings(max_examples=SLOW_EXAMPLES, **COMMON)
+@given(data=mutated(), name=st.text(max_size=40), cam=st.sampled_from(["top", "none", "Pneumonia", "x"]))
+def test_server_answers_4xx_never_500(client, data, name, cam):
+    response = client.post(f"/v1/predict?cam={cam}&images=false", files={"file": (name or "f", data)})
+    assert response.status_code in (200, 400, 413, 422), response.text
+    body = response.json()
+    assert (body.get("error") is not None) == (response.status_code != 200)
