@@ -177,3 +177,15 @@ def test_evaluate_from_manifest_and_from_cache_agree(cache64, trained, small_man
                           "--out", str(tmp_path / "x"), "--model", str(trained / "model.pt")],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no labelled images" in bad.stderr
+
+
+def test_half_written_checkpoint_is_refused_not_loaded(cache64, trained, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained / "checkpoints", out / "checkpoints")
+    last = out / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 3])  # as if the disk filled mid-write
+    result = subprocess.run(_train(cache64, out, "--epochs", "3"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "damaged" in result.stderr and "--no-resume" in result.stderr
+    assert "Traceback" not in result.stderr and not (out / "model.pt").exists()

@@ -22,6 +22,7 @@ from pneumoscan.server import create_app
 from conftest import DATA, needs_data
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SERVER_PID: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,7 @@ def server():
     else:
         proc.kill()
         pytest.fail("server did not start: " + proc.stdout.read().decode()[-2000:])
+    SERVER_PID["pid"] = proc.pid  # for the memory check below
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -121,6 +123,34 @@ def test_concurrent_clients_get_correct_answers(server, nih_png):
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         results = list(pool.map(client_run, paths))
     assert all(s == 200 for statuses in results for s in statuses)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@needs_data
+def test_eight_clients_hold_without_errors(server):
+    """Short in CI; PNEUMOSCAN_LOAD_SECONDS=60 for the long run."""
+    seconds = float(os.environ.get("PNEUMOSCAN_LOAD_SECONDS", "5"))
+    paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:16]
+    deadline = time.time() + seconds
+
+    def client(c: int) -> list[int]:
+        statuses = []
+        with httpx.Client(timeout=300) as http:
+            while time.time() < deadline:
+                path = paths[(c + len(statuses)) % len(paths)]
+                statuses.append(http.post(server + "/v1/predict", files={"file": (path.name, path.read_bytes())}).status_code)
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        statuses = [s for chunk in pool.map(client, range(8)) for s in chunk]
+    assert len(statuses) >= 8 and set(statuses) == {200}
+    assert _rss_mb(SERVER_PID["pid"]) < 4096  # the server stays within a few GB on this 24 GB machine
 
 
 @needs_data

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from pneumoscan.cache import CropCache
 from pneumoscan.classify import KIND, ChestClassifier, Classifier, load_imagenet
 from pneumoscan.labels import LABELS
+from pneumoscan.modelfile import resumable_checkpoint
 from pneumoscan.segment_train import EpochSampler
 
 
@@ -238,7 +239,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
         module,
         DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
         DataLoader(val_set, batch_size=max(cfg.batch_size, 32), **loader_args),
-        ckpt_path=str(last) if cfg.resume and last.exists() else None,
+        ckpt_path=resumable_checkpoint(last) if cfg.resume else None,
     )
     if not trainer.is_global_zero:
         return None

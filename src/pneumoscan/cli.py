@@ -135,10 +135,15 @@ def train_seg(
         fail(f"--preset must be one of {PRESETS}")
     if size % 16:
         fail("--size must be a multiple of 16 (the U-Net halves it four times)")
-    meta = train_segmentation(SegTrainConfig(
-        out=out, sources=sources, preset=preset, size=size, epochs=epochs, batch_size=batch_size,
-        lr=lr, seed=seed, val_fraction=val_fraction, accelerator=accelerator, devices=devices,
-        resume=resume))
+    from pneumoscan.modelfile import ModelFileError
+
+    try:
+        meta = train_segmentation(SegTrainConfig(
+            out=out, sources=sources, preset=preset, size=size, epochs=epochs, batch_size=batch_size,
+            lr=lr, seed=seed, val_fraction=val_fraction, accelerator=accelerator, devices=devices,
+            resume=resume))
+    except ModelFileError as exc:
+        fail(str(exc))
     console.print((out / "report.md").read_text())
     console.print(f"model written to {out / 'model.pt'} (weights SHA-256 {meta['weights_sha256'][:16]}…)")
 

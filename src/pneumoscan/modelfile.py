@@ -62,6 +62,24 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
     return meta
 
 
+def resumable_checkpoint(path: str | Path) -> str | None:
+    """``path`` if a training checkpoint exists there and reads back whole, None if there is none;
+    a damaged one (a crash mid-write, a full disk) is refused with what to do, never loaded."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or "state_dict" not in blob or "epoch" not in blob:
+            raise ValueError("no state_dict/epoch inside")
+    except Exception as exc:
+        raise ModelFileError(
+            f"{path}: the checkpoint to resume from is damaged ({str(exc).splitlines()[0][:160]}); "
+            f"move it away to restart from the previous best.ckpt, or pass --no-resume to start over"
+        ) from exc
+    return str(path)
+
+
 def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a model file; returns (float32 state dict, metadata)."""

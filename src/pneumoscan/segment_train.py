@@ -28,6 +28,7 @@ from pneumoscan.crop import lung_crop
 from pneumoscan.data import Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
 from pneumoscan.io import read_xray
+from pneumoscan.modelfile import resumable_checkpoint
 from pneumoscan.segment import KIND, LungSegmenter, Preprocessing, build_unet
 
 SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen}
@@ -215,7 +216,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     )
     module = _lightning_module(cfg.preset, cfg.lr, cfg.patience)
     last = ckpt_dir / "last.ckpt"
-    resume_from = str(last) if cfg.resume and last.exists() else None
+    resume_from = resumable_checkpoint(last) if cfg.resume else None
     started = time.time()
     trainer.fit(
         module,
