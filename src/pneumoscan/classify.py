@@ -9,7 +9,6 @@ inside the module, so exported ONNX graphs and every caller share one preprocess
 from __future__ import annotations
 
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import ModelFileError, file_sha256, load_model, save_model
+from pneumoscan.modelfile import ModelFileError, file_sha256, load_model, save_model, shipped_model_path
 
 KIND = "chest-classifier"
 DEFAULT_SIZE = 224
@@ -159,12 +158,9 @@ class Classifier:
 
 
 def default_model_path() -> Path:
-    return Path(str(resources.files("pneumoscan") / "models" / DEFAULT_MODEL))
+    return shipped_model_path(DEFAULT_MODEL)
 
 
 def load_default() -> Classifier:
     """The shipped classifier (no network access); see ``models/chest_densenet121.md``."""
-    path = default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"the default classifier is not installed at {path}")
-    return Classifier.load(path)
+    return Classifier.load(default_model_path())

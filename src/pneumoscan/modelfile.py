@@ -23,6 +23,16 @@ class ModelFileError(ValueError):
     """A model file that is missing, damaged, tampered with or meant for something else."""
 
 
+def shipped_model_path(name: str) -> Path:
+    """A model file shipped inside the package (``pneumoscan/models/``), or a clear error."""
+    from importlib import resources
+
+    path = Path(str(resources.files("pneumoscan") / "models" / name))
+    if not path.exists():
+        raise FileNotFoundError(f"the shipped model {name} is not installed at {path}")
+    return path
+
+
 def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     """SHA-256 over tensor names, dtypes, shapes and bytes, in name order (file-format free)."""
     digest = hashlib.sha256()

@@ -8,7 +8,6 @@ CPU) and ``thesis`` (MONAI BasicUNet 64–1024, the classic 2015 shape, 31 M par
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 
 from pneumoscan.crop import LungCrop, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
-from pneumoscan.modelfile import load_model, save_model
+from pneumoscan.modelfile import load_model, save_model, shipped_model_path
 
 KIND = "lung-segmentation"
 PRESETS = ("small", "thesis")
@@ -126,12 +125,9 @@ def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int]) -> Segmentat
 
 
 def default_model_path() -> Path:
-    return Path(str(resources.files("pneumoscan") / "models" / DEFAULT_MODEL))
+    return shipped_model_path(DEFAULT_MODEL)
 
 
 def load_default() -> LungSegmenter:
     """The shipped small U-Net (no network access); see ``models/lung_unet_small.md``."""
-    path = default_model_path()
-    if not path.exists():
-        raise FileNotFoundError(f"the default lung model is not installed at {path}")
-    return LungSegmenter.load(path)
+    return LungSegmenter.load(default_model_path())
