@@ -27,14 +27,14 @@ def run_backend(backend: str, n: int, onnx_dir: str) -> dict:
 
     predictor = Predictor.from_onnx(onnx_dir) if backend == "onnx" else Predictor.from_default()
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]
-    predictor.predict(paths[0], cam="top")  # warm-up
+    predictor.predict(paths[0], cam="top", keep_arrays=True)  # warm-up
     start = time.perf_counter()
     for path in paths:
-        predictor.predict(path, cam="top")
+        predictor.predict(path, cam="top", keep_arrays=True)
     single = (time.perf_counter() - start) / len(paths)
     start = time.perf_counter()
     for i in range(0, len(paths), 8):
-        predictor.predict_batch(paths[i:i + 8], cam="top")
+        predictor.predict_batch(paths[i:i + 8], cam="top", keep_arrays=True)
     batched = len(paths) / (time.perf_counter() - start)
     return {"backend": backend, "threads": torch.get_num_threads(), "s_per_image_batch1": single,
             "images_per_s_batch8": batched, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

@@ -106,9 +106,9 @@ def main() -> None:
         rows.append(("DenseNet-121 inference, PyTorch (crop → probabilities)", ours))
         rows.append(("DenseNet-121 inference, ONNX Runtime", timed(lambda: onnx_p.classifier.predict_proba(crops), n, repeat)))
         rows.append(("end-to-end predict + Grad-CAM, PyTorch, batch 8",
-                     timed(lambda: [torch_p.predict_batch(paths[i:i + 8], cam="top") for i in range(0, n, 8)], n, repeat)))
+                     timed(lambda: [torch_p.predict_batch(paths[i:i + 8], cam="top", keep_arrays=True) for i in range(0, n, 8)], n, repeat)))
         rows.append(("end-to-end predict + Grad-CAM, ONNX Runtime, batch 8",
-                     timed(lambda: [onnx_p.predict_batch(paths[i:i + 8], cam="top") for i in range(0, n, 8)], n, repeat)))
+                     timed(lambda: [onnx_p.predict_batch(paths[i:i + 8], cam="top", keep_arrays=True) for i in range(0, n, 8)], n, repeat)))
     theirs = None
     if args.xrv_python:
         out = subprocess.run([args.xrv_python, "-c", XRV_SCRIPT, json.dumps([str(p) for p in paths]), str(repeat)],

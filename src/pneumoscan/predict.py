@@ -66,10 +66,7 @@ class Predictor:
 
     @classmethod
     def from_default(cls) -> Predictor:
-        from pneumoscan.classify import load_default as load_classifier
-        from pneumoscan.segment import load_default as load_segmenter
-
-        return cls(load_segmenter(), load_classifier())
+        return cls.from_paths()
 
     @classmethod
     def from_paths(cls, seg: str | Path | None = None, cls_model: str | Path | None = None) -> Predictor:
@@ -100,7 +97,8 @@ class Predictor:
     def predict_batch(self, sources: list[Any], *, cam: str | None = None,
                       names: list[str | None] | None = None, keep_arrays: bool = False) -> list[Prediction]:
         """Predictions in input order; ``cam`` is None, "top" (the most probable finding) or a
-        class name; ``keep_arrays`` keeps the picture, mask and full-size heat map for overlays."""
+        class name; ``keep_arrays`` keeps the picture, mask and full-size Grad-CAM heat map for
+        overlays (without it only the Grad-CAM class is named, and no heat map is computed)."""
         cam_label = None if cam in (None, "top") else resolve_label(cam)
         names = names or [None] * len(sources)
         results: list[Prediction] = []
@@ -127,12 +125,12 @@ class Predictor:
             result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
             result.lung_fraction = round(float(seg.lung_fraction), 4)
             if cam is not None:
-                target = cam_label or max(FINDINGS, key=lambda f: p[LABELS.index(f)])
-                result.cam_label = target
-                heat = self.classifier.gradcam(crop, LABELS.index(target))
-                result.cam = place_on_original(heat, seg.box, image.pixels.shape) if keep_arrays else None
+                result.cam_label = cam_label or max(FINDINGS, key=lambda f: p[LABELS.index(f)])
             if keep_arrays:
                 result.pixels, result.mask = image.pixels, seg.mask
+                if result.cam_label is not None:  # the heat map is an array: only made when kept
+                    heat = self.classifier.gradcam(crop, LABELS.index(result.cam_label))
+                    result.cam = place_on_original(heat, seg.box, image.pixels.shape)
         return results
 
     @staticmethod
