@@ -32,3 +32,22 @@ def siim_dicom(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def nih_png(data_dir: Path) -> Path:
     return data_dir / "nih-cxr14" / "images" / "00000100_000.png"
+
+
+#: The labels the test classifier assesses (the shipped classifier's own list may differ).
+TEST_ASSESSED = {"Pneumonia": 0.5, "No Finding": 0.5}
+
+
+@pytest.fixture(scope="session")
+def assessed_model(tmp_path_factory) -> Path:
+    """The shipped classifier's weights with a known assessment: Pneumonia and No Finding
+    assessed at 0.5, the other 13 labels not assessed."""
+    from pneumoscan.classify import load_default
+    from pneumoscan.labels import LABELS
+
+    classifier = load_default()
+    classifier.set_assessment({label: {"assessed": label in TEST_ASSESSED,
+                                       "threshold": TEST_ASSESSED.get(label)} for label in LABELS})
+    path = tmp_path_factory.mktemp("models") / "assessed.pt"
+    classifier.save(path)
+    return path

@@ -122,12 +122,40 @@ def test_augmentation_is_small_and_reproducible():
     assert left > 3 * right  # no horizontal flip moved the block across
 
 
-def test_classifier_round_trip_keeps_thresholds(tmp_path):
+def _assessment(assessed: dict[str, float]) -> dict:
+    return {label: {"assessed": label in assessed, "threshold": assessed.get(label)} for label in LABELS}
+
+
+def test_classifier_round_trip_keeps_assessment_and_thresholds(tmp_path):
     model = ChestClassifier()
-    meta = {"input_size": 64, "thresholds": {label: 0.3 for label in LABELS}}
-    Classifier(model, meta).save(tmp_path / "c.pt")
+    classifier = Classifier(model, {"input_size": 64})
+    classifier.set_assessment(_assessment({"Pneumonia": 0.3, "No Finding": 0.6}))
+    classifier.save(tmp_path / "c.pt")
     again = Classifier.load(tmp_path / "c.pt")
-    assert again.size == 64 and np.allclose(again.thresholds, 0.3)
+    assert again.size == 64 and again.assessed_labels == ["No Finding", "Pneumonia"]
+    assert again.thresholds[LABELS.index("Pneumonia")] == pytest.approx(0.3)
+    assert np.isnan(again.thresholds[LABELS.index("Nodule")])  # no silent 0.5 for an unassessed label
     crops = np.random.default_rng(0).random((3, 64, 64)).astype(np.float32)
-    np.testing.assert_allclose(again.predict_proba(crops), Classifier(model, meta).predict_proba(crops),
-                               atol=1e-6)
+    probs = again.predict_proba(crops)
+    np.testing.assert_allclose(probs, classifier.predict_proba(crops), atol=1e-6)
+    row = probs[0].copy()
+    row[:] = 0.99  # every output high: only the assessed ones may become findings
+    assert again.findings(row) == ["No Finding", "Pneumonia"]
+
+
+def test_old_model_file_without_assessment_assesses_nothing(tmp_path):
+    """A file from before the assessed flag (thresholds only, 0.5 defaults) reports no finding."""
+    Classifier(ChestClassifier(), {"input_size": 64, "thresholds": {l: 0.5 for l in LABELS}}).save(tmp_path / "o.pt")
+    old = Classifier.load(tmp_path / "o.pt")
+    assert old.assessed_labels == [] and np.isnan(old.thresholds).all()
+    assert old.findings(np.ones(15)) == []
+
+
+def test_classifier_refuses_crops_outside_0_1_or_of_the_wrong_size():
+    classifier = Classifier(ChestClassifier(), {"input_size": 64})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        classifier.predict_proba(np.full((1, 64, 64), 255, np.float32))  # uint8 values not divided
+    with pytest.raises(ValueError, match="64×64"):
+        classifier.predict_proba(np.zeros((1, 224, 224), np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        classifier.predict_proba(np.full((1, 64, 64), np.nan, np.float32))

@@ -70,7 +70,64 @@ def test_montgomery_and_shenzhen_masks():
     assert len(mont) == 69 and len(shen) == 416
     assert all(len(m.split(";")) == 2 for m in mont.csv["mask"])
     assert (shen.csv["mask"] != "").all()
-    assert np.isnan(mont.labels).all()
+
+
+@needs_data
+def test_montgomery_and_shenzhen_are_adult_classification_films():
+    """Normals (_0): No Finding 1, every finding 0. TB (_1): No Finding 0, findings unknown."""
+    for source, normals, tb in ((Montgomery(DATA / "montgomery"), 40, 29),
+                                (Shenzhen(DATA / "shenzhen"), 211, 205)):
+        assert source.population == "adult"
+        is_normal = source.csv.path.str.endswith("_0.png")
+        assert is_normal.sum() == normals and (~is_normal).sum() == tb
+        labels = source.csv[list(LABELS)]
+        assert (labels[is_normal]["No Finding"] == 1).all()
+        assert (labels.loc[is_normal, list(FINDINGS)] == 0).all().all()
+        assert (labels[~is_normal]["No Finding"] == 0).all()
+        assert labels.loc[~is_normal, list(FINDINGS)].isna().all().all()
+    assert Kermany.population == "paediatric"
+
+
+@needs_data
+def test_nih_from_several_folders_shares_patients_and_splits(tmp_path):
+    """Both NIH extracts in one source; a patient whose films sit in two folders gets one split,
+    and a file present in both folders is indexed once."""
+    # A third folder holding one film of a patient from nih-cxr14-extra (another image of the
+    # same patient) and a duplicate of a nih-cxr14 file.
+    extra = pd.read_csv(DATA / "nih-cxr14-extra" / "Data_Entry_2017.csv")
+    base = pd.read_csv(DATA / "nih-cxr14" / "Data_Entry_2017.csv")
+    third = tmp_path / "nih-cxr14-third"
+    (third / "images").mkdir(parents=True)
+    moved = extra.iloc[0].copy()
+    moved["Image Index"] = moved["Image Index"].replace(".png", "_copy.png")
+    (third / "images" / moved["Image Index"]).write_bytes(
+        (DATA / "nih-cxr14-extra" / "images" / extra.iloc[0]["Image Index"]).read_bytes())
+    dup = base.iloc[0]
+    (third / "images" / dup["Image Index"]).write_bytes(
+        (DATA / "nih-cxr14" / "images" / dup["Image Index"]).read_bytes())
+    pd.DataFrame([moved, dup]).to_csv(third / "Data_Entry_2017.csv", index=False)
+    warnings: list[str] = []
+    table = build_manifest({"nih": [DATA / "nih-cxr14", DATA / "nih-cxr14-extra", third]}, warnings=warnings)
+    assert len(table) == 150 + 507 + 1  # the duplicate file name is indexed once
+    assert any("more than one of its folders" in w for w in warnings)
+    assert patient_leaks(table) == []
+    pid = f"nih:{moved['Patient ID']}"
+    assert table.loc[table.patient == pid, "split"].nunique() == 1
+    assert (table.patient == pid).sum() >= 2
+    extra_rows = table[table.path.str.contains("nih-cxr14-extra")]
+    assert (extra_rows.Pneumonia == 1).sum() == 220 and (extra_rows["No Finding"] == 1).sum() == 287
+
+
+@needs_data
+def test_resolve_sources_finds_every_nih_folder_and_the_cli_takes_several(tmp_path):
+    found = resolve_sources(DATA)
+    assert [p.name for p in found["nih"]] == ["nih-cxr14", "nih-cxr14-extra"]
+    out = tmp_path / "m.csv"
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "index", "--nih", str(DATA / "nih-cxr14"),
+                          "--nih", str(DATA / "nih-cxr14-extra"), "--out", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert len(read_manifest(out)) == 657
 
 
 @needs_data
@@ -96,7 +153,7 @@ def test_full_manifest_has_no_patient_leak_and_expected_counts():
     assert list(table.columns[:5]) == ["path", "source", "patient", "view", "split"]
     assert list(table.columns[5:20]) == list(LABELS)
     counts = table.source.value_counts().to_dict()
-    assert counts == {"kermany": 5216, "shenzhen": 416, "nih": 150, "montgomery": 69,
+    assert counts == {"kermany": 5216, "shenzhen": 416, "nih": 657, "montgomery": 69,
                       "covid": 65, "actualmed": 22}
     assert patient_leaks(table) == []
     assert set(table.split) == {"train", "val", "test"}
@@ -198,8 +255,8 @@ def test_index_command_writes_manifest_and_summary(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "Images (patients) per source and split" in result.stdout
-    assert "5,938" in result.stdout
-    assert len(read_manifest(out)) == 5_938
+    assert "6,445" in result.stdout
+    assert len(read_manifest(out)) == 6_445
 
 
 def test_index_command_without_sources_fails_cleanly(tmp_path):

@@ -77,3 +77,63 @@ def test_source_confounding_is_flagged():
     assert check["negatives_from_sources_without_positives"] == pytest.approx(90 / 97, abs=1e-4)
     assert check["auc_within_sources"] == pytest.approx(0.5)  # ...but knows nothing within A
     assert check["sources_with_positives"] == ["A"]
+
+
+def _source_detector(n_pos_a: int = 20):
+    """Source A has positives and negatives, source B only negatives; the scores tell A from B
+    perfectly and know nothing inside A: pooled AUC looks excellent, within-source is chance."""
+    sources = np.array(["A"] * 40 + ["B"] * 160)
+    labels = np.full((200, 15), np.nan, np.float32)
+    j = LABELS.index("Infiltration")
+    labels[:, j] = np.r_[np.ones(n_pos_a), np.zeros(40 - n_pos_a), np.zeros(160)]
+    rng = np.random.default_rng(3)
+    probs = np.tile(np.r_[0.8 + 0.1 * rng.random(40), 0.1 * rng.random(160)][:, None], (1, 15)).astype(np.float32)
+    return labels, probs, sources, j
+
+
+def test_headline_uses_only_within_source_auc_and_says_so(tmp_path):
+    labels, probs, sources, j = _source_detector()
+    report = evaluate_probabilities(labels, probs, {}, "test", n_boot=50, sources=sources)
+    assert report["auc"]["Infiltration"] > 0.9  # the pooled figure, kept in the detail table
+    assert report["mean_auc_14"] == pytest.approx(report["within_source"]["per_label"]["Infiltration"]["auc"])
+    assert report["mean_auc_14"] < 0.75 and report["mean_auc_14_labels"] == ["Infiltration"]
+    write_report(report, labels, probs, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    headline = text.split("## Detail")[0]
+    assert f"**{report['mean_auc_14']:.3f}**" in headline and "1 of 14 findings" in headline
+    assert f"{report['auc']['Infiltration']:.3f}" not in headline  # pooled AUC only below
+    assert f"| this model | {report['mean_auc_14']:.3f} | within-source mean over 1 of 14" in text
+
+
+def test_headline_left_out_when_no_source_has_both_classes(tmp_path):
+    labels, probs, sources, _ = _source_detector(n_pos_a=3)  # 3 positives: too few inside A
+    report = evaluate_probabilities(labels, probs, {}, "test", n_boot=20, sources=sources)
+    assert report["mean_auc_14"] is None and report["mean_auc_14_labels"] == []
+    write_report(report, labels, probs, tmp_path)
+    assert "no mean AUC is reported" in (tmp_path / "report.md").read_text()
+
+
+def test_assess_labels_needs_adult_positives_and_a_within_source_ci_above_half():
+    from pneumoscan.evaluate import assess_labels
+
+    rng = np.random.default_rng(0)
+    j, k = LABELS.index("Pneumonia"), LABELS.index("Nodule")
+    val_sources = np.array(["nih"] * 80 + ["kermany"] * 80)
+    val = np.full((160, 15), np.nan, np.float32)
+    val[:, j] = np.r_[np.ones(40), np.zeros(40), np.ones(40), np.zeros(40)]
+    val[:80, k] = np.r_[np.ones(20), np.zeros(60)]
+    probs = rng.random((160, 15)).astype(np.float32) * 0.5
+    probs[:40, j] += 0.5  # learnt inside nih
+    probs[80:120, k] = 1.0  # Nodule: scores unrelated to the nih labels
+    train_sources = np.array(["nih"] * 150 + ["kermany"] * 3000)
+    train = np.full((3150, 15), np.nan, np.float32)
+    train[:, j] = np.r_[np.ones(120), np.zeros(30), np.ones(3000)]
+    train[:150, k] = np.r_[np.ones(120), np.zeros(30)]
+    out = assess_labels(val, probs, val_sources, train, train_sources, n_boot=200)
+    assert out["Pneumonia"]["assessed"] and 0 < out["Pneumonia"]["threshold"] < 1
+    assert out["Pneumonia"]["adult_train_positives"] == 120  # Kermany children do not count
+    assert not out["Nodule"]["assessed"] and out["Nodule"]["threshold"] is None
+    assert "not above 0.5" in out["Nodule"]["reason"]
+    assert not out["Hernia"]["assessed"] and "adult training positives" in out["Hernia"]["reason"]
+    few = assess_labels(val, probs, val_sources, train[150:], train_sources[150:], n_boot=50)
+    assert not few["Pneumonia"]["assessed"]  # only paediatric training positives

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import ModelFileError, load_model, save_model, weights_sha256
+import json
+import warnings
+
+from pneumoscan.modelfile import ModelFileError, load_model, metadata_sha256, save_model, weights_sha256
 
 
 def _state():
@@ -65,3 +68,29 @@ def test_pickle_payload_truncation_and_missing_file_are_refused(tmp_path, capsys
         load_model(tmp_path / "cut.pt", kind="test")
     with pytest.raises(ModelFileError, match="not found"):
         load_model(tmp_path / "none.pt", kind="test")
+
+
+def test_altered_metadata_is_refused(tmp_path):
+    """One changed threshold in the metadata is caught like a changed weight."""
+    save_model(tmp_path / "m.pt", _state(), {"kind": "test", "thresholds": {"Pneumonia": 0.42}})
+    blob = torch.load(tmp_path / "m.pt", weights_only=True)
+    blob["meta_json"] = blob["meta_json"].replace("0.42", "0.02")
+    torch.save(blob, tmp_path / "m.pt")
+    with pytest.raises(ModelFileError, match="metadata does not match"):
+        load_model(tmp_path / "m.pt", kind="test")
+
+
+def test_format_1_file_loads_with_one_warning_and_malformed_metadata_is_refused(tmp_path):
+    meta = {"kind": "test", "format_version": 1, "weights_sha256": weights_sha256(_state())}
+    torch.save({"meta_json": json.dumps(meta), "state_dict": _state()}, tmp_path / "old.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(tmp_path / "old.pt", kind="test")
+        load_model(tmp_path / "old.pt", kind="test")
+    assert sum("metadata" in str(w.message) for w in caught) == 1
+    for bad_meta, bad_state in (("[1, 2]", _state()), (json.dumps(meta), {"w": "not a tensor"})):
+        torch.save({"meta_json": bad_meta, "state_dict": bad_state}, tmp_path / "bad.pt")
+        with pytest.raises(ModelFileError, match="malformed"):
+            load_model(tmp_path / "bad.pt", kind="test")
+    written = save_model(tmp_path / "new.pt", _state(), {"kind": "test"})
+    assert written["format_version"] == 2 and written["sha256"] == metadata_sha256(written)

@@ -7,6 +7,7 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,14 +19,14 @@ from pneumoscan.io import read_xray
 from pneumoscan.labels import LABELS
 from pneumoscan.predict import Predictor, resolve_label
 
-from conftest import DATA, needs_data
+from conftest import DATA, TEST_ASSESSED, needs_data
 
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
 
 @pytest.fixture(scope="module")
-def predictor() -> Predictor:
-    return Predictor.from_default()
+def predictor(assessed_model) -> Predictor:
+    return Predictor.from_paths(cls_model=assessed_model)
 
 
 @needs_data
@@ -96,10 +97,13 @@ def test_predictor_on_png_jpeg_dicom_array_and_bad_input(predictor, nih_png, sii
     for result in results[:3] + results[4:]:
         assert result.error is None
         assert list(result.probabilities) == list(LABELS)
-        assert all(0 <= v <= 1 for v in result.probabilities.values())
-        assert set(result.findings) <= set(LABELS)
+        # assessed labels carry a probability; the others are null, listed, never findings
+        assert all(0 <= result.probabilities[l] <= 1 for l in TEST_ASSESSED)
+        assert result.not_assessed == [l for l in LABELS if l not in TEST_ASSESSED]
+        assert all(result.probabilities[l] is None and result.thresholds[l] is None for l in result.not_assessed)
+        assert set(result.findings) <= set(TEST_ASSESSED)
         assert result.cam.shape == result.pixels.shape and result.cam.max() <= 1.0
-        assert result.cam_label in LABELS and result.cam_label != "No Finding"
+        assert result.cam_label == "Pneumonia"  # the only assessed finding ("No Finding" is none)
         x0, y0, x1, y1 = result.box
         assert result.cam[:y0].sum() == 0 and result.cam[y1:].sum() == 0  # heat only inside the box
     assert results[3].error and "not a PNG" in results[3].error and results[3].probabilities is None
@@ -111,14 +115,16 @@ def test_predictor_on_png_jpeg_dicom_array_and_bad_input(predictor, nih_png, sii
 
 
 @needs_data
-def test_predict_command_writes_contract_outputs(tmp_path, nih_png):
+def test_predict_command_writes_contract_outputs(tmp_path, nih_png, assessed_model):
     bad = tmp_path / "in" / "broken.jpg"
     bad.parent.mkdir()
     bad.write_bytes(b"\xff\xd8\xff" + b"\x00" * 50)
     kermany = DATA / "kermany" / "train" / "NORMAL" / "IM-0115-0001.jpeg"
     out = tmp_path / "out"
+    model = ["--model", str(assessed_model)]
     result = subprocess.run([*CLI, "predict", str(nih_png), str(kermany), str(tmp_path / "in"), "--out", str(out),
-                             "--format", "json", "--cam", "pneumonia"], capture_output=True, text=True, timeout=600)
+                             "--format", "json", "--cam", "PNEUMONIA", *model], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 1, result.stderr  # one input failed, the others were done
     assert "Traceback" not in result.stderr
     lines = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
@@ -129,11 +135,33 @@ def test_predict_command_writes_contract_outputs(tmp_path, nih_png):
         assert {"path", "probabilities", "findings", "box", "fallback", "error"} <= set(line)
         assert list(line["probabilities"]) == list(LABELS) and line["cam_label"] == "Pneumonia"
         assert (out / line["overlay"]).stat().st_size > 20_000
+        assert line["not_assessed"] == [l for l in LABELS if l not in TEST_ASSESSED]
+        assert line["probabilities"]["Nodule"] is None and set(line["findings"]) <= set(TEST_ASSESSED)
     assert (out / f"{nih_png.stem}_overlay.png").exists()
     csv_run = subprocess.run([*CLI, "predict", str(nih_png), "--out", str(tmp_path / "csv"), "--format", "csv",
-                              "--cam", "none", "--no-overlays"], capture_output=True, text=True, timeout=600)
+                              "--cam", "None", "--no-overlays", *model], capture_output=True, text=True, timeout=600)
     assert csv_run.returncode == 0, csv_run.stderr
     rows = list(csv.DictReader(open(tmp_path / "csv" / "predictions.csv")))
     assert len(rows) == 1 and float(rows[0]["Pneumonia"]) == pytest.approx(good[0]["probabilities"]["Pneumonia"], abs=1e-6)
+    assert rows[0]["Nodule"] == "" and "Nodule" in rows[0]["not_assessed"].split("|")
     unknown = subprocess.run([*CLI, "predict", str(nih_png), "--cam", "covid"], capture_output=True, text=True, timeout=120)
-    assert unknown.returncode == 2 and "unknown class" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown class" in unknown.stderr and "Traceback" not in unknown.stderr
+    unlearnt = subprocess.run([*CLI, "predict", str(nih_png), "--cam", "nodule", *model], capture_output=True,
+                              text=True, timeout=120)
+    assert unlearnt.returncode == 2 and "Nodule is not assessed by this model" in unlearnt.stderr
+
+
+@needs_data
+def test_shipped_model_lists_only_assessed_findings_on_a_no_finding_film(tmp_path):
+    """The issue's acceptance line: a No Finding NIH film lists no untrained finding."""
+    from pneumoscan.classify import load_default
+
+    shipped = load_default()
+    film = Path(__file__).resolve().parents[1] / "examples" / "nih-cxr14" / "images" / "00000129_000.png"
+    run = subprocess.run([*CLI, "predict", str(film), "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    line = json.loads((tmp_path / "predictions.jsonl").read_text())
+    assert set(line["findings"]) <= set(shipped.assessed_labels)
+    assert line["not_assessed"] == [l for l in LABELS if l not in shipped.assessed_labels]
+    assert all(line["probabilities"][l] is None for l in line["not_assessed"])

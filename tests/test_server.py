@@ -19,15 +19,15 @@ from pneumoscan.labels import LABELS
 from pneumoscan.predict import Predictor
 from pneumoscan.server import create_app
 
-from conftest import DATA, needs_data
+from conftest import DATA, TEST_ASSESSED, needs_data
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SERVER_PID: dict[str, int] = {}
 
 
 @pytest.fixture(scope="module")
-def client() -> TestClient:
-    return TestClient(create_app(Predictor.from_default(), max_upload_mb=4))
+def client(assessed_model) -> TestClient:
+    return TestClient(create_app(Predictor.from_paths(cls_model=assessed_model), max_upload_mb=4))
 
 
 def test_health(client):
@@ -36,7 +36,7 @@ def test_health(client):
 
 
 @needs_data
-def test_predict_returns_the_cli_object_and_images(client, nih_png, siim_dicom):
+def test_predict_returns_the_cli_object_and_images(client, nih_png, siim_dicom, assessed_model):
     from pneumoscan.predict import Predictor as P
 
     for path, mime in ((nih_png, "image/png"), (siim_dicom, "application/dicom")):
@@ -47,7 +47,9 @@ def test_predict_returns_the_cli_object_and_images(client, nih_png, siim_dicom):
         assert list(body["probabilities"]) == list(LABELS) and body["error"] is None
         assert body["path"] == path.name
         assert body["overlay_png"].startswith("data:image/png;base64,")
-    direct = P.from_default().predict(nih_png)
+        assert body["not_assessed"] == [l for l in LABELS if l not in TEST_ASSESSED]
+        assert body["probabilities"]["Nodule"] is None and set(body["findings"]) <= set(TEST_ASSESSED)
+    direct = P.from_paths(cls_model=assessed_model).predict(nih_png)
     first = client.post("/v1/predict", files={"file": ("a.png", nih_png.read_bytes())}).json()
     assert first["probabilities"] == direct.probabilities and first["box"] == direct.box
 
@@ -65,6 +67,16 @@ def test_bad_inputs_get_clear_4xx(client, tmp_path):
         assert words in response.json()["error"]
     bad_cam = client.post("/v1/predict?cam=covid", files={"file": ("x.png", b"xx")})
     assert bad_cam.status_code == 422 and "unknown class" in bad_cam.json()["error"]
+    unlearnt = client.post("/v1/predict?cam=nodule", files={"file": ("x.png", b"xx")})
+    assert unlearnt.status_code == 422 and "not assessed by this model" in unlearnt.json()["error"]
+
+
+@needs_data
+def test_class_names_in_any_capitalisation(client, nih_png):
+    for cam in ("Top", "TOP", "pNeUmOnIa", "NONE"):
+        response = client.post(f"/v1/predict?cam={cam}&images=false", files={"file": ("a.png", nih_png.read_bytes())})
+        assert response.status_code == 200, (cam, response.text)
+        assert response.json()["cam_label"] == (None if cam == "NONE" else "Pneumonia")
 
 
 def test_client_file_name_is_only_a_label(client, tmp_path):
@@ -85,9 +97,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(assessed_model):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port),
+                             "--model", str(assessed_model)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -107,9 +120,10 @@ def server():
 
 
 @needs_data
-def test_concurrent_clients_get_correct_answers(server, nih_png):
+def test_concurrent_clients_get_correct_answers(server, nih_png, assessed_model):
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:4]
-    expected = {p.name: Predictor.from_default().predict(p).probabilities for p in paths}
+    reference = Predictor.from_paths(cls_model=assessed_model)
+    expected = {p.name: reference.predict(p).probabilities for p in paths}
 
     def client_run(path: Path) -> list[int]:
         statuses = []
@@ -170,10 +184,16 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
         page.wait_for_selector("#findings tbody tr", timeout=120_000)
         rows = page.locator("#findings tbody tr")
         assert rows.count() == 15
-        values = [float(rows.nth(i).locator("td.p").inner_text()) for i in range(15)]
+        n = len(TEST_ASSESSED)
+        values = [float(rows.nth(i).locator("td.p").first.inner_text()) for i in range(n)]
         assert values == sorted(values, reverse=True)
         names = {rows.nth(i).locator("td").first.inner_text().replace(" ", "_") for i in range(15)}
         assert names == {label.replace(" ", "_") for label in LABELS}
+        unassessed = page.locator("#findings tbody tr.unassessed")
+        assert unassessed.count() == 15 - n
+        assert all(unassessed.nth(i).locator("td").nth(1).inner_text() == "not assessed by this model"
+                   for i in range(15 - n))
+        assert "13 of 15 labels not assessed by this model" in page.locator("#status").inner_text()
         assert page.locator("#overlay").get_attribute("src").startswith("data:image/png")
         assert "Done" in page.locator("#status").inner_text()
         page.screenshot(path=str(artifacts / "web_page.png"), full_page=True)

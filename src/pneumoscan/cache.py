@@ -100,7 +100,7 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """read → segment → crop → resize for each path: uint8 crops (zeros where unreadable) and,
     per path, the box, fallback flag, lung fraction and error message ("" when read)."""
-    from pneumoscan.crop import crop_resize
+    from pneumoscan.crop import segment_and_crop
     from pneumoscan.io import XrayReadError, read_xray
 
     crops = np.zeros((len(paths), size, size), np.uint8)
@@ -113,13 +113,12 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16
         except XrayReadError as exc:
             rec["error"] = str(exc)
         records.append(rec)
-    for start in range(0, len(pending), batch):
-        chunk = pending[start:start + batch]
-        for (i, pixels), seg in zip(chunk, segmenter.segment_batch([p for _, p in chunk])):
-            crops[i] = np.round(crop_resize(pixels, seg.box, size) * 255)
-            x0, y0, x1, y1 = seg.box
-            records[i].update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=seg.fallback,
-                              lung_fraction=round(seg.lung_fraction, 4))
+    segs, done = segment_and_crop([p for _, p in pending], segmenter, size, batch)
+    for (i, _), seg, crop in zip(pending, segs, done):
+        crops[i] = crop
+        x0, y0, x1, y1 = seg.box
+        records[i].update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=seg.fallback,
+                          lung_fraction=round(seg.lung_fraction, 4))
     return crops, records
 
 

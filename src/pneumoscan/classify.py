@@ -35,6 +35,19 @@ _DENSE_KEY = re.compile(
 )
 
 
+def check_crops(crops: np.ndarray, size: int) -> None:
+    """Refuse what the classifier was never trained on: wrong shape, or values outside [0, 1]
+    (a uint8 crop not divided by 255, say). Such input raises; it is never scored."""
+    crops = np.asarray(crops)
+    if crops.ndim != 3 or crops.shape[1:] != (size, size):
+        raise ValueError(f"classifier input must be N×{size}×{size} crops, got shape {crops.shape}")
+    if crops.size and not np.isfinite(crops).all():
+        raise ValueError("classifier input must be finite (NaN or infinite values found)")
+    if crops.size and (crops.min() < 0 or crops.max() > 1):
+        raise ValueError(f"classifier input must be in [0, 1] (got {float(crops.min()):.3g}…"
+                         f"{float(crops.max()):.3g}: a uint8 crop not divided by 255?)")
+
+
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights were asked for but cannot be used; the message says what to do."""
 
@@ -115,14 +128,39 @@ def load_imagenet(model: ChestClassifier, weights: str | Path | None = None) -> 
 
 
 class Classifier:
-    """A trained :class:`ChestClassifier` with its metadata (labels, input size, thresholds)."""
+    """A trained :class:`ChestClassifier` with its metadata (labels, input size, and per label
+    whether it was shown to be learnt and its threshold).
+
+    ``assessed[j]`` False means output j was never shown to work: callers must not report it as a
+    finding (torchxrayvision's convention for outputs its weights do not cover). A model file
+    from before this field existed has every label unassessed, whatever thresholds it stored.
+    """
 
     def __init__(self, model: ChestClassifier, meta: dict[str, Any]):
         self.model = model.eval()
         self.meta = meta
         self.size = int(meta.get("input_size", DEFAULT_SIZE))
-        thresholds = meta.get("thresholds") or {}
-        self.thresholds = np.array([thresholds.get(label, 0.5) for label in LABELS], np.float32)
+        assessment = meta.get("assessment") or {}
+        self.assessed = np.array([bool((assessment.get(l) or {}).get("assessed")) for l in LABELS])
+        self.thresholds = np.array([(assessment.get(l) or {}).get("threshold") if a else np.nan
+                                    for l, a in zip(LABELS, self.assessed)], np.float32)
+        bad = [l for l, a, t in zip(LABELS, self.assessed, self.thresholds) if a and not 0 <= t <= 1]
+        if bad:
+            raise ModelFileError(f"assessed labels without a threshold in [0, 1]: {bad}")
+
+    @property
+    def assessed_labels(self) -> list[str]:
+        return [label for label, a in zip(LABELS, self.assessed) if a]
+
+    def set_assessment(self, assessment: dict[str, dict[str, Any]]) -> None:
+        """Record per-label assessed flags and thresholds (from validation data)."""
+        self.meta["assessment"] = assessment
+        self.meta["thresholds"] = {label: assessment[label]["threshold"] for label in LABELS}
+        self.__init__(self.model, self.meta)
+
+    def findings(self, probs: np.ndarray) -> list[str]:
+        """Assessed labels at or above their threshold, for one row of probabilities."""
+        return [label for label, p, t, a in zip(LABELS, probs, self.thresholds, self.assessed) if a and p >= t]
 
     @classmethod
     def load(cls, path: str | Path) -> Classifier:
@@ -140,7 +178,9 @@ class Classifier:
 
     @torch.inference_mode()
     def predict_proba(self, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """N×S×S float crops in [0, 1] → N×15 probabilities."""
+        """N×S×S float crops in [0, 1] → N×15 raw probabilities (assessed or not: evaluation
+        needs them all; what a person reads goes through :meth:`findings`)."""
+        check_crops(crops, self.size)
         out = []
         for start in range(0, len(crops), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size], np.float32))[:, None]

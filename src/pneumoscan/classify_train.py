@@ -7,6 +7,13 @@
 - Light augmentation on the device, batched: rotation ±7°, translation ±5 %, zoom ±5 %, no flips
   (a flipped chest puts the heart on the wrong side). Its random draws and the shuffling come
   from (seed, epoch, batch), so a resumed run repeats exactly what an uninterrupted one does.
+- Sampling balanced so that the model cannot learn the data set instead of the disease: adult
+  and paediatric films are drawn equally often, and inside each population a source's share grows
+  with the square root of its size (``source_balance`` 0 = every source equal, 1 = as indexed).
+- The checkpoint kept is the one with the best within-source validation AUC of Pneumonia (mean
+  over the sources that have enough positives and negatives), never pooled validation loss, which
+  rewards telling Kermany children from NIH adults. Each label's assessed flag and threshold are
+  decided on validation data afterwards (:func:`pneumoscan.evaluate.assess_labels`).
 - Mixed precision on GPU; ``devices``/``num_nodes`` > 1 runs Lightning DDP.
 """
 
@@ -23,28 +30,81 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumoscan.cache import CropCache
 from pneumoscan.classify import KIND, ChestClassifier, Classifier, load_imagenet
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import resumable_checkpoint
-from pneumoscan.segment_train import EpochSampler
+
+#: Within-source validation AUC of these labels chooses the checkpoint.
+SELECT_LABELS = ("Pneumonia",)
 
 
 class CropDataset(Dataset):
-    """(uint8 1×S×S crop, float32 labels with NaN) pairs from a crop cache."""
+    """(uint8 1×S×S crop, float32 labels with NaN, position in this set) from a crop cache."""
 
     def __init__(self, cache: CropCache, indices: np.ndarray):
         self.cache, self.indices = cache, np.asarray(indices)
         self.labels = cache.table[list(LABELS)].to_numpy(np.float32)[self.indices]
+        self.sources = cache.table["source"].astype(str).to_numpy()[self.indices]
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         crop = self.cache.image(int(self.indices[i]))
-        return torch.from_numpy(crop.copy())[None], torch.from_numpy(self.labels[i])
+        return torch.from_numpy(crop.copy())[None], torch.from_numpy(self.labels[i]), i
+
+
+def sampling_weights(sources: np.ndarray, source_balance: float = 0.5) -> np.ndarray:
+    """Per-image draw probabilities: populations (adult, paediatric) equal; inside one, a source's
+    share ∝ (its image count)^``source_balance``."""
+    from pneumoscan.data.manifest import population
+
+    sources = np.asarray(sources).astype(str)
+    names, counts = np.unique(sources, return_counts=True)
+    share = dict(zip(names, counts.astype(float) ** source_balance))
+    pops = {name: population(name) for name in names}
+    for pop in set(pops.values()):
+        total = sum(share[n] for n in names if pops[n] == pop)
+        for n in names:
+            if pops[n] == pop:
+                share[n] /= total * len(set(pops.values()))
+    per_image = np.array([share[s] / c for s, c in zip(sources, map(dict(zip(names, counts)).get, sources))])
+    return per_image / per_image.sum()
+
+
+class BalancedSampler(Sampler[int]):
+    """``epoch_size`` draws with replacement from :func:`sampling_weights`, seeded by
+    (seed, epoch) alone, so a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, weights: np.ndarray, epoch_size: int, seed: int):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.epoch_size, self.seed, self.epoch = int(epoch_size), seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.multinomial(self.weights, self.epoch_size, True, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.epoch_size
+
+
+def selection_score(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
+                    select: tuple[str, ...] = SELECT_LABELS) -> tuple[float, dict[str, float]]:
+    """Mean within-source AUC of ``select`` labels (the checkpoint criterion), and its parts."""
+    from pneumoscan.evaluate import per_source_auc
+
+    parts = {f"{label}/{source}": v["auc"]
+             for label in select
+             for source, v in per_source_auc(labels[:, LABELS.index(label)],
+                                             probs[:, LABELS.index(label)], sources).items()
+             if v["auc"] is not None}
+    return (float(np.mean(list(parts.values()))) if parts else float("nan")), parts
 
 
 def positive_weights(labels: np.ndarray) -> np.ndarray:
@@ -96,12 +156,14 @@ class TrainConfig:
     num_nodes: int = 1
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
     frontal_only: bool = True
+    source_balance: float = 0.5  # 0: every source drawn equally; 1: as indexed
+    epoch_size: int = 0  # draws per epoch; 0 = the number of training images
     resume: bool = True
     max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
     description: str = ""
 
 
-def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any]):
+def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any], val_sources: np.ndarray):
     import lightning as L
 
     class ClassifierModule(L.LightningModule):
@@ -109,13 +171,13 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any])
             super().__init__()
             self.model = ChestClassifier()
             self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
-            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
         def forward(self, x):
             return self.model(x)
 
         def on_after_batch_transfer(self, batch, dataloader_idx):
-            x, y = batch
+            x, y, idx = batch
             x = x.float() / 255.0
             if self.trainer.training:
                 # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
@@ -126,39 +188,36 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any])
                 x = augment(x, torch.Generator().manual_seed(step_seed))
             if x.is_cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            return x, y
+            return x, y, idx
 
         def training_step(self, batch, _):
-            x, y = batch
+            x, y, _ = batch
             loss = masked_bce(self.model(x), y, self.pos_weight)
             self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
                      sync_dist=True)
             return loss
 
         def validation_step(self, batch, _):
-            x, y = batch
+            x, y, idx = batch
             logits = self.model(x)
             loss = masked_bce(logits, y, self.pos_weight)
             self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x), sync_dist=True)
-            self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach()))
+            self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach(), idx.detach()))
 
         def on_validation_epoch_end(self):
-            from pneumoscan.evaluate import roc_auc
-
             if not self._val_outputs:
                 return
-            probs = torch.cat([p for p, _ in self._val_outputs])
-            labels = torch.cat([t for _, t in self._val_outputs])
+            probs, labels, idx = (torch.cat(parts) for parts in zip(*self._val_outputs))
             self._val_outputs.clear()
-            probs, labels = self.all_gather(probs), self.all_gather(labels)
+            probs, labels, idx = self.all_gather(probs), self.all_gather(labels), self.all_gather(idx)
             probs = probs.reshape(-1, len(LABELS)).cpu().numpy()
             labels = labels.reshape(-1, len(LABELS)).cpu().numpy()
-            aucs = [roc_auc(labels[:, j], probs[:, j]) for j in range(len(LABELS))]
-            finite = [a for a in aucs if np.isfinite(a)]
-            self.log("val_auc_mean", float(np.mean(finite)) if finite else float("nan"), prog_bar=True,
-                     sync_dist=False, rank_zero_only=True)
-            pneu = aucs[LABELS.index("Pneumonia")]
-            self.log("val_auc_pneumonia", float(pneu), sync_dist=False, rank_zero_only=True)
+            sources = val_sources[idx.reshape(-1).cpu().numpy()]
+            score, parts = selection_score(labels, probs, sources)
+            # Every rank logs the same number, so checkpoint selection agrees across DDP ranks.
+            self.log("val_select", score, prog_bar=True, sync_dist=False)
+            for name, value in parts.items():
+                self.log(f"val_auc/{name}", value, sync_dist=False)
 
         def configure_optimizers(self):
             opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
@@ -205,10 +264,11 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     train_set, val_set = CropDataset(cache, rows["train"]), CropDataset(cache, rows["val"])
     pos_weight = positive_weights(train_set.labels)
     init_info: dict[str, Any] = {}
-    module = _module(cfg, pos_weight, init_info)
+    module = _module(cfg, pos_weight, init_info, val_set.sources)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    sampler = EpochSampler(len(train_set), cfg.seed)
+    sampler = BalancedSampler(sampling_weights(train_set.sources, cfg.source_balance),
+                              cfg.epoch_size or len(train_set), cfg.seed)
 
     class EpochSeed(Callback):
         def on_train_epoch_start(self, trainer, _):
@@ -216,11 +276,11 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
 
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_loss",
-                                 mode="min", save_last=True, save_top_k=1)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_select",
+                                 mode="max", save_last=True, save_top_k=1)
     callbacks: list[Any] = [checkpoint, EpochSeed()]
     if cfg.early_stop:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.early_stop))
+        callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
     distributed = cfg.devices * cfg.num_nodes > 1
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
@@ -263,26 +323,39 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
             "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
             "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
             "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
+            "sampling": {"populations": "adult and paediatric drawn equally",
+                         "source_balance": cfg.source_balance, "epoch_size": len(sampler)},
         },
         "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
                       "plateau_patience": cfg.patience, "precision": precision,
                       "devices": cfg.devices * cfg.num_nodes},
+        "selection": {"metric": "mean within-source validation AUC of " + ", ".join(SELECT_LABELS),
+                      "best": None if checkpoint.best_model_score is None
+                      else round(float(checkpoint.best_model_score), 4)},
         "epochs_trained": int(trainer.current_epoch), "best_epoch": int(ckpt["epoch"]),
         "train_seconds_this_run": round(time.time() - started, 1),
     }
-    classifier = Classifier(model, meta)
-    from pneumoscan.evaluate import evaluate_probabilities, thresholds_from
+    return finalise(Classifier(model, meta), cache, rows, out)
 
-    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0,
-                                         batch_size=64)
+
+def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path
+             ) -> dict[str, Any]:
+    """Decide each label's assessed flag and threshold on the validation rows, record the
+    validation figures, and write ``model.pt`` and ``val_report.json`` into ``out``."""
+    from pneumoscan.evaluate import assess_labels, evaluate_probabilities
+
+    table, out = cache.table, Path(out)
+    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0, batch_size=64)
     val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
-    classifier.meta["thresholds"] = thresholds_from(val_labels, val_probs)
-    classifier.thresholds = np.array([classifier.meta["thresholds"][l] for l in LABELS], np.float32)
+    val_sources = table.iloc[rows["val"]]["source"].astype(str).to_numpy()
+    assessment = assess_labels(val_labels, val_probs, val_sources,
+                               table.iloc[rows["train"]][list(LABELS)].to_numpy(np.float32),
+                               table.iloc[rows["train"]]["source"].astype(str).to_numpy())
+    classifier.set_assessment(assessment)
     report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",
-                                    sources=table.iloc[rows["val"]]["source"].to_numpy())
-    classifier.meta["validation"] = {"auc": report["auc"], "auc_ci": report["auc_ci"],
-                                     "mean_auc_14": report["mean_auc_14"], "n_images": report["n_images"]}
+                                    sources=val_sources)
+    classifier.meta["validation"] = {"within_source": report["within_source"], "n_images": report["n_images"],
+                                     "pooled_auc_not_a_finding_measure": report["auc"]}
     written = classifier.save(out / "model.pt")
     (out / "val_report.json").write_text(json.dumps(report, indent=2))
     return written
-

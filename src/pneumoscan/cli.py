@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -21,7 +22,7 @@ err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, 
 
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, never a traceback."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -58,9 +59,11 @@ def index(
     out: Annotated[Path, typer.Option(help="Manifest CSV to write.")],
     root: Annotated[Optional[Path], typer.Option(
         exists=True, file_okay=False,
-        help="A folder holding sources under their usual names (nih-cxr14, kermany, "
+        help="A folder holding sources under their usual names (nih-cxr14 and nih-cxr14-*, kermany, "
              "rsna-pneumonia, montgomery, shenzhen, covid-chestxray, actualmed-covid).")] = None,
-    nih: Dir = None,
+    nih: Annotated[Optional[list[Path]], typer.Option(
+        exists=True, file_okay=False,
+        help="NIH ChestX-ray14 folder; repeat for several extracts (patients shared across them).")] = None,
     kermany: Dir = None,
     rsna: Dir = None,
     rsna_mapping: Annotated[Optional[Path], typer.Option(
@@ -78,8 +81,8 @@ def index(
         ManifestError, build_manifest, patient_leaks, resolve_sources, summarize, write_manifest,
     )
 
-    sources: dict[str, Path] = resolve_sources(root) if root else {}
-    given = {"nih": nih, "kermany": kermany, "rsna": rsna, "montgomery": montgomery,
+    sources: dict = resolve_sources(root) if root else {}
+    given = {"nih": nih or None, "kermany": kermany, "rsna": rsna, "montgomery": montgomery,
              "shenzhen": shenzhen, "covid": covid, "actualmed": actualmed}
     sources.update({k: v for k, v in given.items() if v is not None})
     if not sources:
@@ -97,7 +100,7 @@ def index(
     except ManifestError as exc:
         fail(str(exc))
     for line in warnings:
-        err.print(f"[yellow]warning:[/] {line}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
     leaks = patient_leaks(table)
     if leaks:  # cannot happen by construction; checked because a leak would poison every metric
         fail(f"{len(leaks)} patients fall in more than one split, e.g. {leaks[:3]}")
@@ -256,7 +259,7 @@ def segment(
                                   fallback=seg.fallback, mask=f"{stem}_mask.png",
                                   overlay=f"{stem}_overlay.png")
                 else:
-                    err.print(f"[yellow]skipped:[/] {record['error']}", highlight=False)
+                    err.print(f"[yellow]skipped:[/] {escape(record['error'])}", highlight=False)
                 log.write(json.dumps(record) + "\n")
                 bar.update(1)
     done = len(paths) - failures
@@ -324,6 +327,10 @@ def train(
     precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU), 32-true, 16-mixed, ...")] = "auto",
     seed: Annotated[int, typer.Option()] = 2019,
     all_views: Annotated[bool, typer.Option(help="Also train on lateral views.")] = False,
+    source_balance: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Inside adult and paediatric films (drawn equally): a source's share "
+                               "∝ its size to this power (0 = sources equal, 1 = as indexed).")] = 0.5,
+    epoch_size: Annotated[int, typer.Option(min=0, help="Images drawn per epoch (0 = training-set size).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
 ) -> None:
@@ -345,15 +352,33 @@ def train(
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
                       devices=devices, num_nodes=num_nodes, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
-                      max_minutes=max_minutes)
+                      max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size)
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ValueError) as exc:
         fail(str(exc))
     if meta is not None:
-        val = meta["validation"]
-        console.print(f"model written to {out / 'model.pt'}; validation mean AUC (14 findings) "
-                      f"{val['mean_auc_14']}, Pneumonia AUC {val['auc'].get('Pneumonia')}")
+        console.print(f"model written to {out / 'model.pt'}")
+        console.print(headline(meta["validation"]["within_source"], "validation"), highlight=False)
+        assessed = [label for label, a in meta["assessment"].items() if a["assessed"]]
+        console.print(f"assessed labels ({len(assessed)} of 15): {', '.join(assessed) or 'none'}; the "
+                      f"others are reported as 'not assessed' (reasons in the model's metadata)",
+                      highlight=False)
+
+
+def headline(within: dict, split: str) -> str:
+    """One line that cannot be misread: only within-source AUCs, with what they cover."""
+    parts = [f"{label} {v['auc']:.3f} ({v['images']} images, "
+             + ", ".join(f"{s} {w['auc']:.3f}" for s, w in v["sources"].items()) + ")"
+             for label, v in within["per_label"].items()]
+    if not parts:
+        return (f"{split}: no label has {within['min_per_class']} positives and negatives inside one "
+                f"source, so no AUC is reported (a pooled AUC here would measure the data sets)")
+    mean = within["mean_auc_findings"]
+    return (f"{split} AUC within sources (≥ {within['min_per_class']} positives and negatives per source): "
+            + "; ".join(parts)
+            + (f". Mean over {len(within['findings_scored'])} of 14 findings: {mean:.3f}" if mean is not None
+               else ". No finding of the 14 could be scored within a source"))
 
 
 @app.command()
@@ -392,6 +417,8 @@ def predict(
     onnx: Annotated[Optional[Path], typer.Option(help="Run through ONNX Runtime from this export folder.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        help="Run even if the classifier was trained on another lung model's crops.")] = False,
 ) -> None:
     """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray."""
     import csv
@@ -401,20 +428,16 @@ def predict(
 
     from pneumoscan.labels import LABELS
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.overlay import prediction_figure
-    from pneumoscan.predict import Predictor, resolve_label
+    from pneumoscan.overlay import findings_caption, prediction_figure
+    from pneumoscan.predict import Predictor
 
     if fmt not in ("json", "csv"):
         fail("--format must be json or csv")
-    if cam is not None and cam.lower() not in ("top", "none"):
-        try:
-            resolve_label(cam)
-        except ValueError as exc:
-            fail(str(exc))
-    cam = None if cam is None or cam.lower() == "none" else cam
     try:
-        predictor = Predictor.from_onnx(onnx) if onnx else Predictor.from_paths(seg_model, model)
-    except (ModelFileError, FileNotFoundError) as exc:
+        predictor = (Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch) if onnx else
+                     Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch))
+        cam = predictor.cam_class(cam)
+    except (ModelFileError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     files = gather_inputs(paths, out)
     used: set[str] = set()
@@ -424,7 +447,9 @@ def predict(
         writer = None
         if fmt == "csv":
             writer = csv.writer(handle)
-            writer.writerow(["path", *LABELS, "findings", "box", "fallback", "cam_label", "overlay", "error"])
+            # A label the model does not assess has an empty probability and is named in not_assessed.
+            writer.writerow(["path", *LABELS, "findings", "not_assessed", "box", "fallback", "cam_label",
+                             "overlay", "error"])
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
             for path, result in zip(chunk, predictor.predict_batch(chunk, cam=cam, keep_arrays=overlays)):
@@ -432,19 +457,22 @@ def predict(
                 record["overlay"] = None
                 if result.error:
                     failures += 1
-                    err.print(f"[yellow]failed:[/] {result.error}", highlight=False)
+                    err.print(f"[yellow]failed:[/] {escape(result.error)}", highlight=False)
                 elif overlays:
                     name = f"{output_stem(path, used)}_overlay.png"
                     prob = result.probabilities.get(result.cam_label) if result.cam_label else None
                     prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
-                                      result.cam_label, prob, str(out / name))
+                                      result.cam_label, prob, str(out / name),
+                                      caption=findings_caption(result))
                     record["overlay"] = name
                 if writer is None:
                     handle.write(json.dumps(record) + "\n")
                 else:
                     probs = result.probabilities or {}
-                    writer.writerow([record["path"], *(probs.get(label, "") for label in LABELS),
-                                     "|".join(result.findings or []), json.dumps(result.box),
+                    writer.writerow([record["path"], *("" if probs.get(label) is None else probs[label]
+                                                       for label in LABELS),
+                                     "|".join(result.findings or []), "|".join(result.not_assessed or []),
+                                     json.dumps(result.box),
                                      result.fallback, result.cam_label, record["overlay"], result.error or ""])
                 bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"
@@ -460,6 +488,8 @@ def serve(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        help="Run even if the classifier was trained on another lung model's crops.")] = False,
 ) -> None:
     """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
     try:
@@ -472,7 +502,7 @@ def serve(
     from pneumoscan.predict import Predictor
 
     try:
-        predictor = Predictor.from_paths(seg_model, model)
+        predictor = Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch)
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
     app = create_app(predictor, max_upload_mb=max_upload_mb)

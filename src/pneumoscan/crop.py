@@ -101,6 +101,25 @@ def crop_resize(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -
     return resize(apply_box(pixels, box), size).pixels
 
 
+def classifier_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """The classifier's input as uint8: training (the crop cache) and prediction both take it from
+    here, so the model sees the same picture, quantised the same way, in both."""
+    return np.round(np.clip(crop_resize(pixels, box, size), 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16) -> tuple[list, np.ndarray]:
+    """Segment [0, 1] grey pictures in batches and cut each one's classifier crop: the one
+    segment → crop path behind ``predict``, ``prepare`` and ``evaluate``. Returns the
+    segmentations and N×size×size uint8 crops."""
+    segs = []
+    for start in range(0, len(images), batch):
+        segs.extend(segmenter.segment_batch(images[start:start + batch]))
+    crops = np.zeros((len(images), size, size), np.uint8)
+    for i, (pixels, seg) in enumerate(zip(images, segs)):
+        crops[i] = classifier_crop(pixels, seg.box, size)
+    return segs, crops
+
+
 def apply_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The pixels inside ``box`` (a view, no copy)."""
     x0, y0, x1, y1 = box

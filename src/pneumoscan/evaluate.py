@@ -127,6 +127,94 @@ def source_check(y: np.ndarray, p: np.ndarray, sources: np.ndarray) -> dict[str,
             "sources_with_positives": sorted(map(str, with_pos))}
 
 
+#: A per-source AUC counts only with at least this many positives and negatives in that source.
+MIN_PER_CLASS = 5
+#: What "assessed" asks of a label (SPEC, "What every output must say").
+MIN_ADULT_TRAIN_POSITIVES = 100
+MIN_VAL_PER_CLASS = 10
+
+
+def per_source_auc(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_each: int = MIN_PER_CLASS,
+                   n_boot: int = 0, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """AUC of one label inside each source that has ``min_each`` positives and negatives:
+    no figure here can be earned by telling one data set from another."""
+    y, p, sources = np.asarray(y, float), np.asarray(p, float), np.asarray(sources).astype(str)
+    out = {}
+    for source in sorted(set(sources[~np.isnan(y)])):
+        inside = (sources == source) & ~np.isnan(y)
+        pos, neg = int((y[inside] == 1).sum()), int((y[inside] == 0).sum())
+        if min(pos, neg) < min_each:
+            continue
+        entry: dict[str, Any] = {"auc": _nan_to_none(roc_auc(y[inside], p[inside])), "positives": pos,
+                                 "negatives": neg}
+        if n_boot:
+            entry["ci"] = [_nan_to_none(v) for v in auc_ci(y[inside], p[inside], n_boot, seed)]
+        out[source] = entry
+    return out
+
+
+def within_source_summary(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
+                          min_each: int = MIN_PER_CLASS, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+    """The headline: per label the image-weighted mean of its per-source AUCs, and their mean
+    over the findings that have one. Labels without such a figure are left out, never pooled."""
+    per_label: dict[str, Any] = {}
+    for j, label in enumerate(LABELS):
+        parts = per_source_auc(labels[:, j], probs[:, j], sources, min_each, n_boot, seed)
+        if parts:
+            weights = np.array([v["positives"] + v["negatives"] for v in parts.values()], float)
+            aucs = np.array([v["auc"] for v in parts.values()], float)
+            per_label[label] = {"auc": round(float((aucs * weights).sum() / weights.sum()), 4),
+                                "sources": parts, "images": int(weights.sum())}
+    findings = [f for f in FINDINGS if f in per_label]
+    return {"per_label": per_label,
+            "mean_auc_findings": round(float(np.mean([per_label[f]["auc"] for f in findings])), 4)
+            if findings else None,
+            "findings_scored": findings, "min_per_class": min_each,
+            "images": int(max((v["images"] for v in per_label.values()), default=0))}
+
+
+def assess_labels(val_labels: np.ndarray, val_probs: np.ndarray, val_sources: np.ndarray,
+                  train_labels: np.ndarray, train_sources: np.ndarray, *,
+                  min_train_positives: int = MIN_ADULT_TRAIN_POSITIVES,
+                  min_val_each: int = MIN_VAL_PER_CLASS, n_boot: int = 1000, seed: int = 0
+                  ) -> dict[str, dict[str, Any]]:
+    """Per label: was it shown to be learnt, and at which threshold does it operate?
+
+    Assessed = at least ``min_train_positives`` training positives from adult films, and inside
+    one adult source with ``min_val_each`` validation positives and negatives, a bootstrap 95 % CI
+    of the AUC whose lower end is above 0.5. The threshold (Youden) is chosen on the validation
+    images of the adult sources that have both classes; a label not assessed has none.
+    """
+    from pneumoscan.data.manifest import population
+
+    adult_train = np.array([population(s) == "adult" for s in np.asarray(train_sources).astype(str)])
+    adult_val = np.array([population(s) == "adult" for s in np.asarray(val_sources).astype(str)])
+    out = {}
+    for j, label in enumerate(LABELS):
+        train_pos = int((train_labels[adult_train, j] == 1).sum())
+        parts = per_source_auc(val_labels[adult_val, j], val_probs[adult_val, j],
+                               np.asarray(val_sources)[adult_val], min_val_each, n_boot, seed)
+        best = max(parts.items(), key=lambda kv: kv[1]["ci"][0] or 0.0, default=None)
+        reasons = []
+        if train_pos < min_train_positives:
+            reasons.append(f"{train_pos} adult training positives (< {min_train_positives})")
+        if best is None:
+            reasons.append(f"no adult validation source with {min_val_each} positives and negatives")
+        elif not (best[1]["ci"][0] or 0.0) > 0.5:
+            reasons.append(f"validation AUC 95 % CI in {best[0]} reaches down to "
+                           f"{best[1]['ci'][0]} (not above 0.5)")
+        assessed = not reasons
+        threshold = None
+        if assessed:
+            inside = adult_val & np.isin(np.asarray(val_sources).astype(str), list(parts))
+            threshold = round(youden_threshold(val_labels[inside, j], val_probs[inside, j]), 6)
+        out[label] = {"assessed": assessed, "threshold": threshold, "adult_train_positives": train_pos,
+                      "validation": parts, "reason": "; ".join(reasons) if reasons else
+                      f"AUC {best[1]['auc']} (95 % CI {best[1]['ci'][0]}–{best[1]['ci'][1]}) "
+                      f"within {best[0]} validation images"}
+    return out
+
+
 def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float],
                            split: str, n_boot: int = 1000, seed: int = 0,
                            sources: np.ndarray | None = None) -> dict[str, Any]:
@@ -138,12 +226,14 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
         y, p = labels[:, j], probs[:, j]
         auc = roc_auc(y, p)
         low, high = auc_ci(y, p, n_boot, seed)
-        sens, spec = sens_spec(y, p, thresholds.get(label, 0.5))
+        threshold = thresholds.get(label)  # None: the model does not assess this label
+        sens, spec = sens_spec(y, p, threshold) if threshold is not None else (np.nan, np.nan)
         ece, bins = calibration(y, p)
         report["auc"][label] = _nan_to_none(auc)
         report["auc_ci"][label] = [_nan_to_none(low), _nan_to_none(high)]
         report["per_label"][label] = {
-            "threshold": round(float(thresholds.get(label, 0.5)), 4), "sensitivity": _nan_to_none(sens),
+            "threshold": None if threshold is None else round(float(threshold), 4),
+            "sensitivity": _nan_to_none(sens),
             "specificity": _nan_to_none(spec), "positives": int(np.nansum(y == 1)),
             "known": int((~np.isnan(y)).sum()), "ece": _nan_to_none(ece)}
         if sources is not None:
@@ -151,8 +241,13 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
         report["calibration"][label] = bins
         report[label] = report["per_label"][label]  # contract: per label threshold/sens/spec at top level
     finite = [report["auc"][f] for f in FINDINGS if report["auc"][f] is not None]
-    report["mean_auc_14"] = round(float(np.mean(finite)), 4) if finite else None
-    report["mean_auc_14_classes_scored"] = len(finite)
+    report["pooled_mean_auc_14"] = round(float(np.mean(finite)), 4) if finite else None
+    if sources is None:  # one source by the caller's word: pooled figures are within-source
+        sources = np.array(["(one source)"] * len(labels))
+    within = within_source_summary(labels, probs, np.asarray(sources), n_boot=n_boot, seed=seed)
+    report["within_source"] = within
+    report["mean_auc_14"] = within["mean_auc_findings"]
+    report["mean_auc_14_labels"] = within["findings_scored"]
     return report
 
 
@@ -164,37 +259,58 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot_roc(labels, probs, out / "roc.png")
     _plot_reliability(report, out / "reliability.png")
+    within = report["within_source"]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    assessment = (model_meta or {}).get("assessment") or {}
     lines = [f"# Evaluation on split `{report['split']}` ({report['n_images']} images)", ""]
     if model_meta:
         lines += [f"Model: weights SHA-256 `{model_meta.get('weights_sha256', '?')[:16]}…`, input "
                   f"{model_meta.get('input_size')} px, trained on "
-                  f"{model_meta.get('training_data', {}).get('description', '?')}.", ""]
-    lines += ["| label | positives / known | AUC | 95 % CI | threshold | sensitivity | specificity | ECE |",
+                  f"{model_meta.get('training_data', {}).get('description', '?')}. Assessed labels: "
+                  + (", ".join(l for l in LABELS if (assessment.get(l) or {}).get("assessed")) or "none")
+                  + ".", ""]
+    mean = within["mean_auc_findings"]
+    lines += ["## Headline: AUC measured inside each data source", "",
+              (f"Mean AUC over {len(within['findings_scored'])} of 14 findings "
+               f"({', '.join(within['findings_scored'])}), each measured inside the sources that have at "
+               f"least {within['min_per_class']} positives and negatives: **{mean:.3f}**."
+               if mean is not None else
+               f"No finding of the 14 has {within['min_per_class']} positives and negatives inside one "
+               f"source of this split, so no mean AUC is reported (a pooled figure would measure the "
+               f"data sets, not the findings)."),
+              "", "| label | source | positives / negatives | AUC | 95 % CI | assessed by the model |",
+              "|---|---|---|---|---|---|"]
+    for label, entry in within["per_label"].items():
+        flag = "yes" if (assessment.get(label) or {}).get("assessed") else "no"
+        for source, v in entry["sources"].items():
+            ci = v.get("ci") or [None, None]
+            lines.append(f"| {label} | {source} | {v['positives']} / {v['negatives']} | {fmt(v['auc'])} | "
+                         f"{fmt(ci[0])}–{fmt(ci[1])} | {flag} |")
+    lines += ["", "## Detail: pooled over every source of the split", "",
+              "Pooled AUCs mix data sets: where a label's positives and negatives come from different "
+              "sources they reward telling the sources apart. They are not finding measures.", "",
+              "| label | positives / known | pooled AUC | 95 % CI | threshold | sensitivity | specificity | ECE |",
               "|---|---|---|---|---|---|---|---|"]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     for label in LABELS:
         pl, ci = report["per_label"][label], report["auc_ci"][label]
         lines.append(f"| {label} | {pl['positives']} / {pl['known']} | {fmt(report['auc'][label])} | "
-                     f"{fmt(ci[0])}–{fmt(ci[1])} | {pl['threshold']:.3f} | {fmt(pl['sensitivity'])} | "
-                     f"{fmt(pl['specificity'])} | {fmt(pl['ece'])} |")
+                     f"{fmt(ci[0])}–{fmt(ci[1])} | "
+                     f"{'not assessed' if pl['threshold'] is None else format(pl['threshold'], '.3f')} | "
+                     f"{fmt(pl['sensitivity'])} | {fmt(pl['specificity'])} | {fmt(pl['ece'])} |")
     confounded = [label for label in LABELS
                   if (report["per_label"][label].get("negatives_from_sources_without_positives") or 0) > 0.5
                   and report["auc"][label] is not None]
     if confounded:
         lines += ["", "**Source warning.** For " + ", ".join(confounded) + ", more than half of the "
-                  "negatives come from data sources that have no positive for that label, so the AUC "
-                  "above can reward telling the sources apart rather than finding the disease. AUC "
-                  "within the sources that have positives: " + ", ".join(
-                      f"{label} {fmt(report['per_label'][label]['auc_within_sources'])}" for label in confounded)
-                  + "."]
-    lines += ["", f"Mean AUC over the 14 findings: {fmt(report['mean_auc_14'])} "
-              f"({report['mean_auc_14_classes_scored']} of 14 findings had both positives and negatives).",
-              "", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
+                  "negatives come from data sources that have no positive for that label, so the pooled "
+                  "AUC above rewards telling the sources apart rather than finding the disease."]
+    lines += ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
               "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
     lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
-    lines += [f"| this model | {fmt(report['mean_auc_14'])} | split `{report['split']}` of the given "
-              f"manifest ({report['n_images']} images) |", "",
-              "Thresholds are Youden-optimal on the validation split, stored with the model.", ""]
+    lines += [f"| this model | {fmt(mean)} | within-source mean over {len(within['findings_scored'])} of 14 "
+              f"findings, split `{report['split']}` of the given manifest ({within['images']} images) |", "",
+              "Thresholds are Youden-optimal on validation images of adult sources, stored with the model; "
+              "labels the model does not assess have none.", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 

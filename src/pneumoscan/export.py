@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoscan.classify import Classifier
+from pneumoscan.classify import Classifier, check_crops
 from pneumoscan.explain import cam_from_features
 from pneumoscan.segment import LungSegmenter
 
@@ -101,6 +101,7 @@ class OnnxClassifier(Classifier):
         return logits, features
 
     def predict_proba(self, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        check_crops(crops, self.size)
         out = [1.0 / (1.0 + np.exp(-self._run(crops[i:i + batch_size])[0]))
                for i in range(0, len(crops), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.thresholds)), np.float32)

@@ -2,8 +2,12 @@
 
 A model file is a plain dict of tensors and JSON-able metadata, written with ``torch.save`` and
 read with ``torch.load(weights_only=True)`` (no pickled code runs). The metadata names the model
-kind, its label order, input size, preprocessing and training data, and a SHA-256 of the weights;
-loading recomputes the hash and refuses a file whose weights, kind or label order do not match.
+kind, its label order, input size, preprocessing and training data, a SHA-256 of the weights
+(``weights_sha256``, the model's identity: other models and reports name it) and a SHA-256 over
+those weights *and* the metadata (``sha256``), so that a changed threshold or label flag is caught
+as surely as a changed weight. Loading recomputes both and refuses a file whose weights, metadata,
+kind or label order do not match. Files written before ``sha256`` existed (format 1) are checked
+on their weights and loaded with a one-time warning that their metadata is unprotected.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_WARNED: set[str] = set()
 
 
 class ModelFileError(ValueError):
@@ -43,6 +49,13 @@ def weights_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def metadata_sha256(meta: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of the metadata (which holds the weights' hash), leaving
+    out only this hash itself."""
+    body = {k: v for k, v in meta.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -61,7 +74,8 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
     weights = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
                for k, v in state_dict.items()}
     meta = {**meta, "format_version": FORMAT_VERSION, "weights_sha256": weights_sha256(weights)}
-    json.dumps(meta)  # metadata must stay plain JSON so weights_only loading can read it
+    meta = json.loads(json.dumps(meta))  # plain JSON (weights_only loading reads it back as such)
+    meta["sha256"] = metadata_sha256(meta)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -109,15 +123,27 @@ def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = 
         meta = json.loads(blob["meta_json"])
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"{path}: model metadata is not valid JSON") from exc
+    state = blob["state_dict"]
+    if not isinstance(meta, dict) or not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelFileError(f"{path}: not a PneumoScan model file (metadata or weights malformed)")
     if meta.get("kind") != kind:
         raise ModelFileError(f"{path}: is a {meta.get('kind')!r} model, expected {kind!r}")
-    state = blob["state_dict"]
     actual = weights_sha256(state)
     if actual != meta.get("weights_sha256"):
         raise ModelFileError(
             f"{path}: weights do not match their recorded SHA-256 (file damaged or altered); "
             f"recorded {str(meta.get('weights_sha256'))[:12]}…, found {actual[:12]}…"
         )
+    if meta.get("format_version", 1) != 1:
+        if meta.get("sha256") != metadata_sha256(meta):
+            raise ModelFileError(f"{path}: metadata does not match its recorded SHA-256 (a threshold, "
+                                 f"label flag or other setting was altered, or the file is damaged)")
+    elif str(path) not in _WARNED:
+        _WARNED.add(str(path))
+        warnings.warn(f"{path}: an older model file (format 1): its weights are verified but its "
+                      f"metadata (thresholds, labels) is not protected by a hash; re-save it with "
+                      f"this version", stacklevel=2)
     if labels is not None and tuple(meta.get("labels", ())) != tuple(labels):
         raise ModelFileError(
             f"{path}: label order {meta.get('labels')} differs from this version's {list(labels)}"

@@ -44,11 +44,23 @@ def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, in
             cv2.line(canvas, s, e, colour, thickness)
 
 
+def findings_caption(result) -> str:
+    """What the model says and what it does not assess, in words, for pictures people read."""
+    found = ", ".join(result.findings) if result.findings else "none above threshold"
+    line = f"Findings: {found}"
+    if result.not_assessed:
+        names = ", ".join(result.not_assessed) if len(result.not_assessed) <= 4 else \
+            f"{len(result.not_assessed)} of 15 labels"
+        line += f"\nNot assessed by this model: {names}"
+    return line
+
+
 def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
                       fallback: bool, cam: np.ndarray | None, cam_label: str | None,
-                      probability: float | None, path: str, max_side: int = 1024) -> None:
+                      probability: float | None, path: str, max_side: int = 1024,
+                      caption: str | None = None) -> None:
     """Save a PNG: the X-ray with lung contour, crop box and (if given) the Grad-CAM heat map
-    with a colour bar and the class name."""
+    with a colour bar and the class name; ``caption`` (findings, labels not assessed) below."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,5 +91,8 @@ def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int
         title = f"Grad-CAM: {cam_label}" + (f" (p = {probability:.2f})" if probability is not None else "") + f" · {title}"
     ax.set_title(title, fontsize=10)
     ax.axis("off")
+    if caption:
+        ax.text(0.0, -0.01, caption, transform=ax.transAxes, fontsize=9, va="top", ha="left",
+                wrap=True)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)

@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.classify import Classifier
-from pneumoscan.crop import crop_resize
+from pneumoscan.crop import segment_and_crop
 from pneumoscan.explain import place_on_original
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
+from pneumoscan.modelfile import ModelFileError
 from pneumoscan.segment import LungSegmenter
 
 #: Image metadata that may leave the process: technical fields only, never patient identity.
@@ -27,11 +28,18 @@ PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", 
 
 @dataclass
 class Prediction:
-    """What PneumoScan says about one image. Arrays stay out of :meth:`to_dict`."""
+    """What PneumoScan says about one image. Arrays stay out of :meth:`to_dict`.
+
+    ``probabilities[label]`` is None for a label the model does not assess (also listed in
+    ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
+    is never a finding. ``thresholds`` holds each assessed label's operating threshold.
+    """
 
     path: str | None
-    probabilities: dict[str, float] | None = None
+    probabilities: dict[str, float | None] | None = None
     findings: list[str] | None = None
+    not_assessed: list[str] | None = None
+    thresholds: dict[str, float | None] | None = None
     box: list[int] | None = None
     fallback: bool | None = None
     lung_fraction: float | None = None
@@ -44,7 +52,7 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
-                "box": self.box, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
+                "not_assessed": self.not_assessed, "thresholds": self.thresholds, "box": self.box, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
                 "image": self.image, "cam_label": self.cam_label, "error": self.error}
 
 
@@ -57,38 +65,64 @@ def resolve_label(name: str) -> str:
     raise ValueError(f"unknown class {name!r}; choose 'top' or one of: {', '.join(LABELS)}")
 
 
+class NotAssessedError(ValueError):
+    """A Grad-CAM was asked for a label the model does not assess."""
+
+
 class Predictor:
     """Lung segmenter + classifier, with Grad-CAM on request."""
 
-    def __init__(self, segmenter: LungSegmenter, classifier: Classifier):
+    def __init__(self, segmenter: LungSegmenter, classifier: Classifier, *, allow_model_mismatch: bool = False):
+        trained_on = (classifier.meta.get("preprocessing") or {}).get("segmentation_model_sha256")
+        used = segmenter.meta.get("weights_sha256")
+        if trained_on != used and not allow_model_mismatch:
+            raise ModelFileError(
+                f"the classifier was trained on crops from lung model {str(trained_on)[:12]}…, but lung "
+                f"model {str(used)[:12]}… is loaded: its crops would differ from what the classifier "
+                f"learnt. Use the matching lung model, or pass --allow-model-mismatch to run anyway")
         self.segmenter = segmenter
         self.classifier = classifier
+        self.model_mismatch = trained_on != used
 
     @classmethod
     def from_default(cls) -> Predictor:
         return cls.from_paths()
 
     @classmethod
-    def from_paths(cls, seg: str | Path | None = None, cls_model: str | Path | None = None) -> Predictor:
+    def from_paths(cls, seg: str | Path | None = None, cls_model: str | Path | None = None, *,
+                   allow_model_mismatch: bool = False) -> Predictor:
         from pneumoscan.classify import load_default as load_classifier
         from pneumoscan.segment import load_default as load_segmenter
 
         return cls(LungSegmenter.load(seg) if seg else load_segmenter(),
-                   Classifier.load(cls_model) if cls_model else load_classifier())
+                   Classifier.load(cls_model) if cls_model else load_classifier(),
+                   allow_model_mismatch=allow_model_mismatch)
 
     @classmethod
-    def from_onnx(cls, folder: str | Path) -> Predictor:
+    def from_onnx(cls, folder: str | Path, *, allow_model_mismatch: bool = False) -> Predictor:
         """Both models through ONNX Runtime (``pneumoscan export --format onnx``)."""
         from pneumoscan.export import load_onnx
 
-        return cls(*load_onnx(folder))
+        return cls(*load_onnx(folder), allow_model_mismatch=allow_model_mismatch)
 
     @property
     def models(self) -> dict[str, Any]:
         """SHA-256 and training summary of both models (for reports and /health)."""
         return {"segmentation": self.segmenter.meta.get("weights_sha256"),
                 "classifier": self.classifier.meta.get("weights_sha256"),
-                "classifier_input_size": self.classifier.size}
+                "classifier_input_size": self.classifier.size,
+                "assessed_labels": self.classifier.assessed_labels}
+
+    def cam_class(self, cam: str | None) -> str | None:
+        """Check a Grad-CAM request up front: None, "top" or an assessed label (any spelling)."""
+        if cam is None or cam.strip().lower() in ("top", "none"):
+            return None if cam is None or cam.strip().lower() == "none" else "top"
+        label = resolve_label(cam)
+        if label not in self.classifier.assessed_labels:
+            raise NotAssessedError(
+                f"{label} is not assessed by this model, so its heat map would show nothing learnt; "
+                f"choose 'top' or one of: {', '.join(self.classifier.assessed_labels) or '(none)'}")
+        return label
 
     def predict(self, source: str | Path | bytes | np.ndarray | XrayImage, *, cam: str | None = None,
                 name: str | None = None, keep_arrays: bool = False) -> Prediction:
@@ -96,10 +130,11 @@ class Predictor:
 
     def predict_batch(self, sources: list[Any], *, cam: str | None = None,
                       names: list[str | None] | None = None, keep_arrays: bool = False) -> list[Prediction]:
-        """Predictions in input order; ``cam`` is None, "top" (the most probable finding) or a
-        class name; ``keep_arrays`` keeps the picture, mask and full-size Grad-CAM heat map for
+        """Predictions in input order; ``cam`` is None, "top" (the most probable assessed
+        finding) or an assessed class name (any capitalisation); ``keep_arrays`` keeps the picture, mask and full-size Grad-CAM heat map for
         overlays (without it only the Grad-CAM class is named, and no heat map is computed)."""
-        cam_label = None if cam in (None, "top") else resolve_label(cam)
+        cam = self.cam_class(cam)
+        cam_label = None if cam in (None, "top") else cam
         names = names or [None] * len(sources)
         results: list[Prediction] = []
         readable: list[tuple[int, XrayImage]] = []
@@ -114,22 +149,28 @@ class Predictor:
             readable.append((i, image))
         if not readable:
             return results
-        segs = self.segmenter.segment_batch([image.pixels for _, image in readable])
-        crops = np.stack([crop_resize(image.pixels, seg.box, self.classifier.size)
-                          for (_, image), seg in zip(readable, segs)]).astype(np.float32)
-        probs = self.classifier.predict_proba(crops)
+        classifier = self.classifier
+        segs, crops = segment_and_crop([image.pixels for _, image in readable], self.segmenter, classifier.size)
+        crops = crops.astype(np.float32) / 255.0
+        probs = classifier.predict_proba(crops)
+        assessed = classifier.assessed_labels
         for (i, image), seg, crop, p in zip(readable, segs, crops, probs):
             result = results[i]
-            result.probabilities = {label: round(float(v), 6) for label, v in zip(LABELS, p)}
-            result.findings = [label for label, v, t in zip(LABELS, p, self.classifier.thresholds) if v >= t]
+            result.probabilities = {label: round(float(v), 6) if a else None
+                                    for label, v, a in zip(LABELS, p, classifier.assessed)}
+            result.thresholds = {label: round(float(t), 6) if a else None
+                                 for label, t, a in zip(LABELS, classifier.thresholds, classifier.assessed)}
+            result.findings = classifier.findings(p)
+            result.not_assessed = [label for label in LABELS if label not in assessed]
             result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
             result.lung_fraction = round(float(seg.lung_fraction), 4)
-            if cam is not None:
-                result.cam_label = cam_label or max(FINDINGS, key=lambda f: p[LABELS.index(f)])
+            scored = [f for f in FINDINGS if f in assessed]
+            if cam is not None and (cam_label or scored):
+                result.cam_label = cam_label or max(scored, key=lambda f: p[LABELS.index(f)])
             if keep_arrays:
                 result.pixels, result.mask = image.pixels, seg.mask
                 if result.cam_label is not None:  # the heat map is an array: only made when kept
-                    heat = self.classifier.gradcam(crop, LABELS.index(result.cam_label))
+                    heat = classifier.gradcam(crop, LABELS.index(result.cam_label))
                     result.cam = place_on_original(heat, seg.box, image.pixels.shape)
         return results
 

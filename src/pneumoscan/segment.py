@@ -18,7 +18,7 @@ from torch import nn
 
 from pneumoscan.crop import LungCrop, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
-from pneumoscan.modelfile import load_model, save_model, shipped_model_path
+from pneumoscan.modelfile import ModelFileError, load_model, save_model, shipped_model_path
 
 KIND = "lung-segmentation"
 PRESETS = ("small", "thesis")
@@ -81,12 +81,17 @@ class LungSegmenter:
     @classmethod
     def load(cls, path: str | Path) -> LungSegmenter:
         state, meta = load_model(path, kind=KIND)
-        net = build_unet(meta["preset"])
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            net = build_unet(meta["preset"])
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ModelFileError(f"{path}: lung model metadata or weights unusable "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
         if missing or unexpected:
-            raise ValueError(f"{path}: weights do not fit the {meta['preset']} U-Net "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(net, Preprocessing.from_dict(meta["preprocessing"]), meta)
+            raise ModelFileError(f"{path}: weights do not fit the {meta['preset']} U-Net "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return cls(net, preprocessing, meta)
 
     def save(self, path: str | Path, *, half: bool = False, **extra: Any) -> dict[str, Any]:
         meta = {**self.meta, **extra, "kind": KIND,

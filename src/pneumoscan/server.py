@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from pneumoscan import __version__
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
-from pneumoscan.predict import Predictor, resolve_label
+from pneumoscan.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 32
 PREVIEW_SIDE = 768
@@ -98,13 +98,13 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
-                cam: str = Query("top", description="'top', 'none' or a class name"),
+                cam: str = Query("top", description="'top' (most probable assessed finding), 'none' or an "
+                                                      "assessed class name, any capitalisation"),
                 images: bool = Query(True, description="include original_png and overlay_png")):
-        if cam.lower() not in ("top", "none"):
-            try:
-                cam = resolve_label(cam)
-            except ValueError as exc:
-                return error(422, str(exc))
+        try:
+            cam = predictor.cam_class(cam)
+        except ValueError as exc:
+            return error(422, str(exc))
         data = file.file.read(limit + 1)
         if len(data) > limit:
             return error(413, f"upload is over the {limit:,}-byte limit")
@@ -114,8 +114,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
         except XrayReadError as exc:
             return error(400, str(exc))
         with lock:
-            result = predictor.predict(image, cam=None if cam.lower() == "none" else cam, name=label,
-                                       keep_arrays=images)
+            result = predictor.predict(image, cam=cam, name=label, keep_arrays=images)
         if result.error:  # pragma: no cover - decoding already succeeded above
             return error(400, result.error)
         body = result.to_dict()

@@ -13,6 +13,7 @@ from pneumoscan.data.manifest import (
     build_manifest,
     label_matrix,
     patient_leaks,
+    population,
     read_manifest,
     resolve_sources,
     summarize,
@@ -26,6 +27,6 @@ from pneumoscan.data.shenzhen import Shenzhen
 __all__ = [
     "Actualmed", "CovidChestXray", "DEFAULT_FRACTIONS", "DEFAULT_SEED", "Kermany",
     "MANIFEST_COLUMNS", "ManifestError", "Montgomery", "NIH", "RSNA", "SOURCES", "Shenzhen",
-    "SourceError", "XraySource", "build_manifest", "label_matrix", "patient_leaks",
+    "SourceError", "XraySource", "build_manifest", "label_matrix", "patient_leaks", "population",
     "read_manifest", "resolve_sources", "summarize", "write_manifest",
 ]

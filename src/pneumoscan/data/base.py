@@ -32,6 +32,12 @@ def normal() -> dict[str, float]:
     return row
 
 
+def tb_screening(file_stem: str) -> dict[str, float]:
+    """Montgomery/Shenzhen: ``_0`` is a normal adult film (No Finding = 1, findings 0); ``_1`` is
+    tuberculosis, which is none of the 14 findings, so only No Finding = 0 is known."""
+    return normal() if file_stem.endswith("_0") else only(No_Finding=0)
+
+
 def only(**known: float) -> dict[str, float]:
     """Every label unknown except those named (use ``No_Finding`` for "No Finding")."""
     row = unknown()
@@ -52,6 +58,9 @@ class XraySource:
 
     name: ClassVar[str]
     pathologies: ClassVar[tuple[str, ...]] = LABELS
+    #: "adult" or "paediatric": training balances the two, and a label counts as learnt only
+    #: from adult positives (the people this tool is for read adult films).
+    population: ClassVar[str] = "adult"
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()

@@ -28,6 +28,7 @@ def patient_key(file_name: str) -> str:
 
 class Kermany(XraySource):
     name = "kermany"
+    population = "paediatric"
 
     def _rows(self):
         splits = [s for s in ("train", "test", "val") if (self.root / s).is_dir()]

@@ -10,7 +10,7 @@ folder) pin patients to test; all of a patient's images follow the patient.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,14 +75,32 @@ def assign_splits(
     return patients.map(decided)
 
 
-def resolve_sources(root: str | Path) -> dict[str, Path]:
-    """The sources found under a folder laid out like ``../shared/data``."""
+SourceRoots = str | Path | Sequence[str | Path]
+
+
+def resolve_sources(root: str | Path) -> dict[str, list[Path]]:
+    """The sources found under a folder laid out like ``../shared/data``; a source may have
+    several folders (``nih-cxr14``, ``nih-cxr14-extra``, ...: its usual name, then ``NAME-*``)."""
     root = Path(root)
-    return {name: root / folder for name, folder in FOLDER_NAMES.items() if (root / folder).is_dir()}
+    found = {}
+    for name, folder in FOLDER_NAMES.items():
+        folders = [p for p in [root / folder, *sorted(root.glob(f"{folder}-*"))] if p.is_dir()]
+        if folders:
+            found[name] = folders
+    return found
+
+
+def population(source: str) -> str:
+    """"adult" or "paediatric" for a source name (sources this version does not know: adult)."""
+    return SOURCES[source].population if source in SOURCES else "adult"
+
+
+def _folders(roots: SourceRoots) -> list[Path]:
+    return [Path(roots)] if isinstance(roots, str | Path) else [Path(r) for r in roots]
 
 
 def build_manifest(
-    sources: Mapping[str, str | Path],
+    sources: Mapping[str, SourceRoots],
     *,
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
@@ -90,27 +108,39 @@ def build_manifest(
     warnings: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per image of every source: ``path, source, patient, view, split``, the 15 labels
-    (1/0, NaN unknown) and ``mask`` (segmentation masks, ``;``-joined, or empty)."""
+    (1/0, NaN unknown) and ``mask`` (segmentation masks, ``;``-joined, or empty).
+
+    A source may be given several folders (NIH extracts, say): their patient keys are shared, so
+    a patient found in two folders still lands in one split; a file name seen twice in one source
+    is indexed once (the first folder's copy)."""
     unknown_names = set(sources) - set(SOURCES)
     if unknown_names:
         raise ManifestError(f"unknown sources {sorted(unknown_names)}; known: {sorted(SOURCES)}")
     tables = []
-    for name, root in sources.items():
-        try:
-            source = RSNA(root, mapping=rsna_mapping) if name == "rsna" else SOURCES[name](root)
-        except SourceError as exc:
-            raise ManifestError(str(exc)) from exc
-        if name == "rsna" and "nih" in sources and not source.has_mapping and len(source):
-            raise ManifestError(
-                "RSNA images are re-annotated NIH images; without the RSNA↔NIH mapping "
-                f"({'pneumonia-challenge-dataset-mappings_2018.json'}) the same radiograph could "
-                "sit in two splits. Put the mapping in the RSNA folder or pass it "
-                "(--rsna-mapping), or index RSNA and NIH separately."
-            )
-        if warnings is not None:
-            warnings.extend(source.warnings)
-        table = source.csv.assign(source=name)
-        tables.append(table)
+    for name, roots in sources.items():
+        parts = []
+        for root in _folders(roots):
+            try:
+                source = RSNA(root, mapping=rsna_mapping) if name == "rsna" else SOURCES[name](root)
+            except SourceError as exc:
+                raise ManifestError(str(exc)) from exc
+            if name == "rsna" and "nih" in sources and not source.has_mapping and len(source):
+                raise ManifestError(
+                    "RSNA images are re-annotated NIH images; without the RSNA↔NIH mapping "
+                    f"({'pneumonia-challenge-dataset-mappings_2018.json'}) the same radiograph could "
+                    "sit in two splits. Put the mapping in the RSNA folder or pass it "
+                    "(--rsna-mapping), or index RSNA and NIH separately."
+                )
+            if warnings is not None:
+                warnings.extend(source.warnings)
+            parts.append(source.csv)
+        table = pd.concat(parts, ignore_index=True).assign(source=name)
+        names = table["path"].map(lambda p: Path(p).name)
+        twice = names.duplicated()
+        if twice.any() and warnings is not None:
+            warnings.append(f"{name}: {int(twice.sum())} file names appear in more than one of its "
+                            f"folders; each is indexed once (e.g. {names[twice].iloc[0]})")
+        tables.append(table[~twice])
     if not tables:
         raise ManifestError("no sources given")
     merged = pd.concat(tables, ignore_index=True)

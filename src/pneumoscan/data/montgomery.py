@@ -1,12 +1,13 @@
 """Montgomery County set: ``CXR_png/MCUCXR_####_{0,1}.png`` + ``ManualMask/{left,right}Mask``.
 
 Segmentation data: the two lung masks are given as ``mask`` (``;``-joined, merged when loaded).
-The TB flag (``_1``) is none of the 15 labels, so every label is unknown.
+Also adult classification films: ``_0`` normal (No Finding 1, findings 0); ``_1`` tuberculosis
+(No Finding 0, the 14 findings unknown, since TB is none of them).
 """
 
 from __future__ import annotations
 
-from pneumoscan.data.base import XraySource, row, unknown
+from pneumoscan.data.base import XraySource, row, tb_screening
 
 
 class Montgomery(XraySource):
@@ -20,4 +21,4 @@ class Montgomery(XraySource):
             if len(have) == 1:
                 self.warnings.append(f"montgomery: {path.name} has only one lung mask (mask skipped)")
             mask = ";".join(have) if len(have) == 2 else ""
-            yield row(path, path.stem, "PA", unknown(), mask=mask)
+            yield row(path, path.stem, "PA", tb_screening(path.stem), mask=mask)

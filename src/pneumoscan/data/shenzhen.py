@@ -1,11 +1,12 @@
 """Shenzhen Hospital set: ``CXR_png/CHNCXR_####_{0,1}.png`` + ``mask/CHNCXR_####_{0,1}_mask.png``.
 
-Segmentation data; the TB flag is none of the 15 labels, so every label is unknown.
+Segmentation data, and adult classification films: ``_0`` normal (No Finding 1, findings 0);
+``_1`` tuberculosis (No Finding 0, the 14 findings unknown, since TB is none of them).
 """
 
 from __future__ import annotations
 
-from pneumoscan.data.base import XraySource, row, unknown
+from pneumoscan.data.base import XraySource, row, tb_screening
 
 
 class Shenzhen(XraySource):
@@ -15,4 +16,4 @@ class Shenzhen(XraySource):
         images = self._require("CXR_png")
         for path in sorted(images.glob("*.png")):
             mask = self.root / "mask" / f"{path.stem}_mask.png"
-            yield row(path, path.stem, "PA", unknown(), mask=str(mask) if mask.exists() else "")
+            yield row(path, path.stem, "PA", tb_screening(path.stem), mask=str(mask) if mask.exists() else "")

@@ -1,0 +1,43 @@
+"""DX/CR DICOM files built from real dev PNG films, for tests (pydicom's bundled test data holds
+no CR or DX chest X-ray). Each keeps the film's picture: 12-bit stored pixels with a window that
+spans them, optionally MONOCHROME1 (inverted storage) or with a rescale intercept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+SOP_CLASS = {"DX": "1.2.840.10008.5.1.4.1.1.1.1", "CR": "1.2.840.10008.5.1.4.1.1.1"}
+
+
+def film_to_dicom(png: Path, out: Path, *, modality: str = "DX", monochrome1: bool = False,
+                  intercept: float = 0.0, view: str = "PA", body_part: str = "CHEST") -> Path:
+    """Write ``png`` (8-bit grey film) as a 12-bit DICOM of the same picture."""
+    grey = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    stored = grey.astype(np.uint16) * 16  # 0…4080: 12 bits
+    if monochrome1:
+        stored = 4095 - stored
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SOP_CLASS[modality]
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID = "Test^Film", "TEST-0001"
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = modality, view, body_part
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+    low, high = intercept, 4095 + intercept  # the window spans every stored value
+    ds.WindowCenter, ds.WindowWidth = (low + high) / 2, high - low
+    ds.PixelData = stored.tobytes()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out
