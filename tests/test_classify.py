@@ -159,3 +159,36 @@ def test_classifier_refuses_crops_outside_0_1_or_of_the_wrong_size():
         classifier.predict_proba(np.zeros((1, 224, 224), np.float32))
     with pytest.raises(ValueError, match="finite"):
         classifier.predict_proba(np.full((1, 64, 64), np.nan, np.float32))
+
+
+def test_balanced_sampling_draws_populations_equally_and_replays_by_epoch():
+    from pneumoscan.classify_train import BalancedSampler, sampling_weights
+
+    sources = np.array(["kermany"] * 4000 + ["nih"] * 400 + ["shenzhen"] * 100)
+    weights = sampling_weights(sources, 0.5)
+    assert weights.sum() == pytest.approx(1.0)
+    assert weights[sources == "kermany"].sum() == pytest.approx(0.5)  # paediatric = adult
+    # inside the adult half: shares ∝ sqrt(size): nih 20, shenzhen 10
+    assert weights[sources == "nih"].sum() == pytest.approx(0.5 * 20 / 30)
+    equal = sampling_weights(sources, 0.0)
+    assert equal[sources == "nih"].sum() == pytest.approx(equal[sources == "shenzhen"].sum())
+    sampler = BalancedSampler(weights, 3000, seed=7)
+    first = list(sampler)
+    assert list(sampler) == first and len(first) == 3000
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    drawn = sources[first]
+    assert abs((drawn == "kermany").mean() - 0.5) < 0.05
+
+
+def test_selection_score_is_the_mean_within_source_auc():
+    from pneumoscan.classify_train import selection_score
+
+    j = LABELS.index("Pneumonia")
+    labels = np.full((40, 15), np.nan, np.float32)
+    labels[:, j] = np.r_[np.ones(10), np.zeros(10), np.ones(10), np.zeros(10)]
+    probs = np.zeros((40, 15), np.float32)
+    probs[:20, j] = np.r_[np.linspace(0.6, 1, 10), np.linspace(0, 0.4, 10)]  # source A: perfect
+    probs[20:, j] = np.r_[np.linspace(0, 0.4, 10), np.linspace(0.6, 1, 10)]  # source B: inverted
+    score, parts = selection_score(labels, probs, np.array(["A"] * 20 + ["B"] * 20))
+    assert parts == {"Pneumonia/A": 1.0, "Pneumonia/B": 0.0} and score == pytest.approx(0.5)

@@ -17,17 +17,18 @@ from conftest import DATA, needs_data
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, assessed_model):
     out = tmp_path_factory.mktemp("onnx")
-    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "export", "--format", "onnx", "--out", str(out)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "export", "--format", "onnx", "--out", str(out),
+                             "--model", str(assessed_model)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
 
 @needs_data
-def test_onnx_matches_pytorch_on_real_images(exported):
-    torch_p, onnx_p = Predictor.from_default(), Predictor.from_onnx(exported)
+def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
+    torch_p, onnx_p = Predictor.from_paths(cls_model=assessed_model), Predictor.from_onnx(exported)
+    assert onnx_p.classifier.assessed_labels == torch_p.classifier.assessed_labels == ["No Finding", "Pneumonia"]
     paths = [*sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:3],
              DATA / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg",
              next((DATA / "siim-acr-pneumothorax").rglob("*.dcm"))]
@@ -44,7 +45,8 @@ def test_onnx_matches_pytorch_on_real_images(exported):
             assert np.abs(onnx_p.classifier.gradcam(crop, k) - torch_p.classifier.gradcam(crop, k)).max() < 1e-3
     a, b = torch_p.predict(paths[0], cam="top"), onnx_p.predict(paths[0], cam="top")
     assert a.box == b.box and a.cam_label == b.cam_label
-    assert max(abs(a.probabilities[l] - b.probabilities[l]) for l in LABELS) < 1e-4
+    assert a.not_assessed == b.not_assessed and a.findings == b.findings
+    assert max(abs(a.probabilities[l] - b.probabilities[l]) for l in ("Pneumonia", "No Finding")) < 1e-4
 
 
 def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):

@@ -115,7 +115,26 @@ def trained(cache64, tmp_path_factory) -> Path:
     result = subprocess.run(_train(cache64, out, "--epochs", "2"), capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    (out / "stdout.txt").write_text(result.stdout)
     return out
+
+
+def test_trained_model_records_assessment_selection_and_an_honest_headline(trained):
+    from pneumoscan.labels import LABELS
+
+    _, meta = load_model(trained / "model.pt", kind="chest-classifier")
+    assert list(meta["assessment"]) == list(LABELS)
+    for label, entry in meta["assessment"].items():
+        assert isinstance(entry["assessed"], bool) and entry["reason"]
+        assert (entry["threshold"] is None) == (not entry["assessed"])
+        assert meta["thresholds"][label] == entry["threshold"]
+    # 150 NIH films hold far fewer than 100 adult positives of any finding: nothing is assessed
+    assert not any(e["assessed"] for e in meta["assessment"].values())
+    assert meta["selection"]["metric"].startswith("mean within-source validation AUC")
+    assert meta["training_data"]["sampling"]["source_balance"] == 0.5
+    stdout = (trained / "stdout.txt").read_text()
+    assert "AUC within sources" in stdout or "no AUC is reported" in stdout
+    assert "mean AUC (14 findings)" not in stdout and "assessed labels (0 of 15): none" in stdout
 
 
 def test_train_resumes_exactly_after_sigkill(cache64, trained, tmp_path):
@@ -173,6 +192,9 @@ def test_evaluate_from_manifest_and_from_cache_agree(cache64, trained, small_man
     assert direct["auc"] == cached["auc"]
     assert set(direct) >= {"auc", "auc_ci", "mean_auc_14", "n_images"}
     assert (tmp_path / "direct" / "report.md").exists() and (tmp_path / "direct" / "roc.png").exists()
+    text = (tmp_path / "direct" / "report.md").read_text()
+    assert "Assessed labels: none." in text and "not assessed" in text.split("## Detail")[1]
+    assert "## Headline: AUC measured inside each data source" in text
     bad = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "nope",
                           "--out", str(tmp_path / "x"), "--model", str(trained / "model.pt")],
                          capture_output=True, text=True, timeout=300)

@@ -27,7 +27,8 @@ SERVER_PID: dict[str, int] = {}
 
 @pytest.fixture(scope="module")
 def client(assessed_model) -> TestClient:
-    return TestClient(create_app(Predictor.from_paths(cls_model=assessed_model), max_upload_mb=4))
+    return TestClient(create_app(Predictor.from_paths(cls_model=assessed_model), max_upload_mb=4),
+                      base_url="http://localhost")
 
 
 def test_health(client):
@@ -202,3 +203,84 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
         assert "not a PNG, JPEG or DICOM" in page.locator("#status").inner_text()
         browser.close()
     assert (artifacts / "web_page.png").stat().st_size > 50_000
+
+
+def test_other_host_headers_are_refused(client):
+    """DNS rebinding: a page on another origin reaching 127.0.0.1 still sends its own Host."""
+    assert client.get("/health", headers={"Host": "attacker.example"}).status_code == 400
+    assert client.get("/health", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+
+
+def test_api_key_guards_every_route_but_health_and_the_page(assessed_model):
+    app = create_app(Predictor.from_paths(cls_model=assessed_model), api_key="s3cret", allowed_hosts=None)
+    with TestClient(app) as http:
+        assert http.get("/health").json()["auth_required"] is True
+        assert http.get("/").status_code == 200
+        for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer s3cre"}):
+            response = http.post("/v1/predict", files={"file": ("x.png", b"xx")}, headers=headers)
+            assert response.status_code == 401 and "API key" in response.json()["error"]
+        assert http.get("/openapi.json").status_code == 401
+        for headers in ({"X-API-Key": "s3cret"}, {"Authorization": "Bearer s3cret"}):
+            response = http.post("/v1/predict", files={"file": ("x.png", b"xx")}, headers=headers)
+            assert response.status_code == 400  # past the key: the bytes are not an image
+
+
+def test_admission_answers_503_with_retry_after_when_full():
+    import asyncio
+
+    from pneumoscan.server import Admission
+
+    release = asyncio.Event()
+    sent: list[list[dict]] = [[], []]
+
+    async def slow_app(scope, receive, send):
+        await receive()
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def run():
+        gate = Admission(slow_app, limit=100, capacity=1)
+        scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": []}
+
+        async def receive():
+            return {"type": "http.request", "body": b"abc", "more_body": False}
+
+        def sender(k):
+            async def send(message):
+                sent[k].append(message)
+            return send
+
+        first = asyncio.create_task(gate(scope, receive, sender(0)))
+        await asyncio.sleep(0.05)
+        await gate(scope, receive, sender(1))  # the second finds the one place taken
+        release.set()
+        await first
+        return gate.admitted
+
+    assert asyncio.run(run()) == 0
+    assert sent[0][0]["status"] == 200
+    assert sent[1][0]["status"] == 503 and (b"retry-after", b"2") in sent[1][0]["headers"]
+
+
+def test_chunked_upload_is_cut_off_at_the_limit(server):
+    """No Content-Length: the server stops reading at the limit and answers 413; the client's
+    generator is never drained (1 GiB offered, at most a few tens of MiB taken)."""
+    taken = 0
+
+    def endless():
+        nonlocal taken
+        boundary = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+        yield boundary
+        for _ in range(1024):
+            taken += 1
+            yield b"\x00" * 2**20
+
+    try:
+        response = httpx.post(server + "/v1/predict", content=endless(), timeout=60,
+                              headers={"Content-Type": "multipart/form-data; boundary=b"})
+        assert response.status_code == 413 and "limit" in response.json()["error"]
+    except httpx.HTTPError:
+        pass  # the server may close the connection while the client is still sending
+    assert taken < 100, f"{taken} MiB read"
+    assert httpx.get(server + "/health").status_code == 200

@@ -233,7 +233,7 @@ def segment(
         fail(str(exc))
     paths = gather_inputs(images, out)
     used: set[str] = set()
-    failures = 0
+    failures = refused = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
         for start in range(0, len(paths), batch_size):
             chunk, pixels, records = paths[start:start + batch_size], [], []
@@ -419,8 +419,13 @@ def predict(
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Score images the input gate refuses as not frontal chest X-rays (marked in 'quality').")] = False,
 ) -> None:
-    """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray."""
+    """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray.
+
+    Images that do not look like a frontal chest X-ray are not scored: their record says why
+    (quality.reasons) unless --force is given."""
     import csv
     import json
 
@@ -441,24 +446,31 @@ def predict(
         fail(str(exc))
     files = gather_inputs(paths, out)
     used: set[str] = set()
-    failures = 0
+    failures = refused = 0
     target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
     with open(target, "w", newline="") as handle, tqdm(total=len(files), unit="img", desc="predict") as bar:
         writer = None
         if fmt == "csv":
             writer = csv.writer(handle)
             # A label the model does not assess has an empty probability and is named in not_assessed.
-            writer.writerow(["path", *LABELS, "findings", "not_assessed", "box", "fallback", "cam_label",
-                             "overlay", "error"])
+            writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
+                             "box", "fallback", "cam_label", "overlay", "error"])
         for start in range(0, len(files), batch_size):
             chunk = files[start:start + batch_size]
-            for path, result in zip(chunk, predictor.predict_batch(chunk, cam=cam, keep_arrays=overlays)):
+            for path, result in zip(chunk, predictor.predict_batch(chunk, cam=cam, keep_arrays=overlays,
+                                                                   force=force)):
                 record = result.to_dict()
                 record["overlay"] = None
+                quality = result.quality or {}
                 if result.error:
                     failures += 1
                     err.print(f"[yellow]failed:[/] {escape(result.error)}", highlight=False)
-                elif overlays:
+                elif not quality.get("frontal_chest"):
+                    refused += 1
+                    verb = "scored anyway (--force)" if force else "refused"
+                    err.print(f"[yellow]{verb}:[/] {escape(str(path))}: not a frontal chest X-ray: "
+                              f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
+                if overlays and not result.error:
                     name = f"{output_stem(path, used)}_overlay.png"
                     prob = result.probabilities.get(result.cam_label) if result.cam_label else None
                     prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
@@ -472,11 +484,14 @@ def predict(
                     writer.writerow([record["path"], *("" if probs.get(label) is None else probs[label]
                                                        for label in LABELS),
                                      "|".join(result.findings or []), "|".join(result.not_assessed or []),
+                                     quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
                                      json.dumps(result.box),
                                      result.fallback, result.cam_label, record["overlay"], result.error or ""])
                 bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"
-                  + (f" (overlays in {out})" if overlays else ""))
+                  + (f" (overlays in {out})" if overlays else "")
+                  + (f"; {refused} not frontal chest X-rays ({'scored anyway' if force else 'not scored; --force scores them'})"
+                     if refused else ""))
     if failures:
         raise typer.Exit(1)
 
@@ -488,6 +503,15 @@ def serve(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
+    workers: Annotated[int, typer.Option(min=1, help="Images decoded and predicted at once.")] = 2,
+    queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 503.")] = 8,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="PNEUMOSCAN_API_KEY", help="Key required on every route but /health and / "
+                                          "(header X-API-Key); needed off loopback.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        help="Listen off loopback without an API key (anyone who reaches the port can use it).")] = False,
+    allowed_hosts: Annotated[str, typer.Option(
+        help="Comma-separated Host names to answer (default: loopback names and --host); '*' for any.")] = "",
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
 ) -> None:
@@ -495,18 +519,26 @@ def serve(
     try:
         import uvicorn
 
-        from pneumoscan.server import create_app
+        from pneumoscan.server import LOOPBACK_HOSTS, create_app
     except ImportError:
         fail("the server needs the web extra: pip install 'pneumoscan[web]'")
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.predict import Predictor
 
+    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+    if not loopback and not api_key and not insecure_no_auth:
+        fail(f"--host {host} listens beyond this machine: give --api-key (or PNEUMOSCAN_API_KEY), or "
+             f"--insecure-no-auth if something in front of it authenticates")
+    hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] or \
+        [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
     try:
         predictor = Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch)
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
-    app = create_app(predictor, max_upload_mb=max_upload_mb)
-    console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs)")
+    app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
+                     allowed_hosts=None if hosts == ["*"] else hosts)
+    console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
+                  f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

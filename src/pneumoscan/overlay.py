@@ -46,8 +46,14 @@ def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, in
 
 def findings_caption(result) -> str:
     """What the model says and what it does not assess, in words, for pictures people read."""
+    quality = result.quality or {}
+    reasons = "; ".join(quality.get("reasons") or [])
+    if result.probabilities is None and reasons:
+        return f"NOT SCORED: not a frontal chest X-ray ({reasons})"
     found = ", ".join(result.findings) if result.findings else "none above threshold"
     line = f"Findings: {found}"
+    if quality.get("forced"):
+        line = f"FORCED: the input gate refused this image ({reasons}); scored anyway\n" + line
     if result.not_assessed:
         names = ", ".join(result.not_assessed) if len(result.not_assessed) <= 4 else \
             f"{len(result.not_assessed)} of 15 labels"

@@ -16,6 +16,7 @@ import numpy as np
 from pneumoscan.classify import Classifier
 from pneumoscan.crop import segment_and_crop
 from pneumoscan.explain import place_on_original
+from pneumoscan.gate import check_frontal_chest
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.modelfile import ModelFileError
@@ -33,6 +34,9 @@ class Prediction:
     ``probabilities[label]`` is None for a label the model does not assess (also listed in
     ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
     is never a finding. ``thresholds`` holds each assessed label's operating threshold.
+    ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
+    false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
+    forced it, which ``quality["forced"]`` then says.
     """
 
     path: str | None
@@ -40,6 +44,7 @@ class Prediction:
     findings: list[str] | None = None
     not_assessed: list[str] | None = None
     thresholds: dict[str, float | None] | None = None
+    quality: dict[str, Any] | None = None
     box: list[int] | None = None
     fallback: bool | None = None
     lung_fraction: float | None = None
@@ -52,7 +57,8 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
-                "not_assessed": self.not_assessed, "thresholds": self.thresholds, "box": self.box, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
+                "not_assessed": self.not_assessed, "thresholds": self.thresholds, "quality": self.quality,
+                "box": self.box, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
                 "image": self.image, "cam_label": self.cam_label, "error": self.error}
 
 
@@ -125,14 +131,17 @@ class Predictor:
         return label
 
     def predict(self, source: str | Path | bytes | np.ndarray | XrayImage, *, cam: str | None = None,
-                name: str | None = None, keep_arrays: bool = False) -> Prediction:
-        return self.predict_batch([source], cam=cam, names=[name], keep_arrays=keep_arrays)[0]
+                name: str | None = None, keep_arrays: bool = False, force: bool = False) -> Prediction:
+        return self.predict_batch([source], cam=cam, names=[name], keep_arrays=keep_arrays, force=force)[0]
 
     def predict_batch(self, sources: list[Any], *, cam: str | None = None,
-                      names: list[str | None] | None = None, keep_arrays: bool = False) -> list[Prediction]:
+                      names: list[str | None] | None = None, keep_arrays: bool = False,
+                      force: bool = False) -> list[Prediction]:
         """Predictions in input order; ``cam`` is None, "top" (the most probable assessed
-        finding) or an assessed class name (any capitalisation); ``keep_arrays`` keeps the picture, mask and full-size Grad-CAM heat map for
-        overlays (without it only the Grad-CAM class is named, and no heat map is computed)."""
+        finding) or an assessed class name (any capitalisation); ``keep_arrays`` keeps the picture,
+        mask and full-size Grad-CAM heat map for overlays (without it only the Grad-CAM class is
+        named, and no heat map is computed); ``force`` scores images the input gate refuses
+        (marked in ``quality``)."""
         cam = self.cam_class(cam)
         cam_label = None if cam in (None, "top") else cam
         names = names or [None] * len(sources)
@@ -151,27 +160,35 @@ class Predictor:
             return results
         classifier = self.classifier
         segs, crops = segment_and_crop([image.pixels for _, image in readable], self.segmenter, classifier.size)
-        crops = crops.astype(np.float32) / 255.0
+        gates = [check_frontal_chest(seg.prob, image.pixels, image.meta) for (_, image), seg in zip(readable, segs)]
+        for (i, image), seg, gate in zip(readable, segs, gates):
+            gate.forced = force and not gate.frontal_chest
+            results[i].quality = gate.to_dict()
+            results[i].not_assessed = [label for label in LABELS if label not in classifier.assessed_labels]
+            results[i].box, results[i].fallback = [int(v) for v in seg.box], bool(seg.fallback)
+            results[i].lung_fraction = round(float(seg.lung_fraction), 4)
+            if keep_arrays:
+                results[i].pixels, results[i].mask = image.pixels, seg.mask
+        scored = [k for k, gate in enumerate(gates) if gate.frontal_chest or force]
+        if not scored:
+            return results
+        crops = crops[scored].astype(np.float32) / 255.0
         probs = classifier.predict_proba(crops)
         assessed = classifier.assessed_labels
-        for (i, image), seg, crop, p in zip(readable, segs, crops, probs):
+        for k, crop, p in zip(scored, crops, probs):
+            (i, image), seg = readable[k], segs[k]
             result = results[i]
             result.probabilities = {label: round(float(v), 6) if a else None
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
             result.thresholds = {label: round(float(t), 6) if a else None
                                  for label, t, a in zip(LABELS, classifier.thresholds, classifier.assessed)}
             result.findings = classifier.findings(p)
-            result.not_assessed = [label for label in LABELS if label not in assessed]
-            result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
-            result.lung_fraction = round(float(seg.lung_fraction), 4)
-            scored = [f for f in FINDINGS if f in assessed]
-            if cam is not None and (cam_label or scored):
-                result.cam_label = cam_label or max(scored, key=lambda f: p[LABELS.index(f)])
-            if keep_arrays:
-                result.pixels, result.mask = image.pixels, seg.mask
-                if result.cam_label is not None:  # the heat map is an array: only made when kept
-                    heat = classifier.gradcam(crop, LABELS.index(result.cam_label))
-                    result.cam = place_on_original(heat, seg.box, image.pixels.shape)
+            known = [f for f in FINDINGS if f in assessed]
+            if cam is not None and (cam_label or known):
+                result.cam_label = cam_label or max(known, key=lambda f: p[LABELS.index(f)])
+            if keep_arrays and result.cam_label is not None:  # the heat map: only made when kept
+                heat = classifier.gradcam(crop, LABELS.index(result.cam_label))
+                result.cam = place_on_original(heat, seg.box, image.pixels.shape)
         return results
 
     @staticmethod

@@ -5,24 +5,38 @@
 - ``GET /health`` → ``{"status": "ok", ...}``; ``GET /`` → the web page; ``/docs`` → OpenAPI.
 
 Bad input gets a 4xx with ``{"error": "..."}``, never a 500 with a traceback. Uploads are held in
-memory only; the client's file name is a label in the answer, never part of a path. One lock
-serialises the model (Grad-CAM hooks on a shared network must not interleave); uvicorn's threads
-still read and decode concurrently.
+memory only; the client's file name is a label in the answer, never part of a path.
+
+Under load: at most ``workers + queue`` predictions are admitted at once; the next gets 503 with
+``Retry-After`` before its body is read. An admitted upload is read here, chunk by chunk, and
+refused with 413 as soon as it passes the limit, whatever the transfer encoding (nothing is
+spooled to disk). At most ``workers`` images are decoded at a time (each bounded by
+``max_pixels``), and one lock serialises the model (Grad-CAM hooks on a shared network must not
+interleave). ``/health`` runs on the event loop, outside the prediction pool.
+
+On a network: ``api_key`` (constant-time comparison; header ``X-API-Key`` or
+``Authorization: Bearer``) is required on every route but ``/health`` and the static page ``/``
+(which holds no data and asks for the key); ``allowed_hosts`` (Starlette's TrustedHostMiddleware)
+refuses other Host headers, so that a web page elsewhere cannot reach the API through DNS
+rebinding.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
+import json
 import threading
 from importlib import resources
 from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pneumoscan import __version__
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
@@ -30,6 +44,84 @@ from pneumoscan.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 32
 PREVIEW_SIDE = 768
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: multipart headers around the file may add this much to the body
+MULTIPART_SLACK = 64 * 1024
+PREDICT_PATH = "/v1/predict"
+OPEN_PATHS = {"/health", "/"}
+
+
+async def _json(send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class Admission:
+    """ASGI middleware in front of the prediction route: admission (503 + Retry-After when full,
+    before the body is read) and a streaming size limit (413 as soon as the body passes it).
+    The body read here is replayed to the app; runs on the event loop, so its counter needs
+    no lock."""
+
+    def __init__(self, app, *, limit: int, capacity: int):
+        self.app, self.limit, self.capacity, self.admitted = app, limit, capacity, 0
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if self.admitted >= self.capacity:
+            return await _json(send, 503, {"error": f"busy: {self.capacity} predictions in progress or "
+                                                    f"queued; retry shortly"}, {"Retry-After": "2"})
+        self.admitted += 1
+        try:
+            most = self.limit + MULTIPART_SLACK
+            declared = dict(scope["headers"]).get(b"content-length", b"")
+            if declared.isdigit() and int(declared) > most:
+                return await _json(send, 413, {"error": f"upload of {int(declared):,} bytes is over the "
+                                                        f"{self.limit:,}-byte limit"}, {"Connection": "close"})
+            chunks, size = [], 0
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > most:  # stop reading, and close: the rest of the upload is never taken
+                    return await _json(send, 413, {"error": f"upload is over the {self.limit:,}-byte limit"},
+                                       {"Connection": "close"})
+                if not message.get("more_body"):
+                    break
+            body, sent = b"".join(chunks), False
+
+            async def replay():
+                nonlocal sent
+                if sent:
+                    return await receive()
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            await self.app(scope, replay, send)
+        finally:
+            self.admitted -= 1
+
+
+class ApiKey:
+    """ASGI middleware: every route but :data:`OPEN_PATHS` needs the key."""
+
+    def __init__(self, app, *, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        if not hmac.compare_digest(given, self.key):
+            return await _json(send, 401, {"error": "missing or wrong API key (header X-API-Key)"},
+                               {"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
 
 
 def _png_data_uri(bgr: np.ndarray) -> str:
@@ -63,9 +155,12 @@ def preview_images(result) -> dict[str, str]:
 
 
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_pixels: int = MAX_PIXELS) -> FastAPI:
+               max_pixels: int = MAX_PIXELS, workers: int = 2, queue: int = 8, api_key: str | None = None,
+               allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS) -> FastAPI:
+    """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it)."""
     predictor = predictor or Predictor.from_default()
     lock = threading.Lock()
+    decoding = threading.BoundedSemaphore(workers)
     limit = int(max_upload_mb * 2**20)
     app = FastAPI(title="PneumoScan", version=__version__,
                   description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
@@ -84,23 +179,25 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     async def _http(_request, exc: HTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _refuse_large(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if request.url.path == "/v1/predict" and length and length.isdigit() and int(length) > limit + 1024:
-            return error(413, f"upload of {int(length):,} bytes is over the {limit:,}-byte limit")
-        return await call_next(request)
+    # Outermost first: Host check, then the key, then admission and the upload limit.
+    app.add_middleware(Admission, limit=limit, capacity=workers + queue)
+    if api_key:
+        app.add_middleware(ApiKey, key=api_key)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:  # async: answered on the event loop, never queued
         return {"status": "ok", "version": __version__, "models": predictor.models,
-                "max_upload_bytes": limit, "max_pixels": max_pixels}
+                "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key)}
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
                 cam: str = Query("top", description="'top' (most probable assessed finding), 'none' or an "
                                                       "assessed class name, any capitalisation"),
-                images: bool = Query(True, description="include original_png and overlay_png")):
+                images: bool = Query(True, description="include original_png and overlay_png"),
+                force: bool = Query(False, description="score an image the input gate refuses as not a "
+                                                       "frontal chest X-ray (marked in 'quality')")):
         try:
             cam = predictor.cam_class(cam)
         except ValueError as exc:
@@ -109,17 +206,19 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
         if len(data) > limit:
             return error(413, f"upload is over the {limit:,}-byte limit")
         label = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:200]
-        try:
-            image = decode_xray(data, name=label, max_pixels=max_pixels)
-        except XrayReadError as exc:
-            return error(400, str(exc))
-        with lock:
-            result = predictor.predict(image, cam=cam, name=label, keep_arrays=images)
-        if result.error:  # pragma: no cover - decoding already succeeded above
-            return error(400, result.error)
-        body = result.to_dict()
-        if images:
-            body.update(preview_images(result))
+        with decoding:  # at most `workers` decoded images in memory at once
+            try:
+                image = decode_xray(data, name=label, max_pixels=max_pixels)
+            except XrayReadError as exc:
+                return error(400, str(exc))
+            del data
+            with lock:
+                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images, force=force)
+            if result.error:  # pragma: no cover - decoding already succeeded above
+                return error(400, result.error)
+            body = result.to_dict()
+            if images:  # still inside the decode slot: the full-size arrays are freed after this
+                body.update(preview_images(result))
         return body
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -1,0 +1,169 @@
+"""The input gate (between segmentation and classification): is this a frontal chest X-ray at all?
+
+A classifier scores whatever it is given, so a CT slice, a photograph, noise or a film on its side
+would get confident "findings". Before classifying, every image is checked on:
+
+- its DICOM tags: the modality must be a projection radiograph (CR, DX, DR, RG, or a secondary
+  capture), the body part, when given, the chest, the view not lateral;
+- the lung U-Net's own map: two lung regions, left and right of the midline at the same height,
+  of plausible size, similar to each other, taller than wide, and a confident map (few pixels
+  between 0.2 and 0.8);
+- the picture: lungs darker than the mediastinum between them (else it is inverted), the film
+  brighter just below the lungs (diaphragm, abdomen) than just above them (else it is upside
+  down; where the lungs touch the image edge, the lungs' height and left/right size stand in).
+
+:func:`check_frontal_chest` returns a :class:`GateResult` with every measured value and, when the
+image is refused, the reasons in words. Pure functions on arrays; limits are module constants
+chosen on the development data (``tools/gate_report.py`` prints the acceptance per source and
+the refusal per kind of non-chest image).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from pneumoscan.crop import clean_mask
+
+#: Modalities of projection radiographs (SC/OT: a film digitised or exported as a picture).
+RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "SC", "OT", "PX"}
+CHEST_BODY_PARTS = {"CHEST", "THORAX", "LUNG", "LUNGS", "PORT CHEST", "TORAX", "THORAX CHEST"}
+LATERAL_VIEWS = {"LL", "RL", "LATERAL", "LAT", "L", "RLD", "LLD"}
+
+# Limits on the U-Net map at its working size (fractions of the image side or area).
+# Measured on 597 frontal films of every dev source (tools/gate_report.py): each limit lies
+# beyond the 0.5th percentile of real films.
+MIN_LUNG_AREA = 0.02         # each lung
+TOTAL_LUNG_AREA = (0.08, 0.65)
+MIN_AREA_RATIO = 0.2         # smaller lung / larger lung
+MAX_CENTRE_DY = 0.25         # vertical offset of the two lungs' centres
+CENTRE_Y = (0.15, 0.8)       # both lung centres inside this band
+MIN_ASPECT = 0.9             # lung bounding box height / width
+MAX_UNCERTAIN = 0.35         # pixels with 0.2 < p < 0.8, per pixel with p ≥ 0.5
+MIN_MEDIASTINUM = 0.08       # mediastinum − lungs, mean grey (film in [0, 1], 1 = bone)
+MIN_BOX_CONTRAST = 0.03      # rest of the lung box − lungs
+BAND = 0.09                  # rows above/below the lungs compared, as a fraction of the side
+UPSIDE_DOWN_Y, UPSIDE_DOWN_LR = 0.55, -0.05  # fallback: low lungs and a larger image-right lung
+
+
+@dataclass
+class GateResult:
+    """Whether the image looks like a frontal chest X-ray, with every value measured."""
+
+    frontal_chest: bool
+    reasons: list[str] = field(default_factory=list)
+    measures: dict[str, Any] = field(default_factory=dict)
+    forced: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _code(value: Any) -> str:
+    """A DICOM code string as safe text (letters, digits, space; at most 16 characters): tag
+    contents are never echoed verbatim."""
+    return re.sub(r"[^A-Z0-9 ]", "", str(value or "").upper())[:16].strip()
+
+
+def tag_reasons(meta: dict[str, Any]) -> list[str]:
+    """Reasons from the DICOM header (none for PNG/JPEG, which carry no such tags)."""
+    reasons = []
+    modality = _code(meta.get("modality"))
+    if modality and modality not in RADIOGRAPH_MODALITIES:
+        reasons.append(f"modality {modality} is not a projection radiograph")
+    body = _code(meta.get("body_part"))
+    if body and body not in CHEST_BODY_PARTS:
+        reasons.append(f"body part {body} is not the chest")
+    view = _code(meta.get("view_position"))
+    if view in LATERAL_VIEWS:
+        reasons.append("lateral view (tag ViewPosition); only frontal films are scored")
+    return reasons
+
+
+def lung_measures(prob: np.ndarray, picture: np.ndarray) -> dict[str, float]:
+    """Shape, position, confidence and contrast of the lungs the U-Net sees.
+
+    ``prob``: the U-Net's S×S probability map; ``picture``: the [0, 1] film resized to S×S.
+    """
+    mask, regions = clean_mask(prob)
+    size = float(mask.size)
+    count, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    comps = sorted(range(1, count), key=lambda i: -stats[i, cv2.CC_STAT_AREA])[:2]
+    height, width = mask.shape
+    confident = prob >= 0.5
+    measures: dict[str, float] = {
+        "regions": float(regions),
+        "lung_area": float(mask.mean()),
+        "uncertain": float(((prob > 0.2) & (prob < 0.8)).sum() / max(confident.sum(), 1)),
+    }
+    if len(comps) < 2:
+        return measures
+    areas = [stats[i, cv2.CC_STAT_AREA] / size for i in comps]
+    (xa, ya), (xb, yb) = (centroids[i] / (width, height) for i in comps)
+    aspects = [stats[i, cv2.CC_STAT_HEIGHT] / max(stats[i, cv2.CC_STAT_WIDTH], 1) for i in comps]
+    left, right = sorted(comps, key=lambda i: centroids[i][0])
+    x0 = min(stats[i, 0] for i in comps)
+    x1 = max(stats[i, 0] + stats[i, 2] for i in comps)
+    y0 = min(stats[i, 1] for i in comps)
+    y1 = max(stats[i, 1] + stats[i, 3] for i in comps)
+    lungs = mask.astype(bool)
+    lung_grey = float(picture[lungs].mean())
+    box, inside = picture[y0:y1, x0:x1], lungs[y0:y1, x0:x1]
+    gap = (stats[left, 0] + stats[left, 2], stats[right, 0])
+    band = max(3, int(round(BAND * height)))
+    above = picture[max(0, y0 - band):y0, x0:x1]
+    below = picture[y1:y1 + band, x0:x1]
+    nan = float("nan")
+    measures.update({
+        "smaller_lung_area": float(min(areas)),
+        "area_ratio": float(min(areas) / max(areas)),
+        "left_right": float(min(xa, xb) < 0.5 < max(xa, xb)),
+        "centre_dy": float(abs(ya - yb)),
+        "centre_y_min": float(min(ya, yb)),
+        "centre_y_max": float(max(ya, yb)),
+        "aspect": float(min(aspects)),
+        "centre_y": float((ya + yb) / 2),
+        "left_minus_right": float((stats[left, cv2.CC_STAT_AREA] - stats[right, cv2.CC_STAT_AREA])
+                                  / (stats[left, cv2.CC_STAT_AREA] + stats[right, cv2.CC_STAT_AREA])),
+        "box_contrast": float(box[~inside].mean() - lung_grey) if (~inside).any() else nan,
+        "mediastinum_contrast": float(picture[y0:y1, gap[0]:gap[1]].mean() - lung_grey)
+        if gap[1] - gap[0] >= 2 else nan,
+        "below_minus_above": float(below.mean() - above.mean()) if min(len(above), len(below)) >= 3 else nan,
+    })
+    return measures
+
+
+def shape_reasons(m: dict[str, float]) -> list[str]:
+    """Reasons from :func:`lung_measures` (in the order a person would check them)."""
+    if m["regions"] < 2:
+        return [f"lungs not found ({int(m['regions'])} lung region(s) instead of 2)"]
+    checks = [
+        (m["smaller_lung_area"] >= MIN_LUNG_AREA and TOTAL_LUNG_AREA[0] <= m["lung_area"] <= TOTAL_LUNG_AREA[1],
+         f"lung area implausible ({m['lung_area']:.0%} of the image)"),
+        (m["left_right"] == 1 and m["centre_dy"] <= MAX_CENTRE_DY
+         and CENTRE_Y[0] <= m["centre_y_min"] and m["centre_y_max"] <= CENTRE_Y[1],
+         "the two lung regions are not side by side (rotated film or not a chest)"),
+        (m["area_ratio"] >= MIN_AREA_RATIO, f"the two lung regions differ too much in size "
+                                             f"(ratio {m['area_ratio']:.2f})"),
+        (m["aspect"] >= MIN_ASPECT, "lung regions wider than tall (film on its side?)"),
+        (m["uncertain"] <= MAX_UNCERTAIN, f"the lung model is unsure ({m['uncertain']:.0%} uncertain pixels)"),
+        (not (m["mediastinum_contrast"] < MIN_MEDIASTINUM) and m["box_contrast"] >= MIN_BOX_CONTRAST,
+         "lungs not darker than the mediastinum (inverted film?)"),
+        (m["below_minus_above"] >= 0 if np.isfinite(m["below_minus_above"]) else
+         not (m["centre_y"] > UPSIDE_DOWN_Y and m["left_minus_right"] < UPSIDE_DOWN_LR),
+         "darker below the lungs than above them (upside-down film?)"),
+    ]
+    return [reason for ok, reason in checks if not ok]
+
+
+def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, Any] | None = None) -> GateResult:
+    """The gate: DICOM tags first, then the lung map and the picture."""
+    picture = cv2.resize(np.asarray(pixels, np.float32), prob.shape[::-1], interpolation=cv2.INTER_AREA)
+    measures = lung_measures(prob, picture)
+    reasons = tag_reasons(meta or {}) + shape_reasons(measures)
+    return GateResult(not reasons, reasons,  # None where a value could not be measured (valid JSON)
+                      {k: round(v, 4) if np.isfinite(v) else None for k, v in measures.items()})

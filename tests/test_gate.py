@@ -1,0 +1,130 @@
+"""The input gate: frontal chest films pass; CT, photographs, rotated, inverted, noise and gradient
+images are refused with a reason and get no findings unless forced."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from pneumoscan.gate import check_frontal_chest, tag_reasons
+from pneumoscan.io import read_xray
+from pneumoscan.predict import Predictor
+from pneumoscan.segment import load_default
+
+from conftest import DATA, needs_data
+from dicom_films import film_to_dicom
+
+CLI = [sys.executable, "-m", "pneumoscan.cli"]
+FRONTAL = ["nih-cxr14/images/00000100_000.png", "nih-cxr14-extra/images/00000165_001.png",
+           "shenzhen/CXR_png/CHNCXR_0001_0.png", "montgomery/CXR_png/MCUCXR_0001_0.png",
+           "kermany/train/PNEUMONIA/person1000_bacteria_2931.jpeg", "kermany/train/NORMAL/IM-0115-0001.jpeg"]
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return load_default()
+
+
+def _gate(segmenter, pixels, meta=None):
+    return check_frontal_chest(segmenter.probabilities([pixels])[0], pixels, meta)
+
+
+@needs_data
+@pytest.mark.parametrize("film", FRONTAL)
+def test_frontal_films_pass(segmenter, film):
+    image = read_xray(DATA / film)
+    result = _gate(segmenter, image.pixels, image.meta)
+    assert result.frontal_chest, result.reasons
+
+
+@needs_data
+def test_real_cr_dicom_passes(segmenter, siim_dicom):
+    image = read_xray(siim_dicom)
+    assert _gate(segmenter, image.pixels, image.meta).frontal_chest
+
+
+@needs_data
+@pytest.mark.parametrize("change, words", [
+    (lambda p: np.rot90(p).copy(), "side by side"),
+    (lambda p: np.rot90(p, 2).copy(), "upside-down"),
+    (lambda p: 1.0 - p, "inverted"),
+])
+def test_rotated_and_inverted_films_are_refused(segmenter, change, words):
+    pixels = read_xray(DATA / FRONTAL[0]).pixels
+    result = _gate(segmenter, change(pixels))
+    assert not result.frontal_chest and any(words in r for r in result.reasons), result.reasons
+
+
+def test_noise_gradient_and_a_photograph_are_refused(segmenter):
+    import skimage.data
+
+    rng = np.random.default_rng(0)
+    gradient = np.tile(np.linspace(0, 1, 512, dtype=np.float32), (512, 1))
+    camera = skimage.data.camera().astype(np.float32) / 255
+    for pixels in (rng.random((512, 512), dtype=np.float32), gradient, camera):
+        result = _gate(segmenter, pixels)
+        assert not result.frontal_chest and result.reasons
+
+
+def test_ct_dicom_is_refused_by_its_tags(segmenter):
+    image = read_xray(get_testdata_file("CT_small.dcm"))
+    result = _gate(segmenter, image.pixels, image.meta)
+    assert not result.frontal_chest and "modality CT is not a projection radiograph" in result.reasons
+
+
+def test_tags_name_lateral_views_and_other_body_parts_without_echoing_text():
+    assert tag_reasons({"modality": "DX", "body_part": "CHEST", "view_position": "PA"}) == []
+    assert tag_reasons({"modality": "MR"}) == ["modality MR is not a projection radiograph"]
+    assert any("lateral" in r for r in tag_reasons({"modality": "CR", "view_position": "LL"}))
+    hostile = tag_reasons({"modality": "<script>alert(1)</script>", "body_part": "KNEE\n\x00;rm -rf"})
+    assert all("<" not in r and "\n" not in r and "\x00" not in r and ";" not in r for r in hostile)
+    assert any("body part KNEE" in r for r in hostile)
+
+
+@needs_data
+def test_predictor_refuses_without_findings_and_force_scores(assessed_model, tmp_path):
+    predictor = Predictor.from_paths(cls_model=assessed_model)
+    noise = np.random.default_rng(1).random((400, 400), dtype=np.float32)
+    ct = get_testdata_file("CT_small.dcm")
+    refused = predictor.predict_batch([noise, ct, DATA / FRONTAL[0]], cam="top")
+    for result in refused[:2]:
+        assert result.error is None and result.quality["frontal_chest"] is False
+        assert result.probabilities is None and result.findings is None and result.cam_label is None
+        assert result.quality["reasons"] and not result.quality["forced"]
+    assert refused[2].quality["frontal_chest"] and refused[2].probabilities["Pneumonia"] is not None
+    forced = predictor.predict(noise, force=True)
+    assert forced.quality["forced"] and forced.probabilities["Pneumonia"] is not None
+    assert json.dumps(forced.to_dict())
+
+
+@needs_data
+def test_predict_command_reports_refusals_and_force(assessed_model, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "noise.png"), (np.random.default_rng(2).random((300, 300)) * 255).astype(np.uint8))
+    dicom = film_to_dicom(DATA / FRONTAL[0], folder / "ct.dcm", modality="CR")
+    import pydicom
+
+    ds = pydicom.dcmread(dicom)
+    ds.Modality = "CT"
+    ds.save_as(dicom)
+    run = subprocess.run([*CLI, "predict", str(folder), "--out", str(tmp_path / "out"), "--model", str(assessed_model)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("refused:") == 2 and "modality CT" in run.stderr
+    assert "2 not frontal chest X-rays" in run.stdout
+    lines = [json.loads(l) for l in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert all(l["probabilities"] is None and l["quality"]["frontal_chest"] is False for l in lines)
+    assert all((tmp_path / "out" / l["overlay"]).exists() for l in lines)
+    forced = subprocess.run([*CLI, "predict", str(folder / "noise.png"), "--out", str(tmp_path / "f"),
+                             "--model", str(assessed_model), "--force", "--no-overlays"],
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 0 and "scored anyway" in forced.stderr
+    line = json.loads((tmp_path / "f" / "predictions.jsonl").read_text())
+    assert line["quality"]["forced"] and line["probabilities"]["Pneumonia"] is not None
