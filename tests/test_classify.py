@@ -172,6 +172,9 @@ def test_balanced_sampling_draws_populations_equally_and_replays_by_epoch():
     assert weights[sources == "nih"].sum() == pytest.approx(0.5 * 20 / 30)
     equal = sampling_weights(sources, 0.0)
     assert equal[sources == "nih"].sum() == pytest.approx(equal[sources == "shenzhen"].sum())
+    adult = sampling_weights(sources, 1.0, adult_share=0.75)
+    assert adult[sources == "kermany"].sum() == pytest.approx(0.25)
+    assert adult[sources == "nih"].sum() == pytest.approx(0.75 * 400 / 500)
     sampler = BalancedSampler(weights, 3000, seed=7)
     first = list(sampler)
     assert list(sampler) == first and len(first) == 3000

@@ -263,3 +263,76 @@ def test_not_dicom_with_dcm_suffix(tmp_path):
     (tmp_path / "fake.dcm").write_bytes(b"\x00\x01garbage" * 50)
     with pytest.raises(XrayReadError):
         read_xray(tmp_path / "fake.dcm")
+
+
+# --- issue 9: EXIF orientation, VOI LUT as OW, Presentation LUT Shape, no tag text echoed ----
+
+
+@pytest.mark.parametrize("orientation, upright", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                                  (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_jpeg_exif_orientation_is_applied_and_recorded(tmp_path, orientation, upright):
+    picture = (_gradient(120, 80) * 255).astype(np.uint8)
+    picture[:20, :20] = 255  # a corner marker makes every turn distinguishable
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(picture).save(tmp_path / "photo.jpg", quality=98, exif=exif)
+    image = read_xray(tmp_path / "photo.jpg")
+    assert image.meta["exif_orientation"] == orientation
+    expected = upright(picture).astype(np.float32) / 255
+    assert image.pixels.shape == expected.shape and image.meta["width"] == expected.shape[1]
+    assert np.abs(image.pixels - expected).mean() < 0.02
+
+
+def _mr_with_voi_lut(tmp_path, as_ow: bool) -> Path:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    for tag in ("WindowCenter", "WindowWidth"):
+        del ds[tag]
+    item = Dataset()
+    lut = (np.linspace(0, 1, 4096) ** 0.5 * 4095).astype(np.uint16)  # a gamma curve over 0…4095
+    item.LUTDescriptor = [4096, 0, 12]
+    if as_ow:
+        item.add_new(0x00283006, "OW", lut.astype("<u2").tobytes())
+    else:
+        item.add_new(0x00283006, "US", lut.tolist())
+    ds.VOILUTSequence = Sequence([item])
+    path = tmp_path / f"voi_{'ow' if as_ow else 'us'}.dcm"
+    ds.save_as(path)
+    return path
+
+
+def test_voi_lut_data_stored_as_ow_reads_like_us(tmp_path):
+    ow, us = read_xray(_mr_with_voi_lut(tmp_path, True)), read_xray(_mr_with_voi_lut(tmp_path, False))
+    assert ow.meta["windowed"] == us.meta["windowed"] == "voi_lut"
+    np.testing.assert_allclose(ow.pixels, us.pixels, atol=1e-6)
+
+
+@needs_data
+def test_presentation_lut_shape_inverse(siim_dicom, tmp_path):
+    ds = pydicom.dcmread(siim_dicom)
+    ds.decompress()
+    normal = read_xray(siim_dicom).pixels
+    ds.PresentationLUTShape = "INVERSE"  # MONOCHROME2 shown inverted
+    ds.save_as(tmp_path / "inverse.dcm")
+    inverse = read_xray(tmp_path / "inverse.dcm")
+    assert inverse.meta["inverted"]
+    np.testing.assert_allclose(inverse.pixels, 1 - normal, atol=1e-6)
+    ds.PixelData = (255 - ds.pixel_array).astype(np.uint8).tobytes()
+    ds.PhotometricInterpretation = "MONOCHROME1"  # with INVERSE: the standard's normal case, one inversion
+    ds.save_as(tmp_path / "mono1.dcm")
+    np.testing.assert_allclose(read_xray(tmp_path / "mono1.dcm").pixels, normal, atol=1e-6)
+
+
+def test_dicom_tag_text_is_never_echoed(tmp_path):
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.ViewPosition = "<b>LL</b>"
+    ds.save_as(tmp_path / "view.dcm")
+    assert read_xray(tmp_path / "view.dcm").meta["view_position"] == "BLLB"
+    ds.add_new(0x00281050, "LO", "EVIL<script>alert(1)</script>")  # WindowCenter holding text
+    ds.save_as(tmp_path / "evil.dcm")
+    with pytest.raises(XrayReadError) as caught:
+        read_xray(tmp_path / "evil.dcm")
+    assert "script" not in str(caught.value) and "EVIL" not in str(caught.value)
+    assert "inconsistent" in str(caught.value)

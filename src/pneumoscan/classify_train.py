@@ -57,20 +57,23 @@ class CropDataset(Dataset):
         return torch.from_numpy(crop.copy())[None], torch.from_numpy(self.labels[i]), i
 
 
-def sampling_weights(sources: np.ndarray, source_balance: float = 0.5) -> np.ndarray:
-    """Per-image draw probabilities: populations (adult, paediatric) equal; inside one, a source's
-    share ∝ (its image count)^``source_balance``."""
+def sampling_weights(sources: np.ndarray, source_balance: float = 0.5, adult_share: float = 0.5) -> np.ndarray:
+    """Per-image draw probabilities: adult films ``adult_share`` of the draws and paediatric films
+    the rest (when both are present); inside a population, a source's share ∝ (its image
+    count)^``source_balance``."""
     from pneumoscan.data.manifest import population
 
     sources = np.asarray(sources).astype(str)
     names, counts = np.unique(sources, return_counts=True)
     share = dict(zip(names, counts.astype(float) ** source_balance))
     pops = {name: population(name) for name in names}
-    for pop in set(pops.values()):
+    present = set(pops.values())
+    target = {"adult": adult_share, "paediatric": 1 - adult_share} if len(present) == 2 else {p: 1.0 for p in present}
+    for pop in present:
         total = sum(share[n] for n in names if pops[n] == pop)
         for n in names:
             if pops[n] == pop:
-                share[n] /= total * len(set(pops.values()))
+                share[n] *= target[pop] / total
     per_image = np.array([share[s] / c for s, c in zip(sources, map(dict(zip(names, counts)).get, sources))])
     return per_image / per_image.sum()
 
@@ -157,6 +160,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
     frontal_only: bool = True
     source_balance: float = 0.5  # 0: every source drawn equally; 1: as indexed
+    adult_share: float = 0.5  # share of draws from adult films (the rest paediatric)
     epoch_size: int = 0  # draws per epoch; 0 = the number of training images
     resume: bool = True
     max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
@@ -267,7 +271,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     module = _module(cfg, pos_weight, init_info, val_set.sources)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
-    sampler = BalancedSampler(sampling_weights(train_set.sources, cfg.source_balance),
+    sampler = BalancedSampler(sampling_weights(train_set.sources, cfg.source_balance, cfg.adult_share),
                               cfg.epoch_size or len(train_set), cfg.seed)
 
     class EpochSeed(Callback):
@@ -323,8 +327,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
             "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
             "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
             "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
-            "sampling": {"populations": "adult and paediatric drawn equally",
-                         "source_balance": cfg.source_balance, "epoch_size": len(sampler)},
+            "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
+                         "epoch_size": len(sampler)},
         },
         "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
                       "plateau_patience": cfg.patience, "precision": precision,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import stat
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -179,32 +181,74 @@ def eval_seg(
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file whatever its name: "DICM" at byte 128 (PACS exports often have no
+    extension)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_regular(path: Path) -> bool:
+    """Only regular files are read: a FIFO or device named x.png would block or never end."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def expand_inputs(paths: list[Path]) -> list[Path]:
-    """Files as given; folders searched recursively for PNG, JPEG and DICOM files."""
+    """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
+    or by the DICOM magic for files without one). Anything but a regular file is skipped, said."""
     found: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
-        else:
-            found.append(path)
+        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for p in candidates:
+            if not p.exists():
+                found.append(p)  # reported per file as unreadable, the batch goes on
+            elif not is_regular(p):
+                if not p.is_dir():
+                    err.print(f"[yellow]skipped:[/] {escape(str(p))}: not a regular file", highlight=False)
+            elif path.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES and not (
+                    p.suffix.lower() in ("", ".dicom", ".ima") and is_dicom_file(p)):
+                continue
+            else:
+                found.append(p)
     return found
 
 
 def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
     """The image files to process (or a clean exit when there are none) and a ready output folder."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder (it is created if missing)")
     files = expand_inputs(paths)
     if not files:
         fail("no PNG, JPEG or DICOM files found in the given paths")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"cannot create --out {out}: {exc.strerror}")
     return files
 
 
+#: Output names stay well under the 255-byte limit of most file systems, suffixes included.
+MAX_STEM_BYTES = 120
+
+
 def output_stem(path: Path, used: set[str]) -> str:
-    """NAME for NAME.ext, made unique (NAME-2, ...) when two inputs share a file name."""
-    stem, n = path.stem, 1
+    """NAME for NAME.ext, shortened (with a hash of the full name) when long, and made unique
+    (NAME-2, ...) when two inputs share a name."""
+    base = path.stem
+    raw = base.encode()
+    if len(raw) > MAX_STEM_BYTES:
+        digest = hashlib.sha256(raw).hexdigest()[:10]
+        base = raw[:MAX_STEM_BYTES - 11].decode(errors="ignore") + "-" + digest
+    stem, n = base, 1
     while stem in used:
         n += 1
-        stem = f"{path.stem}-{n}"
+        stem = f"{base}-{n}"
     used.add(stem)
     return stem
 
@@ -233,7 +277,7 @@ def segment(
         fail(str(exc))
     paths = gather_inputs(images, out)
     used: set[str] = set()
-    failures = refused = 0
+    failures = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
         for start in range(0, len(paths), batch_size):
             chunk, pixels, records = paths[start:start + batch_size], [], []
@@ -252,13 +296,18 @@ def segment(
                 if record["error"] is None:
                     seg, picture = next(results), next(images_iter)
                     stem = output_stem(path, used)
-                    cv2.imwrite(str(out / f"{stem}_mask.png"), seg.mask * 255)
-                    cv2.imwrite(str(out / f"{stem}_overlay.png"),
-                                segmentation_overlay(picture, seg.mask, seg.box, seg.fallback))
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
-                                  fallback=seg.fallback, mask=f"{stem}_mask.png",
-                                  overlay=f"{stem}_overlay.png")
-                else:
+                                  fallback=seg.fallback)
+                    try:  # a file is listed only once it is written
+                        for kind, image in (("mask", seg.mask * 255), ("overlay", segmentation_overlay(
+                                picture, seg.mask, seg.box, seg.fallback))):
+                            if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
+                                raise OSError(f"could not write {stem}_{kind}.png")
+                            record[kind] = f"{stem}_{kind}.png"
+                    except (OSError, cv2.error) as exc:
+                        record["error"] = f"{path}: output not written ({exc})"
+                        failures += 1
+                if record["error"] is not None:
                     err.print(f"[yellow]skipped:[/] {escape(record['error'])}", highlight=False)
                 log.write(json.dumps(record) + "\n")
                 bar.update(1)
@@ -328,8 +377,10 @@ def train(
     seed: Annotated[int, typer.Option()] = 2019,
     all_views: Annotated[bool, typer.Option(help="Also train on lateral views.")] = False,
     source_balance: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Inside adult and paediatric films (drawn equally): a source's share "
+        min=0.0, max=1.0, help="Inside adult and inside paediatric films: a source's share "
                                "∝ its size to this power (0 = sources equal, 1 = as indexed).")] = 0.5,
+    adult_share: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Share of draws from adult films; the rest from paediatric ones.")] = 0.5,
     epoch_size: Annotated[int, typer.Option(min=0, help="Images drawn per epoch (0 = training-set size).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
@@ -352,7 +403,8 @@ def train(
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
                       devices=devices, num_nodes=num_nodes, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
-                      max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size)
+                      max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
+                      adult_share=adult_share)
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ValueError) as exc:
@@ -473,10 +525,16 @@ def predict(
                 if overlays and not result.error:
                     name = f"{output_stem(path, used)}_overlay.png"
                     prob = result.probabilities.get(result.cam_label) if result.cam_label else None
-                    prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
-                                      result.cam_label, prob, str(out / name),
-                                      caption=findings_caption(result))
-                    record["overlay"] = name
+                    try:  # one picture that cannot be written never stops the batch
+                        prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
+                                          result.cam_label, prob, str(out / name),
+                                          caption=findings_caption(result))
+                        record["overlay"] = name
+                    except OSError as exc:
+                        failures += 1
+                        record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
+                        err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['overlay_error'])}",
+                                  highlight=False)
                 if writer is None:
                     handle.write(json.dumps(record) + "\n")
                 else:

@@ -20,7 +20,6 @@ the refusal per kind of non-chest image).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,6 +27,7 @@ import cv2
 import numpy as np
 
 from pneumoscan.crop import clean_mask
+from pneumoscan.io import code_string
 
 #: Modalities of projection radiographs (SC/OT: a film digitised or exported as a picture).
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "SC", "OT", "PX"}
@@ -63,22 +63,16 @@ class GateResult:
         return asdict(self)
 
 
-def _code(value: Any) -> str:
-    """A DICOM code string as safe text (letters, digits, space; at most 16 characters): tag
-    contents are never echoed verbatim."""
-    return re.sub(r"[^A-Z0-9 ]", "", str(value or "").upper())[:16].strip()
-
-
 def tag_reasons(meta: dict[str, Any]) -> list[str]:
     """Reasons from the DICOM header (none for PNG/JPEG, which carry no such tags)."""
     reasons = []
-    modality = _code(meta.get("modality"))
+    modality = (code_string(meta.get("modality")) or "")
     if modality and modality not in RADIOGRAPH_MODALITIES:
         reasons.append(f"modality {modality} is not a projection radiograph")
-    body = _code(meta.get("body_part"))
+    body = (code_string(meta.get("body_part")) or "")
     if body and body not in CHEST_BODY_PARTS:
         reasons.append(f"body part {body} is not the chest")
-    view = _code(meta.get("view_position"))
+    view = (code_string(meta.get("view_position")) or "")
     if view in LATERAL_VIEWS:
         reasons.append("lateral view (tag ViewPosition); only frontal films are scored")
     return reasons

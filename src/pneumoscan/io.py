@@ -9,6 +9,7 @@ in :class:`XrayReadError` with a sentence a person understands, never a library'
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ def _decode_raster(
         with Image.open(io.BytesIO(data)) as header:
             width, height = header.size
             mode = header.mode
+            orientation = _as_int(header.getexif().get(EXIF_ORIENTATION, 1), 1) if fmt == "jpeg" else 1
     except Image.DecompressionBombError as exc:
         raise XrayReadError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except Exception as exc:  # PIL raises many types for broken headers
@@ -137,8 +139,11 @@ def _decode_raster(
         bit_depth, value_range = 16, [lo, hi]
     else:
         raise XrayReadError(f"{name}: unsupported pixel type {raw.dtype}")
+    pixels = exif_upright(pixels, orientation)
+    height, width = pixels.shape
     meta = {
         "format": fmt,
+        "exif_orientation": orientation,
         "height": int(height),
         "width": int(width),
         "bit_depth": bit_depth,
@@ -150,6 +155,18 @@ def _decode_raster(
         "value_range": value_range,
     }
     return pixels, meta
+
+
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF Orientation (1–8) so the picture stands as the camera meant (a phone photo
+    of a film is stored sideways with orientation 6 or 8); OpenCV's unchanged decode ignores it."""
+    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: a.T, 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].T,
+              8: lambda a: np.rot90(a, 1)}.get(orientation)
+    return np.ascontiguousarray(turned(pixels)) if turned else pixels
 
 
 def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -178,7 +195,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
 
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    tsyntax_name = getattr(tsyntax, "name", str(tsyntax)) if tsyntax else "implicit little endian"
+    tsyntax_name = _uid_name(tsyntax) if tsyntax else "implicit little endian"
     try:
         arr = ds.pixel_array
     except NotImplementedError as exc:
@@ -200,9 +217,14 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         values, windowed = _dicom_to_unit(arr, ds, photometric)
     except XrayReadError:
         raise
-    except Exception as exc:
-        raise XrayReadError(f"{name}: the DICOM grey-level tags are inconsistent ({exc})") from exc
-    inverted = photometric == "MONOCHROME1"
+    except Exception as exc:  # the message may quote tag text: only its kind is reported
+        raise XrayReadError(f"{name}: the DICOM grey-level tags are inconsistent (window, rescale or "
+                            f"LUT values cannot be used: {type(exc).__name__})") from exc
+    # MONOCHROME1 shows low values white. A MONOCHROME2 image with Presentation LUT Shape INVERSE
+    # is shown inverted too (for MONOCHROME1 that shape is the standard's normal case, not a
+    # second inversion).
+    presentation = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and presentation == "INVERSE")
     if inverted:
         values = 1.0 - values
     meta = {
@@ -212,9 +234,9 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         "bit_depth": _as_int(ds.get("BitsStored", ds.get("BitsAllocated", 0)), 0),
         "mode": None,
         "photometric": photometric,
-        "view_position": str(ds.get("ViewPosition", "")).strip() or None,
-        "modality": str(ds.get("Modality", "")).strip() or None,
-        "body_part": str(ds.get("BodyPartExamined", "")).strip() or None,
+        "view_position": code_string(ds.get("ViewPosition")),
+        "modality": code_string(ds.get("Modality")),
+        "body_part": code_string(ds.get("BodyPartExamined")),
         "transfer_syntax": tsyntax_name,
         "inverted": inverted,
         "windowed": windowed,
@@ -235,7 +257,7 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
         return _min_max(grey), False
     values = apply_modality_lut(arr, ds).astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+        lut = _lut_values(ds.VOILUTSequence[0])
         out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
         lo, hi = float(lut.min()), float(lut.max())
         return np.clip((out - lo) / max(hi - lo, 1e-12), 0.0, 1.0), "voi_lut"
@@ -246,6 +268,30 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
             return window(values, c, w, function), "window"
     return _min_max(values), False
+
+
+def _lut_values(item: Any) -> np.ndarray:
+    """LUT Data as numbers: stored as US (a list) or, also permitted, OW (raw 16-bit words)."""
+    data = item.LUTData
+    if isinstance(data, bytes | bytearray):
+        entries = _as_int(item.LUTDescriptor[0], 0) or 65536
+        return np.frombuffer(data, "<u1" if len(data) == entries else "<u2").astype(np.float64)
+    return np.asarray(data if hasattr(data, "__len__") else [data], dtype=np.float64)
+
+
+def code_string(value: Any) -> str | None:
+    """A DICOM code string (ViewPosition, Modality, ...) as safe text: upper-case letters, digits,
+    spaces and underscores, at most 16 characters; tag text never leaves the reader verbatim."""
+    text = re.sub(r"[^A-Z0-9 _]", "", str(value or "").upper()).strip()[:16]
+    return text or None
+
+
+def _uid_name(uid: Any) -> str:
+    """A transfer syntax's registered name, or its UID reduced to digits and dots."""
+    name = getattr(uid, "name", "")
+    if name and name != str(uid):
+        return name
+    return re.sub(r"[^0-9.]", "", str(uid))[:64] or "unknown"
 
 
 def window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:

@@ -56,6 +56,11 @@ def metadata_sha256(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's first line for a one-line message (its type when it says nothing)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -98,7 +103,7 @@ def resumable_checkpoint(path: str | Path) -> str | None:
             raise ValueError("no state_dict/epoch inside")
     except Exception as exc:
         raise ModelFileError(
-            f"{path}: the checkpoint to resume from is damaged ({str(exc).splitlines()[0][:160]}); "
+            f"{path}: the checkpoint to resume from is damaged ({first_line(exc, 160)}); "
             f"move it away to restart from the previous best.ckpt, or pass --no-resume to start over"
         ) from exc
     return str(path)
@@ -110,12 +115,14 @@ def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: the model file is empty (0 bytes)")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle payloads, truncation and foreign formats all land here
         raise ModelFileError(
             f"{path}: not a loadable PneumoScan model file (refused by the safe loader: "
-            f"{str(exc).splitlines()[0][:200]})"
+            f"{first_line(exc)})"
         ) from exc
     if not isinstance(blob, dict) or "meta_json" not in blob or "state_dict" not in blob:
         raise ModelFileError(f"{path}: not a PneumoScan model file (no metadata block)")

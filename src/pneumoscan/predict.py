@@ -24,7 +24,7 @@ from pneumoscan.segment import LungSegmenter
 
 #: Image metadata that may leave the process: technical fields only, never patient identity.
 PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
-               "modality", "transfer_syntax", "inverted", "windowed")
+               "modality", "transfer_syntax", "inverted", "windowed", "exif_orientation")
 
 
 @dataclass

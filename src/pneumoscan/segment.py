@@ -18,7 +18,7 @@ from torch import nn
 
 from pneumoscan.crop import LungCrop, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
-from pneumoscan.modelfile import ModelFileError, load_model, save_model, shipped_model_path
+from pneumoscan.modelfile import ModelFileError, first_line, load_model, save_model, shipped_model_path
 
 KIND = "lung-segmentation"
 PRESETS = ("small", "thesis")
@@ -87,7 +87,7 @@ class LungSegmenter:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"{path}: lung model metadata or weights unusable "
-                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from exc
+                                 f"({type(exc).__name__}: {first_line(exc, 160)})") from exc
         if missing or unexpected:
             raise ModelFileError(f"{path}: weights do not fit the {meta['preset']} U-Net "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
