@@ -64,3 +64,42 @@ def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):
 def test_incomplete_export_folder_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="pneumoscan export"):
         Predictor.from_onnx(tmp_path)
+
+
+@needs_data
+def test_tampered_truncated_or_damaged_exports_are_refused(exported, tmp_path):
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    from pneumoscan.modelfile import ModelFileError
+
+    def copy() -> "Path":
+        target = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(exported, target)
+        return target
+
+    flipped = copy()  # 1,000 sign-flipped weights: loads in ONNX Runtime, changes the output
+    model = onnx.load(flipped / "classifier.onnx")
+    tensor = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+    values = numpy_helper.to_array(tensor).copy()
+    values.reshape(-1)[:1000] *= -1
+    tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+    onnx.save(model, flipped / "classifier.onnx")
+    cut = copy()
+    data = (cut / "lung_unet.onnx").read_bytes()
+    (cut / "lung_unet.onnx").write_bytes(data[: len(data) // 2])
+    broken = copy()
+    (broken / "pneumoscan_onnx.json").write_text("{not json")
+    threshold = copy()  # an edited threshold in the metadata
+    text = (threshold / "pneumoscan_onnx.json").read_text().replace('"threshold": 0.5', '"threshold": 0.05', 1)
+    (threshold / "pneumoscan_onnx.json").write_text(text)
+    for folder, words in ((flipped, "classifier.onnx"), (cut, "lung_unet.onnx"), (broken, "damaged"),
+                          (threshold, "SHA-256")):
+        with pytest.raises(ModelFileError, match=words):
+            Predictor.from_onnx(folder)
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", str(DATA / "nih-cxr14" / "images" /
+                          "00000100_000.png"), "--onnx", str(flipped), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "SHA-256" in run.stderr

@@ -165,3 +165,20 @@ def test_shipped_model_lists_only_assessed_findings_on_a_no_finding_film(tmp_pat
     assert set(line["findings"]) <= set(shipped.assessed_labels)
     assert line["not_assessed"] == [l for l in LABELS if l not in shipped.assessed_labels]
     assert all(line["probabilities"][l] is None for l in line["not_assessed"])
+
+
+@needs_data
+def test_classifier_refuses_another_lung_model_unless_told(tmp_path, nih_png):
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.segment import load_default
+
+    other = load_default()
+    with torch.no_grad():
+        next(other.net.parameters()).mul_(1.01)  # a retrained lung model: other weights, other crops
+    other.save(tmp_path / "other_lungs.pt")
+    with pytest.raises(ModelFileError, match="--allow-model-mismatch"):
+        Predictor.from_paths(seg=tmp_path / "other_lungs.pt")
+    assert Predictor.from_paths(seg=tmp_path / "other_lungs.pt", allow_model_mismatch=True).model_mismatch
+    run = subprocess.run([*CLI, "predict", str(nih_png), "--seg-model", str(tmp_path / "other_lungs.pt"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "trained on crops from lung model" in run.stderr and "Traceback" not in run.stderr

@@ -193,6 +193,12 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
             done_images += n
             errors += bad
             bar.update(n)
+    except BaseException:
+        if pool is not None:  # a failure or Ctrl-C: stop now, never wait for the queued shards
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
     finally:
         bar.close()
         if pool is not None:

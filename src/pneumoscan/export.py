@@ -2,9 +2,11 @@
 
 ``export_onnx`` writes ``lung_unet.onnx`` (N×1×S×S → lung logits), ``classifier.onnx``
 (N×1×S×S crops → logits and the last block's post-ReLU features, for the forward-only
-Grad-CAM) and ``pneumoscan_onnx.json`` (both models' metadata and SHA-256s, and the classifier
-head's weights that Grad-CAM needs). :func:`load_onnx` returns a segmenter and a classifier that
-the :class:`~pneumoscan.predict.Predictor` uses like the PyTorch ones.
+Grad-CAM) and ``pneumoscan_onnx.json`` (both models' metadata, the classifier head's weights that
+Grad-CAM needs, the SHA-256 of each ``.onnx`` file, and a SHA-256 over all of that).
+:func:`load_onnx` checks every hash, the label order and each model's own metadata hash before
+returning a segmenter and a classifier that the :class:`~pneumoscan.predict.Predictor` uses like
+the PyTorch ones (which then checks that the two belong together).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import nn
 
 from pneumoscan.classify import Classifier, check_crops
 from pneumoscan.explain import cam_from_features
+from pneumoscan.labels import LABELS
+from pneumoscan.modelfile import ModelFileError, file_sha256, first_line, metadata_sha256
 from pneumoscan.segment import LungSegmenter
 
 META_FILE = "pneumoscan_onnx.json"
@@ -56,8 +60,12 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
     meta = {"segmentation": segmenter.meta | {"preprocessing": segmenter.preprocessing.to_dict()},
             "classifier": classifier.meta,
             "head": {"w1": head[0].weight.detach().tolist(), "b1": head[0].bias.detach().tolist(),
-                     "w2": head[3].weight.detach().tolist()}}
-    (out / META_FILE).write_text(json.dumps(meta))
+                     "w2": head[3].weight.detach().tolist()},
+            "files": {path.name: file_sha256(path) for path in paths.values()}}
+    meta["sha256"] = metadata_sha256(meta)
+    tmp = out / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(out / META_FILE)
     paths["meta"] = out / META_FILE
     return paths
 
@@ -120,8 +128,34 @@ def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
     if missing:
         raise FileNotFoundError(f"{folder}: not a PneumoScan ONNX export (missing {', '.join(missing)}); "
                                 f"run `pneumoscan export --format onnx --out {folder}`")
-    meta = json.loads((folder / META_FILE).read_text())
+    meta = verify_export(folder)
     seg_meta = meta["segmentation"]
-    segmenter = OnnxLungSegmenter(folder / "lung_unet.onnx", Preprocessing.from_dict(seg_meta["preprocessing"]),
-                                  seg_meta)
-    return segmenter, OnnxClassifier(folder / "classifier.onnx", meta["classifier"], meta["head"])
+    try:
+        segmenter = OnnxLungSegmenter(folder / "lung_unet.onnx", Preprocessing.from_dict(seg_meta["preprocessing"]),
+                                      seg_meta)
+        return segmenter, OnnxClassifier(folder / "classifier.onnx", meta["classifier"], meta["head"])
+    except Exception as exc:  # ONNX Runtime and a damaged head raise many kinds
+        raise ModelFileError(f"{folder}: the ONNX export cannot be loaded ({first_line(exc)})") from exc
+
+
+def verify_export(folder: Path) -> dict[str, Any]:
+    """The export's metadata, after checking it and every file it names; else ModelFileError."""
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        files, recorded = dict(meta["files"]), meta["sha256"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{folder / META_FILE}: damaged or from an older export (re-run "
+                             f"`pneumoscan export`): {type(exc).__name__}") from exc
+    if metadata_sha256(meta) != recorded:
+        raise ModelFileError(f"{folder / META_FILE}: contents do not match their SHA-256 (altered or damaged)")
+    for name in ("lung_unet.onnx", "classifier.onnx"):
+        if files.get(name) != file_sha256(folder / name):
+            raise ModelFileError(f"{folder / name}: does not match the SHA-256 recorded at export "
+                                 f"(altered, truncated or from another export)")
+    if tuple(meta["classifier"].get("labels", ())) != LABELS:
+        raise ModelFileError(f"{folder}: label order differs from this version's")
+    for part in ("segmentation", "classifier"):  # each model's own hash, as in its .pt file
+        inner = meta[part]
+        if "sha256" in inner and inner["sha256"] != metadata_sha256(inner):
+            raise ModelFileError(f"{folder}: the {part} model's metadata does not match its SHA-256")
+    return meta
