@@ -134,19 +134,28 @@ def test_dicom_with_wrong_tags_is_refused_or_read(rows, cols, photometric, bits,
 
 
 @pytest.fixture(scope="module")
-def predictor():
+def predictor(assessed_model):
     from pneumoscan.predict import Predictor
 
-    return Predictor.from_default()
+    return Predictor.from_paths(cls_model=assessed_model)
+
+
+def _check_prediction(result) -> None:
+    """An error, a refusal by the input gate (with reasons), or scores for the assessed labels."""
+    if result.error is not None:
+        assert result.probabilities is None
+    elif not result.quality["frontal_chest"]:
+        assert result.probabilities is None and result.findings is None and result.quality["reasons"]
+    else:
+        values = result.probabilities
+        assert len(values) == 15 and all(values[l] is None for l in result.not_assessed)
+        assert all(0 <= v <= 1 for v in values.values() if v is not None)
 
 
 @settings(max_examples=SLOW_EXAMPLES, **COMMON)
 @given(data=mutated())
 def test_predictor_turns_bad_bytes_into_errors(predictor, data):
-    result = predictor.predict(data, cam="top", name="fuzz")
-    assert (result.error is None) == (result.probabilities is not None)
-    if result.error is None:
-        assert len(result.probabilities) == 15 and all(0 <= v <= 1 for v in result.probabilities.values())
+    _check_prediction(predictor.predict(data, cam="top", name="fuzz"))
 
 
 @settings(max_examples=SLOW_EXAMPLES, **COMMON)
@@ -155,9 +164,7 @@ def test_predictor_turns_bad_bytes_into_errors(predictor, data):
     st.just(np.ones((100, 100, 3), np.float32)), st.just(np.full((100, 100), 7.0, np.float32)),
     st.integers(1, 300).map(lambda n: np.random.default_rng(n).random((n, 300)).astype(np.float32))))
 def test_predictor_refuses_unusable_arrays(predictor, array):
-    result = predictor.predict(array)
-    if result.error is None:
-        assert len(result.probabilities) == 15
+    _check_prediction(predictor.predict(array))
 
 
 @pytest.fixture(scope="module")
@@ -166,13 +173,72 @@ def client(predictor):
 
     from pneumoscan.server import create_app
 
-    return TestClient(create_app(predictor, max_upload_mb=2), raise_server_exceptions=False)
+    return TestClient(create_app(predictor, max_upload_mb=2), raise_server_exceptions=False,
+                      base_url="http://localhost")
 
 
 @settings(max_examples=SLOW_EXAMPLES, **COMMON)
-@given(data=mutated(), name=st.text(max_size=40), cam=st.sampled_from(["top", "none", "Pneumonia", "x"]))
+@given(data=mutated(), name=st.text(max_size=40),
+       cam=st.sampled_from(["top", "TOP", "none", "Pneumonia", "pneumonia", "Nodule", "x"]))
 def test_server_answers_4xx_never_500(client, data, name, cam):
     response = client.post(f"/v1/predict?cam={cam}&images=false", files={"file": (name or "f", data)})
     assert response.status_code in (200, 400, 413, 422), response.text
     body = response.json()
     assert (body.get("error") is not None) == (response.status_code != 200)
+
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(orientation=st.one_of(st.integers(0, 9), st.integers(10, 65_535)), side=st.integers(64, 160))
+def test_any_exif_orientation_reads_or_is_refused(orientation, side):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(side).random((side, 96)) * 255).astype(np.uint8)).save(
+        buffer, "JPEG", exif=exif)
+    image = _check_reader(buffer.getvalue(), "exif.jpg")
+    if image is not None and orientation in (5, 6, 7, 8):
+        assert image.pixels.shape == (96, side)  # turned on its side
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(entries=st.integers(0, 70_000), first=st.integers(-5, 5_000), bits=st.sampled_from([8, 10, 12, 16, 0, 31]),
+       length=st.integers(0, 5_000), as_ow=st.booleans())
+def test_voi_lut_sequences_of_any_shape_read_or_are_refused(entries, first, bits, length, as_ow):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    item = Dataset()
+    item.LUTDescriptor = [entries % 65_536, first, bits]
+    values = (np.arange(length) * 7 % 4096).astype(np.uint16)
+    item.add_new(0x00283006, "OW" if as_ow else "US", values.astype("<u2").tobytes() if as_ow else values.tolist())
+    ds.VOILUTSequence = Sequence([item])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    _check_reader(buffer.getvalue(), "voi.dcm")
+
+
+@settings(max_examples=SLOW_EXAMPLES, **COMMON)
+@given(size=st.integers(0, 3 * 2**20), chunk=st.integers(1, 2**18), seed=st.sampled_from(sorted(SEEDS)))
+def test_chunked_uploads_of_any_size_get_an_answer(client, size, chunk, seed):
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\n"
+            + (SEEDS[seed] + bytes(size))[: max(size, len(SEEDS[seed]))] + b"\r\n--b--\r\n")
+    parts = (body[i:i + chunk] for i in range(0, len(body), chunk))  # no Content-Length: chunked
+    response = client.post("/v1/predict?images=false", content=parts,
+                           headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert response.status_code in (200, 400, 413, 422), response.text
+    assert (response.json().get("error") is not None) == (response.status_code != 200)
+
+
+def test_concurrent_huge_header_pngs_get_4xx(client):
+    import concurrent.futures
+
+    absurd = [_png_with_header(7_900, 7_900, 8, 0), _png_with_header(60_000, 60_000, 16, 0),
+              _png_with_header(2**31 - 1, 1, 8, 2)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda k: client.post("/v1/predict", files={"file": ("h.png", absurd[k % 3])}).status_code,
+                              range(24)))
+    assert set(codes) <= {400, 503}, codes
