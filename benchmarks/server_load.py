@@ -3,9 +3,13 @@ real NIH PNGs, plus the time to refuse an over-limit upload.
 
     python benchmarks/server_load.py [--clients 4] [--requests 25]
     python benchmarks/server_load.py --clients 8 --duration 60
+    python benchmarks/server_load.py --clients 48 --requests 3 --huge     # the memory attack
 
 Starts the server in a subprocess on a free port, posts /v1/predict (Grad-CAM of the top finding,
-inline images), and prints errors, latency p50/p95 and the server's RSS before and after.
+inline images), and prints the answers by HTTP status, latency p50/p95, the server's RSS before,
+after and at its peak (sampled every 0.1 s), and the latency of /health polled every 50 ms during
+the run. ``--huge``: every other request is a small PNG that declares 7,900 × 7,900 pixels (a real,
+valid file of 62 M uniform pixels, 60-80 KB), which costs about 0.5 GB to decode.
 """
 
 from __future__ import annotations
@@ -36,7 +40,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--duration", type=float, default=0.0, help="seconds; overrides --requests")
+    parser.add_argument("--huge", action="store_true", help="mix in huge-header PNGs")
     args = parser.parse_args()
+    import cv2
+
+    huge = cv2.imencode(".png", np.zeros((7_900, 7_900), np.uint8))[1].tobytes() if args.huge else b""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -58,24 +66,42 @@ def main() -> None:
         stop_at = began + args.duration
         samples = [(0.0, before)]
 
+        running = True
+        peak, health = [before], []
+
+        def watch() -> None:  # the server's RSS every 0.1 s and /health every 50 ms, while clients run
+            with httpx.Client(timeout=30) as http:
+                last = 0.0
+                while running:
+                    peak.append(rss_mb(server.pid))
+                    if time.perf_counter() - last > 0.05:
+                        last = t0 = time.perf_counter()
+                        http.get(url + "/health")
+                        health.append(time.perf_counter() - t0)
+                    time.sleep(0.05)
+
         def client(c: int) -> list[tuple[int, float]]:
             out = []
-            with httpx.Client(timeout=300) as http:
+            with httpx.Client(timeout=600) as http:
                 r = 0
                 while (time.perf_counter() < stop_at) if args.duration else (r < args.requests):
                     path = paths[(c * 997 + r) % len(paths)]
+                    body = (("huge.png", huge) if args.huge and (c + r) % 2 == 0 else (path.name, path.read_bytes()))
                     r += 1
                     if c == 0:
                         samples.append((time.perf_counter() - began, rss_mb(server.pid)))
                     start = time.perf_counter()
-                    status = http.post(url + "/v1/predict", files={"file": (path.name, path.read_bytes())}).status_code
+                    status = http.post(url + "/v1/predict", files={"file": body}).status_code
                     out.append((status, time.perf_counter() - start))
             return out
 
+        watcher = concurrent.futures.ThreadPoolExecutor(1).submit(watch)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
             results = [x for chunk in pool.map(client, range(args.clients)) for x in chunk]
         took = time.perf_counter() - start
+        running = False
+        watcher.result()
         after = rss_mb(server.pid)
         big = b"\x89PNG" + bytes(40 * 2**20)
         t0 = time.perf_counter()
@@ -84,13 +110,17 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    latencies = np.array([t for _, t in results])
-    errors = sum(1 for s, _ in results if s != 200)
+    latencies = np.array([t for s, t in results if s == 200] or [np.nan])
+    statuses = {code: sum(1 for s, _ in results if s == code) for code in sorted({s for s, _ in results})}
     what = f"{args.duration:.0f} s" if args.duration else f"{args.requests} requests"
-    print(f"{args.clients} clients × {what}: {len(results)} done, {errors} errors, "
-          f"{len(results) / took:.2f} requests/s")
-    print(f"latency p50 {np.percentile(latencies, 50):.2f} s, p95 {np.percentile(latencies, 95):.2f} s, "
-          f"max {latencies.max():.2f} s")
+    print(f"{args.clients} clients × {what}{' (half huge-header PNGs)' if args.huge else ''}: "
+          f"{len(results)} answered in {took:.1f} s, by status {statuses}, "
+          f"{statuses.get(200, 0) / took:.2f} predictions/s")
+    print(f"/health during the run: {len(health)} polls, p50 {np.percentile(health, 50) * 1000:.0f} ms, "
+          f"p95 {np.percentile(health, 95) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms")
+    print(f"server RSS peak {max(peak):.0f} MB")
+    print(f"latency of 200s p50 {np.nanpercentile(latencies, 50):.2f} s, p95 {np.nanpercentile(latencies, 95):.2f} s, "
+          f"max {np.nanmax(latencies):.2f} s")
     print(f"server RSS {before:.0f} MB after warm-up, {after:.0f} MB after the run; during the run: "
           + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in samples[:: max(1, len(samples) // 8)]))
     print(f"40 MiB upload (limit 32 MiB): HTTP {refused} in {refuse_s * 1000:.0f} ms")

@@ -195,3 +195,18 @@ def test_selection_score_is_the_mean_within_source_auc():
     probs[20:, j] = np.r_[np.linspace(0, 0.4, 10), np.linspace(0.6, 1, 10)]  # source B: inverted
     score, parts = selection_score(labels, probs, np.array(["A"] * 20 + ["B"] * 20))
     assert parts == {"Pneumonia/A": 1.0, "Pneumonia/B": 0.0} and score == pytest.approx(0.5)
+
+
+def test_labels_of_single_class_sources_are_masked_for_training():
+    from pneumoscan.classify_train import mask_single_class_sources
+
+    j, k = LABELS.index("Pneumonia"), LABELS.index("Effusion")
+    labels = np.full((6, 15), np.nan, np.float32)
+    labels[:, j] = [1, 0, 0, 0, 1, 0]          # A: both classes; B: only negatives
+    labels[:, k] = [0, 1, 0, 0, np.nan, np.nan]
+    sources = np.array(["A", "A", "B", "B", "C", "C"])
+    out, masked = mask_single_class_sources(labels, sources)
+    assert np.isnan(out[2:4, j]).all() and not np.isnan(out[:2, j]).any()  # B taught only "B = not pneumonia"
+    assert masked == {"B": ["Effusion", "Pneumonia"]}
+    np.testing.assert_array_equal(out[4:, j], [1, 0])  # C has both
+    assert not np.isnan(labels).sum() == np.isnan(out).sum()  # the input is left as it was

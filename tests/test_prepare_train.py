@@ -132,6 +132,8 @@ def test_trained_model_records_assessment_selection_and_an_honest_headline(train
     assert not any(e["assessed"] for e in meta["assessment"].values())
     assert meta["selection"]["metric"].startswith("mean within-source validation AUC")
     assert meta["training_data"]["sampling"]["source_balance"] == 0.5
+    left_out = meta["training_data"]["labels_left_out_of_the_loss"]
+    assert left_out["min_positives"] == 50 and "Hernia" in left_out["labels"]  # 6 NIH positives here
     stdout = (trained / "stdout.txt").read_text()
     assert "AUC within sources" in stdout or "no AUC is reported" in stdout
     assert "mean AUC (14 findings)" not in stdout and "assessed labels (0 of 15): none" in stdout
@@ -211,3 +213,20 @@ def test_half_written_checkpoint_is_refused_not_loaded(cache64, trained, tmp_pat
     result = subprocess.run(_train(cache64, out, "--epochs", "3"), capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "damaged" in result.stderr and "--no-resume" in result.stderr
     assert "Traceback" not in result.stderr and not (out / "model.pt").exists()
+
+
+def test_frozen_backbone_trains_the_head_only(cache64, trained, tmp_path):
+    import torch
+
+    out = tmp_path / "lp"
+    result = subprocess.run([*CLI, "train", "--cache", str(cache64), "--out", str(out), "--init",
+                             str(trained / "model.pt"), "--freeze-backbone", "--epochs", "1", "--batch-size", "16",
+                             "--workers", "0", "--accelerator", "cpu"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (before, _), (after, meta) = (load_model(p, kind="chest-classifier") for p in (trained / "model.pt", out / "model.pt"))
+    backbone = [k for k in before if k.startswith("net.features.")]
+    head = [k for k in before if k.startswith("net.class_layers.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)  # BN statistics too
+    assert any(not torch.equal(before[k], after[k]) for k in head)
+    assert meta["optimiser"]["trained"] == "head only (backbone frozen)"
+    assert "kermany" in meta["training_data"]["labels_masked_in_single_class_sources"]

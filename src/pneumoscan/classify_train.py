@@ -10,6 +10,14 @@
 - Sampling balanced so that the model cannot learn the data set instead of the disease: adult
   and paediatric films are drawn equally often, and inside each population a source's share grows
   with the square root of its size (``source_balance`` 0 = every source equal, 1 = as indexed).
+- A label is left out of the loss (NaN) for every training image of a source that has only one
+  class of it (Shenzhen and Montgomery have no pneumonia, Kermany no effusion): such labels teach
+  "this data set means not L", never the finding.
+- A label with fewer than ``min_positives`` training positives (after that masking) is left out
+  of the loss: it cannot be assessed, and its weighted loss (positive weights of 35–267 for a
+  handful of positives) would drown the labels that can be learnt.
+- ``freeze_backbone`` fits a new head alone on features of the frozen network, computed once
+  (:func:`fit_head`: the first stage of linear-probe-then-fine-tune transfer learning).
 - The checkpoint kept is the one with the best within-source validation AUC of Pneumonia (mean
   over the sources that have enough positives and negatives), never pooled validation loss, which
   rewards telling Kermany children from NIH adults. Each label's assessed flag and threshold are
@@ -55,6 +63,21 @@ class CropDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         crop = self.cache.image(int(self.indices[i]))
         return torch.from_numpy(crop.copy())[None], torch.from_numpy(self.labels[i]), i
+
+
+def mask_single_class_sources(labels: np.ndarray, sources: np.ndarray) -> tuple[np.ndarray, dict[str, list[str]]]:
+    """Training labels with NaN where a source has only positives or only negatives of a label
+    (known values), and which labels were masked per source."""
+    labels = labels.copy()
+    masked: dict[str, list[str]] = {}
+    for source in np.unique(sources):
+        rows = sources == source
+        for j, label in enumerate(LABELS):
+            known = labels[rows, j][~np.isnan(labels[rows, j])]
+            if len(known) and (known.min() == known.max()):
+                labels[rows, j] = np.nan
+                masked.setdefault(str(source), []).append(label)
+    return labels, masked
 
 
 def sampling_weights(sources: np.ndarray, source_balance: float = 0.5, adult_share: float = 0.5) -> np.ndarray:
@@ -162,6 +185,8 @@ class TrainConfig:
     source_balance: float = 0.5  # 0: every source drawn equally; 1: as indexed
     adult_share: float = 0.5  # share of draws from adult films (the rest paediatric)
     epoch_size: int = 0  # draws per epoch; 0 = the number of training images
+    freeze_backbone: bool = False  # train the head only (linear-probe stage of LP-FT)
+    min_positives: int = 50  # labels with fewer training positives are left out of the loss
     resume: bool = True
     max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
     description: str = ""
@@ -252,10 +277,9 @@ def select_rows(cache: CropCache, frontal_only: bool) -> dict[str, np.ndarray]:
 
 
 def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Train; on rank 0 write ``model.pt`` (best val loss, with Youden thresholds) and a report."""
+    """Train; on rank 0 write ``model.pt`` (the checkpoint with the best within-source validation
+    AUC, with each label's assessment and threshold) and ``val_report.json``."""
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -266,6 +290,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                          f"validation images with labels; both are needed")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set = CropDataset(cache, rows["train"]), CropDataset(cache, rows["val"])
+    train_set.labels, masked = mask_single_class_sources(train_set.labels, train_set.sources)
+    too_few = [label for j, label in enumerate(LABELS) if np.nansum(train_set.labels[:, j] == 1) < cfg.min_positives]
+    train_set.labels[:, [LABELS.index(label) for label in too_few]] = np.nan
     pos_weight = positive_weights(train_set.labels)
     init_info: dict[str, Any] = {}
     module = _module(cfg, pos_weight, init_info, val_set.sources)
@@ -273,6 +300,55 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
 
     sampler = BalancedSampler(sampling_weights(train_set.sources, cfg.source_balance, cfg.adult_share),
                               cfg.epoch_size or len(train_set), cfg.seed)
+
+    started = time.time()
+    if cfg.freeze_backbone:
+        fitted = fit_head(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out)
+        precision = "32-true"
+    else:
+        fitted, precision = _fit_all_layers(module, train_set, val_set, sampler, cfg, out)
+        if fitted is None:  # not rank 0
+            return None
+    model, best_score, epochs_trained, best_epoch = fitted
+    table = cache.table
+    meta = {
+        "kind": KIND, "labels": list(LABELS), "input_size": cache.size,
+        "preprocessing": {"crop": cache.config["crop"], "input": "grey crop in [0,1], copied to 3 "
+                          "channels, ImageNet mean/std normalisation inside the model",
+                          "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
+                          "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
+        "init": init_info, "hidden": 1000, "dropout": 0.4,
+        "training_data": {
+            "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
+            "images_per_source": {str(k): int(v) for k, v in
+                                  table.iloc[rows["train"]]["source"].value_counts().items()},
+            "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
+            "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
+            "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
+            "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
+                         "epoch_size": len(sampler)},
+            "labels_masked_in_single_class_sources": masked,
+            "labels_left_out_of_the_loss": {"min_positives": cfg.min_positives, "labels": too_few},
+        },
+        "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
+                      "trained": "head only (backbone frozen)" if cfg.freeze_backbone else "all layers",
+                      "plateau_patience": cfg.patience, "precision": precision,
+                      "devices": cfg.devices * cfg.num_nodes},
+        "selection": {"metric": "mean within-source validation AUC of " + ", ".join(SELECT_LABELS),
+                      "best": None if best_score is None else round(float(best_score), 4)},
+        "epochs_trained": int(epochs_trained), "best_epoch": int(best_epoch),
+        "train_seconds_this_run": round(time.time() - started, 1),
+    }
+    return finalise(Classifier(model, meta), cache, rows, out)
+
+
+def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
+                    cfg: TrainConfig, out: Path):
+    """The Lightning loop (every layer trained): resumable, DDP, mixed precision. Returns
+    ((model, best score, epochs trained, best epoch) or None off rank 0, precision)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
 
     class EpochSeed(Callback):
         def on_train_epoch_start(self, trainer, _):
@@ -298,7 +374,6 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
                    "pin_memory": gpu}
     last = out / "checkpoints" / "last.ckpt"
-    started = time.time()
     trainer.fit(
         module,
         DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
@@ -306,40 +381,90 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
         ckpt_path=resumable_checkpoint(last) if cfg.resume else None,
     )
     if not trainer.is_global_zero:
-        return None
+        return None, precision
     best = checkpoint.best_model_path or str(last)
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     model = ChestClassifier()
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
                            if k.startswith("model.")})
-    table = cache.table
-    meta = {
-        "kind": KIND, "labels": list(LABELS), "input_size": cache.size,
-        "preprocessing": {"crop": cache.config["crop"], "input": "grey crop in [0,1], copied to 3 "
-                          "channels, ImageNet mean/std normalisation inside the model",
-                          "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
-                          "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
-        "init": init_info, "hidden": 1000, "dropout": 0.4,
-        "training_data": {
-            "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
-            "images_per_source": {str(k): int(v) for k, v in
-                                  table.iloc[rows["train"]]["source"].value_counts().items()},
-            "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
-            "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
-            "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
-            "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
-                         "epoch_size": len(sampler)},
-        },
-        "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
-                      "plateau_patience": cfg.patience, "precision": precision,
-                      "devices": cfg.devices * cfg.num_nodes},
-        "selection": {"metric": "mean within-source validation AUC of " + ", ".join(SELECT_LABELS),
-                      "best": None if checkpoint.best_model_score is None
-                      else round(float(checkpoint.best_model_score), 4)},
-        "epochs_trained": int(trainer.current_epoch), "best_epoch": int(ckpt["epoch"]),
-        "train_seconds_this_run": round(time.time() - started, 1),
-    }
-    return finalise(Classifier(model, meta), cache, rows, out)
+    return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
+
+
+def pooled_features(model: ChestClassifier, cache: CropCache, indices: np.ndarray, path: Path) -> np.ndarray:
+    """N×1024 pooled post-ReLU DenseNet features of cache rows, from the frozen network (kept in
+    ``path``, so a rerun does not pay for them twice)."""
+    from tqdm import tqdm
+
+    if path.exists():
+        saved = np.load(path)
+        if np.array_equal(saved["indices"], indices):
+            return saved["features"]
+    model.eval()
+    out = np.zeros((len(indices), model.net.class_layers.out[0].in_features), np.float32)
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(indices), 32), desc="features", unit="batch"):
+            x = torch.from_numpy(cache.images(indices[start:start + 32]).astype(np.float32) / 255.0)[:, None]
+            out[start:start + len(x)] = torch.relu(model.net.features(model.normalise(x))).mean(dim=(2, 3)).numpy()
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, features=out, indices=indices)
+    tmp.replace(path)
+    return out
+
+
+def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, val_set: CropDataset,
+             sampler: BalancedSampler, pos_weight: np.ndarray, cfg: TrainConfig, out: Path):
+    """The linear-probe stage of transfer learning: the head alone, on features of the frozen
+    network computed once (no augmentation). Same sampling, masked weighted loss, Adam, plateau
+    schedule and within-source checkpoint choice as the full loop; features are standardised
+    while fitting and the standardisation is folded into the first layer afterwards, so the
+    saved model is the ordinary architecture. Returns (model, best score, epochs, best epoch)."""
+    import csv
+
+    torch.manual_seed(cfg.seed)
+    features = {name: pooled_features(model, cache, part.indices, out / f"features_{name}.npz")
+                for name, part in (("train", train_set), ("val", val_set))}
+    mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
+    z = {name: torch.from_numpy((f - mean) / std) for name, f in features.items()}
+    head = model.net.class_layers.out
+    for layer in (head[0], head[3]):
+        layer.reset_parameters()  # a new head: the one loaded was fitted to another population
+    y_train, y_val = torch.from_numpy(train_set.labels), torch.from_numpy(val_set.labels)
+    weight = torch.from_numpy(pos_weight)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
+    best = (-np.inf, None, 0)
+    with open(out / "head_metrics.csv", "w", newline="") as handle:
+        log = csv.writer(handle)
+        log.writerow(["epoch", "train_loss", "val_loss", "val_select", "parts"])
+        for epoch in range(cfg.epochs):
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(sampler))
+            head.train()
+            losses = []
+            for k, start in enumerate(range(0, len(order), cfg.batch_size)):
+                torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + k)  # dropout replays exactly
+                batch = order[start:start + cfg.batch_size]
+                loss = masked_bce(head(z["train"][batch]), y_train[batch], weight)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            head.eval()
+            with torch.no_grad():
+                logits = head(z["val"])
+                val_loss = float(masked_bce(logits, y_val, weight))
+            score, parts = selection_score(val_set.labels, torch.sigmoid(logits).numpy(), val_set.sources)
+            plateau.step(val_loss)
+            log.writerow([epoch, round(np.mean(losses), 5), round(val_loss, 5), round(score, 5), json.dumps(parts)])
+            if score > best[0]:
+                best = (score, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
+    head.load_state_dict(best[1])
+    with torch.no_grad():  # fold (f - mean) / std into the first layer
+        first = head[0]
+        scale = torch.from_numpy(1.0 / std)
+        first.bias -= first.weight @ torch.from_numpy(mean * (1.0 / std))
+        first.weight *= scale[None, :]
+    return model, best[0], cfg.epochs, best[2]
 
 
 def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path
@@ -352,9 +477,10 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0, batch_size=64)
     val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
     val_sources = table.iloc[rows["val"]]["source"].astype(str).to_numpy()
-    assessment = assess_labels(val_labels, val_probs, val_sources,
-                               table.iloc[rows["train"]][list(LABELS)].to_numpy(np.float32),
-                               table.iloc[rows["train"]]["source"].astype(str).to_numpy())
+    train_sources = table.iloc[rows["train"]]["source"].astype(str).to_numpy()
+    train_labels, _ = mask_single_class_sources(  # count only the positives the loss saw
+        table.iloc[rows["train"]][list(LABELS)].to_numpy(np.float32), train_sources)
+    assessment = assess_labels(val_labels, val_probs, val_sources, train_labels, train_sources)
     classifier.set_assessment(assessment)
     report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",
                                     sources=val_sources)

@@ -382,6 +382,10 @@ def train(
     adult_share: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Share of draws from adult films; the rest from paediatric ones.")] = 0.5,
     epoch_size: Annotated[int, typer.Option(min=0, help="Images drawn per epoch (0 = training-set size).")] = 0,
+    min_positives: Annotated[int, typer.Option(
+        min=0, help="Leave labels with fewer training positives out of the loss.")] = 50,
+    freeze_backbone: Annotated[bool, typer.Option(
+        help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
 ) -> None:
@@ -404,7 +408,8 @@ def train(
                       devices=devices, num_nodes=num_nodes, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
                       max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
-                      adult_share=adult_share)
+                      adult_share=adult_share, freeze_backbone=freeze_backbone,
+                      min_positives=min_positives)
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ValueError) as exc:
