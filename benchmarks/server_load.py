@@ -9,7 +9,8 @@ Starts the server in a subprocess on a free port, posts /v1/predict (Grad-CAM of
 inline images), and prints the answers by HTTP status, latency p50/p95, the server's RSS before,
 after and at its peak (sampled every 0.1 s), and the latency of /health polled every 50 ms during
 the run. ``--huge``: every other request is a small PNG that declares 7,900 × 7,900 pixels (a real,
-valid file of 62 M uniform pixels, 60-80 KB), which costs about 0.5 GB to decode.
+valid file of a 62 M-pixel grey ramp, about 100 KB), which must be decoded in full (about 0.3 GB
+as float32) and then goes through segmentation and the input gate.
 """
 
 from __future__ import annotations
@@ -41,14 +42,18 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25)
     parser.add_argument("--duration", type=float, default=0.0, help="seconds; overrides --requests")
     parser.add_argument("--huge", action="store_true", help="mix in huge-header PNGs")
+    parser.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own)")
     args = parser.parse_args()
     import cv2
 
-    huge = cv2.imencode(".png", np.zeros((7_900, 7_900), np.uint8))[1].tobytes() if args.huge else b""
+    gradient = np.tile(np.linspace(0, 255, 7_900).astype(np.uint8), (7_900, 1))  # decodes in full
+    huge = cv2.imencode(".png", gradient)[1].tobytes() if args.huge else b""
+    print(f"huge-header PNG: {len(huge):,} bytes for 7,900 × 7,900 pixels" if args.huge else "", end="")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port)],
+    extra = ["--workers", str(args.workers)] if args.workers else []
+    server = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -456,7 +456,8 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
             score, parts = selection_score(val_set.labels, torch.sigmoid(logits).numpy(), val_set.sources)
             plateau.step(val_loss)
             log.writerow([epoch, round(np.mean(losses), 5), round(val_loss, 5), round(score, 5), json.dumps(parts)])
-            if score > best[0]:
+            # Without a within-source score (too few validation positives) the latest epoch is kept.
+            if best[1] is None or not np.isfinite(best[0]) or score > best[0]:
                 best = (score, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
     head.load_state_dict(best[1])
     with torch.no_grad():  # fold (f - mean) / std into the first layer
@@ -464,7 +465,7 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
         scale = torch.from_numpy(1.0 / std)
         first.bias -= first.weight @ torch.from_numpy(mean * (1.0 / std))
         first.weight *= scale[None, :]
-    return model, best[0], cfg.epochs, best[2]
+    return model, (best[0] if np.isfinite(best[0]) else None), cfg.epochs, best[2]
 
 
 def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path

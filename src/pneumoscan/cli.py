@@ -566,7 +566,7 @@ def serve(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
-    workers: Annotated[int, typer.Option(min=1, help="Images decoded and predicted at once.")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Images decoded at once (each may take ~0.8 GB for the largest accepted picture).")] = 1,
     queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 503.")] = 8,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="PNEUMOSCAN_API_KEY", help="Key required on every route but /health and / "

@@ -129,16 +129,20 @@ def _decode_raster(
         if raw.shape[2] == 4:
             raw = raw[:, :, :3]  # alpha carries no anatomy; NIH's RGBA files are opaque
         raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY) if raw.shape[2] == 3 else raw[:, :, 0]
-    if raw.dtype == np.uint8:
-        pixels = raw.astype(np.float32) / 255.0
-        bit_depth, value_range = 8, None
-    elif raw.dtype == np.uint16:
-        # 16-bit files often hold 10-14 bit data: scale by the real range, not by 65535.
-        lo, hi = int(raw.min()), int(raw.max())
-        pixels = (raw.astype(np.float32) - lo) / max(hi - lo, 1)
-        bit_depth, value_range = 16, [lo, hi]
-    else:
+    if raw.dtype not in (np.uint8, np.uint16):
         raise XrayReadError(f"{name}: unsupported pixel type {raw.dtype}")
+    lo, hi = int(raw.min()), int(raw.max())
+    if lo == hi:  # refused before a float copy is made (a small PNG can hold a huge blank picture)
+        raise XrayReadError(f"{name}: every pixel has the same value, so the image shows nothing to read")
+    if raw.dtype == np.uint8:
+        bit_depth, value_range, offset, scale = 8, None, 0.0, 255.0
+    else:  # 16-bit files often hold 10-14 bit data: scale by the real range, not by 65535
+        bit_depth, value_range, offset, scale = 16, [lo, hi], float(lo), float(hi - lo)
+    # One float copy, scaled in place: a temporary of the same size would double the peak memory.
+    pixels = raw.astype(np.float32)
+    del raw
+    pixels -= offset
+    pixels *= 1.0 / scale
     pixels = exif_upright(pixels, orientation)
     height, width = pixels.shape
     meta = {

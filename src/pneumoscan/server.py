@@ -155,7 +155,7 @@ def preview_images(result) -> dict[str, str]:
 
 
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               max_pixels: int = MAX_PIXELS, workers: int = 2, queue: int = 8, api_key: str | None = None,
+               max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
                allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS) -> FastAPI:
     """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it)."""
     predictor = predictor or Predictor.from_default()
