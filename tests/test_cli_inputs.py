@@ -56,3 +56,16 @@ def test_out_naming_a_file_and_an_empty_model_are_one_line_errors(tmp_path):
 def test_serve_without_key_off_loopback_is_refused():
     run = _run("serve", "--host", "0.0.0.0", "--port", "1")
     assert run.returncode == 2 and "--api-key" in run.stderr
+
+
+def test_error_messages_keep_square_brackets(capsys):
+    """`pip install 'pneumoscan[web]'` must reach the user whole (console markup used to eat it)."""
+    import typer
+
+    from pneumoscan.cli import fail
+
+    try:
+        fail("the server needs the web extra: pip install 'pneumoscan[web]'")
+    except typer.Exit as exc:
+        assert exc.exit_code == 2
+    assert "pip install 'pneumoscan[web]'" in capsys.readouterr().err
