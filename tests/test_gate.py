@@ -128,3 +128,33 @@ def test_predict_command_reports_refusals_and_force(assessed_model, tmp_path):
     assert forced.returncode == 0 and "scored anyway" in forced.stderr
     line = json.loads((tmp_path / "f" / "predictions.jsonl").read_text())
     assert line["quality"]["forced"] and line["probabilities"]["Pneumonia"] is not None
+
+
+def test_blurred_ellipse_and_one_white_pixel_are_refused(segmenter):
+    """Two of the issue's reproductions: shapes with no anatomy got 7–13 findings each."""
+    ellipse = np.zeros((512, 512), np.float32)
+    cv2.ellipse(ellipse, (256, 256), (180, 120), 0, 0, 360, 1.0, -1)
+    ellipse = cv2.GaussianBlur(ellipse, (0, 0), 25)
+    pixel = np.zeros((512, 512), np.float32)
+    pixel[100, 300] = 1.0
+    for pixels in (ellipse, pixel):
+        result = _gate(segmenter, pixels)
+        assert not result.frontal_chest and result.reasons
+
+
+def test_lung_model_with_bad_metadata_is_a_clear_error(tmp_path):
+    import torch
+
+    from pneumoscan.modelfile import ModelFileError, save_model
+    from pneumoscan.segment import KIND, LungSegmenter
+
+    good = load_default()
+    for broken in ({"preset": "no-such-preset"}, {"preprocessing": None}, {"preset": None}):
+        meta = {**good.meta, **broken, "kind": KIND}
+        meta.pop("sha256", None)
+        save_model(tmp_path / "bad.pt", good.net.state_dict(), meta)
+        with pytest.raises(ModelFileError, match="lung model"):
+            LungSegmenter.load(tmp_path / "bad.pt")
+    save_model(tmp_path / "wrong.pt", {"w": torch.zeros(3)}, {**good.meta, "kind": KIND})
+    with pytest.raises(ModelFileError):
+        LungSegmenter.load(tmp_path / "wrong.pt")
