@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,21 +28,13 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.data.manifest import write_manifest
+from pneumoscan.modelfile import atomic_write_bytes
 
 CACHE_VERSION = 1
 
 
 class CacheError(ValueError):
     """A cache folder that cannot be used as asked (wrong settings, damaged shard)."""
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
 
 
 def manifest_digest(table: pd.DataFrame) -> str:
@@ -132,9 +123,9 @@ def _do_shard(job: _Job) -> tuple[int, int, int]:
     tmp_npy = npy.with_name(npy.name + ".tmp.npy")
     np.save(tmp_npy, crops)
     tmp_npy.replace(npy)
-    _atomic_bytes(csv, pd.DataFrame(records).to_csv(index=False).encode())
+    atomic_write_bytes(csv, pd.DataFrame(records).to_csv(index=False).encode())
     digest = hashlib.sha256(npy.read_bytes()).hexdigest()
-    _atomic_bytes(mark, json.dumps({"rows": len(job.rows), "sha256": digest}).encode())
+    atomic_write_bytes(mark, json.dumps({"rows": len(job.rows), "sha256": digest}).encode())
     return job.k, len(job.rows), sum(1 for r in records if r["error"])
 
 
@@ -170,7 +161,7 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
                              f"use a new folder or delete this one")
     else:
         write_manifest(table, root / "manifest.csv")
-        _atomic_bytes(config_path, json.dumps(config, indent=2).encode())
+        atomic_write_bytes(config_path, json.dumps(config, indent=2).encode())
     records = table[["path"]].assign(row=np.arange(len(table))).to_dict("records")
     mine = [k for k in range(config["shards"]) if k % count == index]
     jobs = [_Job(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
@@ -217,7 +208,7 @@ def collect_errors(root: Path) -> pd.DataFrame:
     frames = [pd.read_csv(p, keep_default_na=False) for p in sorted((root / "shards").glob("*.csv"))]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["row", "path", "error"])
     bad = table.loc[table["error"].astype(str) != "", ["row", "path", "error"]]
-    _atomic_bytes(root / "errors.csv", bad.to_csv(index=False).encode())
+    atomic_write_bytes(root / "errors.csv", bad.to_csv(index=False).encode())
     return bad
 
 

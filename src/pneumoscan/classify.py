@@ -73,6 +73,11 @@ class ChestClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.normalise(x))
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's post-ReLU features (N×1024×s×s): what the head pools, and what the
+        forward-only Grad-CAM weighs."""
+        return torch.relu(self.net.features(self.normalise(x)))
+
 
 def imagenet_weights_path(weights: str | Path | None = None) -> Path:
     """``weights`` if given, else the standard torch hub cache location of the ImageNet file."""
@@ -140,7 +145,11 @@ class Classifier:
         self.model = model.eval()
         self.meta = meta
         self.size = int(meta.get("input_size", DEFAULT_SIZE))
-        assessment = meta.get("assessment") or {}
+        self._read_assessment()
+
+    def _read_assessment(self) -> None:
+        """``assessed`` and ``thresholds`` (NaN where not assessed) from the metadata."""
+        assessment = self.meta.get("assessment") or {}
         self.assessed = np.array([bool((assessment.get(l) or {}).get("assessed")) for l in LABELS])
         self.thresholds = np.array([(assessment.get(l) or {}).get("threshold") if a else np.nan
                                     for l, a in zip(LABELS, self.assessed)], np.float32)
@@ -156,7 +165,7 @@ class Classifier:
         """Record per-label assessed flags and thresholds (from validation data)."""
         self.meta["assessment"] = assessment
         self.meta["thresholds"] = {label: assessment[label]["threshold"] for label in LABELS}
-        self.__init__(self.model, self.meta)
+        self._read_assessment()
 
     def findings(self, probs: np.ndarray) -> list[str]:
         """Assessed labels at or above their threshold, for one row of probabilities."""

@@ -404,7 +404,7 @@ def pooled_features(model: ChestClassifier, cache: CropCache, indices: np.ndarra
     with torch.inference_mode():
         for start in tqdm(range(0, len(indices), 32), desc="features", unit="batch"):
             x = torch.from_numpy(cache.images(indices[start:start + 32]).astype(np.float32) / 255.0)[:, None]
-            out[start:start + len(x)] = torch.relu(model.net.features(model.normalise(x))).mean(dim=(2, 3)).numpy()
+            out[start:start + len(x)] = model.feature_map(x).mean(dim=(2, 3)).numpy()
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, features=out, indices=indices)
     tmp.replace(path)

@@ -22,7 +22,7 @@ from torch import nn
 from pneumoscan.classify import Classifier, check_crops
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import ModelFileError, file_sha256, first_line, metadata_sha256
+from pneumoscan.modelfile import ModelFileError, atomic_write_bytes, file_sha256, first_line, metadata_sha256
 from pneumoscan.segment import LungSegmenter
 
 META_FILE = "pneumoscan_onnx.json"
@@ -36,7 +36,7 @@ class _LogitsAndFeatures(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = torch.relu(self.model.net.features(self.model.normalise(x)))
+        features = self.model.feature_map(x)
         return self.model.net.class_layers.out(features.mean(dim=(2, 3))), features
 
 
@@ -63,9 +63,7 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
                      "w2": head[3].weight.detach().tolist()},
             "files": {path.name: file_sha256(path) for path in paths.values()}}
     meta["sha256"] = metadata_sha256(meta)
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(out / META_FILE)
+    atomic_write_bytes(out / META_FILE, json.dumps(meta).encode())
     paths["meta"] = out / META_FILE
     return paths
 

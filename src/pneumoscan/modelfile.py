@@ -56,6 +56,16 @@ def metadata_sha256(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write under a temporary name, fsync, rename: a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
 def first_line(exc: BaseException, limit: int = 200) -> str:
     """An exception's first line for a one-line message (its type when it says nothing)."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -161,10 +161,15 @@ class Predictor:
         classifier = self.classifier
         segs, crops = segment_and_crop([image.pixels for _, image in readable], self.segmenter, classifier.size)
         gates = [check_frontal_chest(seg.prob, image.pixels, image.meta) for (_, image), seg in zip(readable, segs)]
+        assessed = classifier.assessed_labels
+        not_assessed = [label for label in LABELS if label not in assessed]
+        thresholds = {label: round(float(t), 6) if a else None
+                      for label, t, a in zip(LABELS, classifier.thresholds, classifier.assessed)}
+        known = [f for f in FINDINGS if f in assessed]
         for (i, image), seg, gate in zip(readable, segs, gates):
             gate.forced = force and not gate.frontal_chest
             results[i].quality = gate.to_dict()
-            results[i].not_assessed = [label for label in LABELS if label not in classifier.assessed_labels]
+            results[i].not_assessed = list(not_assessed)
             results[i].box, results[i].fallback = [int(v) for v in seg.box], bool(seg.fallback)
             results[i].lung_fraction = round(float(seg.lung_fraction), 4)
             if keep_arrays:
@@ -174,16 +179,13 @@ class Predictor:
             return results
         crops = crops[scored].astype(np.float32) / 255.0
         probs = classifier.predict_proba(crops)
-        assessed = classifier.assessed_labels
         for k, crop, p in zip(scored, crops, probs):
             (i, image), seg = readable[k], segs[k]
             result = results[i]
             result.probabilities = {label: round(float(v), 6) if a else None
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
-            result.thresholds = {label: round(float(t), 6) if a else None
-                                 for label, t, a in zip(LABELS, classifier.thresholds, classifier.assessed)}
+            result.thresholds = dict(thresholds)
             result.findings = classifier.findings(p)
-            known = [f for f in FINDINGS if f in assessed]
             if cam is not None and (cam_label or known):
                 result.cam_label = cam_label or max(known, key=lambda f: p[LABELS.index(f)])
             if keep_arrays and result.cam_label is not None:  # the heat map: only made when kept
