@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pneumoscan.gate import check_frontal_chest, tag_reasons
+from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check, tag_reasons
 from pneumoscan.io import read_xray
 from pneumoscan.predict import Predictor
 from pneumoscan.segment import load_default
@@ -26,27 +26,40 @@ FRONTAL = ["nih-cxr14/images/00000100_000.png", "nih-cxr14-extra/images/00000165
            "kermany/train/PNEUMONIA/person1000_bacteria_2931.jpeg", "kermany/train/NORMAL/IM-0115-0001.jpeg"]
 
 
-@pytest.fixture(scope="module")
-def segmenter():
-    return load_default()
+class Gate:
+    """The lung model and the gate's decision maker: the learnt check, or the rules alone."""
+
+    def __init__(self, learnt: bool):
+        self.segmenter = load_default()
+        self.check = load_default_check() if learnt else None
+
+    def probabilities(self, batch):
+        return self.segmenter.probabilities(batch)
 
 
-def _gate(segmenter, pixels, meta=None):
-    return check_frontal_chest(segmenter.probabilities([pixels])[0], pixels, meta)
+@pytest.fixture(scope="module", params=["learnt", "rules"])
+def gate(request):
+    return Gate(request.param == "learnt")
+
+
+def _gate(gate, pixels, meta=None):
+    result = check_frontal_chest(gate.probabilities([pixels])[0], pixels, meta, gate.check)
+    assert result.method == ("learnt" if gate.check else "rules")
+    return result
 
 
 @needs_data
 @pytest.mark.parametrize("film", FRONTAL)
-def test_frontal_films_pass(segmenter, film):
+def test_frontal_films_pass(gate, film):
     image = read_xray(DATA / film)
-    result = _gate(segmenter, image.pixels, image.meta)
+    result = _gate(gate, image.pixels, image.meta)
     assert result.frontal_chest, result.reasons
 
 
 @needs_data
-def test_real_cr_dicom_passes(segmenter, siim_dicom):
+def test_real_cr_dicom_passes(gate, siim_dicom):
     image = read_xray(siim_dicom)
-    assert _gate(segmenter, image.pixels, image.meta).frontal_chest
+    assert _gate(gate, image.pixels, image.meta).frontal_chest
 
 
 @needs_data
@@ -55,26 +68,26 @@ def test_real_cr_dicom_passes(segmenter, siim_dicom):
     (lambda p: np.rot90(p, 2).copy(), "upside-down"),
     (lambda p: 1.0 - p, "inverted"),
 ])
-def test_rotated_and_inverted_films_are_refused(segmenter, change, words):
+def test_rotated_and_inverted_films_are_refused(gate, change, words):
     pixels = read_xray(DATA / FRONTAL[0]).pixels
-    result = _gate(segmenter, change(pixels))
+    result = _gate(gate, change(pixels))
     assert not result.frontal_chest and any(words in r for r in result.reasons), result.reasons
 
 
-def test_noise_gradient_and_a_photograph_are_refused(segmenter):
+def test_noise_gradient_and_a_photograph_are_refused(gate):
     import skimage.data
 
     rng = np.random.default_rng(0)
     gradient = np.tile(np.linspace(0, 1, 512, dtype=np.float32), (512, 1))
     camera = skimage.data.camera().astype(np.float32) / 255
     for pixels in (rng.random((512, 512), dtype=np.float32), gradient, camera):
-        result = _gate(segmenter, pixels)
+        result = _gate(gate, pixels)
         assert not result.frontal_chest and result.reasons
 
 
-def test_ct_dicom_is_refused_by_its_tags(segmenter):
+def test_ct_dicom_is_refused_by_its_tags(gate):
     image = read_xray(get_testdata_file("CT_small.dcm"))
-    result = _gate(segmenter, image.pixels, image.meta)
+    result = _gate(gate, image.pixels, image.meta)
     assert not result.frontal_chest and "modality CT is not a projection radiograph" in result.reasons
 
 
@@ -98,6 +111,7 @@ def test_predictor_refuses_without_findings_and_force_scores(assessed_model, tmp
         assert result.probabilities is None and result.findings is None and result.cam_label is None
         assert result.quality["reasons"] and not result.quality["forced"]
     assert refused[2].quality["frontal_chest"] and refused[2].probabilities["Pneumonia"] is not None
+    assert refused[2].quality["method"] == "learnt" and refused[2].quality["measures"]["frontal_score"] > 0.9
     forced = predictor.predict(noise, force=True)
     assert forced.quality["forced"] and forced.probabilities["Pneumonia"] is not None
     assert json.dumps(forced.to_dict())
@@ -130,7 +144,7 @@ def test_predict_command_reports_refusals_and_force(assessed_model, tmp_path):
     assert line["quality"]["forced"] and line["probabilities"]["Pneumonia"] is not None
 
 
-def test_blurred_ellipse_and_one_white_pixel_are_refused(segmenter):
+def test_blurred_ellipse_and_one_white_pixel_are_refused(gate):
     """Two of the issue's reproductions: shapes with no anatomy got 7–13 findings each."""
     ellipse = np.zeros((512, 512), np.float32)
     cv2.ellipse(ellipse, (256, 256), (180, 120), 0, 0, 360, 1.0, -1)
@@ -138,7 +152,7 @@ def test_blurred_ellipse_and_one_white_pixel_are_refused(segmenter):
     pixel = np.zeros((512, 512), np.float32)
     pixel[100, 300] = 1.0
     for pixels in (ellipse, pixel):
-        result = _gate(segmenter, pixels)
+        result = _gate(gate, pixels)
         assert not result.frontal_chest and result.reasons
 
 
@@ -158,3 +172,64 @@ def test_lung_model_with_bad_metadata_is_a_clear_error(tmp_path):
     save_model(tmp_path / "wrong.pt", {"w": torch.zeros(3)}, {**good.meta, "kind": KIND})
     with pytest.raises(ModelFileError):
         LungSegmenter.load(tmp_path / "wrong.pt")
+
+
+@needs_data
+def test_learnt_check_accepts_a_frontal_film_the_rules_refuse():
+    """The rules refused 2.8 % of the dev frontal films (here a NIH film that is darker below the
+    lungs than above); the learnt check accepts it, and still refuses the same film upside down."""
+    gate_learnt, gate_rules = Gate(True), Gate(False)
+    pixels = read_xray(DATA / "nih-cxr14-extra/images/00010531_074.png").pixels
+    assert not _gate(gate_rules, pixels).frontal_chest
+    assert _gate(gate_learnt, pixels).frontal_chest
+    flipped = _gate(gate_learnt, np.rot90(pixels, 2).copy())
+    assert not flipped.frontal_chest and "learnt check" in flipped.reasons[0]
+
+
+def test_learnt_check_is_tied_to_its_lung_model_and_its_file_is_verified(tmp_path, assessed_model):
+    import torch
+
+    from pneumoscan.classify import Classifier
+    from pneumoscan.modelfile import ModelFileError
+
+    segmenter = load_default()
+    with torch.no_grad():
+        next(segmenter.net.parameters()).add_(1e-3)  # another lung model
+    segmenter.save(tmp_path / "other_unet.pt")
+    other = type(segmenter).load(tmp_path / "other_unet.pt")
+    with pytest.warns(UserWarning, match="rules only"):
+        predictor = Predictor(other, Classifier.load(assessed_model), allow_model_mismatch=True)
+    assert predictor.frontal_check is None
+    result = predictor.predict(np.random.default_rng(0).random((300, 300), dtype=np.float32))
+    assert result.quality["method"] == "rules" and not result.quality["frontal_chest"]
+
+    check = load_default_check()
+    path = tmp_path / "gate.pt"
+    check.save(path)
+    blob = torch.load(path, weights_only=True)
+    blob["meta_json"] = blob["meta_json"].replace(f'"threshold": {check.threshold}', '"threshold": 0.0')
+    torch.save(blob, path)
+    with pytest.raises(ModelFileError, match="metadata does not match"):
+        FrontalCheck.load(path)
+
+
+def test_photographs_the_learnt_check_never_saw_are_refused():
+    """Held out from the fit: matplotlib's bundled sample pictures (a portrait, a logo)."""
+    from matplotlib import cbook
+
+    gate = Gate(True)
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        image = read_xray(cbook.get_sample_data(name, asfileobj=False))
+        result = _gate(gate, image.pixels)
+        assert not result.frontal_chest and result.reasons, name
+
+
+@needs_data
+def test_a_tilted_film_passes_and_a_vertically_flipped_one_is_refused():
+    """Two changes the fit never saw: a 10° tilt (still a frontal film) and a vertical flip."""
+    gate = Gate(True)
+    pixels = read_xray(DATA / FRONTAL[2]).pixels
+    height, width = pixels.shape
+    tilted = cv2.warpAffine(pixels, cv2.getRotationMatrix2D((width / 2, height / 2), 10, 1.0), (width, height))
+    assert _gate(gate, tilted).frontal_chest
+    assert not _gate(gate, pixels[::-1].copy()).frontal_chest

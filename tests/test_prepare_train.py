@@ -103,6 +103,21 @@ def test_prepare_refuses_a_cache_made_with_other_settings(cache64, small_manifes
         prepare(pd.read_csv(small_manifest), cache64, size=96, shard_size=64, progress=False)
 
 
+def test_prepare_stops_the_pool_on_a_failing_shard(small_manifest, tmp_path):
+    """A shard that cannot be written (a folder stands where its file goes) ends the run at once
+    with the error; the shards still queued are not worked through first (the pool is terminated,
+    not closed and joined)."""
+    table = pd.read_csv(small_manifest)
+    out = tmp_path / "failing"
+    npy, _, _ = shard_paths(out, 0)
+    npy.with_name(npy.name + ".tmp.npy").mkdir(parents=True)
+    with pytest.raises(OSError):
+        prepare(table, out, size=32, shard_size=2, workers=2, progress=False)
+    shards = (len(table) + 1) // 2
+    done = sum(shard_paths(out, k)[2].exists() for k in range(shards))
+    assert done < shards // 2, f"{done} of {shards} shards were still worked through after the failure"
+
+
 def _train(cache: Path, out: Path, *extra: str) -> list[str]:
     return [*CLI, "train", "--cache", str(cache), "--out", str(out), "--init", "random",
             "--batch-size", "16", "--workers", "0", "--accelerator", "cpu", *extra]

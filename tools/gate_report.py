@@ -1,13 +1,15 @@
 """How the input gate does on real frontal films and on images that are not frontal chest X-rays.
 
-    python tools/gate_report.py [--per-source 300] [--out runs/gate]
+    python tools/gate_report.py [--per-source 300] [--out runs/gate] [--rules]
 
 Positives: the frontal films of every source in ../shared/data (a seeded sample of at most
 ``--per-source`` images each; 0 = all). Negatives: scikit-image's bundled sample photographs,
 the CT/MR/US/NM/PT/RT files bundled with pydicom, the lateral views of the COVID-19 collection,
 and films of the dev set rotated by 90°, 180° and 270°, inverted, and replaced by blank, noise
 and gradient images of the same size. Prints one table (accepted / refused per set) and writes
-every measured value to OUT/measures.csv.
+every measured value to OUT/measures.csv. The gate is the shipped one (learnt check), or with
+``--rules`` the rules alone. Most of these images were used to fit the learnt check, so its rows
+here are in-sample: the honest (out-of-fold) figures are ``tools/gate_fit.py``'s.
 """
 
 from __future__ import annotations
@@ -101,14 +103,16 @@ def main() -> int:
     parser.add_argument("--per-source", type=int, default=300)
     parser.add_argument("--films", type=int, default=40, help="dev films to rotate, invert, replace")
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gate")
+    parser.add_argument("--rules", action="store_true", help="the rules alone, without the learnt check")
     args = parser.parse_args()
     from tqdm import tqdm
 
-    from pneumoscan.gate import check_frontal_chest
+    from pneumoscan.gate import check_frontal_chest, load_default_check
     from pneumoscan.io import XrayReadError, read_xray
     from pneumoscan.segment import load_default
 
     segmenter = load_default()
+    learnt = None if args.rules else load_default_check()
     pos = positives(args.per_source)
     films = [p for s, p in pos if "nih" in s or "shenzhen" in s or "montgomery" in s][:: max(1, len(pos) // args.films)]
     items = [(s, p, True) for s, p in pos] + [(s, p, False) for s, p in negatives(films[: args.films])]
@@ -126,7 +130,7 @@ def main() -> int:
                             "reasons": f"unreadable: {str(exc)[:80]}"})
             continue
         prob = segmenter.probabilities([pixels])[0]
-        result = check_frontal_chest(prob, pixels, meta)
+        result = check_frontal_chest(prob, pixels, meta, learnt)
         records.append({"set": group, "item": name, "frontal": frontal, "accepted": result.frontal_chest,
                         "reasons": "; ".join(result.reasons), **result.measures})
     table = pd.DataFrame(records)

@@ -4,16 +4,19 @@ A classifier scores whatever it is given, so a CT slice, a photograph, noise or 
 would get confident "findings". Before classifying, every image is checked on:
 
 - its DICOM tags: the modality must be a projection radiograph (CR, DX, DR, RG, or a secondary
-  capture), the body part, when given, the chest, the view not lateral;
-- the lung U-Net's own map: two lung regions, left and right of the midline at the same height,
-  of plausible size, similar to each other, taller than wide, and a confident map (few pixels
-  between 0.2 and 0.8);
-- the picture: lungs darker than the mediastinum between them (else it is inverted), the film
-  brighter just below the lungs (diaphragm, abdomen) than just above them (else it is upside
-  down; where the lungs touch the image edge, the lungs' height and left/right size stand in).
+  capture), the body part, when given, the chest, the view not lateral (always applied);
+- a learnt check (:class:`FrontalCheck`, the shipped ``frontal_gate.pt``): a logistic regression
+  on the measures below and on 8×8 thumbnails of the film and of the lung map, fitted by
+  ``tools/gate_fit.py`` on every dev film against rotated, inverted, blank, noise, gradient,
+  photograph, CT/MR and lateral images; it is tied to the lung model whose maps it read;
+- the rules it replaces where it is missing or meant for another lung model (then ``method`` says
+  ``rules``): on the U-Net's map, two lung regions, side by side, of plausible and similar size,
+  taller than wide, a confident map; on the picture, lungs darker than the mediastinum (else
+  inverted) and the film brighter just below the lungs than just above (else upside down).
+  Where the learnt check refuses, the rules that fail are given as its reasons.
 
 :func:`check_frontal_chest` returns a :class:`GateResult` with every measured value and, when the
-image is refused, the reasons in words. Pure functions on arrays; limits are module constants
+image is refused, the reasons in words. Pure functions on arrays; rule limits are module constants
 chosen on the development data (``tools/gate_report.py`` prints the acceptance per source and
 the refusal per kind of non-chest image).
 """
@@ -21,6 +24,7 @@ the refusal per kind of non-chest image).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -28,6 +32,9 @@ import numpy as np
 
 from pneumoscan.crop import clean_mask
 from pneumoscan.io import code_string
+from pneumoscan.modelfile import ModelFileError, load_model, save_model, shipped_model_path
+
+KIND = "frontal_gate"
 
 #: Modalities of projection radiographs (SC/OT: a film digitised or exported as a picture).
 RADIOGRAPH_MODALITIES = {"CR", "DX", "DR", "RG", "SC", "OT", "PX"}
@@ -60,6 +67,7 @@ class GateResult:
     reasons: list[str] = field(default_factory=list)
     measures: dict[str, Any] = field(default_factory=dict)
     forced: bool = False
+    method: str = "rules"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,6 +141,28 @@ def lung_measures(prob: np.ndarray, picture: np.ndarray) -> dict[str, float]:
     return measures
 
 
+#: The measures the learnt check reads, in this order (a value that could not be measured is 0
+#: and flagged by the three ``has_*`` features below).
+MEASURES = ("regions", "lung_area", "uncertain", "smaller_lung_area", "area_ratio", "left_right", "centre_dy",
+            "centre_y_min", "centre_y_max", "aspect", "centre_y", "left_minus_right", "box_contrast",
+            "mediastinum_contrast", "below_minus_above")
+THUMB = 8  # the film and the lung map as THUMB×THUMB thumbnails: where things are, at a glance
+
+
+def gate_features(measures: dict[str, float], prob: np.ndarray, picture: np.ndarray) -> np.ndarray:
+    """One feature vector for the learnt check: the lung measures, three "was it measurable"
+    flags, the film's thumbnail (standardised, so brightness and contrast do not matter, the
+    layout does) and the lung map's thumbnail."""
+    values = [measures.get(name, float("nan")) for name in MEASURES]
+    flags = [float(np.isfinite(measures.get(name, float("nan"))))
+             for name in ("area_ratio", "mediastinum_contrast", "below_minus_above")]
+    film = cv2.resize(np.asarray(picture, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+    film = (film - film.mean()) / max(float(film.std()), 1e-3)
+    lungs = cv2.resize(np.asarray(prob, np.float32), (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
+    return np.concatenate([np.nan_to_num(np.asarray(values, np.float32), nan=0.0), flags, film, lungs]
+                          ).astype(np.float32)
+
+
 def shape_reasons(m: dict[str, float]) -> list[str]:
     """Reasons from :func:`lung_measures` (in the order a person would check them)."""
     if m["regions"] < 2:
@@ -156,10 +186,62 @@ def shape_reasons(m: dict[str, float]) -> list[str]:
     return [reason for ok, reason in checks if not ok]
 
 
-def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, Any] | None = None) -> GateResult:
-    """The gate: DICOM tags first, then the lung map and the picture."""
+class FrontalCheck:
+    """The learnt check: ``score`` = P(frontal chest film) from :func:`gate_features`; refuse below
+    ``threshold``. Stored as a model file (kind ``frontal_gate``) naming the lung model it was
+    fitted on (``lung_model_sha256``): its features are that model's maps."""
+
+    def __init__(self, state: dict[str, Any], meta: dict[str, Any]):
+        self.mean, self.std, self.weight = (np.asarray(state[k], np.float64) for k in ("mean", "std", "weight"))
+        self.bias = float(np.asarray(state["bias"]).reshape(-1)[0])
+        self.threshold = float(meta["threshold"])
+        self.meta = meta
+
+    @classmethod
+    def load(cls, path: str | Path) -> FrontalCheck:
+        state, meta = load_model(path, kind=KIND)
+        try:
+            check = cls({k: v.numpy() for k, v in state.items()}, meta)
+            if check.weight.shape != check.mean.shape or check.mean.shape != check.std.shape:
+                raise ValueError(f"shapes {check.weight.shape}, {check.mean.shape}, {check.std.shape}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: input gate model unusable ({type(exc).__name__}: {exc})") from exc
+        return check
+
+    def save(self, path: str | Path, **meta: Any) -> dict[str, Any]:
+        import torch
+
+        state = {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": np.array([self.bias])}
+        return save_model(path, {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items()},
+                          {**self.meta, **meta, "kind": KIND, "threshold": self.threshold})
+
+    def score(self, features: np.ndarray) -> float:
+        if features.shape != self.mean.shape:
+            raise ModelFileError(f"the input gate model reads {self.mean.shape[0]} features, "
+                                 f"this version makes {features.shape[0]}")
+        z = float(((features - self.mean) / self.std) @ self.weight + self.bias)
+        return float(1.0 / (1.0 + np.exp(-np.clip(z, -50, 50))))
+
+
+def load_default_check() -> FrontalCheck:
+    return FrontalCheck.load(shipped_model_path("frontal_gate.pt"))
+
+
+def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, Any] | None = None,
+                        learnt: FrontalCheck | None = None) -> GateResult:
+    """The gate: DICOM tags first, then the learnt check (or, without one, the rules)."""
     picture = cv2.resize(np.asarray(pixels, np.float32), prob.shape[::-1], interpolation=cv2.INTER_AREA)
     measures = lung_measures(prob, picture)
-    reasons = tag_reasons(meta or {}) + shape_reasons(measures)
+    rules = shape_reasons(measures)
+    reasons = tag_reasons(meta or {})
+    if learnt is None:
+        reasons += rules
+    else:
+        score = learnt.score(gate_features(measures, prob, picture))
+        measures["frontal_score"] = score
+        if score < learnt.threshold:
+            reasons += [f"does not look like a frontal chest X-ray to the learnt check (score {score:.2f}, "
+                        f"needs {learnt.threshold:.2f})"] + rules
     return GateResult(not reasons, reasons,  # None where a value could not be measured (valid JSON)
-                      {k: round(v, 4) if np.isfinite(v) else None for k, v in measures.items()})
+                      {k: round(v, 4) if np.isfinite(v) else None for k, v in measures.items()},
+                      method="rules" if learnt is None else "learnt")

@@ -7,6 +7,7 @@ a batch goes on.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import numpy as np
 from pneumoscan.classify import Classifier
 from pneumoscan.crop import segment_and_crop
 from pneumoscan.explain import place_on_original
-from pneumoscan.gate import check_frontal_chest
+from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.modelfile import ModelFileError
@@ -75,10 +76,23 @@ class NotAssessedError(ValueError):
     """A Grad-CAM was asked for a label the model does not assess."""
 
 
+def matching_check(lung_model_sha256: str | None) -> FrontalCheck | None:
+    """The shipped learnt gate check if it was fitted on this lung model's maps; otherwise None
+    (the gate falls back to its rules, says so in ``quality.method``, and warns once here)."""
+    check = load_default_check()
+    if check.meta.get("lung_model_sha256") == lung_model_sha256:
+        return check
+    warnings.warn(f"the shipped input gate was fitted on lung model {str(check.meta.get('lung_model_sha256'))[:12]}…, "
+                  f"not on the loaded {str(lung_model_sha256)[:12]}…; the gate uses its rules only "
+                  f"(refit it with tools/gate_fit.py)", stacklevel=3)
+    return None
+
+
 class Predictor:
     """Lung segmenter + classifier, with Grad-CAM on request."""
 
-    def __init__(self, segmenter: LungSegmenter, classifier: Classifier, *, allow_model_mismatch: bool = False):
+    def __init__(self, segmenter: LungSegmenter, classifier: Classifier, *, allow_model_mismatch: bool = False,
+                 frontal_check: FrontalCheck | None = None):
         trained_on = (classifier.meta.get("preprocessing") or {}).get("segmentation_model_sha256")
         used = segmenter.meta.get("weights_sha256")
         if trained_on != used and not allow_model_mismatch:
@@ -89,6 +103,7 @@ class Predictor:
         self.segmenter = segmenter
         self.classifier = classifier
         self.model_mismatch = trained_on != used
+        self.frontal_check = frontal_check or matching_check(used)
 
     @classmethod
     def from_default(cls) -> Predictor:
@@ -160,7 +175,7 @@ class Predictor:
             return results
         classifier = self.classifier
         segs, crops = segment_and_crop([image.pixels for _, image in readable], self.segmenter, classifier.size)
-        gates = [check_frontal_chest(seg.prob, image.pixels, image.meta) for (_, image), seg in zip(readable, segs)]
+        gates = [check_frontal_chest(seg.prob, image.pixels, image.meta, self.frontal_check) for (_, image), seg in zip(readable, segs)]
         assessed = classifier.assessed_labels
         not_assessed = [label for label in LABELS if label not in assessed]
         thresholds = {label: round(float(t), 6) if a else None
