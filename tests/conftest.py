@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# ONNX exports made by the default backend go to a cache private to this test session (shared by
+# the CLI subprocesses it starts), never into the developer's ~/.cache.
+os.environ["PNEUMOSCAN_CACHE"] = tempfile.mkdtemp(prefix="pneumoscan-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", REPO.parent / "shared" / "data")).resolve()

@@ -27,7 +27,7 @@ def exported(tmp_path_factory, assessed_model):
 
 @needs_data
 def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
-    torch_p, onnx_p = Predictor.from_paths(cls_model=assessed_model), Predictor.from_onnx(exported)
+    torch_p, onnx_p = Predictor.from_paths(cls_model=assessed_model, backend="torch"), Predictor.from_onnx(exported)
     assert onnx_p.classifier.assessed_labels == torch_p.classifier.assessed_labels == ["No Finding", "Pneumonia"]
     paths = [*sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:3],
              DATA / "kermany" / "train" / "PNEUMONIA" / "person1000_bacteria_2931.jpeg",
@@ -52,7 +52,7 @@ def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
 def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):
     from pneumoscan.export import export_onnx
 
-    predictor = Predictor.from_default()
+    predictor = Predictor.from_default(backend="torch")
     x = np.random.default_rng(0).random((2, 224, 224)).astype(np.float32)
     before = predictor.classifier.predict_proba(x)
     export_onnx(predictor.segmenter, predictor.classifier, tmp_path)

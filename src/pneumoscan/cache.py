@@ -67,6 +67,7 @@ class _Job:
     rows: list[dict[str, Any]]
     size: int
     seg_model: str | None
+    threads: int = 1  # decoding threads beside the U-Net (2 when one process does everything)
 
 
 _SEGMENTER = None
@@ -87,36 +88,33 @@ def _worker_init(seg_model: str | None, one_thread: bool = True) -> None:
     _SEGMENTER = LungSegmenter.load(seg_model) if seg_model else load_default()
 
 
-def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16
+def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """read → segment → crop → resize for each path: uint8 crops (zeros where unreadable) and,
-    per path, the box, fallback flag, lung fraction and error message ("" when read)."""
-    from pneumoscan.crop import segment_and_crop
-    from pneumoscan.io import XrayReadError, read_xray
+    """read → segment → crop → resize for each path (:func:`pneumoscan.crop.read_segment_crop`):
+    uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
+    error message ("" when read)."""
+    from pneumoscan.crop import read_segment_crop
 
     crops = np.zeros((len(paths), size, size), np.uint8)
-    records, pending = [], []
-    for i, path in enumerate(paths):
-        rec = {"path": path, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
-               "lung_fraction": np.nan, "error": ""}
-        try:
-            pending.append((i, read_xray(path).pixels))
-        except XrayReadError as exc:
-            rec["error"] = str(exc)
+    records = []
+    items = (item for chunk in read_segment_crop(paths, segmenter, size, batch=batch, threads=threads)
+             for item in chunk)
+    for i, item in enumerate(items):
+        rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
+               "lung_fraction": np.nan, "error": item.error or ""}
+        if item.seg is not None:
+            crops[i] = item.crop
+            x0, y0, x1, y1 = item.seg.box
+            rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
+                       lung_fraction=round(item.seg.lung_fraction, 4))
         records.append(rec)
-    segs, done = segment_and_crop([p for _, p in pending], segmenter, size, batch)
-    for (i, _), seg, crop in zip(pending, segs, done):
-        crops[i] = crop
-        x0, y0, x1, y1 = seg.box
-        records[i].update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=seg.fallback,
-                          lung_fraction=round(seg.lung_fraction, 4))
     return crops, records
 
 
 def _do_shard(job: _Job) -> tuple[int, int, int]:
     """Crop one shard; returns (shard, images, errors)."""
     root = Path(job.root)
-    crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size)
+    crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size, threads=job.threads)
     for rec, row in zip(records, job.rows):
         rec["row"] = row["row"]
     npy, csv, mark = shard_paths(root, job.k)
@@ -165,7 +163,7 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
     records = table[["path"]].assign(row=np.arange(len(table))).to_dict("records")
     mine = [k for k in range(config["shards"]) if k % count == index]
     jobs = [_Job(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
-                 str(seg_model) if seg_model else None) for k in mine]
+                 str(seg_model) if seg_model else None, 2 if workers <= 1 else 1) for k in mine]
     todo = [j for j in jobs if not shard_done(root, j.k, len(j.rows))]
     done_images = errors = 0
     bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError, file_sha256, load_model, save_model, shipped_model_path
 
@@ -145,7 +146,18 @@ class Classifier:
         self.model = model.eval()
         self.meta = meta
         self.size = int(meta.get("input_size", DEFAULT_SIZE))
+        self.device = torch.device("cpu")
         self._read_assessment()
+
+    @property
+    def backend(self) -> str:
+        return f"torch ({self.device})"
+
+    def to(self, device: str | torch.device) -> Classifier:
+        """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
+        self.device = resolve_device(device)
+        self.model = place(self.model, self.device)
+        return self
 
     def _read_assessment(self) -> None:
         """``assessed`` and ``thresholds`` (NaN where not assessed) from the metadata."""
@@ -193,7 +205,7 @@ class Classifier:
         out = []
         for start in range(0, len(crops), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size], np.float32))[:, None]
-            out.append(torch.sigmoid(self.model(x)).numpy())
+            out.append(torch.sigmoid(run(self.model, x, self.device)).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
 
@@ -201,7 +213,7 @@ class Classifier:
         """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""
         from pneumoscan.explain import GradCAM
 
-        x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None]
+        x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None].to(self.device)
         with GradCAM(self.model) as cam:
             return cam(x, class_index)[0]
 

@@ -266,7 +266,7 @@ def segment(
     import cv2
     from tqdm import tqdm
 
-    from pneumoscan.io import XrayReadError, read_xray
+    from pneumoscan.crop import read_segment_crop
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.overlay import segmentation_overlay
     from pneumoscan.segment import LungSegmenter, load_default
@@ -279,35 +279,26 @@ def segment(
     used: set[str] = set()
     failures = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk, pixels, records = paths[start:start + batch_size], [], []
-            for path in chunk:
-                record = {"path": str(path), "box": None, "lung_fraction": None, "fallback": None,
-                          "error": None}
-                try:
-                    pixels.append(read_xray(path).pixels)
-                except XrayReadError as exc:
-                    record["error"] = str(exc)
-                    failures += 1
-                records.append(record)
-            results = iter(segmenter.segment_batch(pixels)) if pixels else iter(())
-            images_iter = iter(pixels)
-            for path, record in zip(chunk, records):
-                if record["error"] is None:
-                    seg, picture = next(results), next(images_iter)
-                    stem = output_stem(path, used)
+        # The crop itself is not needed here; it is the shared path's by-product (a resize).
+        for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
+            for item in chunk:
+                record = {"path": str(item.source), "box": None, "lung_fraction": None, "fallback": None,
+                          "error": item.error}
+                seg = item.seg
+                if seg is not None:
+                    stem = output_stem(item.source, used)
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
                                   fallback=seg.fallback)
                     try:  # a file is listed only once it is written
                         for kind, image in (("mask", seg.mask * 255), ("overlay", segmentation_overlay(
-                                picture, seg.mask, seg.box, seg.fallback))):
+                                item.image.pixels, seg.mask, seg.box, seg.fallback))):
                             if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
                                 raise OSError(f"could not write {stem}_{kind}.png")
                             record[kind] = f"{stem}_{kind}.png"
                     except (OSError, cv2.error) as exc:
-                        record["error"] = f"{path}: output not written ({exc})"
-                        failures += 1
+                        record["error"] = f"{item.source}: output not written ({exc})"
                 if record["error"] is not None:
+                    failures += 1
                     err.print(f"[yellow]skipped:[/] {escape(record['error'])}", highlight=False)
                 log.write(json.dumps(record) + "\n")
                 bar.update(1)
@@ -463,6 +454,30 @@ def evaluate(
     console.print(f"{report['n_images']} images scored; reports in {out}")
 
 
+BackendOption = Annotated[str, typer.Option(
+    help="auto (ONNX Runtime on the CPU when installed, exported once per model pair into the user "
+         "cache; else PyTorch), onnx or torch.")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
+
+
+def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, device: str,
+                   allow_model_mismatch: bool, onnx: Path | None = None):
+    """The one Predictor the commands share; a clear one-line error for anything that stops it."""
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.predict import Predictor
+
+    def told(message: str) -> None:
+        err.print(escape(message), highlight=False)
+
+    try:
+        if onnx:
+            return Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch)
+        return Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch,
+                                    backend=backend, device=device, progress=told)
+    except (ModelFileError, FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
@@ -472,6 +487,8 @@ def predict(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     onnx: Annotated[Optional[Path], typer.Option(help="Run through ONNX Runtime from this export folder.")] = None,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
     allow_model_mismatch: Annotated[bool, typer.Option(
@@ -489,17 +506,15 @@ def predict(
     from tqdm import tqdm
 
     from pneumoscan.labels import LABELS
-    from pneumoscan.modelfile import ModelFileError
     from pneumoscan.overlay import findings_caption, prediction_figure
-    from pneumoscan.predict import Predictor
 
     if fmt not in ("json", "csv"):
         fail("--format must be json or csv")
+    predictor = load_predictor(seg_model, model, backend=backend, device=device,
+                               allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
-        predictor = (Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch) if onnx else
-                     Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch))
         cam = predictor.cam_class(cam)
-    except (ModelFileError, FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:
         fail(str(exc))
     files = gather_inputs(paths, out)
     used: set[str] = set()
@@ -512,45 +527,43 @@ def predict(
             # A label the model does not assess has an empty probability and is named in not_assessed.
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
                              "box", "fallback", "cam_label", "overlay", "error"])
-        for start in range(0, len(files), batch_size):
-            chunk = files[start:start + batch_size]
-            for path, result in zip(chunk, predictor.predict_batch(chunk, cam=cam, keep_arrays=overlays,
-                                                                   force=force)):
-                record = result.to_dict()
-                record["overlay"] = None
-                quality = result.quality or {}
-                if result.error:
+        for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=overlays, force=force,
+                                                              batch_size=batch_size)):
+            record = result.to_dict()
+            record["overlay"] = None
+            quality = result.quality or {}
+            if result.error:
+                failures += 1
+                err.print(f"[yellow]failed:[/] {escape(result.error)}", highlight=False)
+            elif not quality.get("frontal_chest"):
+                refused += 1
+                verb = "scored anyway (--force)" if force else "refused"
+                err.print(f"[yellow]{verb}:[/] {escape(str(path))}: not a frontal chest X-ray: "
+                          f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
+            if overlays and not result.error:
+                name = f"{output_stem(path, used)}_overlay.png"
+                prob = result.probabilities.get(result.cam_label) if result.cam_label else None
+                try:  # one picture that cannot be written never stops the batch
+                    prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
+                                      result.cam_label, prob, str(out / name),
+                                      caption=findings_caption(result))
+                    record["overlay"] = name
+                except OSError as exc:
                     failures += 1
-                    err.print(f"[yellow]failed:[/] {escape(result.error)}", highlight=False)
-                elif not quality.get("frontal_chest"):
-                    refused += 1
-                    verb = "scored anyway (--force)" if force else "refused"
-                    err.print(f"[yellow]{verb}:[/] {escape(str(path))}: not a frontal chest X-ray: "
-                              f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
-                if overlays and not result.error:
-                    name = f"{output_stem(path, used)}_overlay.png"
-                    prob = result.probabilities.get(result.cam_label) if result.cam_label else None
-                    try:  # one picture that cannot be written never stops the batch
-                        prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
-                                          result.cam_label, prob, str(out / name),
-                                          caption=findings_caption(result))
-                        record["overlay"] = name
-                    except OSError as exc:
-                        failures += 1
-                        record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
-                        err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['overlay_error'])}",
-                                  highlight=False)
-                if writer is None:
-                    handle.write(json.dumps(record) + "\n")
-                else:
-                    probs = result.probabilities or {}
-                    writer.writerow([record["path"], *("" if probs.get(label) is None else probs[label]
-                                                       for label in LABELS),
-                                     "|".join(result.findings or []), "|".join(result.not_assessed or []),
-                                     quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
-                                     json.dumps(result.box),
-                                     result.fallback, result.cam_label, record["overlay"], result.error or ""])
-                bar.update(1)
+                    record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
+                    err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['overlay_error'])}",
+                              highlight=False)
+            if writer is None:
+                handle.write(json.dumps(record) + "\n")
+            else:
+                probs = result.probabilities or {}
+                writer.writerow([record["path"], *("" if probs.get(label) is None else probs[label]
+                                                   for label in LABELS),
+                                 "|".join(result.findings or []), "|".join(result.not_assessed or []),
+                                 quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
+                                 json.dumps(result.box),
+                                 result.fallback, result.cam_label, record["overlay"], result.error or ""])
+            bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"
                   + (f" (overlays in {out})" if overlays else "")
                   + (f"; {refused} not frontal chest X-rays ({'scored anyway' if force else 'not scored; --force scores them'})"
@@ -577,6 +590,8 @@ def serve(
         help="Comma-separated Host names to answer (default: loopback names and --host); '*' for any.")] = "",
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "cpu",
 ) -> None:
     """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
     try:
@@ -585,19 +600,14 @@ def serve(
         from pneumoscan.server import LOOPBACK_HOSTS, create_app
     except ImportError:
         fail("the server needs the web extra: pip install 'pneumoscan[web]'")
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.predict import Predictor
-
     loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
     if not loopback and not api_key and not insecure_no_auth:
         fail(f"--host {host} listens beyond this machine: give --api-key (or PNEUMOSCAN_API_KEY), or "
              f"--insecure-no-auth if something in front of it authenticates")
     hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] or \
         [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
-    try:
-        predictor = Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch)
-    except (ModelFileError, FileNotFoundError) as exc:
-        fail(str(exc))
+    predictor = load_predictor(seg_model, model, backend=backend, device=device,
+                               allow_model_mismatch=allow_model_mismatch)
     app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
                      allowed_hosts=None if hosts == ["*"] else hosts)
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
@@ -619,7 +629,7 @@ def export(
     if fmt != "onnx":
         fail("only --format onnx is supported")
     try:
-        predictor = Predictor.from_paths(seg_model, model)
+        predictor = Predictor.from_paths(seg_model, model, backend="torch")
         from pneumoscan.export import export_onnx
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))

@@ -7,7 +7,10 @@ inside a lung must stay inside the box) and the opening kernel scales with the r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
+from typing import Any
 
 import cv2
 import numpy as np
@@ -118,6 +121,43 @@ def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int 
     for i, (pixels, seg) in enumerate(zip(images, segs)):
         crops[i] = classifier_crop(pixels, seg.box, size)
     return segs, crops
+
+
+@dataclass
+class Cropped:
+    """One input on the read → segment → crop path: the image (None if unreadable, with ``error``
+    saying why), its segmentation and its uint8 classifier crop."""
+
+    source: Any
+    image: Any = None            # pneumoscan.io.XrayImage
+    error: str | None = None
+    seg: Any = None              # pneumoscan.segment.Segmentation
+    crop: np.ndarray | None = None
+
+
+def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: int = 16, threads: int = 2,
+                      read: Callable[[Any], Any] | None = None) -> Iterator[list[Cropped]]:
+    """The one read → segment → crop path (predict, prepare, segment, evaluate): decoding runs on
+    ``threads`` threads ahead of the U-Net, which runs in batches of ``batch``; yields each batch
+    in input order. ``read`` turns a source into an XrayImage (default: ``read_xray``) and may
+    raise XrayReadError, which becomes the item's ``error``."""
+    from pneumoscan.io import XrayReadError, read_ahead, read_xray
+
+    read = read or read_xray
+
+    def load(source: Any) -> Cropped:
+        try:
+            return Cropped(source, image=read(source))
+        except XrayReadError as exc:
+            return Cropped(source, error=str(exc))
+
+    loaded = read_ahead(load, sources, threads=threads, ahead=2 * batch)
+    while chunk := list(islice(loaded, batch)):
+        readable = [c for c in chunk if c.image is not None]
+        segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch)
+        for item, seg, crop in zip(readable, segs, crops):
+            item.seg, item.crop = seg, crop
+        yield chunk
 
 
 def apply_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

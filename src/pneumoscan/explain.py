@@ -61,7 +61,7 @@ class GradCAM:
             score = logits[:, class_index].sum()
             (grads,) = torch.autograd.grad(score, activation)
         weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((weights * activation).sum(dim=1)).detach().numpy()
+        cam = torch.relu((weights * activation).sum(dim=1)).detach().float().cpu().numpy()
         self._activation = None
         return np.stack([cv2.resize(c, (x.shape[-1], x.shape[-2]), interpolation=cv2.INTER_LINEAR)
                          for c in _normalise(cam)])

@@ -12,6 +12,9 @@ the PyTorch ones (which then checks that the two belong together).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,63 @@ from pneumoscan.modelfile import ModelFileError, atomic_write_bytes, file_sha256
 from pneumoscan.segment import LungSegmenter
 
 META_FILE = "pneumoscan_onnx.json"
+#: How long a process waits for another one exporting the same pair before giving up.
+LOCK_TIMEOUT_S = 900
+
+
+def cache_root() -> Path:
+    """Per-user cache of ONNX exports: ``$PNEUMOSCAN_CACHE``, else ``$XDG_CACHE_HOME/pneumoscan``,
+    else ``~/.cache/pneumoscan``."""
+    if os.environ.get("PNEUMOSCAN_CACHE"):
+        return Path(os.environ["PNEUMOSCAN_CACHE"]) / "onnx"
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pneumoscan" / "onnx"
+
+
+def identity(meta: dict[str, Any]) -> str:
+    """A model's full identity: the SHA-256 over weights and metadata (weights only for format 1)."""
+    return str(meta.get("sha256") or meta.get("weights_sha256"))
+
+
+def cached_export(segmenter: LungSegmenter, classifier: Classifier, *, progress=None) -> Path:
+    """The ONNX export of this model pair in the per-user cache, made on first use. The folder is
+    named by both models' identities; a file lock makes a second process wait for the first one's
+    export instead of racing it, and the export is written under a temporary name and renamed, so
+    a crash never leaves a half export that looks whole. ``progress(message)`` is told when an
+    export starts (it takes about half a minute)."""
+    from filelock import FileLock, Timeout
+
+    folder = cache_root() / f"{identity(segmenter.meta)[:16]}-{identity(classifier.meta)[:16]}"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock", timeout=LOCK_TIMEOUT_S):
+            if not folder.exists():
+                if progress:
+                    progress(f"preparing the ONNX Runtime models once for this model pair in {folder}")
+                tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                export_onnx(segmenter, classifier, tmp)
+                tmp.rename(folder)
+    except Timeout as exc:
+        raise ModelFileError(f"another process has held {folder}.lock for {LOCK_TIMEOUT_S} s; if none is "
+                             f"exporting, delete the lock file") from exc
+    return folder
+
+
+def load_cached(segmenter: LungSegmenter, classifier: Classifier, *, progress=None
+                ) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
+    """ONNX Runtime models for this PyTorch pair, from the cache (exported on first use), refused
+    when the cached export fails its hashes or was made from other models."""
+    folder = cached_export(segmenter, classifier, progress=progress)
+    try:
+        onnx_segmenter, onnx_classifier = load_onnx(folder)
+    except ModelFileError as exc:
+        raise ModelFileError(f"{exc} — this is the cached export; delete {folder} to have it made again") from exc
+    for part, ours, theirs in (("lung", segmenter, onnx_segmenter), ("classifier", classifier, onnx_classifier)):
+        if identity(ours.meta) != identity(theirs.meta):
+            raise ModelFileError(f"{folder}: the cached export's {part} model is not the one loaded "
+                                 f"(altered cache); delete {folder} to have it made again")
+    return onnx_segmenter, onnx_classifier
 
 
 class _LogitsAndFeatures(nn.Module):
@@ -45,7 +105,13 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     seg_size, cls_size = segmenter.preprocessing.size, classifier.size
     paths = {"segmentation": out / "lung_unet.onnx", "classifier": out / "classifier.onnx"}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # MONAI's instance norm has no running statistics, so "train=True" is what eval does anyway.
+        warnings.filterwarnings("ignore", message=".*instance_norm.*")
+        # The tracer's notes on shape arithmetic and the exporter's deprecation notice say nothing
+        # a user can act on; the export is verified against PyTorch by the tests.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*ONNX export.*")
         torch.onnx.export(segmenter.net.eval(), (torch.rand(1, 1, seg_size, seg_size),),
                           str(paths["segmentation"]), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
@@ -101,6 +167,10 @@ class OnnxClassifier(Classifier):
             self.head[0].weight.copy_(torch.tensor(head["w1"]))
             self.head[0].bias.copy_(torch.tensor(head["b1"]))
             self.head[3].weight.copy_(torch.tensor(head["w2"]))
+
+    @property
+    def backend(self) -> str:
+        return "onnx"
 
     def _run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, features = self.session.run(None, {"crops": np.ascontiguousarray(crops, np.float32)[:, None]})

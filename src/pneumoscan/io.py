@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import io
 import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -63,6 +66,26 @@ def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
     image = decode_xray(data, name=str(path), max_pixels=max_pixels)
     image.meta["path"] = str(path)
     return image
+
+
+T, R = TypeVar("T"), TypeVar("R")
+
+
+def read_ahead(fn: Callable[[T], R], items: Iterable[T], *, threads: int = 2, ahead: int = 16) -> Iterator[R]:
+    """``map(fn, items)`` in order, with ``fn`` running on ``threads`` threads at most ``ahead``
+    items in front of the consumer: decoding (OpenCV and pydicom's codecs release the GIL) overlaps
+    the model work, and memory stays bounded however many files there are."""
+    if threads <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="pneumoscan-read") as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def decode_xray(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XrayImage:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.crop import LungCrop, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
 from pneumoscan.modelfile import ModelFileError, first_line, load_model, save_model, shipped_model_path
@@ -77,6 +78,13 @@ class LungSegmenter:
         self.net = net.eval()
         self.preprocessing = preprocessing
         self.meta = meta
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> LungSegmenter:
+        """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
+        self.device = resolve_device(device)
+        self.net = place(self.net, self.device)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> LungSegmenter:
@@ -102,7 +110,7 @@ class LungSegmenter:
     def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
         """Lung probability maps (N×size×size) for [0, 1] X-rays of any sizes."""
         x = torch.from_numpy(np.stack([self.preprocessing(p) for p in batch]))[:, None]
-        return torch.sigmoid(self.net(x))[:, 0].numpy()
+        return torch.sigmoid(run(self.net, x, self.device))[:, 0].numpy()
 
     def segment(self, pixels: np.ndarray) -> Segmentation:
         return self.segment_batch([pixels])[0]
@@ -113,11 +121,11 @@ class LungSegmenter:
                 zip(self.probabilities(batch), batch)]
 
 
-def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int]) -> Segmentation:
-    """Upsample a probability map towards the original size (at most ``WORK_SIDE``), clean it,
-    box it, and express mask and box in the original image's pixels."""
+def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int], work_side: int = WORK_SIDE) -> Segmentation:
+    """Upsample a probability map towards the original size (at most ``work_side`` on the long
+    side), clean it, box it, and express mask and box in the original image's pixels."""
     height, width = original_shape[:2]
-    factor = min(1.0, WORK_SIDE / max(height, width))
+    factor = min(1.0, work_side / max(height, width))
     work = (max(1, round(height * factor)), max(1, round(width * factor)))
     prob_work = cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
     found = lung_crop(prob_work)
