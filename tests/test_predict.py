@@ -26,7 +26,9 @@ CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
 @pytest.fixture(scope="module")
 def predictor(assessed_model) -> Predictor:
-    return Predictor.from_paths(cls_model=assessed_model)
+    """The PyTorch backend: these tests look inside the network (test_backend.py checks that the
+    default ONNX Runtime backend gives the same answers)."""
+    return Predictor.from_paths(cls_model=assessed_model, backend="torch")
 
 
 @needs_data
