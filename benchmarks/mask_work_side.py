@@ -28,19 +28,21 @@ from pneumoscan.segment import load_default, locate_lungs
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def truth_mask(path: str, shape: tuple[int, int]) -> np.ndarray | None:
-    """Truth as 0/1 at the image's size; None where the V7 "ignore" value covers the mask."""
-    mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        return None
+def truth_mask(paths: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Truth (0/1) at the image's size and where it counts: Montgomery's left and right masks
+    (``a;b``) are merged; the V7 masks' 127 means "ignore"."""
+    masks = [cv2.imread(p, cv2.IMREAD_GRAYSCALE) for p in paths.split(";")]
+    mask = np.maximum.reduce(masks)
     if mask.shape != shape:
         mask = cv2.resize(mask, shape[::-1], interpolation=cv2.INTER_NEAREST)
-    return (mask > 200).astype(np.uint8)
+    return (mask > 200).astype(np.uint8), mask != 127
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+def dice(a: np.ndarray, b: tuple[np.ndarray, np.ndarray]) -> float:
+    truth, valid = b
+    a, truth = a[valid].astype(bool), truth[valid].astype(bool)
+    total = a.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, truth).sum() / total)
 
 
 def main() -> None:

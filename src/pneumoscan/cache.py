@@ -135,7 +135,7 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
 
     from pneumoscan.modelfile import load_model
     from pneumoscan.segment import KIND as SEG_KIND
-    from pneumoscan.segment import default_model_path
+    from pneumoscan.segment import WORK_SIDE, default_model_path
 
     root = Path(out)
     (root / "shards").mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,8 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
               "shards": (len(table) + shard_size - 1) // shard_size,
               "manifest_sha256": manifest_digest(table),
               "segmentation_model_sha256": seg_meta["weights_sha256"],
-              "crop": "lung box on the original image (margin 5 %), resized to size×size, no CLAHE"}
+              "crop": f"lung box on the original image (margin 5 %, mask cleaned at ≤ {WORK_SIDE} px), "
+                      f"resized to size×size, no CLAHE"}
     config_path = root / "config.json"
     if config_path.exists():
         existing = json.loads(config_path.read_text())

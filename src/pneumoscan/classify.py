@@ -9,6 +9,7 @@ inside the module, so exported ONNX graphs and every caller share one preprocess
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,13 @@ class Classifier:
             out.append(torch.sigmoid(run(self.model, x, self.device)).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
+
+    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None]
+                            ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """Probabilities, and for each crop the Grad-CAM of the class ``choose(probabilities)``
+        names (None: no map)."""
+        probs = self.predict_proba(crops)
+        return probs, [None if (k := choose(p)) is None else self.gradcam(c, k) for c, p in zip(crops, probs)]
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""

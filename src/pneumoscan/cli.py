@@ -41,6 +41,12 @@ def print_table(title: str, frame) -> None:
     console.print(table)
 
 
+BackendOption = Annotated[str, typer.Option(
+    help="auto (ONNX Runtime on the CPU when installed, exported once per model pair into the user "
+         "cache; else PyTorch), onnx or torch.")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
+
+
 @app.callback()
 def _main(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
@@ -438,6 +444,7 @@ def evaluate(
     cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from.")] = None,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the AUC CIs.")] = 1000,
+    backend: BackendOption = "auto",
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
     from pneumoscan.cache import CacheError
@@ -447,17 +454,11 @@ def evaluate(
 
     try:
         report = evaluate_split(manifest, split, out, model=model, cache=cache, seg_model=seg_model,
-                                n_boot=n_boot)
+                                n_boot=n_boot, backend=backend)
     except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     console.print((out / "report.md").read_text())
     console.print(f"{report['n_images']} images scored; reports in {out}")
-
-
-BackendOption = Annotated[str, typer.Option(
-    help="auto (ONNX Runtime on the CPU when installed, exported once per model pair into the user "
-         "cache; else PyTorch), onnx or torch.")]
-DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
 
 
 def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, device: str,
@@ -490,6 +491,8 @@ def predict(
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    read_threads: Annotated[int, typer.Option(
+        min=0, help="Threads decoding files ahead of the models (on a GPU machine: about the CPU cores).")] = 2,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
@@ -528,7 +531,7 @@ def predict(
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
                              "box", "fallback", "cam_label", "overlay", "error"])
         for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=overlays, force=force,
-                                                              batch_size=batch_size)):
+                                                              batch_size=batch_size, threads=read_threads)):
             record = result.to_dict()
             record["overlay"] = None
             quality = result.quality or {}

@@ -110,13 +110,15 @@ def classifier_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: in
     return np.round(np.clip(crop_resize(pixels, box, size), 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16) -> tuple[list, np.ndarray]:
+def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16,
+                     prepared: np.ndarray | None = None) -> tuple[list, np.ndarray]:
     """Segment [0, 1] grey pictures in batches and cut each one's classifier crop: the one
-    segment → crop path behind ``predict``, ``prepare`` and ``evaluate``. Returns the
-    segmentations and N×size×size uint8 crops."""
+    segment → crop path behind ``predict``, ``prepare`` and ``evaluate``. ``prepared``: the
+    U-Net inputs if already computed. Returns the segmentations and N×size×size uint8 crops."""
     segs = []
     for start in range(0, len(images), batch):
-        segs.extend(segmenter.segment_batch(images[start:start + batch]))
+        segs.extend(segmenter.segment_batch(images[start:start + batch], None if prepared is None
+                                            else prepared[start:start + batch]))
     crops = np.zeros((len(images), size, size), np.uint8)
     for i, (pixels, seg) in enumerate(zip(images, segs)):
         crops[i] = classifier_crop(pixels, seg.box, size)
@@ -131,6 +133,7 @@ class Cropped:
     source: Any
     image: Any = None            # pneumoscan.io.XrayImage
     error: str | None = None
+    prepared: np.ndarray | None = None  # the U-Net's input, made on the decoding thread
     seg: Any = None              # pneumoscan.segment.Segmentation
     crop: np.ndarray | None = None
 
@@ -145,18 +148,20 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
 
     read = read or read_xray
 
-    def load(source: Any) -> Cropped:
+    def load(source: Any) -> Cropped:  # runs on a decoding thread: OpenCV releases the GIL
         try:
-            return Cropped(source, image=read(source))
+            image = read(source)
         except XrayReadError as exc:
             return Cropped(source, error=str(exc))
+        return Cropped(source, image=image, prepared=segmenter.preprocessing(image.pixels))
 
     loaded = read_ahead(load, sources, threads=threads, ahead=2 * batch)
     while chunk := list(islice(loaded, batch)):
         readable = [c for c in chunk if c.image is not None]
-        segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch)
+        segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch,
+                                       np.stack([c.prepared for c in readable]) if readable else None)
         for item, seg, crop in zip(readable, segs, crops):
-            item.seg, item.crop = seg, crop
+            item.seg, item.crop, item.prepared = seg, crop, None
         yield chunk
 
 

@@ -356,16 +356,14 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> None:
 
 def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: str | Path | None = None,
                    cache: str | Path | None = None, seg_model: str | Path | None = None,
-                   n_boot: int = 1000) -> dict[str, Any]:
+                   n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
     """Score one split of a manifest: crops from ``cache`` when given (rows matched by path),
     else read, segmented and cropped here. Writes the report files; returns the report."""
     from pneumoscan.cache import CropCache, crop_paths
-    from pneumoscan.classify import Classifier, load_default
     from pneumoscan.data.manifest import ManifestError, read_manifest
-    from pneumoscan.segment import LungSegmenter
-    from pneumoscan.segment import load_default as load_default_segmenter
+    from pneumoscan.predict import load_models
 
-    classifier = Classifier.load(model) if model else load_default()
+    segmenter, classifier = load_models(seg_model, model, backend=backend)
     table = read_manifest(manifest)
     rows = table[(table.split == split) & table[list(LABELS)].notna().any(axis=1)].reset_index(drop=True)
     if rows.empty:
@@ -381,8 +379,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         rows = rows[found.notna()].reset_index(drop=True)
         crops = crop_cache.images(found.dropna().astype(int))
     else:
-        segmenter = LungSegmenter.load(seg_model) if seg_model else load_default_segmenter()
-        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size)
+        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2)
         ok = np.array([r["error"] == "" for r in records])
         skipped = [r["path"] for r in records if r["error"]]
         rows, crops = rows[ok].reset_index(drop=True), crops[ok]

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,11 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
     return paths
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function without overflow warnings for large negative logits."""
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
+
+
 def _session(path: Path):
     import onnxruntime as ort
 
@@ -149,10 +155,10 @@ class OnnxLungSegmenter(LungSegmenter):
         super().__init__(nn.Identity(), preprocessing, meta)
         self.session = _session(path)
 
-    def probabilities(self, batch: list[np.ndarray]) -> np.ndarray:
-        x = np.stack([self.preprocessing(p) for p in batch])[:, None].astype(np.float32)
+    def probabilities(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> np.ndarray:
+        x = self.inputs(batch, prepared)[:, None].astype(np.float32)
         logits = self.session.run(None, {"image": x})[0][:, 0]
-        return 1.0 / (1.0 + np.exp(-logits))
+        return sigmoid(logits)
 
 
 class OnnxClassifier(Classifier):
@@ -178,13 +184,22 @@ class OnnxClassifier(Classifier):
 
     def predict_proba(self, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
         check_crops(crops, self.size)
-        out = [1.0 / (1.0 + np.exp(-self._run(crops[i:i + batch_size])[0]))
+        out = [sigmoid(self._run(crops[i:i + batch_size])[0])
                for i in range(0, len(crops), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.thresholds)), np.float32)
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         _, features = self._run(crop[None])
         return cam_from_features(features, self.head, class_index, crop.shape)[0]
+
+    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None]
+                            ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """One forward pass gives both: the maps come from the features it already computed."""
+        check_crops(crops, self.size)
+        logits, features = self._run(crops)
+        probs = sigmoid(logits)
+        return probs, [None if (k := choose(p)) is None else
+                       cam_from_features(f[None], self.head, k, crops.shape[1:])[0] for f, p in zip(features, probs)]
 
 
 def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:

@@ -61,44 +61,97 @@ def findings_caption(result) -> str:
     return line
 
 
-def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
-                      fallback: bool, cam: np.ndarray | None, cam_label: str | None,
-                      probability: float | None, path: str, max_side: int = 1024,
-                      caption: str | None = None) -> None:
-    """Save a PNG: the X-ray with lung contour, crop box and (if given) the Grad-CAM heat map
-    with a colour bar and the class name; ``caption`` (findings, labels not assessed) below."""
-    import matplotlib
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+TEXT_BGR = (235, 235, 235)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def heat_blend(canvas: np.ndarray, cam: np.ndarray, alpha: float = 0.45, floor: float = 0.05) -> np.ndarray:
+    """The Grad-CAM map in the jet colour map over a BGR picture, where it is at least ``floor``."""
+    heat = cv2.applyColorMap(to_uint8(np.clip(cam, 0, 1)), cv2.COLORMAP_JET)
+    where = cam >= floor
+    out = canvas.copy()
+    out[where] = cv2.addWeighted(canvas, 1 - alpha, heat, alpha, 0)[where]
+    return out
+
+
+def wrap_text(text: str, width: int, scale: float) -> list[str]:
+    """Lines of ``text`` (which may hold newlines) that fit ``width`` pixels in :data:`FONT`."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and cv2.getTextSize(trial, FONT, scale, 1)[0][0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None, fallback: bool,
+                       cam: np.ndarray | None, cam_label: str | None, probability: float | None,
+                       max_side: int = 1024, caption: str | None = None) -> np.ndarray:
+    """BGR uint8 picture for people: the X-ray (at most ``max_side``) with lung contour, crop box
+    (dashed when the whole image was used) and, if given, the Grad-CAM heat map with a colour
+    bar; a title above and ``caption`` (findings, labels not assessed) below. OpenCV only: about
+    10 ms, where the same figure in matplotlib took 0.44 s."""
     scale = min(1.0, max_side / max(pixels.shape))
-    if scale < 1.0:  # draw at most max_side pixels: the figure is for eyes, not measurements
+    if scale < 1.0:  # draw at most max_side pixels: the picture is for eyes, not measurements
         size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
         pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
         mask = None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
         cam = None if cam is None else cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
         box = None if box is None else [round(v * scale) for v in box]
     height, width = pixels.shape
-    fig, ax = plt.subplots(figsize=(7.5, 7.5 * height / width + 0.4), dpi=110)
-    ax.imshow(pixels, cmap="gray", vmin=0, vmax=1)
+    film = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
+    thickness = max(1, round(min(height, width) / 400))
     if cam is not None:
-        heat = ax.imshow(np.ma.masked_less(cam, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        bar = fig.colorbar(heat, ax=ax, fraction=0.046, pad=0.02)
-        bar.set_label("Grad-CAM (relative importance)")
+        film = heat_blend(film, cam)
     if mask is not None and mask.any():
-        ax.contour(mask, levels=[0.5], colors=["#50dc50"], linewidths=1.0)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(film, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
     if box is not None:
         x0, y0, x1, y1 = box
-        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="#ffaa28",
-                                   linewidth=1.5, linestyle="--" if fallback else "-"))
+        if fallback:
+            _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1)
+        else:
+            cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1, cv2.LINE_AA)
+    text_scale = max(0.4, min(0.6, width / 1400))
+    line_height = int(30 * text_scale / 0.6)
+    bar_width = 70 if cam is not None else 0
+    total_width = width + bar_width
     title = "lungs not found: whole image used" if fallback else "lung crop"
     if cam_label is not None:
-        title = f"Grad-CAM: {cam_label}" + (f" (p = {probability:.2f})" if probability is not None else "") + f" · {title}"
-    ax.set_title(title, fontsize=10)
-    ax.axis("off")
-    if caption:
-        ax.text(0.0, -0.01, caption, transform=ax.transAxes, fontsize=9, va="top", ha="left",
-                wrap=True)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+        title = f"Grad-CAM: {cam_label}" + (f" (p = {probability:.2f})" if probability is not None else "") + \
+            (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
+    lines = wrap_text(caption or "", total_width - 16, text_scale) if caption else []
+    top, bottom = line_height + 8, line_height * len(lines) + (10 if lines else 0)
+    canvas = np.full((top + height + bottom, total_width, 3), 24, np.uint8)
+    canvas[top:top + height, :width] = film
+    cv2.putText(canvas, title, (8, top - 10), FONT, text_scale, TEXT_BGR, 1, cv2.LINE_AA)
+    for i, line in enumerate(lines):
+        cv2.putText(canvas, line, (8, top + height + line_height * (i + 1) - 4), FONT, text_scale, TEXT_BGR, 1,
+                    cv2.LINE_AA)
+    if cam is not None:  # colour bar: 1 at the top, 0 at the bottom
+        ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(16, axis=1)
+        canvas[top:top + height, width + 8:width + 24] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+        for value in (0.0, 0.5, 1.0):
+            y = top + int(round((1 - value) * (height - 1)))
+            cv2.putText(canvas, f"{value:.1f}", (width + 28, min(max(y + 5, top + 12), top + height - 2)), FONT,
+                        text_scale * 0.8, TEXT_BGR, 1, cv2.LINE_AA)
+    return canvas
+
+
+def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
+                      fallback: bool, cam: np.ndarray | None, cam_label: str | None,
+                      probability: float | None, path: str, max_side: int = 1024,
+                      caption: str | None = None) -> None:
+    """Write :func:`prediction_picture` as a PNG; OSError when it cannot be written."""
+    picture = prediction_picture(pixels, mask, box, fallback, cam, cam_label, probability, max_side, caption)
+    ok, data = cv2.imencode(".png", picture)
+    if not ok:
+        raise OSError(f"could not encode the overlay for {path}")
+    with open(path, "wb") as handle:
+        handle.write(data.tobytes())

@@ -243,16 +243,23 @@ class Predictor:
         if not scored:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
-        probs = classifier.predict_proba(crops)
-        for (result, item), crop, p in zip(scored, crops, probs):
+
+        def cam_class(p: np.ndarray) -> str | None:
+            return None if cam is None or not (cam_label or known) else \
+                cam_label or max(known, key=lambda f: p[LABELS.index(f)])
+
+        def heat_map_of(p: np.ndarray) -> int | None:  # the heat map is only made when kept
+            label = cam_class(p) if keep_arrays else None
+            return None if label is None else LABELS.index(label)
+
+        probs, heats = classifier.predict_and_explain(crops, heat_map_of)
+        for (result, item), p, heat in zip(scored, probs, heats):
             result.probabilities = {label: round(float(v), 6) if a else None
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
             result.thresholds = dict(thresholds)
             result.findings = classifier.findings(p)
-            if cam is not None and (cam_label or known):
-                result.cam_label = cam_label or max(known, key=lambda f: p[LABELS.index(f)])
-            if keep_arrays and result.cam_label is not None:  # the heat map: only made when kept
-                heat = classifier.gradcam(crop, LABELS.index(result.cam_label))
+            result.cam_label = cam_class(p)
+            if heat is not None:
                 result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
         return results
 

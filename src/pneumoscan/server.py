@@ -132,25 +132,18 @@ def _png_data_uri(bgr: np.ndarray) -> str:
 
 
 def preview_images(result) -> dict[str, str]:
-    """Down-scaled original and overlay (contour, box, heat map) as PNG data URIs."""
+    """Down-scaled original and overlay (the CLI's picture: contour, box, heat map, caption) as
+    PNG data URIs."""
     from pneumoscan.enhance import to_uint8
-    from pneumoscan.overlay import BOX_BGR, LUNG_BGR
+    from pneumoscan.overlay import findings_caption, prediction_picture
 
     pixels = result.pixels
     scale = min(1.0, PREVIEW_SIDE / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
-    grey = cv2.cvtColor(to_uint8(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)), cv2.COLOR_GRAY2BGR)
-    overlay = grey.copy()
-    if result.cam is not None:
-        cam = cv2.resize(result.cam, size, interpolation=cv2.INTER_LINEAR)
-        heat = cv2.applyColorMap(to_uint8(cam), cv2.COLORMAP_JET)
-        alpha = (np.clip(cam, 0, 1) * 0.55)[:, :, None]
-        overlay = (overlay * (1 - alpha) + heat * alpha).astype(np.uint8)
-    mask = cv2.resize(result.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(overlay, contours, -1, LUNG_BGR, 2, cv2.LINE_AA)
-    x0, y0, x1, y1 = (round(v * scale) for v in result.box)
-    cv2.rectangle(overlay, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, 2, cv2.LINE_AA)
+    grey = to_uint8(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
+    probability = (result.probabilities or {}).get(result.cam_label) if result.cam_label else None
+    overlay = prediction_picture(pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
+                                 probability, max_side=PREVIEW_SIDE, caption=findings_caption(result))
     return {"original_png": _png_data_uri(grey), "overlay_png": _png_data_uri(overlay)}
 
 
