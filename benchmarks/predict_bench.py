@@ -13,19 +13,18 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def run_backend(backend: str, n: int, onnx_dir: str) -> dict:
+def run_backend(backend: str, n: int) -> dict:
     import torch
 
     from pneumoscan.predict import Predictor
 
-    predictor = Predictor.from_onnx(onnx_dir) if backend == "onnx" else Predictor.from_default()
+    predictor = Predictor.from_default(backend=backend)
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]
     predictor.predict(paths[0], cam="top", keep_arrays=True)  # warm-up
     start = time.perf_counter()
@@ -44,19 +43,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--backend", choices=["torch", "onnx"])
-    parser.add_argument("--onnx-dir")
     args = parser.parse_args()
     if args.backend:
-        print(json.dumps(run_backend(args.backend, args.n, args.onnx_dir)))
+        print(json.dumps(run_backend(args.backend, args.n)))
         return
-    with tempfile.TemporaryDirectory() as onnx_dir:
-        subprocess.run([sys.executable, "-m", "pneumoscan.cli", "export", "--out", onnx_dir],
-                       check=True, capture_output=True)
-        rows = []
-        for backend in ("torch", "onnx"):
-            out = subprocess.run([sys.executable, __file__, "--backend", backend, "--n", str(args.n),
-                                  "--onnx-dir", onnx_dir], check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = []
+    for backend in ("torch", "onnx"):  # ONNX: the default backend's cached export
+        out = subprocess.run([sys.executable, __file__, "--backend", backend, "--n", str(args.n)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"{args.n} NIH PNGs (1024×1024), Grad-CAM of the top finding included")
     print(f"{'backend':<14}{'s/image (batch 1)':>18}{'images/s (batch 8)':>20}{'peak RSS MB':>13}")
     for r in rows:

@@ -1,24 +1,21 @@
-"""One table of PneumoScan throughput on this machine, plus torchxrayvision's DenseNet-121 on the
-same images in the same run.
+"""One table of PneumoScan throughput on this machine, then the files → probabilities comparison
+with torchxrayvision (``benchmarks/files_to_probs.py``, run by this script).
 
     python benchmarks/run_all.py [--quick] [--xrv-python /path/to/venv/bin/python]
 
 torchxrayvision needs torchvision, which this project's environment avoids, so it runs in its own
-virtual environment (make one with `python3 -m venv xrv && xrv/bin/pip install torch==2.14.1
-torchvision==0.29.1 torchxrayvision`) and is pointed to with --xrv-python or $XRV_PYTHON. Its
-architecture runs with random weights (`weights=None`): weights cannot be downloaded here, and
-speed does not depend on them. Both sides go from the same decoded images to 15/18 probabilities,
-each with its own preprocessing (ours: lung-box crop → 224; theirs: normalise → centre crop →
-224), batch 16, all CPU threads torch is given. The last line is
-``ratio_vs_torchxrayvision=X`` = our classifier images/s over theirs.
+virtual environment (``python3 -m venv xrv && xrv/bin/pip install torchxrayvision``) pointed to
+with --xrv-python or $XRV_PYTHON. The last line is ``ratio_vs_torchxrayvision=X``: PneumoScan's
+default backend, files in → probabilities out (segmentation and input gate included), over
+torchxrayvision's faster resize engine, on the same files in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,26 +23,6 @@ from pathlib import Path
 import numpy as np
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-XRV_SCRIPT = r"""
-import json, sys, time
-import numpy as np, torch, torchxrayvision as xrv
-from PIL import Image
-paths, repeat = json.loads(sys.argv[1]), int(sys.argv[2])
-images = [np.asarray(Image.open(p).convert("L"), np.float32) for p in paths]   # decoded once, like ours
-model = xrv.models.DenseNet(weights=None).eval()                                # same architecture, random weights
-crop, resize = xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)  # its default engine (skimage)
-def run():
-    for i in range(0, len(images), 16):
-        batch = np.stack([resize(crop(xrv.datasets.normalize(im, 255)[None]))[0] for im in images[i:i + 16]])
-        with torch.inference_mode():
-            model(torch.from_numpy(batch[:, None]))
-run()
-best = float("inf")
-for _ in range(repeat):
-    t = time.perf_counter(); run(); best = min(best, time.perf_counter() - t)
-print(json.dumps({"images_per_s": len(images) / best, "torch": torch.__version__, "threads": torch.get_num_threads()}))
-"""
 
 
 def timed(fn, n: int, repeat: int) -> float:
@@ -79,7 +56,7 @@ def main() -> None:
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]
     if len(paths) < n:
         raise SystemExit(f"need {n} NIH PNGs under {DATA / 'nih-cxr14' / 'images'}")
-    torch_p = Predictor.from_default()
+    torch_p = Predictor.from_default(backend="torch")
     images = [read_xray(p).pixels for p in paths]
     segs = torch_p.segmenter.segment_batch(images)
     crops = np.stack([crop_resize(im, s.box, 224) for im, s in zip(images, segs)]).astype(np.float32)
@@ -109,24 +86,15 @@ def main() -> None:
                      timed(lambda: [torch_p.predict_batch(paths[i:i + 8], cam="top", keep_arrays=True) for i in range(0, n, 8)], n, repeat)))
         rows.append(("end-to-end predict + Grad-CAM, ONNX Runtime, batch 8",
                      timed(lambda: [onnx_p.predict_batch(paths[i:i + 8], cam="top", keep_arrays=True) for i in range(0, n, 8)], n, repeat)))
-    theirs = None
-    if args.xrv_python:
-        out = subprocess.run([args.xrv_python, "-c", XRV_SCRIPT, json.dumps([str(p) for p in paths]), str(repeat)],
-                             capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            raise SystemExit("torchxrayvision run failed:\n" + out.stderr[-2000:])
-        theirs = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((f"torchxrayvision DenseNet-121 inference (torch {theirs['torch']}, own preprocessing)",
-                     theirs["images_per_s"]))
     print(f"PneumoScan benchmarks: {n} NIH ChestX-ray14 PNGs (1024×1024), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, best of {repeat}")
     print(f"{'step':<72}{'images/s':>10}")
     for name, ips in rows:
         print(f"{name:<72}{ips:>10.1f}")
-    if theirs is None:
-        print("ratio_vs_torchxrayvision=unmeasured (give --xrv-python or $XRV_PYTHON)")
-    else:
-        print(f"ratio_vs_torchxrayvision={ours / theirs['images_per_s']:.2f}")
+    print(flush=True)
+    command = [sys.executable, str(Path(__file__).with_name("files_to_probs.py")), "--n", str(min(n, 32)),
+               "--repeat", str(repeat)] + (["--xrv-python", args.xrv_python] if args.xrv_python else [])
+    raise SystemExit(subprocess.run(command).returncode)
 
 
 if __name__ == "__main__":
