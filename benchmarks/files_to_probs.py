@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from run_all import timed  # this folder is on sys.path when a script in it runs
 
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -58,16 +59,6 @@ hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))  # ru_
 print(json.dumps({"images_per_s": len(paths) / best, "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "peak_rss_mb": int(hwm.split()[1]) / 1024}))
 """
-
-
-def files_per_s(fn, n: int, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return n / best
 
 
 def latency(predictor, paths: list[Path], out: Path) -> tuple[float, float]:
@@ -106,7 +97,7 @@ def main() -> None:
         for backend in ("auto", "torch"):
             predictor = Predictor.from_default(backend=backend)
             name = f"PneumoScan, backend {backend} ({predictor.models['backend']})"
-            ips = files_per_s(lambda: [r.probabilities for r in predictor.predict_many(paths, batch_size=args.batch)],
+            ips = timed(lambda: [r.probabilities for r in predictor.predict_many(paths, batch_size=args.batch)],
                               len(paths), args.repeat)
             ours[backend] = ips
             p50, p95 = latency(predictor, paths, Path(tmp))
