@@ -493,6 +493,8 @@ def predict(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
     read_threads: Annotated[int, typer.Option(
         min=0, help="Threads decoding files ahead of the models (on a GPU machine: about the CPU cores).")] = 2,
+    dicom_out: Annotated[Optional[Path], typer.Option(
+        help="Folder for DICOM results of DICOM inputs: SR (findings), SEG (lungs), Secondary Capture (overlay).")] = None,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
@@ -509,7 +511,7 @@ def predict(
     from tqdm import tqdm
 
     from pneumoscan.labels import LABELS
-    from pneumoscan.overlay import findings_caption, prediction_figure
+    from pneumoscan.overlay import picture_for, save_png
 
     if fmt not in ("json", "csv"):
         fail("--format must be json or csv")
@@ -521,7 +523,14 @@ def predict(
         fail(str(exc))
     files = gather_inputs(paths, out)
     used: set[str] = set()
-    failures = refused = 0
+    failures = refused = not_dicom = 0
+    if dicom_out:
+        from importlib.util import find_spec
+
+        if find_spec("highdicom") is None:
+            fail("--dicom-out needs the dicom extra: pip install 'pneumoscan[dicom]'")
+        from pneumoscan.dicom_out import DicomOutputError, write_dicom_results
+        from pneumoscan.modelfile import first_line
     target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
     with open(target, "w", newline="") as handle, tqdm(total=len(files), unit="img", desc="predict") as bar:
         writer = None
@@ -530,7 +539,8 @@ def predict(
             # A label the model does not assess has an empty probability and is named in not_assessed.
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
                              "box", "fallback", "cam_label", "overlay", "error"])
-        for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=overlays, force=force,
+        keep = overlays or dicom_out is not None
+        for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
                                                               batch_size=batch_size, threads=read_threads)):
             record = result.to_dict()
             record["overlay"] = None
@@ -543,19 +553,29 @@ def predict(
                 verb = "scored anyway (--force)" if force else "refused"
                 err.print(f"[yellow]{verb}:[/] {escape(str(path))}: not a frontal chest X-ray: "
                           f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
-            if overlays and not result.error:
+            picture = picture_for(result) if (overlays or dicom_out) and not result.error else None
+            if overlays and picture is not None:
                 name = f"{output_stem(path, used)}_overlay.png"
-                prob = result.probabilities.get(result.cam_label) if result.cam_label else None
                 try:  # one picture that cannot be written never stops the batch
-                    prediction_figure(result.pixels, result.mask, result.box, result.fallback, result.cam,
-                                      result.cam_label, prob, str(out / name),
-                                      caption=findings_caption(result))
+                    save_png(picture, str(out / name))
                     record["overlay"] = name
                 except OSError as exc:
                     failures += 1
                     record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
                     err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['overlay_error'])}",
                               highlight=False)
+            if dicom_out and picture is not None:
+                if not is_dicom_file(Path(path)):
+                    not_dicom += 1
+                else:
+                    try:
+                        written = write_dicom_results(path, result, predictor, picture, dicom_out)
+                        record["dicom"] = {kind: target.name for kind, target in written.items()}
+                    except (DicomOutputError, OSError, ValueError) as exc:
+                        failures += 1
+                        record["dicom_error"] = f"DICOM results not written: {first_line(exc)}"
+                        err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['dicom_error'])}",
+                                  highlight=False)
             if writer is None:
                 handle.write(json.dumps(record) + "\n")
             else:
@@ -571,6 +591,9 @@ def predict(
                   + (f" (overlays in {out})" if overlays else "")
                   + (f"; {refused} not frontal chest X-rays ({'scored anyway' if force else 'not scored; --force scores them'})"
                      if refused else ""))
+    if dicom_out:
+        console.print(f"DICOM results (SR, SEG, Secondary Capture) in {dicom_out}"
+                      + (f"; {not_dicom} input(s) are PNG/JPEG, which get no DICOM results" if not_dicom else ""))
     if failures:
         raise typer.Exit(1)
 
@@ -616,6 +639,53 @@ def serve(
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
                   f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def listen(
+    out: Annotated[Path, typer.Option(help="Folder for the DICOM results (SR, SEG, Secondary Capture).")],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="This listener's AE title.")] = "PNEUMOSCAN",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    spool: Annotated[Optional[Path], typer.Option(help="Where received instances wait (default: OUT/.spool).")] = None,
+    forward: Annotated[Optional[str], typer.Option(help="Send the results on by C-STORE to HOST:PORT:AET.")] = None,
+    allow: Annotated[Optional[list[str]], typer.Option(help="Calling AE title allowed to send (repeat); any if omitted.")] = None,
+    queue: Annotated[int, typer.Option(min=1, help="Instances waiting at most; more are answered 'out of resources'.")] = 64,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    backend: BackendOption = "auto",
+) -> None:
+    """DICOM C-STORE listener: chest X-rays (CR, DX, Secondary Capture) in, SR + SEG + Secondary
+    Capture out (and forwarded with --forward). Received instances are spooled to disk first, so a
+    crash loses nothing; C-ECHO answers for monitoring. No TLS: keep it behind the hospital's DICOM
+    router or a VPN. Research use only."""
+    import logging
+    from importlib.util import find_spec
+
+    if find_spec("pynetdicom") is None or find_spec("highdicom") is None:
+        fail("listen needs the dicom extra: pip install 'pneumoscan[dicom]'")
+    from pneumoscan.listen import Forward, Listener
+
+    if not 1 <= len(ae_title) <= 16:
+        fail("--ae-title must be 1 to 16 characters")
+    try:
+        target = Forward.parse(forward) if forward else None
+    except ValueError as exc:
+        fail(str(exc))
+    predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("pynetdicom", "highdicom"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
+                        forward=target, allow=tuple(allow or ()), queue_size=queue)
+    console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}; results in {out}"
+                  + (f", forwarded to {forward}" if forward else ""), highlight=False)
+    try:
+        listener.start(block=True)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        listener.stop()
 
 
 @app.command()

@@ -144,12 +144,24 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     return canvas
 
 
+def picture_for(result, max_side: int = 1024) -> np.ndarray:
+    """:func:`prediction_picture` of a :class:`~pneumoscan.predict.Prediction` kept with its
+    arrays (``keep_arrays=True``), captioned with its findings or its refusal."""
+    probability = (result.probabilities or {}).get(result.cam_label) if result.cam_label else None
+    return prediction_picture(result.pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
+                              probability, max_side=max_side, caption=findings_caption(result))
+
+
 def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
                       fallback: bool, cam: np.ndarray | None, cam_label: str | None,
                       probability: float | None, path: str, max_side: int = 1024,
                       caption: str | None = None) -> None:
     """Write :func:`prediction_picture` as a PNG; OSError when it cannot be written."""
-    picture = prediction_picture(pixels, mask, box, fallback, cam, cam_label, probability, max_side, caption)
+    save_png(prediction_picture(pixels, mask, box, fallback, cam, cam_label, probability, max_side, caption), path)
+
+
+def save_png(picture: np.ndarray, path: str) -> None:
+    """A BGR picture as a PNG file; OSError when it cannot be written."""
     ok, data = cv2.imencode(".png", picture)
     if not ok:
         raise OSError(f"could not encode the overlay for {path}")

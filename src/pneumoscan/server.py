@@ -135,15 +135,13 @@ def preview_images(result) -> dict[str, str]:
     """Down-scaled original and overlay (the CLI's picture: contour, box, heat map, caption) as
     PNG data URIs."""
     from pneumoscan.enhance import to_uint8
-    from pneumoscan.overlay import findings_caption, prediction_picture
+    from pneumoscan.overlay import picture_for
 
     pixels = result.pixels
     scale = min(1.0, PREVIEW_SIDE / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
     grey = to_uint8(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
-    probability = (result.probabilities or {}).get(result.cam_label) if result.cam_label else None
-    overlay = prediction_picture(pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
-                                 probability, max_side=PREVIEW_SIDE, caption=findings_caption(result))
+    overlay = picture_for(result, max_side=PREVIEW_SIDE)
     return {"original_png": _png_data_uri(grey), "overlay_png": _png_data_uri(overlay)}
 
 

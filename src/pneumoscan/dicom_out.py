@@ -1,0 +1,223 @@
+"""Results as DICOM objects a PACS can store, linked to the image they describe (highdicom).
+
+For one DICOM input and its :class:`~pneumoscan.predict.Prediction`:
+
+- **SR**, TID 1500 Measurement Report (Comprehensive 3D SR IOD, as highdicom writes TID 1500):
+  one image-level measurement group (TID 1501) per *assessed* label, whose finding type is the
+  label's code, with the probability and the operating threshold as measurements (UCUM "1"),
+  "above operating threshold" Yes/No as a qualitative evaluation, the model as the algorithm
+  identification (name, version = weights SHA-256, the threshold as a parameter) and the source
+  image as the group's source. The observer is the device (PneumoScan), never a person. TID 1500
+  was chosen over a free-form Comprehensive SR because viewers and archives already parse it and
+  its image-level groups carry exactly "a value about this image, by this algorithm". Labels not
+  assessed are left out (they are not results).
+- **SEG**: the lung mask, binary, on the source image's pixel grid.
+- **Secondary Capture**: the overlay picture (lung contour, crop box, Grad-CAM, caption), for
+  viewers that show neither SR nor SEG.
+
+All reference the source instance and copy its patient and study modules (highdicom does), with
+new UIDs derived from the source SOP Instance UID, the kind and the models, so a rerun makes the
+same UIDs (an archive stores it once). An image the input gate refused, or one scored with
+``force``, gets only the Secondary Capture, whose caption says so: no SR or SEG asserts results
+the gate did not stand behind.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from pneumoscan import __version__
+from pneumoscan.labels import LABELS
+
+MANUFACTURER = "PneumoScan"
+SCHEME = "99PNEUMOSCAN"  # a private coding scheme ("99" prefix) for what SNOMED CT lacks here
+#: SNOMED CT codes where pydicom's code dictionary (or, for pneumonia, SNOMED CT itself) has the
+#: concept; the other labels use the private scheme with the label as meaning.
+LABEL_CODES: dict[str, Code] = {
+    "Pneumonia": Code("233604007", "SCT", "Pneumonia"),
+    "Pneumothorax": codes.SCT.Pneumothorax,
+    "Cardiomegaly": codes.SCT.Cardiomegaly,
+    "Effusion": codes.SCT.PleuralEffusion,
+    "Edema": codes.SCT.PulmonaryEdema,
+    "Nodule": codes.SCT.Nodule,
+}
+PROBABILITY = codes.DCM.Probability
+THRESHOLD = Code("OP_THRESHOLD", SCHEME, "Operating threshold")
+ABOVE = Code("ABOVE_THRESHOLD", SCHEME, "Above operating threshold")
+SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
+          "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
+_AGE = re.compile(r"^\d{3}[DWMY]$")
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+class DicomOutputError(ValueError):
+    """The source cannot be answered in DICOM (not a DICOM file, or missing what DICOM needs)."""
+
+
+def label_code(label: str) -> Code:
+    return LABEL_CODES.get(label) or Code(label.upper(), SCHEME, label.replace("_", " "))
+
+
+def derived_uid(source_uid: str, kind: str, *parts: str) -> str:
+    """The same UID for the same source, kind and models: a rerun does not duplicate results."""
+    return generate_uid(entropy_srcs=[source_uid, kind, *parts])
+
+
+def read_source(path: str | Path) -> pydicom.Dataset:
+    """The source's header (no pixels), checked for what the results must reference."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many kinds for non-DICOM input
+        raise DicomOutputError(f"{Path(path).name}: not a DICOM file, no DICOM results") from exc
+    missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
+                           "Columns") if k not in ds]
+    if missing:
+        raise DicomOutputError(f"{Path(path).name}: no DICOM results: the source lacks {', '.join(missing)}")
+    if "PatientAge" in ds and not _AGE.match(str(ds.PatientAge)):
+        del ds.PatientAge  # an invalid value (e.g. "62") would make every result invalid too
+    for keyword in TYPE2_PATIENT_STUDY:  # Type 2: must be present in the results, may be empty
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
+def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None):
+    import highdicom as hd
+
+    parameters = [f"threshold={threshold:.6g}"] if threshold is not None else None
+    return hd.sr.AlgorithmIdentification(name=name, version=str(meta.get("weights_sha256", "unknown")),
+                                         parameters=parameters)
+
+
+def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], device_uid: str):
+    """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below."""
+    import highdicom as hd
+
+    name = f"PneumoScan {classifier_meta.get('name', 'chest classifier')}"
+    groups = []
+    for label in LABELS:
+        p, t = (prediction.probabilities or {}).get(label), (prediction.thresholds or {}).get(label)
+        if p is None or t is None:
+            continue
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(source.SOPInstanceUID, "tracking", label), identifier=label),
+            finding_type=label_code(label),
+            algorithm_id=_algorithm(classifier_meta, name, t),
+            measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(p), unit=codes.UCUM.NoUnits),
+                          hd.sr.Measurement(name=THRESHOLD, value=float(t), unit=codes.UCUM.NoUnits)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+                ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid, name="PneumoScan", manufacturer_name=MANUFACTURER, model_name=name))
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=groups)
+    number, description = SERIES["sr"]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[source], content=report, manufacturer=MANUFACTURER,
+        series_instance_uid=derived_uid(source.SOPInstanceUID, "sr-series", classifier_meta.get("sha256", "")),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, "sr", classifier_meta.get("sha256", "")),
+        series_number=number, instance_number=1, is_complete=True)
+    sr.SeriesDescription = description
+    return sr
+
+
+def lung_seg(source: pydicom.Dataset, mask: np.ndarray, lung_meta: dict[str, Any]):
+    """Binary SEG of the lung mask on the source image's pixel grid."""
+    import highdicom as hd
+
+    if mask.shape != (int(source.Rows), int(source.Columns)):
+        raise DicomOutputError(f"lung mask {mask.shape} does not match the source's {source.Rows}×{source.Columns}")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="PneumoScan lung U-Net", family=codes.cid7162.ArtificialIntelligence,
+        version=str(lung_meta.get("weights_sha256", "unknown")))
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label="Lungs", segmented_property_category=codes.SCT.Organ,
+        segmented_property_type=codes.SCT.Lung, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm)
+    number, series_description = SERIES["seg"]
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=mask.astype(bool)[None], segmentation_type="BINARY",
+        segment_descriptions=[description],
+        series_instance_uid=derived_uid(source.SOPInstanceUID, "seg-series", lung_meta.get("sha256", "")),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, "seg", lung_meta.get("sha256", "")),
+        series_number=number, instance_number=1, manufacturer=MANUFACTURER,
+        manufacturer_model_name="PneumoScan lung U-Net", software_versions=__version__,
+        device_serial_number="none", omit_empty_frames=False)
+    seg.SeriesDescription = series_description
+    if "FrameOfReferenceUID" not in source:  # a projection film: say how the grid is oriented
+        seg.PatientOrientation = list(source.get("PatientOrientation") or ["L", "F"])
+    return seg
+
+
+def overlay_sc(source: pydicom.Dataset, picture_rgb: np.ndarray, models: str):
+    """Secondary Capture of the overlay picture (RGB, 8 bits)."""
+    import highdicom as hd
+
+    number, description = SERIES["sc"]
+    orientation = tuple(source.get("PatientOrientation") or ("L", "F"))
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=source, pixel_array=np.ascontiguousarray(picture_rgb, np.uint8), photometric_interpretation="RGB",
+        bits_allocated=8, coordinate_system="PATIENT", patient_orientation=orientation,
+        series_instance_uid=derived_uid(source.SOPInstanceUID, "sc-series", models),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, "sc", models),
+        series_number=number, instance_number=1, manufacturer=MANUFACTURER)
+    sc.SeriesDescription = description
+    if source.get("BodyPartExamined"):  # the chest: an unpaired part, so no laterality is due
+        sc.BodyPartExamined = source.BodyPartExamined
+    else:
+        sc.Laterality = ""  # unknown body part: present and empty, as Type 2C allows
+    sc.DerivationDescription = "PneumoScan overlay: lung contour, crop box, Grad-CAM; research use only"
+    return sc
+
+
+def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray) -> dict[str, Any]:
+    """The SR, SEG and SC datasets for one DICOM input (only the SC when the gate refused it or
+    it was forced)."""
+    import cv2
+
+    source = read_source(path)
+    models = f"{predictor.segmenter.meta.get('sha256', '')}{predictor.classifier.meta.get('sha256', '')}"
+    quality = prediction.quality or {}
+    with warnings.catch_warnings():  # highdicom's note on the source's own (anonymised) patient name
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        try:
+            out = {"sc": overlay_sc(source, cv2.cvtColor(picture_bgr, cv2.COLOR_BGR2RGB), models)}
+            if prediction.probabilities is not None and quality.get("frontal_chest") and not quality.get("forced"):
+                device_uid = derived_uid("PneumoScan device", models)
+                out["sr"] = findings_sr(source, prediction, predictor.classifier.meta, device_uid)
+                out["seg"] = lung_seg(source, prediction.mask, predictor.segmenter.meta)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # what highdicom finds wanting
+            raise DicomOutputError(f"{Path(path).name}: the source lacks what DICOM results need "
+                                   f"({type(exc).__name__}: {str(exc)[:160]})") from exc
+    return out
+
+
+def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray,
+                        out: str | Path) -> dict[str, Path]:
+    """Write :func:`dicom_results` as ``<SOPInstanceUID>_{sr,seg,sc}.dcm`` in ``out``
+    (each written under a temporary name and renamed: never half a file)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for kind, dataset in dicom_results(path, prediction, predictor, picture_bgr).items():
+        target = out / f"{dataset.SOPInstanceUID}_{kind}.dcm"
+        tmp = target.with_name(target.name + ".tmp")
+        dataset.save_as(tmp, enforce_file_format=True)
+        tmp.replace(target)
+        written[kind] = target
+    return written
