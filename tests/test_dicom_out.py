@@ -4,7 +4,6 @@ validated with Debian's dicom3tools (``dciodvfy``) where it is installed (CI ins
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,25 +14,12 @@ import pydicom
 import pytest
 
 from conftest import DATA, TEST_ASSESSED, needs_data
-from dicom_films import film_to_dicom
+from dicom_films import film_to_dicom, validate_dicom
 
 highdicom = pytest.importorskip("highdicom", reason="the dicom extra is not installed")
 
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
-DCIODVFY = shutil.which("dciodvfy")
 pytestmark = needs_data
-
-
-def _validate(path: Path) -> None:
-    """dciodvfy finds no errors (CI installs it and sets PNEUMOSCAN_REQUIRE_VALIDATORS; elsewhere
-    the check is skipped when the tool is missing)."""
-    if DCIODVFY is None:
-        if os.environ.get("PNEUMOSCAN_REQUIRE_VALIDATORS"):
-            pytest.fail("dciodvfy (Debian's dicom3tools) is not installed")
-        return
-    run = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
-    errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
-    assert not errors, f"{path.name}: {errors}"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +61,7 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
         assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
     observer = sr.content.get_observer_contexts()[0]
     assert observer.observer_type.meaning == "Device"
-    _validate(sr_path)
+    validate_dicom(sr_path)
 
 
 def test_seg_is_the_lung_mask_on_the_source_grid(results, assessed_model):
@@ -90,7 +76,7 @@ def test_seg_is_the_lung_mask_on_the_source_grid(results, assessed_model):
     mask = seg.pixel_array.reshape(source.Rows, source.Columns).astype(bool)
     expected = Predictor.from_paths(cls_model=assessed_model).predict(results["cr"], keep_arrays=True).mask
     assert mask.sum() > 0.1 * mask.size and np.array_equal(mask, expected.astype(bool))
-    _validate(seg_path)
+    validate_dicom(seg_path)
 
 
 def test_sc_is_the_overlay_and_a_refused_image_gets_only_the_sc(results):
@@ -99,7 +85,7 @@ def test_sc_is_the_overlay_and_a_refused_image_gets_only_the_sc(results):
     sc = pydicom.dcmread(sc_path)
     assert sc.PhotometricInterpretation == "RGB" and sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesDescription.startswith("PneumoScan overlay") and sc.pixel_array.ndim == 3
-    _validate(sc_path)
+    validate_dicom(sc_path)
     refused = results["lines"]["ct.dcm"]
     assert refused["quality"]["frontal_chest"] is False and set(refused["dicom"]) == {"sc"}
     assert "film.png" in results["lines"] and "dicom" not in results["lines"]["film.png"]

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 
 from conftest import DATA, needs_data
-from dicom_films import film_to_dicom
+from dicom_films import film_to_dicom, validate_dicom
 
 pynetdicom = pytest.importorskip("pynetdicom", reason="the dicom extra is not installed")
 from pynetdicom import AE, evt  # noqa: E402
@@ -119,6 +119,16 @@ def test_dcmtk_echo_and_store_give_validating_results_and_forward_them(listener,
         assert ds.StudyInstanceUID == pydicom.dcmread(film).StudyInstanceUID
     _wait(lambda: len([d for d in forward_scp[1] if d.StudyInstanceUID == ds.StudyInstanceUID]) == 3, 60)
     assert not list((out / ".spool").glob("*.dcm"))
+    for name in names:
+        validate_dicom(out / name)
+    # The real SIIM CR film is JPEG-compressed: dcmtk proposes JPEG and the listener accepts it.
+    siim = next((DATA / "siim-acr-pneumothorax").rglob("*.dcm"))
+    run = subprocess.run([str(STORESCU), "--propose-jpeg8", "-aet", "STORESCU", "-aec", "PNEUMOSCAN", "127.0.0.1",
+                          str(port), str(siim)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    siim_uid = pydicom.dcmread(siim, stop_before_pixels=True).SOPInstanceUID
+    _wait(lambda: (out / ".done" / siim_uid).exists())
+    assert len((out / ".done" / siim_uid).read_text().split()) == 3
     log = (listener["root"] / "out.log").read_text()
     assert uid in log and "Test^Film" not in log and "TEST-0001" not in log  # UIDs, never identity
 
