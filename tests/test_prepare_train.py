@@ -245,3 +245,9 @@ def test_frozen_backbone_trains_the_head_only(cache64, trained, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in head)
     assert meta["optimiser"]["trained"] == "head only (backbone frozen)"
     assert "kermany" in meta["training_data"]["labels_masked_in_single_class_sources"]
+
+
+def test_unknown_strategy_is_a_one_line_usage_error(cache64, tmp_path):
+    run = subprocess.run(_train(cache64, tmp_path / "s", "--strategy", "horovod"), capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 2 and "--strategy must be auto, ddp or fsdp" in run.stderr and "Traceback" not in run.stderr

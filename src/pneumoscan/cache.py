@@ -129,8 +129,10 @@ def _do_shard(job: _Job) -> tuple[int, int, int]:
 
 def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size: int = 128,
             workers: int = 1, shard: tuple[int, int] = (0, 1), seg_model: str | Path | None = None,
-            progress: bool = True) -> dict[str, Any]:
-    """Fill the cache for ``table`` (a manifest). Returns counts of what was done now and overall."""
+            progress: bool = True, ray: str | None = None) -> dict[str, Any]:
+    """Fill the cache for ``table`` (a manifest). Returns counts of what was done now and overall.
+    ``ray``: run the shards on a Ray cluster at this address ("local": one started here) with
+    ``workers`` actors, instead of a local process pool."""
     from tqdm import tqdm
 
     from pneumoscan.modelfile import load_model
@@ -169,10 +171,14 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
     done_images = errors = 0
     bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
                unit="img", desc="prepare", disable=not progress)
-    if workers <= 1:
+    pool = None
+    if ray is not None:
+        from pneumoscan.cluster import run_shards
+
+        results: Iterable = run_shards(todo, workers, str(seg_model) if seg_model else None, ray)
+    elif workers <= 1:
         _worker_init(str(seg_model) if seg_model else None, one_thread=False)
-        results: Iterable = map(_do_shard, todo)
-        pool = None
+        results = map(_do_shard, todo)
     else:
         import multiprocessing as mp
 

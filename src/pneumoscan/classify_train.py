@@ -180,6 +180,7 @@ class TrainConfig:
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
+    strategy: str = "auto"  # auto: DDP when devices × nodes > 1; or ddp, fsdp (Lightning's names)
     precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
     frontal_only: bool = True
     source_balance: float = 0.5  # 0: every source drawn equally; 1: as indexed
@@ -364,7 +365,8 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
     distributed = cfg.devices * cfg.num_nodes > 1
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        num_nodes=cfg.num_nodes, strategy="ddp" if distributed else "auto", precision=precision,
+        num_nodes=cfg.num_nodes, strategy=("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy,
+        precision=precision,
         callbacks=callbacks, logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1), log_every_n_steps=10,
         enable_model_summary=False,
         max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,

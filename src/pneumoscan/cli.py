@@ -333,18 +333,21 @@ def prepare(
     shard: Annotated[str, typer.Option(help="i/n: this job's share of the shards (cluster arrays).")] = "0/1",
     shard_size: Annotated[int, typer.Option(min=1)] = 128,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model; the shipped one if omitted.")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="Run the shards on Ray: 'local' (started here) or a cluster address; --workers actors.")] = None,
 ) -> None:
     """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
     from pneumoscan.cache import CacheError
     from pneumoscan.cache import prepare as run_prepare
+    from pneumoscan.cluster import ClusterError
     from pneumoscan.data import ManifestError, read_manifest
     from pneumoscan.modelfile import ModelFileError
 
     try:
         table = read_manifest(manifest)
         result = run_prepare(table, out, size=size, shard_size=shard_size, workers=workers,
-                             shard=parse_shard(shard), seg_model=seg_model)
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError) as exc:
+                             shard=parse_shard(shard), seg_model=seg_model, ray=ray)
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ClusterError) as exc:
         fail(str(exc))
     console.print(
         f"{result['shards_done_now']} shards ({result['images_done_now']:,} images) done now, "
@@ -369,7 +372,9 @@ def train(
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process.")] = 2,
     accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     devices: Annotated[int, typer.Option(min=1, help="Processes/GPUs per node (DDP when > 1).")] = 1,
-    num_nodes: Annotated[int, typer.Option(min=1)] = 1,
+    num_nodes: Annotated[int, typer.Option(min=1, help="Machines (Lightning reads the launcher's environment; "
+                                                       "docs/MULTINODE.md).")] = 1,
+    strategy: Annotated[str, typer.Option(help="auto (DDP when devices × nodes > 1), ddp or fsdp.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU), 32-true, 16-mixed, ...")] = "auto",
     seed: Annotated[int, typer.Option()] = 2019,
     all_views: Annotated[bool, typer.Option(help="Also train on lateral views.")] = False,
@@ -399,10 +404,12 @@ def train(
         fail(f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}")
     if init not in ("imagenet", "random") and not Path(init).is_file():
         fail(f"--init must be imagenet, random or an existing model file, got {init!r}")
+    if strategy not in ("auto", "ddp", "fsdp"):
+        fail(f"--strategy must be auto, ddp or fsdp, got {strategy!r}")
     cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
-                      devices=devices, num_nodes=num_nodes, precision=precision,
+                      devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
                       max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
@@ -495,6 +502,11 @@ def predict(
         min=0, help="Threads decoding files ahead of the models (on a GPU machine: about the CPU cores).")] = 2,
     dicom_out: Annotated[Optional[Path], typer.Option(
         help="Folder for DICOM results of DICOM inputs: SR (findings), SEG (lungs), Secondary Capture (overlay).")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="Run on Ray: 'local' (started here) or a cluster address; writes predictions.jsonl only, "
+             "resumable (files already in it are skipped).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --ray: predictor actors (one model copy each).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --ray: GPUs per actor.")] = 0.0,
     overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
@@ -522,6 +534,9 @@ def predict(
     except ValueError as exc:
         fail(str(exc))
     files = gather_inputs(paths, out)
+    if ray is not None:
+        return predict_on_ray(files, out, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
+                              model=model, backend=backend, device=device, force=force, fmt=fmt, dicom_out=dicom_out)
     used: set[str] = set()
     failures = refused = not_dicom = 0
     if dicom_out:
@@ -595,6 +610,31 @@ def predict(
         console.print(f"DICOM results (SR, SEG, Secondary Capture) in {dicom_out}"
                       + (f"; {not_dicom} input(s) are PNG/JPEG, which get no DICOM results" if not_dicom else ""))
     if failures:
+        raise typer.Exit(1)
+
+
+def predict_on_ray(files: list[Path], out: Path, *, ray: str, workers: int, gpus: float, seg_model: Path | None,
+                   model: Path | None, backend: str, device: str, force: bool, fmt: str, dicom_out: Path | None) -> None:
+    """``predict --ray``: the same records, scored by an actor pool, appended to predictions.jsonl."""
+    from tqdm import tqdm
+
+    if fmt != "json" or dicom_out is not None:
+        fail("--ray writes predictions.jsonl only: drop --format csv / --dicom-out")
+    from pneumoscan.cluster import ClusterError, predict_to_jsonl
+
+    load_predictor(seg_model, model, backend=backend, device=device, allow_model_mismatch=False)  # check once
+    target = out / "predictions.jsonl"
+    with tqdm(total=len(files), unit="img", desc="predict (ray)") as bar:
+        try:
+            counts = predict_to_jsonl(files, target, progress=bar.update, address=ray, workers=workers,
+                                      batch_size=8, seg=str(seg_model) if seg_model else None,
+                                      cls_model=str(model) if model else None, backend=backend, device=device,
+                                      gpus_per_worker=gpus, force=force)
+        except ClusterError as exc:
+            fail(str(exc))
+    console.print(f"{counts['written']} images → {target} ({counts['skipped']} already there, skipped; "
+                  f"{counts['errors']} unreadable; {counts['refused']} not frontal chest X-rays); no overlays with --ray")
+    if counts["errors"]:
         raise typer.Exit(1)
 
 
