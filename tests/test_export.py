@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_tampered_truncated_or_damaged_exports_are_refused(exported, tmp_path):
 
     from pneumoscan.modelfile import ModelFileError
 
-    def copy() -> "Path":
+    def copy() -> Path:
         target = tmp_path / f"e{len(list(tmp_path.iterdir()))}"
         shutil.copytree(exported, target)
         return target

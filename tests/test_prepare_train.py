@@ -251,3 +251,29 @@ def test_unknown_strategy_is_a_one_line_usage_error(cache64, tmp_path):
     run = subprocess.run(_train(cache64, tmp_path / "s", "--strategy", "horovod"), capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 2 and "--strategy must be auto, ddp or fsdp" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("launcher, env, expected", [
+    ("torchrun", {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                  "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "job"},
+     ("TorchElasticEnvironment", 3, 4, 1, 1, "10.0.0.1")),
+    ("srun", {"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+              "SLURM_NODELIST": "gpu[01-02]", "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NAME": "train",
+              "SLURM_JOB_ID": "7"},
+     ("SLURMEnvironment", 2, 4, 1, 0, "gpu01")),
+])
+def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launcher, env, expected):
+    """What docs/MULTINODE.md promises: under torchrun or srun, 2 nodes × 2 processes, the trainer
+    train builds knows its rank, world size, node and master from the launcher's variables."""
+    from pneumoscan.classify_train import TrainConfig, make_trainer
+
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in
+                ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cfg = TrainConfig(cache="c", out="o", accelerator="cpu", devices=2, num_nodes=2)
+    trainer = make_trainer(cfg, "32-true", [], False)
+    environment = trainer.strategy.cluster_environment
+    assert (type(environment).__name__, trainer.global_rank, trainer.world_size, trainer.node_rank,
+            trainer.local_rank, environment.main_address) == expected

@@ -343,11 +343,26 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     return finalise(Classifier(model, meta), cache, rows, out)
 
 
+def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger: Any):
+    """The Lightning Trainer for ``cfg``: DDP when devices × nodes > 1 unless ``cfg.strategy``
+    names one. Its rank and world come from the launcher's environment (torchrun's or SLURM's,
+    docs/MULTINODE.md), which Lightning reads here."""
+    import lightning as L
+
+    distributed = cfg.devices * cfg.num_nodes > 1
+    strategy = ("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy
+    return L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=strategy, precision=precision, callbacks=callbacks, logger=logger, log_every_n_steps=10,
+        enable_model_summary=False,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
+    )
+
+
 def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
                     cfg: TrainConfig, out: Path):
     """The Lightning loop (every layer trained): resumable, DDP, mixed precision. Returns
     ((model, best score, epochs trained, best epoch) or None off rank 0, precision)."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
@@ -362,15 +377,7 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
     callbacks: list[Any] = [checkpoint, EpochSeed()]
     if cfg.early_stop:
         callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
-    distributed = cfg.devices * cfg.num_nodes > 1
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
-        num_nodes=cfg.num_nodes, strategy=("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy,
-        precision=precision,
-        callbacks=callbacks, logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1), log_every_n_steps=10,
-        enable_model_summary=False,
-        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
-    )
+    trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1))
     if gpu:
         module = module.to(memory_format=torch.channels_last)
     loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
