@@ -30,8 +30,6 @@ sys.path.insert(0, str(REPO / "tools"))
 
 def collect(films_per_source: int) -> list[tuple[str, str, object, bool]]:
     """(set, group, path or (name, array), frontal) for every image."""
-    import pydicom
-
     from gate_report import DATA, negatives, positives
     from pneumoscan.data import build_manifest, resolve_sources
 
