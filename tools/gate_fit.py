@@ -52,24 +52,21 @@ def collect(films_per_source: int) -> list[tuple[str, str, object, bool]]:
 
 
 def features(items, segmenter) -> tuple[np.ndarray, list[dict]]:
-    import cv2
+    """The gate's feature vector of every readable image (tags are not features: ignored here)."""
     from tqdm import tqdm
 
-    from pneumoscan.gate import gate_features, lung_measures
-    from pneumoscan.io import XrayReadError, read_xray
+    from gate_report import load
+    from pneumoscan.gate import measure
+    from pneumoscan.io import XrayReadError
 
     rows, vectors = [], []
     for group, key, item, frontal in tqdm(items, unit="img", desc="features"):
         try:
-            pixels = item[1] if isinstance(item, tuple) else read_xray(item).pixels
+            name, pixels, _ = load(item)
         except XrayReadError:
             continue
-        prob = segmenter.probabilities([pixels])[0]
-        picture = cv2.resize(np.asarray(pixels, np.float32), prob.shape[::-1], interpolation=cv2.INTER_AREA)
-        measures = lung_measures(prob, picture)
-        vectors.append(gate_features(measures, prob, picture))
-        rows.append({"set": group, "group": key, "item": item[0] if isinstance(item, tuple) else str(item),
-                     "frontal": frontal})
+        vectors.append(measure(segmenter.probabilities([pixels])[0], pixels)[1])
+        rows.append({"set": group, "group": key, "item": name, "frontal": frontal})
     return np.stack(vectors), rows
 
 
@@ -99,6 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     from sklearn.model_selection import GroupKFold
 
+    from gate_report import summarise
     from pneumoscan.segment import load_default
 
     segmenter = load_default()
@@ -120,15 +118,7 @@ def main() -> int:
         oof[held] = score(x[held], mean, std, w, b)
         accepted[held] = oof[held] >= threshold
     table["score"], table["accepted"] = oof, accepted
-    summary = table.groupby(["frontal", "set"]).agg(images=("accepted", "size"), accepted=("accepted", "sum"))
-    summary["rate"] = np.where(summary.index.get_level_values(0), summary.accepted / summary.images,
-                               1 - summary.accepted / summary.images)
-    summary = summary.reset_index().sort_values(["frontal", "set"], ascending=[False, True])
-    summary["rate"] = summary.rate.map(lambda v: f"{v:.1%}")
-    print(summary.rename(columns={"rate": "accepted (frontal) / refused (others), out of fold"}).to_string(index=False))
-    print(f"\nout of fold: frontal films accepted {table[table.frontal].accepted.mean():.1%} of "
-          f"{int(table.frontal.sum())}; non-chest refused {1 - table[~table.frontal].accepted.mean():.1%} "
-          f"of {int((~table.frontal).sum())}")
+    summary = summarise(table, "out of fold")
     table.to_csv(args.out / "scores_oof.csv", index=False)
     if args.save:
         save(args, x, y, table, summary, segmenter)

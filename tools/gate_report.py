@@ -98,6 +98,36 @@ def negatives(films: list[str]) -> list[tuple[str, object]]:
     return out
 
 
+def load(item: object) -> tuple[str, np.ndarray, dict | None]:
+    """(name, [0, 1] pixels, DICOM tags or None) of a path or a (name, array) pair from
+    :func:`positives` / :func:`negatives`; XrayReadError when a file cannot be read."""
+    from pneumoscan.io import read_xray
+
+    if isinstance(item, tuple):
+        return item[0], item[1], {}
+    image = read_xray(item)
+    return str(item), image.pixels, image.meta
+
+
+def summarise(table: pd.DataFrame, how: str = "") -> pd.DataFrame:
+    """Print accepted (frontal) / refused (others) per set from ``frontal`` and ``accepted``
+    columns, then both overall rates; returns the table printed. ``how`` says how the verdicts
+    were made (e.g. "out of fold")."""
+    summary = table.groupby(["frontal", "set"]).agg(images=("accepted", "size"), accepted=("accepted", "sum"))
+    summary["refused"] = summary.images - summary.accepted
+    summary["rate"] = np.where(summary.index.get_level_values(0), summary.accepted / summary.images,
+                               summary.refused / summary.images)
+    summary = summary.reset_index().sort_values(["frontal", "set"], ascending=[False, True])
+    summary["rate"] = summary.rate.map(lambda v: f"{v:.1%}")
+    heading = "accepted (frontal) / refused (others)" + (f", {how}" if how else "")
+    print(summary.rename(columns={"rate": heading}).to_string(index=False))
+    pos_rate = table[table.frontal].accepted.mean()
+    neg_rate = 1 - table[~table.frontal].accepted.mean()
+    print(f"\n{how + ': ' if how else ''}frontal films accepted: {pos_rate:.1%} of {int(table.frontal.sum())}; "
+          f"non-chest refused: {neg_rate:.1%} of {int((~table.frontal).sum())}")
+    return summary
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--per-source", type=int, default=300)
@@ -108,7 +138,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from pneumoscan.gate import check_frontal_chest, load_default_check
-    from pneumoscan.io import XrayReadError, read_xray
+    from pneumoscan.io import XrayReadError
     from pneumoscan.segment import load_default
 
     segmenter = load_default()
@@ -118,15 +148,10 @@ def main() -> int:
     items = [(s, p, True) for s, p in pos] + [(s, p, False) for s, p in negatives(films[: args.films])]
     records = []
     for group, item, frontal in tqdm(items, unit="img", desc="gate"):
-        name, meta = (item[0], {}) if isinstance(item, tuple) else (str(item), None)
         try:
-            if isinstance(item, tuple):
-                pixels = item[1]
-            else:
-                image = read_xray(item)
-                pixels, meta = image.pixels, image.meta
+            name, pixels, meta = load(item)
         except XrayReadError as exc:
-            records.append({"set": group, "item": name, "frontal": frontal, "accepted": False,
+            records.append({"set": group, "item": str(item), "frontal": frontal, "accepted": False,
                             "reasons": f"unreadable: {str(exc)[:80]}"})
             continue
         prob = segmenter.probabilities([pixels])[0]
@@ -136,17 +161,7 @@ def main() -> int:
     table = pd.DataFrame(records)
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "measures.csv", index=False)
-    summary = table.groupby(["frontal", "set"]).agg(images=("accepted", "size"), accepted=("accepted", "sum"))
-    summary["refused"] = summary.images - summary.accepted
-    summary["rate"] = np.where(summary.index.get_level_values(0), summary.accepted / summary.images,
-                               summary.refused / summary.images)
-    summary = summary.reset_index().sort_values(["frontal", "set"], ascending=[False, True])
-    summary["rate"] = summary.rate.map(lambda v: f"{v:.1%}")
-    print(summary.rename(columns={"rate": "accepted (frontal) / refused (others)"}).to_string(index=False))
-    pos_rate = table[table.frontal].accepted.mean()
-    neg_rate = 1 - table[~table.frontal].accepted.mean()
-    print(f"\nfrontal films accepted: {pos_rate:.1%} of {int(table.frontal.sum())}; "
-          f"non-chest refused: {neg_rate:.1%} of {int((~table.frontal).sum())}")
+    summarise(table)
     return 0
 
 

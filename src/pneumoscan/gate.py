@@ -227,17 +227,25 @@ def load_default_check() -> FrontalCheck:
     return FrontalCheck.load(shipped_model_path("frontal_gate.pt"))
 
 
+def measure(prob: np.ndarray, pixels: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """The lung measures and the learnt check's feature vector of one image, from the U-Net's
+    map and the [0, 1] film (brought to the map's size): what the gate decides on and what
+    ``tools/gate_fit.py`` fits on."""
+    picture = cv2.resize(np.asarray(pixels, np.float32), prob.shape[::-1], interpolation=cv2.INTER_AREA)
+    measures = lung_measures(prob, picture)
+    return measures, gate_features(measures, prob, picture)
+
+
 def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, Any] | None = None,
                         learnt: FrontalCheck | None = None) -> GateResult:
     """The gate: DICOM tags first, then the learnt check (or, without one, the rules)."""
-    picture = cv2.resize(np.asarray(pixels, np.float32), prob.shape[::-1], interpolation=cv2.INTER_AREA)
-    measures = lung_measures(prob, picture)
+    measures, features = measure(prob, pixels)
     rules = shape_reasons(measures)
     reasons = tag_reasons(meta or {})
     if learnt is None:
         reasons += rules
     else:
-        score = learnt.score(gate_features(measures, prob, picture))
+        score = learnt.score(features)
         measures["frontal_score"] = score
         if score < learnt.threshold:
             reasons += [f"does not look like a frontal chest X-ray to the learnt check (score {score:.2f}, "
