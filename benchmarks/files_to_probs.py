@@ -63,15 +63,13 @@ print(json.dumps({"images_per_s": len(paths) / best, "torch": torch.__version__,
 
 def latency(predictor, paths: list[Path], out: Path) -> tuple[float, float]:
     """p50 and p95 seconds of one image → probabilities + Grad-CAM + overlay PNG."""
-    from pneumoscan.overlay import findings_caption, prediction_figure
+    from pneumoscan.overlay import picture_for, save_png
 
     times = []
     for i, path in enumerate([paths[0], *paths]):
         start = time.perf_counter()
         r = predictor.predict(path, cam="top", keep_arrays=True)
-        prob = r.probabilities.get(r.cam_label) if r.cam_label and r.probabilities else None
-        prediction_figure(r.pixels, r.mask, r.box, r.fallback, r.cam, r.cam_label, prob, str(out / f"{i}.png"),
-                          caption=findings_caption(r))
+        save_png(picture_for(r), str(out / f"{i}.png"))  # as `pneumoscan predict` writes it
         times.append(time.perf_counter() - start)
     times = times[1:]  # the first one warms up
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))

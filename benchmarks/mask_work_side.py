@@ -24,6 +24,7 @@ import pandas as pd
 from pneumoscan.data import build_manifest, resolve_sources
 from pneumoscan.io import read_xray
 from pneumoscan.segment import load_default, locate_lungs
+from pneumoscan.segment_train import dice_iou_acc
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -39,10 +40,9 @@ def truth_mask(paths: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarr
 
 
 def dice(a: np.ndarray, b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Dice where the truth counts (the project's own Dice, on the valid pixels)."""
     truth, valid = b
-    a, truth = a[valid].astype(bool), truth[valid].astype(bool)
-    total = a.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, truth).sum() / total)
+    return dice_iou_acc(a[valid], truth[valid])[0]
 
 
 def main() -> None:

@@ -17,20 +17,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from run_all import timed  # this folder is on sys.path when a script in it runs
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class Reader:
@@ -54,14 +46,8 @@ def quantise(src: Path, dst: Path, name: str, arrays: np.ndarray) -> None:
 
 
 def rate(sess, name: str, x: np.ndarray, repeat: int = 3) -> float:
-    sess.run(None, {name: x[:8]})
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        for i in range(0, len(x), 8):
-            sess.run(None, {name: x[i:i + 8]})
-        best = min(best, time.perf_counter() - start)
-    return len(x) / best
+    """Best-of-``repeat`` images/s of one session over ``x`` in batches of 8."""
+    return timed(lambda: [sess.run(None, {name: x[i:i + 8]}) for i in range(0, len(x), 8)], len(x), repeat)
 
 
 def main() -> None:
@@ -74,7 +60,7 @@ def main() -> None:
     from pneumoscan.classify import load_default as load_classifier
     from pneumoscan.crop import lung_crop
     from pneumoscan.evaluate import roc_auc
-    from pneumoscan.export import cached_export, sigmoid
+    from pneumoscan.export import cached_export, ort_session as session, sigmoid
     from pneumoscan.labels import LABELS
     from pneumoscan.segment import load_default as load_segmenter
     from pneumoscan.segment_train import dice_iou_acc, load_arrays, segmentation_table

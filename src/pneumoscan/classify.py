@@ -209,7 +209,6 @@ class Classifier:
             out.append(torch.sigmoid(run(self.model, x, self.device)).numpy())
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
-
     def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None]
                             ) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """Probabilities, and for each crop the Grad-CAM of the class ``choose(probabilities)``

@@ -41,6 +41,14 @@ def print_table(title: str, frame) -> None:
     console.print(table)
 
 
+def need_extra(extra: str, what: str, *modules: str) -> None:
+    """A one-line usage error naming the extra to install when one of ``modules`` is missing."""
+    from importlib.util import find_spec
+
+    if any(find_spec(module) is None for module in modules):
+        fail(f"{what} needs the {extra} extra: pip install 'pneumoscan[{extra}]'")
+
+
 BackendOption = Annotated[str, typer.Option(
     help="auto (ONNX Runtime on the CPU when installed, exported once per model pair into the user "
          "cache; else PyTorch), onnx or torch.")]
@@ -536,14 +544,12 @@ def predict(
     files = gather_inputs(paths, out)
     if ray is not None:
         return predict_on_ray(files, out, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
-                              model=model, backend=backend, device=device, force=force, fmt=fmt, dicom_out=dicom_out)
+                              model=model, backend=backend, device=device, force=force, fmt=fmt, dicom_out=dicom_out,
+                              batch_size=batch_size)
     used: set[str] = set()
     failures = refused = not_dicom = 0
     if dicom_out:
-        from importlib.util import find_spec
-
-        if find_spec("highdicom") is None:
-            fail("--dicom-out needs the dicom extra: pip install 'pneumoscan[dicom]'")
+        need_extra("dicom", "--dicom-out", "highdicom")
         from pneumoscan.dicom_out import DicomOutputError, write_dicom_results
         from pneumoscan.modelfile import first_line
     target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
@@ -614,7 +620,8 @@ def predict(
 
 
 def predict_on_ray(files: list[Path], out: Path, *, ray: str, workers: int, gpus: float, seg_model: Path | None,
-                   model: Path | None, backend: str, device: str, force: bool, fmt: str, dicom_out: Path | None) -> None:
+                   model: Path | None, backend: str, device: str, force: bool, fmt: str, dicom_out: Path | None,
+                   batch_size: int) -> None:
     """``predict --ray``: the same records, scored by an actor pool, appended to predictions.jsonl."""
     from tqdm import tqdm
 
@@ -627,7 +634,7 @@ def predict_on_ray(files: list[Path], out: Path, *, ray: str, workers: int, gpus
     with tqdm(total=len(files), unit="img", desc="predict (ray)") as bar:
         try:
             counts = predict_to_jsonl(files, target, progress=bar.update, address=ray, workers=workers,
-                                      batch_size=8, seg=str(seg_model) if seg_model else None,
+                                      batch_size=batch_size, seg=str(seg_model) if seg_model else None,
                                       cls_model=str(model) if model else None, backend=backend, device=device,
                                       gpus_per_worker=gpus, force=force)
         except ClusterError as exc:
@@ -700,10 +707,8 @@ def listen(
     crash loses nothing; C-ECHO answers for monitoring. No TLS: keep it behind the hospital's DICOM
     router or a VPN. Research use only."""
     import logging
-    from importlib.util import find_spec
 
-    if find_spec("pynetdicom") is None or find_spec("highdicom") is None:
-        fail("listen needs the dicom extra: pip install 'pneumoscan[dicom]'")
+    need_extra("dicom", "listen", "pynetdicom", "highdicom")
     from pneumoscan.listen import Forward, Listener
 
     if not 1 <= len(ae_title) <= 16:

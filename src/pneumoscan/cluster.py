@@ -111,20 +111,25 @@ def predict_records(paths: Iterable[str], *, address: str | None, workers: int, 
 
 def done_paths(target) -> set[str]:
     """Paths already in a ``predictions.jsonl`` (a rerun skips them). A last line cut short by a
-    crash is dropped from the file, so that it is predicted again."""
+    crash is dropped from the file (rewritten atomically), so that it is predicted again."""
     from pathlib import Path
+
+    from pneumoscan.modelfile import atomic_write_bytes
 
     target = Path(target)
     if not target.exists():
         return set()
+    text = target.read_text()
+    lines = text.splitlines()
     kept, done = [], set()
-    for line in target.read_text().splitlines():
+    for line in lines:
         try:
             done.add(json.loads(line)["path"])
             kept.append(line)
         except (ValueError, KeyError, TypeError):
             continue
-    target.write_text("".join(line + "\n" for line in kept))
+    if len(kept) != len(lines) or (text and not text.endswith("\n")):  # appending must start a line
+        atomic_write_bytes(target, "".join(line + "\n" for line in kept).encode())
     return done
 
 

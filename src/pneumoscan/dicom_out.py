@@ -210,14 +210,19 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
 def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray,
                         out: str | Path) -> dict[str, Path]:
     """Write :func:`dicom_results` as ``<SOPInstanceUID>_{sr,seg,sc}.dcm`` in ``out``
-    (each written under a temporary name and renamed: never half a file)."""
+    (each under a temporary name, fsynced and renamed: never half a file, and on disk before the
+    listener's done-mark)."""
+    from io import BytesIO
+
+    from pneumoscan.modelfile import atomic_write_bytes
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for kind, dataset in dicom_results(path, prediction, predictor, picture_bgr).items():
         target = out / f"{dataset.SOPInstanceUID}_{kind}.dcm"
-        tmp = target.with_name(target.name + ".tmp")
-        dataset.save_as(tmp, enforce_file_format=True)
-        tmp.replace(target)
+        buffer = BytesIO()
+        pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+        atomic_write_bytes(target, buffer.getvalue())
         written[kind] = target
     return written

@@ -140,7 +140,8 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(np.float32)
 
 
-def _session(path: Path):
+def ort_session(path: Path):
+    """An ONNX Runtime CPU session for one exported model, quiet (errors only)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -155,7 +156,7 @@ class OnnxLungSegmenter(LungSegmenter):
 
     def __init__(self, path: Path, preprocessing, meta: dict[str, Any]):
         super().__init__(nn.Identity(), preprocessing, meta)
-        self.session = _session(path)
+        self.session = ort_session(path)
 
     def probabilities(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> np.ndarray:
         x = self.inputs(batch, prepared)[:, None].astype(np.float32)
@@ -168,7 +169,7 @@ class OnnxClassifier(Classifier):
 
     def __init__(self, path: Path, meta: dict[str, Any], head: dict[str, list]):
         super().__init__(nn.Identity(), meta)
-        self.session = _session(path)
+        self.session = ort_session(path)
         self.head = nn.Sequential(nn.Linear(1024, len(head["b1"])), nn.ReLU(), nn.Identity(),
                                   nn.Linear(len(head["b1"]), len(head["w2"]), bias=False))
         with torch.no_grad():

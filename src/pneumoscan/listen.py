@@ -17,7 +17,6 @@ Logs carry UIDs, never patient names or IDs.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -99,20 +98,16 @@ class Listener:
         return SUCCESS
 
     def _spool(self, uid: str, event) -> None:
+        from pneumoscan.modelfile import atomic_write_bytes
+
         if (self.done / uid).exists():
             return  # done before (the sender retried): nothing to do
-        target = self.spool / f"{uid}.dcm"
-        tmp = self.spool / f"{uid}.dcm.part"
-        with open(tmp, "wb") as handle:
-            handle.write(event.encoded_dataset())
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(target)
+        atomic_write_bytes(self.spool / f"{uid}.dcm", event.encoded_dataset())  # .tmp, fsync, rename
 
     # --- processing ------------------------------------------------------------------------
     def recover(self) -> int:
         """Queue what a previous run spooled and did not finish; remove what it finished."""
-        for part in self.spool.glob("*.dcm.part"):
+        for part in self.spool.glob("*.dcm.tmp"):
             part.unlink()  # never answered "success": the sender still has it
         count = 0
         for path in sorted(self.spool.glob("*.dcm"), key=lambda p: p.stat().st_mtime):

@@ -152,14 +152,6 @@ def picture_for(result, max_side: int = 1024) -> np.ndarray:
                               probability, max_side=max_side, caption=findings_caption(result))
 
 
-def prediction_figure(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None,
-                      fallback: bool, cam: np.ndarray | None, cam_label: str | None,
-                      probability: float | None, path: str, max_side: int = 1024,
-                      caption: str | None = None) -> None:
-    """Write :func:`prediction_picture` as a PNG; OSError when it cannot be written."""
-    save_png(prediction_picture(pixels, mask, box, fallback, cam, cam_label, probability, max_side, caption), path)
-
-
 def save_png(picture: np.ndarray, path: str) -> None:
     """A BGR picture as a PNG file; OSError when it cannot be written."""
     ok, data = cv2.imencode(".png", picture)
