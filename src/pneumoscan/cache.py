@@ -267,3 +267,26 @@ class CropCache:
 
     def images(self, indices: Iterable[int]) -> np.ndarray:
         return np.stack([self.image(i) for i in indices])
+
+    def scoring_inputs(self, classifier, indices: np.ndarray) -> dict[str, Any]:
+        """:func:`scoring_inputs` for these rows of the cache."""
+        return scoring_inputs(classifier, self.table.iloc[np.asarray(indices)], self.size)
+
+
+def scoring_inputs(classifier, rows: pd.DataFrame, size: int) -> dict[str, Any]:
+    """What ``classifier.predict_proba`` needs besides the crops of ``rows`` (manifest rows with
+    their lung boxes ``x0 y0 x1 y1``): AG-CNN's local crops, cut from the originals (read again)
+    as in prediction, and the patient-information codes from the manifest columns."""
+    from pneumoscan.clinical import table_records
+    from pneumoscan.crop import local_crop
+    from pneumoscan.io import read_xray
+
+    codes = None if classifier.clinical is None else classifier.clinical.encode(
+        table_records(rows, classifier.clinical.names))
+    paths = rows["path"].tolist()
+    boxes = [tuple(int(v) for v in b) for b in rows[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+
+    def local_from(k: int, box: tuple[int, int, int, int]) -> np.ndarray:
+        return local_crop(read_xray(paths[k]).pixels, boxes[k], box, size)
+
+    return {"local_from": local_from if classifier.arch == "agcnn" else None, "codes": codes}

@@ -4,6 +4,17 @@ The network is MONAI's DenseNet-121 (the torchvision architecture, loading the s
 ``densenet121-a639ec97.pth``) with the thesis's head: Linear(1024→1000) → ReLU → Dropout(0.4) →
 Linear(1000→15). Grey crops in [0, 1] go in; the 3-channel copy and ImageNet normalisation happen
 inside the module, so exported ONNX graphs and every caller share one preprocessing.
+
+Two options of the same model (the thesis's future work; the plain DenseNet-121 stays the default):
+
+- ``arch="agcnn"`` (Guan et al. 2018): the global branch's feature map gives an attention box
+  (:func:`pneumoscan.crop.attention_box`), that region is cut from the original image, a second
+  DenseNet-121 (the local branch) reads it, and the head reads both branches' pooled features.
+- ``clinical``: patient information (:mod:`pneumoscan.clinical`) embedded and put beside the
+  image features at the head's input, with a learnt "missing" embedding per field.
+
+The head's input is [global pooled (1024) | local pooled (1024, AG-CNN) | clinical embeddings];
+Grad-CAM weighs the global branch's map with the head's gradient at that input.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import torch
 from torch import nn
 
 from pneumoscan.accel import place, resolve_device, run
+from pneumoscan.clinical import ClinicalEncoder, ClinicalSpec
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError, file_sha256, load_model, save_model, shipped_model_path
 
@@ -29,6 +41,8 @@ IMAGENET_URL = f"https://download.pytorch.org/models/{IMAGENET_FILE}"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_PREFIX = "net.class_layers.out."
+ARCHS = ("densenet121", "agcnn")
+FEATURES = 1024
 
 # The published file names dense-layer tensors "norm.1.weight"; torchvision's current modules
 # say "norm1.weight"; MONAI says "layers.norm1.weight". Both published spellings are accepted.
@@ -50,35 +64,80 @@ def check_crops(crops: np.ndarray, size: int) -> None:
                          f"{float(crops.max()):.3g}: a uint8 crop not divided by 255?)")
 
 
+#: ``local_from(i, box)``: crop i's AG-CNN local input (uint8 S×S), the attention box (in crop
+#: pixels) cut from its original image.
+LocalFrom = Callable[[int, tuple[int, int, int, int]], np.ndarray]
+
+
 class PretrainedWeightsError(RuntimeError):
     """ImageNet weights were asked for but cannot be used; the message says what to do."""
 
 
-class ChestClassifier(nn.Module):
-    """N×1×S×S crops in [0, 1] → N×15 logits."""
+def fuse(pooled: torch.Tensor, local_pooled: torch.Tensor | None, clinical: ClinicalEncoder | None,
+         codes: torch.Tensor | None) -> torch.Tensor:
+    """The fused head's input: [global pooled | local pooled | clinical embeddings]; absent codes
+    are all "missing"."""
+    parts = [pooled] + ([local_pooled] if local_pooled is not None else [])
+    if clinical is not None:
+        if codes is None:
+            codes = torch.zeros((len(pooled), len(clinical.tables)), dtype=torch.long)
+        parts.append(clinical(codes.to(pooled.device)))
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, num_labels: int = len(LABELS), hidden: int = 1000, dropout: float = 0.4):
+
+class ChestClassifier(nn.Module):
+    """N×1×S×S crops in [0, 1] → N×15 logits; AG-CNN also takes the N×1×S×S local crops and a
+    clinical model the N×F field codes (0 = missing)."""
+
+    def __init__(self, num_labels: int = len(LABELS), hidden: int = 1000, dropout: float = 0.4,
+                 arch: str = "densenet121", clinical: ClinicalSpec | None = None):
         super().__init__()
         from monai.networks.nets import DenseNet121
 
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        self.arch = arch
         self.net = DenseNet121(spatial_dims=2, in_channels=3, out_channels=hidden)
+        self.local = DenseNet121(spatial_dims=2, in_channels=3, out_channels=1).features \
+            if arch == "agcnn" else None
+        self.clinical = ClinicalEncoder(clinical) if clinical is not None and clinical.fields else None
+        width = FEATURES * (2 if self.local is not None else 1) + (self.clinical.dim if self.clinical else 0)
         self.net.class_layers.out = nn.Sequential(
-            nn.Linear(1024, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
             nn.Linear(hidden, num_labels),
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
+    @property
+    def fused(self) -> bool:
+        """True when the head reads more than the global branch (AG-CNN or patient information)."""
+        return self.local is not None or self.clinical is not None
+
+    @property
+    def head(self) -> nn.Sequential:
+        return self.net.class_layers.out
+
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.normalise(x))
+    def forward(self, x: torch.Tensor, local: torch.Tensor | None = None,
+                codes: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.fused:
+            return self.net(self.normalise(x))
+        if self.local is not None and local is None:
+            raise ValueError("the AG-CNN classifier needs the local crops as well")
+        return self.head(fuse(self.feature_map(x).mean(dim=(2, 3)),
+                              None if self.local is None else self.local_pooled(local), self.clinical, codes))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The last block's post-ReLU features (N×1024×s×s): what the head pools, and what the
-        forward-only Grad-CAM weighs."""
+        """The last block's post-ReLU features (N×1024×s×s): what the head pools, what the
+        forward-only Grad-CAM weighs, and where AG-CNN's attention box comes from."""
         return torch.relu(self.net.features(self.normalise(x)))
+
+    def local_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The local branch's pooled post-ReLU features of local crops (N×1024)."""
+        return torch.relu(self.local(self.normalise(x))).mean(dim=(2, 3))
 
 
 def imagenet_weights_path(weights: str | Path | None = None) -> Path:
@@ -143,12 +202,21 @@ class Classifier:
     from before this field existed has every label unassessed, whatever thresholds it stored.
     """
 
-    def __init__(self, model: ChestClassifier, meta: dict[str, Any]):
+    def __init__(self, model: nn.Module, meta: dict[str, Any]):
         self.model = model.eval()
         self.meta = meta
         self.size = int(meta.get("input_size", DEFAULT_SIZE))
         self.device = torch.device("cpu")
+        architecture = meta.get("architecture") or {}
+        self.arch = str(architecture.get("name", "densenet121"))
+        self.attention_threshold = float(architecture.get("attention_threshold", 0.0))
+        self.clinical = ClinicalSpec.from_dict(meta["clinical"]) if meta.get("clinical") else None
         self._read_assessment()
+
+    @property
+    def fused(self) -> bool:
+        """True for AG-CNN or patient information: the head reads more than the global branch."""
+        return self.arch != "densenet121" or self.clinical is not None
 
     @property
     def backend(self) -> str:
@@ -187,34 +255,105 @@ class Classifier:
     @classmethod
     def load(cls, path: str | Path) -> Classifier:
         state, meta = load_model(path, kind=KIND, labels=LABELS)
-        model = ChestClassifier(hidden=int(meta.get("hidden", 1000)), dropout=float(meta.get("dropout", 0.4)))
+        arch = str((meta.get("architecture") or {}).get("name", "densenet121"))
+        try:
+            model = ChestClassifier(hidden=int(meta.get("hidden", 1000)), dropout=float(meta.get("dropout", 0.4)),
+                                    arch=arch, clinical=ClinicalSpec.from_dict(meta["clinical"])
+                                    if meta.get("clinical") else None)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path}: its architecture cannot be built ({exc})") from exc
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ModelFileError(f"{path}: weights do not fit DenseNet-121 + head "
-                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({arch}"
+                                 f"{' + patient information' if meta.get('clinical') else ''}: "
+                                 f"missing {missing[:3]}, unexpected {unexpected[:3]})")
         return cls(model, meta)
 
     def save(self, path: str | Path, *, half: bool = False) -> dict[str, Any]:
         meta = {**self.meta, "kind": KIND, "labels": list(LABELS), "input_size": self.size}
         return save_model(path, self.model.state_dict(), meta, half=half)
 
-    @torch.inference_mode()
-    def predict_proba(self, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def predict_proba(self, crops: np.ndarray, batch_size: int = 16, *, local_from: LocalFrom | None = None,
+                      codes: np.ndarray | None = None) -> np.ndarray:
         """N×S×S float crops in [0, 1] → N×15 raw probabilities (assessed or not: evaluation
-        needs them all; what a person reads goes through :meth:`findings`)."""
+        needs them all; what a person reads goes through :meth:`findings`). AG-CNN needs
+        ``local_from`` and a clinical model takes ``codes`` (:meth:`predict_and_explain`)."""
         check_crops(crops, self.size)
         out = []
         for start in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size], np.float32))[:, None]
-            out.append(torch.sigmoid(run(self.model, x, self.device)).numpy())
+            part = crops[start:start + batch_size]
+            if not self.fused:
+                out.append(self._plain_probs(part))
+                continue
+            shifted = None if local_from is None else (lambda i, box, s=start: local_from(s + i, box))
+            out.append(self._fused(part, None, shifted, None if codes is None else codes[start:start + batch_size])[0])
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
-    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None]
-                            ) -> tuple[np.ndarray, list[np.ndarray | None]]:
-        """Probabilities, and for each crop the Grad-CAM of the class ``choose(probabilities)``
-        names (None: no map)."""
+    @torch.inference_mode()
+    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
+        return torch.sigmoid(run(self.model, x, self.device)).float().numpy()
+
+    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
+                            local_from: LocalFrom | None = None, codes: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, list[np.ndarray | None], list[tuple[int, int, int, int] | None]]:
+        """Probabilities, for each crop the Grad-CAM of the class ``choose(probabilities)`` names
+        (None: no map), and AG-CNN's attention box in crop pixels (None for other models).
+        ``local_from(i, box)``: crop i's local input, the box cut from its original image
+        (:func:`pneumoscan.crop.local_crop`); ``codes``: N×F patient-information codes."""
+        if self.fused:
+            return self._fused(crops, choose, local_from, codes)
         probs = self.predict_proba(crops)
-        return probs, [None if (k := choose(p)) is None else self.gradcam(c, k) for c, p in zip(crops, probs)]
+        return (probs, [None if (k := choose(p)) is None else self.gradcam(c, k) for c, p in zip(crops, probs)],
+                [None] * len(crops))
+
+    def _fused(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None] | None,
+               local_from: LocalFrom | None, codes: np.ndarray | None):
+        """The fused head, the same for every backend: global maps → (AG-CNN: attention boxes →
+        local crops → local features) → [pooled | local | clinical] → head; Grad-CAM from the maps."""
+        from pneumoscan.crop import attention_box
+        from pneumoscan.explain import cam_from_features
+
+        check_crops(crops, self.size)
+        maps = self._global_maps(crops)
+        boxes: list[tuple[int, int, int, int] | None] = [None] * len(crops)
+        local = None
+        if self.arch == "agcnn":
+            if local_from is None:
+                raise ValueError("the AG-CNN classifier needs each crop's original image for its local crop")
+            boxes = [attention_box(m, self.attention_threshold, self.size) for m in maps]
+            local = np.stack([local_from(i, b) for i, b in enumerate(boxes)]).astype(np.float32) / 255.0
+        head, clinical = self._head_modules()
+        with torch.inference_mode():
+            x = fuse(torch.from_numpy(maps.mean(axis=(2, 3))),
+                     None if local is None else self._local_pooled(local), clinical,
+                     None if codes is None else torch.as_tensor(np.asarray(codes, np.int64)))
+            probs = torch.sigmoid(head(x)).float().numpy()
+        rest = x[:, FEATURES:].numpy()
+        heats = [None if choose is None or (k := choose(p)) is None else
+                 cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None])[0]
+                 for m, p, r in zip(maps, probs, rest)]
+        return probs, heats, boxes
+
+    @torch.inference_mode()
+    def _global_maps(self, crops: np.ndarray) -> np.ndarray:
+        x = place(torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None], self.device)
+        return self.model.feature_map(x).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
+        x = place(torch.from_numpy(np.ascontiguousarray(local, np.float32))[:, None], self.device)
+        return self.model.local_pooled(x).float().cpu()
+
+    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+        """The head and the clinical encoder on the CPU (they are small; the maps come back)."""
+        if self.device.type != "cpu" and not hasattr(self, "_cpu_head"):
+            import copy
+
+            self._cpu_head = copy.deepcopy(self.model.head).cpu(), copy.deepcopy(self.model.clinical)
+            if self._cpu_head[1] is not None:
+                self._cpu_head[1].cpu()
+        return self._cpu_head if self.device.type != "cpu" else (self.model.head, self.model.clinical)
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""

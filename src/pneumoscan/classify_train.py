@@ -41,7 +41,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumoscan.cache import CropCache
-from pneumoscan.classify import KIND, ChestClassifier, Classifier, load_imagenet
+from pneumoscan.classify import FEATURES, KIND, ChestClassifier, Classifier, load_imagenet
+from pneumoscan.clinical import ClinicalSpec, drop_fields, fit_spec, table_records
+from pneumoscan.crop import ATTENTION_THRESHOLD, attention_box, local_crop
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import resumable_checkpoint
 
@@ -189,6 +191,10 @@ class TrainConfig:
     freeze_backbone: bool = False  # train the head only (linear-probe stage of LP-FT)
     min_positives: int = 50  # labels with fewer training positives are left out of the loss
     resume: bool = True
+    arch: str = "densenet121"  # or "agcnn": + attention-guided local branch (pneumoscan.classify)
+    clinical: tuple[str, ...] = ()  # patient-information fields fused with the image (manifest columns)
+    attention_thresholds: tuple[float, ...] = (ATTENTION_THRESHOLD,)  # AG-CNN: chosen on validation
+    field_dropout: float = 0.25  # share of clinical fields hidden per image in training
     max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
     description: str = ""
 
@@ -289,6 +295,12 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     if len(rows["train"]) == 0 or len(rows["val"]) == 0:
         raise ValueError(f"the cache has {len(rows['train'])} training and {len(rows['val'])} "
                          f"validation images with labels; both are needed")
+    fused = cfg.arch != "densenet121" or bool(cfg.clinical)
+    if fused and not cfg.freeze_backbone:
+        raise ValueError("--arch agcnn and --clinical train in stages on frozen DenseNet-121s in this "
+                         "version (global branch from --init, local branch a copy of it, then the fusion "
+                         "head): add --freeze-backbone")
+    spec = fit_spec(cache.table.iloc[rows["train"]], list(cfg.clinical)) if cfg.clinical else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set = CropDataset(cache, rows["train"]), CropDataset(cache, rows["val"])
     train_set.labels, masked = mask_single_class_sources(train_set.labels, train_set.sources)
@@ -303,8 +315,10 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                               cfg.epoch_size or len(train_set), cfg.seed)
 
     started = time.time()
+    architecture: dict[str, Any] = {"name": cfg.arch}
     if cfg.freeze_backbone:
-        fitted = fit_head(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out)
+        model = with_options(module.model, cfg.arch, spec) if fused else module.model
+        fitted = fit_head(model, cache, train_set, val_set, sampler, pos_weight, cfg, out, spec, architecture)
         precision = "32-true"
     else:
         fitted, precision = _fit_all_layers(module, train_set, val_set, sampler, cfg, out)
@@ -318,7 +332,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                           "channels, ImageNet mean/std normalisation inside the model",
                           "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
                           "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
-        "init": init_info, "hidden": 1000, "dropout": 0.4,
+        "init": init_info, "hidden": 1000, "dropout": 0.4, "architecture": architecture,
+        **({"clinical": spec.to_dict() | {"field_dropout": cfg.field_dropout}} if spec else {}),
         "training_data": {
             "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
             "images_per_source": {str(k): int(v) for k, v in
@@ -399,53 +414,146 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
     return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
 
 
-def pooled_features(model: ChestClassifier, cache: CropCache, indices: np.ndarray, path: Path) -> np.ndarray:
-    """N×1024 pooled post-ReLU DenseNet features of cache rows, from the frozen network (kept in
-    ``path``, so a rerun does not pay for them twice)."""
+def with_options(plain: ChestClassifier, arch: str, spec: ClinicalSpec | None) -> ChestClassifier:
+    """The AG-CNN and/or patient-information model whose global branch (and, for AG-CNN, local
+    branch: the paper initialises both alike) starts as ``plain``'s backbone; the head is new."""
+    model = ChestClassifier(arch=arch, clinical=spec)
+    model.net.features.load_state_dict(plain.net.features.state_dict())
+    if model.local is not None:
+        model.local.load_state_dict(plain.net.features.state_dict())
+    return model
+
+
+def branch_features(model: ChestClassifier, cache: CropCache, indices: np.ndarray, path: Path,
+                    thresholds: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Pooled post-ReLU features of cache rows from the frozen branches, computed once and kept
+    in ``path`` (a rerun, or a resumed run, does not pay for them twice): ``global`` N×1024 and,
+    for each AG-CNN attention threshold, ``local[t]`` N×1024, the local branch's features of the
+    attention box cut from the original image (read again, as in prediction)."""
     from tqdm import tqdm
 
+    wanted = [f"local_{t:g}" for t in thresholds]
     if path.exists():
         saved = np.load(path)
-        if np.array_equal(saved["indices"], indices):
-            return saved["features"]
+        if np.array_equal(saved["indices"], indices) and all(k in saved for k in wanted):
+            return {"global": saved["features"], "local": {t: saved[k] for t, k in zip(thresholds, wanted)}}
     model.eval()
-    out = np.zeros((len(indices), model.net.class_layers.out[0].in_features), np.float32)
+    out = np.zeros((len(indices), FEATURES), np.float32)
+    local = {t: np.zeros((len(indices), FEATURES), np.float32) for t in thresholds}
     with torch.inference_mode():
-        for start in tqdm(range(0, len(indices), 32), desc="features", unit="batch"):
-            x = torch.from_numpy(cache.images(indices[start:start + 32]).astype(np.float32) / 255.0)[:, None]
-            out[start:start + len(x)] = model.feature_map(x).mean(dim=(2, 3)).numpy()
+        for start in tqdm(range(0, len(indices), 32), desc=f"features {path.stem}", unit="batch"):
+            batch = indices[start:start + 32]
+            x = torch.from_numpy(cache.images(batch).astype(np.float32) / 255.0)[:, None]
+            maps = model.feature_map(x)
+            out[start:start + len(x)] = maps.mean(dim=(2, 3)).numpy()
+            if thresholds:
+                originals = [cache.original(int(i)) for i in batch]
+                for t in thresholds:
+                    crops = [local_crop(pixels, cache.lung_box(int(i)), attention_box(m, t, cache.size), cache.size)
+                             for pixels, i, m in zip(originals, batch, maps.numpy())]
+                    crops = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)[:, None]
+                    local[t][start:start + len(x)] = model.local_pooled(crops).numpy()
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=out, indices=indices)
+    np.savez(tmp, features=out, indices=indices, **{k: local[t] for t, k in zip(thresholds, wanted)})
     tmp.replace(path)
-    return out
+    return {"global": out, "local": local}
 
 
 def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, val_set: CropDataset,
-             sampler: BalancedSampler, pos_weight: np.ndarray, cfg: TrainConfig, out: Path):
-    """The linear-probe stage of transfer learning: the head alone, on features of the frozen
-    network computed once (no augmentation). Same sampling, masked weighted loss, Adam, plateau
-    schedule and within-source checkpoint choice as the full loop; features are standardised
-    while fitting and the standardisation is folded into the first layer afterwards, so the
-    saved model is the ordinary architecture. Returns (model, best score, epochs, best epoch)."""
+             sampler: BalancedSampler, pos_weight: np.ndarray, cfg: TrainConfig, out: Path,
+             spec: ClinicalSpec | None = None, architecture: dict[str, Any] | None = None):
+    """The linear-probe stage of transfer learning: the head alone (and a clinical model's
+    embeddings), on features of the frozen network computed once (no augmentation). Same
+    sampling, masked weighted loss, Adam, plateau schedule and within-source checkpoint choice as
+    the full loop; features are standardised while fitting and the standardisation is folded into
+    the first layer afterwards, so the saved model is the ordinary architecture.
+
+    AG-CNN is trained in the paper's three stages with the branches frozen: (1) the global branch
+    is ``--init``'s, (2) the local branch reads the attention box of each threshold in
+    ``cfg.attention_thresholds``, (3) a fusion head is fitted per threshold, and the threshold
+    with the best validation score is kept (recorded in ``architecture``). Each head fit saves
+    its state every epoch and resumes from it. Returns (model, best score, epochs, best epoch)."""
+    agcnn = model.local is not None
+    thresholds = tuple(cfg.attention_thresholds) if agcnn else ()
+    features = {name: branch_features(model, cache, part.indices, out / f"features_{name}.npz", thresholds)
+                for name, part in (("train", train_set), ("val", val_set))}
+    codes = {name: torch.from_numpy(spec.encode(table_records(cache.table.iloc[part.indices], spec.names)))
+             for name, part in (("train", train_set), ("val", val_set))} if spec else None
+    fits = {}
+    for t in thresholds or (None,):
+        x = {name: f["global"] if t is None else np.concatenate([f["global"], f["local"][t]], axis=1)
+             for name, f in features.items()}
+        fits[t] = _fit_head_once(model, x, codes, train_set, val_set, sampler, pos_weight, cfg, out,
+                                 "" if t is None else f"_t{t:g}")
+    chosen = max(fits, key=lambda t: fits[t]["score"] if np.isfinite(fits[t]["score"]) else -np.inf)
+    fit = fits[chosen]
+    model.head.load_state_dict(fit["head"])
+    if model.clinical is not None:
+        model.clinical.load_state_dict(fit["clinical"])
+    if agcnn and architecture is not None:
+        architecture.update({
+            "attention_threshold": chosen,
+            "threshold_validation_scores": {f"{t:g}": round(float(f["score"]), 4) for t, f in fits.items()},
+            "local_branch": "DenseNet-121 on the attention box cut from the original image",
+            "training": "stage-wise with frozen branches: global branch from --init, local branch a copy "
+                        "of it, fusion head fitted per attention threshold; the threshold chosen on validation"})
+    with torch.no_grad():  # fold (f - mean) / std into the image-feature columns of the first layer
+        first, (mean, std) = model.head[0], fit["standardise"]
+        width = len(mean)
+        scale = torch.from_numpy(1.0 / std)
+        first.bias -= first.weight[:, :width] @ torch.from_numpy(mean * (1.0 / std))
+        first.weight[:, :width] *= scale[None, :]
+    score = fit["score"]
+    return model, (score if np.isfinite(score) else None), cfg.epochs, fit["best_epoch"]
+
+
+def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], codes: dict[str, torch.Tensor] | None,
+                   train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
+                   pos_weight: np.ndarray, cfg: TrainConfig, out: Path, tag: str) -> dict[str, Any]:
+    """One head fit on fixed image features (+ clinical codes), resumable from ``head_state{tag}.pt``
+    (everything random draws from (seed, epoch, batch), so a resumed fit repeats an unbroken one)."""
     import csv
 
     torch.manual_seed(cfg.seed)
-    features = {name: pooled_features(model, cache, part.indices, out / f"features_{name}.npz")
-                for name, part in (("train", train_set), ("val", val_set))}
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     z = {name: torch.from_numpy((f - mean) / std) for name, f in features.items()}
-    head = model.net.class_layers.out
+    head = model.head
     for layer in (head[0], head[3]):
         layer.reset_parameters()  # a new head: the one loaded was fitted to another population
+    params = list(head.parameters())
+    if model.clinical is not None:
+        for table in model.clinical.tables:
+            table.reset_parameters()
+        params += list(model.clinical.parameters())
+
+    def head_input(name: str, rows: torch.Tensor | slice, epoch: int, k: int) -> torch.Tensor:
+        if model.clinical is None:
+            return z[name][rows]
+        c = codes[name][rows]
+        if name == "train" and cfg.field_dropout > 0:
+            c = drop_fields(c, cfg.field_dropout, torch.Generator().manual_seed(cfg.seed * 7 + epoch * 10_007 + k))
+        return torch.cat([z[name][rows], model.clinical(c)], dim=1)
+
     y_train, y_val = torch.from_numpy(train_set.labels), torch.from_numpy(val_set.labels)
     weight = torch.from_numpy(pos_weight)
-    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
-    best = (-np.inf, None, 0)
-    with open(out / "head_metrics.csv", "w", newline="") as handle:
+    state_path = out / f"head_state{tag}.pt"
+    best: dict[str, Any] = {"score": -np.inf, "head": None, "clinical": None, "best_epoch": 0}
+    first_epoch = 0
+    if cfg.resume and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        head.load_state_dict(state["head"])
+        if model.clinical is not None:
+            model.clinical.load_state_dict(state["clinical"])
+        opt.load_state_dict(state["opt"])
+        plateau.load_state_dict(state["plateau"])
+        best, first_epoch = state["best"], state["epoch"] + 1
+    with open(out / f"head_metrics{tag}.csv", "a" if first_epoch else "w", newline="") as handle:
         log = csv.writer(handle)
-        log.writerow(["epoch", "train_loss", "val_loss", "val_select", "parts"])
-        for epoch in range(cfg.epochs):
+        if not first_epoch:
+            log.writerow(["epoch", "train_loss", "val_loss", "val_select", "parts"])
+        for epoch in range(first_epoch, cfg.epochs):
             sampler.set_epoch(epoch)
             order = torch.tensor(list(sampler))
             head.train()
@@ -453,28 +561,32 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
             for k, start in enumerate(range(0, len(order), cfg.batch_size)):
                 torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + k)  # dropout replays exactly
                 batch = order[start:start + cfg.batch_size]
-                loss = masked_bce(head(z["train"][batch]), y_train[batch], weight)
+                loss = masked_bce(head(head_input("train", batch, epoch, k)), y_train[batch], weight)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
             head.eval()
             with torch.no_grad():
-                logits = head(z["val"])
+                logits = head(head_input("val", slice(None), epoch, 0))
                 val_loss = float(masked_bce(logits, y_val, weight))
             score, parts = selection_score(val_set.labels, torch.sigmoid(logits).numpy(), val_set.sources)
             plateau.step(val_loss)
             log.writerow([epoch, round(np.mean(losses), 5), round(val_loss, 5), round(score, 5), json.dumps(parts)])
+            handle.flush()
             # Without a within-source score (too few validation positives) the latest epoch is kept.
-            if best[1] is None or not np.isfinite(best[0]) or score > best[0]:
-                best = (score, {k: v.clone() for k, v in head.state_dict().items()}, epoch)
-    head.load_state_dict(best[1])
-    with torch.no_grad():  # fold (f - mean) / std into the first layer
-        first = head[0]
-        scale = torch.from_numpy(1.0 / std)
-        first.bias -= first.weight @ torch.from_numpy(mean * (1.0 / std))
-        first.weight *= scale[None, :]
-    return model, (best[0] if np.isfinite(best[0]) else None), cfg.epochs, best[2]
+            if best["head"] is None or not np.isfinite(best["score"]) or score > best["score"]:
+                best = {"score": float(score), "best_epoch": epoch,
+                        "head": {k: v.clone() for k, v in head.state_dict().items()},
+                        "clinical": None if model.clinical is None else
+                        {k: v.clone() for k, v in model.clinical.state_dict().items()}}
+            state = {"epoch": epoch, "head": head.state_dict(), "opt": opt.state_dict(),
+                     "plateau": plateau.state_dict(), "best": best,
+                     "clinical": None if model.clinical is None else model.clinical.state_dict()}
+            tmp = state_path.with_name(state_path.name + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(state_path)
+    return best | {"standardise": (mean, std)}
 
 
 def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path
@@ -484,7 +596,8 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     from pneumoscan.evaluate import assess_labels, evaluate_probabilities
 
     table, out = cache.table, Path(out)
-    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0, batch_size=64)
+    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0, batch_size=64,
+                                         **cache.scoring_inputs(classifier, rows["val"]))
     val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
     val_sources = table.iloc[rows["val"]]["source"].astype(str).to_numpy()
     train_sources = table.iloc[rows["train"]]["source"].astype(str).to_numpy()

@@ -397,6 +397,14 @@ def train(
     freeze_backbone: Annotated[bool, typer.Option(
         help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
+    arch: Annotated[str, typer.Option(
+        help="densenet121 (the thesis's) or agcnn (+ a local branch on the attention box, cut from the "
+             "original image; trains stage-wise with --freeze-backbone).")] = "densenet121",
+    clinical: Annotated[Optional[str], typer.Option(
+        help="Patient information fused with the image: manifest columns, e.g. age,sex,view (each with a "
+             "learnt 'missing' value; needs --freeze-backbone).")] = None,
+    attention_threshold: Annotated[Optional[list[float]], typer.Option(
+        help="AG-CNN attention threshold(s) in (0, 1); several: the best on validation is kept.")] = None,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
@@ -414,6 +422,19 @@ def train(
         fail(f"--init must be imagenet, random or an existing model file, got {init!r}")
     if strategy not in ("auto", "ddp", "fsdp"):
         fail(f"--strategy must be auto, ddp or fsdp, got {strategy!r}")
+    from pneumoscan.classify import ARCHS
+    from pneumoscan.clinical import ClinicalError, parse_fields
+    from pneumoscan.crop import ATTENTION_THRESHOLD
+
+    if arch not in ARCHS:
+        fail(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    thresholds = tuple(attention_threshold or (ATTENTION_THRESHOLD,))
+    if not all(0 < t < 1 for t in thresholds):
+        fail(f"--attention-threshold must be in (0, 1), got {list(thresholds)}")
+    try:
+        fields = tuple(parse_fields(clinical)) if clinical is not None else ()
+    except ClinicalError as exc:
+        fail(str(exc))
     cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
                       epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
@@ -421,10 +442,10 @@ def train(
                       frontal_only=not all_views, resume=resume, description=description,
                       max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
-                      min_positives=min_positives)
+                      min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds)
     try:
         meta = train_classifier(cfg)
-    except (PretrainedWeightsError, CacheError, ModelFileError, ValueError) as exc:
+    except (PretrainedWeightsError, CacheError, ModelFileError, ClinicalError, ValueError) as exc:
         fail(str(exc))
     if meta is not None:
         console.print(f"model written to {out / 'model.pt'}")
@@ -494,6 +515,27 @@ def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, 
         fail(str(exc))
 
 
+def clinical_values(predictor, csv_path: Path | None, files: list[Path]) -> list[dict] | None:
+    """Per input, the patient information ``--clinical-csv`` gives for it (matched by file name);
+    None when there is no CSV. A model without clinical fields refuses a CSV it would ignore."""
+    from pneumoscan.clinical import ClinicalError, read_clinical_csv
+
+    if csv_path is None:
+        return None
+    spec = predictor.classifier.clinical
+    if spec is None:
+        fail("--clinical-csv was given, but this model does not use patient information")
+    try:
+        table = read_clinical_csv(csv_path, spec.names)
+    except ClinicalError as exc:
+        fail(str(exc))
+    missing = sum(1 for f in files if f.name not in table)
+    if missing:
+        err.print(f"[yellow]note:[/] {missing} of {len(files)} images have no row in {csv_path}: their fields "
+                  f"come from DICOM tags where there are any, else count as missing", highlight=False)
+    return [table.get(f.name) for f in files]
+
+
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
@@ -520,6 +562,9 @@ def predict(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
     force: Annotated[bool, typer.Option(
         help="Score images the input gate refuses as not frontal chest X-rays (marked in 'quality').")] = False,
+    clinical_csv: Annotated[Optional[Path], typer.Option(
+        help="Patient information for a model that fuses it: a CSV with a 'file' column (image file names) "
+             "and the model's fields (e.g. age, sex, view); DICOM tags fill what it lacks.")] = None,
 ) -> None:
     """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray.
 
@@ -542,6 +587,9 @@ def predict(
     except ValueError as exc:
         fail(str(exc))
     files = gather_inputs(paths, out)
+    given = clinical_values(predictor, clinical_csv, files)
+    if ray is not None and given is not None:
+        fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
     if ray is not None:
         return predict_on_ray(files, out, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
                               model=model, backend=backend, device=device, force=force, fmt=fmt, dicom_out=dicom_out,
@@ -562,7 +610,8 @@ def predict(
                              "box", "fallback", "cam_label", "overlay", "error"])
         keep = overlays or dicom_out is not None
         for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
-                                                              batch_size=batch_size, threads=read_threads)):
+                                                              batch_size=batch_size, threads=read_threads,
+                                                              clinical=given)):
             record = result.to_dict()
             record["overlay"] = None
             quality = result.quality or {}

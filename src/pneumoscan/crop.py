@@ -22,6 +22,12 @@ KERNEL_FRACTION = 0.014
 MIN_LUNG_FRACTION = 0.01
 #: Margin added on every side of the lung box, as a fraction of the box's width/height.
 MARGIN = 0.05
+#: AG-CNN's default attention threshold (Guan et al. 2018 chose 0.7 on their validation data;
+#: ``train --attention-threshold`` chooses among candidates on ours).
+ATTENTION_THRESHOLD = 0.7
+#: The local crop is never smaller than this fraction of the lung crop's side (a lone hot
+#: feature cell would otherwise give a 32-pixel crop blown up eight times).
+MIN_LOCAL_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -169,3 +175,48 @@ def apply_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
     """The pixels inside ``box`` (a view, no copy)."""
     x0, y0, x1, y1 = box
     return pixels[y0:y1, x0:x1]
+
+
+def attention_box(features: np.ndarray, threshold: float, size: int,
+                  min_fraction: float = MIN_LOCAL_FRACTION) -> tuple[int, int, int, int]:
+    """AG-CNN's attention-guided box, in pixels of the size×size lung crop: the largest connected
+    region where the global branch's heat map (channel-wise maximum of its last post-ReLU feature
+    map C×h×w, upsampled and scaled to [0, 1]) reaches ``threshold``, widened about its centre to
+    at least ``min_fraction`` of the side."""
+    heat = cv2.resize(features.max(axis=0).astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    lo, hi = float(heat.min()), float(heat.max())
+    if hi <= lo:
+        return 0, 0, size, size
+    binary = ((heat - lo) / (hi - lo) >= threshold).astype(np.uint8)
+    _, _, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    x, y, w, h = stats[1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), :4]
+    least = int(np.ceil(min_fraction * size))
+    x0, y0 = _widen(int(x), int(w), least, size), _widen(int(y), int(h), least, size)
+    return x0[0], y0[0], x0[1], y0[1]
+
+
+def _widen(start: int, length: int, least: int, size: int) -> tuple[int, int]:
+    """[start, start + length) widened about its centre to ``least``, kept inside [0, size)."""
+    if length >= least:
+        return start, start + length
+    begin = min(max(0, start + length // 2 - least // 2), size - least)
+    return begin, begin + least
+
+
+def box_in_original(box: tuple[int, int, int, int], lung_box: tuple[int, int, int, int],
+                    size: int) -> tuple[int, int, int, int]:
+    """A box in pixels of the size×size lung crop → the same region in the original image (the
+    crop is ``lung_box`` stretched to a square), rounded outwards."""
+    lx0, ly0, lx1, ly1 = lung_box
+    sx, sy = (lx1 - lx0) / size, (ly1 - ly0) / size
+    x0, y0, x1, y1 = box
+    return (lx0 + int(np.floor(x0 * sx)), ly0 + int(np.floor(y0 * sy)),
+            min(lx1, lx0 + max(int(np.ceil(x1 * sx)), int(np.floor(x0 * sx)) + 1)),
+            min(ly1, ly0 + max(int(np.ceil(y1 * sy)), int(np.floor(y0 * sy)) + 1)))
+
+
+def local_crop(pixels: np.ndarray, lung_box: tuple[int, int, int, int], box: tuple[int, int, int, int],
+               size: int) -> np.ndarray:
+    """AG-CNN's local input: the attention box (crop pixels) cut from the ORIGINAL picture at its
+    full resolution, resized and quantised like the lung crop (:func:`classifier_crop`)."""
+    return classifier_crop(pixels, box_in_original(box, lung_box, size), size)

@@ -359,7 +359,9 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
                    n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
     """Score one split of a manifest: crops from ``cache`` when given (rows matched by path),
     else read, segmented and cropped here. Writes the report files; returns the report."""
-    from pneumoscan.cache import CropCache, crop_paths
+    import pandas as pd
+
+    from pneumoscan.cache import CropCache, crop_paths, scoring_inputs
     from pneumoscan.data.manifest import ManifestError, read_manifest
     from pneumoscan.predict import load_models
 
@@ -378,13 +380,16 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         skipped = rows.loc[found.isna(), "path"].tolist()
         rows = rows[found.notna()].reset_index(drop=True)
         crops = crop_cache.images(found.dropna().astype(int))
+        inputs = crop_cache.scoring_inputs(classifier, found.dropna().astype(int).to_numpy())
     else:
         crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2)
         ok = np.array([r["error"] == "" for r in records])
         skipped = [r["path"] for r in records if r["error"]]
         rows, crops = rows[ok].reset_index(drop=True), crops[ok]
+        boxes = pd.DataFrame([r for r, k in zip(records, ok) if k])[["x0", "y0", "x1", "y1"]]
+        inputs = scoring_inputs(classifier, pd.concat([rows, boxes], axis=1), classifier.size)
     labels = rows[list(LABELS)].to_numpy(np.float32)
-    probs = classifier.predict_proba(crops.astype(np.float32) / 255.0)
+    probs = classifier.predict_proba(crops.astype(np.float32) / 255.0, **inputs)
     thresholds = classifier.meta.get("thresholds") or {}
     report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot,
                                     sources=rows["source"].to_numpy())

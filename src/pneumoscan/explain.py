@@ -77,10 +77,13 @@ def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> 
 
 
 def cam_from_features(features: np.ndarray, head: nn.Sequential, class_index: int,
-                      size: tuple[int, int]) -> np.ndarray:
-    """Grad-CAM from the forward pass alone: ``features`` N×C×h×w after the last ReLU."""
+                      size: tuple[int, int], rest: np.ndarray | None = None) -> np.ndarray:
+    """Grad-CAM from the forward pass alone: ``features`` N×C×h×w after the last ReLU; ``rest``
+    N×R, the rest of a fused head's input (AG-CNN's local features, clinical embeddings)."""
     pooled = features.mean(axis=(2, 3))
-    weights = head_gradient(pooled, head, class_index) / (features.shape[2] * features.shape[3])
+    full = pooled if rest is None or rest.shape[1] == 0 else np.concatenate([pooled, rest], axis=1)
+    gradient = head_gradient(full, head, class_index)[:, :features.shape[1]]
+    weights = gradient / (features.shape[2] * features.shape[3])
     cam = np.maximum((weights[:, :, None, None] * features).sum(axis=1), 0)
     return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
                      for c in _normalise(cam)])

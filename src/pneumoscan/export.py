@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pneumoscan.classify import Classifier, check_crops
+from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError, atomic_write_bytes, file_sha256, first_line, metadata_sha256
@@ -90,15 +91,49 @@ def load_cached(segmenter: LungSegmenter, classifier: Classifier, *, progress=No
 
 
 class _LogitsAndFeatures(nn.Module):
-    """The classifier with its last feature map as a second output."""
+    """The classifier with its last feature map as a second output (a fused model: the feature
+    map alone; its head runs after the local branch, outside the graph)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         features = self.model.feature_map(x)
+        if self.model.fused:
+            return features
         return self.model.net.class_layers.out(features.mean(dim=(2, 3))), features
+
+
+class _LocalPooled(nn.Module):
+    """AG-CNN's local branch: local crops → pooled features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.local_pooled(x)
+
+
+def _export(module: nn.Module, size: int, path: Path, inputs: str, outputs: list[str]) -> None:
+    # The wrapper must be in eval mode itself: export restores the wrapper's mode on every
+    # submodule afterwards, and a training-mode wrapper would leave the model training.
+    torch.onnx.export(module.eval(), (torch.rand(1, 1, size, size),), str(path), input_names=[inputs],
+                      output_names=outputs, dynamic_axes={name: {0: "n"} for name in [inputs, *outputs]},
+                      opset_version=17, dynamo=False)
+
+
+def head_weights(model: nn.Module) -> dict[str, Any]:
+    """What the ONNX path needs of the head outside the graphs: the weights Grad-CAM reads, and
+    for a fused model the whole head and the clinical embedding tables (it runs them itself)."""
+    head = model.net.class_layers.out
+    out = {"w1": head[0].weight.detach().tolist(), "b1": head[0].bias.detach().tolist(),
+           "w2": head[3].weight.detach().tolist()}
+    if model.fused:
+        out["b2"] = head[3].bias.detach().tolist()
+        out["clinical"] = [t.weight.detach().tolist() for t in model.clinical.tables] if model.clinical else []
+    return out
 
 
 def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Path) -> dict[str, Path]:
@@ -106,6 +141,7 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
     out.mkdir(parents=True, exist_ok=True)
     seg_size, cls_size = segmenter.preprocessing.size, classifier.size
     paths = {"segmentation": out / "lung_unet.onnx", "classifier": out / "classifier.onnx"}
+    fused = classifier.model.fused
     with torch.no_grad(), warnings.catch_warnings():
         # MONAI's instance norm has no running statistics, so "train=True" is what eval does anyway.
         warnings.filterwarnings("ignore", message=".*instance_norm.*")
@@ -113,21 +149,14 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
         # a user can act on; the export is verified against PyTorch by the tests.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*ONNX export.*")
-        torch.onnx.export(segmenter.net.eval(), (torch.rand(1, 1, seg_size, seg_size),),
-                          str(paths["segmentation"]), input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}}, opset_version=17,
-                          dynamo=False)
-        # The wrapper must be in eval mode itself: export restores the wrapper's mode on every
-        # submodule afterwards, and a training-mode wrapper would leave the classifier training.
-        torch.onnx.export(_LogitsAndFeatures(classifier.model).eval(), (torch.rand(1, 1, cls_size, cls_size),),
-                          str(paths["classifier"]), input_names=["crops"], output_names=["logits", "features"],
-                          dynamic_axes={"crops": {0: "n"}, "logits": {0: "n"}, "features": {0: "n"}},
-                          opset_version=17, dynamo=False)
-    head = classifier.model.net.class_layers.out
+        _export(segmenter.net, seg_size, paths["segmentation"], "image", ["logits"])
+        _export(_LogitsAndFeatures(classifier.model), cls_size, paths["classifier"], "crops",
+                ["features"] if fused else ["logits", "features"])
+        if classifier.model.local is not None:
+            paths["local"] = out / "local.onnx"
+            _export(_LocalPooled(classifier.model), cls_size, paths["local"], "crops", ["pooled"])
     meta = {"segmentation": segmenter.meta | {"preprocessing": segmenter.preprocessing.to_dict()},
-            "classifier": classifier.meta,
-            "head": {"w1": head[0].weight.detach().tolist(), "b1": head[0].bias.detach().tolist(),
-                     "w2": head[3].weight.detach().tolist()},
+            "classifier": classifier.meta, "head": head_weights(classifier.model),
             "files": {path.name: file_sha256(path) for path in paths.values()}}
     meta["sha256"] = metadata_sha256(meta)
     atomic_write_bytes(out / META_FILE, json.dumps(meta).encode())
@@ -165,44 +194,64 @@ class OnnxLungSegmenter(LungSegmenter):
 
 
 class OnnxClassifier(Classifier):
-    """The classifier through ONNX Runtime, with Grad-CAM from the forward pass alone."""
+    """The classifier through ONNX Runtime, with Grad-CAM from the forward pass alone. A fused
+    model (AG-CNN, patient information) runs its graphs for the feature maps and its small head
+    here, through :meth:`Classifier._fused`, the code the PyTorch path runs."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], head: dict[str, list]):
+    def __init__(self, folder: Path, meta: dict[str, Any], head: dict[str, list]):
         super().__init__(nn.Identity(), meta)
-        self.session = ort_session(path)
-        self.head = nn.Sequential(nn.Linear(1024, len(head["b1"])), nn.ReLU(), nn.Identity(),
-                                  nn.Linear(len(head["b1"]), len(head["w2"]), bias=False))
+        self.session = ort_session(folder / "classifier.onnx")
+        self.local_session = ort_session(folder / "local.onnx") if self.arch == "agcnn" else None
+        w1 = torch.tensor(head["w1"])
+        fused = "b2" in head
+        self.head = nn.Sequential(nn.Linear(w1.shape[1], w1.shape[0]), nn.ReLU(), nn.Identity(),
+                                  nn.Linear(w1.shape[0], len(head["w2"]), bias=fused))
+        self.encoder = ClinicalEncoder(self.clinical) if self.clinical is not None else None
         with torch.no_grad():
-            self.head[0].weight.copy_(torch.tensor(head["w1"]))
+            self.head[0].weight.copy_(w1)
             self.head[0].bias.copy_(torch.tensor(head["b1"]))
             self.head[3].weight.copy_(torch.tensor(head["w2"]))
+            if fused:
+                self.head[3].bias.copy_(torch.tensor(head["b2"]))
+            for table, weights in zip(self.encoder.tables if self.encoder else [], head.get("clinical", [])):
+                table.weight.copy_(torch.tensor(weights))
 
     @property
     def backend(self) -> str:
         return "onnx"
 
-    def _run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.session.run(None, {"crops": np.ascontiguousarray(crops, np.float32)[:, None]})
-        return logits, features
+    def _run(self, crops: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {"crops": np.ascontiguousarray(crops, np.float32)[:, None]})
 
-    def predict_proba(self, crops: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        check_crops(crops, self.size)
-        out = [sigmoid(self._run(crops[i:i + batch_size])[0])
-               for i in range(0, len(crops), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.thresholds)), np.float32)
+    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
+        return sigmoid(self._run(crops)[0])
+
+    def _global_maps(self, crops: np.ndarray) -> np.ndarray:
+        return self._run(crops)[-1]
+
+    def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.local_session.run(None, {"crops": np.ascontiguousarray(local, np.float32)[:, None]})[0])
+
+    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+        return self.head, self.encoder
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
-        _, features = self._run(crop[None])
+        if self.fused:
+            raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
+        features = self._global_maps(crop[None])
         return cam_from_features(features, self.head, class_index, crop.shape)[0]
 
-    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None]
-                            ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
+                            local_from=None, codes: np.ndarray | None = None):
         """One forward pass gives both: the maps come from the features it already computed."""
+        if self.fused:
+            return self._fused(crops, choose, local_from, codes)
         check_crops(crops, self.size)
         logits, features = self._run(crops)
         probs = sigmoid(logits)
-        return probs, [None if (k := choose(p)) is None else
-                       cam_from_features(f[None], self.head, k, crops.shape[1:])[0] for f, p in zip(features, probs)]
+        return (probs, [None if (k := choose(p)) is None else
+                        cam_from_features(f[None], self.head, k, crops.shape[1:])[0] for f, p in zip(features, probs)],
+                [None] * len(crops))
 
 
 def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
@@ -219,7 +268,7 @@ def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
     try:
         segmenter = OnnxLungSegmenter(folder / "lung_unet.onnx", Preprocessing.from_dict(seg_meta["preprocessing"]),
                                       seg_meta)
-        return segmenter, OnnxClassifier(folder / "classifier.onnx", meta["classifier"], meta["head"])
+        return segmenter, OnnxClassifier(folder, meta["classifier"], meta["head"])
     except Exception as exc:  # ONNX Runtime and a damaged head raise many kinds
         raise ModelFileError(f"{folder}: the ONNX export cannot be loaded ({first_line(exc)})") from exc
 
@@ -234,8 +283,8 @@ def verify_export(folder: Path) -> dict[str, Any]:
                              f"`pneumoscan export`): {type(exc).__name__}") from exc
     if metadata_sha256(meta) != recorded:
         raise ModelFileError(f"{folder / META_FILE}: contents do not match their SHA-256 (altered or damaged)")
-    for name in ("lung_unet.onnx", "classifier.onnx"):
-        if files.get(name) != file_sha256(folder / name):
+    for name in sorted({"lung_unet.onnx", "classifier.onnx", *files}):
+        if not (folder / name).is_file() or files.get(name) != file_sha256(folder / name):
             raise ModelFileError(f"{folder / name}: does not match the SHA-256 recorded at export "
                                  f"(altered, truncated or from another export)")
     if tuple(meta["classifier"].get("labels", ())) != LABELS:

@@ -8,7 +8,7 @@ a batch goes on.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.classify import Classifier
-from pneumoscan.crop import Cropped, read_segment_crop
+from pneumoscan.clinical import values_from
+from pneumoscan.crop import Cropped, box_in_original, local_crop, read_segment_crop
 from pneumoscan.explain import place_on_original
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
@@ -37,7 +38,9 @@ class Prediction:
     ``probabilities[label]`` is None for a label the model does not assess (also listed in
     ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
     is never a finding. ``thresholds`` holds each assessed label's operating threshold.
-    ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
+    ``local_box`` is an AG-CNN model's attention box on the original image (what its local
+    branch read); ``clinical`` says which patient-information fields a model that fuses them was
+    given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
     false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
     forced it, which ``quality["forced"]`` then says.
     """
@@ -49,6 +52,8 @@ class Prediction:
     thresholds: dict[str, float | None] | None = None
     quality: dict[str, Any] | None = None
     box: list[int] | None = None
+    local_box: list[int] | None = None
+    clinical: dict[str, bool] | None = None
     fallback: bool | None = None
     lung_fraction: float | None = None
     image: dict[str, Any] | None = None
@@ -61,7 +66,7 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
                 "not_assessed": self.not_assessed, "thresholds": self.thresholds, "quality": self.quality,
-                "box": self.box, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
+                "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
                 "image": self.image, "cam_label": self.cam_label, "error": self.error}
 
 
@@ -175,6 +180,8 @@ class Predictor:
                 "segmentation": self.segmenter.meta.get("weights_sha256"),
                 "classifier": self.classifier.meta.get("weights_sha256"),
                 "classifier_input_size": self.classifier.size,
+                "classifier_architecture": self.classifier.arch,
+                "clinical_fields": self.classifier.clinical.names if self.classifier.clinical else [],
                 "assessed_labels": self.classifier.assessed_labels}
 
     def cam_class(self, cam: str | None) -> str | None:
@@ -189,37 +196,43 @@ class Predictor:
         return label
 
     def predict(self, source: str | Path | bytes | np.ndarray | XrayImage, *, cam: str | None = None,
-                name: str | None = None, keep_arrays: bool = False, force: bool = False) -> Prediction:
-        return self.predict_batch([source], cam=cam, names=[name], keep_arrays=keep_arrays, force=force)[0]
+                name: str | None = None, keep_arrays: bool = False, force: bool = False,
+                clinical: Mapping[str, Any] | None = None) -> Prediction:
+        return self.predict_batch([source], cam=cam, names=[name], keep_arrays=keep_arrays, force=force,
+                                  clinical=[clinical])[0]
 
     def predict_batch(self, sources: list[Any], *, cam: str | None = None,
                       names: list[str | None] | None = None, keep_arrays: bool = False,
-                      force: bool = False) -> list[Prediction]:
+                      force: bool = False, clinical: list[Mapping[str, Any] | None] | None = None
+                      ) -> list[Prediction]:
         """Predictions in input order; ``cam`` is None, "top" (the most probable assessed
         finding) or an assessed class name (any capitalisation); ``keep_arrays`` keeps the picture,
         mask and full-size Grad-CAM heat map for overlays (without it only the Grad-CAM class is
         named, and no heat map is computed); ``force`` scores images the input gate refuses
-        (marked in ``quality``)."""
+        (marked in ``quality``); ``clinical``: per source, patient information for a model that
+        fuses it (field → raw value; DICOM tags fill what is not given)."""
         return list(self.predict_many(sources, names=names, cam=cam, keep_arrays=keep_arrays, force=force,
-                                      batch_size=max(1, len(sources)), threads=0))
+                                      batch_size=max(1, len(sources)), threads=0, clinical=clinical))
 
     def predict_many(self, sources: Iterable[Any], *, names: Iterable[str | None] | None = None,
                      cam: str | None = None, keep_arrays: bool = False, force: bool = False,
-                     batch_size: int = 8, threads: int = 2) -> Iterator[Prediction]:
+                     batch_size: int = 8, threads: int = 2,
+                     clinical: Iterable[Mapping[str, Any] | None] | None = None) -> Iterator[Prediction]:
         """:meth:`predict_batch` over any number of sources, yielded in input order as each batch
         is done; decoding runs on ``threads`` threads ahead of the models (the one read → segment
         → crop path, :func:`pneumoscan.crop.read_segment_crop`)."""
         cam = self.cam_class(cam)
-        pairs = zip(sources, names if names is not None else repeat(None))
-        for chunk in read_segment_crop(pairs, self.segmenter, self.classifier.size, batch=batch_size,
-                                       threads=threads, read=lambda pair: self._read(pair[0], _label(*pair))):
+        triples = zip(sources, names if names is not None else repeat(None),
+                      clinical if clinical is not None else repeat(None))
+        for chunk in read_segment_crop(triples, self.segmenter, self.classifier.size, batch=batch_size,
+                                       threads=threads, read=lambda t: self._read(t[0], _label(t[0], t[1]))):
             yield from self._score(chunk, cam, keep_arrays, force)
 
     def _score(self, chunk: list[Cropped], cam: str | None, keep_arrays: bool, force: bool) -> list[Prediction]:
         """Gate, classify and explain one batch from the read → segment → crop path."""
         classifier = self.classifier
         cam_label = None if cam in (None, "top") else cam
-        results = [Prediction(path=_label(*item.source), error=item.error) for item in chunk]
+        results = [Prediction(path=_label(*item.source[:2]), error=item.error) for item in chunk]
         readable = [(r, item) for r, item in zip(results, chunk) if item.image is not None]
         assessed = classifier.assessed_labels
         not_assessed = [label for label in LABELS if label not in assessed]
@@ -252,8 +265,23 @@ class Predictor:
             label = cam_class(p) if keep_arrays else None
             return None if label is None else LABELS.index(label)
 
-        probs, heats = classifier.predict_and_explain(crops, heat_map_of)
-        for (result, item), p, heat in zip(scored, probs, heats):
+        codes = None
+        if classifier.clinical is not None:
+            names = classifier.clinical.names
+            codes = classifier.clinical.encode([values_from(item.image.meta, item.source[2], names)
+                                                for _, item in scored])
+
+        def local_from(i: int, box: tuple[int, int, int, int]) -> np.ndarray:
+            item = scored[i][1]
+            return local_crop(item.image.pixels, item.seg.box, box, classifier.size)
+
+        probs, heats, local_boxes = classifier.predict_and_explain(crops, heat_map_of, local_from=local_from,
+                                                                   codes=codes)
+        for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
+            if local is not None:
+                result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
+            if codes is not None:
+                result.clinical = classifier.clinical.present(codes[k])
             result.probabilities = {label: round(float(v), 6) if a else None
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
             result.thresholds = dict(thresholds)

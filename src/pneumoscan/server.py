@@ -32,7 +32,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Query, UploadFile
+from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException
@@ -145,6 +145,31 @@ def preview_images(result) -> dict[str, str]:
     return {"original_png": _png_data_uri(grey), "overlay_png": _png_data_uri(overlay)}
 
 
+def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: str | None) -> dict[str, Any] | None:
+    """The request's patient information (form fields, and ``clinical`` as a JSON object), checked
+    against the model's fields: sent to a model that does not use it, or naming a field the model
+    does not know, it is refused rather than silently ignored."""
+    given = {k: v for k, v in named.items() if v not in (None, "")}
+    if extra:
+        try:
+            more = json.loads(extra)
+        except ValueError as exc:
+            raise ValueError(f"'clinical' must be a JSON object of field: value ({exc})") from exc
+        if not isinstance(more, dict):
+            raise ValueError("'clinical' must be a JSON object of field: value")
+        given |= {str(k): v for k, v in more.items() if v not in (None, "")}
+    if not given:
+        return None
+    spec = predictor.classifier.clinical
+    if spec is None:
+        raise ValueError(f"patient information was sent ({', '.join(given)}), but this model does not use it")
+    unknown = sorted(set(given) - set(spec.names))
+    if unknown:
+        raise ValueError(f"this model's patient-information fields are {', '.join(spec.names)}; "
+                         f"it does not use {', '.join(unknown)}")
+    return given
+
+
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
                allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS) -> FastAPI:
@@ -188,9 +213,15 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                                                       "assessed class name, any capitalisation"),
                 images: bool = Query(True, description="include original_png and overlay_png"),
                 force: bool = Query(False, description="score an image the input gate refuses as not a "
-                                                       "frontal chest X-ray (marked in 'quality')")):
+                                                       "frontal chest X-ray (marked in 'quality')"),
+                age: str | None = Form(None, description="patient age in years or as a DICOM age (058Y), "
+                                                         "for a model that fuses patient information"),
+                sex: str | None = Form(None, description="M, F or O"),
+                view: str | None = Form(None, description="view position: PA or AP"),
+                clinical: str | None = Form(None, description="other fields of the model, as a JSON object")):
         try:
             cam = predictor.cam_class(cam)
+            given = clinical_fields(predictor, {"age": age, "sex": sex, "view": view}, clinical)
         except ValueError as exc:
             return error(422, str(exc))
         data = file.file.read(limit + 1)
@@ -204,7 +235,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                 return error(400, str(exc))
             del data
             with lock:
-                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images, force=force)
+                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images, force=force,
+                                           clinical=given)
             if result.error:  # pragma: no cover - decoding already succeeded above
                 return error(400, result.error)
             body = result.to_dict()

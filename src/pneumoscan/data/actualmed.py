@@ -21,6 +21,6 @@ class Actualmed(XraySource):
                 absent += 1
                 continue
             yield row(path, str(rec["patientid"]), rec.get("view"),
-                      finding_labels(rec.get("finding")))
+                      finding_labels(rec.get("finding")), age=rec.get("age"), sex=rec.get("sex"))
         if absent:
             self.warnings.append(f"actualmed: {absent} metadata rows have no image here (skipped)")

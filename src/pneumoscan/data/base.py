@@ -12,7 +12,7 @@ import pandas as pd
 from pneumoscan.labels import FINDINGS, LABELS, NO_FINDING
 
 #: Columns of a source's ``csv`` before splitting. ``official_split`` is "train", "test" or "".
-SOURCE_COLUMNS = ["path", "patient", "view", "official_split", "mask", *LABELS]
+SOURCE_COLUMNS = ["path", "patient", "view", "age", "sex", "official_split", "mask", *LABELS]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
@@ -106,7 +106,8 @@ def text(value: object) -> str:
 
 
 def row(path: Path, patient: str, view: str | None, labels: dict[str, float], *,
-        official_split: str = "", mask: str = "") -> dict:
-    """One source-table row."""
-    return {"path": str(path), "patient": patient, "view": text(view),
+        official_split: str = "", mask: str = "", age: object = None, sex: object = None) -> dict:
+    """One source-table row (``age`` in years and ``sex`` as the source says, where it does:
+    the patient information :mod:`pneumoscan.clinical` can fuse with the image)."""
+    return {"path": str(path), "patient": patient, "view": text(view), "age": text(age), "sex": text(sex),
             "official_split": official_split, "mask": mask, **labels}

@@ -46,6 +46,7 @@ class CovidChestXray(XraySource):
                 continue
             mask = mask_dir / path.name
             yield row(path, str(rec["Patientid"]), rec.get("view"),
-                      finding_labels(rec.get("finding")), mask=str(mask) if mask.exists() else "")
+                      finding_labels(rec.get("finding")), mask=str(mask) if mask.exists() else "",
+                      age=rec.get("age"), sex=rec.get("sex"))
         if absent:
             self.warnings.append(f"covid: {absent} metadata rows have no image here (skipped)")

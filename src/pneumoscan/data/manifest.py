@@ -34,7 +34,7 @@ FOLDER_NAMES = {
     "nih": "nih-cxr14", "kermany": "kermany", "rsna": "rsna-pneumonia", "montgomery": "montgomery",
     "shenzhen": "shenzhen", "covid": "covid-chestxray", "actualmed": "actualmed-covid",
 }
-MANIFEST_COLUMNS = ["path", "source", "patient", "view", "split", *LABELS, "mask"]
+MANIFEST_COLUMNS = ["path", "source", "patient", "view", "age", "sex", "split", *LABELS, "mask"]
 SPLITS = ("train", "val", "test")
 DEFAULT_FRACTIONS = (0.80, 0.08, 0.12)
 DEFAULT_SEED = 2019
@@ -151,13 +151,16 @@ def build_manifest(
 def read_manifest(path: str | Path) -> pd.DataFrame:
     """Read a manifest CSV and check it has the contract's columns."""
     try:
-        table = pd.read_csv(path, dtype={"patient": str, "view": str, "mask": str})
+        table = pd.read_csv(path, dtype={"patient": str, "view": str, "mask": str, "sex": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
     missing = [c for c in ["path", "source", "patient", "view", "split", *LABELS] if c not in table]
     if missing:
         raise ManifestError(f"{path}: not a PneumoScan manifest, missing columns {missing}")
     table["view"] = table["view"].fillna("")
+    for optional in ("age", "sex"):  # patient information; manifests before it have neither
+        if optional not in table:
+            table[optional] = np.nan
     if "mask" not in table:
         table["mask"] = ""
     table["mask"] = table["mask"].fillna("")

@@ -40,6 +40,7 @@ class NIH(XraySource):
                 self.warnings.append(f"nih: {name} has unknown labels {sorted(unknown_names)}")
             labels = {label: float(label in findings) for label in LABELS}
             yield row(path, str(rec["Patient ID"]), str(rec["View Position"]), labels,
-                      official_split=official.get(name, ""))
+                      official_split=official.get(name, ""), age=rec.get("Patient Age"),
+                      sex=rec.get("Patient Gender"))
         if absent:
             self.warnings.append(f"nih: {absent} CSV rows have no image file here (skipped)")
