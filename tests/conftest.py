@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 # ONNX exports made by the default backend go to a cache private to this test session (shared by
@@ -14,6 +17,8 @@ os.environ["PNEUMOSCAN_CACHE"] = tempfile.mkdtemp(prefix="pneumoscan-test-cache-
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", REPO.parent / "shared" / "data")).resolve()
+
+CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
 needs_data = pytest.mark.skipif(
     not DATA.is_dir(),
@@ -56,3 +61,34 @@ def assessed_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "assessed.pt"
     classifier.save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def small_manifest(tmp_path_factory) -> Path:
+    """NIH + COVID + Actualmed + every 40th Kermany image, and one unreadable file."""
+    from pneumoscan.data import build_manifest, write_manifest
+
+    if not DATA.is_dir():
+        pytest.skip(f"real chest X-rays not found at {DATA}")
+    root = tmp_path_factory.mktemp("manifest")
+    table = build_manifest({"nih": DATA / "nih-cxr14", "covid": DATA / "covid-chestxray",
+                            "actualmed": DATA / "actualmed-covid", "kermany": DATA / "kermany"})
+    kermany = table[table.source == "kermany"].iloc[::40]
+    table = pd.concat([table[table.source != "kermany"], kermany], ignore_index=True)
+    broken = root / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    extra = table.iloc[[0]].assign(path=str(broken), patient="nih:broken")
+    table = pd.concat([table, extra], ignore_index=True)
+    write_manifest(table, root / "manifest.csv")
+    return root / "manifest.csv"
+
+
+@pytest.fixture(scope="session")
+def cache64(small_manifest, tmp_path_factory) -> Path:
+    """`pneumoscan prepare` of the small manifest at 64 px."""
+    out = tmp_path_factory.mktemp("cache") / "c64"
+    result = subprocess.run([*CLI, "prepare", "--manifest", str(small_manifest), "--out", str(out),
+                             "--size", "64", "--shard-size", "64", "--workers", "2"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

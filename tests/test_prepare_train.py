@@ -24,32 +24,6 @@ CLI = [sys.executable, "-m", "pneumoscan.cli"]
 pytestmark = needs_data
 
 
-@pytest.fixture(scope="module")
-def small_manifest(tmp_path_factory) -> Path:
-    """NIH + COVID + Actualmed + every 40th Kermany image, and one unreadable file."""
-    root = tmp_path_factory.mktemp("manifest")
-    table = build_manifest({"nih": DATA / "nih-cxr14", "covid": DATA / "covid-chestxray",
-                            "actualmed": DATA / "actualmed-covid", "kermany": DATA / "kermany"})
-    kermany = table[table.source == "kermany"].iloc[::40]
-    table = pd.concat([table[table.source != "kermany"], kermany], ignore_index=True)
-    broken = root / "broken.png"
-    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
-    extra = table.iloc[[0]].assign(path=str(broken), patient="nih:broken")
-    table = pd.concat([table, extra], ignore_index=True)
-    write_manifest(table, root / "manifest.csv")
-    return root / "manifest.csv"
-
-
-@pytest.fixture(scope="module")
-def cache64(small_manifest, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("cache") / "c64"
-    result = subprocess.run([*CLI, "prepare", "--manifest", str(small_manifest), "--out", str(out),
-                             "--size", "64", "--shard-size", "64", "--workers", "2"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
-
 def test_prepare_writes_complete_cache_and_lists_unreadable(cache64, small_manifest):
     manifest = pd.read_csv(small_manifest)
     cache = CropCache(cache64, verify=True)

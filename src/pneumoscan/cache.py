@@ -268,6 +268,16 @@ class CropCache:
     def images(self, indices: Iterable[int]) -> np.ndarray:
         return np.stack([self.image(i) for i in indices])
 
+    def original(self, i: int) -> np.ndarray:
+        """Row i's original picture, read again (AG-CNN cuts its local crop from it)."""
+        from pneumoscan.io import read_xray
+
+        return read_xray(self.table["path"].iloc[i]).pixels
+
+    def lung_box(self, i: int) -> tuple[int, int, int, int]:
+        """Row i's lung box on its original picture (what its crop was cut from)."""
+        return tuple(int(v) for v in self.table[["x0", "y0", "x1", "y1"]].iloc[i])
+
     def scoring_inputs(self, classifier, indices: np.ndarray) -> dict[str, Any]:
         """:func:`scoring_inputs` for these rows of the cache."""
         return scoring_inputs(classifier, self.table.iloc[np.asarray(indices)], self.size)

@@ -61,6 +61,30 @@ def auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0,
     return (float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail)))
 
 
+def auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap of AUC(new) − AUC(old) on the same images (the same resampled images for
+    both in every draw): the difference, its percentile CI, and a two-sided bootstrap p-value
+    (twice the smaller share of draws on either side of zero)."""
+    from sklearn.metrics import roc_auc_score
+
+    keep = ~np.isnan(np.asarray(y, float))
+    y, a, b = np.asarray(y, float)[keep].astype(int), np.asarray(p_new, float)[keep], np.asarray(p_old, float)[keep]
+    if len(np.unique(y)) < 2:
+        return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            diffs.append(roc_auc_score(y[idx], a[idx]) - roc_auc_score(y[idx], b[idx]))
+    diffs = np.asarray(diffs)
+    tail = (1 - level) / 2 * 100
+    p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
+    return {"difference": roc_auc(y, a) - roc_auc(y, b), "low": float(np.percentile(diffs, tail)),
+            "high": float(np.percentile(diffs, 100 - tail)), "p": p}
+
+
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity − 1 (0.5 when undefined)."""
     from sklearn.metrics import roc_curve
