@@ -17,7 +17,7 @@ from pneumoscan.clinical import AGE_EDGES, ClinicalError, ClinicalSpec, Field, f
 from pneumoscan.crop import attention_box, box_in_original, local_crop
 from pneumoscan.modelfile import load_model
 
-from conftest import CLI, DATA, REPO, needs_data
+from conftest import CLI, REPO, needs_data
 
 SHIPPED = REPO / "src" / "pneumoscan" / "models" / "chest_densenet121.pt"
 
@@ -226,7 +226,7 @@ def test_clinical_model_uses_the_fields_from_csv_dicom_and_form(clinical, tmp_pa
     assert body["clinical"] == {"age": True, "sex": True, "view": True}
     assert body["probabilities"]["No Finding"] == pytest.approx(old.probabilities["No Finding"], abs=1e-4)
     refused = client.post("/v1/predict?images=false", files=files, data={"clinical": '{"fever": 39}'})
-    assert refused.status_code == 422 and "does not use fever" in refused.json()["detail"]
+    assert refused.status_code == 422 and "does not use fever" in refused.json()["error"]
 
 
 @needs_data

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import pandas as pd
 import pytest
 
 from pneumoscan.cache import CacheError, CropCache, prepare, shard_paths
-from pneumoscan.data import build_manifest, write_manifest
 from pneumoscan.modelfile import load_model
 
-from conftest import DATA, needs_data
+from conftest import CLI, needs_data
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
 pytestmark = needs_data
 
 
