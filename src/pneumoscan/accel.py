@@ -7,6 +7,8 @@ path stays bit-for-bit the one the tests check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,8 +30,8 @@ def place(net: nn.Module, device: torch.device) -> nn.Module:
     return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
-def run(net: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``net(x)`` on ``device``; float32 on the CPU back."""
+def run(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``net(x)`` on ``device`` (a network or one of its methods); float32 on the CPU back."""
     if device.type == "cpu":
         return net(x)
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)

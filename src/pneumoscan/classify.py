@@ -337,13 +337,13 @@ class Classifier:
 
     @torch.inference_mode()
     def _global_maps(self, crops: np.ndarray) -> np.ndarray:
-        x = place(torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None], self.device)
-        return self.model.feature_map(x).float().cpu().numpy()
+        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
+        return run(self.model.feature_map, x, self.device).numpy()
 
     @torch.inference_mode()
     def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
-        x = place(torch.from_numpy(np.ascontiguousarray(local, np.float32))[:, None], self.device)
-        return self.model.local_pooled(x).float().cpu()
+        return run(self.model.local_pooled, torch.from_numpy(np.ascontiguousarray(local, np.float32))[:, None],
+                   self.device)
 
     def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
         """The head and the clinical encoder on the CPU (they are small; the maps come back)."""

@@ -607,7 +607,7 @@ def predict(
             writer = csv.writer(handle)
             # A label the model does not assess has an empty probability and is named in not_assessed.
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
-                             "box", "fallback", "cam_label", "overlay", "error"])
+                             "box", "local_box", "fallback", "cam_label", "overlay", "error"])
         keep = overlays or dicom_out is not None
         for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
                                                               batch_size=batch_size, threads=read_threads,
@@ -654,7 +654,7 @@ def predict(
                                                    for label in LABELS),
                                  "|".join(result.findings or []), "|".join(result.not_assessed or []),
                                  quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
-                                 json.dumps(result.box),
+                                 json.dumps(result.box), json.dumps(result.local_box) if result.local_box else "",
                                  result.fallback, result.cam_label, record["overlay"], result.error or ""])
             bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"
