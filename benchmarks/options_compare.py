@@ -14,6 +14,7 @@ resampled images for both), its 95 % CI and two-sided bootstrap p. Measures:
   thresholds, so this row is not independent);
 - every label any of the models assesses, inside each test source with ≥ 10 positives and 10
   negatives;
+- where AG-CNN's attention boxes fall on the NIH test films;
 - the shortcut references on the first measure's films: view position alone (AP = 1), age alone,
   sex alone (M = 1), and a logistic regression on age, sex and view fitted on the NIH training and
   validation films: what the patient information says without any image.
@@ -109,7 +110,25 @@ def main() -> int:
                         ("logistic regression on age, sex, view (fitted on NIH train + val)", clinical_only(table, task))):
         low, high = auc_ci(y_task, score, args.n_boot)
         print(f"| {name} | {roc_auc(y_task, score):.3f} ({low:.3f}–{high:.3f}) |")
+    nih_test = np.flatnonzero(((table.source == "nih") & (table.split == "test")).to_numpy())
+    for name, classifier in models.items():
+        if classifier.arch == "agcnn":
+            print(f"\n{name}: " + attention_summary(classifier, cache, nih_test))
     return 0
+
+
+def attention_summary(classifier, cache, index: np.ndarray) -> str:
+    """Where AG-CNN's attention boxes fall on these rows' lung crops."""
+    from pneumoscan.crop import attention_box
+
+    maps = classifier._global_maps(cache.images(index).astype(np.float32) / 255.0)
+    size = classifier.size
+    boxes = np.array([attention_box(m, classifier.attention_threshold, size) for m in maps])
+    centre = (boxes[:, 1] + boxes[:, 3]) / 2
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / size ** 2
+    return (f"attention boxes on {len(index)} NIH test films: centre in the bottom quarter of the lung "
+            f"crop {np.mean(centre > 0.75 * size):.0%}, bottom third {np.mean(centre > 2 * size / 3):.0%}; "
+            f"median box {np.median(area):.0%} of the crop")
 
 
 def clinical_only(table, task: np.ndarray) -> np.ndarray:

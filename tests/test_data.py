@@ -150,8 +150,11 @@ def test_covid_and_actualmed_labels():
 def test_full_manifest_has_no_patient_leak_and_expected_counts():
     warnings: list[str] = []
     table = build_manifest(resolve_sources(DATA), warnings=warnings)
-    assert list(table.columns[:5]) == ["path", "source", "patient", "view", "split"]
-    assert list(table.columns[5:20]) == list(LABELS)
+    assert list(table.columns[:7]) == ["path", "source", "patient", "view", "age", "sex", "split"]
+    assert list(table.columns[7:22]) == list(LABELS)
+    nih = table[table.source == "nih"]  # patient information, for the options that fuse it
+    assert nih.age.astype(float).between(1, 100).all() and set(nih.sex) == {"M", "F"}
+    assert (table.loc[table.source == "kermany", "age"] == "").all()
     counts = table.source.value_counts().to_dict()
     assert counts == {"kermany": 5216, "shenzhen": 416, "nih": 657, "montgomery": 69,
                       "covid": 65, "actualmed": 22}
