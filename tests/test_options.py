@@ -148,6 +148,9 @@ def test_option_training_resumes_from_its_head_state(cache64, agcnn, tmp_path):
     assert resumed["weights_sha256"] == whole["weights_sha256"]
     log = pd.read_csv(out / "head_metrics_t0.6.csv")
     assert log["epoch"].tolist() == [0, 1, 2]
+    other = _train(cache64, out, "--arch", "agcnn", "--epochs", "4", "--attention-threshold", "0.6",
+                   "--attention-threshold", "0.8", "--lr", "0.01")
+    assert other.returncode == 2 and "other settings" in other.stderr and "Traceback" not in other.stderr
 
 
 @needs_data

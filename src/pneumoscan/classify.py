@@ -356,8 +356,12 @@ class Classifier:
         return self._cpu_head if self.device.type != "cpu" else (self.model.head, self.model.clinical)
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
-        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1])."""
+        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1]); a fused model's comes from
+        :meth:`predict_and_explain`, which has its other inputs."""
         from pneumoscan.explain import GradCAM
+
+        if self.fused:
+            raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
 
         x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None].to(self.device)
         with GradCAM(self.model) as cam:

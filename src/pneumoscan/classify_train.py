@@ -541,8 +541,15 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
     state_path = out / f"head_state{tag}.pt"
     best: dict[str, Any] = {"score": -np.inf, "head": None, "clinical": None, "best_epoch": 0}
     first_epoch = 0
+    # What a resumed fit must share with the one it continues (the epoch count may grow).
+    settings = {"lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size, "seed": cfg.seed,
+                "patience": cfg.patience, "epoch_size": len(sampler), "field_dropout": cfg.field_dropout,
+                "features": list(features["train"].shape), "labels": train_set.labels.shape[0]}
     if cfg.resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("settings") != settings:
+            raise ValueError(f"{state_path} holds a head fit made with other settings; use a new --out, "
+                             f"or --no-resume to start this one again")
         head.load_state_dict(state["head"])
         if model.clinical is not None:
             model.clinical.load_state_dict(state["clinical"])
@@ -580,7 +587,7 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
                         "head": {k: v.clone() for k, v in head.state_dict().items()},
                         "clinical": None if model.clinical is None else
                         {k: v.clone() for k, v in model.clinical.state_dict().items()}}
-            state = {"epoch": epoch, "head": head.state_dict(), "opt": opt.state_dict(),
+            state = {"epoch": epoch, "settings": settings, "head": head.state_dict(), "opt": opt.state_dict(),
                      "plateau": plateau.state_dict(), "best": best,
                      "clinical": None if model.clinical is None else model.clinical.state_dict()}
             tmp = state_path.with_name(state_path.name + ".tmp")

@@ -396,7 +396,7 @@ def train(
         min=0, help="Leave labels with fewer training positives out of the loss.")] = 50,
     freeze_backbone: Annotated[bool, typer.Option(
         help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt (with --freeze-backbone: OUT/head_state*.pt) if present.")] = True,
     arch: Annotated[str, typer.Option(
         help="densenet121 (the thesis's) or agcnn (+ a local branch on the attention box, cut from the "
              "original image; trains stage-wise with --freeze-backbone).")] = "densenet121",

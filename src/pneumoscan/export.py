@@ -237,7 +237,7 @@ class OnnxClassifier(Classifier):
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         if self.fused:
-            raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
+            return super().gradcam(crop, class_index)  # refuses, saying why
         features = self._global_maps(crop[None])
         return cam_from_features(features, self.head, class_index, crop.shape)[0]
 
