@@ -276,11 +276,16 @@ class CropCache:
 
     def lung_box(self, i: int) -> tuple[int, int, int, int]:
         """Row i's lung box on its original picture (what its crop was cut from)."""
-        return tuple(int(v) for v in self.table[["x0", "y0", "x1", "y1"]].iloc[i])
+        return lung_boxes(self.table.iloc[[i]])[0]
 
     def scoring_inputs(self, classifier, indices: np.ndarray) -> dict[str, Any]:
         """:func:`scoring_inputs` for these rows of the cache."""
         return scoring_inputs(classifier, self.table.iloc[np.asarray(indices)], self.size)
+
+
+def lung_boxes(rows: pd.DataFrame) -> list[tuple[int, int, int, int]]:
+    """The ``x0 y0 x1 y1`` lung box of each row, as ints."""
+    return [tuple(int(v) for v in b) for b in rows[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
 
 
 def scoring_inputs(classifier, rows: pd.DataFrame, size: int) -> dict[str, Any]:
@@ -294,7 +299,7 @@ def scoring_inputs(classifier, rows: pd.DataFrame, size: int) -> dict[str, Any]:
     codes = None if classifier.clinical is None else classifier.clinical.encode(
         table_records(rows, classifier.clinical.names))
     paths = rows["path"].tolist()
-    boxes = [tuple(int(v) for v in b) for b in rows[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    boxes = lung_boxes(rows)
 
     def local_from(k: int, box: tuple[int, int, int, int]) -> np.ndarray:
         return local_crop(read_xray(paths[k]).pixels, boxes[k], box, size)

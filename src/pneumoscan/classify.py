@@ -324,12 +324,13 @@ class Classifier:
             boxes = [attention_box(m, self.attention_threshold, self.size) for m in maps]
             local = np.stack([local_from(i, b) for i, b in enumerate(boxes)]).astype(np.float32) / 255.0
         head, clinical = self._head_modules()
+        device = head[0].weight.device
         with torch.inference_mode():
-            x = fuse(torch.from_numpy(maps.mean(axis=(2, 3))),
-                     None if local is None else self._local_pooled(local), clinical,
+            x = fuse(torch.from_numpy(maps.mean(axis=(2, 3))).to(device),
+                     None if local is None else self._local_pooled(local).to(device), clinical,
                      None if codes is None else torch.as_tensor(np.asarray(codes, np.int64)))
-            probs = torch.sigmoid(head(x)).float().numpy()
-        rest = x[:, FEATURES:].numpy()
+            probs = torch.sigmoid(head(x)).float().cpu().numpy()
+        rest = x[:, FEATURES:].float().cpu().numpy()
         heats = [None if choose is None or (k := choose(p)) is None else
                  cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None])[0]
                  for m, p, r in zip(maps, probs, rest)]
@@ -346,14 +347,8 @@ class Classifier:
                    self.device)
 
     def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
-        """The head and the clinical encoder on the CPU (they are small; the maps come back)."""
-        if self.device.type != "cpu" and not hasattr(self, "_cpu_head"):
-            import copy
-
-            self._cpu_head = copy.deepcopy(self.model.head).cpu(), copy.deepcopy(self.model.clinical)
-            if self._cpu_head[1] is not None:
-                self._cpu_head[1].cpu()
-        return self._cpu_head if self.device.type != "cpu" else (self.model.head, self.model.clinical)
+        """The fused head and the clinical encoder (where the model is)."""
+        return self.model.head, self.model.clinical
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one S×S crop for one class (S×S, in [0, 1]); a fused model's comes from

@@ -444,13 +444,15 @@ def branch_features(model: ChestClassifier, cache: CropCache, indices: np.ndarra
         for start in tqdm(range(0, len(indices), 32), desc=f"features {path.stem}", unit="batch"):
             batch = indices[start:start + 32]
             x = torch.from_numpy(cache.images(batch).astype(np.float32) / 255.0)[:, None]
-            maps = model.feature_map(x)
-            out[start:start + len(x)] = maps.mean(dim=(2, 3)).numpy()
+            features = model.feature_map(x)
+            out[start:start + len(x)] = features.mean(dim=(2, 3)).numpy()
+            maps = features.numpy()
             if thresholds:
                 originals = [cache.original(int(i)) for i in batch]
+                boxes = [cache.lung_box(int(i)) for i in batch]
                 for t in thresholds:
-                    crops = [local_crop(pixels, cache.lung_box(int(i)), attention_box(m, t, cache.size), cache.size)
-                             for pixels, i, m in zip(originals, batch, maps.numpy())]
+                    crops = [local_crop(pixels, lung, attention_box(m, t, cache.size), cache.size)
+                             for pixels, lung, m in zip(originals, boxes, maps)]
                     crops = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)[:, None]
                     local[t][start:start + len(x)] = model.local_pooled(crops).numpy()
     tmp = path.with_name(path.name + ".tmp.npz")

@@ -69,9 +69,9 @@ class GradCAM:
 
 def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> np.ndarray:
     """d(logit[class]) / d(pooled features) for the thesis head (Linear, ReLU, Dropout, Linear)."""
-    w1 = head[0].weight.detach().numpy()
-    b1 = head[0].bias.detach().numpy()
-    w2 = head[3].weight.detach().numpy()[class_index]
+    w1 = head[0].weight.detach().cpu().numpy()
+    b1 = head[0].bias.detach().cpu().numpy()
+    w2 = head[3].weight.detach().cpu().numpy()[class_index]
     active = (pooled @ w1.T + b1) > 0  # N×hidden
     return (active * w2) @ w1  # N×1024
 
