@@ -69,9 +69,9 @@ def test_real_dicom_reads_like_its_pixels(siim_dicom):
     assert image.meta["format"] == "dicom"
     assert image.meta["photometric"] == "MONOCHROME2" and image.meta["view_position"] == "PA"
     assert image.shape == (1024, 1024) and not image.meta["inverted"]
-    # no window in the file → min-max of the stored values, so correlation is exact
+    # no window in the file → scaled by its 8 stored bits, like an 8-bit PNG (never its own min–max)
     raw = ds.pixel_array.astype(np.float64)
-    np.testing.assert_allclose(image.pixels, (raw - raw.min()) / np.ptp(raw), atol=1e-6)
+    np.testing.assert_allclose(image.pixels, raw / 255.0, atol=1e-6)
     assert "PatientName" not in str(image.meta)
 
 
@@ -89,13 +89,42 @@ def test_monochrome1_reads_as_the_same_picture(siim_dicom, tmp_path):
     np.testing.assert_allclose(flipped.pixels, normal.pixels, atol=1e-6)
 
 
-def test_sixteen_bit_png_uses_its_real_range(tmp_path):
-    # 12-bit data stored in a 16-bit PNG: 400..3700 must map to 0..1, not 0.006..0.056
+def test_sixteen_bit_png_is_scaled_by_the_bits_its_data_uses(tmp_path):
+    # 12-bit data stored in a 16-bit PNG: scaled by 4095 (its container depth), not by its own
+    # min–max 400..3700, and not by 65535 (which would make it nearly black)
     data = (400 + _gradient() * 3300).astype(np.uint16)
     image = read_xray(_write_png(tmp_path / "x16.png", data))
-    assert image.meta["bit_depth"] == 16 and image.meta["value_range"] == [400, 3700]
-    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
-    np.testing.assert_allclose(image.pixels, (data - 400) / 3300.0, atol=1e-6)
+    assert image.meta["bit_depth"] == 12 and image.meta["value_range"] == [0, 4095]
+    np.testing.assert_allclose(image.pixels, data / 4095.0, atol=1e-6)
+
+
+def test_one_hot_pixel_does_not_rescale_a_sixteen_bit_png(tmp_path):
+    data = (_gradient() * 3000).astype(np.uint16)
+    hot = data.copy()
+    hot[5, 5] = 4000  # still inside 12 bits: the picture must not change
+    plain, spiked = read_xray(_write_png(tmp_path / "a.png", data)), read_xray(_write_png(tmp_path / "b.png", hot))
+    mask = np.ones(data.shape, bool)
+    mask[5, 5] = False
+    np.testing.assert_array_equal(plain.pixels[mask], spiked.pixels[mask])
+
+
+def test_eight_bit_film_reads_alike_from_every_container(tmp_path):
+    """The same 8-bit pixels as 8-bit PNG, as 16-bit PNG (×257), and as 8- and 16-bit DICOMs
+    without a window give the same picture (SPEC: one intensity convention)."""
+    grey = (_gradient() * 255).astype(np.uint8)
+    eight = read_xray(_write_png(tmp_path / "x8.png", grey)).pixels
+    sixteen = read_xray(_write_png(tmp_path / "x16.png", grey.astype(np.uint16) * 257)).pixels
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    for tag in ("WindowCenter", "WindowWidth"):
+        del ds[tag]
+    ds.Rows, ds.Columns = grey.shape
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+    for bits, stored in ((8, grey), (16, grey.astype(np.uint16) * 257)):
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
+        ds.PixelData = stored.tobytes()
+        ds.save_as(tmp_path / f"x{bits}.dcm")
+        np.testing.assert_allclose(read_xray(tmp_path / f"x{bits}.dcm").pixels, eight, atol=1e-6)
+    np.testing.assert_allclose(sixteen, eight, atol=1e-6)
 
 
 def test_colour_and_palette_png_become_grey(tmp_path):
@@ -123,7 +152,11 @@ def test_signed_ct_with_rescale_and_window():
     assert ds.PixelRepresentation == 1 and float(ds.RescaleIntercept) != 0
     image = read_xray(path)
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    np.testing.assert_allclose(image.pixels, (hu - hu.min()) / np.ptp(hu), atol=1e-5)
+    if "WindowCenter" in ds:
+        assert image.meta["windowed"] == "window"
+    else:  # scaled by the range its 16 signed stored bits can hold, through the rescale
+        lo = -(2 ** 15) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_allclose(image.pixels, (hu - lo) / (65535 * float(ds.RescaleSlope)), atol=1e-5)
 
 
 def test_window_centre_width_applied():

@@ -68,6 +68,7 @@ class _Job:
     size: int
     seg_model: str | None
     threads: int = 1  # decoding threads beside the U-Net (2 when one process does everything)
+    masked: bool = False  # black out everything outside the lung mask before cropping
 
 
 _SEGMENTER = None
@@ -88,18 +89,46 @@ def _worker_init(seg_model: str | None, one_thread: bool = True) -> None:
     _SEGMENTER = LungSegmenter.load(seg_model) if seg_model else load_default()
 
 
-def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1
+#: Sources whose films arrive lung-masked: their own mask gives the box, no U-Net runs.
+PREMASKED_SOURCES = {"nihmasked"}
+
+
+def crop_premasked(path: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """A lung-masked film's crop (:func:`pneumoscan.crop.premasked_crop`) and its record."""
+    from pneumoscan.crop import premasked_crop
+    from pneumoscan.data.nih_masked import read_premasked
+
+    rec = {"path": path, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
+           "lung_fraction": np.nan, "error": ""}
+    try:
+        film, mask = read_premasked(path)
+    except OSError as exc:
+        return np.zeros((size, size), np.uint8), rec | {"error": str(exc)}
+    found, crop = premasked_crop(film, mask, size)
+    x0, y0, x1, y1 = found.box
+    return crop, rec | {"x0": x0, "y0": y0, "x1": x1, "y1": y1, "fallback": found.fallback,
+                        "lung_fraction": round(found.lung_fraction, 4)}
+
+
+def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1,
+               masked: bool = False, sources: list[str] | None = None
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """read → segment → crop → resize for each path (:func:`pneumoscan.crop.read_segment_crop`):
     uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
-    error message ("" when read)."""
+    error message ("" when read). ``masked``: lungs only. Films of a :data:`PREMASKED_SOURCES`
+    source (named in ``sources``) are always cropped by their own mask."""
     from pneumoscan.crop import read_segment_crop
 
     crops = np.zeros((len(paths), size, size), np.uint8)
-    records = []
-    items = (item for chunk in read_segment_crop(paths, segmenter, size, batch=batch, threads=threads)
+    records: list[dict[str, Any]] = [{}] * len(paths)
+    premasked = [sources is not None and sources[i] in PREMASKED_SOURCES for i in range(len(paths))]
+    for i in np.flatnonzero(premasked):
+        crops[i], records[i] = crop_premasked(paths[i], size)
+    rest = [i for i in range(len(paths)) if not premasked[i]]
+    items = (item for chunk in read_segment_crop([paths[i] for i in rest], segmenter, size, batch=batch,
+                                                 threads=threads, masked=masked)
              for item in chunk)
-    for i, item in enumerate(items):
+    for i, item in zip(rest, items):
         rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
                "lung_fraction": np.nan, "error": item.error or ""}
         if item.seg is not None:
@@ -107,14 +136,15 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
             x0, y0, x1, y1 = item.seg.box
             rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
                        lung_fraction=round(item.seg.lung_fraction, 4))
-        records.append(rec)
+        records[i] = rec
     return crops, records
 
 
 def _do_shard(job: _Job) -> tuple[int, int, int]:
     """Crop one shard; returns (shard, images, errors)."""
     root = Path(job.root)
-    crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size, threads=job.threads)
+    crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size, threads=job.threads,
+                                masked=job.masked, sources=[r["source"] for r in job.rows])
     for rec, row in zip(records, job.rows):
         rec["row"] = row["row"]
     npy, csv, mark = shard_paths(root, job.k)
@@ -129,8 +159,9 @@ def _do_shard(job: _Job) -> tuple[int, int, int]:
 
 def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size: int = 128,
             workers: int = 1, shard: tuple[int, int] = (0, 1), seg_model: str | Path | None = None,
-            progress: bool = True, ray: str | None = None) -> dict[str, Any]:
+            progress: bool = True, ray: str | None = None, masked: bool = False) -> dict[str, Any]:
     """Fill the cache for ``table`` (a manifest). Returns counts of what was done now and overall.
+    ``masked``: crops of the lungs only (0 outside the lung mask), for a lung-masked classifier.
     ``ray``: run the shards on a Ray cluster at this address ("local": one started here) with
     ``workers`` actors, instead of a local process pool."""
     from tqdm import tqdm
@@ -152,7 +183,10 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
               "manifest_sha256": manifest_digest(table),
               "segmentation_model_sha256": seg_meta["weights_sha256"],
               "crop": f"lung box on the original image (margin 5 %, mask cleaned at ≤ {WORK_SIDE} px), "
-                      f"resized to size×size, no CLAHE"}
+                      f"resized to size×size, no CLAHE"
+                      + ("; 0 outside the lung mask (pre-masked sources: their own mask, cleaned alike)"
+                         if masked else ""),
+              **({"lung_mask": True} if masked else {})}
     config_path = root / "config.json"
     if config_path.exists():
         existing = json.loads(config_path.read_text())
@@ -163,10 +197,10 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
     else:
         write_manifest(table, root / "manifest.csv")
         atomic_write_bytes(config_path, json.dumps(config, indent=2).encode())
-    records = table[["path"]].assign(row=np.arange(len(table))).to_dict("records")
+    records = table[["path", "source"]].assign(row=np.arange(len(table))).to_dict("records")
     mine = [k for k in range(config["shards"]) if k % count == index]
     jobs = [_Job(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
-                 str(seg_model) if seg_model else None, 2 if workers <= 1 else 1) for k in mine]
+                 str(seg_model) if seg_model else None, 2 if workers <= 1 else 1, masked) for k in mine]
     todo = [j for j in jobs if not shard_done(root, j.k, len(j.rows))]
     done_images = errors = 0
     bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
@@ -258,6 +292,11 @@ class CropCache:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    @property
+    def lung_masked(self) -> bool:
+        """True when the crops hold the lungs only (``prepare --lung-mask``)."""
+        return bool(self.config.get("lung_mask", False))
 
     def image(self, i: int) -> np.ndarray:
         """uint8 S×S crop of ``table`` row i."""

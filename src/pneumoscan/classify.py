@@ -219,6 +219,12 @@ class Classifier:
         return self.arch != "densenet121" or self.clinical is not None
 
     @property
+    def lung_masked(self) -> bool:
+        """True when the model learnt from lung-masked crops (0 outside the lung mask): every
+        caller must then crop with ``masked=True`` (:func:`pneumoscan.crop.segment_and_crop`)."""
+        return bool((self.meta.get("preprocessing") or {}).get("lung_mask", False))
+
+    @property
     def backend(self) -> str:
         return f"torch ({self.device})"
 

@@ -116,18 +116,25 @@ def classifier_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: in
     return np.round(np.clip(crop_resize(pixels, box, size), 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def lungs_only(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The film with 0 outside the lung mask: the input of a classifier trained on lung-masked
+    films (``lung_mask`` in its preprocessing), which sees only what lies inside the lungs."""
+    return pixels * (mask > 0)
+
+
 def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16,
-                     prepared: np.ndarray | None = None) -> tuple[list, np.ndarray]:
+                     prepared: np.ndarray | None = None, masked: bool = False) -> tuple[list, np.ndarray]:
     """Segment [0, 1] grey pictures in batches and cut each one's classifier crop: the one
     segment → crop path behind ``predict``, ``prepare`` and ``evaluate``. ``prepared``: the
-    U-Net inputs if already computed. Returns the segmentations and N×size×size uint8 crops."""
+    U-Net inputs if already computed; ``masked``: black out everything outside the lung mask
+    (:func:`lungs_only`) before cropping. Returns the segmentations and N×size×size uint8 crops."""
     segs = []
     for start in range(0, len(images), batch):
         segs.extend(segmenter.segment_batch(images[start:start + batch], None if prepared is None
                                             else prepared[start:start + batch]))
     crops = np.zeros((len(images), size, size), np.uint8)
     for i, (pixels, seg) in enumerate(zip(images, segs)):
-        crops[i] = classifier_crop(pixels, seg.box, size)
+        crops[i] = classifier_crop(lungs_only(pixels, seg.mask) if masked else pixels, seg.box, size)
     return segs, crops
 
 
@@ -145,11 +152,11 @@ class Cropped:
 
 
 def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: int = 16, threads: int = 2,
-                      read: Callable[[Any], Any] | None = None) -> Iterator[list[Cropped]]:
+                      read: Callable[[Any], Any] | None = None, masked: bool = False) -> Iterator[list[Cropped]]:
     """The one read → segment → crop path (predict, prepare, segment, evaluate): decoding runs on
     ``threads`` threads ahead of the U-Net, which runs in batches of ``batch``; yields each batch
     in input order. ``read`` turns a source into an XrayImage (default: ``read_xray``) and may
-    raise XrayReadError, which becomes the item's ``error``."""
+    raise XrayReadError, which becomes the item's ``error``; ``masked`` as :func:`segment_and_crop`."""
     from pneumoscan.io import XrayReadError, read_ahead, read_xray
 
     read = read or read_xray
@@ -165,10 +172,20 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
     while chunk := list(islice(loaded, batch)):
         readable = [c for c in chunk if c.image is not None]
         segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch,
-                                       np.stack([c.prepared for c in readable]) if readable else None)
+                                       np.stack([c.prepared for c in readable]) if readable else None,
+                                       masked=masked)
         for item, seg, crop in zip(readable, segs, crops):
             item.seg, item.crop, item.prepared = seg, crop, None
         yield chunk
+
+
+def premasked_crop(film: np.ndarray, mask: np.ndarray, size: int) -> tuple[LungCrop, np.ndarray]:
+    """A film that arrives lung-masked (0 outside its mask; :mod:`pneumoscan.data.nih_masked`):
+    its mask cleaned like the U-Net's (:func:`lung_crop`), the film kept inside the cleaned mask,
+    and the classifier crop of its lung box. Training on such films and predicting with
+    ``masked=True`` on unmasked ones give the classifier the same kind of picture."""
+    found = lung_crop(mask.astype(np.float32))
+    return found, classifier_crop(lungs_only(film, found.mask), found.box, size)
 
 
 def apply_box(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

@@ -399,6 +399,10 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         crop_cache = CropCache(cache)
         if crop_cache.size != classifier.size:
             raise ValueError(f"cache crops are {crop_cache.size} px but the model takes {classifier.size} px")
+        if crop_cache.lung_masked != classifier.lung_masked:
+            raise ValueError(f"the cache's crops are {'' if crop_cache.lung_masked else 'not '}lung-masked but the "
+                             f"model learnt from {'' if classifier.lung_masked else 'un'}masked crops; prepare "
+                             f"a cache {'with' if classifier.lung_masked else 'without'} --lung-mask")
         where = {p: i for i, p in enumerate(crop_cache.table["path"])}
         found = rows["path"].map(where)
         skipped = rows.loc[found.isna(), "path"].tolist()
@@ -406,7 +410,8 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         crops = crop_cache.images(found.dropna().astype(int))
         inputs = crop_cache.scoring_inputs(classifier, found.dropna().astype(int).to_numpy())
     else:
-        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2)
+        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
+                                    masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
         ok = np.array([r["error"] == "" for r in records])
         skipped = [r["path"] for r in records if r["error"]]
         rows, crops = rows[ok].reset_index(drop=True), crops[ok]

@@ -158,14 +158,16 @@ def _decode_raster(
     if lo == hi:  # refused before a float copy is made (a small PNG can hold a huge blank picture)
         raise XrayReadError(f"{name}: every pixel has the same value, so the image shows nothing to read")
     if raw.dtype == np.uint8:
-        bit_depth, value_range, offset, scale = 8, None, 0.0, 255.0
-    else:  # 16-bit files often hold 10-14 bit data: scale by the real range, not by 65535
-        bit_depth, value_range, offset, scale = 16, [lo, hi], float(lo), float(hi - lo)
+        bit_depth, value_range = 8, None
+    else:  # 16-bit files often hold 10-14 bit data: scale by the bits the data uses, never by its own min–max
+        bit_depth = png_significant_bits(data) if fmt == "png" else None
+        bit_depth = bit_depth or significant_bits(hi)
+        value_range = [0, 2 ** bit_depth - 1]
     # One float copy, scaled in place: a temporary of the same size would double the peak memory.
     pixels = raw.astype(np.float32)
     del raw
-    pixels -= offset
-    pixels *= 1.0 / scale
+    pixels *= 1.0 / (2 ** bit_depth - 1)
+    np.clip(pixels, 0.0, 1.0, out=pixels)
     pixels = exif_upright(pixels, orientation)
     height, width = pixels.shape
     meta = {
@@ -185,6 +187,24 @@ def _decode_raster(
 
 
 EXIF_ORIENTATION = 0x0112
+
+
+def significant_bits(highest: int) -> int:
+    """The container depth a 16-bit raster's data uses: the least of 8, 10, 12, 14 and 16 bits that
+    holds its highest value. Scaling by it (not by the picture's own min–max) gives the same
+    picture whether a film is stored in 8 bits, as 8-bit values in 16 bits, or stretched to
+    16 bits (×257), and one hot pixel moves the scale only when it crosses a depth."""
+    return next(bits for bits in (8, 10, 12, 14, 16) if highest < 2 ** bits)
+
+
+def png_significant_bits(data: bytes) -> int | None:
+    """The grey depth a PNG's ``sBIT`` chunk declares (PNG spec 11.3.3.4), if it has one before
+    its image data."""
+    at, image = data.find(b"sBIT"), data.find(b"IDAT")
+    if at < 4 or (0 <= image < at) or at + 5 > len(data):
+        return None
+    bits = data[at + 4]
+    return int(bits) if 1 <= bits <= 16 else None
 
 
 def exif_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -283,8 +303,9 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
         arr = apply_color_lut(arr, ds)
         photometric = "RGB"
     if arr.ndim == 3:  # RGB / YBR (pydicom already converted YBR to RGB)
-        grey = cv2.cvtColor(_to_uint8_or_16(arr), cv2.COLOR_RGB2GRAY).astype(np.float64)
-        return _min_max(grey), False
+        stored = _to_uint8_or_16(arr)
+        grey = cv2.cvtColor(stored, cv2.COLOR_RGB2GRAY).astype(np.float64)
+        return grey / (255.0 if stored.dtype == np.uint8 else 65535.0), False
     values = apply_modality_lut(arr, ds).astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         lut = _lut_values(ds.VOILUTSequence[0])
@@ -297,7 +318,24 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
         if w > 0:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
             return window(values, c, w, function), "window"
-    return _min_max(values), False
+    return stored_range_to_unit(values, ds), False
+
+
+def stored_range_to_unit(values: np.ndarray, ds: Any) -> np.ndarray:
+    """Modality values of a film without a VOI → [0, 1] by the range its stored bits can hold
+    (Bits Stored, Pixel Representation, through the modality rescale), never by the film's own
+    min–max: the same 8-bit pixels in a PNG and in a DICOM give the same picture, and one hot
+    pixel cannot darken the rest."""
+    from pydicom.pixels import apply_modality_lut
+
+    bits = _as_int(ds.get("BitsStored", ds.get("BitsAllocated", 8)), 8)
+    bits = min(max(bits, 1), 32)
+    signed = _as_int(ds.get("PixelRepresentation", 0), 0) == 1
+    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2 ** bits - 1])
+    lo, hi = sorted(float(v) for v in np.asarray(apply_modality_lut(extremes, ds), np.float64))
+    if hi <= lo:
+        return _min_max(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
 
 
 def _lut_values(item: Any) -> np.ndarray:

@@ -225,7 +225,8 @@ class Predictor:
         triples = zip(sources, names if names is not None else repeat(None),
                       clinical if clinical is not None else repeat(None))
         for chunk in read_segment_crop(triples, self.segmenter, self.classifier.size, batch=batch_size,
-                                       threads=threads, read=lambda t: self._read(t[0], _label(t[0], t[1]))):
+                                       threads=threads, read=lambda t: self._read(t[0], _label(t[0], t[1])),
+                                       masked=self.classifier.lung_masked):
             yield from self._score(chunk, cam, keep_arrays, force)
 
     def _score(self, chunk: list[Cropped], cam: str | None, keep_arrays: bool, force: bool) -> list[Prediction]:

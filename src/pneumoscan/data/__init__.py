@@ -21,12 +21,13 @@ from pneumoscan.data.manifest import (
 )
 from pneumoscan.data.montgomery import Montgomery
 from pneumoscan.data.nih import NIH
+from pneumoscan.data.nih_masked import NIHMasked
 from pneumoscan.data.rsna import RSNA
 from pneumoscan.data.shenzhen import Shenzhen
 
 __all__ = [
     "Actualmed", "CovidChestXray", "DEFAULT_FRACTIONS", "DEFAULT_SEED", "Kermany",
-    "MANIFEST_COLUMNS", "ManifestError", "Montgomery", "NIH", "RSNA", "SOURCES", "Shenzhen",
+    "MANIFEST_COLUMNS", "ManifestError", "Montgomery", "NIH", "NIHMasked", "RSNA", "SOURCES", "Shenzhen",
     "SourceError", "XraySource", "build_manifest", "label_matrix", "patient_leaks", "population",
     "read_manifest", "resolve_sources", "summarize", "write_manifest",
 ]

@@ -22,17 +22,19 @@ from pneumoscan.data.covid import CovidChestXray
 from pneumoscan.data.kermany import Kermany
 from pneumoscan.data.montgomery import Montgomery
 from pneumoscan.data.nih import NIH
+from pneumoscan.data.nih_masked import NIHMasked
 from pneumoscan.data.rsna import RSNA
 from pneumoscan.data.shenzhen import Shenzhen
 from pneumoscan.labels import LABELS
 
 SOURCES: dict[str, type[XraySource]] = {
-    cls.name: cls for cls in (NIH, Kermany, RSNA, Montgomery, Shenzhen, CovidChestXray, Actualmed)
+    cls.name: cls for cls in (NIH, NIHMasked, Kermany, RSNA, Montgomery, Shenzhen, CovidChestXray, Actualmed)
 }
 #: Folder names of the sources in ``../shared/data`` (each source's usual release name).
 FOLDER_NAMES = {
     "nih": "nih-cxr14", "kermany": "kermany", "rsna": "rsna-pneumonia", "montgomery": "montgomery",
     "shenzhen": "shenzhen", "covid": "covid-chestxray", "actualmed": "actualmed-covid",
+    "nihmasked": "rsna-nih-masked",
 }
 MANIFEST_COLUMNS = ["path", "source", "patient", "view", "age", "sex", "split", *LABELS, "mask"]
 SPLITS = ("train", "val", "test")
@@ -105,6 +107,8 @@ def build_manifest(
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS,
     seed: int = DEFAULT_SEED,
     rsna_mapping: str | Path | None = None,
+    nih_masked_images: str | Path | None = None,
+    test_sources: Sequence[str] = (),
     warnings: list[str] | None = None,
 ) -> pd.DataFrame:
     """One row per image of every source: ``path, source, patient, view, split``, the 15 labels
@@ -112,7 +116,12 @@ def build_manifest(
 
     A source may be given several folders (NIH extracts, say): their patient keys are shared, so
     a patient found in two folders still lands in one split; a file name seen twice in one source
-    is indexed once (the first folder's copy)."""
+    is indexed once (the first folder's copy).
+
+    ``test_sources`` pins every image of those sources to test, and with them every image of
+    their patients in other sources (NIH originals held out while their lung-masked copies in
+    ``nihmasked`` would otherwise train). ``nih_masked_images``: the repository snapshot that
+    ``nihmasked``'s index points into."""
     unknown_names = set(sources) - set(SOURCES)
     if unknown_names:
         raise ManifestError(f"unknown sources {sorted(unknown_names)}; known: {sorted(SOURCES)}")
@@ -121,7 +130,12 @@ def build_manifest(
         parts = []
         for root in _folders(roots):
             try:
-                source = RSNA(root, mapping=rsna_mapping) if name == "rsna" else SOURCES[name](root)
+                if name == "rsna":
+                    source = RSNA(root, mapping=rsna_mapping)
+                elif name == "nihmasked":
+                    source = NIHMasked(root, images=nih_masked_images)
+                else:
+                    source = SOURCES[name](root)
             except SourceError as exc:
                 raise ManifestError(str(exc)) from exc
             if name == "rsna" and "nih" in sources and not source.has_mapping and len(source):
@@ -144,6 +158,10 @@ def build_manifest(
     if not tables:
         raise ManifestError("no sources given")
     merged = pd.concat(tables, ignore_index=True)
+    unknown_test = set(test_sources) - set(sources)
+    if unknown_test:
+        raise ManifestError(f"test sources {sorted(unknown_test)} are not among the indexed sources")
+    merged.loc[merged["source"].isin(list(test_sources)), "official_split"] = "test"
     merged["split"] = assign_splits(merged["patient"], merged["official_split"], fractions, seed)
     return merged[MANIFEST_COLUMNS].reset_index(drop=True)
 
