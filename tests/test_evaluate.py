@@ -113,18 +113,19 @@ def test_headline_left_out_when_no_source_has_both_classes(tmp_path):
     assert "no mean AUC is reported" in (tmp_path / "report.md").read_text()
 
 
-def test_assess_labels_needs_adult_positives_and_a_within_source_ci_above_half():
+def test_assess_labels_needs_adult_positives_a_large_source_and_a_ci_above_0_65():
     from pneumoscan.evaluate import assess_labels
 
     rng = np.random.default_rng(0)
     j, k = LABELS.index("Pneumonia"), LABELS.index("Nodule")
-    val_sources = np.array(["nih"] * 80 + ["kermany"] * 80)
-    val = np.full((160, 15), np.nan, np.float32)
-    val[:, j] = np.r_[np.ones(40), np.zeros(40), np.ones(40), np.zeros(40)]
-    val[:80, k] = np.r_[np.ones(20), np.zeros(60)]
-    probs = rng.random((160, 15)).astype(np.float32) * 0.5
-    probs[:40, j] += 0.5  # learnt inside nih
-    probs[80:120, k] = 1.0  # Nodule: scores unrelated to the nih labels
+    n = 1200  # the adult source's validation films: at least 1,000 are required
+    val_sources = np.array(["nih"] * n + ["kermany"] * 80)
+    val = np.full((n + 80, 15), np.nan, np.float32)
+    val[:, j] = np.r_[np.ones(100), np.zeros(n - 100), np.ones(40), np.zeros(40)]
+    val[:n, k] = np.r_[np.ones(60), np.zeros(n - 60)]
+    probs = rng.random((n + 80, 15)).astype(np.float32) * 0.5
+    probs[:100, j] += 0.5  # learnt inside nih
+    probs[:60, k] += 0.08  # Nodule: barely better than chance (AUC about 0.66, CI reaching below 0.65)
     train_sources = np.array(["nih"] * 150 + ["kermany"] * 3000)
     train = np.full((3150, 15), np.nan, np.float32)
     train[:, j] = np.r_[np.ones(120), np.zeros(30), np.ones(3000)]
@@ -133,7 +134,9 @@ def test_assess_labels_needs_adult_positives_and_a_within_source_ci_above_half()
     assert out["Pneumonia"]["assessed"] and 0 < out["Pneumonia"]["threshold"] < 1
     assert out["Pneumonia"]["adult_train_positives"] == 120  # Kermany children do not count
     assert not out["Nodule"]["assessed"] and out["Nodule"]["threshold"] is None
-    assert "not above 0.5" in out["Nodule"]["reason"]
+    assert "below 0.65" in out["Nodule"]["reason"]
     assert not out["Hernia"]["assessed"] and "adult training positives" in out["Hernia"]["reason"]
+    small = assess_labels(val[n - 200:], probs[n - 200:], val_sources[n - 200:], train, train_sources, n_boot=50)
+    assert not small["Pneumonia"]["assessed"] and "1000 films" in small["Pneumonia"]["reason"]
     few = assess_labels(val, probs, val_sources, train[150:], train_sources[150:], n_boot=50)
     assert not few["Pneumonia"]["assessed"]  # only paediatric training positives
