@@ -1,93 +1,192 @@
-"""Issue 14's targets for a classifier, on the patient-wise dev split of ../shared/data.
+"""A classifier on adult films it never saw: the held-out NIH originals through the predictor's path.
 
-    python benchmarks/adult_eval.py --manifest runs/manifest.csv --cache runs/cache224 [--model M]
+    python benchmarks/adult_eval.py --manifest runs/manifest25.csv [--model M] [--out runs/adult_eval]
 
-Prints one table:
-- adult Pneumonia vs No Finding (NIH films of the test split: Pneumonia = 1 against No Finding = 1)
-  AUC with its bootstrap 95 % CI, and the AUC of the view position alone (AP = 1) on the same
-  films, so that nobody mistakes the portable-film shortcut for progress;
-- Kermany Pneumonia AUC on the validation patients;
-- on NIH "No Finding" films of the test split, through the whole predictor (input gate
-  included), the median and maximum number of findings listed, and how many the gate refused;
-- every label the model assesses, with its within-source validation evidence.
+The manifest is built with ``--test-source nih`` (``docs/ADULT.md``), so every NIH original in
+``nih-cxr14*/`` and every lung-masked film of those patients is in the test split, which chose
+nothing (no checkpoint, threshold or assessment). Each original is read, segmented and cropped
+by the functions ``predict`` uses (lungs only when the model learnt from lung-masked crops), then
+scored. Reported, each with its number of films and a bootstrap 95 % CI:
+
+- adult Pneumonia vs No Finding (NIH's labels), and the view position alone on the same films;
+- RSNA radiologists' Lung Opacity vs Normal on the originals that have an RSNA label, and on the
+  lung-masked films of the test patients (the masked source's own mask);
+- every label's AUC against all other NIH originals, marked assessed or not;
+- sensitivity and specificity of each assessed label at its stored threshold;
+- through the whole predictor (input gate included), how many findings it lists on NIH
+  "No Finding" films;
+- Kermany Pneumonia on its validation patients (the official Kermany test split is not in the dev
+  data; the validation split chose the checkpoint, so this figure is optimistic).
+
+Writes ``adult_eval.json`` and ``adult_eval.md`` into ``--out`` and prints the markdown.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def auc_entry(y: np.ndarray, p: np.ndarray, n_boot: int) -> dict:
+    from pneumoscan.evaluate import auc_ci, roc_auc
+
+    keep = ~np.isnan(y)
+    y, p = y[keep], p[keep]
+    if len(np.unique(y)) < 2:
+        return {"auc": None, "ci": [None, None], "positives": int(y.sum()), "negatives": int((1 - y).sum())}
+    low, high = auc_ci(y, p, n_boot)
+    return {"auc": round(float(roc_auc(y, p)), 4), "ci": [round(float(low), 4), round(float(high), 4)],
+            "positives": int(y.sum()), "negatives": int((1 - y).sum())}
+
+
+def fmt(entry: dict) -> str:
+    if entry["auc"] is None:
+        return "–"
+    return f"{entry['auc']:.3f} ({entry['ci'][0]:.3f}–{entry['ci'][1]:.3f})"
+
+
+def rsna_classes(names: list[str], index_csv: Path) -> np.ndarray:
+    """RSNA class per NIH file name ("" where the film was not an RSNA challenge image)."""
+    import pandas as pd
+
+    if not index_csv.is_file():
+        return np.array([""] * len(names), dtype=object)
+    table = pd.read_csv(index_csv, usecols=["nih_image", "rsna_class"])
+    lookup = dict(zip(table.nih_image, table.rsna_class))
+    return np.array([lookup.get(n, "") for n in names], dtype=object)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=None, help="classifier file (default: shipped)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "adult_eval")
     parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
     args = parser.parse_args()
 
-    from pneumoscan.cache import CropCache
-    from pneumoscan.classify import Classifier, load_default
-    from pneumoscan.evaluate import auc_ci, roc_auc
-    from pneumoscan.labels import LABELS
+    from pneumoscan.cache import crop_paths
+    from pneumoscan.data.manifest import read_manifest
+    from pneumoscan.evaluate import sens_spec
+    from pneumoscan.labels import LABELS, NO_FINDING
     from pneumoscan.predict import Predictor
 
-    classifier = Classifier.load(args.model) if args.model else load_default()
-    cache = CropCache(args.cache)
-    table = cache.table
+    started = time.time()
+    predictor = Predictor.from_paths(cls_model=args.model, backend="torch")
+    classifier, segmenter = predictor.classifier, predictor.segmenter
+    table = read_manifest(args.manifest)
+    result: dict = {"model_sha256": classifier.meta["weights_sha256"], "manifest": str(args.manifest),
+                    "lung_masked_input": classifier.lung_masked, "assessed": classifier.assessed_labels}
+
+    def score(rows) -> tuple[np.ndarray, np.ndarray]:
+        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
+                                    masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
+        ok = np.array([r["error"] == "" for r in records])
+        probs = classifier.predict_proba(crops[ok].astype(np.float32) / 255.0, batch_size=32)
+        return ok, probs
+
+    nih = table[(table.source == "nih") & (table.split == "test")].reset_index(drop=True)
+    print(f"scoring {len(nih)} held-out NIH originals …", file=sys.stderr, flush=True)
+    ok, probs = score(nih)
+    nih = nih[ok].reset_index(drop=True)
+    labels = nih[list(LABELS)].to_numpy(np.float64)
     j = LABELS.index("Pneumonia")
-    rows = []
+    task = ((nih.Pneumonia == 1) | (nih[NO_FINDING] == 1)).to_numpy()
+    y = nih.Pneumonia.to_numpy(float)[task]
+    result["pneumonia_vs_no_finding"] = auc_entry(y, probs[task, j], args.n_boot)
+    result["view_alone"] = auc_entry(y, (nih.view.to_numpy()[task] == "AP").astype(float), args.n_boot)
+    names = [Path(p).name for p in nih.path]
+    classes = rsna_classes(names, args.rsna_index)
+    opacity = np.isin(classes, ["Lung Opacity", "Normal"])
+    result["rsna_opacity_vs_normal_originals"] = auc_entry(
+        (classes[opacity] == "Lung Opacity").astype(float), probs[opacity, j], args.n_boot)
+    result["per_label"] = {label: auc_entry(labels[:, k], probs[:, k], args.n_boot) | {
+        "assessed": bool(classifier.assessed[k])} for k, label in enumerate(LABELS)}
+    result["operating_points"] = {}
+    for k, label in enumerate(LABELS):
+        if classifier.assessed[k]:
+            sens, spec = sens_spec(labels[:, k], probs[:, k], float(classifier.thresholds[k]))
+            result["operating_points"][label] = {"threshold": float(classifier.thresholds[k]),
+                                                 "sensitivity": round(float(sens), 3),
+                                                 "specificity": round(float(spec), 3)}
+    result["nih_films"] = int(len(nih))
 
-    def scored(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        index = np.flatnonzero(mask)
-        probs = classifier.predict_proba(cache.images(index).astype(np.float32) / 255.0, batch_size=32)
-        return index, probs
+    masked = table[(table.source == "nihmasked") & (table.split == "test")].reset_index(drop=True)
+    if len(masked):
+        print(f"scoring {len(masked)} lung-masked films of the same patients …", file=sys.stderr, flush=True)
+        ok, mprobs = score(masked)
+        masked = masked[ok].reset_index(drop=True)
+        normal = (masked[NO_FINDING] == 1).to_numpy()  # both readers: NIH No Finding and RSNA Normal
+        task = (masked.Pneumonia == 1).to_numpy() | normal
+        result["rsna_opacity_vs_normal_masked"] = auc_entry(masked.Pneumonia.to_numpy(float)[task],
+                                                            mprobs[task, j], args.n_boot)
 
-    nih_test = ((table.source == "nih") & (table.split == "test")
-                & ((table.Pneumonia == 1) | (table["No Finding"] == 1))).to_numpy()
-    index, probs = scored(nih_test)
-    y = table.Pneumonia.to_numpy()[index]
-    low, high = auc_ci(y, probs[:, j], args.n_boot)
-    rows.append(("adult Pneumonia vs No Finding, NIH test split", f"{int(y.sum())} / {int((1 - y).sum())}",
-                 f"{roc_auc(y, probs[:, j]):.3f} ({low:.3f}–{high:.3f})"))
-    view = (table.view.to_numpy()[index] == "AP").astype(float)
-    vlow, vhigh = auc_ci(y, view, args.n_boot)
-    rows.append(("  same films, view position alone (AP = 1)", "", f"{roc_auc(y, view):.3f} ({vlow:.3f}–{vhigh:.3f})"))
-    for v in ("PA", "AP"):
-        inside = table.view.to_numpy()[index] == v
-        if len(np.unique(y[inside])) == 2:
-            rows.append((f"  same task, {v} films only", f"{int(y[inside].sum())} / {int((1 - y[inside]).sum())}",
-                         f"{roc_auc(y[inside], probs[inside, j]):.3f}"))
-    kermany_val = ((table.source == "kermany") & (table.split == "val") & table.Pneumonia.notna()).to_numpy()
-    index, probs = scored(kermany_val)
-    y = table.Pneumonia.to_numpy()[index]
-    low, high = auc_ci(y, probs[:, j], args.n_boot)
-    rows.append(("Kermany Pneumonia, validation patients", f"{int(y.sum())} / {int((1 - y).sum())}",
-                 f"{roc_auc(y, probs[:, j]):.3f} ({low:.3f}–{high:.3f})"))
+    normals = nih.loc[nih[NO_FINDING] == 1, "path"].tolist()
+    print(f"whole predictor (gate included) on {len(normals)} NIH No Finding films …", file=sys.stderr, flush=True)
+    listed = [p for p in predictor.predict_many(normals, batch_size=16)]
+    counts = [len(p.findings) for p in listed if p.findings is not None]
+    result["no_finding_films"] = {"films": len(listed), "scored": len(counts),
+                                  "refused_by_gate": sum(1 for p in listed if p.findings is None),
+                                  "median_findings": float(np.median(counts)) if counts else None,
+                                  "max_findings": int(max(counts)) if counts else None,
+                                  "films_with_a_finding": int(sum(c > 0 for c in counts))}
 
-    predictor = Predictor.from_paths(cls_model=args.model) if args.model else Predictor.from_default()
-    normals = table.loc[(table.source == "nih") & (table.split == "test") & (table["No Finding"] == 1), "path"]
-    results = predictor.predict_batch(list(normals))
-    counts = [len(r.findings) for r in results if r.findings is not None]
-    refused = sum(1 for r in results if r.quality and not r.quality["frontal_chest"])
-    rows.append(("findings listed on NIH No Finding test films (median / max)", f"{len(results)} films",
-                 f"{np.median(counts):.0f} / {max(counts)}" + (f"; {refused} refused by the gate" if refused else "")))
-    width = max(len(r[0]) for r in rows)
-    print(f"classifier weights SHA-256 {classifier.meta['weights_sha256'][:16]}…")
-    print(f"{'measure'.ljust(width)}  {'positives / negatives':>22}  AUC (95 % CI) or value")
-    for name, n, value in rows:
-        print(f"{name.ljust(width)}  {n:>22}  {value}")
-    print("\nassessed labels:")
-    for label in LABELS:
-        entry = (classifier.meta.get("assessment") or {}).get(label) or {}
-        print(f"  {label:<20} {'assessed' if entry.get('assessed') else 'not assessed':<13} "
-              f"threshold {entry.get('threshold')}  {entry.get('reason', 'no assessment in this model file')}")
+    kermany = table[(table.source == "kermany") & (table.split == "val")].reset_index(drop=True)
+    if len(kermany):
+        print(f"scoring {len(kermany)} Kermany validation films …", file=sys.stderr, flush=True)
+        ok, kprobs = score(kermany)
+        result["kermany_val_pneumonia"] = auc_entry(kermany.Pneumonia.to_numpy(float)[ok], kprobs[:, j], args.n_boot)
+    result["seconds"] = round(time.time() - started, 1)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adult_eval.json").write_text(json.dumps(result, indent=2))
+    text = markdown(result)
+    (args.out / "adult_eval.md").write_text(text)
+    print(text)
     return 0
+
+
+def markdown(r: dict) -> str:
+    """The report as a markdown page (the numbers of ``adult_eval.json``)."""
+    def n(e: dict) -> str:
+        return f"{e['positives']} / {e['negatives']}"
+
+    lines = [f"Classifier `{r['model_sha256'][:16]}…` ({'lung-masked' if r['lung_masked_input'] else 'unmasked'} "
+             f"crops), {r['nih_films']} held-out NIH originals.", "",
+             "| measure | positives / negatives | AUC (95 % CI) |", "|---|---|---|"]
+    rows = [("adult Pneumonia vs No Finding (NIH labels)", r["pneumonia_vs_no_finding"]),
+            ("same films, view position alone (AP = 1)", r["view_alone"]),
+            ("RSNA Lung Opacity vs Normal, NIH originals", r["rsna_opacity_vs_normal_originals"])]
+    if "rsna_opacity_vs_normal_masked" in r:
+        rows.append(("RSNA Lung Opacity vs Normal (and NIH No Finding), lung-masked films of the test patients",
+                     r["rsna_opacity_vs_normal_masked"]))
+    if "kermany_val_pneumonia" in r:
+        rows.append(("Kermany Pneumonia, validation patients (chose the checkpoint)", r["kermany_val_pneumonia"]))
+    lines += [f"| {name} | {n(e)} | {fmt(e)} |" for name, e in rows]
+    lines += ["", "Each label against all other held-out NIH originals:", "",
+              "| label | assessed | positives / negatives | AUC (95 % CI) | threshold | sensitivity | specificity |",
+              "|---|---|---|---|---|---|---|"]
+    for label, e in r["per_label"].items():
+        op = r["operating_points"].get(label, {})
+        lines.append(f"| {label} | {'yes' if e['assessed'] else 'no'} | {n(e)} | {fmt(e)} | "
+                     f"{op.get('threshold', '–') if not op else round(op['threshold'], 3)} | "
+                     f"{op.get('sensitivity', '–')} | {op.get('specificity', '–')} |")
+    assessed = [e["auc"] for e in r["per_label"].values() if e["assessed"] and e["auc"] is not None]
+    if assessed:
+        lines += ["", f"Mean AUC over the {len(assessed)} assessed labels: {np.mean(assessed):.3f}."]
+    nf = r["no_finding_films"]
+    lines += ["", f"Whole predictor on {nf['films']} NIH No Finding films: {nf['refused_by_gate']} refused by "
+                  f"the gate; of {nf['scored']} scored, median {nf['median_findings']} findings listed "
+                  f"(max {nf['max_findings']}; {nf['films_with_a_finding']} films with at least one)."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

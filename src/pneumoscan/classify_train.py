@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from datetime import timedelta
 from dataclasses import asdict, dataclass
@@ -297,6 +298,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     import lightning as L
 
     out = Path(cfg.out)
+    command_started = time.time()  # --max-minutes bounds the whole command, finalise included
     out.mkdir(parents=True, exist_ok=True)
     cache = CropCache(cfg.cache)
     rows = select_rows(cache, cfg.frontal_only)
@@ -327,20 +329,21 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                               cfg.epoch_size or len(train_set), cfg.seed)
 
     started = time.time()
+    deadline = fit_deadline(cfg, command_started, module.model, len(rows["val"]), cache.size)
     architecture: dict[str, Any] = {"name": cfg.arch}
     if cfg.freeze_backbone:
         model = with_options(module.model, cfg.arch, spec) if fused else module.model
         fitted = fit_head(model, cache, train_set, val_set, sampler, pos_weight, cfg, out, spec, architecture,
-                          select)
+                          select, deadline)
         precision = "32-true"
     elif cfg.train_from:
         if fused:
             raise ValueError("--train-from trains the plain DenseNet-121; AG-CNN and --clinical train with "
                              "--freeze-backbone")
-        fitted = fit_tail(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out, select, started)
+        fitted = fit_tail(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out, select, deadline)
         precision = "32-true"
     else:
-        fitted, precision = _fit_all_layers(module, train_set, val_set, sampler, cfg, out)
+        fitted, precision = _fit_all_layers(module, train_set, val_set, sampler, cfg, out, deadline)
         if fitted is None:  # not rank 0
             return None
     model, best_score, epochs_trained, best_epoch = fitted
@@ -380,7 +383,29 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     return finalise(Classifier(model, meta), cache, rows, out)
 
 
-def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger: Any):
+def fit_deadline(cfg: TrainConfig, started: float, model: ChestClassifier, n_val: int, size: int) -> float:
+    """When the fit must stop so that the whole command ends within ``--max-minutes`` (inf without
+    a limit): the limit less the time finalise needs, estimated from one timed forward pass
+    (scoring the validation images, twice over for safety, and 30 s for the rest)."""
+    if cfg.max_minutes <= 0:
+        return float("inf")
+    model.eval()
+    x = torch.rand(8, 1, size, size)
+    with torch.inference_mode():
+        model.feature_map(x[:2])
+        t0 = time.time()
+        model.feature_map(x)
+    branches = 2 if cfg.arch == "agcnn" else 1
+    reserve = 2 * branches * (time.time() - t0) / 8 * n_val + 30
+    deadline = started + cfg.max_minutes * 60 - reserve
+    if deadline <= time.time():
+        raise ValueError(f"--max-minutes {cfg.max_minutes:g} leaves no time to train: scoring the {n_val} "
+                         f"validation images at the end alone takes about {reserve / 60:.1f} minutes here")
+    return deadline
+
+
+def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger: Any,
+                 deadline: float = float("inf")):
     """The Lightning Trainer for ``cfg``: DDP when devices × nodes > 1 unless ``cfg.strategy``
     names one. Its rank and world come from the launcher's environment (torchrun's or SLURM's,
     docs/MULTINODE.md), which Lightning reads here."""
@@ -392,12 +417,12 @@ def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger:
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
         strategy=strategy, precision=precision, callbacks=callbacks, logger=logger, log_every_n_steps=10,
         enable_model_summary=False,
-        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes > 0 else None,
+        max_time=timedelta(seconds=max(1.0, deadline - time.time())) if np.isfinite(deadline) else None,
     )
 
 
 def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
-                    cfg: TrainConfig, out: Path):
+                    cfg: TrainConfig, out: Path, deadline: float = float("inf")):
     """The Lightning loop (every layer trained): resumable, DDP, mixed precision. Returns
     ((model, best score, epochs trained, best epoch) or None off rank 0, precision)."""
     from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
@@ -414,7 +439,8 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
     callbacks: list[Any] = [checkpoint, EpochSeed()]
     if cfg.early_stop:
         callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
-    trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1))
+    trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
+                           deadline)
     if gpu:
         module = module.to(memory_format=torch.channels_last)
     loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
@@ -486,7 +512,7 @@ def branch_features(model: ChestClassifier, cache: CropCache, indices: np.ndarra
 def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, val_set: CropDataset,
              sampler: BalancedSampler, pos_weight: np.ndarray, cfg: TrainConfig, out: Path,
              spec: ClinicalSpec | None = None, architecture: dict[str, Any] | None = None,
-             select: tuple[str, ...] = SELECT_LABELS):
+             select: tuple[str, ...] = SELECT_LABELS, deadline: float = float("inf")):
     """The linear-probe stage of transfer learning: the head alone (and a clinical model's
     embeddings), on features of the frozen network computed once (no augmentation). Same
     sampling, masked weighted loss, Adam, plateau schedule and within-source checkpoint choice as
@@ -509,7 +535,7 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
         x = {name: f["global"] if t is None else np.concatenate([f["global"], f["local"][t]], axis=1)
              for name, f in features.items()}
         fits[t] = _fit_head_once(model, x, codes, train_set, val_set, sampler, pos_weight, cfg, out,
-                                 "" if t is None else f"_t{t:g}", select)
+                                 "" if t is None else f"_t{t:g}", select, deadline)
     chosen = max(fits, key=lambda t: fits[t]["score"] if np.isfinite(fits[t]["score"]) else -np.inf)
     fit = fits[chosen]
     model.head.load_state_dict(fit["head"])
@@ -535,7 +561,7 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
 def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], codes: dict[str, torch.Tensor] | None,
                    train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
                    pos_weight: np.ndarray, cfg: TrainConfig, out: Path, tag: str,
-                   select: tuple[str, ...] = SELECT_LABELS) -> dict[str, Any]:
+                   select: tuple[str, ...] = SELECT_LABELS, deadline: float = float("inf")) -> dict[str, Any]:
     """One head fit on fixed image features (+ clinical codes), resumable from ``head_state{tag}.pt``
     (everything random draws from (seed, epoch, batch), so a resumed fit repeats an unbroken one)."""
     import csv
@@ -619,6 +645,8 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
             tmp = state_path.with_name(state_path.name + ".tmp")
             torch.save(state, tmp)
             tmp.replace(state_path)
+            if time.time() > deadline:  # --max-minutes: the best head so far is kept; a rerun resumes
+                break
     return best | {"standardise": (mean, std)}
 
 
@@ -679,7 +707,7 @@ def _digest(indices: np.ndarray) -> str:
 
 def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, val_set: CropDataset,
              sampler: BalancedSampler, pos_weight: np.ndarray, cfg: TrainConfig, out: Path,
-             select: tuple[str, ...], started: float):
+             select: tuple[str, ...], deadline: float = float("inf")):
     """Fine-tune the last dense blocks and the head (``cfg.train_from`` onwards) on the frozen
     stem's output, computed once: on a 2-core CPU the stem is most of DenseNet-121's cost, so
     training from ``denseblock3`` runs at about 20 images/s against 3 for every layer.
@@ -730,7 +758,6 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
         torch.save(state, tmp)
         tmp.replace(state_path)
 
-    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes > 0 else np.inf
     log_path = out / "tail_metrics.csv"
     stopped = False
     with open(log_path, "a" if log_path.exists() and cfg.resume else "w", newline="") as handle:
@@ -804,14 +831,20 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     validation figures, and write ``model.pt`` and ``val_report.json`` into ``out``."""
     from pneumoscan.evaluate import assess_labels, evaluate_probabilities
 
+    from tqdm import tqdm
+
     table, out = cache.table, Path(out)
-    val_probs = classifier.predict_proba(cache.images(rows["val"]).astype(np.float32) / 255.0, batch_size=64,
-                                         **cache.scoring_inputs(classifier, rows["val"]))
+    val_probs = np.concatenate([
+        classifier.predict_proba(cache.images(part).astype(np.float32) / 255.0, batch_size=64,
+                                 **cache.scoring_inputs(classifier, part))
+        for part in tqdm(np.array_split(rows["val"], max(1, len(rows["val"]) // 256)),
+                         desc="finalise: scoring validation images", unit="chunk")])
     val_labels = table.iloc[rows["val"]][list(LABELS)].to_numpy(np.float32)
     val_sources = table.iloc[rows["val"]]["source"].astype(str).to_numpy()
     train_sources = table.iloc[rows["train"]]["source"].astype(str).to_numpy()
     train_labels, _ = mask_single_class_sources(  # count only the positives the loss saw
         table.iloc[rows["train"]][list(LABELS)].to_numpy(np.float32), train_sources)
+    print("finalise: assessing each label (bootstrap CIs) and writing the model …", file=sys.stderr, flush=True)
     assessment = assess_labels(val_labels, val_probs, val_sources, train_labels, train_sources)
     classifier.set_assessment(assessment)
     report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",

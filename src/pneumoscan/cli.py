@@ -475,26 +475,28 @@ def train(
         fail(str(exc))
     if meta is not None:
         console.print(f"model written to {out / 'model.pt'}")
-        console.print(headline(meta["validation"]["within_source"], "validation"), highlight=False)
         assessed = [label for label, a in meta["assessment"].items() if a["assessed"]]
+        console.print(headline(meta["validation"]["within_source"], "validation", assessed), highlight=False)
         console.print(f"assessed labels ({len(assessed)} of 15): {', '.join(assessed) or 'none'}; the "
                       f"others are reported as 'not assessed' (reasons in the model's metadata)",
                       highlight=False)
 
 
-def headline(within: dict, split: str) -> str:
-    """One line that cannot be misread: only within-source AUCs, with what they cover."""
+def headline(within: dict, split: str, assessed: list[str] | None = None) -> str:
+    """One line that cannot be misread: only within-source AUCs of the labels the model assesses,
+    with what they cover, and how many labels are left out."""
+    shown = {label: v for label, v in within["per_label"].items() if assessed is None or label in assessed}
     parts = [f"{label} {v['auc']:.3f} ({v['images']} images, "
              + ", ".join(f"{s} {w['auc']:.3f}" for s, w in v["sources"].items()) + ")"
-             for label, v in within["per_label"].items()]
+             for label, v in shown.items()]
     if not parts:
-        return (f"{split}: no label has {within['min_per_class']} positives and negatives inside one "
+        return (f"{split}: no assessed label has {within['min_per_class']} positives and negatives inside one "
                 f"source, so no AUC is reported (a pooled AUC here would measure the data sets)")
     mean = within["mean_auc_findings"]
-    return (f"{split} AUC within sources (≥ {within['min_per_class']} positives and negatives per source): "
-            + "; ".join(parts)
-            + (f". Mean over {len(within['findings_scored'])} of 14 findings: {mean:.3f}" if mean is not None
-               else ". No finding of the 14 could be scored within a source"))
+    return (f"{split} AUC within sources (≥ {within['min_per_class']} positives and negatives per source), "
+            f"{len(parts)} assessed labels: " + "; ".join(parts)
+            + (f". Mean over the {len(within['findings_scored'])} assessed findings: {mean:.3f}" if mean is not None
+               else ". No assessed finding could be scored within a source"))
 
 
 @app.command()

@@ -7,6 +7,8 @@ A class without both positives and negatives in the split gets NaN, not a crash.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import json
 from pathlib import Path
 from typing import Any
@@ -183,9 +185,11 @@ def per_source_auc(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_each: 
 
 
 def within_source_summary(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
-                          min_each: int = MIN_PER_CLASS, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+                          min_each: int = MIN_PER_CLASS, n_boot: int = 0, seed: int = 0,
+                          average: Sequence[str] | None = None) -> dict[str, Any]:
     """The headline: per label the image-weighted mean of its per-source AUCs, and their mean
-    over the findings that have one. Labels without such a figure are left out, never pooled."""
+    over the findings in ``average`` (the labels the model assesses; None: every finding) that
+    have one. Labels without such a figure are left out, never pooled."""
     per_label: dict[str, Any] = {}
     for j, label in enumerate(LABELS):
         parts = per_source_auc(labels[:, j], probs[:, j], sources, min_each, n_boot, seed)
@@ -194,11 +198,13 @@ def within_source_summary(labels: np.ndarray, probs: np.ndarray, sources: np.nda
             aucs = np.array([v["auc"] for v in parts.values()], float)
             per_label[label] = {"auc": round(float((aucs * weights).sum() / weights.sum()), 4),
                                 "sources": parts, "images": int(weights.sum())}
-    findings = [f for f in FINDINGS if f in per_label]
+    wanted = FINDINGS if average is None else [f for f in FINDINGS if f in set(average)]
+    findings = [f for f in wanted if f in per_label]
     return {"per_label": per_label,
             "mean_auc_findings": round(float(np.mean([per_label[f]["auc"] for f in findings])), 4)
             if findings else None,
-            "findings_scored": findings, "min_per_class": min_each,
+            "findings_scored": findings, "averaged_over": "assessed findings" if average is not None
+            else "every finding", "min_per_class": min_each,
             "images": int(max((v["images"] for v in per_label.values()), default=0))}
 
 
@@ -280,7 +286,8 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
     report["pooled_mean_auc_14"] = round(float(np.mean(finite)), 4) if finite else None
     if sources is None:  # one source by the caller's word: pooled figures are within-source
         sources = np.array(["(one source)"] * len(labels))
-    within = within_source_summary(labels, probs, np.asarray(sources), n_boot=n_boot, seed=seed)
+    assessed = [label for label in LABELS if thresholds.get(label) is not None]
+    within = within_source_summary(labels, probs, np.asarray(sources), n_boot=n_boot, seed=seed, average=assessed)
     report["within_source"] = within
     report["mean_auc_14"] = within["mean_auc_findings"]
     report["mean_auc_14_labels"] = within["findings_scored"]
@@ -293,7 +300,8 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    _plot_roc(labels, probs, out / "roc.png")
+    _plot_roc(labels, probs, out / "roc.png",
+              [label for label in LABELS if report["per_label"][label]["threshold"] is not None])
     _plot_reliability(report, out / "reliability.png")
     within = report["within_source"]
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
@@ -307,13 +315,14 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
                   + ".", ""]
     mean = within["mean_auc_findings"]
     lines += ["## Headline: AUC measured inside each data source", "",
-              (f"Mean AUC over {len(within['findings_scored'])} of 14 findings "
-               f"({', '.join(within['findings_scored'])}), each measured inside the sources that have at "
+              (f"Mean AUC over the {len(within['findings_scored'])} findings the model assesses "
+               f"({', '.join(within['findings_scored'])}; the other {14 - len(within['findings_scored'])} "
+               f"are not averaged), each measured inside the sources that have at "
                f"least {within['min_per_class']} positives and negatives: **{mean:.3f}**."
                if mean is not None else
-               f"No finding of the 14 has {within['min_per_class']} positives and negatives inside one "
-               f"source of this split, so no mean AUC is reported (a pooled figure would measure the "
-               f"data sets, not the findings)."),
+               f"No finding the model assesses has {within['min_per_class']} positives and negatives inside "
+               f"one source of this split, so no mean AUC is reported (a pooled figure would measure the "
+               f"data sets, and unassessed labels are never averaged)."),
               "", "| label | source | positives / negatives | AUC | 95 % CI | assessed by the model |",
               "|---|---|---|---|---|---|"]
     for label, entry in within["per_label"].items():
@@ -343,14 +352,15 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     lines += ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
               "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
     lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
-    lines += [f"| this model | {fmt(mean)} | within-source mean over {len(within['findings_scored'])} of 14 "
+    lines += [f"| this model | {fmt(mean)} | within-source mean over the {len(within['findings_scored'])} assessed "
               f"findings, split `{report['split']}` of the given manifest ({within['images']} images) |", "",
               "Thresholds are Youden-optimal on validation images of adult sources, stored with the model; "
               "labels the model does not assess have none.", ""]
     (out / "report.md").write_text("\n".join(lines))
 
 
-def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
+def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, assessed: Sequence[str] | None = None) -> None:
+    """ROC curves, one colour per label; labels the model does not assess are thin and dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,11 +368,14 @@ def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(7, 7))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: no two labels share one
     for j, label in enumerate(LABELS):
         y, p = _known(labels[:, j], probs[:, j])
         if len(np.unique(y)) == 2:
             fpr, tpr, _ = roc_curve(y, p)
-            ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({roc_auc(labels[:, j], probs[:, j]):.2f})")
+            shown = assessed is None or label in assessed
+            ax.plot(fpr, tpr, lw=2.0 if shown else 0.9, ls="-" if shown else ":", color=colours[j % 20],
+                    label=f"{label} ({roc_auc(labels[:, j], probs[:, j]):.2f})" + ("" if shown else ", not assessed"))
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC curves", xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="lower right")
