@@ -248,3 +248,74 @@ def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launche
     environment = trainer.strategy.cluster_environment
     assert (type(environment).__name__, trainer.global_rank, trainer.world_size, trainer.node_rank,
             trainer.local_rank, environment.main_address) == expected
+
+
+def _tail_cfg(cache: Path, out: Path, **extra):
+    from pneumoscan.classify_train import TrainConfig
+
+    return TrainConfig(cache=str(cache), out=str(out), init="random", epochs=2, batch_size=8, lr=1e-3,
+                       workers=0, accelerator="cpu", train_from="denseblock4", epoch_size=32, select="all",
+                       **extra)
+
+
+def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_path, monkeypatch):
+    """``--train-from``: the frozen layers' output is computed once; the fit, interrupted in the
+    middle of an epoch, resumes from its saved state to the weights an unbroken fit reaches."""
+    import pneumoscan.classify_train as ct
+
+    reference = ct.train_classifier(_tail_cfg(cache64, tmp_path / "a"))
+    assert (tmp_path / "a" / "stem_denseblock4_train.npy").exists()
+    assert reference["optimiser"]["trained"].startswith("denseblock4 onwards")
+    assert reference["epochs_trained"] == 2
+
+    monkeypatch.setattr(ct, "SAVE_EVERY", 1)
+    calls = {"n": 0}
+    real_bce = ct.masked_bce
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:  # 4 batches + validation in epoch 0, then the second batch of epoch 1
+            raise KeyboardInterrupt
+        return real_bce(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "masked_bce", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
+    state = __import__("torch").load(tmp_path / "b" / "tail_state.pt", weights_only=True)
+    assert (state["epoch"], state["batch"]) == (1, 1)
+    monkeypatch.setattr(ct, "masked_bce", real_bce)
+    resumed = ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
+    assert resumed["best_epoch"] == reference["best_epoch"]
+    (a, _), (b, _) = (load_model(run / "model.pt", kind="chest-classifier") for run in (tmp_path / "a", tmp_path / "b"))
+    # equal up to BLAS rounding (kernels may differ in the last bits between runs in one process)
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+    changed = [k for k in a if "denseblock4" in k and not k.endswith("num_batches_tracked")]
+    assert changed and all(a[k].shape == b[k].shape for k in changed)
+    with pytest.raises(ValueError, match="other settings"):
+        ct.train_classifier(_tail_cfg(cache64, tmp_path / "b", lr=5e-4))
+
+
+def test_max_minutes_too_short_for_finalise_is_refused_up_front(cache64, tmp_path):
+    from pneumoscan.classify_train import train_classifier
+
+    with pytest.raises(ValueError, match="leaves no time to train"):
+        train_classifier(_tail_cfg(cache64, tmp_path / "c", max_minutes=0.001))
+
+
+def test_cache_bundle_in_parts_rebuilds_the_same_cache(cache64, tmp_path):
+    """The GPU carry: a cache packed in parts of a size limit unpacks to what one bundle gives."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from cache_bundle import pack, unpack
+
+    whole = pack(cache64, tmp_path / "one.npz", 90, max_mib=1000)
+    parts = pack(cache64, tmp_path / "crops.npz", 90, max_mib=0.05)
+    shards = json.loads((cache64 / "config.json").read_text())["shards"]
+    assert len(whole) == 1 and len(parts) == shards > 1  # each shard is over the limit: one per part
+    unpack(whole, tmp_path / "a")
+    unpack(list(reversed(parts)), tmp_path / "b")
+    a, b = CropCache(tmp_path / "a", verify=True), CropCache(tmp_path / "b", verify=True)
+    assert len(a) == len(b) == len(CropCache(cache64))
+    np.testing.assert_array_equal(a.images(range(len(a))), b.images(range(len(b))))
+    assert np.abs(a.images(range(5)).astype(int) - CropCache(cache64).images(range(5)).astype(int)).mean() < 3

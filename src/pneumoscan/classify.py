@@ -211,6 +211,8 @@ class Classifier:
         self.arch = str(architecture.get("name", "densenet121"))
         self.attention_threshold = float(architecture.get("attention_threshold", 0.0))
         self.clinical = ClinicalSpec.from_dict(meta["clinical"]) if meta.get("clinical") else None
+        reference = (meta.get("explain") or {}).get("reference_features")
+        self.cam_reference = None if reference is None else np.asarray(reference, np.float32)
         self._read_assessment()
 
     @property
@@ -247,6 +249,14 @@ class Classifier:
     @property
     def assessed_labels(self) -> list[str]:
         return [label for label, a in zip(LABELS, self.assessed) if a]
+
+    def set_cam_reference(self, features: np.ndarray, description: str) -> None:
+        """Record the pooled features Grad-CAM measures against (:mod:`pneumoscan.explain`)."""
+        self.meta["explain"] = {"method": "Grad-CAM at the last block, relative to the mean pooled features "
+                                          "of reference films (explain.py)",
+                                "reference": description,
+                                "reference_features": [round(float(v), 6) for v in features]}
+        self.cam_reference = np.asarray(features, np.float32)
 
     def set_assessment(self, assessment: dict[str, dict[str, Any]]) -> None:
         """Record per-label assessed flags and thresholds (from validation data)."""
@@ -338,7 +348,7 @@ class Classifier:
             probs = torch.sigmoid(head(x)).float().cpu().numpy()
         rest = x[:, FEATURES:].float().cpu().numpy()
         heats = [None if choose is None or (k := choose(p)) is None else
-                 cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None])[0]
+                 cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None], reference=self.cam_reference)[0]
                  for m, p, r in zip(maps, probs, rest)]
         return probs, heats, boxes
 
@@ -365,7 +375,7 @@ class Classifier:
             raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
 
         x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None].to(self.device)
-        with GradCAM(self.model) as cam:
+        with GradCAM(self.model, reference=self.cam_reference) as cam:
             return cam(x, class_index)[0]
 
 

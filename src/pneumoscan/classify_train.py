@@ -667,9 +667,10 @@ def split_backbone(model: ChestClassifier, start: str) -> tuple[torch.nn.Sequent
 
 
 def stem_features(model: ChestClassifier, stem: torch.nn.Module, cache: CropCache, indices: np.ndarray,
-                  path: Path, batch: int = 32) -> np.ndarray:
+                  path: Path, batch: int = 32, deadline: float = float("inf")) -> np.ndarray:
     """The frozen stem's output for cache rows (float16, memory-mapped in ``path``), computed once
-    and resumable: ``path.json`` records how many rows are done, written after the rows."""
+    and resumable: ``path.json`` records how many rows are done, written after the rows. Past
+    ``deadline`` it stops with what is done saved, and says so."""
     from tqdm import tqdm
 
     mark = path.with_suffix(".json")
@@ -692,10 +693,15 @@ def stem_features(model: ChestClassifier, stem: torch.nn.Module, cache: CropCach
             x = torch.from_numpy(cache.images(rows).astype(np.float32) / 255.0)[:, None]
             x = model.normalise(x).contiguous(memory_format=torch.channels_last)  # about 1.5× faster on CPU
             array[start:start + len(rows)] = stem(x).float().numpy().astype(np.float16)
-            if (start // batch) % 20 == 19 or start + batch >= len(indices):
+            late = time.time() > deadline
+            if (start // batch) % 20 == 19 or start + batch >= len(indices) or late:
                 array.flush()
                 mark.write_text(json.dumps(info | {"done": start + len(rows)}))
             bar.update(len(rows))
+            if late and start + batch < len(indices):
+                raise ValueError(f"--max-minutes ran out while computing the frozen layers' output "
+                                 f"({start + len(rows)} of {len(indices)} images done and kept); rerun "
+                                 f"the same command to go on")
     return np.load(path, mmap_mode="r")
 
 
@@ -720,7 +726,8 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
     import csv
 
     stem, tail = split_backbone(model, cfg.train_from)
-    x = {name: stem_features(model, stem, cache, part.indices, out / f"stem_{cfg.train_from}_{name}.npy")
+    x = {name: stem_features(model, stem, cache, part.indices, out / f"stem_{cfg.train_from}_{name}.npy",
+                             deadline=deadline)
          for name, part in (("train", train_set), ("val", val_set))}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -821,6 +828,9 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
     return model, (score if np.isfinite(score) else None), epoch, best["best_epoch"]
 
 
+#: Training films whose mean pooled features are Grad-CAM's reference (explain.py).
+REFERENCE_FILMS = 512
+
 #: A partial fine-tune saves its state every this many batches (and at each epoch's end).
 SAVE_EVERY = 100
 
@@ -828,10 +838,12 @@ SAVE_EVERY = 100
 def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path
              ) -> dict[str, Any]:
     """Decide each label's assessed flag and threshold on the validation rows, record the
-    validation figures, and write ``model.pt`` and ``val_report.json`` into ``out``."""
-    from pneumoscan.evaluate import assess_labels, evaluate_probabilities
-
+    validation figures and Grad-CAM's reference features, and write ``model.pt`` and
+    ``val_report.json`` into ``out``."""
     from tqdm import tqdm
+
+    from pneumoscan.data.manifest import population
+    from pneumoscan.evaluate import assess_labels, evaluate_probabilities
 
     table, out = cache.table, Path(out)
     val_probs = np.concatenate([
@@ -847,6 +859,13 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     print("finalise: assessing each label (bootstrap CIs) and writing the model …", file=sys.stderr, flush=True)
     assessment = assess_labels(val_labels, val_probs, val_sources, train_labels, train_sources)
     classifier.set_assessment(assessment)
+    adult = [i for i, src in zip(rows["train"], train_sources) if population(src) == "adult"]
+    sample = np.sort(np.random.default_rng(0).permutation(adult or rows["train"])[:REFERENCE_FILMS])
+    with torch.inference_mode():
+        pooled = [classifier.model.feature_map(torch.from_numpy(cache.images(part).astype(np.float32) / 255.0)[:, None])
+                  .mean(dim=(2, 3)) for part in np.array_split(sample, max(1, len(sample) // 64))]
+    classifier.set_cam_reference(torch.cat(pooled).mean(dim=0).numpy(),
+                                 f"mean of {len(sample)} {'adult ' if adult else ''}training films")
     report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",
                                     sources=val_sources)
     classifier.meta["validation"] = {"within_source": report["within_source"], "n_images": report["n_images"],

@@ -635,7 +635,8 @@ def predict(
             writer = csv.writer(handle)
             # A label the model does not assess has an empty probability and is named in not_assessed.
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
-                             "box", "local_box", "fallback", "cam_label", "overlay", "error"])
+                             "box", "local_box", "fallback", "cam_label", "cam_peak", "cam_region", "overlay",
+                             "error"])
         keep = overlays or dicom_out is not None
         for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
                                                               batch_size=batch_size, threads=read_threads,
@@ -683,7 +684,10 @@ def predict(
                                  "|".join(result.findings or []), "|".join(result.not_assessed or []),
                                  quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
                                  json.dumps(result.box), json.dumps(result.local_box) if result.local_box else "",
-                                 result.fallback, result.cam_label, record["overlay"], result.error or ""])
+                                 result.fallback, result.cam_label,
+                                 json.dumps(result.cam_peak) if result.cam_peak else "",
+                                 json.dumps(result.cam_region) if result.cam_region else "",
+                                 record["overlay"], result.error or ""])
             bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"
                   + (f" (overlays in {out})" if overlays else "")

@@ -9,6 +9,16 @@ block (as pytorch-grad-cam does), so repeated use never piles hooks or activatio
 At the last feature map the channel weights do not depend on position (the head sees only the
 global average), so the same map follows from the forward pass alone: :func:`cam_from_features`
 computes it from the features and the head's weights, which is what the ONNX path uses.
+
+**Relative to a reference film.** With the thesis's two-layer head the class logit is exactly
+``g · pooled + c`` (``g`` the gradient, ``c`` the active units' biases), so the plain map
+``ReLU(Σ g_c A_c)`` sums to ``g · pooled``, which is often negative on films whose logit is high
+thanks to ``c``: the map is then blank exactly where a finding is called. Given the mean pooled
+features ``r`` of the training films (stored with the model, ``explain.reference_features``), the
+map is ``ReLU(Σ g_c (A_c − r_c))``, whose sum over positions is ``g · (pooled − r)``, the logit's
+rise over the average film: each location shows how much it raises the score above what an
+average film's features there would give. A called finding that scores above the average film
+therefore always has a non-empty map.
 """
 
 from __future__ import annotations
@@ -30,8 +40,10 @@ def _normalise(cam: np.ndarray) -> np.ndarray:
 class GradCAM:
     """``with GradCAM(model) as cam: maps = cam(x, class_index)`` → N×H×W in [0, 1] at x's size."""
 
-    def __init__(self, model: nn.Module, target_layer: str = DEFAULT_TARGET):
+    def __init__(self, model: nn.Module, target_layer: str = DEFAULT_TARGET,
+                 reference: np.ndarray | None = None):
         self.model = model
+        self.reference = None if reference is None else torch.as_tensor(np.asarray(reference, np.float32))
         modules = dict(model.named_modules())
         if target_layer not in modules:
             raise ValueError(f"no layer {target_layer!r} in the model")
@@ -61,6 +73,8 @@ class GradCAM:
             score = logits[:, class_index].sum()
             (grads,) = torch.autograd.grad(score, activation)
         weights = grads.mean(dim=(2, 3), keepdim=True)
+        if self.reference is not None:
+            activation = activation - self.reference.to(activation.device, activation.dtype)[None, :, None, None]
         cam = torch.relu((weights * activation).sum(dim=1)).detach().float().cpu().numpy()
         self._activation = None
         return np.stack([cv2.resize(c, (x.shape[-1], x.shape[-2]), interpolation=cv2.INTER_LINEAR)
@@ -77,16 +91,45 @@ def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> 
 
 
 def cam_from_features(features: np.ndarray, head: nn.Sequential, class_index: int,
-                      size: tuple[int, int], rest: np.ndarray | None = None) -> np.ndarray:
+                      size: tuple[int, int], rest: np.ndarray | None = None,
+                      reference: np.ndarray | None = None) -> np.ndarray:
     """Grad-CAM from the forward pass alone: ``features`` N×C×h×w after the last ReLU; ``rest``
-    N×R, the rest of a fused head's input (AG-CNN's local features, clinical embeddings)."""
+    N×R, the rest of a fused head's input (AG-CNN's local features, clinical embeddings);
+    ``reference`` C, the features the map is measured against (module docstring)."""
     pooled = features.mean(axis=(2, 3))
     full = pooled if rest is None or rest.shape[1] == 0 else np.concatenate([pooled, rest], axis=1)
     gradient = head_gradient(full, head, class_index)[:, :features.shape[1]]
     weights = gradient / (features.shape[2] * features.shape[3])
+    if reference is not None:
+        features = features - np.asarray(reference, np.float32)[None, :, None, None]
     cam = np.maximum((weights[:, :, None, None] * features).sum(axis=1), 0)
     return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
                      for c in _normalise(cam)])
+
+
+#: The heat map's region: where it reaches this share of its maximum (inside the lungs).
+REGION_LEVEL = 0.5
+
+
+def cam_summary(heat: np.ndarray, lung: np.ndarray, box: tuple[int, int, int, int],
+                level: float = REGION_LEVEL) -> tuple[list[int] | None, list[int] | None]:
+    """Where a crop-sized heat map points, in original-image pixels: its peak [x, y] and the
+    bounding box [x0, y0, x1, y1] of where it reaches ``level`` × its maximum inside ``lung`` (the
+    lung mask cut to the same crop). (None, None) for an empty map; the region is None when
+    nothing of it lies inside the lungs."""
+    from pneumoscan.crop import box_in_original
+
+    if heat.max() <= 0:
+        return None, None
+    size = heat.shape[0]
+    y, x = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    peak = [int(box[0] + (x + 0.5) * (box[2] - box[0]) / size), int(box[1] + (y + 0.5) * (box[3] - box[1]) / size)]
+    inside = (heat >= level * heat.max()) & (lung > 0)
+    if not inside.any():
+        return peak, None
+    ys, xs = np.nonzero(inside)
+    region = box_in_original((int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1), box, size)
+    return peak, [int(v) for v in region]
 
 
 def place_on_original(cam: np.ndarray, box: tuple[int, int, int, int],

@@ -239,7 +239,7 @@ class OnnxClassifier(Classifier):
         if self.fused:
             return super().gradcam(crop, class_index)  # refuses, saying why
         features = self._global_maps(crop[None])
-        return cam_from_features(features, self.head, class_index, crop.shape)[0]
+        return cam_from_features(features, self.head, class_index, crop.shape, reference=self.cam_reference)[0]
 
     def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
                             local_from=None, codes: np.ndarray | None = None):
@@ -250,7 +250,8 @@ class OnnxClassifier(Classifier):
         logits, features = self._run(crops)
         probs = sigmoid(logits)
         return (probs, [None if (k := choose(p)) is None else
-                        cam_from_features(f[None], self.head, k, crops.shape[1:])[0] for f, p in zip(features, probs)],
+                        cam_from_features(f[None], self.head, k, crops.shape[1:], reference=self.cam_reference)[0]
+                        for f, p in zip(features, probs)],
                 [None] * len(crops))
 
 

@@ -10,6 +10,9 @@ from pneumoscan.enhance import to_uint8
 LUNG_BGR = (80, 220, 80)
 BOX_BGR = (40, 170, 255)
 LOCAL_BGR = (255, 60, 255)
+REGION_BGR = (255, 255, 0)
+#: A heat map of a class below its threshold is drawn this faintly: it draws the eye less.
+MUTED_ALPHA = 0.18
 
 
 def segmentation_overlay(pixels: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
@@ -94,12 +97,15 @@ def wrap_text(text: str, width: int, scale: float) -> list[str]:
 def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None, fallback: bool,
                        cam: np.ndarray | None, cam_label: str | None, probability: float | None,
                        max_side: int = 1024, caption: str | None = None,
-                       local_box: list[int] | None = None) -> np.ndarray:
+                       local_box: list[int] | None = None, threshold: float | None = None,
+                       region: list[int] | None = None) -> np.ndarray:
     """BGR uint8 picture for people: the X-ray (at most ``max_side``) with lung contour, crop box
     (dashed when the whole image was used), an AG-CNN model's local box (what its local branch
-    read, in magenta) and, if given, the Grad-CAM heat map with a colour
-    bar; a title above and ``caption`` (findings, labels not assessed) below. OpenCV only: about
-    10 ms, where the same figure in matplotlib took 0.44 s."""
+    read, in magenta) and, if given, the Grad-CAM heat map with a colour bar and its region
+    outlined in cyan; the title says the class, its probability against its ``threshold`` and
+    whether it was called (a map of a class not called is drawn muted); ``caption`` (findings,
+    labels not assessed) below. OpenCV only: about 10 ms, where the same figure in matplotlib took
+    0.44 s."""
     scale = min(1.0, max_side / max(pixels.shape))
     if scale < 1.0:  # draw at most max_side pixels: the picture is for eyes, not measurements
         size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
@@ -108,11 +114,13 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
         cam = None if cam is None else cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
         box = None if box is None else [round(v * scale) for v in box]
         local_box = None if local_box is None else [round(v * scale) for v in local_box]
+        region = None if region is None else [round(v * scale) for v in region]
     height, width = pixels.shape
     film = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
     thickness = max(1, round(min(height, width) / 400))
+    called = probability is not None and threshold is not None and probability >= threshold
     if cam is not None:
-        film = heat_blend(film, cam)
+        film = heat_blend(film, cam, alpha=0.45 if called else MUTED_ALPHA)
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(film, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
@@ -125,6 +133,9 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     if local_box is not None:
         x0, y0, x1, y1 = local_box
         cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), LOCAL_BGR, thickness + 1, cv2.LINE_AA)
+    if region is not None and cam is not None:
+        x0, y0, x1, y1 = region
+        _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), REGION_BGR, thickness)
     text_scale = max(0.4, min(0.6, width / 1400))
     line_height = int(30 * text_scale / 0.6)
     bar_width = 70 if cam is not None else 0
@@ -133,8 +144,13 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     if local_box is not None:
         title += " | local branch (magenta)"
     if cam_label is not None:
-        title = f"Grad-CAM: {cam_label}" + (f" (p = {probability:.2f})" if probability is not None else "") + \
+        verdict = "" if probability is None else f" p = {probability:.2f}" + (
+            "" if threshold is None else f" {'>=' if called else '<'} {threshold:.2f}, {'called' if called else 'not called'}")
+        title = f"Grad-CAM: {cam_label}{verdict}" + \
             (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
+    if cam is not None:
+        caption = (caption + "\n" if caption else "") + ("Colour bar: Grad-CAM relative to this map's maximum "
+                                                         "(not a probability); cyan: where it reaches half of it")
     lines = wrap_text(caption or "", total_width - 16, text_scale) if caption else []
     top, bottom = line_height + 8, line_height * len(lines) + (10 if lines else 0)
     canvas = np.full((top + height + bottom, total_width, 3), 24, np.uint8)
@@ -157,9 +173,10 @@ def picture_for(result, max_side: int = 1024) -> np.ndarray:
     """:func:`prediction_picture` of a :class:`~pneumoscan.predict.Prediction` kept with its
     arrays (``keep_arrays=True``), captioned with its findings or its refusal."""
     probability = (result.probabilities or {}).get(result.cam_label) if result.cam_label else None
+    threshold = (result.thresholds or {}).get(result.cam_label) if result.cam_label else None
     return prediction_picture(result.pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
                               probability, max_side=max_side, caption=findings_caption(result),
-                              local_box=result.local_box)
+                              local_box=result.local_box, threshold=threshold, region=result.cam_region)
 
 
 def save_png(picture: np.ndarray, path: str) -> None:

@@ -14,12 +14,13 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pneumoscan.classify import Classifier
 from pneumoscan.clinical import values_from
-from pneumoscan.crop import Cropped, box_in_original, local_crop, read_segment_crop
-from pneumoscan.explain import place_on_original
+from pneumoscan.crop import Cropped, apply_box, box_in_original, local_crop, read_segment_crop
+from pneumoscan.explain import cam_summary, place_on_original
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
@@ -38,6 +39,9 @@ class Prediction:
     ``probabilities[label]`` is None for a label the model does not assess (also listed in
     ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
     is never a finding. ``thresholds`` holds each assessed label's operating threshold.
+    ``cam_peak`` ([x, y]) and ``cam_region`` ([x0, y0, x1, y1], where the map reaches half its
+    maximum inside the lung mask) say where the Grad-CAM of ``cam_label`` points, in original-image
+    pixels; None when there is no map.
     ``local_box`` is an AG-CNN model's attention box on the original image (what its local
     branch read); ``clinical`` says which patient-information fields a model that fuses them was
     given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
@@ -58,6 +62,8 @@ class Prediction:
     lung_fraction: float | None = None
     image: dict[str, Any] | None = None
     cam_label: str | None = None
+    cam_peak: list[int] | None = None
+    cam_region: list[int] | None = None
     error: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)
@@ -67,7 +73,8 @@ class Prediction:
         return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
                 "not_assessed": self.not_assessed, "thresholds": self.thresholds, "quality": self.quality,
                 "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
-                "image": self.image, "cam_label": self.cam_label, "error": self.error}
+                "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
+                "cam_region": self.cam_region, "error": self.error}
 
 
 def resolve_label(name: str) -> str:
@@ -262,8 +269,8 @@ class Predictor:
             return None if cam is None or not (cam_label or known) else \
                 cam_label or max(known, key=lambda f: p[LABELS.index(f)])
 
-        def heat_map_of(p: np.ndarray) -> int | None:  # the heat map is only made when kept
-            label = cam_class(p) if keep_arrays else None
+        def heat_map_of(p: np.ndarray) -> int | None:
+            label = cam_class(p)
             return None if label is None else LABELS.index(label)
 
         codes = None
@@ -289,7 +296,10 @@ class Predictor:
             result.findings = classifier.findings(p)
             result.cam_label = cam_class(p)
             if heat is not None:
-                result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
+                lung = cv2.resize(apply_box(item.seg.mask, item.seg.box), heat.shape[::-1], interpolation=cv2.INTER_NEAREST)
+                result.cam_peak, result.cam_region = cam_summary(heat, lung, item.seg.box)
+                if keep_arrays:
+                    result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
         return results
 
     @staticmethod
