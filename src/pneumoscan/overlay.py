@@ -119,8 +119,9 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     film = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
     thickness = max(1, round(min(height, width) / 400))
     called = probability is not None and threshold is not None and probability >= threshold
+    muted = probability is not None and threshold is not None and not called
     if cam is not None:
-        film = heat_blend(film, cam, alpha=0.45 if called else MUTED_ALPHA)
+        film = heat_blend(film, cam, alpha=MUTED_ALPHA if muted else 0.45)
     if mask is not None and mask.any():
         contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(film, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
