@@ -7,7 +7,9 @@ For one DICOM input and its :class:`~pneumoscan.predict.Prediction`:
   label's code, with the probability and the operating threshold as measurements (UCUM "1"),
   "above operating threshold" Yes/No as a qualitative evaluation, the model as the algorithm
   identification (name, version = weights SHA-256, the threshold as a parameter) and the source
-  image as the group's source. The observer is the device (PneumoScan), never a person. TID 1500
+  image as the group's source; for the label whose heat map was drawn, a planar ROI group (TID
+  1410) outlines the map's region (``cam_region``) as a SCOORD polyline on the source. The observer
+  is the device (PneumoScan), never a person. TID 1500
   was chosen over a free-form Comprehensive SR because viewers and archives already parse it and
   its image-level groups carry exactly "a value about this image, by this algorithm". Labels not
   assessed are left out (they are not results).
@@ -119,6 +121,8 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
+    if prediction.cam_region and prediction.cam_label in [g.tracking_identifier for g in groups]:
+        groups.append(heat_map_region(source, prediction, classifier_meta, name))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -134,6 +138,26 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
         series_number=number, instance_number=1, is_complete=True)
     sr.SeriesDescription = description
     return sr
+
+
+def heat_map_region(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], name: str):
+    """TID 1410 planar ROI group: where the Grad-CAM of ``cam_label`` reaches half its maximum
+    inside the lungs (``cam_region``), as a closed POLYLINE in the source's pixel coordinates
+    (PS3.3 C.18.6.1.2: (0, 0) is the top-left corner of the top-left pixel), so a viewer can draw it."""
+    import highdicom as hd
+
+    label = prediction.cam_label
+    x0, y0, x1, y1 = (float(v) for v in prediction.cam_region)
+    outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline,
+                               source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, "tracking-region", label), identifier=f"{label} heat-map region"),
+        referenced_region=region, finding_type=label_code(label),
+        algorithm_id=_algorithm(classifier_meta, name, (prediction.thresholds or {}).get(label)),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(
+            ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)])
 
 
 def lung_seg(source: pydicom.Dataset, mask: np.ndarray, lung_meta: dict[str, Any]):
