@@ -14,6 +14,8 @@ forward-only form the ONNX backend uses, equal to the PyTorch hooks' map; ``expl
 - **IoU**: the region where the map reaches half its maximum inside the lung mask, against the
   union of the boxes (pixels).
 
+A lung-masked classifier's map is kept to the lung mask, as ``predict`` keeps it.
+
 Baselines on the same films: **lung centre** (the peak at the lung mask's centroid, the map
 uniform over the lungs) and **random location** (a peak drawn uniformly inside the lung mask:
 its expected pointing game is the boxes' share of the lungs).
@@ -29,6 +31,7 @@ import json
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +93,7 @@ def main() -> int:
     from pneumoscan.crop import premasked_crop
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.data.nih_masked import read_premasked
-    from pneumoscan.explain import cam_from_features, place_on_original
+    from pneumoscan.explain import cam_from_features, place_on_original, within_lungs
     from pneumoscan.io import read_xray
     from pneumoscan.labels import LABELS
     from pneumoscan.predict import Predictor
@@ -126,6 +129,7 @@ def main() -> int:
         found, crop = premasked_crop(film, stored, size)
         _, (heat,) = maps(crop[None], [j])
         full = place_on_original(heat, found.box, film.shape)
+        full = within_lungs(full, found.mask) if classifier.lung_masked else full
         rows.append(measures(full, found.mask, box_mask(film.shape, boxes[pid], film.shape[0] / 1024), rng))
     result["lung_masked_test_films"] = summary(rows)
     print(f"{len(rows)} lung-masked test films with boxes done", file=sys.stderr, flush=True)
@@ -140,9 +144,14 @@ def main() -> int:
         called = [k for k, label in enumerate(LABELS) if classifier.assessed[k] and probs[i, k] >= classifier.thresholds[k]
                   and label != "No Finding"]
         _, heats = maps(crops[i:i + 1].repeat(max(1, len(called)), 0), called or [None])
+        lung = None
+        if classifier.lung_masked and called:
+            x0, y0, x1, y1 = rec["x0"], rec["y0"], rec["x1"], rec["y1"]
+            mask = segmenter.segment(read_xray(path).pixels).mask
+            lung = cv2.resize(mask[y0:y1, x0:x1], (size, size), interpolation=cv2.INTER_NEAREST)
         for k, heat in zip(called, heats):
             called_total += 1
-            if heat.max() <= 0:
+            if (heat if lung is None else within_lungs(heat, lung)).max() <= 0:
                 empty[LABELS[k]] = empty.get(LABELS[k], 0) + 1
         pid = by_name.get(Path(path).name)
         if pid in boxes:
@@ -150,6 +159,7 @@ def main() -> int:
             seg = segmenter.segment(pixels)
             _, (heat,) = maps(crops[i:i + 1], [j])
             full = place_on_original(heat, seg.box, pixels.shape)
+            full = within_lungs(full, seg.mask) if classifier.lung_masked else full
             rows.append(measures(full, seg.mask, box_mask(pixels.shape, boxes[pid], pixels.shape[0] / 1024), rng))
     result["nih_originals_with_boxes"] = summary(rows)
     result["called_findings_on_nih_originals"] = {"films": len(nih), "calls": called_total, "empty_maps": empty}

@@ -246,7 +246,7 @@ def test_missing_layout_is_a_clear_error(tmp_path):
         build_manifest({"nih": tmp_path})
     with pytest.raises(ManifestError, match="unknown sources"):
         build_manifest({"chexpert": tmp_path})
-    assert set(SOURCES) == {"nih", "kermany", "rsna", "montgomery", "shenzhen", "covid", "actualmed"}
+    assert set(SOURCES) == {"nih", "nihmasked", "kermany", "rsna", "montgomery", "shenzhen", "covid", "actualmed"}
 
 
 @needs_data

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -435,6 +436,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         crops = crop_cache.images(found.dropna().astype(int))
         inputs = crop_cache.scoring_inputs(classifier, found.dropna().astype(int).to_numpy())
     else:
+        print(f"evaluate: reading, segmenting and cropping {len(rows):,} images …", file=sys.stderr, flush=True)
         crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
                                     masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
         ok = np.array([r["error"] == "" for r in records])
@@ -443,6 +445,8 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         boxes = pd.DataFrame([r for r, k in zip(records, ok) if k])[["x0", "y0", "x1", "y1"]]
         inputs = scoring_inputs(classifier, pd.concat([rows, boxes], axis=1), classifier.size)
     labels = rows[list(LABELS)].to_numpy(np.float32)
+    print(f"evaluate: scoring {len(rows):,} crops, then {n_boot} bootstrap resamples per label …", file=sys.stderr,
+          flush=True)
     probs = classifier.predict_proba(crops.astype(np.float32) / 255.0, **inputs)
     thresholds = classifier.meta.get("thresholds") or {}
     report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot,

@@ -107,6 +107,14 @@ def cam_from_features(features: np.ndarray, head: nn.Sequential, class_index: in
                      for c in _normalise(cam)])
 
 
+def within_lungs(heat: np.ndarray, lung: np.ndarray) -> np.ndarray:
+    """A lung-masked classifier's map kept to the lung mask it was cropped with (outside it the
+    classifier's input was black, so nothing there can be what it looked at), rescaled to [0, 1]."""
+    kept = np.where(lung > 0, heat, 0.0).astype(np.float32)
+    top = float(kept.max())
+    return kept / top if top > 0 else kept
+
+
 #: The heat map's region: where it reaches this share of its maximum (inside the lungs).
 REGION_LEVEL = 0.5
 

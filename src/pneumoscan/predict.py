@@ -20,7 +20,7 @@ import numpy as np
 from pneumoscan.classify import Classifier
 from pneumoscan.clinical import values_from
 from pneumoscan.crop import Cropped, apply_box, box_in_original, local_crop, read_segment_crop
-from pneumoscan.explain import cam_summary, place_on_original
+from pneumoscan.explain import cam_summary, place_on_original, within_lungs
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
@@ -297,6 +297,8 @@ class Predictor:
             result.cam_label = cam_class(p)
             if heat is not None:
                 lung = cv2.resize(apply_box(item.seg.mask, item.seg.box), heat.shape[::-1], interpolation=cv2.INTER_NEAREST)
+                if classifier.lung_masked:
+                    heat = within_lungs(heat, lung)
                 result.cam_peak, result.cam_region = cam_summary(heat, lung, item.seg.box)
                 if keep_arrays:
                     result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
