@@ -319,3 +319,24 @@ def test_cache_bundle_in_parts_rebuilds_the_same_cache(cache64, tmp_path):
     assert len(a) == len(b) == len(CropCache(cache64))
     np.testing.assert_array_equal(a.images(range(len(a))), b.images(range(len(b))))
     assert np.abs(a.images(range(5)).astype(int) - CropCache(cache64).images(range(5)).astype(int)).mean() < 3
+
+
+def test_view_balance_weights_make_each_label_independent_of_the_view():
+    from pneumoscan.classify_train import view_balance_weights
+
+    rng = np.random.default_rng(0)
+    n = 4000
+    views = np.where(rng.random(n) < 0.5, "AP", "PA")
+    sources = np.array(["nihmasked"] * 3000 + ["kermany"] * 1000)
+    labels = np.full((n, 15), np.nan, np.float32)
+    labels[:, 13] = (rng.random(n) < np.where(views == "AP", 0.48, 0.10)).astype(np.float32)  # view-confounded
+    labels[3000:, 3] = np.nan  # a label the second source does not give
+    labels[:3000, 3] = 1.0  # one class only inside the first source: weights stay 1
+    w = view_balance_weights(labels, sources, views)
+    for source in ("nihmasked", "kermany"):
+        inside = sources == source
+        rates = [np.sum(w[inside & (views == v), 13] * labels[inside & (views == v), 13])
+                 / np.sum(w[inside & (views == v), 13]) for v in ("AP", "PA")]
+        assert abs(rates[0] - rates[1]) < 1e-6  # the weighted positive rate no longer follows the view
+        assert abs(rates[0] - labels[inside, 13].mean()) < 1e-6
+    assert (w[:, 3] == 1).all() and (w[:, 0] == 1).all()

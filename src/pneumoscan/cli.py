@@ -424,6 +424,8 @@ def train(
     select: Annotated[str, typer.Option(
         help="Labels whose mean within-source validation AUC picks the checkpoint: comma-separated names, "
              "or 'all' (every label that reaches the loss).")] = "Pneumonia",
+    view_balance: Annotated[bool, typer.Option(
+        help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")] = False,
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
     from pneumoscan.cache import CacheError
@@ -468,7 +470,7 @@ def train(
                       max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
-                      train_from=train_from or "", select=select)
+                      train_from=train_from or "", select=select, view_balance=view_balance)
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ClinicalError, ValueError) as exc:

@@ -10,10 +10,12 @@ Two facts about those PNGs, measured here on the 100 films that are also in ``ni
 - the mask is that repository's own U-Net's, with specks outside the lungs; it is cleaned like
   ours (:func:`pneumoscan.crop.lung_crop`: opening, holes filled, two largest regions).
 
-Labels: the 13 findings other than Pneumonia are NIH's (text-mined from reports). Pneumonia is the
-RSNA radiologist's "Lung Opacity" (Target 1; 2,942 films, against NIH's 286 text-mined Pneumonia
-labels), as SPEC maps RSNA. No Finding is 1 only when both readers found nothing (NIH "No Finding"
-and RSNA "Normal"), 0 when either found something.
+Labels: NIH's 14 findings and No Finding (text-mined from reports), as in every NIH folder. The
+RSNA radiologists' class ("Lung Opacity" / "Normal" / "No Lung Opacity / Not Normal") stays in the
+index for evaluation (``benchmarks/adult_eval.py``) and is not a training label: an output trained
+on RSNA's opacity here ranked the NIH originals' Pneumonia films *below* their No Finding films
+(AUC 0.44 on 537 films, ``docs/ADULT.md``), since RSNA's opacity follows the view (48 % of AP films,
+10 % of PA ones) and NIH's pneumonia label is a different reading.
 
 Patient keys are NIH's (``nih:<Patient ID>``), shared with :class:`pneumoscan.data.NIH`, so a
 patient's masked films and original films always fall in the same split.
@@ -29,22 +31,17 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.data.base import XraySource, row
-from pneumoscan.labels import LABELS, NO_FINDING
+from pneumoscan.labels import LABELS
 
 #: Where the repository snapshot is looked for when no ``images`` folder is given.
 IMAGES_ENV = "PNEUMOSCAN_NIH_MASKED_IMAGES"
 REPOSITORY = "amitlohan/covid_lungs_dataset"
-OPACITY = "Lung Opacity"
-NORMAL = "Normal"
 
 
-def labels_of(finding_labels: str, rsna_class: str) -> dict[str, float]:
-    """The 15 labels of one film (see the module's docstring for the rule)."""
+def labels_of(finding_labels: str) -> dict[str, float]:
+    """The 15 labels of one film: NIH's ``Finding Labels`` (``|``-separated, or No Finding)."""
     findings = set(str(finding_labels).split("|"))
-    labels = {label: float(label in findings) for label in LABELS}
-    labels["Pneumonia"] = float(rsna_class == OPACITY)
-    labels[NO_FINDING] = float(NO_FINDING in findings and rsna_class == NORMAL)
-    return labels
+    return {label: float(label in findings) for label in LABELS}
 
 
 def read_premasked(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -97,7 +94,7 @@ class NIHMasked(XraySource):
                 absent += 1
                 continue
             yield row(path, str(int(rec["nih_patient"])), rec["view"],
-                      labels_of(rec["finding_labels"], rec["rsna_class"]),
+                      labels_of(rec["finding_labels"]),
                       age=rec.get("age"), sex=rec.get("sex"))
         if absent:
             self.warnings.append(f"{self.name}: {absent} indexed films are missing under {base} (skipped)")
