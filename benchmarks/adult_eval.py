@@ -75,6 +75,8 @@ def main() -> int:
     parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
     args = parser.parse_args()
 
+    import pandas as pd
+
     from pneumoscan.cache import crop_paths
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.evaluate import sens_spec
@@ -130,9 +132,11 @@ def main() -> int:
         print(f"scoring {len(masked)} lung-masked films of the same patients …", file=sys.stderr, flush=True)
         ok, mprobs = score(masked)
         masked = masked[ok].reset_index(drop=True)
-        normal = (masked[NO_FINDING] == 1).to_numpy()  # both readers: NIH No Finding and RSNA Normal
-        task = (masked.Pneumonia == 1).to_numpy() | normal
-        result["rsna_opacity_vs_normal_masked"] = auc_entry(masked.Pneumonia.to_numpy(float)[task],
+        by_name = dict(zip(pd.read_csv(args.rsna_index).path.map(lambda p: Path(p).name),
+                           pd.read_csv(args.rsna_index).rsna_class)) if args.rsna_index.is_file() else {}
+        mclasses = np.array([by_name.get(Path(p).name, "") for p in masked.path], dtype=object)
+        task = np.isin(mclasses, ["Lung Opacity", "Normal"])
+        result["rsna_opacity_vs_normal_masked"] = auc_entry((mclasses[task] == "Lung Opacity").astype(float),
                                                             mprobs[task, j], args.n_boot)
 
     normals = nih.loc[nih[NO_FINDING] == 1, "path"].tolist()
@@ -174,7 +178,7 @@ def markdown(r: dict) -> str:
             ("same task, AP films only", r["pneumonia_vs_no_finding_AP"]),
             ("RSNA Lung Opacity vs Normal, NIH originals", r["rsna_opacity_vs_normal_originals"])]
     if "rsna_opacity_vs_normal_masked" in r:
-        rows.append(("RSNA Lung Opacity vs Normal (and NIH No Finding), lung-masked films of the test patients",
+        rows.append(("RSNA Lung Opacity vs Normal, lung-masked films of the test patients",
                      r["rsna_opacity_vs_normal_masked"]))
     if "kermany_val_pneumonia" in r:
         rows.append(("Kermany Pneumonia, validation patients (chose the checkpoint)", r["kermany_val_pneumonia"]))

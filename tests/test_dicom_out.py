@@ -62,15 +62,13 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
     observer = sr.content.get_observer_contexts()[0]
     assert observer.observer_type.meaning == "Device"
     regions = sr.content.get_planar_roi_measurement_groups()
-    if line["cam_region"]:  # the heat map's region, drawable by a viewer
-        (region,) = regions
-        assert region.tracking_identifier == f"{line['cam_label']} heat-map region"
-        x0, y0, x1, y1 = line["cam_region"]
-        outline = region.roi.value
-        np.testing.assert_allclose(outline, [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-        assert region.roi.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    else:
-        assert regions == []
+    assert line["cam_region"]  # the relative map is not blank on this film: its region is drawable
+    (region,) = regions
+    assert region.tracking_identifier == f"{line['cam_label']} heat-map region"
+    x0, y0, x1, y1 = line["cam_region"]
+    outline = region.roi.value
+    np.testing.assert_allclose(outline, [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+    assert region.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     validate_dicom(sr_path)
 
 

@@ -51,9 +51,11 @@ def test_report_has_contract_keys_and_survives_classes_without_positives(tmp_pat
     labels[:, LABELS.index("Pneumonia")] = rng.integers(0, 2, 50)
     labels[:, LABELS.index("Hernia")] = 0  # known, but no positives
     probs = rng.random((50, 15)).astype(np.float32)
-    report = evaluate_probabilities(labels, probs, {}, split="val", n_boot=50)
+    report = evaluate_probabilities(labels, probs, {"Pneumonia": 0.5}, split="val", n_boot=50)
     assert report["auc"]["Hernia"] is None and report["auc"]["Pneumonia"] is not None
-    assert report["mean_auc_14"] == report["auc"]["Pneumonia"]
+    assert report["mean_auc_14"] == report["auc"]["Pneumonia"]  # the one assessed finding
+    unassessed = evaluate_probabilities(labels, probs, {}, split="val", n_boot=20)
+    assert unassessed["mean_auc_14"] is None  # labels the model does not assess are never averaged
     for label in LABELS:
         assert {"threshold", "sensitivity", "specificity"} <= set(report[label])
     write_report(report, labels, probs, tmp_path)
@@ -93,16 +95,16 @@ def _source_detector(n_pos_a: int = 20):
 
 def test_headline_uses_only_within_source_auc_and_says_so(tmp_path):
     labels, probs, sources, j = _source_detector()
-    report = evaluate_probabilities(labels, probs, {}, "test", n_boot=50, sources=sources)
+    report = evaluate_probabilities(labels, probs, {"Infiltration": 0.5}, "test", n_boot=50, sources=sources)
     assert report["auc"]["Infiltration"] > 0.9  # the pooled figure, kept in the detail table
     assert report["mean_auc_14"] == pytest.approx(report["within_source"]["per_label"]["Infiltration"]["auc"])
     assert report["mean_auc_14"] < 0.75 and report["mean_auc_14_labels"] == ["Infiltration"]
     write_report(report, labels, probs, tmp_path)
     text = (tmp_path / "report.md").read_text()
     headline = text.split("## Detail")[0]
-    assert f"**{report['mean_auc_14']:.3f}**" in headline and "1 of 14 findings" in headline
+    assert f"**{report['mean_auc_14']:.3f}**" in headline and "1 assessed finding (Infiltration" in headline
     assert f"{report['auc']['Infiltration']:.3f}" not in headline  # pooled AUC only below
-    assert f"| this model | {report['mean_auc_14']:.3f} | within-source mean over 1 of 14" in text
+    assert f"| this model | {report['mean_auc_14']:.3f} | within-source mean over 1 assessed finding," in text
 
 
 def test_headline_left_out_when_no_source_has_both_classes(tmp_path):

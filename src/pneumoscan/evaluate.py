@@ -316,7 +316,7 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
                   + ".", ""]
     mean = within["mean_auc_findings"]
     lines += ["## Headline: AUC measured inside each data source", "",
-              (f"Mean AUC over the {len(within['findings_scored'])} findings the model assesses "
+              (f"Mean AUC over {_count(within['findings_scored'], 'assessed finding')} "
                f"({', '.join(within['findings_scored'])}; the other {14 - len(within['findings_scored'])} "
                f"are not averaged), each measured inside the sources that have at "
                f"least {within['min_per_class']} positives and negatives: **{mean:.3f}**."
@@ -353,11 +353,16 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     lines += ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
               "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
     lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
-    lines += [f"| this model | {fmt(mean)} | within-source mean over the {len(within['findings_scored'])} assessed "
-              f"findings, split `{report['split']}` of the given manifest ({within['images']} images) |", "",
+    lines += [f"| this model | {fmt(mean)} | within-source mean over {_count(within['findings_scored'], 'assessed finding')}, "
+              f"split `{report['split']}` of the given manifest ({within['images']} images) |", "",
               "Thresholds are Youden-optimal on validation images of adult sources, stored with the model; "
               "labels the model does not assess have none.", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def _count(items: Sequence[str], noun: str) -> str:
+    """"1 assessed finding", "3 assessed findings"."""
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
 
 
 def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, assessed: Sequence[str] | None = None) -> None:

@@ -2,8 +2,8 @@
 full original image through the crop box.
 
 Grad-CAM (Selvaraju et al.): gradients of the class score with respect to the target layer's
-activations, averaged per channel as weights, weighted sum of the activations, ReLU, normalised
-to [0, 1], bilinearly upsampled. :class:`GradCAM` holds its forward hook only inside a ``with``
+activations, averaged per channel as weights, weighted sum of the activations, ReLU, bilinearly
+upsampled, normalised to [0, 1] (after upsampling, as MONAI does, so the peak is exactly 1). :class:`GradCAM` holds its forward hook only inside a ``with``
 block (as pytorch-grad-cam does), so repeated use never piles hooks or activations up.
 
 At the last feature map the channel weights do not depend on position (the head sees only the
@@ -77,8 +77,8 @@ class GradCAM:
             activation = activation - self.reference.to(activation.device, activation.dtype)[None, :, None, None]
         cam = torch.relu((weights * activation).sum(dim=1)).detach().float().cpu().numpy()
         self._activation = None
-        return np.stack([cv2.resize(c, (x.shape[-1], x.shape[-2]), interpolation=cv2.INTER_LINEAR)
-                         for c in _normalise(cam)])
+        return _normalise(np.stack([cv2.resize(c, (x.shape[-1], x.shape[-2]), interpolation=cv2.INTER_LINEAR)
+                                    for c in cam]))
 
 
 def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> np.ndarray:
@@ -102,9 +102,8 @@ def cam_from_features(features: np.ndarray, head: nn.Sequential, class_index: in
     weights = gradient / (features.shape[2] * features.shape[3])
     if reference is not None:
         features = features - np.asarray(reference, np.float32)[None, :, None, None]
-    cam = np.maximum((weights[:, :, None, None] * features).sum(axis=1), 0)
-    return np.stack([cv2.resize(c, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-                     for c in _normalise(cam)])
+    cam = np.maximum((weights[:, :, None, None] * features).sum(axis=1), 0).astype(np.float32)
+    return _normalise(np.stack([cv2.resize(c, (size[1], size[0]), interpolation=cv2.INTER_LINEAR) for c in cam]))
 
 
 def within_lungs(heat: np.ndarray, lung: np.ndarray) -> np.ndarray:
