@@ -215,3 +215,21 @@ def test_classifier_refuses_another_lung_model_unless_told(tmp_path, nih_png):
     run = subprocess.run([*CLI, "predict", str(nih_png), "--seg-model", str(tmp_path / "other_lungs.pt"),
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "trained on crops from lung model" in run.stderr and "Traceback" not in run.stderr
+
+
+@needs_data
+def test_every_called_finding_has_a_heat_map_that_points_inside_the_lungs():
+    """Issue 19: on dev NIH films, the shipped model's map of each finding it calls is never
+    blank, and its peak and region lie inside the film (the region inside the lung box)."""
+    predictor = Predictor.from_default()
+    films = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:12]
+    called = 0
+    for result in predictor.predict_batch(films, cam="top"):
+        for label in [f for f in (result.findings or []) if f != "No Finding"]:
+            (one,) = predictor.predict_batch([result.path], cam=label)
+            called += 1
+            assert one.cam_label == label and one.cam_peak is not None, (result.path, label)
+            x0, y0, x1, y1 = one.box
+            assert x0 <= one.cam_peak[0] < x1 and y0 <= one.cam_peak[1] < y1
+            assert one.cam_region is not None and x0 <= one.cam_region[0] < one.cam_region[2] <= x1
+    assert called > 0, "no finding called on these films: the test would test nothing"
