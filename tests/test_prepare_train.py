@@ -253,9 +253,9 @@ def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launche
 def _tail_cfg(cache: Path, out: Path, **extra):
     from pneumoscan.classify_train import TrainConfig
 
-    return TrainConfig(cache=str(cache), out=str(out), init="random", epochs=2, batch_size=8, lr=1e-3,
-                       workers=0, accelerator="cpu", train_from="denseblock4", epoch_size=32, select="all",
-                       **extra)
+    settings = dict(init="random", epochs=2, batch_size=8, lr=1e-3, workers=0, accelerator="cpu",
+                    train_from="denseblock4", epoch_size=32, select="all")
+    return TrainConfig(cache=str(cache), out=str(out), **(settings | extra))
 
 
 def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_path, monkeypatch):
