@@ -772,6 +772,8 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
     best epoch)."""
     import csv
 
+    from tqdm import tqdm
+
     stem, tail = split_backbone(model, cfg.train_from)
     x = {name: stem_features(model, stem, cache, part.indices, out / f"stem_{cfg.train_from}_{name}.npy",
                              deadline=deadline)
@@ -826,8 +828,6 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
             tail.train()
             model.head.train()
             losses, t0 = [], time.time()
-            from tqdm import tqdm
-
             for k in tqdm(range(first_batch, len(batches)), desc=f"epoch {epoch}", unit="batch"):
                 torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + k)  # dropout replays exactly
                 rows = order[batches[k]:batches[k] + cfg.batch_size].numpy()
