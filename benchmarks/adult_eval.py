@@ -55,14 +55,16 @@ def fmt(entry: dict) -> str:
     return f"{entry['auc']:.3f} ({entry['ci'][0]:.3f}–{entry['ci'][1]:.3f})"
 
 
-def rsna_classes(names: list[str], index_csv: Path) -> np.ndarray:
-    """RSNA class per NIH file name ("" where the film was not an RSNA challenge image)."""
+def rsna_classes(names: list[str], index_csv: Path, key: str = "nih_image") -> np.ndarray:
+    """RSNA class per file name ("" where the film was not an RSNA challenge image): ``key`` is the
+    index column whose file names ``names`` are (``nih_image`` for NIH originals, ``path`` for the
+    lung-masked copies)."""
     import pandas as pd
 
     if not index_csv.is_file():
         return np.array([""] * len(names), dtype=object)
-    table = pd.read_csv(index_csv, usecols=["nih_image", "rsna_class"])
-    lookup = dict(zip(table.nih_image, table.rsna_class))
+    table = pd.read_csv(index_csv, usecols=[key, "rsna_class"])
+    lookup = dict(zip(table[key].map(lambda p: Path(p).name), table.rsna_class))
     return np.array([lookup.get(n, "") for n in names], dtype=object)
 
 
@@ -74,8 +76,6 @@ def main() -> int:
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
     args = parser.parse_args()
-
-    import pandas as pd
 
     from pneumoscan.cache import crop_paths
     from pneumoscan.data.manifest import read_manifest
@@ -132,9 +132,7 @@ def main() -> int:
         print(f"scoring {len(masked)} lung-masked films of the same patients …", file=sys.stderr, flush=True)
         ok, mprobs = score(masked)
         masked = masked[ok].reset_index(drop=True)
-        by_name = dict(zip(pd.read_csv(args.rsna_index).path.map(lambda p: Path(p).name),
-                           pd.read_csv(args.rsna_index).rsna_class)) if args.rsna_index.is_file() else {}
-        mclasses = np.array([by_name.get(Path(p).name, "") for p in masked.path], dtype=object)
+        mclasses = rsna_classes([Path(p).name for p in masked.path], args.rsna_index, key="path")
         task = np.isin(mclasses, ["Lung Opacity", "Normal"])
         result["rsna_opacity_vs_normal_masked"] = auc_entry((mclasses[task] == "Lung Opacity").astype(float),
                                                             mprobs[task, j], args.n_boot)

@@ -643,11 +643,8 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
     settings = {"lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "patience": cfg.patience, "epoch_size": len(sampler), "field_dropout": cfg.field_dropout,
                 "features": list(features["train"].shape), "labels": train_set.labels.shape[0]}
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise ValueError(f"{state_path} holds a head fit made with other settings; use a new --out, "
-                             f"or --no-resume to start this one again")
+    state = saved_fit_state(state_path, settings, cfg.resume, "head fit")
+    if state is not None:
         head.load_state_dict(state["head"])
         if model.clinical is not None:
             model.clinical.load_state_dict(state["clinical"])
@@ -689,9 +686,7 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
             state = {"epoch": epoch, "settings": settings, "head": head.state_dict(), "opt": opt.state_dict(),
                      "plateau": plateau.state_dict(), "best": best,
                      "clinical": None if model.clinical is None else model.clinical.state_dict()}
-            tmp = state_path.with_name(state_path.name + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(state_path)
+            save_fit_state(state_path, state)
             if time.time() > deadline:  # --max-minutes: the best head so far is kept; a rerun resumes
                 break
     return best | {"standardise": (mean, std)}
@@ -798,22 +793,17 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
                 "view_balance": cfg.view_balance}
     best: dict[str, Any] = {"score": -np.inf, "state": None, "best_epoch": 0}
     epoch, first_batch = 0, 0
-    if cfg.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("settings") != settings:
-            raise ValueError(f"{state_path} holds a fit made with other settings; use a new --out, "
-                             f"or --no-resume to start this one again")
+    state = saved_fit_state(state_path, settings, cfg.resume, "fit")
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         plateau.load_state_dict(state["plateau"])
         best, epoch, first_batch = state["best"], state["epoch"], state["batch"]
 
     def save(next_epoch: int, next_batch: int) -> None:
-        state = {"epoch": next_epoch, "batch": next_batch, "settings": settings, "model": model.state_dict(),
-                 "opt": opt.state_dict(), "plateau": plateau.state_dict(), "best": best}
-        tmp = state_path.with_name(state_path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
+        save_fit_state(state_path, {"epoch": next_epoch, "batch": next_batch, "settings": settings,
+                                    "model": model.state_dict(), "opt": opt.state_dict(),
+                                    "plateau": plateau.state_dict(), "best": best})
 
     log_path = out / "tail_metrics.csv"
     stopped = False
@@ -882,6 +872,25 @@ REFERENCE_FILMS = 512
 
 #: A partial fine-tune saves its state every this many batches (and at each epoch's end).
 SAVE_EVERY = 100
+
+
+def saved_fit_state(path: Path, settings: dict[str, Any], resume: bool, kind: str) -> dict[str, Any] | None:
+    """A resumable fit's saved state (None when there is none or ``resume`` is off), refused when
+    it was made with other ``settings``."""
+    if not (resume and path.exists()):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("settings") != settings:
+        raise ValueError(f"{path} holds a {kind} made with other settings; use a new --out, "
+                         f"or --no-resume to start this one again")
+    return state
+
+
+def save_fit_state(path: Path, state: dict[str, Any]) -> None:
+    """Write a fit's state under a temporary name and rename it: a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarray], out: str | Path
