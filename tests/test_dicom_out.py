@@ -50,8 +50,14 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
     assert sr.SeriesInstanceUID != source.SeriesInstanceUID and sr.SOPInstanceUID != source.SOPInstanceUID
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    groups = sr.content.get_image_measurement_groups()
+    every = sr.content.get_image_measurement_groups()
+    groups = [g for g in every if g.tracking_identifier != "Cardiothoracic ratio"]
     assert sorted(g.tracking_identifier for g in groups) == sorted(TEST_ASSESSED)
+    (ctr_group,) = [g for g in every if g.tracking_identifier == "Cardiothoracic ratio"]
+    (ctr,) = ctr_group.get_measurements()
+    assert ctr.name.meaning == "Cardiothoracic ratio" and ctr.unit.value == "1"
+    assert abs(ctr.value - line["measurements"]["cardiothoracic_ratio"]) < 1e-6
+    assert "Danzer" in ctr.method.meaning and ctr_group.finding_type.meaning == "Heart"
     for group in groups:
         label = group.tracking_identifier
         probability = next(m for m in group.get_measurements() if m.name.meaning == "Probability")

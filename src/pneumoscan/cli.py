@@ -142,6 +142,12 @@ def train_seg(
     out: Annotated[Path, typer.Option(help="Run folder (checkpoints, logs, model.pt, report).")],
     montgomery: Dir = None,
     shenzhen: Dir = None,
+    jsrt: Dir = None,
+    structure: Annotated[str, typer.Option(help="lungs (Montgomery, Shenzhen, JSRT) or heart (JSRT).")] = "lungs",
+    folds: Annotated[int, typer.Option(help="Cross-validation: hash folds (0 = one --val-fraction split).")] = 0,
+    fold: Annotated[int, typer.Option(help="With --folds: the fold held out for validation.")] = 0,
+    schedule: Annotated[str, typer.Option(help="plateau (keep the best validation epoch) or cosine "
+                                               "(fixed, keep the last: validation chooses nothing).")] = "plateau",
     preset: Annotated[str, typer.Option(help="U-Net width: small (1.6 M) or thesis (31 M).")] = "small",
     size: Annotated[int, typer.Option(help="Input side in pixels.")] = 224,
     epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 40,
@@ -153,13 +159,15 @@ def train_seg(
     devices: Annotated[int, typer.Option()] = 1,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt if present.")] = True,
 ) -> None:
-    """Train the lung U-Net on Montgomery and/or Shenzhen (checkpoint every epoch, resumable)."""
+    """Train the lung or heart U-Net (checkpoint every epoch, resumable)."""
     from pneumoscan.segment import PRESETS
     from pneumoscan.segment_train import SegTrainConfig, train_segmentation
 
-    sources = {k: str(v) for k, v in {"montgomery": montgomery, "shenzhen": shenzhen}.items() if v}
-    if not sources:
-        fail("give --montgomery DIR and/or --shenzhen DIR")
+    sources = seg_sources(structure, montgomery=montgomery, shenzhen=shenzhen, jsrt=jsrt)
+    if folds > 1 and not 0 <= fold < folds:
+        fail(f"--fold must be in 0…{folds - 1}")
+    if schedule not in ("plateau", "cosine"):
+        fail("--schedule must be plateau or cosine")
     if preset not in PRESETS:
         fail(f"--preset must be one of {PRESETS}")
     if size % 16:
@@ -170,7 +178,7 @@ def train_seg(
         meta = train_segmentation(SegTrainConfig(
             out=out, sources=sources, preset=preset, size=size, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, val_fraction=val_fraction, accelerator=accelerator, devices=devices,
-            resume=resume))
+            resume=resume, structure=structure, folds=folds, fold=fold, schedule=schedule))
     except ModelFileError as exc:
         fail(str(exc))
     console.print((out / "report.md").read_text())
@@ -181,25 +189,45 @@ def train_seg(
 def eval_seg(
     montgomery: Dir = None,
     shenzhen: Dir = None,
-    model: Annotated[Optional[Path], typer.Option(help="Model file; the shipped one if omitted.")] = None,
+    jsrt: Dir = None,
+    model: Annotated[Optional[Path], typer.Option(help="Lung model file; the shipped one if omitted.")] = None,
+    heart_model: Annotated[Optional[Path], typer.Option(help="Heart model file; the shipped one if omitted.")] = None,
 ) -> None:
-    """Dice / IoU / pixel accuracy of a lung model on every masked image of the given sources."""
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.segment import LungSegmenter, load_default
-    from pneumoscan.segment_train import evaluate_segmentation, segmentation_table
-
-    sources = {k: str(v) for k, v in {"montgomery": montgomery, "shenzhen": shenzhen}.items() if v}
-    if not sources:
-        fail("give --montgomery DIR and/or --shenzhen DIR")
-    try:
-        segmenter = LungSegmenter.load(model) if model else load_default()
-    except (ModelFileError, FileNotFoundError) as exc:
-        fail(str(exc))
-    table = segmentation_table(sources, val_fraction=0.0)
-    metrics = evaluate_segmentation(segmenter, table)
+    """Dice / IoU / pixel accuracy of the lung model (and, with --jsrt, the heart model) on every
+    masked image of the given sources."""
     import pandas as pd
 
-    print_table("Lung segmentation (all masked images)", pd.DataFrame(metrics).T.reset_index(names="source"))
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.segment import HeartSegmenter, LungSegmenter, load_default, load_default_heart
+    from pneumoscan.segment_train import evaluate_segmentation, segmentation_table
+
+    lung_sources = seg_sources("lungs", montgomery=montgomery, shenzhen=shenzhen, jsrt=jsrt)
+    try:
+        segmenter = LungSegmenter.load(model) if model else load_default()
+        heart = (HeartSegmenter.load(heart_model) if heart_model else load_default_heart()) if jsrt else None
+    except (ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    for title, model_, sources, structure in (("Lung", segmenter, lung_sources, "lungs"),
+                                              ("Heart", heart, {"jsrt": str(jsrt)}, "heart")):
+        if model_ is None:
+            continue
+        metrics = evaluate_segmentation(model_, segmentation_table(sources, val_fraction=0.0, structure=structure))
+        print_table(f"{title} segmentation (all masked images)", pd.DataFrame(metrics).T.reset_index(names="source"))
+        seen = sorted(set(sources) & set(model_.meta.get("training_data") or {}))
+        if seen:  # a figure on training films says little about new ones
+            err.print(f"[yellow]note:[/] the {title.lower()} model learnt from {', '.join(seen)}: these figures "
+                      "are on films it was trained or validated on, not on unseen films")
+
+
+def seg_sources(structure: str, **given: Optional[Path]) -> dict[str, str]:
+    """The segmentation sources given on the command line that have masks of ``structure``."""
+    if structure not in ("lungs", "heart"):
+        fail("--structure must be lungs or heart")
+    allowed = ("jsrt",) if structure == "heart" else ("montgomery", "shenzhen", "jsrt")
+    sources = {k: str(v) for k, v in given.items() if v and k in allowed}
+    if not sources:
+        fail(f"{structure} masks come from " + " and/or ".join(f"--{k} DIR" for k in allowed))
+    return sources
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
@@ -282,40 +310,55 @@ def segment(
     images: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
     out: Annotated[Path, typer.Option(help="Folder for masks, overlays and segment.jsonl.")],
     model: Annotated[Optional[Path], typer.Option(help="Lung model file; the shipped one if omitted.")] = None,
+    heart_model: Annotated[Optional[Path], typer.Option(help="Heart model file; the shipped one if omitted.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
-    """Lung mask, overlay and crop box for each X-ray; unreadable files are reported, not fatal."""
+    """Lung mask (NAME_mask.png), heart mask (NAME_heart.png), overlay and crop box for each X-ray,
+    with the cardiothoracic ratio; unreadable files are reported, not fatal."""
     import json
 
     import cv2
+    import numpy as np
     from tqdm import tqdm
 
     from pneumoscan.crop import read_segment_crop
+    from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.overlay import segmentation_overlay
+    from pneumoscan.predict import load_heart
     from pneumoscan.segment import LungSegmenter, load_default
 
     try:
         segmenter = LungSegmenter.load(model) if model else load_default()
+        heart_segmenter = load_heart(heart_model)
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
+    if heart_segmenter is None:
+        fail("no heart model is installed; give --heart-model FILE")
     paths = gather_inputs(images, out)
     used: set[str] = set()
     failures = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
+            readable = [item for item in chunk if item.seg is not None]
+            hearts = dict(zip(map(id, readable), heart_segmenter.heart_masks(
+                [item.image.pixels for item in readable],
+                np.stack([item.prepared for item in readable]) if readable else None)))
             for item in chunk:
                 record = {"path": str(item.source), "box": None, "lung_fraction": None, "fallback": None,
-                          "error": item.error}
+                          "cardiothoracic_ratio": None, "error": item.error}
                 seg = item.seg
                 if seg is not None:
                     stem = output_stem(item.source, used)
+                    heart = hearts[id(item)]
+                    ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"))
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
-                                  fallback=seg.fallback)
+                                  fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
+                                  cardiothoracic_ratio_reason=ctr.reason)
                     try:  # a file is listed only once it is written
-                        for kind, image in (("mask", seg.mask * 255), ("overlay", segmentation_overlay(
-                                item.image.pixels, seg.mask, seg.box, seg.fallback))):
+                        for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", segmentation_overlay(
+                                item.image.pixels, seg.mask, seg.box, seg.fallback, heart))):
                             if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
                                 raise OSError(f"could not write {stem}_{kind}.png")
                             record[kind] = f"{stem}_{kind}.png"
@@ -637,8 +680,8 @@ def predict(
             writer = csv.writer(handle)
             # A label the model does not assess has an empty probability and is named in not_assessed.
             writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
-                             "box", "local_box", "fallback", "cam_label", "cam_peak", "cam_region", "overlay",
-                             "error"])
+                             "box", "local_box", "fallback", "cam_label", "cam_peak", "cam_region",
+                             "cardiothoracic_ratio", "cardiothoracic_ratio_reason", "overlay", "error"])
         keep = overlays or dicom_out is not None
         for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
                                                               batch_size=batch_size, threads=read_threads,
@@ -689,6 +732,8 @@ def predict(
                                  result.fallback, result.cam_label,
                                  json.dumps(result.cam_peak) if result.cam_peak else "",
                                  json.dumps(result.cam_region) if result.cam_region else "",
+                                 *(("" if (v := (result.measurements or {}).get(key)) is None else v)
+                                   for key in ("cardiothoracic_ratio", "cardiothoracic_ratio_reason")),
                                  record["overlay"], result.error or ""])
             bar.update(1)
     console.print(f"{len(files) - failures} of {len(files)} images → {target}"

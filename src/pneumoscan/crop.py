@@ -60,10 +60,11 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def clean_mask(prob: np.ndarray, threshold: float = THRESHOLD,
-               min_fraction: float = MIN_LUNG_FRACTION) -> tuple[np.ndarray, int]:
-    """Threshold → opening → fill holes → keep the two largest components above ``min_fraction``.
+               min_fraction: float = MIN_LUNG_FRACTION, keep: int = 2) -> tuple[np.ndarray, int]:
+    """Threshold → opening → fill holes → keep the ``keep`` largest components above
+    ``min_fraction`` (two lungs; one heart).
 
-    Returns the 0/1 uint8 mask and how many lung regions it holds (0, 1 or 2).
+    Returns the 0/1 uint8 mask and how many regions it holds (0 … ``keep``).
     """
     binary = (prob >= threshold).astype(np.uint8)
     k = kernel_size(binary.shape)
@@ -72,9 +73,9 @@ def clean_mask(prob: np.ndarray, threshold: float = THRESHOLD,
     binary = fill_holes(binary)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
-    order = np.argsort(areas)[::-1][:2]
-    keep = [i + 1 for i in order if areas[i] >= min_fraction * binary.size]
-    return np.isin(labels, keep).astype(np.uint8), len(keep)
+    order = np.argsort(areas)[::-1][:keep]
+    kept = [i + 1 for i in order if areas[i] >= min_fraction * binary.size]
+    return np.isin(labels, kept).astype(np.uint8), len(kept)
 
 
 def lung_crop(prob: np.ndarray, threshold: float = THRESHOLD, margin: float = MARGIN,
@@ -146,7 +147,7 @@ class Cropped:
     source: Any
     image: Any = None            # pneumoscan.io.XrayImage
     error: str | None = None
-    prepared: np.ndarray | None = None  # the U-Net's input, made on the decoding thread
+    prepared: np.ndarray | None = None  # the U-Nets' input, made on the decoding thread
     seg: Any = None              # pneumoscan.segment.Segmentation
     crop: np.ndarray | None = None
 
@@ -175,7 +176,7 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
                                        np.stack([c.prepared for c in readable]) if readable else None,
                                        masked=masked)
         for item, seg, crop in zip(readable, segs, crops):
-            item.seg, item.crop, item.prepared = seg, crop, None
+            item.seg, item.crop = seg, crop
         yield chunk
 
 

@@ -8,7 +8,10 @@ For one DICOM input and its :class:`~pneumoscan.predict.Prediction`:
   "above operating threshold" Yes/No as a qualitative evaluation, the model as the algorithm
   identification (name, version = weights SHA-256, the threshold as a parameter) and the source
   image as the group's source; for the label whose heat map was drawn, a planar ROI group (TID
-  1410) outlines the map's region (``cam_region``) as a SCOORD polyline on the source. The observer
+  1410) outlines the map's region (``cam_region``) as a SCOORD polyline on the source; where the
+  cardiothoracic ratio was measured, one more image-level group (finding type Heart) carries it
+  as a numeric measurement (UCUM "1"), its method code naming the definition and the heart model
+  as its algorithm (:mod:`pneumoscan.measure`). The observer
   is the device (PneumoScan), never a person. TID 1500
   was chosen over a free-form Comprehensive SR because viewers and archives already parse it and
   its image-level groups carry exactly "a value about this image, by this algorithm". Labels not
@@ -55,6 +58,10 @@ LABEL_CODES: dict[str, Code] = {
 PROBABILITY = codes.DCM.Probability
 THRESHOLD = Code("OP_THRESHOLD", SCHEME, "Operating threshold")
 ABOVE = Code("ABOVE_THRESHOLD", SCHEME, "Above operating threshold")
+#: No DICOM, SNOMED CT or LOINC code is a chest-film cardiothoracic *diameter* ratio (LOINC's are
+#: area and circumference ratios by ultrasound), so the private scheme names it and its method.
+CTR = Code("CTR", SCHEME, "Cardiothoracic ratio")
+CTR_METHOD = Code("CTR_MASK_WIDTHS", SCHEME, "Heart mask width / two-lung mask width (Danzer)")
 SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
           "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
 _AGE = re.compile(r"^\d{3}[DWMY]$")
@@ -101,8 +108,10 @@ def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None):
                                          parameters=parameters)
 
 
-def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], device_uid: str):
-    """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below."""
+def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], device_uid: str,
+                heart_meta: dict[str, Any] | None = None):
+    """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below, and the
+    cardiothoracic ratio where it was measured."""
     import highdicom as hd
 
     name = f"PneumoScan {classifier_meta.get('name', 'chest classifier')}"
@@ -123,6 +132,16 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
     if prediction.cam_region and prediction.cam_label in [g.tracking_identifier for g in groups]:
         groups.append(heat_map_region(source, prediction, classifier_meta, name))
+    ratio = (prediction.measurements or {}).get("cardiothoracic_ratio")
+    if ratio is not None and heart_meta is not None:
+        groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(source.SOPInstanceUID, "tracking", "CTR"), identifier="Cardiothoracic ratio"),
+            finding_type=codes.SCT.Heart,
+            algorithm_id=_algorithm(heart_meta, "PneumoScan heart U-Net"),
+            measurements=[hd.sr.Measurement(name=CTR, value=float(ratio), unit=codes.UCUM.NoUnits,
+                                            method=CTR_METHOD)],
+            source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -131,10 +150,11 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.SCT.ImagingProcedure, imaging_measurements=groups)
     number, description = SERIES["sr"]
+    models = classifier_meta.get("sha256", "") + (heart_meta or {}).get("sha256", "")
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source], content=report, manufacturer=MANUFACTURER,
-        series_instance_uid=derived_uid(source.SOPInstanceUID, "sr-series", classifier_meta.get("sha256", "")),
-        sop_instance_uid=derived_uid(source.SOPInstanceUID, "sr", classifier_meta.get("sha256", "")),
+        series_instance_uid=derived_uid(source.SOPInstanceUID, "sr-series", models),
+        sop_instance_uid=derived_uid(source.SOPInstanceUID, "sr", models),
         series_number=number, instance_number=1, is_complete=True)
     sr.SeriesDescription = description
     return sr
@@ -223,7 +243,9 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
             out = {"sc": overlay_sc(source, cv2.cvtColor(picture_bgr, cv2.COLOR_BGR2RGB), models)}
             if prediction.probabilities is not None and quality.get("frontal_chest") and not quality.get("forced"):
                 device_uid = derived_uid("PneumoScan device", models)
-                out["sr"] = findings_sr(source, prediction, predictor.classifier.meta, device_uid)
+                heart = getattr(predictor, "heart", None)
+                out["sr"] = findings_sr(source, prediction, predictor.classifier.meta, device_uid,
+                                        heart.meta if heart is not None else None)
                 out["seg"] = lung_seg(source, prediction.mask, predictor.segmenter.meta)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # what highdicom finds wanting
             raise DicomOutputError(f"{Path(path).name}: the source lacks what DICOM results need "

@@ -11,18 +11,21 @@ LUNG_BGR = (80, 220, 80)
 BOX_BGR = (40, 170, 255)
 LOCAL_BGR = (255, 60, 255)
 REGION_BGR = (255, 255, 0)
+HEART_BGR = (60, 60, 255)
 #: A heat map of a class below its threshold is drawn this faintly: it draws the eye less.
 MUTED_ALPHA = 0.18
 
 
 def segmentation_overlay(pixels: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
-                         fallback: bool) -> np.ndarray:
-    """BGR uint8 image: grey X-ray, lung contour in green, crop box in orange (dashed if the
-    whole image is used because the lungs were not found)."""
+                         fallback: bool, heart: np.ndarray | None = None) -> np.ndarray:
+    """BGR uint8 image: grey X-ray, lung contour in green, heart contour in red (if given), crop
+    box in orange (dashed if the whole image is used because the lungs were not found)."""
     canvas = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
     thickness = max(1, round(min(pixels.shape) / 256))
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(canvas, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
+    for outline, colour in ((mask, LUNG_BGR), (heart, HEART_BGR)):
+        if outline is not None:
+            contours, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            cv2.drawContours(canvas, contours, -1, colour, thickness, cv2.LINE_AA)
     x0, y0, x1, y1 = box
     if fallback:
         _dashed_rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness)
@@ -98,13 +101,15 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
                        cam: np.ndarray | None, cam_label: str | None, probability: float | None,
                        max_side: int = 1024, caption: str | None = None,
                        local_box: list[int] | None = None, threshold: float | None = None,
-                       region: list[int] | None = None) -> np.ndarray:
+                       region: list[int] | None = None, heart: np.ndarray | None = None,
+                       measurements: dict | None = None) -> np.ndarray:
     """BGR uint8 picture for people: the X-ray (at most ``max_side``) with lung contour, crop box
     (dashed when the whole image was used), an AG-CNN model's local box (what its local branch
     read, in magenta) and, if given, the Grad-CAM heat map with a colour bar and its region
-    outlined in cyan; the title says the class, its probability against its ``threshold`` and
-    whether it was called (a map of a class not called is drawn muted); ``caption`` (findings,
-    labels not assessed) below. OpenCV only: about 10 ms, where the same figure in matplotlib took
+    outlined in cyan; the heart outline and width in red, the thoracic width in green
+    (``measurements``, :mod:`pneumoscan.measure`); the title says the class, its probability against
+    its ``threshold`` and whether it was called (a map of a class not called is drawn muted);
+    ``caption`` (findings, labels not assessed, the ratio) below. OpenCV only: about 10 ms, where the same figure in matplotlib took
     0.44 s."""
     scale = min(1.0, max_side / max(pixels.shape))
     if scale < 1.0:  # draw at most max_side pixels: the picture is for eyes, not measurements
@@ -115,6 +120,10 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
         box = None if box is None else [round(v * scale) for v in box]
         local_box = None if local_box is None else [round(v * scale) for v in local_box]
         region = None if region is None else [round(v * scale) for v in region]
+        heart = None if heart is None else cv2.resize(heart, size, interpolation=cv2.INTER_NEAREST)
+    lines_of_ctr = [[round(v * scale) for v in line] for line in
+                    ((measurements or {}).get("heart_line"), (measurements or {}).get("thoracic_line"))
+                    if line] if (measurements or {}).get("cardiothoracic_ratio") is not None else []
     height, width = pixels.shape
     film = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
     thickness = max(1, round(min(height, width) / 400))
@@ -137,6 +146,15 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     if region is not None and cam is not None:
         x0, y0, x1, y1 = region
         _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), REGION_BGR, thickness)
+    if heart is not None and heart.any():
+        contours, _ = cv2.findContours(heart.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(film, contours, -1, HEART_BGR, thickness, cv2.LINE_AA)
+    if len(lines_of_ctr) == 2 and abs(lines_of_ctr[0][0] - lines_of_ctr[1][0]) < 12 * thickness:
+        lines_of_ctr[0][0] = lines_of_ctr[1][0] + 12 * thickness   # keep the heart's width visible
+    for (y, x0, x1), colour in zip(lines_of_ctr, (HEART_BGR, LUNG_BGR)):  # heart, thoracic width
+        cv2.line(film, (x0, y), (x1, y), colour, thickness + 1, cv2.LINE_AA)
+        for x in (x0, x1):
+            cv2.line(film, (x, y - 6 * thickness), (x, y + 6 * thickness), colour, thickness + 1)
     text_scale = max(0.4, min(0.6, width / 1400))
     line_height = int(30 * text_scale / 0.6)
     bar_width = 70 if cam is not None else 0
@@ -149,6 +167,8 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
             "" if threshold is None else f" {'>=' if called else '<'} {threshold:.2f}, {'called' if called else 'not called'}")
         title = f"Grad-CAM: {cam_label}{verdict}" + \
             (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
+    if measurements is not None:
+        caption = (caption + "\n" if caption else "") + ctr_caption(measurements)
     if cam is not None:
         caption = (caption + "\n" if caption else "") + ("Colour bar: Grad-CAM relative to this map's maximum "
                                                          "(not a probability); cyan: where it reaches half of it")
@@ -170,6 +190,17 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     return canvas
 
 
+def ctr_caption(measurements: dict) -> str:
+    """The cardiothoracic ratio in words, or why there is none."""
+    value = measurements.get("cardiothoracic_ratio")
+    if value is None:
+        return f"Cardiothoracic ratio: not measured ({measurements.get('cardiothoracic_ratio_reason')})"
+    above = measurements.get("ctr_above_pa_cutoff")
+    verdict = ("" if above is None else
+               f" ({'above' if above else 'not above'} the PA cut-off 0.50)")
+    return f"Cardiothoracic ratio (heart width in red / thoracic width in green): {value:.2f}{verdict}"
+
+
 def picture_for(result, max_side: int = 1024) -> np.ndarray:
     """:func:`prediction_picture` of a :class:`~pneumoscan.predict.Prediction` kept with its
     arrays (``keep_arrays=True``), captioned with its findings or its refusal."""
@@ -177,7 +208,8 @@ def picture_for(result, max_side: int = 1024) -> np.ndarray:
     threshold = (result.thresholds or {}).get(result.cam_label) if result.cam_label else None
     return prediction_picture(result.pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
                               probability, max_side=max_side, caption=findings_caption(result),
-                              local_box=result.local_box, threshold=threshold, region=result.cam_region)
+                              local_box=result.local_box, threshold=threshold, region=result.cam_region,
+                              heart=result.heart, measurements=result.measurements)
 
 
 def save_png(picture: np.ndarray, path: str) -> None:

@@ -1,4 +1,5 @@
-"""The end-to-end predictor: read → CLAHE → U-Net → clean mask → crop → DenseNet-121 → Grad-CAM.
+"""The end-to-end predictor: read → CLAHE → U-Net → clean mask → crop → DenseNet-121 → Grad-CAM,
+with the heart U-Net and the cardiothoracic ratio beside the classifier.
 
 One :class:`Predictor` serves the CLI, the REST API and Python callers, so they cannot drift
 apart. Inputs that cannot be read give a :class:`Prediction` whose ``error`` says why; the rest of
@@ -24,8 +25,9 @@ from pneumoscan.explain import cam_summary, place_on_original, within_lungs
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
+from pneumoscan.measure import CardiothoracicRatio, cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
-from pneumoscan.segment import LungSegmenter
+from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
 #: Image metadata that may leave the process: technical fields only, never patient identity.
 PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
@@ -64,9 +66,11 @@ class Prediction:
     cam_label: str | None = None
     cam_peak: list[int] | None = None
     cam_region: list[int] | None = None
+    measurements: dict[str, Any] | None = None
     error: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)
+    heart: np.ndarray | None = field(default=None, repr=False)
     cam: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +78,7 @@ class Prediction:
                 "not_assessed": self.not_assessed, "thresholds": self.thresholds, "quality": self.quality,
                 "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
                 "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
-                "cam_region": self.cam_region, "error": self.error}
+                "cam_region": self.cam_region, "measurements": self.measurements, "error": self.error}
 
 
 def resolve_label(name: str) -> str:
@@ -91,6 +95,20 @@ class NotAssessedError(ValueError):
 
 
 BACKENDS = ("auto", "onnx", "torch")
+
+
+def load_heart(path: str | Path | None = None, device: str = "cpu") -> HeartSegmenter | None:
+    """The heart model from ``path``, else the shipped one; None if none is installed (the
+    predictions then carry no cardiothoracic ratio). It runs in PyTorch on every backend: 1.6 M
+    parameters, a few milliseconds a film."""
+    from pneumoscan.segment import default_heart_model_path
+
+    if path is None:
+        try:
+            path = default_heart_model_path()
+        except FileNotFoundError:
+            return None
+    return HeartSegmenter.load(path).to(device)
 
 
 def load_models(seg: str | Path | None = None, cls_model: str | Path | None = None, *, backend: str = "auto",
@@ -147,7 +165,7 @@ class Predictor:
     """Lung segmenter + classifier, with Grad-CAM on request."""
 
     def __init__(self, segmenter: LungSegmenter, classifier: Classifier, *, allow_model_mismatch: bool = False,
-                 frontal_check: FrontalCheck | None = None):
+                 frontal_check: FrontalCheck | None = None, heart: HeartSegmenter | None = None):
         trained_on = (classifier.meta.get("preprocessing") or {}).get("segmentation_model_sha256")
         used = segmenter.meta.get("weights_sha256")
         if trained_on != used and not allow_model_mismatch:
@@ -159,6 +177,10 @@ class Predictor:
         self.classifier = classifier
         self.model_mismatch = trained_on != used
         self.frontal_check = frontal_check or matching_check(used)
+        if heart is not None and heart.preprocessing != segmenter.preprocessing:
+            raise ModelFileError("the heart model's preprocessing differs from the lung model's; "
+                                 "they must read the same prepared film")
+        self.heart = heart
 
     @classmethod
     def from_default(cls, *, backend: str = "auto", device: str = "cpu") -> Predictor:
@@ -167,24 +189,26 @@ class Predictor:
     @classmethod
     def from_paths(cls, seg: str | Path | None = None, cls_model: str | Path | None = None, *,
                    allow_model_mismatch: bool = False, backend: str = "auto", device: str = "cpu",
-                   progress: Callable[[str], None] | None = None) -> Predictor:
-        """Both models from their files (the shipped ones by default), on the fastest backend
-        (:func:`load_models`)."""
+                   progress: Callable[[str], None] | None = None, heart: str | Path | None = None) -> Predictor:
+        """The models from their files (the shipped ones by default), on the fastest backend
+        (:func:`load_models`); the heart model when one is installed (:func:`load_heart`)."""
         return cls(*load_models(seg, cls_model, backend=backend, device=device, progress=progress),
-                   allow_model_mismatch=allow_model_mismatch)
+                   allow_model_mismatch=allow_model_mismatch, heart=load_heart(heart, device))
 
     @classmethod
     def from_onnx(cls, folder: str | Path, *, allow_model_mismatch: bool = False) -> Predictor:
-        """Both models through ONNX Runtime (``pneumoscan export --format onnx``)."""
+        """Lung model and classifier through ONNX Runtime (``pneumoscan export --format onnx``),
+        the shipped heart model in PyTorch."""
         from pneumoscan.export import load_onnx
 
-        return cls(*load_onnx(folder), allow_model_mismatch=allow_model_mismatch)
+        return cls(*load_onnx(folder), allow_model_mismatch=allow_model_mismatch, heart=load_heart())
 
     @property
     def models(self) -> dict[str, Any]:
         """SHA-256 and training summary of both models (for reports and /health)."""
         return {"backend": self.classifier.backend,
                 "segmentation": self.segmenter.meta.get("weights_sha256"),
+                "heart_segmentation": self.heart.meta.get("weights_sha256") if self.heart else None,
                 "classifier": self.classifier.meta.get("weights_sha256"),
                 "classifier_input_size": self.classifier.size,
                 "classifier_architecture": self.classifier.arch,
@@ -261,6 +285,7 @@ class Predictor:
                 result.pixels, result.mask = image.pixels, seg.mask
             if gate.frontal_chest or force:
                 scored.append((result, item))
+        self._measure(scored, keep_arrays)
         if not scored:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
@@ -303,6 +328,19 @@ class Predictor:
                 if keep_arrays:
                     result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
         return results
+
+    def _measure(self, scored: list[tuple[Prediction, Cropped]], keep_arrays: bool) -> None:
+        """The heart U-Net on the films that are scored, and the cardiothoracic ratio of each."""
+        if self.heart is None or not scored:
+            return
+        films = [item.image.pixels for _, item in scored]
+        hearts = self.heart.heart_masks(films, np.stack([item.prepared for _, item in scored]))
+        for (result, item), heart in zip(scored, hearts):
+            ctr = (CardiothoracicRatio(None, "lungs not found") if item.seg.fallback else
+                   cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position")))
+            result.measurements = ctr.to_dict()
+            if keep_arrays:
+                result.heart = heart
 
     @staticmethod
     def _read(source: Any, name: str | None) -> XrayImage:

@@ -1,5 +1,10 @@
-"""Stage 3 (segment): a U-Net that maps a CLAHE-enhanced X-ray to a lung probability map, and the
-inference path from any X-ray to a cleaned lung mask and crop box on the original picture.
+"""Stage 3 (segment): U-Nets that map a CLAHE-enhanced X-ray to a lung (or heart) probability
+map, and the inference path from any X-ray to a cleaned lung mask and crop box, or a cleaned heart
+mask, on the original picture.
+
+The heart has its own small U-Net (trained on JSRT's SCR masks) rather than a second output of the
+lung model: the lung model, and so the classifier's crop, stay bit-identical, and the two share
+one preprocessing, so a film is prepared once for both (``docs/HEART.md`` gives the measurements).
 
 Presets: ``small`` (MONAI UNet 16–256 with residual units, 1.6 M parameters, trains on a 2-core
 CPU) and ``thesis`` (MONAI BasicUNet 64–1024, the classic 2015 shape, 31 M parameters, for GPUs).
@@ -17,11 +22,18 @@ import torch
 from torch import nn
 
 from pneumoscan.accel import place, resolve_device, run
-from pneumoscan.crop import LungCrop, lung_crop, scale_box
+from pneumoscan.crop import LungCrop, clean_mask, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
 from pneumoscan.modelfile import ModelFileError, first_line, load_model, save_model, shipped_model_path
 
 KIND = "lung-segmentation"
+HEART_KIND = "heart-segmentation"
+#: Which model kind segments each structure, and the mask column of a source table that trains it.
+STRUCTURES = {"lungs": (KIND, "mask"), "heart": (HEART_KIND, "heart")}
+#: The heart's probability threshold; the heart is then one filled component (``heart_mask``).
+HEART_THRESHOLD = 0.5
+#: A heart smaller than this fraction of the film is no heart (a speck the U-Net hesitated on).
+MIN_HEART_FRACTION = 0.01
 PRESETS = ("small", "thesis")
 DEFAULT_SIZE = 224
 #: Mask clean-up runs at no more than this side; the mask is then resized to the original. The
@@ -30,6 +42,7 @@ DEFAULT_SIZE = 224
 #: 3 ms instead of 9 (``benchmarks/mask_work_side.py``).
 WORK_SIDE = 512
 DEFAULT_MODEL = "lung_unet_small.pt"
+DEFAULT_HEART_MODEL = "heart_unet_small.pt"
 
 
 def build_unet(preset: str = "small") -> nn.Module:
@@ -73,8 +86,11 @@ class Segmentation(LungCrop):
     prob: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
 
 
-class LungSegmenter:
-    """A trained U-Net with its preprocessing; turns X-rays into lung masks and crop boxes."""
+class Segmenter:
+    """A trained U-Net with its preprocessing and model kind; turns X-rays into probability maps."""
+
+    kind = KIND
+    noun = "lung"
 
     def __init__(self, net: nn.Module, preprocessing: Preprocessing, meta: dict[str, Any]):
         self.net = net.eval()
@@ -82,21 +98,21 @@ class LungSegmenter:
         self.meta = meta
         self.device = torch.device("cpu")
 
-    def to(self, device: str | torch.device) -> LungSegmenter:
+    def to(self, device: str | torch.device) -> Segmenter:
         """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
         self.device = resolve_device(device)
         self.net = place(self.net, self.device)
         return self
 
     @classmethod
-    def load(cls, path: str | Path) -> LungSegmenter:
-        state, meta = load_model(path, kind=KIND)
+    def load(cls, path: str | Path) -> Segmenter:
+        state, meta = load_model(path, kind=cls.kind)
         try:
             net = build_unet(meta["preset"])
             preprocessing = Preprocessing.from_dict(meta["preprocessing"])
             missing, unexpected = net.load_state_dict(state, strict=False)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{path}: lung model metadata or weights unusable "
+            raise ModelFileError(f"{path}: {cls.noun} model metadata or weights unusable "
                                  f"({type(exc).__name__}: {first_line(exc, 160)})") from exc
         if missing or unexpected:
             raise ModelFileError(f"{path}: weights do not fit the {meta['preset']} U-Net "
@@ -104,7 +120,7 @@ class LungSegmenter:
         return cls(net, preprocessing, meta)
 
     def save(self, path: str | Path, *, half: bool = False, **extra: Any) -> dict[str, Any]:
-        meta = {**self.meta, **extra, "kind": KIND,
+        meta = {**self.meta, **extra, "kind": self.kind,
                 "preprocessing": self.preprocessing.to_dict()}
         return save_model(path, self.net.state_dict(), meta, half=half)
 
@@ -115,9 +131,15 @@ class LungSegmenter:
 
     @torch.inference_mode()
     def probabilities(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> np.ndarray:
-        """Lung probability maps (N×size×size) for [0, 1] X-rays of any sizes."""
+        """Probability maps (N×size×size) for [0, 1] X-rays of any sizes."""
         x = torch.from_numpy(self.inputs(batch, prepared))[:, None]
         return torch.sigmoid(run(self.net, x, self.device))[:, 0].numpy()
+
+
+class LungSegmenter(Segmenter):
+    """The lung U-Net: lung masks and crop boxes."""
+
+    kind = KIND
 
     def segment(self, pixels: np.ndarray) -> Segmentation:
         return self.segment_batch([pixels])[0]
@@ -144,6 +166,31 @@ def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int], work_side: i
                         lung_fraction=found.lung_fraction, regions=found.regions, prob=prob)
 
 
+class HeartSegmenter(Segmenter):
+    """The heart U-Net: one cleaned heart mask per film, on the original grid."""
+
+    kind = HEART_KIND
+    noun = "heart"
+
+    def heart_masks(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> list[np.ndarray]:
+        """0/1 uint8 heart masks, each the size of its film (all zero where no heart was found)."""
+        return [heart_mask(prob, pixels.shape) for prob, pixels in
+                zip(self.probabilities(batch, prepared), batch)]
+
+
+def heart_mask(prob: np.ndarray, original_shape: tuple[int, int], work_side: int = WORK_SIDE) -> np.ndarray:
+    """The map upsampled towards the original (at most ``work_side``, as the lungs), then
+    threshold → opening → fill holes → the largest component, on the original grid."""
+    height, width = original_shape[:2]
+    factor = min(1.0, work_side / max(height, width))
+    work = (max(1, round(height * factor)), max(1, round(width * factor)))
+    prob_work = cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
+    mask, _ = clean_mask(prob_work, HEART_THRESHOLD, MIN_HEART_FRACTION, keep=1)
+    if work == (height, width):
+        return mask
+    return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
 def default_model_path() -> Path:
     return shipped_model_path(DEFAULT_MODEL)
 
@@ -151,3 +198,12 @@ def default_model_path() -> Path:
 def load_default() -> LungSegmenter:
     """The shipped small U-Net (no network access); see ``models/lung_unet_small.md``."""
     return LungSegmenter.load(default_model_path())
+
+
+def default_heart_model_path() -> Path:
+    return shipped_model_path(DEFAULT_HEART_MODEL)
+
+
+def load_default_heart() -> HeartSegmenter:
+    """The shipped heart U-Net; see ``models/heart_unet_small.md``."""
+    return HeartSegmenter.load(default_heart_model_path())

@@ -1,6 +1,7 @@
-"""Training and evaluating the lung U-Net (SPEC stage 3) with Lightning.
+"""Training and evaluating the lung and heart U-Nets (SPEC stage 3) with Lightning.
 
-Montgomery (left + right masks merged) and Shenzhen are split 80/20 per image with a fixed seed.
+Lungs: Montgomery (left + right masks merged), Shenzhen and JSRT; heart: JSRT (SCR masks). Images
+are split 80/20 per image with a fixed seed, or into ``folds`` hash folds for cross-validation.
 The thesis's augmentation (translation 0–20 %, rotation ±15°, zoom 0–20 %) is one MONAI
 ``RandAffined`` applied to image and mask together. Its random state, and the shuffling, are
 derived from (seed, epoch, index), so a run resumed from an epoch checkpoint sees exactly the
@@ -25,27 +26,46 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumoscan.crop import lung_crop
-from pneumoscan.data import Montgomery, Shenzhen
+from pneumoscan.data import JSRT, Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
 from pneumoscan.io import read_xray
 from pneumoscan.modelfile import resumable_checkpoint
-from pneumoscan.segment import KIND, LungSegmenter, Preprocessing, build_unet
+from pneumoscan.segment import (
+    HEART_THRESHOLD,
+    STRUCTURES,
+    HeartSegmenter,
+    LungSegmenter,
+    Preprocessing,
+    Segmenter,
+    build_unet,
+    heart_mask,
+)
 
-SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen}
+SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen, "jsrt": JSRT}
 
 
 def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2,
-                       seed: int = 2019) -> pd.DataFrame:
-    """Rows ``path, source, mask, split`` for every image with a lung mask."""
+                       seed: int = 2019, structure: str = "lungs", folds: int = 0,
+                       fold: int = 0) -> pd.DataFrame:
+    """Rows ``path, source, patient, mask, split`` for every image with a mask of ``structure``.
+
+    With ``folds`` > 1 the images fall into that many hash folds and fold ``fold`` is "val"
+    (cross-validation); otherwise a ``val_fraction`` share is "val"."""
+    column = STRUCTURES[structure][1]
     tables = []
     for name, root in sources.items():
         if name not in SEG_SOURCES:
-            raise ValueError(f"no lung masks known for source {name!r}")
+            raise ValueError(f"no masks known for source {name!r}")
         table = SEG_SOURCES[name](root).csv
-        table = table[table["mask"] != ""].assign(source=name)
+        if column not in table:
+            raise ValueError(f"{name} has no {structure} masks")
+        table = table[table[column] != ""].assign(source=name, mask=table[column])
         tables.append(table[["path", "source", "patient", "mask"]])
     table = pd.concat(tables, ignore_index=True)
     draws = np.array([unit_hash(seed, p) for p in table.patient])
+    if folds > 1:
+        table["split"] = np.where(np.floor(draws * folds) == fold, "val", "train")
+        return table
     table["split"] = np.where(draws < val_fraction, "val", "train")
     if val_fraction > 0 and not (table.split == "val").any() and len(table) > 1:
         table.loc[int(draws.argmin()), "split"] = "val"  # tiny sets: still validate on something
@@ -53,7 +73,7 @@ def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2
 
 
 def read_mask(spec: str) -> np.ndarray:
-    """A 0/1 uint8 lung mask from one or more ``;``-joined mask files (merged by union)."""
+    """A 0/1 uint8 mask from one or more ``;``-joined mask files (merged by union)."""
     merged = None
     for path in spec.split(";"):
         mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
@@ -124,7 +144,7 @@ class SegDataset(Dataset):
         return image, mask
 
 
-def _lightning_module(preset: str, lr: float, patience: int):
+def _lightning_module(preset: str, lr: float, patience: int, schedule: str, epochs: int):
     import lightning as L
     from monai.losses import DiceLoss
 
@@ -158,6 +178,9 @@ def _lightning_module(preset: str, lr: float, patience: int):
 
         def configure_optimizers(self):
             opt = torch.optim.Adam(self.parameters(), lr=lr)
+            if schedule == "cosine":  # fixed: nothing is chosen on the validation images
+                return {"optimizer": opt,
+                        "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)}
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=patience)
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
 
@@ -179,10 +202,18 @@ class SegTrainConfig:
     accelerator: str = "auto"
     devices: int = 1
     resume: bool = True
+    structure: str = "lungs"
+    folds: int = 0
+    fold: int = 0
+    #: "plateau": learning rate cut on the validation loss and the best validation epoch kept;
+    #: "cosine": a fixed schedule and the last epoch kept, so held-out figures choose nothing
+    #: (cross-validation) and a final model can train on every image.
+    schedule: str = "plateau"
 
 
 def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
-    """Train, keep the best epoch by validation Dice, write ``model.pt`` and ``report.{md,json}``."""
+    """Train, keep the best epoch by validation Dice (or the last, with the cosine schedule), write
+    ``model.pt`` and ``report.{md,json}``."""
     import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
@@ -192,7 +223,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     (out / "config.json").write_text(json.dumps({**cfg.__dict__, "out": str(out)}, indent=2))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     prep = Preprocessing(size=cfg.size)
-    table = segmentation_table(cfg.sources, cfg.val_fraction, cfg.seed)
+    table = segmentation_table(cfg.sources, cfg.val_fraction, cfg.seed, cfg.structure, cfg.folds, cfg.fold)
     table.to_csv(out / "split.csv", index=False)
     images, masks = load_arrays(table, prep)
     train_idx = np.flatnonzero(table.split == "train")
@@ -207,14 +238,19 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
             train_set.set_epoch(trainer.current_epoch)
 
     ckpt_dir = out / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max",
-                                 save_last=True, save_top_k=1)
+    fixed = cfg.schedule == "cosine"
+    if not fixed and not len(val_idx):
+        raise ValueError("the plateau schedule needs validation images (or use the cosine schedule)")
+    checkpoint = (ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0) if fixed else
+                  ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max",
+                                  save_last=True, save_top_k=1))
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
+        limit_val_batches=1.0 if len(val_idx) else 0,
         callbacks=[checkpoint, EpochSeed()], logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
         log_every_n_steps=5, deterministic=False, enable_model_summary=False,
     )
-    module = _lightning_module(cfg.preset, cfg.lr, cfg.patience)
+    module = _lightning_module(cfg.preset, cfg.lr, cfg.patience, cfg.schedule, cfg.epochs)
     last = ckpt_dir / "last.ckpt"
     resume_from = resumable_checkpoint(last) if cfg.resume else None
     started = time.time()
@@ -224,23 +260,28 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
         DataLoader(val_set, batch_size=cfg.batch_size, num_workers=0),
         ckpt_path=resume_from,
     )
-    best = checkpoint.best_model_path or str(last)
+    best = (None if fixed else checkpoint.best_model_path) or str(last)
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
     net = build_unet(cfg.preset)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     best_epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
+    segmenter_class = HeartSegmenter if cfg.structure == "heart" else LungSegmenter
+    split = (f"hash fold {cfg.fold} of {cfg.folds} held out (seed {cfg.seed})" if cfg.folds > 1 else
+             f"per-image hash split, seed {cfg.seed}, {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} train/val"
+             if len(val_idx) else "every image trained on, none held out")
     meta = {
-        "kind": KIND, "preset": cfg.preset, "labels": ["lung"], "threshold": 0.4,
+        "kind": segmenter_class.kind, "preset": cfg.preset,
+        "labels": ["lung" if cfg.structure == "lungs" else cfg.structure],
+        "threshold": 0.4 if cfg.structure == "lungs" else HEART_THRESHOLD,
         "parameters": sum(p.numel() for p in net.parameters()),
         "training_data": {name: int((table.source == name).sum()) for name in cfg.sources},
-        "split": f"per-image hash split, seed {cfg.seed}, {1 - cfg.val_fraction:.0%}/"
-                 f"{cfg.val_fraction:.0%} train/val",
+        "split": split,
         "epochs_trained": int(trainer.current_epoch), "best_epoch": best_epoch,
         "train_seconds_this_run": round(time.time() - started, 1),
     }
-    segmenter = LungSegmenter(net, prep, meta)
-    metrics = evaluate_segmentation(segmenter, table[table.split == "val"], images[val_idx],
-                                    masks[val_idx])
+    segmenter = segmenter_class(net, prep, meta)
+    metrics = (evaluate_segmentation(segmenter, table[table.split == "val"], images[val_idx], masks[val_idx])
+               if len(val_idx) else {})
     meta["validation"] = metrics
     written = segmenter.save(out / "model.pt")
     write_report(out, written, metrics)
@@ -256,11 +297,21 @@ def dice_iou_acc(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, flo
     return float(dice), float(iou), float((p == t).mean())
 
 
-def evaluate_segmentation(segmenter: LungSegmenter, table: pd.DataFrame,
+def cleaned(segmenter: Segmenter, prob: np.ndarray) -> tuple[np.ndarray, bool]:
+    """The pipeline's cleaned mask for a probability map, and whether it fell back (no lungs or
+    no heart found)."""
+    if isinstance(segmenter, HeartSegmenter):
+        mask = heart_mask(prob, prob.shape)
+        return mask, not mask.any()
+    found = lung_crop(prob)
+    return found.mask, found.fallback
+
+
+def evaluate_segmentation(segmenter: Segmenter, table: pd.DataFrame,
                           images: np.ndarray | None = None, masks: np.ndarray | None = None,
                           batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Mean Dice / IoU / pixel accuracy per source at the model's input size, for the raw mask
-    (probability ≥ 0.5) and the cleaned one (the pipeline's threshold 0.4 + clean-up)."""
+    (probability ≥ 0.5) and the cleaned one (the pipeline's threshold and clean-up)."""
     if images is None or masks is None:
         images, masks = load_arrays(table, segmenter.preprocessing)
     rows = []
@@ -271,9 +322,8 @@ def evaluate_segmentation(segmenter: LungSegmenter, table: pd.DataFrame,
             probs = torch.sigmoid(net(x))[:, 0].numpy()
             for j, prob in enumerate(probs):
                 truth = masks[start + j]
-                cleaned = lung_crop(prob)
-                rows.append((*dice_iou_acc(prob >= 0.5, truth), *dice_iou_acc(cleaned.mask, truth),
-                             cleaned.fallback))
+                mask, fallback = cleaned(segmenter, prob)
+                rows.append((*dice_iou_acc(prob >= 0.5, truth), *dice_iou_acc(mask, truth), fallback))
     frame = pd.DataFrame(rows, columns=["dice", "iou", "pixel_accuracy", "clean_dice", "clean_iou",
                                         "clean_pixel_accuracy", "fallback"])
     frame["source"] = table.source.to_numpy()
@@ -286,6 +336,7 @@ def evaluate_segmentation(segmenter: LungSegmenter, table: pd.DataFrame,
 
 
 def write_report(out: Path, meta: dict[str, Any], metrics: dict[str, dict[str, float]]) -> None:
+    structure = meta["labels"][0]
     (out / "report.json").write_text(json.dumps({"model": meta, "validation": metrics}, indent=2))
     lines = ["| source | images | Dice | IoU | pixel acc. | Dice (cleaned) | IoU (cleaned) | fallback |",
              "|---|---|---|---|---|---|---|---|"]
@@ -293,4 +344,8 @@ def write_report(out: Path, meta: dict[str, Any], metrics: dict[str, dict[str, f
         lines.append(f"| {source} | {m['images']} | {m['dice']:.4f} | {m['iou']:.4f} | "
                      f"{m['pixel_accuracy']:.4f} | {m['clean_dice']:.4f} | {m['clean_iou']:.4f} | "
                      f"{m['fallback']:.1%} |")
-    (out / "report.md").write_text("# Lung segmentation: validation\n\n" + "\n".join(lines) + "\n")
+    if not metrics:
+        lines = ["No held-out images: the model learnt from every image given (a cross-validation of "
+                 "the same settings says how it does on films it did not see)."]
+    (out / "report.md").write_text(f"# {structure.capitalize()} segmentation: validation\n\n"
+                                   + "\n".join(lines) + "\n")

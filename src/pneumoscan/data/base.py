@@ -61,6 +61,8 @@ class XraySource:
     #: "adult" or "paediatric": training balances the two, and a label counts as learnt only
     #: from adult positives (the people this tool is for read adult films).
     population: ClassVar[str] = "adult"
+    #: Columns beyond :data:`SOURCE_COLUMNS` (e.g. JSRT's heart masks); not carried into manifests.
+    extra_columns: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -68,7 +70,7 @@ class XraySource:
             raise SourceError(f"{self.name}: {self.root} is not a folder")
         self.warnings: list[str] = []
         rows = list(self._rows())
-        self.csv = pd.DataFrame(rows, columns=SOURCE_COLUMNS)
+        self.csv = pd.DataFrame(rows, columns=[*SOURCE_COLUMNS, *self.extra_columns])
         if len(self.csv) == 0:
             self.warnings.append(f"{self.name}: no images found under {self.root}")
         self.csv["patient"] = self.name + ":" + self.csv["patient"].astype(str)
