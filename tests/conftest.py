@@ -20,16 +20,27 @@ DATA = Path(os.environ.get("PNEUMOSCAN_DATA", REPO.parent / "shared" / "data")).
 
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
 
-needs_data = pytest.mark.skipif(
-    not DATA.is_dir(),
-    reason=f"real chest X-rays not found at {DATA} (set PNEUMOSCAN_DATA to ../shared/data)",
-)
+#: CI sets PNEUMOSCAN_REQUIRE_DATA=1: there, missing data is a failure, never a quiet skip.
+REQUIRE_DATA = os.environ.get("PNEUMOSCAN_REQUIRE_DATA", "") not in ("", "0")
+MISSING = f"real chest X-rays not found at {DATA} (set PNEUMOSCAN_DATA to ../shared/data)"
+
+needs_data = pytest.mark.skipif(not DATA.is_dir() and not REQUIRE_DATA, reason=MISSING)
+
+
+def pytest_configure(config) -> None:
+    if REQUIRE_DATA and not DATA.is_dir():
+        raise pytest.UsageError(f"PNEUMOSCAN_REQUIRE_DATA is set but {MISSING}")
+
+
+def skip_without_data() -> None:
+    """Skip (or, under PNEUMOSCAN_REQUIRE_DATA, fail) a test or fixture that needs the data."""
+    if not DATA.is_dir():
+        (pytest.fail if REQUIRE_DATA else pytest.skip)(MISSING)
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA.is_dir():
-        pytest.skip(f"real chest X-rays not found at {DATA}")
+    skip_without_data()
     return DATA
 
 
@@ -68,8 +79,7 @@ def small_manifest(tmp_path_factory) -> Path:
     """NIH + COVID + Actualmed + every 40th Kermany image, and one unreadable file."""
     from pneumoscan.data import build_manifest, write_manifest
 
-    if not DATA.is_dir():
-        pytest.skip(f"real chest X-rays not found at {DATA}")
+    skip_without_data()
     root = tmp_path_factory.mktemp("manifest")
     table = build_manifest({"nih": DATA / "nih-cxr14", "covid": DATA / "covid-chestxray",
                             "actualmed": DATA / "actualmed-covid", "kermany": DATA / "kermany"})

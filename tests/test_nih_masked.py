@@ -20,7 +20,7 @@ from pneumoscan.data import NIH, NIHMasked, build_manifest
 from pneumoscan.data.nih_masked import labels_of, read_premasked
 from pneumoscan.labels import LABELS, NO_FINDING
 
-from conftest import DATA, needs_data
+from conftest import DATA, needs_data, skip_without_data
 
 INDEX_COLUMNS = ["path", "patientId", "nih_image", "nih_patient", "match_mse", "rsna_class", "rsna_target",
                  "finding_labels", "age", "sex", "view", "follow_up"]
@@ -50,8 +50,7 @@ def store_masked(film_png: Path, out: Path) -> tuple[np.ndarray, np.ndarray]:
 def snapshot(tmp_path_factory) -> tuple[Path, Path, pd.DataFrame]:
     """(index folder, snapshot folder, index) for three dev NIH films: two of patients held in
     nih-cxr14 (one as Lung Opacity, one as Normal) and one of a new patient."""
-    if not DATA.is_dir():
-        pytest.skip(f"real chest X-rays not found at {DATA}")
+    skip_without_data()
     root = tmp_path_factory.mktemp("nihmasked")
     entries = pd.read_csv(DATA / "nih-cxr14" / "Data_Entry_2017.csv").head(2)
     rows = []
