@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pandas as pd
 import pytest
 
 from conftest import DATA, needs_data
+from pneumoscan.labels import LABELS
 
 pytest.importorskip("ray", reason="the cluster extra is not installed")
 CLI = [sys.executable, "-m", "pneumoscan.cli"]
@@ -52,6 +54,32 @@ def test_predict_on_ray_matches_one_process_and_resumes(tmp_path):
             assert (p is None and a["probabilities"][label] is None) or abs(a["probabilities"][label] - p) <= 1e-5
 
 
+def test_predict_on_ray_writes_csv_overlays_and_dicom_as_one_process_does(tmp_path):
+    """Through the one result writer: the same CSV rows, the same overlay names and the same DICOM
+    objects (UIDs included) with and without --ray."""
+    from dicom_films import film_to_dicom
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    film_to_dicom(DATA / "nih-cxr14/images/00000100_000.png", inputs / "a.dcm", modality="CR")
+    (inputs / "b.png").write_bytes(Path(_films(1)[0]).read_bytes())
+    runs = {}
+    for name, extra in (("one", []), ("ray", ["--ray", "local"])):
+        out = tmp_path / name
+        run = subprocess.run([*CLI, "predict", str(inputs), "--out", str(out), "--format", "csv",
+                              "--dicom-out", str(out / "dicom"), *extra], capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stdout + run.stderr[-1500:]
+        runs[name] = out
+    one, ray_ = (pd.read_csv(runs[k] / "predictions.csv") for k in ("one", "ray"))
+    pd.testing.assert_frame_equal(one.drop(columns=[c for c in one if c in LABELS]),
+                                  ray_.drop(columns=[c for c in ray_ if c in LABELS]))
+    np.testing.assert_allclose(one[list(LABELS)].to_numpy(float), ray_[list(LABELS)].to_numpy(float), atol=1e-5)
+    assert sorted(p.name for p in runs["one"].glob("*_overlay.png")) == ["a_overlay.png", "b_overlay.png"]
+    assert sorted(p.name for p in runs["ray"].glob("*_overlay.png")) == ["a_overlay.png", "b_overlay.png"]
+    dicoms = [sorted(p.name for p in (runs[k] / "dicom").glob("*.dcm")) for k in ("one", "ray")]
+    assert dicoms[0] == dicoms[1] and len(dicoms[0]) == 3
+
+
 def test_prepare_on_ray_writes_the_same_shards(tmp_path):
     from pneumoscan.cache import CropCache, prepare
     from pneumoscan.data import build_manifest, write_manifest
@@ -72,6 +100,7 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_duplicated(tmp_path):
     import ray
 
     from pneumoscan.cluster import predict_records, ray_init
+    from pneumoscan.outputs.writer import Outputs
 
     ray_init("local", num_cpus=2)
     films = _films(24)
@@ -101,8 +130,9 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_duplicated(tmp_path):
     killer = threading.Thread(target=kill_one)
     killer.start()
     try:
-        records = list(predict_records(films, address="local", workers=2, batch_size=2, seg=None, cls_model=None,
-                                       backend="auto"))
+        records = list(predict_records([(f, f"film{i}") for i, f in enumerate(films)],
+                                       Outputs(out=tmp_path, overlays=False), address="local", workers=2,
+                                       batch_size=2, seg=None, cls_model=None, backend="auto"))
     finally:
         killer.join()
         ray.shutdown()

@@ -8,7 +8,7 @@ import torch
 
 from pneumoscan.classify import ChestClassifier
 from pneumoscan.explain import GradCAM, cam_from_features, cam_summary, head_gradient
-from pneumoscan.overlay import prediction_picture
+from pneumoscan.outputs.overlay import prediction_picture
 
 
 @pytest.fixture(scope="module")

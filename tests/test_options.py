@@ -186,7 +186,7 @@ def test_agcnn_predicts_on_both_backends_and_draws_its_local_box(agcnn, tmp_path
     assert torch_r["probabilities"]["Nodule"] is None is onnx_r["probabilities"]["Nodule"]
     predictor = Predictor.from_paths(cls_model=model, backend="torch")
     drawn = predictor.predict(nih_png, keep_arrays=True, force=True)
-    from pneumoscan.overlay import picture_for
+    from pneumoscan.outputs.overlay import picture_for
 
     with_box = picture_for(drawn)
     drawn.local_box = None

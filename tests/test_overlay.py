@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pneumoscan.overlay import FONT, prediction_picture, wrap_text
+from pneumoscan.outputs.overlay import FONT, prediction_picture, wrap_text
 
 
 def _film() -> np.ndarray:

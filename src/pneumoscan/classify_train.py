@@ -223,7 +223,7 @@ class TrainConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     patience: int = 8
-    early_stop: int = 0  # 0 = off; else stop after this many epochs without val-loss gain
+    early_stop: int = 0  # 0 = off; else stop after this many epochs without gain in the within-source AUC
     seed: int = 2019
     workers: int = 2
     accelerator: str = "auto"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import stat
 from pathlib import Path
 from typing import Annotated, Optional
@@ -55,16 +54,21 @@ BackendOption = Annotated[str, typer.Option(
 DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
 
 
-@app.callback()
-def _main(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    """PneumoScan: chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM."""
-    if version:
+def _print_version(value: bool) -> None:
+    """``--version``: answered before any command is required (an eager option)."""
+    if value:
         from pneumoscan import __version__
 
         console.print(f"pneumoscan {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    """PneumoScan: chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM."""
 
 
 Dir = Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, dir_okay=True)]
@@ -233,16 +237,6 @@ def seg_sources(structure: str, **given: Optional[Path]) -> dict[str, str]:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file whatever its name: "DICM" at byte 128 (PACS exports often have no
-    extension)."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def is_regular(path: Path) -> bool:
     """Only regular files are read: a FIFO or device named x.png would block or never end."""
     try:
@@ -254,6 +248,8 @@ def is_regular(path: Path) -> bool:
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
     or by the DICOM magic for files without one). Anything but a regular file is skipped, said."""
+    from pneumoscan.io import is_dicom_file
+
     found: list[Path] = []
     for path in paths:
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -285,26 +281,6 @@ def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
     return files
 
 
-#: Output names stay well under the 255-byte limit of most file systems, suffixes included.
-MAX_STEM_BYTES = 120
-
-
-def output_stem(path: Path, used: set[str]) -> str:
-    """NAME for NAME.ext, shortened (with a hash of the full name) when long, and made unique
-    (NAME-2, ...) when two inputs share a name."""
-    base = path.stem
-    raw = base.encode()
-    if len(raw) > MAX_STEM_BYTES:
-        digest = hashlib.sha256(raw).hexdigest()[:10]
-        base = raw[:MAX_STEM_BYTES - 11].decode(errors="ignore") + "-" + digest
-    stem, n = base, 1
-    while stem in used:
-        n += 1
-        stem = f"{base}-{n}"
-    used.add(stem)
-    return stem
-
-
 @app.command()
 def segment(
     images: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
@@ -324,7 +300,7 @@ def segment(
     from pneumoscan.crop import read_segment_crop
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.overlay import segmentation_overlay
+    from pneumoscan.outputs.overlay import segmentation_overlay
     from pneumoscan.predict import load_heart
     from pneumoscan.segment import LungSegmenter, load_default
 
@@ -335,8 +311,10 @@ def segment(
         fail(str(exc))
     if heart_segmenter is None:
         fail("no heart model is installed; give --heart-model FILE")
+    from pneumoscan.outputs.writer import output_stems
+
     paths = gather_inputs(images, out)
-    used: set[str] = set()
+    stems = iter(output_stems(paths))
     failures = 0
     with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
@@ -348,9 +326,8 @@ def segment(
             for item in chunk:
                 record = {"path": str(item.source), "box": None, "lung_fraction": None, "fallback": None,
                           "cardiothoracic_ratio": None, "error": item.error}
-                seg = item.seg
+                seg, stem = item.seg, next(stems)
                 if seg is not None:
-                    stem = output_stem(item.source, used)
                     heart = hearts[id(item)]
                     ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"))
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
@@ -643,16 +620,14 @@ def predict(
 
     Images that do not look like a frontal chest X-ray are not scored: their record says why
     (quality.reasons) unless --force is given."""
-    import csv
-    import json
-
     from tqdm import tqdm
 
-    from pneumoscan.labels import LABELS
-    from pneumoscan.overlay import picture_for, save_png
+    from pneumoscan.outputs.writer import FORMATS, Outputs, RecordSink, output_stems, write_files
 
-    if fmt not in ("json", "csv"):
+    if fmt not in FORMATS:
         fail("--format must be json or csv")
+    if dicom_out:
+        need_extra("dicom", "--dicom-out", "highdicom")
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
@@ -661,116 +636,79 @@ def predict(
         fail(str(exc))
     files = gather_inputs(paths, out)
     given = clinical_values(predictor, clinical_csv, files)
+    outputs = Outputs(out=out, fmt=fmt, overlays=overlays, dicom_out=dicom_out)
     if ray is not None and given is not None:
         fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
     if ray is not None:
-        return predict_on_ray(files, out, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
-                              model=model, backend=backend, device=device, force=force, fmt=fmt, dicom_out=dicom_out,
-                              batch_size=batch_size)
-    used: set[str] = set()
-    failures = refused = not_dicom = 0
-    if dicom_out:
-        need_extra("dicom", "--dicom-out", "highdicom")
-        from pneumoscan.dicom_out import DicomOutputError, write_dicom_results
-        from pneumoscan.modelfile import first_line
-    target = out / ("predictions.jsonl" if fmt == "json" else "predictions.csv")
-    with open(target, "w", newline="") as handle, tqdm(total=len(files), unit="img", desc="predict") as bar:
-        writer = None
-        if fmt == "csv":
-            writer = csv.writer(handle)
-            # A label the model does not assess has an empty probability and is named in not_assessed.
-            writer.writerow(["path", *LABELS, "findings", "not_assessed", "frontal_chest", "gate_reasons",
-                             "box", "local_box", "fallback", "cam_label", "cam_peak", "cam_region",
-                             "cardiothoracic_ratio", "cardiothoracic_ratio_reason", "overlay", "error"])
-        keep = overlays or dicom_out is not None
-        for path, result in zip(files, predictor.predict_many(files, cam=cam, keep_arrays=keep, force=force,
-                                                              batch_size=batch_size, threads=read_threads,
-                                                              clinical=given)):
-            record = result.to_dict()
-            record["overlay"] = None
-            quality = result.quality or {}
-            if result.error:
-                failures += 1
-                err.print(f"[yellow]failed:[/] {escape(result.error)}", highlight=False)
-            elif not quality.get("frontal_chest"):
-                refused += 1
-                verb = "scored anyway (--force)" if force else "refused"
-                err.print(f"[yellow]{verb}:[/] {escape(str(path))}: not a frontal chest X-ray: "
-                          f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
-            picture = picture_for(result) if (overlays or dicom_out) and not result.error else None
-            if overlays and picture is not None:
-                name = f"{output_stem(path, used)}_overlay.png"
-                try:  # one picture that cannot be written never stops the batch
-                    save_png(picture, str(out / name))
-                    record["overlay"] = name
-                except OSError as exc:
-                    failures += 1
-                    record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
-                    err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['overlay_error'])}",
-                              highlight=False)
-            if dicom_out and picture is not None:
-                if not is_dicom_file(Path(path)):
-                    not_dicom += 1
-                else:
-                    try:
-                        written = write_dicom_results(path, result, predictor, picture, dicom_out)
-                        record["dicom"] = {kind: target.name for kind, target in written.items()}
-                    except (DicomOutputError, OSError, ValueError) as exc:
-                        failures += 1
-                        record["dicom_error"] = f"DICOM results not written: {first_line(exc)}"
-                        err.print(f"[yellow]failed:[/] {escape(str(path))}: {escape(record['dicom_error'])}",
-                                  highlight=False)
-            if writer is None:
-                handle.write(json.dumps(record) + "\n")
-            else:
-                probs = result.probabilities or {}
-                writer.writerow([record["path"], *("" if probs.get(label) is None else probs[label]
-                                                   for label in LABELS),
-                                 "|".join(result.findings or []), "|".join(result.not_assessed or []),
-                                 quality.get("frontal_chest", ""), "|".join(quality.get("reasons", [])),
-                                 json.dumps(result.box), json.dumps(result.local_box) if result.local_box else "",
-                                 result.fallback, result.cam_label,
-                                 json.dumps(result.cam_peak) if result.cam_peak else "",
-                                 json.dumps(result.cam_region) if result.cam_region else "",
-                                 *(("" if (v := (result.measurements or {}).get(key)) is None else v)
-                                   for key in ("cardiothoracic_ratio", "cardiothoracic_ratio_reason")),
-                                 record["overlay"], result.error or ""])
+        return predict_on_ray(files, outputs, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
+                              model=model, backend=backend, device=device, force=force, batch_size=batch_size)
+    with RecordSink(outputs) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
+        results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays, force=force,
+                                         batch_size=batch_size, threads=read_threads, clinical=given)
+        for path, stem, result in zip(files, output_stems(files), results):
+            record = write_files(result, path, stem, outputs, predictor)
+            sink.write(record)
+            tell(record, force)
             bar.update(1)
-    console.print(f"{len(files) - failures} of {len(files)} images → {target}"
-                  + (f" (overlays in {out})" if overlays else "")
-                  + (f"; {refused} not frontal chest X-rays ({'scored anyway' if force else 'not scored; --force scores them'})"
-                     if refused else ""))
-    if dicom_out:
-        console.print(f"DICOM results (SR, SEG, Secondary Capture) in {dicom_out}"
-                      + (f"; {not_dicom} input(s) are PNG/JPEG, which get no DICOM results" if not_dicom else ""))
+    finish(sink.counts, len(files), outputs, force)
+
+
+def tell(record: dict, force: bool) -> None:
+    """One line on stderr for a record that failed, was refused, or lost a file."""
+    quality = record.get("quality") or {}
+    path = escape(str(record["path"]))
+    if record.get("error"):
+        err.print(f"[yellow]failed:[/] {escape(record['error'])}", highlight=False)
+    elif not quality.get("frontal_chest"):
+        verb = "scored anyway (--force)" if force else "refused"
+        err.print(f"[yellow]{verb}:[/] {path}: not a frontal chest X-ray: "
+                  f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
+    for key in ("overlay_error", "dicom_error"):
+        if record.get(key):
+            err.print(f"[yellow]failed:[/] {path}: {escape(record[key])}", highlight=False)
+
+
+def finish(counts: dict, total: int, outputs, force: bool, skipped: int = 0) -> None:
+    """The closing lines of ``predict`` (either way of running it) and its exit code."""
+    failures = counts["errors"] + counts["failed_files"]
+    console.print(f"{counts['written'] - failures} of {total - skipped} images → {outputs.target}"
+                  + (f" ({skipped} already there, skipped)" if skipped else "")
+                  + (f" (overlays in {outputs.out})" if outputs.overlays else "")
+                  + (f"; {counts['refused']} not frontal chest X-rays "
+                     f"({'scored anyway' if force else 'not scored; --force scores them'})" if counts["refused"] else ""))
+    if outputs.dicom_out:
+        console.print(f"DICOM results (SR, SEG, Secondary Capture) in {outputs.dicom_out}"
+                      + (f"; {counts['not_dicom']} input(s) are PNG/JPEG, which get no DICOM results"
+                         if counts["not_dicom"] else ""))
     if failures:
         raise typer.Exit(1)
 
 
-def predict_on_ray(files: list[Path], out: Path, *, ray: str, workers: int, gpus: float, seg_model: Path | None,
-                   model: Path | None, backend: str, device: str, force: bool, fmt: str, dicom_out: Path | None,
-                   batch_size: int) -> None:
-    """``predict --ray``: the same records, scored by an actor pool, appended to predictions.jsonl."""
+def predict_on_ray(files: list[Path], outputs, *, ray: str, workers: int, gpus: float, seg_model: Path | None,
+                   model: Path | None, backend: str, device: str, force: bool, batch_size: int) -> None:
+    """``predict --ray``: the same records and files, scored by an actor pool (each actor writes its
+    films' overlays and DICOM results), appended in input order; files already recorded are
+    skipped (resumable)."""
     from tqdm import tqdm
 
-    if fmt != "json" or dicom_out is not None:
-        fail("--ray writes predictions.jsonl only: drop --format csv / --dicom-out")
-    from pneumoscan.cluster import ClusterError, predict_to_jsonl
+    from pneumoscan.cluster import ClusterError, predict_records
+    from pneumoscan.outputs.writer import RecordSink, output_stems, recorded_paths
 
     load_predictor(seg_model, model, backend=backend, device=device, allow_model_mismatch=False)  # check once
-    target = out / "predictions.jsonl"
-    with tqdm(total=len(files), unit="img", desc="predict (ray)") as bar:
+    done = recorded_paths(outputs.target)
+    todo = [(str(f), stem) for f, stem in zip(files, output_stems(files)) if str(f) not in done]
+    with RecordSink(outputs, append=True) as sink, tqdm(total=len(todo), unit="img", desc="predict (ray)") as bar:
         try:
-            counts = predict_to_jsonl(files, target, progress=bar.update, address=ray, workers=workers,
-                                      batch_size=batch_size, seg=str(seg_model) if seg_model else None,
-                                      cls_model=str(model) if model else None, backend=backend, device=device,
-                                      gpus_per_worker=gpus, force=force)
+            for record in predict_records(todo, outputs, address=ray, workers=workers, batch_size=batch_size,
+                                          seg=str(seg_model) if seg_model else None,
+                                          cls_model=str(model) if model else None, backend=backend,
+                                          device=device, gpus_per_worker=gpus, force=force):
+                sink.write(record)
+                tell(record, force)
+                bar.update(1)
         except ClusterError as exc:
             fail(str(exc))
-    console.print(f"{counts['written']} images → {target} ({counts['skipped']} already there, skipped; "
-                  f"{counts['errors']} unreadable; {counts['refused']} not frontal chest X-rays); no overlays with --ray")
-    if counts["errors"]:
-        raise typer.Exit(1)
+    finish(sink.counts, len(files), outputs, force, skipped=len(files) - len(todo))
 
 
 @app.command()
@@ -883,10 +821,6 @@ def export(
         fail("export needs the onnx extra: pip install 'pneumoscan[onnx]'")
     paths = export_onnx(predictor.segmenter, predictor.classifier, out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
-
-
-def main() -> None:  # pragma: no cover
-    app()
 
 
 if __name__ == "__main__":  # pragma: no cover

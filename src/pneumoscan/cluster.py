@@ -5,8 +5,9 @@ scheduling, retries and progress; this module only says what one worker does.
   actor) runs :func:`pneumoscan.cache._do_shard` on each, which writes the shard and its done-mark
   atomically, so a shard retried after a worker died is written once, identical.
 - ``predict --ray``: the files are the items; an actor pool (one :class:`Predictor` per actor,
-  with ``num_gpus`` each when the cluster has GPUs) scores batches of them and returns one JSON
-  record per file, in input order, which the driver appends to ``predictions.jsonl``.
+  with ``num_gpus`` each when the cluster has GPUs) scores batches of them, writes their overlays
+  and DICOM results through :mod:`pneumoscan.outputs.writer`, and returns one record per file, in
+  input order, which the driver appends to ``predictions.jsonl`` or ``.csv``.
 
 Without an address a local Ray starts on this machine; with one (``ray://…`` or ``HOST:PORT``)
 the work goes to that cluster, whose workers must see the same file paths (a shared file system).
@@ -82,71 +83,37 @@ def run_shards(jobs: list, workers: int, seg_model: str | None, address: str | N
 
 
 class PredictWorker:
-    """One predictor (both models); scores a batch of files into JSON records."""
+    """One predictor (all models) in a Ray actor: scores a batch of files and writes their
+    overlays and DICOM results through the result writer, returning their records."""
 
-    def __init__(self, seg: str | None, cls_model: str | None, backend: str, device: str, force: bool):
+    def __init__(self, outputs, seg: str | None, cls_model: str | None, backend: str, device: str, force: bool):
         from pneumoscan.predict import Predictor
 
         _one_thread()
         self.predictor = Predictor.from_paths(seg, cls_model, backend=backend, device=device)
-        self.force = force
+        self.outputs, self.force = outputs, force
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from pneumoscan.outputs.writer import write_files
+
         paths = [str(p) for p in batch["path"]]
-        results = self.predictor.predict_batch(paths, cam="top", force=self.force)
-        return {"record": [json.dumps(r.to_dict()) for r in results]}
+        results = self.predictor.predict_batch(paths, cam="top", force=self.force,
+                                               keep_arrays=self.outputs.needs_arrays)
+        return {"record": [json.dumps(write_files(r, p, stem, self.outputs, self.predictor))
+                           for r, p, stem in zip(results, paths, batch["stem"])]}
 
 
-def predict_records(paths: Iterable[str], *, address: str | None, workers: int, batch_size: int,
-                    seg: str | None, cls_model: str | None, backend: str, device: str = "cpu",
+def predict_records(items: Iterable[tuple[str, str]], outputs, *, address: str | None, workers: int,
+                    batch_size: int, seg: str | None, cls_model: str | None, backend: str, device: str = "cpu",
                     gpus_per_worker: float = 0.0, force: bool = False) -> Iterator[dict[str, Any]]:
-    """One prediction record per path, in input order, from an actor pool of ``workers``."""
+    """One prediction record per (path, output stem), in input order, from an actor pool of
+    ``workers``; each actor writes its films' files as ``outputs`` asks."""
     ray = ray_init(address, num_cpus=workers)
-    items = ray.data.from_items([{"path": str(p)} for p in paths])
-    scored = items.map_batches(PredictWorker, fn_constructor_args=(seg, cls_model, backend, device, force),
-                               batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus_per_worker)
+    rows = [{"path": str(p), "stem": stem} for p, stem in items]
+    if not rows:
+        return
+    scored = ray.data.from_items(rows).map_batches(
+        PredictWorker, fn_constructor_args=(outputs, seg, cls_model, backend, device, force),
+        batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus_per_worker)
     for row in scored.iter_rows():
         yield json.loads(row["record"])
-
-
-def done_paths(target) -> set[str]:
-    """Paths already in a ``predictions.jsonl`` (a rerun skips them). A last line cut short by a
-    crash is dropped from the file (rewritten atomically), so that it is predicted again."""
-    from pathlib import Path
-
-    from pneumoscan.modelfile import atomic_write_bytes
-
-    target = Path(target)
-    if not target.exists():
-        return set()
-    text = target.read_text()
-    lines = text.splitlines()
-    kept, done = [], set()
-    for line in lines:
-        try:
-            done.add(json.loads(line)["path"])
-            kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    if len(kept) != len(lines) or (text and not text.endswith("\n")):  # appending must start a line
-        atomic_write_bytes(target, "".join(line + "\n" for line in kept).encode())
-    return done
-
-
-def predict_to_jsonl(files: list, target, progress=None, **options: Any) -> dict[str, int]:
-    """Append one record per file not yet in ``target`` (resumable); returns counts."""
-    done = done_paths(target)
-    todo = [str(f) for f in files if str(f) not in done]
-    counts = {"skipped": len(files) - len(todo), "written": 0, "errors": 0, "refused": 0}
-    if not todo:
-        return counts
-    with open(target, "a") as handle:
-        for record in predict_records(todo, **options):
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
-            counts["written"] += 1
-            counts["errors"] += bool(record.get("error"))
-            counts["refused"] += not record.get("error") and not (record.get("quality") or {}).get("frontal_chest")
-            if progress:
-                progress(1)
-    return counts

@@ -108,7 +108,7 @@ def crop_resize(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -
     """The classifier's input: the box cut from the original picture, resized to size×size."""
     from pneumoscan.enhance import resize
 
-    return resize(apply_box(pixels, box), size).pixels
+    return resize(apply_box(pixels, box), size)
 
 
 def classifier_crop(pixels: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:

@@ -1,13 +1,11 @@
-"""Stage 2 (enhance): CLAHE and resizing that remembers its scale.
+"""Stage 2 (enhance): CLAHE and resizing.
 
 The same :func:`clahe` runs in segmentation training, classifier preparation and inference, so a
-model never sees a contrast it was not trained on. Resizing returns a :class:`Resized` that maps
-boxes back to the original picture (SPEC stage 5 crops from the original, not from the 224 copy).
+model never sees a contrast it was not trained on. Boxes move between frames with
+:func:`pneumoscan.crop.scale_box` (the crop is cut from the original, not from the 224 copy).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -40,26 +38,11 @@ def clahe(
     return op.apply(to_uint8(pixels)).astype(np.float32) / 255.0
 
 
-@dataclass(frozen=True)
-class Resized:
-    """A resized image and the factors that map its coordinates back to the source image."""
-
-    pixels: np.ndarray
-    scale_x: float  # source pixels per resized pixel, horizontally
-    scale_y: float
-
-    def box_to_source(self, box: tuple[float, float, float, float]) -> tuple[float, ...]:
-        """[x0, y0, x1, y1] in resized pixels → the same box in source pixels."""
-        x0, y0, x1, y1 = box
-        return (x0 * self.scale_x, y0 * self.scale_y, x1 * self.scale_x, y1 * self.scale_y)
-
-
-def resize(pixels: np.ndarray, size: int | tuple[int, int]) -> Resized:
+def resize(pixels: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Resize to ``size`` (square int, or (height, width)) without keeping the aspect ratio,
     as the thesis does; INTER_AREA when shrinking (no aliasing), bilinear when enlarging."""
     height, width = (size, size) if isinstance(size, int) else size
     src_h, src_w = pixels.shape[:2]
     shrinking = height * width < src_h * src_w
     interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    out = cv2.resize(pixels, (int(width), int(height)), interpolation=interp)
-    return Resized(pixels=out, scale_x=src_w / width, scale_y=src_h / height)
+    return cv2.resize(pixels, (int(width), int(height)), interpolation=interp)

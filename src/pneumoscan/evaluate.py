@@ -100,11 +100,6 @@ def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(min(max(thr[best], 0.0), 1.0))
 
 
-def thresholds_from(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    """Youden threshold per label (chosen on validation data)."""
-    return {label: youden_threshold(labels[:, j], probs[:, j]) for j, label in enumerate(LABELS)}
-
-
 def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
     y, p = _known(np.asarray(y, float), np.asarray(p, float))
     pred = p >= threshold

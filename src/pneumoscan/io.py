@@ -88,6 +88,21 @@ def read_ahead(fn: Callable[[T], R], items: Iterable[T], *, threads: int = 2, ah
             yield pending.popleft().result()
 
 
+def has_dicom_preamble(head: bytes) -> bool:
+    """A DICOM Part 10 file whatever its name: "DICM" after the 128-byte preamble (PACS exports
+    often have no extension). The one DICOM sniffer of the package."""
+    return head[128:132] == b"DICM"
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """:func:`has_dicom_preamble` of a file's first bytes; False when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return has_dicom_preamble(handle.read(132))
+    except OSError:
+        return False
+
+
 def decode_xray(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XrayImage:
     """Decode X-ray bytes (an upload, say); ``name`` is used in messages and to spot ``.dcm``."""
     if len(data) == 0:
@@ -96,7 +111,7 @@ def decode_xray(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PI
         pixels, meta = _decode_raster(data, "png", name, max_pixels)
     elif data.startswith(JPEG_MAGIC):
         pixels, meta = _decode_raster(data, "jpeg", name, max_pixels)
-    elif data[128:132] == b"DICM" or Path(name).suffix.lower() in DICOM_SUFFIXES:
+    elif has_dicom_preamble(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
         pixels, meta = _decode_dicom(data, name, max_pixels)
     else:
         raise XrayReadError(f"{name}: not a PNG, JPEG or DICOM file (unrecognised content)")
@@ -221,7 +236,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=data[128:132] != b"DICM")
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_dicom_preamble(data))
     except InvalidDicomError as exc:
         raise XrayReadError(f"{name}: not a valid DICOM file ({exc})") from exc
     except Exception as exc:  # broken element encodings raise many types

@@ -3,7 +3,7 @@
 Every received instance is first written to the spool (temporary name, fsync, rename), then
 answered "success"; one worker takes spooled instances in order, runs the
 :class:`~pneumoscan.predict.Predictor`, writes SR + SEG + Secondary Capture
-(:mod:`pneumoscan.dicom_out`) to the output folder, optionally sends them on by C-STORE, writes a
+(:mod:`pneumoscan.outputs.dicom`) to the output folder, optionally sends them on by C-STORE, writes a
 done-mark named by the SOP Instance UID and only then removes the spooled file. A crash or a kill
 therefore loses nothing: on the next start, spooled instances without a done-mark are processed,
 those with one are removed. The results' UIDs are derived from the source, so even an instance
@@ -138,9 +138,8 @@ class Listener:
 
     def process(self, uid: str) -> list[Path]:
         """Results for one spooled instance, forwarded when asked; then its done-mark."""
-        from pneumoscan.dicom_out import write_dicom_results
         from pneumoscan.modelfile import atomic_write_bytes
-        from pneumoscan.overlay import picture_for
+        from pneumoscan.outputs.writer import Outputs, write_files
 
         path = self.spool / f"{uid}.dcm"
         if not path.exists():
@@ -150,7 +149,11 @@ class Listener:
         if result.error:
             log.warning("unreadable %s: %s", uid, result.error[:200])
         else:
-            written = list(write_dicom_results(path, result, self.predictor, picture_for(result), self.out).values())
+            record = write_files(result, path, uid, Outputs(out=self.out, overlays=False, dicom_out=self.out),
+                                 self.predictor)
+            if record.get("dicom_error"):  # stays spooled: retried at the next start
+                raise RuntimeError(record["dicom_error"])
+            written = [self.out / name for name in (record.get("dicom") or {}).values()]
             if self.forward is not None:
                 self.send(written)
         verdict = "refused by the input gate" if result.quality and not result.quality.get("frontal_chest") else "scored"

@@ -290,12 +290,13 @@ class Predictor:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
 
-        def cam_class(p: np.ndarray) -> str | None:
+        def drawn_label(p: np.ndarray) -> str | None:
+            """The label whose heat map is drawn: the one asked for, or the most probable assessed."""
             return None if cam is None or not (cam_label or known) else \
                 cam_label or max(known, key=lambda f: p[LABELS.index(f)])
 
         def heat_map_of(p: np.ndarray) -> int | None:
-            label = cam_class(p)
+            label = drawn_label(p)
             return None if label is None else LABELS.index(label)
 
         codes = None
@@ -319,7 +320,7 @@ class Predictor:
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
             result.thresholds = dict(thresholds)
             result.findings = classifier.findings(p)
-            result.cam_label = cam_class(p)
+            result.cam_label = drawn_label(p)
             if heat is not None:
                 lung = cv2.resize(apply_box(item.seg.mask, item.seg.box), heat.shape[::-1], interpolation=cv2.INTER_NEAREST)
                 if classifier.lung_masked:

@@ -135,7 +135,7 @@ def preview_images(result) -> dict[str, str]:
     """Down-scaled original and overlay (the CLI's picture: contour, box, heat map, caption) as
     PNG data URIs."""
     from pneumoscan.enhance import to_uint8
-    from pneumoscan.overlay import picture_for
+    from pneumoscan.outputs.overlay import picture_for
 
     pixels = result.pixels
     scale = min(1.0, PREVIEW_SIDE / max(pixels.shape))
