@@ -63,7 +63,7 @@ print(json.dumps({"images_per_s": len(paths) / best, "torch": torch.__version__,
 
 def latency(predictor, paths: list[Path], out: Path) -> tuple[float, float]:
     """p50 and p95 seconds of one image → probabilities + Grad-CAM + overlay PNG."""
-    from pneumoscan.overlay import picture_for, save_png
+    from pneumoscan.outputs.overlay import picture_for, save_png
 
     times = []
     for i, path in enumerate([paths[0], *paths]):
