@@ -38,7 +38,7 @@ DATA = REPO.parent / "shared" / "data"
 
 
 def auc_entry(y: np.ndarray, p: np.ndarray, n_boot: int) -> dict:
-    from pneumoscan.evaluate import auc_ci, roc_auc
+    from pneumoscan.training.evaluate import auc_ci, roc_auc
 
     keep = ~np.isnan(y)
     y, p = y[keep], p[keep]
@@ -77,9 +77,9 @@ def main() -> int:
     parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
     args = parser.parse_args()
 
-    from pneumoscan.cache import crop_paths
+    from pneumoscan.training.cache import crop_paths
     from pneumoscan.data.manifest import read_manifest
-    from pneumoscan.evaluate import sens_spec
+    from pneumoscan.training.evaluate import sens_spec
     from pneumoscan.labels import LABELS, NO_FINDING
     from pneumoscan.predict import Predictor
 

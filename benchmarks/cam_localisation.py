@@ -89,7 +89,7 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from pneumoscan.cache import crop_paths
+    from pneumoscan.training.cache import crop_paths
     from pneumoscan.crop import premasked_crop
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.data.nih_masked import read_premasked

@@ -42,7 +42,7 @@ def main() -> int:
     from pneumoscan.io import read_xray
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.segment import HeartSegmenter, load_default
-    from pneumoscan.segment_train import dice_iou_acc, read_mask
+    from pneumoscan.training.segment import dice_iou_acc, read_mask
 
     masks = JSRT(DATA / "jsrt").csv.set_index("path")
     lungs_model = load_default()

@@ -53,10 +53,10 @@ def main() -> int:
 
     import torch
 
-    from pneumoscan.cache import crop_paths
+    from pneumoscan.training.cache import crop_paths
     from pneumoscan.classify import Classifier
     from pneumoscan.data.manifest import read_manifest
-    from pneumoscan.evaluate import auc_ci, roc_auc
+    from pneumoscan.training.evaluate import auc_ci, roc_auc
     from pneumoscan.labels import FINDINGS, LABELS, NO_FINDING
     from pneumoscan.segment import load_default
 

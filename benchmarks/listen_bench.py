@@ -41,7 +41,7 @@ def main() -> None:
             port = sock.getsockname()[1]
         out = tmp / "out"
         log = open(tmp / "listen.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "listen", "--out", str(out), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.apps.cli", "listen", "--out", str(out), "--port",
                                  str(port), "--host", "127.0.0.1", "--queue", str(max(args.n, args.flood) + 10)],
                                 stdout=log, stderr=subprocess.STDOUT)
         echo = ["/usr/bin/echoscu", "-aec", "PNEUMOSCAN", "127.0.0.1", str(port)]

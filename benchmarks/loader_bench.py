@@ -17,10 +17,10 @@ import cv2
 import torch
 from torch.utils.data import DataLoader
 
-from pneumoscan.cache import CropCache, prepare
-from pneumoscan.classify_train import CropDataset, select_rows
+from pneumoscan.training.cache import CropCache, prepare
+from pneumoscan.training.classify import CropDataset, select_rows
 from pneumoscan.data import read_manifest
-from pneumoscan.segment_train import EpochSampler
+from pneumoscan.training.segment import EpochSampler
 
 
 def main() -> None:

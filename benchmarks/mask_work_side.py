@@ -24,7 +24,7 @@ import pandas as pd
 from pneumoscan.data import build_manifest, resolve_sources
 from pneumoscan.io import read_xray
 from pneumoscan.segment import load_default, locate_lungs
-from pneumoscan.segment_train import dice_iou_acc
+from pneumoscan.training.segment import dice_iou_acc
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

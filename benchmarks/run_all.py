@@ -43,12 +43,12 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from pneumoscan.cache import CropCache, prepare
-    from pneumoscan.classify_train import CropDataset
+    from pneumoscan.training.cache import CropCache, prepare
+    from pneumoscan.training.classify import CropDataset
     from pneumoscan.crop import crop_resize
     from pneumoscan.data import build_manifest
     from pneumoscan.enhance import clahe
-    from pneumoscan.export import export_onnx
+    from pneumoscan.backends.onnx import export_onnx
     from pneumoscan.io import read_xray
     from pneumoscan.predict import Predictor
 

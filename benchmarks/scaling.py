@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
 
 def timed_run(command: list[str]) -> float:

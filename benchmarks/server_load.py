@@ -54,7 +54,7 @@ def main() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     extra = ["--workers", str(args.workers)] if args.workers else []
-    server = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port), *extra],
+    server = subprocess.Popen([sys.executable, "-m", "pneumoscan.apps.cli", "serve", "--port", str(port), *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

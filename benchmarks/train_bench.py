@@ -14,7 +14,7 @@ import time
 import torch
 
 from pneumoscan.classify import ChestClassifier
-from pneumoscan.classify_train import masked_bce
+from pneumoscan.training.classify import masked_bce
 
 
 def bench(device: str, batch: int, size: int, amp: bool, channels_last: bool, steps: int, warmup: int) -> float:

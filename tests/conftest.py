@@ -18,7 +18,7 @@ os.environ["PNEUMOSCAN_CACHE"] = tempfile.mkdtemp(prefix="pneumoscan-test-cache-
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PNEUMOSCAN_DATA", REPO.parent / "shared" / "data")).resolve()
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
 #: CI sets PNEUMOSCAN_REQUIRE_DATA=1: there, missing data is a failure, never a quiet skip.
 REQUIRE_DATA = os.environ.get("PNEUMOSCAN_REQUIRE_DATA", "") not in ("", "0")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.crop import read_segment_crop, segment_and_crop
-from pneumoscan.export import cache_root
+from pneumoscan.backends.onnx import cache_root
 from pneumoscan.io import read_ahead, read_xray
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError
@@ -24,7 +24,7 @@ from pneumoscan.segment import load_default
 
 from conftest import DATA, needs_data
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
 
 def _dev_films() -> list[Path]:

@@ -12,7 +12,7 @@ from pneumoscan.classify import (
     IMAGENET_FILE, ChestClassifier, Classifier, PretrainedWeightsError, backbone_key,
     imagenet_weights_path, load_imagenet,
 )
-from pneumoscan.classify_train import augment, masked_bce, positive_weights
+from pneumoscan.training.classify import augment, masked_bce, positive_weights
 from pneumoscan.labels import LABELS
 
 
@@ -162,7 +162,7 @@ def test_classifier_refuses_crops_outside_0_1_or_of_the_wrong_size():
 
 
 def test_balanced_sampling_draws_populations_equally_and_replays_by_epoch():
-    from pneumoscan.classify_train import BalancedSampler, sampling_weights
+    from pneumoscan.training.classify import BalancedSampler, sampling_weights
 
     sources = np.array(["kermany"] * 4000 + ["nih"] * 400 + ["shenzhen"] * 100)
     weights = sampling_weights(sources, 0.5)
@@ -185,7 +185,7 @@ def test_balanced_sampling_draws_populations_equally_and_replays_by_epoch():
 
 
 def test_selection_score_is_the_mean_within_source_auc():
-    from pneumoscan.classify_train import selection_score
+    from pneumoscan.training.classify import selection_score
 
     j = LABELS.index("Pneumonia")
     labels = np.full((40, 15), np.nan, np.float32)
@@ -198,7 +198,7 @@ def test_selection_score_is_the_mean_within_source_auc():
 
 
 def test_labels_of_single_class_sources_are_masked_for_training():
-    from pneumoscan.classify_train import mask_single_class_sources
+    from pneumoscan.training.classify import mask_single_class_sources
 
     j, k = LABELS.index("Pneumonia"), LABELS.index("Effusion")
     labels = np.full((6, 15), np.nan, np.float32)

@@ -11,7 +11,7 @@ import sys
 
 from conftest import DATA, needs_data
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
 
 def _run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -62,7 +62,7 @@ def test_error_messages_keep_square_brackets(capsys):
     """`pip install 'pneumoscan[web]'` must reach the user whole (console markup used to eat it)."""
     import typer
 
-    from pneumoscan.cli import fail
+    from pneumoscan.apps.cli import fail
 
     try:
         fail("the server needs the web extra: pip install 'pneumoscan[web]'")

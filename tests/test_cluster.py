@@ -20,7 +20,7 @@ from conftest import DATA, needs_data
 from pneumoscan.labels import LABELS
 
 pytest.importorskip("ray", reason="the cluster extra is not installed")
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 pytestmark = [needs_data, pytest.mark.slow]
 
 
@@ -81,7 +81,7 @@ def test_predict_on_ray_writes_csv_overlays_and_dicom_as_one_process_does(tmp_pa
 
 
 def test_prepare_on_ray_writes_the_same_shards(tmp_path):
-    from pneumoscan.cache import CropCache, prepare
+    from pneumoscan.training.cache import CropCache, prepare
     from pneumoscan.data import build_manifest, write_manifest
 
     table = build_manifest({"nih": DATA / "nih-cxr14"}).head(40)
@@ -99,7 +99,7 @@ def test_prepare_on_ray_writes_the_same_shards(tmp_path):
 def test_a_worker_killed_mid_run_is_retried_and_nothing_is_duplicated(tmp_path):
     import ray
 
-    from pneumoscan.cluster import predict_records, ray_init
+    from pneumoscan.apps.cluster import predict_records, ray_init
     from pneumoscan.outputs.writer import Outputs
 
     ray_init("local", num_cpus=2)
@@ -141,7 +141,7 @@ def test_a_worker_killed_mid_run_is_retried_and_nothing_is_duplicated(tmp_path):
 
 
 def test_without_the_extra_the_flag_fails_in_one_line(monkeypatch):
-    from pneumoscan.cluster import ClusterError, ray_init
+    from pneumoscan.apps.cluster import ClusterError, ray_init
 
     monkeypatch.setitem(sys.modules, "ray", None)  # as if `pip install -e .[cluster]` had not been run
     with pytest.raises(ClusterError, match=r"pip install 'pneumoscan\[cluster\]'"):

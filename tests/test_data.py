@@ -123,7 +123,7 @@ def test_resolve_sources_finds_every_nih_folder_and_the_cli_takes_several(tmp_pa
     found = resolve_sources(DATA)
     assert [p.name for p in found["nih"]] == ["nih-cxr14", "nih-cxr14-extra"]
     out = tmp_path / "m.csv"
-    run = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "index", "--nih", str(DATA / "nih-cxr14"),
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "index", "--nih", str(DATA / "nih-cxr14"),
                           "--nih", str(DATA / "nih-cxr14-extra"), "--out", str(out)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -253,7 +253,7 @@ def test_missing_layout_is_a_clear_error(tmp_path):
 def test_index_command_writes_manifest_and_summary(tmp_path):
     out = tmp_path / "manifest.csv"
     result = subprocess.run(
-        [sys.executable, "-m", "pneumoscan.cli", "index", "--root", str(DATA), "--out", str(out)],
+        [sys.executable, "-m", "pneumoscan.apps.cli", "index", "--root", str(DATA), "--out", str(out)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -263,7 +263,7 @@ def test_index_command_writes_manifest_and_summary(tmp_path):
 
 
 def test_index_command_without_sources_fails_cleanly(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "index", "--out",
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "index", "--out",
                              str(tmp_path / "m.csv")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no sources given" in result.stderr
     assert "Traceback" not in result.stderr

@@ -18,7 +18,7 @@ from dicom_films import film_to_dicom, validate_dicom
 
 highdicom = pytest.importorskip("highdicom", reason="the dicom extra is not installed")
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 pytestmark = needs_data
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumoscan.evaluate import (
+from pneumoscan.training.evaluate import (
     auc_ci, calibration, evaluate_probabilities, roc_auc, sens_spec, write_report, youden_threshold,
 )
 from pneumoscan.labels import LABELS
@@ -116,7 +116,7 @@ def test_headline_left_out_when_no_source_has_both_classes(tmp_path):
 
 
 def test_assess_labels_needs_adult_positives_a_large_source_and_a_ci_above_0_65():
-    from pneumoscan.evaluate import assess_labels
+    from pneumoscan.training.evaluate import assess_labels
 
     rng = np.random.default_rng(0)
     j, k = LABELS.index("Pneumonia"), LABELS.index("Nodule")

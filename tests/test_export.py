@@ -20,7 +20,7 @@ from conftest import DATA, needs_data
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, assessed_model):
     out = tmp_path_factory.mktemp("onnx")
-    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "export", "--format", "onnx", "--out", str(out),
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "export", "--format", "onnx", "--out", str(out),
                              "--model", str(assessed_model)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
@@ -51,7 +51,7 @@ def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
 
 
 def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):
-    from pneumoscan.export import export_onnx
+    from pneumoscan.backends.onnx import export_onnx
 
     predictor = Predictor.from_default(backend="torch")
     x = np.random.default_rng(0).random((2, 224, 224)).astype(np.float32)
@@ -100,7 +100,7 @@ def test_tampered_truncated_or_damaged_exports_are_refused(exported, tmp_path):
                           (threshold, "SHA-256")):
         with pytest.raises(ModelFileError, match=words):
             Predictor.from_onnx(folder)
-    run = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", str(DATA / "nih-cxr14" / "images" /
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "predict", str(DATA / "nih-cxr14" / "images" /
                           "00000100_000.png"), "--onnx", str(flipped), "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "Traceback" not in run.stderr and "SHA-256" in run.stderr

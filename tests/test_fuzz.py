@@ -171,7 +171,7 @@ def test_predictor_refuses_unusable_arrays(predictor, array):
 def client(predictor):
     from fastapi.testclient import TestClient
 
-    from pneumoscan.server import create_app
+    from pneumoscan.apps.server import create_app
 
     return TestClient(create_app(predictor, max_upload_mb=2), raise_server_exceptions=False,
                       base_url="http://localhost")

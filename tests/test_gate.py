@@ -20,7 +20,7 @@ from pneumoscan.segment import load_default
 from conftest import DATA, needs_data
 from dicom_films import film_to_dicom
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 FRONTAL = ["nih-cxr14/images/00000100_000.png", "nih-cxr14-extra/images/00000165_001.png",
            "shenzhen/CXR_png/CHNCXR_0001_0.png", "montgomery/CXR_png/MCUCXR_0001_0.png",
            "kermany/train/PNEUMONIA/person1000_bacteria_2931.jpeg", "kermany/train/NORMAL/IM-0115-0001.jpeg"]

@@ -19,7 +19,7 @@ pynetdicom = pytest.importorskip("pynetdicom", reason="the dicom extra is not in
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, MRImageStorage  # noqa: E402
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 STORESCU, ECHOSCU = Path("/usr/bin/storescu"), Path("/usr/bin/echoscu")  # dcmtk's, not pynetdicom's
 pytestmark = needs_data
 

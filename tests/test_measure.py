@@ -72,7 +72,7 @@ def test_implausible_masks_give_no_number(case, reason):
 @needs_data
 def test_jsrt_source_reads_lungs_and_heart():
     from pneumoscan.data import JSRT
-    from pneumoscan.segment_train import read_mask, segmentation_table
+    from pneumoscan.training.segment import read_mask, segmentation_table
 
     source = JSRT(DATA / "jsrt")
     assert len(source) == 147 and not source.warnings
@@ -94,7 +94,7 @@ def test_shipped_heart_model_on_jsrt_films():
     from pneumoscan.data import JSRT
     from pneumoscan.io import read_xray
     from pneumoscan.segment import load_default_heart
-    from pneumoscan.segment_train import dice_iou_acc, read_mask
+    from pneumoscan.training.segment import dice_iou_acc, read_mask
 
     heart = load_default_heart()
     assert heart.meta["kind"] == "heart-segmentation" and heart.meta["labels"] == ["heart"]

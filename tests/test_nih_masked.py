@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoscan.cache import crop_premasked
+from pneumoscan.training.cache import crop_premasked
 from pneumoscan.crop import classifier_crop, lungs_only, premasked_crop
 from pneumoscan.data import NIH, NIHMasked, build_manifest
 from pneumoscan.data.nih_masked import labels_of, read_premasked

@@ -244,7 +244,7 @@ def test_clinical_model_uses_the_fields_from_csv_dicom_and_form(clinical, tmp_pa
 
     from fastapi.testclient import TestClient
 
-    from pneumoscan.server import create_app
+    from pneumoscan.apps.server import create_app
 
     client = TestClient(create_app(predictor), base_url="http://localhost")
     files = {"file": (nih_png.name, nih_png.read_bytes(), "image/png")}

@@ -21,7 +21,7 @@ from pneumoscan.predict import Predictor, resolve_label
 
 from conftest import DATA, TEST_ASSESSED, needs_data
 
-CLI = [sys.executable, "-m", "pneumoscan.cli"]
+CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoscan.cache import CacheError, CropCache, prepare, shard_paths
+from pneumoscan.training.cache import CacheError, CropCache, prepare, shard_paths
 from pneumoscan.modelfile import load_model
 
 from conftest import CLI, needs_data
@@ -236,7 +236,7 @@ def test_unknown_strategy_is_a_one_line_usage_error(cache64, tmp_path):
 def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launcher, env, expected):
     """What docs/MULTINODE.md promises: under torchrun or srun, 2 nodes × 2 processes, the trainer
     train builds knows its rank, world size, node and master from the launcher's variables."""
-    from pneumoscan.classify_train import TrainConfig, make_trainer
+    from pneumoscan.training.classify import TrainConfig, make_trainer
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in
                 ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]:
@@ -251,7 +251,7 @@ def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launche
 
 
 def _tail_cfg(cache: Path, out: Path, **extra):
-    from pneumoscan.classify_train import TrainConfig
+    from pneumoscan.training.classify import TrainConfig
 
     settings = dict(init="random", epochs=2, batch_size=8, lr=1e-3, workers=0, accelerator="cpu",
                     train_from="denseblock4", epoch_size=32, select="all")
@@ -261,7 +261,7 @@ def _tail_cfg(cache: Path, out: Path, **extra):
 def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_path, monkeypatch):
     """``--train-from``: the frozen layers' output is computed once; the fit, interrupted in the
     middle of an epoch, resumes from its saved state to the weights an unbroken fit reaches."""
-    import pneumoscan.classify_train as ct
+    import pneumoscan.training.classify as ct
 
     reference = ct.train_classifier(_tail_cfg(cache64, tmp_path / "a"))
     assert (tmp_path / "a" / "stem_denseblock4_train.npy").exists()
@@ -296,7 +296,7 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
 
 
 def test_max_minutes_too_short_for_finalise_is_refused_up_front(cache64, tmp_path):
-    from pneumoscan.classify_train import train_classifier
+    from pneumoscan.training.classify import train_classifier
 
     with pytest.raises(ValueError, match="leaves no time to train"):
         train_classifier(_tail_cfg(cache64, tmp_path / "c", max_minutes=0.001))
@@ -322,7 +322,7 @@ def test_cache_bundle_in_parts_rebuilds_the_same_cache(cache64, tmp_path):
 
 
 def test_view_balance_weights_make_each_label_independent_of_the_view():
-    from pneumoscan.classify_train import view_balance_weights
+    from pneumoscan.training.classify import view_balance_weights
 
     rng = np.random.default_rng(0)
     n = 4000

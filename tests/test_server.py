@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from pneumoscan.labels import LABELS
 from pneumoscan.predict import Predictor
-from pneumoscan.server import create_app
+from pneumoscan.apps.server import create_app
 
 from conftest import DATA, TEST_ASSESSED, needs_data
 
@@ -100,7 +100,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(assessed_model):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.apps.cli", "serve", "--port", str(port),
                              "--model", str(assessed_model)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -228,7 +228,7 @@ def test_api_key_guards_every_route_but_health_and_the_page(assessed_model):
 def test_admission_answers_503_with_retry_after_when_full():
     import asyncio
 
-    from pneumoscan.server import Admission
+    from pneumoscan.apps.server import Admission
 
     release = asyncio.Event()
     sent: list[list[dict]] = [[], []]

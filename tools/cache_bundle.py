@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from pneumoscan.cache import shard_done, shard_paths
+from pneumoscan.training.cache import shard_done, shard_paths
 
 
 def pack(cache: Path, bundle: Path, quality: int, max_mib: float = 60.0) -> list[Path]:

@@ -13,7 +13,7 @@ timeout 120 "${PY:-python3}" benchmarks/train_bench.py --device cuda --batch-siz
   2>&1 | tee -a "$OUT/train_bench.txt"
 # INIT: random, or a carried classifier file (.gpu/init.pt: every layer fine-tuned from it);
 # TRAIN_ARGS: further train options (e.g. "--select all --source-balance 1.0 --adult-share 0.8").
-timeout 420 "${PY:-python3}" -m pneumoscan.cli train --cache /tmp/cache --out /tmp/run --init "${INIT:-random}" ${TRAIN_ARGS:-} \
+timeout 420 "${PY:-python3}" -m pneumoscan.apps.cli train --cache /tmp/cache --out /tmp/run --init "${INIT:-random}" ${TRAIN_ARGS:-} \
   --epochs "${EPOCHS:-40}" --batch-size 32 --workers 8 --max-minutes "${MINUTES:-5}" \
   --description "${DESCRIPTION:-dev data}" > "$OUT/train.log" 2>&1
 tail -c 3000 "$OUT/train.log"

@@ -132,7 +132,7 @@ def load_models(seg: str | Path | None = None, cls_model: str | Path | None = No
             raise ValueError("--backend onnx runs on the CPU; use --backend torch for --device cuda")
         if not _onnx_installed():
             raise ValueError("--backend onnx needs the onnx extra: pip install 'pneumoscan[onnx]'")
-        from pneumoscan.export import load_cached
+        from pneumoscan.backends.onnx import load_cached
 
         return load_cached(segmenter, classifier, progress=progress)
     return segmenter.to(device), classifier.to(device)
@@ -199,7 +199,7 @@ class Predictor:
     def from_onnx(cls, folder: str | Path, *, allow_model_mismatch: bool = False) -> Predictor:
         """Lung model and classifier through ONNX Runtime (``pneumoscan export --format onnx``),
         the shipped heart model in PyTorch."""
-        from pneumoscan.export import load_onnx
+        from pneumoscan.backends.onnx import load_onnx
 
         return cls(*load_onnx(folder), allow_model_mismatch=allow_model_mismatch, heart=load_heart())
 

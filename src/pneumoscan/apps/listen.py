@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("pneumoscan.listen")
+log = logging.getLogger("pneumoscan.apps.listen")
 
 CHEST_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.1": "CR Image Storage",

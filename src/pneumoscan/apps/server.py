@@ -246,6 +246,6 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return (resources.files("pneumoscan") / "web" / "index.html").read_text()
+        return (resources.files("pneumoscan") / "apps" / "web" / "index.html").read_text()
 
     return app

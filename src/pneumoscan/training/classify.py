@@ -21,7 +21,7 @@
 - The checkpoint kept is the one with the best within-source validation AUC of Pneumonia (mean
   over the sources that have enough positives and negatives), never pooled validation loss, which
   rewards telling Kermany children from NIH adults. Each label's assessed flag and threshold are
-  decided on validation data afterwards (:func:`pneumoscan.evaluate.assess_labels`).
+  decided on validation data afterwards (:func:`pneumoscan.training.evaluate.assess_labels`).
 - Mixed precision on GPU; ``devices``/``num_nodes`` > 1 runs Lightning DDP.
 """
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pneumoscan.cache import CropCache
+from pneumoscan.training.cache import CropCache
 from pneumoscan.classify import FEATURES, KIND, ChestClassifier, Classifier, load_imagenet
 from pneumoscan.clinical import ClinicalSpec, drop_fields, fit_spec, table_records
 from pneumoscan.crop import ATTENTION_THRESHOLD, attention_box, local_crop
@@ -127,7 +127,7 @@ class BalancedSampler(Sampler[int]):
 def selection_score(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
                     select: tuple[str, ...] = SELECT_LABELS) -> tuple[float, dict[str, float]]:
     """Mean within-source AUC of ``select`` labels (the checkpoint criterion), and its parts."""
-    from pneumoscan.evaluate import per_source_auc
+    from pneumoscan.training.evaluate import per_source_auc
 
     parts = {f"{label}/{source}": v["auc"]
              for label in select
@@ -901,7 +901,7 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     from tqdm import tqdm
 
     from pneumoscan.data.manifest import population
-    from pneumoscan.evaluate import assess_labels, evaluate_probabilities
+    from pneumoscan.training.evaluate import assess_labels, evaluate_probabilities
 
     table, out = cache.table, Path(out)
     val_probs = np.concatenate([

@@ -411,7 +411,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
     else read, segmented and cropped here. Writes the report files; returns the report."""
     import pandas as pd
 
-    from pneumoscan.cache import CropCache, crop_paths, scoring_inputs
+    from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
     from pneumoscan.data.manifest import ManifestError, read_manifest
     from pneumoscan.predict import load_models
 

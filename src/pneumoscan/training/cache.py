@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,7 @@ def shard_done(root: Path, k: int, rows: int) -> bool:
 
 
 @dataclass(frozen=True)
-class _Job:
+class ShardJob:
     root: str
     k: int
     rows: list[dict[str, Any]]
@@ -74,7 +74,7 @@ class _Job:
 _SEGMENTER = None
 
 
-def _worker_init(seg_model: str | None, one_thread: bool = True) -> None:
+def worker_init(seg_model: str | None, one_thread: bool = True) -> None:
     """Load the segmenter once per worker; worker processes use one core each (the pool is the
     parallelism), the caller's own process keeps its thread settings."""
     import cv2
@@ -140,7 +140,7 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
     return crops, records
 
 
-def _do_shard(job: _Job) -> tuple[int, int, int]:
+def do_shard(job: ShardJob) -> tuple[int, int, int]:
     """Crop one shard; returns (shard, images, errors)."""
     root = Path(job.root)
     crops, records = crop_paths([r["path"] for r in job.rows], _SEGMENTER, job.size, threads=job.threads,
@@ -159,11 +159,12 @@ def _do_shard(job: _Job) -> tuple[int, int, int]:
 
 def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size: int = 128,
             workers: int = 1, shard: tuple[int, int] = (0, 1), seg_model: str | Path | None = None,
-            progress: bool = True, ray: str | None = None, masked: bool = False) -> dict[str, Any]:
+            progress: bool = True, masked: bool = False,
+            runner: Callable[[list[ShardJob]], Iterable[tuple[int, int, int]]] | None = None) -> dict[str, Any]:
     """Fill the cache for ``table`` (a manifest). Returns counts of what was done now and overall.
     ``masked``: crops of the lungs only (0 outside the lung mask), for a lung-masked classifier.
-    ``ray``: run the shards on a Ray cluster at this address ("local": one started here) with
-    ``workers`` actors, instead of a local process pool."""
+    ``runner``: runs the shard jobs elsewhere and yields (shard, images, errors) as each is done
+    (``pneumoscan.apps.cluster.run_shards`` on Ray); by default a local process pool of ``workers``."""
     from tqdm import tqdm
 
     from pneumoscan.modelfile import load_model
@@ -199,25 +200,23 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
         atomic_write_bytes(config_path, json.dumps(config, indent=2).encode())
     records = table[["path", "source"]].assign(row=np.arange(len(table))).to_dict("records")
     mine = [k for k in range(config["shards"]) if k % count == index]
-    jobs = [_Job(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
+    jobs = [ShardJob(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
                  str(seg_model) if seg_model else None, 2 if workers <= 1 else 1, masked) for k in mine]
     todo = [j for j in jobs if not shard_done(root, j.k, len(j.rows))]
     done_images = errors = 0
     bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
                unit="img", desc="prepare", disable=not progress)
     pool = None
-    if ray is not None:
-        from pneumoscan.cluster import run_shards
-
-        results: Iterable = run_shards(todo, workers, str(seg_model) if seg_model else None, ray)
+    if runner is not None:
+        results: Iterable = runner(todo)
     elif workers <= 1:
-        _worker_init(str(seg_model) if seg_model else None, one_thread=False)
-        results = map(_do_shard, todo)
+        worker_init(str(seg_model) if seg_model else None, one_thread=False)
+        results = map(do_shard, todo)
     else:
         import multiprocessing as mp
 
-        pool = mp.get_context("spawn").Pool(workers, _worker_init, (str(seg_model) if seg_model else None,))
-        results = pool.imap_unordered(_do_shard, todo)
+        pool = mp.get_context("spawn").Pool(workers, worker_init, (str(seg_model) if seg_model else None,))
+        results = pool.imap_unordered(do_shard, todo)
     try:
         for _, n, bad in results:
             done_images += n

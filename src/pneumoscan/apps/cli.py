@@ -165,7 +165,7 @@ def train_seg(
 ) -> None:
     """Train the lung or heart U-Net (checkpoint every epoch, resumable)."""
     from pneumoscan.segment import PRESETS
-    from pneumoscan.segment_train import SegTrainConfig, train_segmentation
+    from pneumoscan.training.segment import SegTrainConfig, train_segmentation
 
     sources = seg_sources(structure, montgomery=montgomery, shenzhen=shenzhen, jsrt=jsrt)
     if folds > 1 and not 0 <= fold < folds:
@@ -203,7 +203,7 @@ def eval_seg(
 
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.segment import HeartSegmenter, LungSegmenter, load_default, load_default_heart
-    from pneumoscan.segment_train import evaluate_segmentation, segmentation_table
+    from pneumoscan.training.segment import evaluate_segmentation, segmentation_table
 
     lung_sources = seg_sources("lungs", montgomery=montgomery, shenzhen=shenzhen, jsrt=jsrt)
     try:
@@ -377,16 +377,23 @@ def prepare(
         help="Lungs only: 0 outside the lung mask (the input of a lung-masked classifier).")] = False,
 ) -> None:
     """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
-    from pneumoscan.cache import CacheError
-    from pneumoscan.cache import prepare as run_prepare
-    from pneumoscan.cluster import ClusterError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.cache import prepare as run_prepare
+    from pneumoscan.apps.cluster import ClusterError
     from pneumoscan.data import ManifestError, read_manifest
     from pneumoscan.modelfile import ModelFileError
 
+    runner = None
+    if ray is not None:
+        from functools import partial
+
+        from pneumoscan.apps.cluster import run_shards
+
+        runner = partial(run_shards, workers=workers, seg_model=str(seg_model) if seg_model else None, address=ray)
     try:
         table = read_manifest(manifest)
         result = run_prepare(table, out, size=size, shard_size=shard_size, workers=workers,
-                             shard=parse_shard(shard), seg_model=seg_model, ray=ray, masked=lung_mask)
+                             shard=parse_shard(shard), seg_model=seg_model, masked=lung_mask, runner=runner)
     except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ClusterError) as exc:
         fail(str(exc))
     console.print(
@@ -448,9 +455,9 @@ def train(
         help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")] = False,
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
-    from pneumoscan.cache import CacheError
+    from pneumoscan.training.cache import CacheError
     from pneumoscan.classify import PretrainedWeightsError
-    from pneumoscan.classify_train import TrainConfig, train_classifier
+    from pneumoscan.training.classify import TrainConfig, train_classifier
     from pneumoscan.modelfile import ModelFileError
 
     try:
@@ -468,7 +475,7 @@ def train(
 
     if arch not in ARCHS:
         fail(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    from pneumoscan.classify_train import TRAIN_FROM
+    from pneumoscan.training.classify import TRAIN_FROM
 
     if train_from is not None and train_from not in TRAIN_FROM:
         fail(f"--train-from must be one of {', '.join(TRAIN_FROM)}, got {train_from!r}")
@@ -533,9 +540,9 @@ def evaluate(
     backend: BackendOption = "auto",
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
-    from pneumoscan.cache import CacheError
+    from pneumoscan.training.cache import CacheError
     from pneumoscan.data import ManifestError
-    from pneumoscan.evaluate import evaluate_split
+    from pneumoscan.training.evaluate import evaluate_split
     from pneumoscan.modelfile import ModelFileError
 
     try:
@@ -691,7 +698,7 @@ def predict_on_ray(files: list[Path], outputs, *, ray: str, workers: int, gpus: 
     skipped (resumable)."""
     from tqdm import tqdm
 
-    from pneumoscan.cluster import ClusterError, predict_records
+    from pneumoscan.apps.cluster import ClusterError, predict_records
     from pneumoscan.outputs.writer import RecordSink, output_stems, recorded_paths
 
     load_predictor(seg_model, model, backend=backend, device=device, allow_model_mismatch=False)  # check once
@@ -736,7 +743,7 @@ def serve(
     try:
         import uvicorn
 
-        from pneumoscan.server import LOOPBACK_HOSTS, create_app
+        from pneumoscan.apps.server import LOOPBACK_HOSTS, create_app
     except ImportError:
         fail("the server needs the web extra: pip install 'pneumoscan[web]'")
     loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
@@ -775,7 +782,7 @@ def listen(
     import logging
 
     need_extra("dicom", "listen", "pynetdicom", "highdicom")
-    from pneumoscan.listen import Forward, Listener
+    from pneumoscan.apps.listen import Forward, Listener
 
     if not 1 <= len(ae_title) <= 16:
         fail("--ae-title must be 1 to 16 characters")
@@ -814,7 +821,7 @@ def export(
         fail("only --format onnx is supported")
     try:
         predictor = Predictor.from_paths(seg_model, model, backend="torch")
-        from pneumoscan.export import export_onnx
+        from pneumoscan.backends.onnx import export_onnx
     except (ModelFileError, FileNotFoundError) as exc:
         fail(str(exc))
     except ImportError:

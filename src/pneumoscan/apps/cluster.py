@@ -2,7 +2,7 @@
 scheduling, retries and progress; this module only says what one worker does.
 
 - ``prepare --ray``: the crop cache's shards are the items; an actor pool (one lung model per
-  actor) runs :func:`pneumoscan.cache._do_shard` on each, which writes the shard and its done-mark
+  actor) runs :func:`pneumoscan.training.cache.do_shard` on each, which writes the shard and its done-mark
   atomically, so a shard retried after a worker died is written once, identical.
 - ``predict --ray``: the files are the items; an actor pool (one :class:`Predictor` per actor,
   with ``num_gpus`` each when the cluster has GPUs) scores batches of them, writes their overlays
@@ -57,15 +57,15 @@ class ShardWorker:
     """One lung model; crops whole shards of the cache."""
 
     def __init__(self, seg_model: str | None):
-        from pneumoscan.cache import _worker_init
+        from pneumoscan.training.cache import worker_init
 
         _one_thread()
-        _worker_init(seg_model)
+        worker_init(seg_model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from pneumoscan.cache import _do_shard, _Job
+        from pneumoscan.training.cache import do_shard, ShardJob
 
-        done = [_do_shard(_Job(**json.loads(job))) for job in batch["job"]]
+        done = [do_shard(ShardJob(**json.loads(job))) for job in batch["job"]]
         return {"k": [d[0] for d in done], "n": [d[1] for d in done], "bad": [d[2] for d in done]}
 
 

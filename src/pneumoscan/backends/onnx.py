@@ -175,7 +175,7 @@ def ort_session(path: Path):
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    # A cluster worker owns one core (pneumoscan.cluster sets this); otherwise all cores.
+    # A cluster worker owns one core (pneumoscan.apps.cluster sets this); otherwise all cores.
     options.intra_op_num_threads = int(os.environ.get("PNEUMOSCAN_ORT_THREADS", "0"))
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 

@@ -1,0 +1,1 @@
+"""Inference backends beside PyTorch: ONNX export, the ONNX Runtime models and their cache."""
