@@ -12,6 +12,8 @@ from pneumoscan.training.evaluate import (
 )
 from pneumoscan.labels import LABELS
 
+from conftest import CLI, DATA, needs_data
+
 
 def test_auc_known_values_and_nan_for_one_class():
     y = np.array([0, 0, 1, 1, np.nan])
@@ -142,3 +144,69 @@ def test_assess_labels_needs_adult_positives_a_large_source_and_a_ci_above_0_65(
     assert not small["Pneumonia"]["assessed"] and "1000 films" in small["Pneumonia"]["reason"]
     few = assess_labels(val, probs, val_sources, train[150:], train_sources[150:], n_boot=50)
     assert not few["Pneumonia"]["assessed"]  # only paediatric training positives
+
+
+@needs_data
+def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small_manifest):
+    """A site moves No Finding to sensitivity 0.9 on its validation films: same weights, new
+    threshold reaching the target there, a new hash, and every output names the calibration."""
+    import subprocess
+
+    from pneumoscan.classify import Classifier, load_default
+    from pneumoscan.training.calibrate import operating_threshold
+    from pneumoscan.training.evaluate import score_split
+
+    import pandas as pd
+
+    table = pd.read_csv(small_manifest)
+    table = table[table.source != "kermany"]  # adult films; 30 No Finding and 30 others as the site's set
+    site = pd.concat([table[table["No Finding"] == 1].head(30), table[table["No Finding"] == 0].head(30)])
+    table.loc[site.index, "split"] = "site"
+    manifest = tmp_path / "site.csv"
+    table.to_csv(manifest, index=False)
+    small_manifest = manifest
+    new = tmp_path / "site.pt"
+    run = subprocess.run([*CLI, "calibrate", "--manifest", str(small_manifest), "--split", "site", "--out", str(new),
+                          "--target-sensitivity", "0.9", "--n-boot", "50"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    parent, child = load_default(), Classifier.load(new)
+    assert child.meta["weights_sha256"] == parent.meta["weights_sha256"]
+    assert child.meta["sha256"] != parent.meta["sha256"] and child.assessed_labels == parent.assessed_labels
+    source = child.meta["threshold_provenance"]
+    assert source["method"] == "sensitivity" and source["target"] == 0.9 and source["parent_model_sha256"] == parent.meta["sha256"]
+    scored = score_split(small_manifest, "site", model=new)
+    j = LABELS.index("No Finding")
+    y, p = scored.labels[:, j], scored.probs[:, j]
+    known = ~np.isnan(y)
+    threshold = child.meta["thresholds"]["No Finding"]
+    assert threshold == pytest.approx(operating_threshold(y, p, "sensitivity", 0.9), abs=1e-6)
+    assert (p[known & (y == 1)] >= threshold).mean() >= 0.9
+    assert "calibrated (sensitivity 0.9)" in child.thresholds_from and (tmp_path / "site.md").exists()
+    predicted = subprocess.run([*CLI, "predict", str(DATA / "nih-cxr14/images/00000100_000.png"), "--out",
+                                str(tmp_path / "p"), "--model", str(new), "--no-overlays"],
+                               capture_output=True, text=True, timeout=300)
+    record = json.loads((tmp_path / "p" / "predictions.jsonl").read_text())
+    assert predicted.returncode == 0 and record["thresholds_from"].startswith("calibrated")
+    assert record["thresholds"]["No Finding"] == pytest.approx(threshold, abs=1e-6)
+    for bad in (["--split", "test", "--youden"], ["--split", "site", "--youden", "--target-specificity", "0.9"]):
+        refused = subprocess.run([*CLI, "calibrate", "--manifest", str(small_manifest), "--out",
+                                  str(tmp_path / "x.pt"), *bad], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_operating_thresholds_reach_their_targets():
+    from pneumoscan.training.calibrate import achieved, operating_threshold
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200), np.zeros(300)]
+    p = np.r_[rng.normal(0.7, 0.15, 200), rng.normal(0.4, 0.15, 300)]
+    high_sens = operating_threshold(y, p, "sensitivity", 0.95)
+    edge = np.sort(p[y == 1])[::-1][189]  # the 190th of 200 positives makes 0.95
+    assert (p[y == 1] >= high_sens).mean() >= 0.95 and high_sens < edge and not ((p > high_sens) & (p < edge)).any()
+    high_spec = operating_threshold(y, p, "specificity", 0.9)
+    edge = np.sort(p[y == 0])[269]  # the 270th of 300 negatives makes 0.90
+    assert (p[y == 0] < high_spec).mean() >= 0.9 and high_spec > edge and not ((p < high_spec) & (p > edge)).any()
+    rates = achieved(y, p, high_sens, n_boot=200)
+    assert rates["sensitivity"] >= 0.95 and rates["sensitivity_ci"][0] <= rates["sensitivity"] <= rates["sensitivity_ci"][1]
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        operating_threshold(y, p, "sensitivity", 1.5)

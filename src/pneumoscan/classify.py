@@ -264,6 +264,17 @@ class Classifier:
         self.meta["thresholds"] = {label: assessment[label]["threshold"] for label in LABELS}
         self._read_assessment()
 
+    @property
+    def thresholds_from(self) -> str:
+        """Where the operating thresholds came from, in words (outputs carry it)."""
+        source = self.meta.get("threshold_provenance")
+        if not source:
+            return "the training run's validation split"
+        target = "" if source.get("target") is None else f" {source['target']}"
+        where = f" of source {source['source']}" if source.get("source") else ""
+        return (f"calibrated ({source['method']}{target}) on {source['images']} films{where} of "
+                f"{source['manifest']} split {source['split']}, from model {str(source['parent_model_sha256'])[:12]}…")
+
     def findings(self, probs: np.ndarray) -> list[str]:
         """Assessed labels at or above their threshold, for one row of probabilities."""
         return [label for label, p, t, a in zip(LABELS, probs, self.thresholds, self.assessed) if a and p >= t]

@@ -56,6 +56,7 @@ class Prediction:
     findings: list[str] | None = None
     not_assessed: list[str] | None = None
     thresholds: dict[str, float | None] | None = None
+    thresholds_from: str | None = None
     quality: dict[str, Any] | None = None
     box: list[int] | None = None
     local_box: list[int] | None = None
@@ -75,7 +76,8 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
-                "not_assessed": self.not_assessed, "thresholds": self.thresholds, "quality": self.quality,
+                "not_assessed": self.not_assessed, "thresholds": self.thresholds,
+                "thresholds_from": self.thresholds_from, "quality": self.quality,
                 "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
                 "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
                 "cam_region": self.cam_region, "measurements": self.measurements, "error": self.error}
@@ -213,7 +215,8 @@ class Predictor:
                 "classifier_input_size": self.classifier.size,
                 "classifier_architecture": self.classifier.arch,
                 "clinical_fields": self.classifier.clinical.names if self.classifier.clinical else [],
-                "assessed_labels": self.classifier.assessed_labels}
+                "assessed_labels": self.classifier.assessed_labels,
+                "thresholds_from": self.classifier.thresholds_from}
 
     def cam_class(self, cam: str | None) -> str | None:
         """Check a Grad-CAM request up front: None, "top" or an assessed label (any spelling)."""
@@ -319,6 +322,7 @@ class Predictor:
             result.probabilities = {label: round(float(v), 6) if a else None
                                     for label, v, a in zip(LABELS, p, classifier.assessed)}
             result.thresholds = dict(thresholds)
+            result.thresholds_from = classifier.thresholds_from
             result.findings = classifier.findings(p)
             result.cam_label = drawn_label(p)
             if heat is not None:

@@ -554,6 +554,54 @@ def evaluate(
     console.print(f"{report['n_images']} images scored; reports in {out}")
 
 
+@app.command()
+def calibrate(
+    manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Labelled manifest of local films.")],
+    split: Annotated[str, typer.Option(help="Its split to choose thresholds on (never the test split).")],
+    out: Annotated[Path, typer.Option(help="The new model file (same weights, new thresholds, re-hashed).")],
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file; the shipped one if omitted.")] = None,
+    source: Annotated[Optional[str], typer.Option(help="Only films of this manifest source (e.g. nih).")] = None,
+    target_sensitivity: Annotated[Optional[float], typer.Option(help="Highest threshold reaching this sensitivity.")] = None,
+    target_specificity: Annotated[Optional[float], typer.Option(help="Lowest threshold reaching this specificity.")] = None,
+    youden: Annotated[bool, typer.Option(help="Youden's J (sensitivity + specificity − 1 highest).")] = False,
+    cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from.")] = None,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
+    n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the achieved rates' CIs.")] = 1000,
+) -> None:
+    """New thresholds for the assessed labels from a labelled local split, in a new model file
+    that records where they came from."""
+    from pneumoscan.data import ManifestError
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.calibrate import calibrate as run_calibrate
+
+    chosen = [m for m, given in (("sensitivity", target_sensitivity), ("specificity", target_specificity),
+                                 ("youden", youden or None)) if given is not None]
+    if len(chosen) != 1:
+        fail("give exactly one of --target-sensitivity S, --target-specificity S, --youden")
+    if split == "test":
+        fail("the test split chooses nothing: calibrate on a validation split of your own films")
+    if out.exists():
+        fail(f"{out} exists; choose a new file name (a model file is never overwritten)")
+    method = chosen[0]
+    try:
+        result = run_calibrate(manifest, split, out, method=method, model=model, source=source, cache=cache,
+                               target=target_sensitivity if method == "sensitivity" else target_specificity,
+                               seg_model=seg_model, n_boot=n_boot)
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    import pandas as pd
+
+    rows = [{"label": label, "old": r["old"], "new": r["new"],
+             "sensitivity": f"{r['sensitivity']:.3f} ({r['sensitivity_ci'][0]:.3f}–{r['sensitivity_ci'][1]:.3f})"
+             if r["changed"] else "", "specificity": f"{r['specificity']:.3f} ({r['specificity_ci'][0]:.3f}–"
+             f"{r['specificity_ci'][1]:.3f})" if r["changed"] else "",
+             "films (pos/neg)": f"{r['positives']}/{r['negatives']}" if r["changed"] else r["why"]}
+            for label, r in result["labels"].items()]
+    print_table(f"Thresholds chosen on {result['provenance']['images']} films ({method})", pd.DataFrame(rows))
+    console.print(f"model written to {out} (SHA-256 {result['sha256'][:16]}…); its thresholds name this calibration")
+
+
 def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, device: str,
                    allow_model_mismatch: bool, onnx: Path | None = None):
     """The one Predictor the commands share; a clear one-line error for anything that stops it."""

@@ -104,6 +104,10 @@ def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None):
     import highdicom as hd
 
     parameters = [f"threshold={threshold:.6g}"] if threshold is not None else None
+    source = meta.get("threshold_provenance")
+    if parameters and source:  # a site's calibration: the method and the parent model
+        parameters.append(f"thresholds from {source['method']} on {source['images']} local films, "
+                          f"parent {str(source['parent_model_sha256'])[:16]}")
     return hd.sr.AlgorithmIdentification(name=name, version=str(meta.get("weights_sha256", "unknown")),
                                          parameters=parameters)
 

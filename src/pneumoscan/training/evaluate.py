@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -404,16 +405,28 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: str | Path | None = None,
-                   cache: str | Path | None = None, seg_model: str | Path | None = None,
-                   n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
-    """Score one split of a manifest: crops from ``cache`` when given (rows matched by path),
-    else read, segmented and cropped here. Writes the report files; returns the report."""
+@dataclass
+class ScoredSplit:
+    """One manifest split scored by one classifier: its rows (labelled, readable), their labels
+    (N×15, NaN unknown) and probabilities, and the unreadable paths left out."""
+
+    rows: Any
+    labels: np.ndarray
+    probs: np.ndarray
+    skipped: list[str]
+    classifier: Any
+
+
+def score_split(manifest: str | Path, split: str, *, model: str | Path | None = None,
+                cache: str | Path | None = None, seg_model: str | Path | None = None,
+                backend: str = "auto") -> ScoredSplit:
+    """Score the labelled images of one split: crops from ``cache`` when given (rows matched by
+    path), else read, segmented and cropped here (the predictor's path)."""
     import pandas as pd
 
-    from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
     from pneumoscan.data.manifest import ManifestError, read_manifest
     from pneumoscan.predict import load_models
+    from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
 
     segmenter, classifier = load_models(seg_model, model, backend=backend)
     table = read_manifest(manifest)
@@ -436,7 +449,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         crops = crop_cache.images(found.dropna().astype(int))
         inputs = crop_cache.scoring_inputs(classifier, found.dropna().astype(int).to_numpy())
     else:
-        print(f"evaluate: reading, segmenting and cropping {len(rows):,} images …", file=sys.stderr, flush=True)
+        print(f"reading, segmenting and cropping {len(rows):,} images …", file=sys.stderr, flush=True)
         crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
                                     masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
         ok = np.array([r["error"] == "" for r in records])
@@ -444,14 +457,21 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
         rows, crops = rows[ok].reset_index(drop=True), crops[ok]
         boxes = pd.DataFrame([r for r, k in zip(records, ok) if k])[["x0", "y0", "x1", "y1"]]
         inputs = scoring_inputs(classifier, pd.concat([rows, boxes], axis=1), classifier.size)
-    labels = rows[list(LABELS)].to_numpy(np.float32)
-    print(f"evaluate: scoring {len(rows):,} crops, then {n_boot} bootstrap resamples per label …", file=sys.stderr,
-          flush=True)
+    print(f"scoring {len(rows):,} crops …", file=sys.stderr, flush=True)
     probs = classifier.predict_proba(crops.astype(np.float32) / 255.0, **inputs)
-    thresholds = classifier.meta.get("thresholds") or {}
-    report = evaluate_probabilities(labels, probs, thresholds, split, n_boot=n_boot,
-                                    sources=rows["source"].to_numpy())
-    report["skipped_unreadable"] = skipped
+    return ScoredSplit(rows, rows[list(LABELS)].to_numpy(np.float32), probs, skipped, classifier)
+
+
+def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: str | Path | None = None,
+                   cache: str | Path | None = None, seg_model: str | Path | None = None,
+                   n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
+    """Score one split of a manifest (:func:`score_split`), write the report files, return the report."""
+    scored = score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend)
+    print(f"evaluate: {n_boot} bootstrap resamples per label …", file=sys.stderr, flush=True)
+    thresholds = scored.classifier.meta.get("thresholds") or {}
+    report = evaluate_probabilities(scored.labels, scored.probs, thresholds, split, n_boot=n_boot,
+                                    sources=scored.rows["source"].to_numpy())
+    report["skipped_unreadable"] = scored.skipped
     report["manifest"] = str(manifest)
-    write_report(report, labels, probs, out, classifier.meta)
+    write_report(report, scored.labels, scored.probs, out, scored.classifier.meta)
     return report

@@ -1,0 +1,133 @@
+"""Moving a classifier's operating points to a site's own labelled films (``pneumoscan calibrate``).
+
+Thresholds that do not transfer between sites are the commonest complaint about published chest
+X-ray models, and vendors recalibrate per site. Here a site scores its own labelled split, picks
+each assessed label's threshold by Youden's J or for a target sensitivity or specificity, and
+gets a new model file: same weights, new thresholds, re-hashed, recording where the thresholds
+came from (method, target, images and a hash of their list, the parent model). Which labels are
+assessed does not change: that is a claim about what the model learnt, not about a site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.labels import LABELS
+from pneumoscan.training.evaluate import _known, score_split, sens_spec, youden_threshold
+
+METHODS = ("youden", "sensitivity", "specificity")
+#: A label keeps its threshold when the local films hold fewer positives or negatives than this.
+MIN_EACH = 10
+
+
+def operating_threshold(y: np.ndarray, p: np.ndarray, method: str, target: float | None = None) -> float:
+    """The threshold for ``method``: Youden's J; or the highest threshold whose sensitivity reaches
+    ``target``; or the lowest whose specificity reaches ``target`` (on these films). The cut lies
+    halfway between two films' scores, never on one, so float noise cannot flip a call."""
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if method == "youden":
+        return youden_threshold(y, p)
+    if target is None or not 0 < target < 1:
+        raise ValueError(f"--target-{method} must be between 0 and 1")
+    if method == "sensitivity":  # halfway below the score of the positive that makes the target
+        edge = np.sort(p[y == 1])[::-1][int(np.ceil(target * (y == 1).sum())) - 1]
+        below = p[p < edge]
+        return float((edge + below.max()) / 2 if below.size else edge)
+    if method == "specificity":  # halfway above the score of the negative that makes the target
+        edge = np.sort(p[y == 0])[int(np.ceil(target * (y == 0).sum())) - 1]
+        above = p[p > edge]
+        return float((edge + above.min()) / 2 if above.size else np.nextafter(edge, np.inf))
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def achieved(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Sensitivity and specificity at ``threshold`` with percentile bootstrap 95 % CIs (images resampled)."""
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    sens, spec = sens_spec(y, p, threshold)
+    rng = np.random.default_rng(seed)
+    draws = np.array([sens_spec(y[idx], p[idx], threshold) for idx in
+                      (rng.integers(0, len(y), len(y)) for _ in range(n_boot))])
+
+    def ci(column: np.ndarray) -> list[float]:
+        column = column[~np.isnan(column)]
+        return [round(float(np.percentile(column, 2.5)), 4), round(float(np.percentile(column, 97.5)), 4)]
+
+    return {"sensitivity": round(sens, 4), "sensitivity_ci": ci(draws[:, 0]), "specificity": round(spec, 4),
+            "specificity_ci": ci(draws[:, 1]), "positives": int((y == 1).sum()), "negatives": int((y == 0).sum())}
+
+
+def calibrate(manifest: str | Path, split: str, out: str | Path, *, method: str, target: float | None = None,
+              model: str | Path | None = None, source: str | None = None, cache: str | Path | None = None,
+              seg_model: str | Path | None = None, n_boot: int = 1000) -> dict[str, Any]:
+    """Write a copy of the classifier with thresholds chosen on one split (optionally one source)
+    of a labelled manifest (scored in PyTorch, so the copy holds the very weights); returns per
+    label the old and new threshold and what the new one achieves there."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    scored = score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend="torch")
+    keep = np.ones(len(scored.rows), bool) if source is None else (scored.rows["source"] == source).to_numpy()
+    if not keep.any():
+        raise ValueError(f"split {split!r} has no readable labelled images from source {source!r} "
+                         f"(sources there: {sorted(scored.rows['source'].unique())})")
+    classifier = scored.classifier
+    parent = {k: classifier.meta.get(k) for k in ("weights_sha256", "sha256")}
+    paths = sorted(scored.rows["path"][keep].astype(str))
+    provenance = {"method": method, "target": target, "manifest": Path(manifest).name, "split": split,
+                  "source": source, "images": len(paths),
+                  "images_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(),
+                  "parent_model_sha256": parent["sha256"], "parent_weights_sha256": parent["weights_sha256"]}
+    assessment = {label: dict(classifier.meta["assessment"][label]) for label in LABELS}
+    results = {}
+    for j, label in enumerate(LABELS):
+        entry = assessment[label]
+        if not entry.get("assessed"):
+            continue
+        y, p = scored.labels[keep, j], scored.probs[keep, j]
+        known = ~np.isnan(y)
+        positives, negatives = int((y[known] == 1).sum()), int((y[known] == 0).sum())
+        old = float(entry["threshold"])
+        if min(positives, negatives) < MIN_EACH:
+            results[label] = {"old": old, "new": old, "changed": False,
+                              "why": f"kept: {positives} positives / {negatives} negatives here (need {MIN_EACH} of each)"}
+            continue
+        new = operating_threshold(y, p, method, target)  # unrounded: rounding could lose the target
+        entry["threshold"] = new
+        entry["threshold_source"] = {**provenance, "achieved": achieved(y, p, new, n_boot)}
+        results[label] = {"old": old, "new": new, "changed": True, **entry["threshold_source"]["achieved"]}
+    classifier.set_assessment(assessment)
+    classifier.meta["threshold_provenance"] = provenance
+    written = classifier.save(out, half=True)  # shipped files store float16: the same weights either way
+    if written["weights_sha256"] != parent["weights_sha256"]:
+        written = classifier.save(out)
+    if written["weights_sha256"] != parent["weights_sha256"]:
+        Path(out).unlink()
+        raise ValueError("the calibrated copy's weights differ from the parent's; nothing written")
+    result = {"model": str(out), "sha256": written["sha256"], "provenance": provenance, "labels": results,
+              "skipped_unreadable": scored.skipped}
+    Path(out).with_suffix(".md").write_text(card(result, classifier.thresholds_from))
+    return result
+
+
+def card(result: dict[str, Any], thresholds_from: str) -> str:
+    """A short card beside the calibrated file: where its thresholds came from and what they achieve."""
+    source = result["provenance"]
+    lines = [f"# Calibrated classifier `{Path(result['model']).name}`", "",
+             f"Same weights as model `{source['parent_model_sha256']}` (weights "
+             f"`{source['parent_weights_sha256']}`); thresholds {thresholds_from}.", "",
+             f"Films: {source['images']} (SHA-256 of their sorted paths `{source['images_sha256']}`).", "",
+             "| label | old threshold | new threshold | sensitivity (95 % CI) | specificity (95 % CI) | positives / negatives |",
+             "|---|---|---|---|---|---|"]
+    for label, r in result["labels"].items():
+        if r["changed"]:
+            lines.append(f"| {label} | {r['old']:.4f} | {r['new']:.4f} | {r['sensitivity']:.3f} "
+                         f"({r['sensitivity_ci'][0]:.3f}–{r['sensitivity_ci'][1]:.3f}) | {r['specificity']:.3f} "
+                         f"({r['specificity_ci'][0]:.3f}–{r['specificity_ci'][1]:.3f}) | {r['positives']} / {r['negatives']} |")
+        else:
+            lines.append(f"| {label} | {r['old']:.4f} | unchanged | – | – | {r['why']} |")
+    lines += ["", "These rates are measured on the films that chose the thresholds: expect less on new films.",
+              "Which labels are assessed is the parent model's (see its card)."]
+    return "\n".join(lines) + "\n"
