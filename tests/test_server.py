@@ -181,6 +181,9 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1100, "height": 1000})
         page.goto(server + "/")
+        page.wait_for_load_state("networkidle")
+        assert not page.locator("#images").is_visible()  # no empty picture frames before an upload
+        assert not page.locator("#original").is_visible() and not page.locator("#ctr").is_visible()
         page.set_input_files("#file", str(nih_png))
         page.wait_for_selector("#findings tbody tr", timeout=120_000)
         rows = page.locator("#findings tbody tr")
@@ -197,6 +200,7 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
         assert "13 of 15 labels not assessed by this model" in page.locator("#status").inner_text()
         assert page.locator("#overlay").get_attribute("src").startswith("data:image/png")
         assert "Done" in page.locator("#status").inner_text()
+        assert page.locator("#ctr").inner_text().startswith("Cardiothoracic ratio: 0.")
         page.screenshot(path=str(artifacts / "web_page.png"), full_page=True)
         page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the error
         page.wait_for_selector("#status.error", timeout=60_000)
