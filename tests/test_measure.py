@@ -69,6 +69,12 @@ def test_implausible_masks_give_no_number(case, reason):
     assert isinstance(ctr, CardiothoracicRatio) and ctr.to_dict()["cardiothoracic_ratio"] is None
 
 
+def test_a_lung_fallback_gives_no_ratio():
+    lungs, heart = _thorax()
+    ctr = cardiothoracic_ratio(lungs, heart, view="PA", lungs_found=False)
+    assert ctr.value is None and ctr.reason == "lungs not found"
+
+
 @needs_data
 def test_jsrt_source_reads_lungs_and_heart():
     from pneumoscan.data import JSRT

@@ -70,9 +70,13 @@ def thorax_extent(lungs: np.ndarray) -> tuple[int, int, int]:
     return y, int(first[y]), int(last[y])
 
 
-def cardiothoracic_ratio(lungs: np.ndarray, heart: np.ndarray, view: str | None = None) -> CardiothoracicRatio:
+def cardiothoracic_ratio(lungs: np.ndarray, heart: np.ndarray, view: str | None = None, *,
+                         lungs_found: bool = True) -> CardiothoracicRatio:
     """The CTR from a cleaned two-lung mask and a cleaned heart mask on the same grid, or None
-    with the reason when the masks cannot give a trustworthy one."""
+    with the reason when the masks cannot give a trustworthy one (``lungs_found`` False: the
+    lung segmentation fell back to the whole film)."""
+    if not lungs_found:
+        return CardiothoracicRatio(None, "lungs not found")
     if not heart.any():
         return CardiothoracicRatio(None, "no heart found")
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(lungs.astype(np.uint8), connectivity=8)

@@ -25,7 +25,7 @@ from pneumoscan.explain import cam_summary, place_on_original, within_lungs
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
-from pneumoscan.measure import CardiothoracicRatio, cardiothoracic_ratio
+from pneumoscan.measure import cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
@@ -101,8 +101,8 @@ BACKENDS = ("auto", "onnx", "torch")
 
 def load_heart(path: str | Path | None = None, device: str = "cpu") -> HeartSegmenter | None:
     """The heart model from ``path``, else the shipped one; None if none is installed (the
-    predictions then carry no cardiothoracic ratio). It runs in PyTorch on every backend: 1.6 M
-    parameters, a few milliseconds a film."""
+    predictions then carry no cardiothoracic ratio). It runs in PyTorch on every backend (1.6 M
+    parameters; not exported to ONNX)."""
     from pneumoscan.segment import default_heart_model_path
 
     if path is None:
@@ -341,8 +341,8 @@ class Predictor:
         films = [item.image.pixels for _, item in scored]
         hearts = self.heart.heart_masks(films, np.stack([item.prepared for _, item in scored]))
         for (result, item), heart in zip(scored, hearts):
-            ctr = (CardiothoracicRatio(None, "lungs not found") if item.seg.fallback else
-                   cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position")))
+            ctr = cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position"),
+                                       lungs_found=not item.seg.fallback)
             result.measurements = ctr.to_dict()
             if keep_arrays:
                 result.heart = heart

@@ -22,14 +22,12 @@ import torch
 from torch import nn
 
 from pneumoscan.accel import place, resolve_device, run
-from pneumoscan.crop import LungCrop, clean_mask, lung_crop, scale_box
+from pneumoscan.crop import THRESHOLD, LungCrop, clean_mask, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
 from pneumoscan.modelfile import ModelFileError, first_line, load_model, save_model, shipped_model_path
 
 KIND = "lung-segmentation"
 HEART_KIND = "heart-segmentation"
-#: Which model kind segments each structure, and the mask column of a source table that trains it.
-STRUCTURES = {"lungs": (KIND, "mask"), "heart": (HEART_KIND, "heart")}
 #: The heart's probability threshold; the heart is then one filled component (``heart_mask``).
 HEART_THRESHOLD = 0.5
 #: A heart smaller than this fraction of the film is no heart (a speck the U-Net hesitated on).
@@ -87,10 +85,16 @@ class Segmentation(LungCrop):
 
 
 class Segmenter:
-    """A trained U-Net with its preprocessing and model kind; turns X-rays into probability maps."""
+    """A trained U-Net with its preprocessing and model kind; turns X-rays into probability maps.
+
+    Each subclass names its ``structure`` (as ``train-seg --structure`` does), the source-table
+    column holding its masks, its ``label`` in the model file and the threshold its clean-up uses."""
 
     kind = KIND
-    noun = "lung"
+    structure = "lungs"
+    mask_column = "mask"
+    label = "lung"
+    threshold = THRESHOLD
 
     def __init__(self, net: nn.Module, preprocessing: Preprocessing, meta: dict[str, Any]):
         self.net = net.eval()
@@ -112,7 +116,7 @@ class Segmenter:
             preprocessing = Preprocessing.from_dict(meta["preprocessing"])
             missing, unexpected = net.load_state_dict(state, strict=False)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise ModelFileError(f"{path}: {cls.noun} model metadata or weights unusable "
+            raise ModelFileError(f"{path}: {cls.label} model metadata or weights unusable "
                                  f"({type(exc).__name__}: {first_line(exc, 160)})") from exc
         if missing or unexpected:
             raise ModelFileError(f"{path}: weights do not fit the {meta['preset']} U-Net "
@@ -139,8 +143,6 @@ class Segmenter:
 class LungSegmenter(Segmenter):
     """The lung U-Net: lung masks and crop boxes."""
 
-    kind = KIND
-
     def segment(self, pixels: np.ndarray) -> Segmentation:
         return self.segment_batch([pixels])[0]
 
@@ -153,15 +155,10 @@ class LungSegmenter(Segmenter):
 def locate_lungs(prob: np.ndarray, original_shape: tuple[int, int], work_side: int = WORK_SIDE) -> Segmentation:
     """Upsample a probability map towards the original size (at most ``work_side`` on the long
     side), clean it, box it, and express mask and box in the original image's pixels."""
-    height, width = original_shape[:2]
-    factor = min(1.0, work_side / max(height, width))
-    work = (max(1, round(height * factor)), max(1, round(width * factor)))
-    prob_work = cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
+    prob_work = to_work_grid(prob, original_shape, work_side)
     found = lung_crop(prob_work)
-    mask = found.mask
-    if work != (height, width):
-        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-    box = scale_box(found.box, work, (height, width))
+    mask = to_original_grid(found.mask, original_shape)
+    box = scale_box(found.box, prob_work.shape, original_shape[:2])
     return Segmentation(mask=mask, box=box, fallback=found.fallback,
                         lung_fraction=found.lung_fraction, regions=found.regions, prob=prob)
 
@@ -170,7 +167,10 @@ class HeartSegmenter(Segmenter):
     """The heart U-Net: one cleaned heart mask per film, on the original grid."""
 
     kind = HEART_KIND
-    noun = "heart"
+    structure = "heart"
+    mask_column = "heart"
+    label = "heart"
+    threshold = HEART_THRESHOLD
 
     def heart_masks(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> list[np.ndarray]:
         """0/1 uint8 heart masks, each the size of its film (all zero where no heart was found)."""
@@ -181,14 +181,29 @@ class HeartSegmenter(Segmenter):
 def heart_mask(prob: np.ndarray, original_shape: tuple[int, int], work_side: int = WORK_SIDE) -> np.ndarray:
     """The map upsampled towards the original (at most ``work_side``, as the lungs), then
     threshold → opening → fill holes → the largest component, on the original grid."""
+    mask, _ = clean_mask(to_work_grid(prob, original_shape, work_side), HEART_THRESHOLD, MIN_HEART_FRACTION, keep=1)
+    return to_original_grid(mask, original_shape)
+
+
+def to_work_grid(prob: np.ndarray, original_shape: tuple[int, int], work_side: int = WORK_SIDE) -> np.ndarray:
+    """A probability map upsampled (bilinear) to the original's shape, shrunk to at most
+    ``work_side`` on the long side: masks are cleaned there (see :data:`WORK_SIDE`)."""
     height, width = original_shape[:2]
     factor = min(1.0, work_side / max(height, width))
     work = (max(1, round(height * factor)), max(1, round(width * factor)))
-    prob_work = cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
-    mask, _ = clean_mask(prob_work, HEART_THRESHOLD, MIN_HEART_FRACTION, keep=1)
-    if work == (height, width):
+    return cv2.resize(prob, (work[1], work[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def to_original_grid(mask: np.ndarray, original_shape: tuple[int, int]) -> np.ndarray:
+    """A mask cleaned on the work grid, on the original's pixels (nearest neighbour)."""
+    height, width = original_shape[:2]
+    if mask.shape == (height, width):
         return mask
     return cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+#: The segmenter of each structure ``train-seg --structure`` names.
+SEGMENTERS: dict[str, type[Segmenter]] = {cls.structure: cls for cls in (LungSegmenter, HeartSegmenter)}
 
 
 def default_model_path() -> Path:

@@ -320,16 +320,17 @@ def segment(
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
             readable = [item for item in chunk if item.seg is not None]
-            hearts = dict(zip(map(id, readable), heart_segmenter.heart_masks(
+            hearts = iter(heart_segmenter.heart_masks(  # in chunk order, one per readable film
                 [item.image.pixels for item in readable],
-                np.stack([item.prepared for item in readable]) if readable else None)))
+                np.stack([item.prepared for item in readable]) if readable else None))
             for item in chunk:
                 record = {"path": str(item.source), "box": None, "lung_fraction": None, "fallback": None,
                           "cardiothoracic_ratio": None, "error": item.error}
                 seg, stem = item.seg, next(stems)
                 if seg is not None:
-                    heart = hearts[id(item)]
-                    ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"))
+                    heart = next(hearts)
+                    ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"),
+                                               lungs_found=not seg.fallback)
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
                                   fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
                                   cardiothoracic_ratio_reason=ctr.reason)

@@ -30,16 +30,7 @@ from pneumoscan.data import JSRT, Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
 from pneumoscan.io import read_xray
 from pneumoscan.modelfile import resumable_checkpoint
-from pneumoscan.segment import (
-    HEART_THRESHOLD,
-    STRUCTURES,
-    HeartSegmenter,
-    LungSegmenter,
-    Preprocessing,
-    Segmenter,
-    build_unet,
-    heart_mask,
-)
+from pneumoscan.segment import SEGMENTERS, HeartSegmenter, Preprocessing, Segmenter, build_unet, heart_mask
 
 SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen, "jsrt": JSRT}
 
@@ -51,7 +42,7 @@ def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2
 
     With ``folds`` > 1 the images fall into that many hash folds and fold ``fold`` is "val"
     (cross-validation); otherwise a ``val_fraction`` share is "val"."""
-    column = STRUCTURES[structure][1]
+    column = SEGMENTERS[structure].mask_column
     tables = []
     for name, root in sources.items():
         if name not in SEG_SOURCES:
@@ -265,14 +256,13 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     net = build_unet(cfg.preset)
     net.load_state_dict({k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")})
     best_epoch = int(torch.load(best, map_location="cpu", weights_only=True)["epoch"])
-    segmenter_class = HeartSegmenter if cfg.structure == "heart" else LungSegmenter
+    segmenter_class = SEGMENTERS[cfg.structure]
     split = (f"hash fold {cfg.fold} of {cfg.folds} held out (seed {cfg.seed})" if cfg.folds > 1 else
              f"per-image hash split, seed {cfg.seed}, {1 - cfg.val_fraction:.0%}/{cfg.val_fraction:.0%} train/val"
              if len(val_idx) else "every image trained on, none held out")
     meta = {
         "kind": segmenter_class.kind, "preset": cfg.preset,
-        "labels": ["lung" if cfg.structure == "lungs" else cfg.structure],
-        "threshold": 0.4 if cfg.structure == "lungs" else HEART_THRESHOLD,
+        "labels": [segmenter_class.label], "threshold": segmenter_class.threshold,
         "parameters": sum(p.numel() for p in net.parameters()),
         "training_data": {name: int((table.source == name).sum()) for name in cfg.sources},
         "split": split,
