@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import DATA, needs_data
 
@@ -69,3 +70,73 @@ def test_error_messages_keep_square_brackets(capsys):
     except typer.Exit as exc:
         assert exc.exit_code == 2
     assert "pip install 'pneumoscan[web]'" in capsys.readouterr().err
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "nih-cxr14" / "images").glob("*.png"))
+
+
+def _limited(max_bytes: int):
+    """A child whose files cannot grow past ``max_bytes`` (RLIMIT_FSIZE): writes beyond fail
+    with EFBIG as they would with ENOSPC on a full disk, without root or a small file system."""
+    import resource
+    import signal
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
+    return limit
+
+
+def test_odd_and_formula_file_names_go_through_the_batch(tmp_path):
+    """A name that is not UTF-8 used to stop the whole batch; a name starting with '=' landed in
+    the CSV as a formula."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(EXAMPLES[0], os.fsencode(folder) + b"/bad\xff\xfename.png")
+    shutil.copy(EXAMPLES[0], folder / "=HYPERLINK(1).png")
+    (folder / "-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n nothing")
+    for fmt in ("csv", "json"):
+        run = _run("predict", str(folder), "--out", str(tmp_path / fmt), "--format", fmt, "--backend", "torch")
+        assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr  # 1: the broken file
+        assert "3 of 3" not in run.stdout and "2 of 3 images" in run.stdout, run.stdout
+        if fmt == "csv":
+            import csv
+
+            with open(tmp_path / fmt / "predictions.csv", newline="") as handle:
+                rows = list(csv.reader(handle))[1:]
+            assert sorted(r[0].rsplit("/", 1)[-1] for r in rows) == ["-broken.png", "=HYPERLINK(1).png",
+                                                                   "bad\\xff\\xfename.png"]
+            assert all(not cell.startswith(("=", "+", "-", "@")) for row in rows for cell in row)
+        else:
+            records = [json.loads(x) for x in (tmp_path / fmt / "predictions.jsonl").read_text().splitlines()]
+            named = {r["path"].rsplit("/", 1)[-1]: r for r in records}
+            assert named["bad\\xff\\xfename.png"]["overlay"] == "bad\ufffd\ufffdname_overlay.png"
+            assert (tmp_path / fmt / named["bad\\xff\\xfename.png"]["overlay"]).exists()
+
+
+def test_an_out_folder_that_takes_nothing_is_refused_up_front(tmp_path):
+    run = subprocess.run([*CLI, "predict", str(EXAMPLES[0]), "--out", str(tmp_path / "o"), "--backend", "torch"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(0))
+    assert run.returncode == 2 and run.stderr.count("error:") == 1 and "cannot write to --out" in run.stderr, run.stderr
+    assert not (tmp_path / "o" / "predictions.jsonl").exists()
+
+
+def test_a_full_disk_keeps_every_finished_record_and_leaves_no_half_files(tmp_path):
+    """Overlays do not fit (100 kB per file): the first film's record is kept with its overlay
+    error, the batch stops with one line, no overlay is left truncated, no *.tmp stays."""
+    films = [str(EXAMPLES[0]), str(EXAMPLES[1]), str(EXAMPLES[0])]
+    out = tmp_path / "full"
+    run = subprocess.run([*CLI, "predict", *films, "--out", str(out), "--backend", "torch"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(100_000))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.count("error:") == 1 and "stopped after 1 of 3 images" in run.stderr, run.stderr
+    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["overlay"] is None and "overlay not written" in records[0]["overlay_error"]
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "predictions.run.json"]
+    # Records alone: the lines that fit stay whole, the one that did not is cut off
+    run = subprocess.run([*CLI, "predict", *films, "--out", str(out), "--backend", "torch", "--no-overlays"],
+                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(3_000))
+    text = (out / "predictions.jsonl").read_text()
+    kept = [json.loads(x) for x in text.splitlines()]
+    assert run.returncode == 1 and f"stopped after {len(kept)} of 3 images" in run.stderr, run.stderr
+    assert 1 <= len(kept) < 3 and text.endswith("\n") and "Traceback" not in run.stderr

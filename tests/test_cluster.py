@@ -36,18 +36,25 @@ def test_predict_on_ray_matches_one_process_and_resumes(tmp_path):
     from pneumoscan.predict import Predictor
 
     films = _films(6)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     target = tmp_path / "ray" / "predictions.jsonl"
-    first = subprocess.run([*CLI, "predict", *films[:4], "--out", str(tmp_path / "ray"), "--ray", "local"],
+    first = subprocess.run([*CLI, "predict", *films[:4], str(broken), "--out", str(tmp_path / "ray"), "--ray", "local"],
                            capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-1500:]
+    assert first.returncode == 1 and _records(target)[-1]["error"], first.stderr[-1500:]
     with open(target, "a") as handle:
         handle.write('{"path": "cut short by a cra')  # a crash mid-line
-    second = subprocess.run([*CLI, "predict", *films, "--out", str(tmp_path / "ray"), "--ray", "local"],
+    broken.write_bytes(Path(films[0]).read_bytes())  # the file is mended: its error record is not "done"
+    second = subprocess.run([*CLI, "predict", *films, str(broken), "--out", str(tmp_path / "ray"), "--ray", "local"],
                             capture_output=True, text=True, timeout=600)
     assert second.returncode == 0 and "4 already there, skipped" in second.stdout, second.stdout + second.stderr[-1500:]
     ours = _records(target)
-    theirs = [r.to_dict() for r in Predictor.from_default().predict_batch(films, cam="top")]
-    assert [r["path"] for r in ours] == [r["path"] for r in theirs] == films
+    theirs = [r.to_dict() for r in Predictor.from_default().predict_batch([*films, str(broken)], cam="top")]
+    assert [r["path"] for r in ours] == [r["path"] for r in theirs] == [*films, str(broken)]
+    # Other options (or models) never count the file's films as done, and are never mixed into it
+    forced = subprocess.run([*CLI, "predict", *films, "--out", str(tmp_path / "ray"), "--ray", "local", "--force"],
+                            capture_output=True, text=True, timeout=600)
+    assert forced.returncode == 2 and "force" in forced.stderr and "Traceback" not in forced.stderr, forced.stderr
     for a, b in zip(ours, theirs):
         assert a["box"] == b["box"] and a["quality"]["frontal_chest"] == b["quality"]["frontal_chest"]
         for label, p in b["probabilities"].items():

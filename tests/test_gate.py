@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -233,3 +234,18 @@ def test_a_tilted_film_passes_and_a_vertically_flipped_one_is_refused():
     tilted = cv2.warpAffine(pixels, cv2.getRotationMatrix2D((width / 2, height / 2), 10, 1.0), (width, height))
     assert _gate(gate, tilted).frontal_chest
     assert not _gate(gate, pixels[::-1].copy()).frontal_chest
+
+
+def test_pictures_with_few_grey_levels_are_refused():
+    """A film a broken window turned black-and-white was accepted and scored No Finding 1.0."""
+    from pneumoscan.gate import MIN_GREY_LEVELS, grey_levels, picture_reasons
+
+    film = read_xray(Path(__file__).resolve().parents[1] / "examples" / "nih-cxr14" / "images" / "00000129_000.png")
+    assert grey_levels(film.pixels) > 100 and picture_reasons(film.pixels) == []
+    binary = (film.pixels > np.median(film.pixels)).astype(np.float32)
+    posterised = np.round(film.pixels * (MIN_GREY_LEVELS - 2)) / (MIN_GREY_LEVELS - 2)
+    for picture in (binary, posterised):
+        assert grey_levels(picture) < MIN_GREY_LEVELS and "grey levels" in picture_reasons(picture)[0]
+    result = Predictor.from_default(backend="torch").predict(binary)
+    assert result.quality["frontal_chest"] is False and result.probabilities is None
+    assert any("grey levels" in reason for reason in result.quality["reasons"])

@@ -369,3 +369,58 @@ def test_dicom_tag_text_is_never_echoed(tmp_path):
         read_xray(tmp_path / "evil.dcm")
     assert "script" not in str(caught.value) and "EVIL" not in str(caught.value)
     assert "inconsistent" in str(caught.value)
+
+
+def _sparse_multiframe(path: Path, frames: int, side: int = 2048) -> None:
+    """A multi-frame DICOM whose pixel data is a hole in the file (sparse): large on disk by
+    its size, no real bytes behind it."""
+    import struct
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.NumberOfFrames, ds.Rows, ds.Columns = "DX", frames, side, side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.save_as(path, enforce_file_format=True)
+    size = frames * side * side * 2
+    with open(path, "ab") as handle:
+        handle.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, size))
+        handle.truncate(handle.tell() + size)
+
+
+@pytest.mark.parametrize("frames", [256, 20])  # 2 GiB (over the file limit), 160 MiB (refused by its header)
+def test_huge_multi_frame_dicom_is_refused_without_reading_it(tmp_path, frames):
+    """It used to be read whole first: 4.7 GB of memory to refuse a sparse 2 GiB file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "huge.dcm"
+    _sparse_multiframe(path, frames)
+    probe = ("import resource, sys\n"
+             "from pneumoscan.io import read_xray, XrayReadError\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    read_xray(sys.argv[1])\nexcept XrayReadError as exc:\n    print(exc)\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    run = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    message, grown_mb = run.stdout.strip().splitlines()
+    assert ("file limit" if frames == 256 else "multi-frame DICOM (20 frames)") in message, run.stdout + run.stderr
+    assert int(grown_mb) < 50, f"refusing it took {grown_mb} MB more memory"
+
+
+@pytest.mark.parametrize("width, function", [(1e-300, "LINEAR"), (1e-9, "SIGMOID"), (0.5, "LINEAR_EXACT")])
+def test_a_window_narrower_than_one_grey_step_is_refused(tmp_path, width, function):
+    """It turned the film into two grey levels, which the gate accepted (No Finding 1.0)."""
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = 600, width, function
+    ds.save_as(tmp_path / "w.dcm")
+    _expect(tmp_path / "w.dcm", "narrower than one stored grey step", "w.dcm")
+    ds.WindowWidth = 400  # a sane window on the same film reads
+    ds.save_as(tmp_path / "w.dcm")
+    assert read_xray(tmp_path / "w.dcm").meta["windowed"] == "window"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import shutil
 import socket
@@ -311,3 +312,149 @@ def test_chunked_upload_is_cut_off_at_the_limit(server):
         pass  # the server may close the connection while the client is still sending
     assert taken < 100, f"{taken} MiB read"
     assert httpx.get(server + "/health").status_code == 200
+
+
+def _drive(gate, receive, scope_headers=()) -> list[dict]:
+    """Run the Admission middleware on one request; the messages it sent."""
+    import asyncio
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": list(scope_headers)}
+    asyncio.run(gate(scope, receive, send))
+    return sent
+
+
+def test_slow_and_stalled_uploads_get_408_and_never_hold_a_prediction_place():
+    """Three senders at one byte every 5 s used to take every place (--queue 2) for 65 s."""
+    import asyncio
+
+    from pneumoscan.apps.server import Admission, UploadPace
+
+    async def ok_app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    pace = UploadPace(idle_s=0.3, grace_s=0.3, min_rate=1000, deadline_s=5)
+    gate = Admission(ok_app, limit=10_000, capacity=1, pace=pace)
+
+    async def trickle():  # one byte every 50 ms: under 1,000 bytes/s after the grace
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def stalled():
+        await asyncio.sleep(3600)
+
+    for receive, words in ((trickle, "bytes/s"), (stalled, "then nothing")):
+        start = time.monotonic()
+        sent = _drive(gate, receive)
+        assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+        assert words in json.loads(sent[1]["body"])["error"] and time.monotonic() - start < 2
+    assert gate.admitted == 0 and gate.reading == 0
+
+    async def both():
+        """A slow upload in progress; a normal request beside it is answered at once."""
+        done = asyncio.Event()
+        slow_sent, fast_sent = [], []
+
+        async def slow_receive():
+            if done.is_set():
+                await asyncio.sleep(3600)
+            await asyncio.sleep(0.05)
+            return {"type": "http.request", "body": b"x", "more_body": True}
+
+        async def fast_receive():
+            return {"type": "http.request", "body": b"abc", "more_body": False}
+
+        async def collect(into):
+            async def send(message):
+                into.append(message)
+            return send
+
+        scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": []}
+        slow = asyncio.create_task(gate(scope, slow_receive, await collect(slow_sent)))
+        await asyncio.sleep(0.1)
+        assert gate.reading == 1 and gate.admitted == 0
+        await gate(scope, fast_receive, await collect(fast_sent))
+        done.set()
+        await slow
+        return slow_sent[0]["status"], fast_sent[0]["status"]
+
+    assert asyncio.run(both()) == (408, 200)
+
+
+@needs_data
+def test_nine_slow_senders_do_not_lock_out_the_server(server, nih_png):
+    """With the defaults, nine senders trickling a byte a second each: an ordinary prediction
+    is still answered, /health stays quick, and the slow senders are cut off with 408."""
+    import threading
+
+    def slow_sender(results: list) -> None:
+        with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60) as sock:
+            sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
+                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+            try:
+                for _ in range(40):
+                    sock.sendall(b"x")
+                    time.sleep(1)
+            except OSError:
+                pass  # the server closed the connection
+            try:
+                results.append(sock.recv(200).split(b"\r\n", 1)[0])
+            except OSError as exc:
+                results.append(repr(exc).encode())
+
+    statuses: list = []
+    senders = [threading.Thread(target=slow_sender, args=(statuses,)) for _ in range(9)]
+    for thread in senders:
+        thread.start()
+    time.sleep(2)
+    start = time.perf_counter()
+    response = httpx.post(server + "/v1/predict", files={"file": ("a.png", nih_png.read_bytes())}, timeout=120)
+    took = time.perf_counter() - start
+    health = []
+    for _ in range(10):
+        t = time.perf_counter()
+        assert httpx.get(server + "/health", timeout=10).status_code == 200
+        health.append(time.perf_counter() - t)
+    for thread in senders:
+        thread.join(timeout=60)
+    assert response.status_code == 200 and took < 30, (response.status_code, took)
+    assert sorted(health)[8] < 0.1, health
+    assert statuses == [b"HTTP/1.1 408 Request Timeout"] * 9, statuses
+
+
+def test_clinical_json_is_bounded_and_checked_after_the_model_is_asked(client):
+    """'[' x 100,000 used to reach json.loads (RecursionError → 500) on a model without fields."""
+    deep = "[" * 100_000
+    response = client.post("/v1/predict", files={"file": ("x.png", b"xx")}, data={"clinical": deep})
+    assert response.status_code == 422 and "does not use it" in response.json()["error"]
+    from pneumoscan.apps.server import clinical_fields
+
+    class WithFields:
+        class classifier:
+            class clinical:
+                names = ["age", "sex"]
+    for text, words in ((deep, "at most"), ("[" * 3000, "JSON object"), ('{"age": {"a": 1}}', "flat"),
+                        ('{"age": 50, "weight": 3}', "does not use weight")):
+        try:
+            clinical_fields(WithFields, {}, text)
+            raise AssertionError(f"accepted {text[:20]}")
+        except ValueError as exc:
+            assert words in str(exc), str(exc)
+    assert clinical_fields(WithFields, {"sex": "F"}, '{"age": 50}') == {"sex": "F", "age": 50}
+
+
+def test_bearer_scheme_in_any_case(assessed_model):
+    app = create_app(Predictor.from_paths(cls_model=assessed_model), api_key="s3cret", allowed_hosts=None)
+    with TestClient(app) as http:
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            response = http.post("/v1/predict", files={"file": ("x.png", b"xx")},
+                                 headers={"Authorization": f"{scheme} s3cret"})
+            assert response.status_code == 400, scheme
+        assert http.post("/v1/predict", files={"file": ("x.png", b"xx")},
+                         headers={"Authorization": "Basic s3cret"}).status_code == 401

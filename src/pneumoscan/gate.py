@@ -5,6 +5,7 @@ would get confident "findings". Before classifying, every image is checked on:
 
 - its DICOM tags: the modality must be a projection radiograph (CR, DX, DR, RG, or a secondary
   capture), the body part, when given, the chest, the view not lateral (always applied);
+- its grey levels: at least :data:`MIN_GREY_LEVELS` (always applied);
 - a learnt check (:class:`FrontalCheck`, the shipped ``frontal_gate.pt``): a logistic regression
   on the measures below and on 8×8 thumbnails of the film and of the lung map, fitted by
   ``tools/gate_fit.py`` on every dev film against rotated, inverted, blank, noise, gradient,
@@ -71,6 +72,27 @@ class GateResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: A radiograph has hundreds of grey levels; a picture with fewer than this is a drawing, a mask
+#: or a film destroyed by a broken window (checked on the 8-bit levels of every other pixel).
+MIN_GREY_LEVELS = 16
+
+
+def grey_levels(pixels: np.ndarray) -> int:
+    """How many of the 256 eight-bit grey levels a [0, 1] picture uses (every other pixel in
+    each direction: no averaging, which would invent levels at the edges of a binary picture)."""
+    sample = np.clip(np.asarray(pixels[::2, ::2], np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return int(np.count_nonzero(np.bincount(sample.ravel(), minlength=256)))
+
+
+def picture_reasons(pixels: np.ndarray) -> list[str]:
+    """Reasons from the picture alone, applied whatever the learnt check says."""
+    levels = grey_levels(pixels)
+    if levels < MIN_GREY_LEVELS:
+        return [f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
+                f"wrongly windowed picture)"]
+    return []
 
 
 def tag_reasons(meta: dict[str, Any]) -> list[str]:
@@ -241,7 +263,7 @@ def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, An
     """The gate: DICOM tags first, then the learnt check (or, without one, the rules)."""
     measures, features = measure(prob, pixels)
     rules = shape_reasons(measures)
-    reasons = tag_reasons(meta or {})
+    reasons = tag_reasons(meta or {}) + picture_reasons(pixels)
     if learnt is None:
         reasons += rules
     else:

@@ -9,6 +9,7 @@ in :class:`XrayReadError` with a sentence a person understands, never a library'
 from __future__ import annotations
 
 import io
+import os
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,9 @@ import numpy as np
 MAX_PIXELS = 64_000_000
 #: Below this side length a picture cannot hold a usable chest X-ray.
 MIN_SIDE = 64
+#: Bytes a file may hold per allowed pixel (a 32-bit uncompressed film is 4), plus room for the
+#: header: larger files are refused before anything is read into memory.
+BYTES_PER_PIXEL_CAP, HEADER_ROOM = 4, 16 * 2**20
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -52,19 +56,43 @@ class XrayImage:
         return self.pixels.shape  # type: ignore[return-value]
 
 
+def display_name(path: str | Path) -> str:
+    """A path as printable UTF-8 text: bytes that are not UTF-8 (kept by Python as lone
+    surrogates) shown as ``\\xNN``, so one odd file name can be written to JSON, CSV or a
+    terminal instead of stopping a batch."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def file_limit(max_pixels: int = MAX_PIXELS) -> int:
+    """The largest file read for ``max_pixels``: checked before any byte is read."""
+    return BYTES_PER_PIXEL_CAP * max_pixels + HEADER_ROOM
+
+
 def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
-    """Read a PNG, JPEG or DICOM file. Raises :class:`XrayReadError` for anything unusable."""
-    path = Path(path)
-    if not path.exists():
-        raise XrayReadError(f"{path}: no such file")
-    if path.is_dir():
-        raise XrayReadError(f"{path}: is a folder, not an image file")
+    """Read a PNG, JPEG or DICOM file. Raises :class:`XrayReadError` for anything unusable.
+    Nothing is read into memory before the file's size, and a DICOM file's header (frames, rows,
+    columns), pass their limits."""
+    path, name = Path(path), display_name(path)
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        if path.is_dir():
+            raise XrayReadError(f"{name}: is a folder, not an image file")
+        if size > file_limit(max_pixels):
+            raise XrayReadError(f"{name}: {size:,} bytes is above the {file_limit(max_pixels):,}-byte file limit "
+                                f"for {max_pixels:,} pixels (refused unread to protect memory)")
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+            if has_dicom_preamble(head) or path.suffix.lower() in DICOM_SUFFIXES:
+                handle.seek(0)
+                check_dicom_header(handle, name, max_pixels, force=not has_dicom_preamble(head))
+            handle.seek(0)
+            data = handle.read()
+    except FileNotFoundError:
+        raise XrayReadError(f"{name}: no such file") from None
     except OSError as exc:
-        raise XrayReadError(f"{path}: cannot be opened ({exc.strerror or exc})") from exc
-    image = decode_xray(data, name=str(path), max_pixels=max_pixels)
-    image.meta["path"] = str(path)
+        raise XrayReadError(f"{name}: cannot be opened ({exc.strerror or exc})") from exc
+    image = decode_xray(data, name=name, max_pixels=max_pixels)
+    image.meta["path"] = name
     return image
 
 
@@ -231,20 +259,20 @@ def exif_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(turned(pixels)) if turned else pixels
 
 
-def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
+def _parse_dicom(source: Any, name: str, *, force: bool, header_only: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_dicom_preamble(data))
+        return pydicom.dcmread(source, force=force, stop_before_pixels=header_only)
     except InvalidDicomError as exc:
         raise XrayReadError(f"{name}: not a valid DICOM file ({exc})") from exc
     except Exception as exc:  # broken element encodings raise many types
         raise XrayReadError(f"{name}: the DICOM header cannot be parsed ({exc})") from exc
-    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise XrayReadError(
-            f"{name}: the DICOM file has no pixel data (a report or structured document?)"
-        )
+
+
+def _check_dicom_size(ds: Any, name: str, max_pixels: int) -> tuple[int, int]:
+    """Rows and columns of a single-frame DICOM within the pixel limit, else XrayReadError."""
     frames = _as_int(ds.get("NumberOfFrames", 1), default=1)
     if frames > 1:
         raise XrayReadError(
@@ -254,6 +282,24 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
     if rows <= 0 or cols <= 0:
         raise XrayReadError(f"{name}: the DICOM file does not say its image size (Rows/Columns)")
     _check_size(name, rows, cols, max_pixels)
+    return rows, cols
+
+
+def check_dicom_header(handle: Any, name: str, max_pixels: int, *, force: bool = False) -> None:
+    """Frames and size from a DICOM file's header alone (parsing stops before the pixel data),
+    so that a huge multi-frame file is refused without reading its pixels."""
+    ds = _parse_dicom(handle, name, force=force, header_only=True)
+    if "Rows" in ds or "NumberOfFrames" in ds:
+        _check_dicom_size(ds, name, max_pixels)
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
+    ds = _parse_dicom(io.BytesIO(data), name, force=not has_dicom_preamble(data))
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise XrayReadError(
+            f"{name}: the DICOM file has no pixel data (a report or structured document?)"
+        )
+    rows, cols = _check_dicom_size(ds, name, max_pixels)
 
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
@@ -277,8 +323,8 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
         values, windowed = _dicom_to_unit(arr, ds, photometric)
-    except XrayReadError:
-        raise
+    except XrayReadError as exc:
+        raise XrayReadError(f"{name}: {exc}") from None
     except Exception as exc:  # the message may quote tag text: only its kind is reported
         raise XrayReadError(f"{name}: the DICOM grey-level tags are inconsistent (window, rescale or "
                             f"LUT values cannot be used: {type(exc).__name__})") from exc
@@ -330,6 +376,10 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if centre is not None and width is not None:
         c, w = _first(centre), _first(width)
+        step = abs(float(ds.get("RescaleSlope", 1) or 1))
+        if 0 < w < step:  # every pixel lands on one side of the window: a black-and-white film
+            raise XrayReadError(f"the window width ({w:.3g}) is narrower than one stored grey step ({step:.3g}), "
+                                f"so the window would leave two grey levels; the file's window tags are broken")
         if w > 0:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
             return window(values, c, w, function), "window"

@@ -56,14 +56,22 @@ def metadata_sha256(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name, fsync, rename: a crash never leaves half a file."""
+def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
+    """Write under a temporary name, (fsync,) rename: a crash or a full disk never leaves half a
+    file under the final name, and the temporary file is removed when writing fails. ``sync``
+    False skips the fsync where losing the file on a power cut is acceptable (pictures)."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            if sync:
+                os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def first_line(exc: BaseException, limit: int = 200) -> str:
@@ -94,10 +102,14 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"meta_json": json.dumps(meta), "state_dict": weights}, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    try:
+        torch.save({"meta_json": json.dumps(meta), "state_dict": weights}, tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return meta
 
 

@@ -23,7 +23,7 @@ from pneumoscan.clinical import values_from
 from pneumoscan.crop import Cropped, apply_box, box_in_original, local_crop, read_segment_crop
 from pneumoscan.explain import cam_summary, place_on_original, within_lungs
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
-from pneumoscan.io import XrayImage, XrayReadError, decode_xray, read_xray
+from pneumoscan.io import XrayImage, XrayReadError, decode_xray, display_name, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.measure import cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
@@ -148,7 +148,7 @@ def _onnx_installed() -> bool:
 
 def _label(source: Any, name: str | None) -> str | None:
     """What a prediction's ``path`` says: the given name, else the path, else nothing."""
-    return name or (str(source) if isinstance(source, str | Path) else None)
+    return name or (display_name(source) if isinstance(source, str | Path) else None)
 
 
 def matching_check(lung_model_sha256: str | None) -> FrontalCheck | None:

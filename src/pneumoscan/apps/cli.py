@@ -248,7 +248,7 @@ def is_regular(path: Path) -> bool:
 def expand_inputs(paths: list[Path]) -> list[Path]:
     """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
     or by the DICOM magic for files without one). Anything but a regular file is skipped, said."""
-    from pneumoscan.io import is_dicom_file
+    from pneumoscan.io import display_name, is_dicom_file
 
     found: list[Path] = []
     for path in paths:
@@ -258,7 +258,7 @@ def expand_inputs(paths: list[Path]) -> list[Path]:
                 found.append(p)  # reported per file as unreadable, the batch goes on
             elif not is_regular(p):
                 if not p.is_dir():
-                    err.print(f"[yellow]skipped:[/] {escape(str(p))}: not a regular file", highlight=False)
+                    err.print(f"[yellow]skipped:[/] {escape(display_name(p))}: not a regular file", highlight=False)
             elif path.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES and not (
                     p.suffix.lower() in ("", ".dicom", ".ima") and is_dicom_file(p)):
                 continue
@@ -274,11 +274,28 @@ def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
     files = expand_inputs(paths)
     if not files:
         fail("no PNG, JPEG or DICOM files found in the given paths")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        fail(f"cannot create --out {out}: {exc.strerror}")
+    ensure_writable(out, "--out")
     return files
+
+
+def ensure_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` and prove it takes a byte (read-only mounts, full disks and permissions
+    all show here, before any film is read), else a one-line usage error."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as exc:
+        fail(f"cannot write to {option} {folder}: {exc.strerror or exc}")
+
+
+def stopped_writing(exc: OSError, counts: dict, total: int, outputs) -> None:
+    """A full or read-only output folder: one line saying what was kept, exit 1."""
+    fail(f"cannot write to {exc.filename or outputs.out}: {exc.strerror or exc}; stopped after {counts['written']} of {total} images, "
+         f"whose records are in {outputs.target}; make room and run again", 1)
 
 
 @app.command()
@@ -298,6 +315,7 @@ def segment(
     from tqdm import tqdm
 
     from pneumoscan.crop import read_segment_crop
+    from pneumoscan.io import display_name
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.outputs.overlay import segmentation_overlay
@@ -324,7 +342,7 @@ def segment(
                 [item.image.pixels for item in readable],
                 np.stack([item.prepared for item in readable]) if readable else None))
             for item in chunk:
-                record = {"path": str(item.source), "box": None, "lung_fraction": None, "fallback": None,
+                record = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
                           "cardiothoracic_ratio": None, "error": item.error}
                 seg, stem = item.seg, next(stems)
                 if seg is not None:
@@ -678,12 +696,13 @@ def predict(
     (quality.reasons) unless --force is given."""
     from tqdm import tqdm
 
-    from pneumoscan.outputs.writer import FORMATS, Outputs, RecordSink, output_stems, write_files
+    from pneumoscan.outputs.writer import FORMATS, NoRoom, Outputs, RecordSink, output_stems, write_files
 
     if fmt not in FORMATS:
         fail("--format must be json or csv")
     if dicom_out:
         need_extra("dicom", "--dicom-out", "highdicom")
+        ensure_writable(dicom_out, "--dicom-out")
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
@@ -695,17 +714,28 @@ def predict(
     outputs = Outputs(out=out, fmt=fmt, overlays=overlays, dicom_out=dicom_out)
     if ray is not None and given is not None:
         fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
+    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": force}
     if ray is not None:
-        return predict_on_ray(files, outputs, ray=ray, workers=workers, gpus=gpus_per_worker, seg_model=seg_model,
-                              model=model, backend=backend, device=device, force=force, batch_size=batch_size)
-    with RecordSink(outputs) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
+        return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
+                              seg_model=seg_model, model=model, backend=backend, device=device,
+                              batch_size=batch_size)
+    with RecordSink(outputs, run=run) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
         results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays, force=force,
                                          batch_size=batch_size, threads=read_threads, clinical=given)
-        for path, stem, result in zip(files, output_stems(files), results):
-            record = write_files(result, path, stem, outputs, predictor)
-            sink.write(record)
-            tell(record, force)
-            bar.update(1)
+        try:
+            for path, stem, result in zip(files, output_stems(files), results):
+                try:
+                    record, full = write_files(result, path, stem, outputs, predictor), None
+                except NoRoom as exc:  # keep this film's record (its file error said), then stop
+                    record, full = exc.record, exc
+                sink.write(record)
+                tell(record, force)
+                bar.update(1)
+                if full:
+                    raise full
+        except OSError as exc:
+            bar.close()
+            stopped_writing(exc, sink.counts, len(files), outputs)
     finish(sink.counts, len(files), outputs, force)
 
 
@@ -740,20 +770,27 @@ def finish(counts: dict, total: int, outputs, force: bool, skipped: int = 0) -> 
         raise typer.Exit(1)
 
 
-def predict_on_ray(files: list[Path], outputs, *, ray: str, workers: int, gpus: float, seg_model: Path | None,
-                   model: Path | None, backend: str, device: str, force: bool, batch_size: int) -> None:
+def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: int, gpus: float,
+                   seg_model: Path | None, model: Path | None, backend: str, device: str, batch_size: int) -> None:
     """``predict --ray``: the same records and files, scored by an actor pool (each actor writes its
-    films' overlays and DICOM results), appended in input order; files already recorded are
-    skipped (resumable)."""
+    films' overlays and DICOM results), appended in input order. Resumable: films already recorded
+    by the same models and options are skipped, films that ended in an error are tried again, and
+    a file made by other models or options is refused (never mixed, never taken as done)."""
     from tqdm import tqdm
 
     from pneumoscan.apps.cluster import ClusterError, predict_records
-    from pneumoscan.outputs.writer import RecordSink, output_stems, recorded_paths
+    from pneumoscan.io import display_name
+    from pneumoscan.outputs.writer import RecordSink, check_resumable, output_stems, recorded_paths
 
-    load_predictor(seg_model, model, backend=backend, device=device, allow_model_mismatch=False)  # check once
+    force = run["force"]
+    try:
+        check_resumable(outputs, run)
+    except ValueError as exc:
+        fail(str(exc))
     done = recorded_paths(outputs.target)
-    todo = [(str(f), stem) for f, stem in zip(files, output_stems(files)) if str(f) not in done]
-    with RecordSink(outputs, append=True) as sink, tqdm(total=len(todo), unit="img", desc="predict (ray)") as bar:
+    todo = [(str(f), stem) for f, stem in zip(files, output_stems(files)) if display_name(f) not in done]
+    with RecordSink(outputs, append=True, run=run) as sink, \
+            tqdm(total=len(todo), unit="img", desc="predict (ray)") as bar:
         try:
             for record in predict_records(todo, outputs, address=ray, workers=workers, batch_size=batch_size,
                                           seg=str(seg_model) if seg_model else None,
@@ -764,6 +801,9 @@ def predict_on_ray(files: list[Path], outputs, *, ray: str, workers: int, gpus: 
                 bar.update(1)
         except ClusterError as exc:
             fail(str(exc))
+        except OSError as exc:
+            bar.close()
+            stopped_writing(exc, sink.counts, len(todo), outputs)
     finish(sink.counts, len(files), outputs, force, skipped=len(files) - len(todo))
 
 
@@ -776,6 +816,10 @@ def serve(
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
     workers: Annotated[int, typer.Option(min=1, help="Images decoded at once (each may take ~0.8 GB for the largest accepted picture).")] = 1,
     queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 503.")] = 8,
+    upload_timeout: Annotated[float, typer.Option(min=1, help="Seconds an upload may take; slower ones get 408.")] = 300.0,
+    min_upload_rate: Annotated[float, typer.Option(
+        min=0, help="KiB/s an upload must average after its first 10 s, else 408 (slow senders cannot "
+                    "hold the server's places).")] = 1.0,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="PNEUMOSCAN_API_KEY", help="Key required on every route but /health and / "
                                           "(header X-API-Key); needed off loopback.")] = None,
@@ -792,7 +836,7 @@ def serve(
     try:
         import uvicorn
 
-        from pneumoscan.apps.server import LOOPBACK_HOSTS, create_app
+        from pneumoscan.apps.server import LOOPBACK_HOSTS, UploadPace, create_app
     except ImportError:
         fail("the server needs the web extra: pip install 'pneumoscan[web]'")
     loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
@@ -804,7 +848,8 @@ def serve(
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch)
     app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
-                     allowed_hosts=None if hosts == ["*"] else hosts)
+                     allowed_hosts=None if hosts == ["*"] else hosts,
+                     pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024))
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
                   f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="warning")

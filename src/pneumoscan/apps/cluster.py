@@ -94,13 +94,20 @@ class PredictWorker:
         self.outputs, self.force = outputs, force
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from pneumoscan.outputs.writer import write_files
-
         paths = [str(p) for p in batch["path"]]
         results = self.predictor.predict_batch(paths, cam="top", force=self.force,
                                                keep_arrays=self.outputs.needs_arrays)
-        return {"record": [json.dumps(write_files(r, p, stem, self.outputs, self.predictor))
-                           for r, p, stem in zip(results, paths, batch["stem"])]}
+        return {"record": [json.dumps(self._files(r, p, stem)) for r, p, stem in zip(results, paths, batch["stem"])]}
+
+    def _files(self, result, path: str, stem: str) -> dict[str, Any]:
+        """The record; a full output folder is said in it (the driver, writing the records to
+        the same folder, stops on its own write)."""
+        from pneumoscan.outputs.writer import NoRoom, write_files
+
+        try:
+            return write_files(result, path, stem, self.outputs, self.predictor)
+        except NoRoom as exc:
+            return exc.record
 
 
 def predict_records(items: Iterable[tuple[str, str]], outputs, *, address: str | None, workers: int,

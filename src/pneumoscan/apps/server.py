@@ -8,9 +8,11 @@ Bad input gets a 4xx with ``{"error": "..."}``, never a 500 with a traceback. Up
 memory only; the client's file name is a label in the answer, never part of a path.
 
 Under load: at most ``workers + queue`` predictions are admitted at once; the next gets 503 with
-``Retry-After`` before its body is read. An admitted upload is read here, chunk by chunk, and
-refused with 413 as soon as it passes the limit, whatever the transfer encoding (nothing is
-spooled to disk). At most ``workers`` images are decoded at a time (each bounded by
+``Retry-After`` before its body is read. Uploads are read here, chunk by chunk, before a
+prediction place is taken (at most ``4 × (workers + queue)`` at once): one that stalls for 10 s,
+averages under 1 KiB/s after 10 s, or takes over 300 s gets 408 (:class:`UploadPace`), so slow
+senders cannot hold the predictions' places; one that passes the limit gets 413 at once, whatever
+the transfer encoding (nothing is spooled to disk). At most ``workers`` images are decoded at a time (each bounded by
 ``max_pixels``), and one lock serialises the model (Grad-CAM hooks on a shared network must not
 interleave). ``/health`` runs on the event loop, outside the prediction pool.
 
@@ -23,10 +25,13 @@ rebinding.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
 import threading
+import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -59,41 +64,67 @@ async def _json(send, status: int, body: dict[str, Any], headers: dict[str, str]
     await send({"type": "http.response.body", "body": payload})
 
 
-class Admission:
-    """ASGI middleware in front of the prediction route: admission (503 + Retry-After when full,
-    before the body is read) and a streaming size limit (413 as soon as the body passes it).
-    The body read here is replayed to the app; runs on the event loop, so its counter needs
-    no lock."""
+class UploadTooSlow(Exception):
+    """The client sends its body too slowly (or stopped): answered 408."""
 
-    def __init__(self, app, *, limit: int, capacity: int):
-        self.app, self.limit, self.capacity, self.admitted = app, limit, capacity, 0
+
+@dataclass(frozen=True)
+class UploadPace:
+    """How slowly an upload may come in: nothing for ``idle_s`` seconds, an average under
+    ``min_rate`` bytes/s once ``grace_s`` have passed, or more than ``deadline_s`` in all ends
+    it with 408. A slow sender then holds a reading place for seconds, never a prediction place."""
+
+    idle_s: float = 10.0
+    grace_s: float = 10.0
+    min_rate: float = 1024.0
+    deadline_s: float = 300.0
+
+
+class Admission:
+    """ASGI middleware in front of the prediction route: admission (503 + Retry-After when the
+    predictions in progress and queued fill ``capacity``, answered before the body is read and
+    checked again once it is in), a pace for the upload (408 for a sender too slow,
+    :class:`UploadPace`, with at most ``readers`` uploads coming in at once, counted apart from
+    the predictions) and a streaming size limit (413 as soon as the body passes it). The body
+    read here is replayed to the app; runs on the event loop, so its counters need no lock."""
+
+    def __init__(self, app, *, limit: int, capacity: int, readers: int | None = None,
+                 pace: UploadPace = UploadPace()):
+        self.app, self.limit, self.capacity, self.pace = app, limit, capacity, pace
+        self.readers = readers if readers is not None else 4 * capacity
+        self.admitted = self.reading = 0
+
+    async def busy(self, send) -> None:
+        await _json(send, 503, {"error": f"busy: {self.capacity} predictions in progress or queued; retry shortly"},
+                    {"Retry-After": "2"})
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        if self.admitted >= self.capacity:
-            return await _json(send, 503, {"error": f"busy: {self.capacity} predictions in progress or "
-                                                    f"queued; retry shortly"}, {"Retry-After": "2"})
+        if self.admitted >= self.capacity or self.reading >= self.readers:
+            return await self.busy(send)
+        most = self.limit + MULTIPART_SLACK
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > most:
+            return await _json(send, 413, {"error": f"upload of {int(declared):,} bytes is over the "
+                                                    f"{self.limit:,}-byte limit"}, {"Connection": "close"})
+        self.reading += 1
+        try:
+            body = await self.read_body(receive, most)
+        except UploadTooSlow as exc:
+            return await _json(send, 408, {"error": str(exc)}, {"Connection": "close"})
+        finally:
+            self.reading -= 1
+        if body is None:  # the client went away
+            return
+        if len(body) > most:  # stop reading, and close: the rest of the upload is never taken
+            return await _json(send, 413, {"error": f"upload is over the {self.limit:,}-byte limit"},
+                               {"Connection": "close"})
+        if self.admitted >= self.capacity:  # filled while this upload came in
+            return await self.busy(send)
         self.admitted += 1
         try:
-            most = self.limit + MULTIPART_SLACK
-            declared = dict(scope["headers"]).get(b"content-length", b"")
-            if declared.isdigit() and int(declared) > most:
-                return await _json(send, 413, {"error": f"upload of {int(declared):,} bytes is over the "
-                                                        f"{self.limit:,}-byte limit"}, {"Connection": "close"})
-            chunks, size = [], 0
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                size += len(chunks[-1])
-                if size > most:  # stop reading, and close: the rest of the upload is never taken
-                    return await _json(send, 413, {"error": f"upload is over the {self.limit:,}-byte limit"},
-                                       {"Connection": "close"})
-                if not message.get("more_body"):
-                    break
-            body, sent = b"".join(chunks), False
+            sent = False
 
             async def replay():
                 nonlocal sent
@@ -106,6 +137,30 @@ class Admission:
         finally:
             self.admitted -= 1
 
+    async def read_body(self, receive, most: int) -> bytes | None:
+        """The whole body (or its first ``most`` + 1 bytes), at :class:`UploadPace`; None when the
+        client disconnects."""
+        pace, chunks, size = self.pace, [], 0
+        start = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - start
+            wait = min(pace.idle_s, pace.deadline_s - elapsed)
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except TimeoutError:
+                raise UploadTooSlow(f"upload too slow: {size:,} bytes in {elapsed:.0f} s, then nothing for "
+                                    f"{wait:.0f} s (uploads must finish within {pace.deadline_s:.0f} s)") from None
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > most or not message.get("more_body"):
+                return b"".join(chunks)
+            elapsed = time.monotonic() - start
+            if elapsed > pace.grace_s and size / elapsed < pace.min_rate:
+                raise UploadTooSlow(f"upload too slow: {size:,} bytes in {elapsed:.0f} s (at least "
+                                    f"{pace.min_rate:,.0f} bytes/s are needed)")
+
 
 class ApiKey:
     """ASGI middleware: every route but :data:`OPEN_PATHS` needs the key."""
@@ -117,7 +172,8 @@ class ApiKey:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ").strip()
+        scheme, _, token = headers.get(b"authorization", b"").strip().partition(b" ")
+        given = headers.get(b"x-api-key") or (token.strip() if scheme.lower() == b"bearer" else b"")
         if not hmac.compare_digest(given, self.key):
             return await _json(send, 401, {"error": "missing or wrong API key (header X-API-Key)"},
                                {"WWW-Authenticate": "Bearer"})
@@ -145,24 +201,33 @@ def preview_images(result) -> dict[str, str]:
     return {"original_png": _png_data_uri(grey), "overlay_png": _png_data_uri(overlay)}
 
 
+#: The ``clinical`` form field: a flat JSON object of a few fields, so a few kilobytes at most.
+MAX_CLINICAL_CHARS = 4096
+
+
 def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: str | None) -> dict[str, Any] | None:
     """The request's patient information (form fields, and ``clinical`` as a JSON object), checked
     against the model's fields: sent to a model that does not use it, or naming a field the model
-    does not know, it is refused rather than silently ignored."""
+    does not know, it is refused rather than silently ignored. Whether the model reads any is
+    asked before ``clinical`` is parsed, and it is parsed only when short: a flat object of
+    numbers and strings."""
     given = {k: v for k, v in named.items() if v not in (None, "")}
+    spec = predictor.classifier.clinical
+    if spec is None and (given or (extra or "").strip()):
+        raise ValueError(f"patient information was sent ({', '.join(given) or 'clinical'}), "
+                         f"but this model does not use it")
     if extra:
+        if len(extra) > MAX_CLINICAL_CHARS:
+            raise ValueError(f"'clinical' is {len(extra):,} characters; at most {MAX_CLINICAL_CHARS:,} are read")
         try:
             more = json.loads(extra)
-        except ValueError as exc:
-            raise ValueError(f"'clinical' must be a JSON object of field: value ({exc})") from exc
-        if not isinstance(more, dict):
-            raise ValueError("'clinical' must be a JSON object of field: value")
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"'clinical' must be a JSON object of field: value ({type(exc).__name__})") from None
+        if not isinstance(more, dict) or not all(v is None or isinstance(v, str | int | float) for v in more.values()):
+            raise ValueError("'clinical' must be a flat JSON object of field: value (numbers or text)")
         given |= {str(k): v for k, v in more.items() if v not in (None, "")}
     if not given:
         return None
-    spec = predictor.classifier.clinical
-    if spec is None:
-        raise ValueError(f"patient information was sent ({', '.join(given)}), but this model does not use it")
     unknown = sorted(set(given) - set(spec.names))
     if unknown:
         raise ValueError(f"this model's patient-information fields are {', '.join(spec.names)}; "
@@ -172,8 +237,10 @@ def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: s
 
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
-               allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS) -> FastAPI:
-    """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it)."""
+               allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS,
+               pace: UploadPace = UploadPace()) -> FastAPI:
+    """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it);
+    ``pace``: how slowly an upload may come in before it gets 408."""
     predictor = predictor or Predictor.from_default()
     lock = threading.Lock()
     decoding = threading.BoundedSemaphore(workers)
@@ -196,7 +263,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
         return error(exc.status_code, str(exc.detail))
 
     # Outermost first: Host check, then the key, then admission and the upload limit.
-    app.add_middleware(Admission, limit=limit, capacity=workers + queue)
+    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     if allowed_hosts is not None:
@@ -205,7 +272,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     @app.get("/health")
     async def health() -> dict[str, Any]:  # async: answered on the event loop, never queued
         return {"status": "ok", "version": __version__, "models": predictor.models,
-                "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key)}
+                "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key),
+                "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate}
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -217,5 +219,6 @@ def save_png(picture: np.ndarray, path: str) -> None:
     ok, data = cv2.imencode(".png", picture)
     if not ok:
         raise OSError(f"could not encode the overlay for {path}")
-    with open(path, "wb") as handle:
-        handle.write(data.tobytes())
+    from pneumoscan.modelfile import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), data.tobytes(), sync=False)  # never a truncated picture under its name

@@ -11,11 +11,14 @@ input order in one place.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO
 
 from pneumoscan.labels import LABELS
 
@@ -26,6 +29,20 @@ FORMATS = ("json", "csv")
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
             "cam_label", "cam_peak", "cam_region", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
             "overlay", "error"]
+
+
+#: Errors that mean no later file can be written either: the batch stops instead of failing
+#: every film in turn.
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+class NoRoom(OSError):
+    """The output folder takes no more (full disk, quota, read-only); ``record`` is the record of
+    the film being written, its file error filled in, so that it can still be kept."""
+
+    def __init__(self, record: dict[str, Any], exc: OSError):
+        super().__init__(exc.errno, exc.strerror, exc.filename)
+        self.record = record
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,11 @@ class Outputs:
         return self.out / ("predictions.jsonl" if self.fmt == "json" else "predictions.csv")
 
     @property
+    def run_file(self) -> Path:
+        """Beside the predictions: the models and options that made them (what a resume checks)."""
+        return self.out / "predictions.run.json"
+
+    @property
     def needs_arrays(self) -> bool:
         """Whether the predictor must keep the picture, masks and heat map (for files)."""
         return self.overlays or self.dicom_out is not None
@@ -53,7 +75,7 @@ def output_stems(paths: list[Path]) -> list[str]:
     used: set[str] = set()
     stems = []
     for path in paths:
-        base = Path(path).stem
+        base = os.fsencode(Path(path).stem).decode("utf-8", "replace")  # a name that is not UTF-8 still makes one
         raw = base.encode()
         if len(raw) > MAX_STEM_BYTES:
             base = raw[:MAX_STEM_BYTES - 11].decode(errors="ignore") + "-" + hashlib.sha256(raw).hexdigest()[:10]
@@ -68,8 +90,9 @@ def output_stems(paths: list[Path]) -> list[str]:
 
 def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> dict[str, Any]:
     """The record of one prediction, after writing its overlay and DICOM results. A file that
-    cannot be written is said in the record (``overlay_error``, ``dicom_error``), never raised:
-    one bad file never stops a batch."""
+    cannot be written is said in the record (``overlay_error``, ``dicom_error``): one bad file
+    never stops a batch. Only a folder that takes nothing more stops it (:class:`NoRoom`, which
+    carries the record)."""
     from pneumoscan.io import is_dicom_file
     from pneumoscan.outputs.overlay import picture_for, save_png
 
@@ -83,6 +106,8 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
             record["overlay"] = name
         except OSError as exc:
             record["overlay_error"] = f"overlay not written: {exc.strerror or exc}"
+            if exc.errno in NO_ROOM:
+                raise NoRoom(record, exc) from exc
     if outputs.dicom_out is not None and picture is not None:
         if is_dicom_file(Path(path)):  # PNG/JPEG inputs get no DICOM results (and no "dicom" key)
             from pneumoscan.modelfile import first_line
@@ -93,12 +118,29 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
                 record["dicom"] = {kind: target.name for kind, target in written.items()}
             except (DicomOutputError, OSError, ValueError) as exc:
                 record["dicom_error"] = f"DICOM results not written: {first_line(exc)}"
+                if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+                    raise NoRoom(record, exc) from exc
     return record
+
+
+#: A spreadsheet reads a cell starting with one of these as a formula (OWASP "CSV injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet shows as text: ``'`` before a leading formula character (OWASP's
+    rule); numbers and other cells unchanged. A file named ``=HYPERLINK(...).png`` stays a name."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def from_spreadsheet_safe(cell: str) -> str:
+    """The text :func:`spreadsheet_safe` was given."""
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
 
 
 def csv_row(record: dict[str, Any]) -> list[Any]:
     """One CSV row of a record: path, the 15 probabilities (empty when not assessed), then
-    :data:`CSV_TAIL`."""
+    :data:`CSV_TAIL`; every text cell :func:`spreadsheet_safe`."""
     probs = record.get("probabilities") or {}
     quality = record.get("quality") or {}
     measurements = record.get("measurements") or {}
@@ -109,80 +151,118 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
     def listed(value: Any) -> str:
         return json.dumps(value) if value else ""
 
-    return [record["path"], *(cell(probs.get(label)) for label in LABELS),
-            "|".join(record.get("findings") or []), "|".join(record.get("not_assessed") or []),
-            cell(quality.get("frontal_chest")), "|".join(quality.get("reasons", [])),
-            json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
-            record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
-            cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
-            record.get("overlay"), record.get("error") or ""]
+    row = [record["path"], *(cell(probs.get(label)) for label in LABELS),
+           "|".join(record.get("findings") or []), "|".join(record.get("not_assessed") or []),
+           cell(quality.get("frontal_chest")), "|".join(quality.get("reasons", [])),
+           json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
+           record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
+           cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
+           record.get("overlay"), record.get("error") or ""]
+    return [spreadsheet_safe(value) for value in row]
+
+
+def csv_line(row: list[Any]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(row)
+    return buffer.getvalue()
 
 
 def recorded_paths(target: Path) -> set[str]:
-    """Paths already in a ``predictions.jsonl`` or ``.csv`` (a resumed run skips them). A last
-    line cut short by a crash is dropped from the file (rewritten atomically), so that it is
-    predicted again."""
+    """Paths already done in a ``predictions.jsonl`` or ``.csv`` (a resumed run skips them).
+    Records that ended in an error, and a last line cut short by a crash, are dropped from the
+    file (rewritten atomically), so that those films are tried again."""
     from pneumoscan.modelfile import atomic_write_bytes
 
     target = Path(target)
     if not target.exists():
         return set()
-    text = target.read_text()
-    lines = text.splitlines()
-    if target.suffix == ".csv":
-        rows = list(csv.reader(lines))
-        whole = text.endswith("\n")
-        kept = rows[:1] + [r for i, r in enumerate(rows[1:], 1)
-                           if len(r) == 1 + len(LABELS) + len(CSV_TAIL) and (whole or i < len(rows) - 1)]
-        if len(kept) != len(rows) or (text and not whole):
-            from io import StringIO
-
-            buffer = StringIO()
-            csv.writer(buffer).writerows(kept)
-            atomic_write_bytes(target, buffer.getvalue().encode())
-        return {r[0] for r in kept[1:]}
+    parts = target.read_text(errors="replace").split("\n")
+    lines = [part + "\n" for part in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
     kept, done = [], set()
-    for line in lines:
-        try:
-            done.add(json.loads(line)["path"])
-            kept.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue
-    if len(kept) != len(lines) or (text and not text.endswith("\n")):  # appending must start a line
-        atomic_write_bytes(target, "".join(line + "\n" for line in kept).encode())
+    for i, line in enumerate(lines):
+        if not line.endswith("\n"):
+            continue  # cut short by a crash
+        if target.suffix == ".csv":
+            row = next(csv.reader([line]), [])
+            if i == 0:
+                kept.append(line)
+                continue
+            if len(row) != 1 + len(LABELS) + len(CSV_TAIL) or row[-1]:
+                continue
+            path = from_spreadsheet_safe(row[0])
+        else:
+            try:
+                record = json.loads(line)
+                path = record["path"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if record.get("error"):
+                continue
+        done.add(path)
+        kept.append(line)
+    if kept != lines:
+        atomic_write_bytes(target, "".join(kept).encode())
     return done
 
 
-class RecordSink:
-    """Writes records as lines of ``outputs.target`` (JSONL or CSV with a header), flushed one by
-    one so that a crash loses at most the line being written; ``append`` continues a file
-    (resume). Counts what it wrote."""
+def check_resumable(outputs: Outputs, run: dict[str, Any]) -> None:
+    """Refuse to add to predictions made by other models or options (``run``: what makes a
+    prediction, e.g. the models' SHA-256 and ``force``): mixing them in one file, or skipping
+    films as "done" by another model, would be a silent wrong answer. ValueError says what
+    differs."""
+    if not outputs.target.exists():
+        return
+    try:
+        before = json.loads(outputs.run_file.read_text())
+    except (OSError, ValueError):
+        before = None
+    if before != json.loads(json.dumps(run)):
+        differs = sorted(k for k in run if not isinstance(before, dict) or before.get(k) != run[k]) or ["the run"]
+        raise ValueError(f"{outputs.target} holds predictions made with other settings ({', '.join(differs)} "
+                         f"differ, or {outputs.run_file.name} is missing); give another --out, or remove it to start over")
 
-    def __init__(self, outputs: Outputs, append: bool = False):
+
+class RecordSink:
+    """Writes records as lines of ``outputs.target`` (JSONL or CSV with a header), each written
+    through to the file as it is made, so that a crash loses at most the line being written, and
+    a line that could not be written whole (a full disk) is cut off again, never left half. An
+    ``OSError`` from :meth:`write` means nothing more can be written. ``append`` continues a file
+    (resume); ``run`` (the models and options) is written beside it for :func:`check_resumable`.
+    Counts what it wrote."""
+
+    def __init__(self, outputs: Outputs, append: bool = False, run: dict[str, Any] | None = None):
+        from pneumoscan.modelfile import atomic_write_bytes
+
         self.outputs = outputs
         self.append = append and outputs.target.exists()
-        self.handle: TextIO | None = None
-        self.writer = None
+        self.handle: BinaryIO | None = None
         self.counts = {"written": 0, "errors": 0, "refused": 0, "failed_files": 0, "not_dicom": 0}
+        if run is not None:
+            atomic_write_bytes(outputs.run_file, json.dumps(run, indent=1).encode(), sync=False)
 
     def __enter__(self) -> RecordSink:
-        self.handle = open(self.outputs.target, "a" if self.append else "w", newline="")
-        if self.outputs.fmt == "csv":
-            self.writer = csv.writer(self.handle)
-            if not self.append:
-                self.writer.writerow(["path", *LABELS, *CSV_TAIL])
+        self.handle = open(self.outputs.target, "ab" if self.append else "wb", buffering=0)
+        if self.outputs.fmt == "csv" and not self.append:
+            self._line(csv_line(["path", *LABELS, *CSV_TAIL]))
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.handle is not None:
             self.handle.close()
 
+    def _line(self, text: str) -> None:
+        data, start = text.encode(), self.handle.tell()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self.handle.write(view):]
+        except OSError:
+            os.ftruncate(self.handle.fileno(), start)  # never half a line
+            self.handle.seek(start)
+            raise
+
     def write(self, record: dict[str, Any]) -> None:
-        if self.writer is None:
-            self.handle.write(json.dumps(record) + "\n")
-        else:
-            self.writer.writerow(csv_row(record))
-        self.handle.flush()
+        self._line(json.dumps(record) + "\n" if self.outputs.fmt == "json" else csv_line(csv_row(record)))
         counts = self.counts
         counts["written"] += 1
         counts["errors"] += bool(record.get("error"))
