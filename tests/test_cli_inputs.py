@@ -116,7 +116,7 @@ def test_odd_and_formula_file_names_go_through_the_batch(tmp_path):
 
 def test_an_out_folder_that_takes_nothing_is_refused_up_front(tmp_path):
     run = subprocess.run([*CLI, "predict", str(EXAMPLES[0]), "--out", str(tmp_path / "o"), "--backend", "torch"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(0))
+                         capture_output=True, text=True, check=False, timeout=300, preexec_fn=_limited(0))
     assert run.returncode == 2 and run.stderr.count("error:") == 1 and "cannot write to --out" in run.stderr, run.stderr
     assert not (tmp_path / "o" / "predictions.jsonl").exists()
 
@@ -127,7 +127,7 @@ def test_a_full_disk_keeps_every_finished_record_and_leaves_no_half_files(tmp_pa
     films = [str(EXAMPLES[0]), str(EXAMPLES[1]), str(EXAMPLES[0])]
     out = tmp_path / "full"
     run = subprocess.run([*CLI, "predict", *films, "--out", str(out), "--backend", "torch"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(100_000))
+                         capture_output=True, text=True, check=False, timeout=300, preexec_fn=_limited(100_000))
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.count("error:") == 1 and "stopped after 1 of 3 images" in run.stderr, run.stderr
     records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -135,7 +135,7 @@ def test_a_full_disk_keeps_every_finished_record_and_leaves_no_half_files(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "predictions.run.json"]
     # Records alone: the lines that fit stay whole, the one that did not is cut off
     run = subprocess.run([*CLI, "predict", *films, "--out", str(out), "--backend", "torch", "--no-overlays"],
-                         capture_output=True, text=True, timeout=300, preexec_fn=_limited(3_000))
+                         capture_output=True, text=True, check=False, timeout=300, preexec_fn=_limited(3_000))
     text = (out / "predictions.jsonl").read_text()
     kept = [json.loads(x) for x in text.splitlines()]
     assert run.returncode == 1 and f"stopped after {len(kept)} of 3 images" in run.stderr, run.stderr

@@ -438,7 +438,7 @@ def test_clinical_json_is_bounded_and_checked_after_the_model_is_asked(client):
     class WithFields:
         class classifier:
             class clinical:
-                names = ["age", "sex"]
+                names = ("age", "sex")
     for text, words in ((deep, "at most"), ("[" * 3000, "JSON object"), ('{"age": {"a": 1}}', "flat"),
                         ('{"age": 50, "weight": 3}', "does not use weight")):
         try:

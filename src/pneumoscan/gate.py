@@ -90,8 +90,8 @@ def picture_reasons(pixels: np.ndarray) -> list[str]:
     """Reasons from the picture alone, applied whatever the learnt check says."""
     levels = grey_levels(pixels)
     if levels < MIN_GREY_LEVELS:
-        return [f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
-                f"wrongly windowed picture)"]
+        return [(f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
+                 f"wrongly windowed picture)")]
     return []
 
 

@@ -107,7 +107,12 @@ def index(
 ) -> None:
     """Index data sources in their original layouts into one patient-wise split manifest."""
     from pneumoscan.data import (
-        ManifestError, build_manifest, patient_leaks, resolve_sources, summarize, write_manifest,
+        ManifestError,
+        build_manifest,
+        patient_leaks,
+        resolve_sources,
+        summarize,
+        write_manifest,
     )
 
     sources: dict = resolve_sources(root) if root else {}
@@ -202,7 +207,12 @@ def eval_seg(
     import pandas as pd
 
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.segment import HeartSegmenter, LungSegmenter, load_default, load_default_heart
+    from pneumoscan.segment import (
+        HeartSegmenter,
+        LungSegmenter,
+        load_default,
+        load_default_heart,
+    )
     from pneumoscan.training.segment import evaluate_segmentation, segmentation_table
 
     lung_sources = seg_sources("lungs", montgomery=montgomery, shenzhen=shenzhen, jsrt=jsrt)
@@ -396,11 +406,11 @@ def prepare(
         help="Lungs only: 0 outside the lung mask (the input of a lung-masked classifier).")] = False,
 ) -> None:
     """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
-    from pneumoscan.training.cache import CacheError
-    from pneumoscan.training.cache import prepare as run_prepare
     from pneumoscan.apps.cluster import ClusterError
     from pneumoscan.data import ManifestError, read_manifest
     from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.cache import prepare as run_prepare
 
     runner = None
     if ray is not None:
@@ -474,10 +484,10 @@ def train(
         help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")] = False,
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.classify import PretrainedWeightsError
-    from pneumoscan.training.classify import TrainConfig, train_classifier
     from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.classify import TrainConfig, train_classifier
 
     try:
         beta_pair = tuple(float(b) for b in betas.split(","))
@@ -559,10 +569,10 @@ def evaluate(
     backend: BackendOption = "auto",
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.data import ManifestError
-    from pneumoscan.training.evaluate import evaluate_split
     from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.evaluate import evaluate_split
 
     try:
         report = evaluate_split(manifest, split, out, model=model, cache=cache, seg_model=seg_model,
@@ -696,7 +706,14 @@ def predict(
     (quality.reasons) unless --force is given."""
     from tqdm import tqdm
 
-    from pneumoscan.outputs.writer import FORMATS, NoRoom, Outputs, RecordSink, output_stems, write_files
+    from pneumoscan.outputs.writer import (
+        FORMATS,
+        NoRoom,
+        Outputs,
+        RecordSink,
+        output_stems,
+        write_files,
+    )
 
     if fmt not in FORMATS:
         fail("--format must be json or csv")
@@ -780,7 +797,12 @@ def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: 
 
     from pneumoscan.apps.cluster import ClusterError, predict_records
     from pneumoscan.io import display_name
-    from pneumoscan.outputs.writer import RecordSink, check_resumable, output_stems, recorded_paths
+    from pneumoscan.outputs.writer import (
+        RecordSink,
+        check_resumable,
+        output_stems,
+        recorded_paths,
+    )
 
     force = run["force"]
     try:
