@@ -140,3 +140,18 @@ def test_a_full_disk_keeps_every_finished_record_and_leaves_no_half_files(tmp_pa
     kept = [json.loads(x) for x in text.splitlines()]
     assert run.returncode == 1 and f"stopped after {len(kept)} of 3 images" in run.stderr, run.stderr
     assert 1 <= len(kept) < 3 and text.endswith("\n") and "Traceback" not in run.stderr
+
+
+def test_a_second_run_in_the_same_folder_does_not_score_its_own_overlays(tmp_path):
+    """`predict .` run twice used to score the first run's overlay pictures as chest films."""
+    shutil.copy(EXAMPLES[0], tmp_path / "film.png")
+    for _ in range(2):
+        run = subprocess.run([*CLI, "predict", ".", "--out", "out", "--backend", "torch"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert run.returncode == 0 and "1 of 1 images" in run.stdout, run.stdout + run.stderr
+    # and given on purpose, an overlay picture is refused by the gate: it is coloured
+    run = _run("predict", str(tmp_path / "out" / "film_overlay.png"), "--out", str(tmp_path / "o2"),
+               "--backend", "torch")
+    record = json.loads((tmp_path / "o2" / "predictions.jsonl").read_text())
+    assert record["quality"]["frontal_chest"] is False and record["probabilities"] is None
+    assert any("colour picture" in reason for reason in record["quality"]["reasons"]), record["quality"]

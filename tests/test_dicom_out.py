@@ -99,6 +99,9 @@ def test_sc_is_the_overlay_and_a_refused_image_gets_only_the_sc(results):
     sc = pydicom.dcmread(sc_path)
     assert sc.PhotometricInterpretation == "RGB" and sc.StudyInstanceUID == source.StudyInstanceUID
     assert sc.SeriesDescription.startswith("PneumoScan overlay") and sc.pixel_array.ndim == 3
+    (reference,) = sc.SourceImageSequence  # the film it was made from
+    assert (reference.ReferencedSOPInstanceUID, reference.ReferencedSOPClassUID) == \
+        (source.SOPInstanceUID, source.SOPClassUID)
     validate_dicom(sc_path)
     refused = results["lines"]["ct.dcm"]
     assert refused["quality"]["frontal_chest"] is False and set(refused["dicom"]) == {"sc"}
@@ -115,3 +118,17 @@ def test_a_rerun_makes_the_same_uids(results, assessed_model, tmp_path):
     first = sorted(p.name for p in (results["out"] / "dicom").iterdir()
                    if p.name in results["lines"]["cr.dcm"]["dicom"].values())
     assert sorted(p.name for p in (again / "dicom").iterdir()) == first
+
+
+def test_non_conformant_patient_and_study_values_are_repaired_or_emptied():
+    from pneumoscan.outputs.dicom import conform_copied
+
+    ds = pydicom.Dataset()
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "1970-02-28", "female", "2024/01/01", "12:30:05"
+    ds.PatientAge, ds.AccessionNumber = "62", "A1"
+    conform_copied(ds)
+    assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime) == ("19700228", "F", "20240101", "123005")
+    assert "PatientAge" not in ds and ds.AccessionNumber == "A1"
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate = "1970-02-30", "unknown", "yesterday"
+    conform_copied(ds)
+    assert (ds.PatientBirthDate, ds.PatientSex, ds.StudyDate) == ("", "", "")  # Type 2: present, empty

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -53,12 +55,15 @@ def _start(out: Path, port: int, *extra: str) -> subprocess.Popen:
     pytest.fail("the listener did not start: " + (out.parent / f"{out.name}.log").read_text()[-2000:])
 
 
-def _send(films: list[Path], port: int, calling: str = "PYTEST") -> list[int]:
+def _send(films: list, port: int, calling: str = "PYTEST") -> list[int]:
+    """C-STORE files or datasets in one association; their statuses."""
+    datasets = [f if isinstance(f, pydicom.Dataset) else pydicom.dcmread(f) for f in films]
     ae = AE(ae_title=calling)
-    ae.add_requested_context(ComputedRadiographyImageStorage, "1.2.840.10008.1.2.1")
+    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
     assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
     assert assoc.is_established
-    statuses = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in films]
+    statuses = [int(assoc.send_c_store(ds).Status) for ds in datasets]
     assoc.release()
     return statuses
 
@@ -177,3 +182,140 @@ def test_a_flood_beyond_the_queue_is_answered_out_of_resources(tmp_path):
     _wait(lambda: all((out / ".done" / uid).exists() for uid in accepted))
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_hostile_uids_and_own_results_are_refused_and_nothing_lands_outside_out(tmp_path):
+    """The SOP Instance UID was used as a path: a sender could write outside --out and delete any
+    *.dcm. Its own Secondary Capture, routed back, made SC-of-SC without end."""
+    (film,) = _films(tmp_path / "films", 1)
+    out, port = tmp_path / "out", _port()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "important.dcm").write_bytes(b"keep me")
+    proc = _start(out, port)
+    hostile = ["../../archive/important", ".", "..", "1.2\nINFO forged line", "1.2/3.4", "1..2", "1.2.", "x" * 64]
+    datasets = []
+    for uid in hostile:
+        ds = pydicom.dcmread(film)
+        ds.SOPInstanceUID = uid
+        datasets.append(ds)
+    mismatched = pydicom.dcmread(film)
+    mismatched.SOPInstanceUID = "1.2.3.4"
+    mismatched.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    assert _send(datasets, port) == [0xC000] * len(hostile)
+    assert _send([film], port) == [0]
+    uid = pydicom.dcmread(film).SOPInstanceUID
+    _wait(lambda: (out / ".done" / uid).exists())
+    (sc,) = out.glob("*_sc.dcm")
+    assert _send([sc], port) == [0xC000]  # its own result, routed back
+    _stop(proc)
+    assert (archive / "important.dcm").read_bytes() == b"keep me"
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(out)
+               and p.parent not in (tmp_path / "films", archive) and p.name != "out.log"]
+    assert outside == [] and sorted(p.name for p in archive.iterdir()) == ["important.dcm"]
+    log = (tmp_path / "out.log").read_text()
+    assert log.count("its SOP Instance UID is not a valid UID") == len(hostile) and "loop guard" in log
+    assert not [line for line in log.splitlines() if line.startswith("INFO forged")]  # no forged log line
+    records = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["sop_instance_uid"] for r in records] == [uid] and set(records[0]["results"]) == {"sr", "seg", "sc"}
+    assert records[0]["status"] == "scored"
+    assert all((out / f"{records[0]['results'][k]}_{k}.dcm").exists() for k in ("sr", "seg", "sc"))
+
+
+def test_non_conformant_patient_values_still_get_results_and_are_never_echoed(tmp_path):
+    """Birth date 1970-02-28, sex 'female', study date 2024/01/01, a 70-character patient ID:
+    no results used to be made, and the instance failed again at every restart."""
+    (film,) = _films(tmp_path / "films", 1)
+    ds = pydicom.dcmread(film)
+    ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "1970-02-28", "female", "2024/01/01", "12:30"
+    ds.PatientID = "P" * 70
+    out, port = tmp_path / "out", _port()
+    proc = _start(out, port)
+    assert _send([ds], port) == [0]
+    _wait(lambda: (out / ".done" / ds.SOPInstanceUID).exists())
+    _stop(proc)
+    names = (out / ".done" / ds.SOPInstanceUID).read_text().split()
+    assert len(names) == 3
+    for name in names:
+        result = pydicom.dcmread(out / name)
+        assert (result.PatientBirthDate, result.PatientSex, result.StudyDate, result.StudyTime) == \
+            ("19700228", "F", "20240101", "1230")
+        assert result.PatientID == "P" * 70  # kept: shortening it would file the results elsewhere
+    log = (tmp_path / "out.log").read_text()
+    assert "1970-02-28" not in log and "female" not in log and "P" * 70 not in log
+
+
+def test_an_unreadable_instance_goes_to_failed_with_its_error(tmp_path):
+    (film,) = _films(tmp_path / "films", 1)
+    ds = pydicom.dcmread(film)
+    ds.PixelData = ds.PixelData[:1000]  # truncated pixel data
+    out, port = tmp_path / "out", _port()
+    proc = _start(out, port)
+    assert _send([ds], port) == [0]
+    uid = ds.SOPInstanceUID
+    _wait(lambda: (out / ".done" / uid).exists())
+    _stop(proc)
+    assert (out / "failed" / f"{uid}.dcm").exists() and "cannot be decoded" in (out / "failed" / f"{uid}.error.txt").read_text()
+    assert not list((out / ".spool").iterdir())
+    (record,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert record["status"] == "error" and record["sop_instance_uid"] == uid
+
+
+def test_a_poison_instance_is_tried_n_times_then_moved_never_looped(tmp_path):
+    from pneumoscan.apps.listen import Listener
+
+    class Boom:
+        calls = 0
+
+        def predict(self, *args, **kwargs):
+            Boom.calls += 1
+            raise RuntimeError("the model fell over")
+
+    listener = Listener(Boom(), tmp_path / "out", tmp_path / "out" / ".spool", tries=3)
+    (listener.spool / "1.2.3.dcm").write_bytes(b"anything")
+    listener.recover()
+    worker = threading.Thread(target=listener._work, daemon=True)
+    worker.start()
+    _wait(lambda: (listener.failed / "1.2.3.dcm").exists(), 30)
+    time.sleep(0.5)
+    listener._queue.put(None)
+    worker.join(timeout=10)
+    assert Boom.calls == 3 and "failed 3 times" in (listener.failed / "1.2.3.error.txt").read_text()
+    assert not list(listener.spool.iterdir()) and (listener.done / "1.2.3").exists()
+
+
+def test_forwards_wait_for_a_target_that_is_down_and_a_refused_sop_class_is_final(tmp_path):
+    """Forwards used to be tried once (then only at a restart) and a target that refuses SR was
+    retried forever; unforwarded results did not count against --queue."""
+    films = _films(tmp_path / "films", 3)
+    out, port, target_port = tmp_path / "out", _port(), _port()
+    proc = _start(out, port, "--forward", f"127.0.0.1:{target_port}:ARCHIVE", "--queue", "2")
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in films]
+    for film, uid in zip(films[:2], uids):
+        assert _send([film], port) == [0]
+        _wait(lambda uid=uid: (out / ".done" / uid).exists())
+    assert _send([films[2]], port) == [0xA700]  # two instances' results wait to be forwarded
+    received: list = []
+    ae = AE(ae_title="ARCHIVE")  # takes Secondary Capture only: SR and SEG are refused for good
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+    from pynetdicom.sop_class import SecondaryCaptureImageStorage
+
+    ae.add_supported_context(SecondaryCaptureImageStorage, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server(("127.0.0.1", target_port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: received.append(event.dataset) or 0)])
+    try:
+        _wait(lambda: not list((out / ".outbox").glob("*.json")), 120)
+    finally:
+        server.shutdown()
+    _stop(proc)
+    assert sorted(str(d.SOPClassUID) for d in received) == ["1.2.840.10008.5.1.4.1.1.7"] * 2
+    for uid in uids[:2]:
+        refused = (out / "failed" / f"{uid}.forward.txt").read_text().splitlines()
+        assert sorted(line.split("\t")[0].rsplit("_", 1)[1] for line in refused) == ["seg.dcm", "sr.dcm"]
+    log = (tmp_path / "out.log").read_text()
+    assert "waits" in log and "refused for good" in log and log.count("forwarded 1 result object") == 2

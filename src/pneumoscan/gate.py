@@ -5,7 +5,8 @@ would get confident "findings". Before classifying, every image is checked on:
 
 - its DICOM tags: the modality must be a projection radiograph (CR, DX, DR, RG, or a secondary
   capture), the body part, when given, the chest, the view not lateral (always applied);
-- its grey levels: at least :data:`MIN_GREY_LEVELS` (always applied);
+- the picture: at least :data:`MIN_GREY_LEVELS` grey levels, not coloured (an overlay, PneumoScan's
+  own included, or a photograph), and not one of PneumoScan's own DICOM results (always applied);
 - a learnt check (:class:`FrontalCheck`, the shipped ``frontal_gate.pt``): a logistic regression
   on the measures below and on 8×8 thumbnails of the film and of the lung map, fitted by
   ``tools/gate_fit.py`` on every dev film against rotated, inverted, blank, noise, gradient,
@@ -86,18 +87,28 @@ def grey_levels(pixels: np.ndarray) -> int:
     return int(np.count_nonzero(np.bincount(sample.ravel(), minlength=256)))
 
 
-def picture_reasons(pixels: np.ndarray) -> list[str]:
-    """Reasons from the picture alone, applied whatever the learnt check says."""
-    levels = grey_levels(pixels)
+#: Above this share of clearly coloured pixels a picture is an overlay or a photograph.
+MAX_COLOUR_FRACTION = 0.02
+
+
+def picture_reasons(pixels: np.ndarray, meta: dict[str, Any] | None = None) -> list[str]:
+    """Reasons from the picture alone (its grey levels, its colour), applied whatever the learnt
+    check says."""
+    reasons, levels = [], grey_levels(pixels)
     if levels < MIN_GREY_LEVELS:
-        return [(f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
-                 f"wrongly windowed picture)")]
-    return []
+        reasons.append(f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
+                       f"wrongly windowed picture)")
+    colour = float((meta or {}).get("colour_fraction") or 0.0)
+    if colour > MAX_COLOUR_FRACTION:
+        reasons.append(f"a colour picture ({colour:.0%} of its pixels coloured): an overlay, a screenshot "
+                       f"or a photograph, not a radiograph")
+    return reasons
 
 
 def tag_reasons(meta: dict[str, Any]) -> list[str]:
     """Reasons from the DICOM header (none for PNG/JPEG, which carry no such tags)."""
-    reasons = []
+    reasons = ["one of PneumoScan's own results (its manufacturer or description), not a film"] \
+        if meta.get("made_by_pneumoscan") else []
     modality = (code_string(meta.get("modality")) or "")
     if modality and modality not in RADIOGRAPH_MODALITIES:
         reasons.append(f"modality {modality} is not a projection radiograph")
@@ -263,7 +274,7 @@ def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, An
     """The gate: DICOM tags first, then the learnt check (or, without one, the rules)."""
     measures, features = measure(prob, pixels)
     rules = shape_reasons(measures)
-    reasons = tag_reasons(meta or {}) + picture_reasons(pixels)
+    reasons = tag_reasons(meta or {}) + picture_reasons(pixels, meta)
     if learnt is None:
         reasons += rules
     else:

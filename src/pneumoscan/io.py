@@ -191,10 +191,15 @@ def _decode_raster(
         raise XrayReadError(f"{name}: the {fmt.upper()} data cannot be decoded ({exc})") from exc
     if raw is None:
         raise XrayReadError(f"{name}: the {fmt.upper()} data is corrupt and cannot be decoded")
+    colour = 0.0
     if raw.ndim == 3:
         if raw.shape[2] == 4:
             raw = raw[:, :, :3]  # alpha carries no anatomy; NIH's RGBA files are opaque
-        raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY) if raw.shape[2] == 3 else raw[:, :, 0]
+        if raw.shape[2] == 3:
+            colour = colour_fraction(raw)
+            raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY)
+        else:
+            raw = raw[:, :, 0]
     if raw.dtype not in (np.uint8, np.uint16):
         raise XrayReadError(f"{name}: unsupported pixel type {raw.dtype}")
     lo, hi = int(raw.min()), int(raw.max())
@@ -225,8 +230,30 @@ def _decode_raster(
         "inverted": False,
         "windowed": False,
         "value_range": value_range,
+        "colour_fraction": colour,
     }
     return pixels, meta
+
+
+#: Channels further apart than this (of the channel's full scale) make a pixel "coloured".
+COLOUR_STEP = 24 / 255
+
+
+def colour_fraction(rgb: np.ndarray) -> float:
+    """The share of pixels that are clearly coloured (channels apart by over :data:`COLOUR_STEP`),
+    on every other pixel: a film stored as RGB is grey (0.0), an overlay with a heat map or a
+    photograph is not. The gate refuses coloured pictures."""
+    sample = rgb[::2, ::2].astype(np.int32)
+    step = COLOUR_STEP * (255 if rgb.dtype == np.uint8 else 65535)
+    spread = sample.max(axis=2) - sample.min(axis=2)
+    return round(float((spread > step).mean()), 4)
+
+
+def made_by_pneumoscan(ds: Any) -> bool:
+    """Whether a DICOM header is one of PneumoScan's own results (its manufacturer, or its
+    derivation or series description): never a film to score, so results never loop."""
+    texts = (ds.get("Manufacturer"), ds.get("DerivationDescription"), ds.get("SeriesDescription"))
+    return any(str(t or "").strip().startswith("PneumoScan") for t in texts)
 
 
 EXIF_ORIENTATION = 0x0112
@@ -322,7 +349,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
-        values, windowed = _dicom_to_unit(arr, ds, photometric)
+        values, windowed, colour = _dicom_to_unit(arr, ds, photometric)
     except XrayReadError as exc:
         raise XrayReadError(f"{name}: {exc}") from None
     except Exception as exc:  # the message may quote tag text: only its kind is reported
@@ -350,14 +377,17 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         "patient_sex": code_string(ds.get("PatientSex")),
         "transfer_syntax": tsyntax_name,
         "inverted": inverted,
-        "windowed": windowed,
+        "windowed": windowed if windowed != "colour" else False,
         "value_range": None,
+        "colour_fraction": colour,
+        "made_by_pneumoscan": made_by_pneumoscan(ds),
     }
     return values.astype(np.float32), meta
 
 
-def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarray, str | bool]:
-    """Stored values → modality values → VOI (LUT or window) → [0, 1]."""
+def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarray, str | bool, float]:
+    """Stored values → modality values → VOI (LUT or window) → [0, 1]; how it was windowed, and
+    the picture's :func:`colour_fraction` (0 for a grey film)."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
     if photometric == "PALETTE COLOR":
@@ -366,13 +396,13 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
     if arr.ndim == 3:  # RGB / YBR (pydicom already converted YBR to RGB)
         stored = _to_uint8_or_16(arr)
         grey = cv2.cvtColor(stored, cv2.COLOR_RGB2GRAY).astype(np.float64)
-        return grey / (255.0 if stored.dtype == np.uint8 else 65535.0), False
+        return grey / (255.0 if stored.dtype == np.uint8 else 65535.0), "colour", colour_fraction(stored)
     values = apply_modality_lut(arr, ds).astype(np.float64)
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence) > 0:
         lut = _lut_values(ds.VOILUTSequence[0])
         out = apply_voi_lut(values, ds, index=0, prefer_lut=True)
         lo, hi = float(lut.min()), float(lut.max())
-        return np.clip((out - lo) / max(hi - lo, 1e-12), 0.0, 1.0), "voi_lut"
+        return np.clip((out - lo) / max(hi - lo, 1e-12), 0.0, 1.0), "voi_lut", 0.0
     centre, width = ds.get("WindowCenter"), ds.get("WindowWidth")
     if centre is not None and width is not None:
         c, w = _first(centre), _first(width)
@@ -382,8 +412,8 @@ def _dicom_to_unit(arr: np.ndarray, ds: Any, photometric: str) -> tuple[np.ndarr
                                 f"so the window would leave two grey levels; the file's window tags are broken")
         if w > 0:
             function = str(ds.get("VOILUTFunction", "LINEAR")).strip().upper()
-            return window(values, c, w, function), "window"
-    return stored_range_to_unit(values, ds), False
+            return window(values, c, w, function), "window", 0.0
+    return stored_range_to_unit(values, ds), False, 0.0
 
 
 def stored_range_to_unit(values: np.ndarray, ds: Any) -> np.ndarray:

@@ -255,14 +255,18 @@ def is_regular(path: Path) -> bool:
         return False
 
 
-def expand_inputs(paths: list[Path]) -> list[Path]:
+def expand_inputs(paths: list[Path], skip: Path | None = None) -> list[Path]:
     """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
-    or by the DICOM magic for files without one). Anything but a regular file is skipped, said."""
+    or by the DICOM magic for files without one), leaving out the folder ``skip`` (the run's own
+    output: its overlays are not films). Anything but a regular file is skipped, said."""
     from pneumoscan.io import display_name, is_dicom_file
 
     found: list[Path] = []
+    skip = skip.resolve() if skip is not None else None
     for path in paths:
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        if path.is_dir() and skip is not None:
+            candidates = [p for p in candidates if not p.resolve().is_relative_to(skip)]
         for p in candidates:
             if not p.exists():
                 found.append(p)  # reported per file as unreadable, the batch goes on
@@ -281,7 +285,7 @@ def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
     """The image files to process (or a clean exit when there are none) and a ready output folder."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder (it is created if missing)")
-    files = expand_inputs(paths)
+    files = expand_inputs(paths, skip=out)
     if not files:
         fail("no PNG, JPEG or DICOM files found in the given paths")
     ensure_writable(out, "--out")
@@ -879,47 +883,86 @@ def serve(
 
 @app.command()
 def listen(
-    out: Annotated[Path, typer.Option(help="Folder for the DICOM results (SR, SEG, Secondary Capture).")],
-    port: Annotated[int, typer.Option(help="TCP port.")] = 11112,
+    out: Annotated[Path, typer.Option(help="Folder for the DICOM results (SR, SEG, Secondary Capture) and predictions.jsonl.")],
+    port: Annotated[int, typer.Option(help="TCP port for DICOM (C-STORE, C-ECHO).")] = 11112,
     ae_title: Annotated[str, typer.Option(help="This listener's AE title.")] = "PNEUMOSCAN",
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
     spool: Annotated[Optional[Path], typer.Option(help="Where received instances wait (default: OUT/.spool).")] = None,
     forward: Annotated[Optional[str], typer.Option(help="Send the results on by C-STORE to HOST:PORT:AET.")] = None,
+    forward_dicomweb: Annotated[Optional[str], typer.Option(
+        help="Send the results on by DICOMweb STOW-RS to this service root (e.g. http://pacs:8042/dicom-web).")] = None,
+    dicomweb_port: Annotated[Optional[int], typer.Option(
+        help="Also take films by DICOMweb STOW-RS (POST /studies) on this port, same host.")] = None,
     allow: Annotated[Optional[list[str]], typer.Option(help="Calling AE title allowed to send (repeat); any if omitted.")] = None,
-    queue: Annotated[int, typer.Option(min=1, help="Instances waiting at most; more are answered 'out of resources'.")] = 64,
+    queue: Annotated[int, typer.Option(min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
+    tries: Annotated[int, typer.Option(min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     backend: BackendOption = "auto",
 ) -> None:
-    """DICOM C-STORE listener: chest X-rays (CR, DX, Secondary Capture) in, SR + SEG + Secondary
-    Capture out (and forwarded with --forward). Received instances are spooled to disk first, so a
-    crash loses nothing; C-ECHO answers for monitoring. No TLS: keep it behind the hospital's DICOM
-    router or a VPN. Research use only."""
+    """DICOM listener: chest X-rays (CR, DX, Secondary Capture) in by C-STORE (or STOW-RS), SR +
+    SEG + Secondary Capture out (and forwarded with --forward / --forward-dicomweb). Received
+    instances are spooled to disk first, so a crash loses nothing; C-ECHO answers for monitoring.
+    No TLS: keep it behind the hospital's DICOM router or a VPN. Research use only."""
     import logging
 
     need_extra("dicom", "listen", "pynetdicom", "highdicom")
-    from pneumoscan.apps.listen import Forward, Listener
+    from pneumoscan.apps.listen import Forward, Listener, StowForward
 
     if not 1 <= len(ae_title) <= 16:
         fail("--ae-title must be 1 to 16 characters")
+    targets: list = []
     try:
-        target = Forward.parse(forward) if forward else None
+        targets += [Forward.parse(forward)] if forward else []
     except ValueError as exc:
         fail(str(exc))
+    if forward_dicomweb:
+        need_extra("dicom", "--forward-dicomweb", "dicomweb_client")
+        if not forward_dicomweb.startswith(("http://", "https://")):
+            fail(f"--forward-dicomweb {forward_dicomweb!r}: expected an http:// or https:// service root")
+        targets.append(StowForward(forward_dicomweb.rstrip("/")))
+    if dicomweb_port is not None:
+        need_extra("web", "--dicomweb-port", "uvicorn", "starlette")
+    ensure_writable(out, "--out")
     predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("pynetdicom", "highdicom"):
+    from pneumoscan.apps.listen import OneLineFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for noisy in ("pynetdicom", "highdicom", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import pydicom
+
+    # pydicom's validation warnings quote wire values (a patient's, or a forged log line): off here,
+    # where every value is checked by the listener itself.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
-                        forward=target, allow=tuple(allow or ()), queue_size=queue)
-    console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}; results in {out}"
-                  + (f", forwarded to {forward}" if forward else ""), highlight=False)
+                        forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries)
+    if dicomweb_port is not None:
+        start_stow(listener, host, dicomweb_port)
+    console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
+                  + (f" (STOW-RS on http://{host}:{dicomweb_port}/studies)" if dicomweb_port is not None else "")
+                  + f"; results in {out}"
+                  + "".join(f", forwarded to {target}" for target in targets), highlight=False)
     try:
         listener.start(block=True)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         listener.stop()
+
+
+def start_stow(listener, host: str, port: int) -> None:
+    """The listener's STOW-RS door, served by uvicorn on a thread beside the DICOM port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(listener.stow_app(), host=host, port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # the DICOM side owns the signals
+    threading.Thread(target=server.run, name="pneumoscan-stow", daemon=True).start()
 
 
 @app.command()

@@ -1,23 +1,42 @@
-"""A DICOM listener (pynetdicom C-STORE SCP): chest X-rays in over the network, DICOM results out.
+"""A DICOM listener (pynetdicom C-STORE SCP, and DICOMweb STOW-RS): chest X-rays in over the
+network, DICOM results out.
 
-Every received instance is first written to the spool (temporary name, fsync, rename), then
-answered "success"; one worker takes spooled instances in order, runs the
-:class:`~pneumoscan.predict.Predictor`, writes SR + SEG + Secondary Capture
-(:mod:`pneumoscan.outputs.dicom`) to the output folder, optionally sends them on by C-STORE, writes a
-done-mark named by the SOP Instance UID and only then removes the spooled file. A crash or a kill
-therefore loses nothing: on the next start, spooled instances without a done-mark are processed,
-those with one are removed. The results' UIDs are derived from the source, so even an instance
-processed twice (killed between its results and its done-mark) yields the same objects once
-stored. When more than ``queue`` instances are waiting, new ones are answered 0xA700 "Out of
-resources" and not taken. Only CR, DX (for presentation and for processing) and Secondary
-Capture storage are accepted (other SOP classes are rejected in the association), plus C-ECHO.
-Logs carry UIDs, never patient names or IDs.
+Receiving. An instance is checked before anything is written: its SOP Instance UID must be a
+valid UID (digits and dots, at most 64 characters, no empty component; the only wire data a file
+name is ever made from), the dataset must carry the same UID, and it must not be one of
+PneumoScan's own results (its manufacturer or descriptions: results routed back never loop).
+Refusals are answered 0xC000 with a log line. It is then written to the spool (temporary name,
+fsync, rename, fsync of the folder) and only then answered "success". When ``queue`` instances
+are waiting (to be processed, or to be forwarded), new ones are answered 0xA700 "Out of
+resources" and not taken. Only CR, DX (for presentation and for processing) and Secondary Capture
+storage are accepted (other SOP classes are rejected in the association), plus C-ECHO.
+
+Processing. One worker takes spooled instances in order, runs the
+:class:`~pneumoscan.predict.Predictor`, writes SR + SEG + Secondary Capture through the result
+writer (:mod:`pneumoscan.outputs.writer`), appends a line to ``predictions.jsonl`` (source
+instance → result UIDs, findings, status), writes a done-mark named by the SOP Instance UID and
+only then removes the spooled file. A crash or a kill therefore loses nothing: on the next start,
+spooled instances without a done-mark are processed, those with one are removed. An instance that
+cannot be read goes to ``failed/`` at once with its error; one whose processing fails is tried
+``tries`` times (counted on disk, across restarts), then goes to ``failed/``: never a loop.
+
+Forwarding. Results to send on (``--forward`` by C-STORE, ``--forward-dicomweb`` by STOW-RS)
+wait in an outbox on disk and count against the queue; a target that is down is retried with
+backoff while the listener runs (and after a restart); an object the target refuses for good
+(its SOP class not taken, a failure status other than "out of resources", an HTTP 4xx) is a
+permanent failure of that object, logged and listed in ``failed/``, never retried.
+
+Logs carry UIDs and AE titles, never patient names or IDs. No TLS: keep it behind the hospital's
+DICOM router or a VPN.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
+import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,81 +51,217 @@ CHEST_STORAGE = {
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
 }
 SUCCESS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0xA700, 0xC000
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 
-@dataclass
+def valid_uid(text: str) -> bool:
+    """A DICOM UID (PS3.5 9.1): digits in dot-separated components, none empty, ≤ 64 characters."""
+    return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def printable(text: Any, limit: int = 16) -> str:
+    """Wire text fit for a log line (an AE title): printable ASCII only, shortened."""
+    return re.sub(r"[^ -~]", "?", str(text)).strip()[:limit] or "?"
+
+
+class OneLineFormatter(logging.Formatter):
+    """One record, one line: control characters a sender put in a value (a UID with a newline,
+    quoted by pynetdicom's own warnings) are escaped, so no sender can forge a log line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", super().format(record))
+
+
+class Transient(Exception):
+    """A target that did not take an object now (down, busy): tried again later."""
+
+
+@dataclass(frozen=True)
 class Forward:
-    """Where results are sent on: ``HOST:PORT:AET``."""
+    """A C-STORE target: ``HOST:PORT:AET``."""
 
     host: str
     port: int
     ae_title: str
 
+    kind = "dimse"
+
     @classmethod
     def parse(cls, text: str) -> Forward:
         parts = text.rsplit(":", 2)
-        if len(parts) != 3 or not parts[1].isdigit() or not parts[2]:
+        if len(parts) != 3 or not parts[1].isdigit() or not 1 <= len(parts[2]) <= 16:
             raise ValueError(f"--forward {text!r}: expected HOST:PORT:AET")
         return cls(parts[0], int(parts[1]), parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def send(self, paths: list[Path], calling: str) -> dict[Path, str | None]:
+        """Per path: None when stored, else why the target refuses it for good. Raises
+        :class:`Transient` when the target cannot be reached or is busy."""
+        import pydicom
+        from pynetdicom import AE
+
+        datasets = {p: pydicom.dcmread(p) for p in paths}
+        ae = AE(ae_title=calling)
+        for ds in datasets.values():
+            ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID, "1.2.840.10008.1.2.1"])
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if not assoc.is_established:
+            raise Transient(f"no association with {self}")
+        outcome: dict[Path, str | None] = {}
+        try:
+            taken = {c.abstract_syntax for c in assoc.accepted_contexts}
+            for path, ds in datasets.items():
+                if ds.SOPClassUID not in taken:
+                    outcome[path] = f"{self} does not take {ds.SOPClassUID.name}"
+                    continue
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status and "Status" in status else None
+                if code is None or code & 0xFF00 == OUT_OF_RESOURCES:
+                    raise Transient(f"{self} stopped answering or is out of resources")
+                outcome[path] = None if code == SUCCESS or code & 0xF000 == 0xB000 else \
+                    f"{self} answered status 0x{code:04X}"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return outcome
+
+
+@dataclass(frozen=True)
+class StowForward:
+    """A DICOMweb target: STOW-RS to ``URL/studies`` (``URL`` is the service root, e.g. Orthanc's
+    ``http://host:8042/dicom-web``), one instance per request so that each gets its own answer."""
+
+    url: str
+
+    kind = "dicomweb"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def send(self, paths: list[Path], calling: str) -> dict[Path, str | None]:
+        import pydicom
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(url=self.url)
+        outcome: dict[Path, str | None] = {}
+        for path in paths:
+            try:
+                client.store_instances(datasets=[pydicom.dcmread(path)])
+                outcome[path] = None
+            except requests.HTTPError as exc:
+                code = exc.response.status_code if exc.response is not None else 0
+                if code >= 500 or code in (408, 429) or code == 0:
+                    raise Transient(f"{self} answered HTTP {code}") from exc
+                outcome[path] = f"{self} refused it (HTTP {code})"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Transient(f"{self} cannot be reached") from exc
+        return outcome
+
+
+def spool_and_sync(path: Path, data: bytes) -> None:
+    """Temporary name, fsync, rename, then fsync of the folder: the rename itself survives a
+    power cut before "success" is answered."""
+    from pneumoscan.modelfile import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 @dataclass
 class Listener:
-    """The SCP and its worker. ``start()`` returns the running server; ``stop()`` ends both."""
+    """The SCP, its worker and its forwarder. ``start()`` returns the running server; ``stop()``
+    ends them."""
 
     predictor: Any
     out: Path
     spool: Path
     ae_title: str = "PNEUMOSCAN"
     port: int = 11112
-    host: str = "0.0.0.0"
-    forward: Forward | None = None
+    host: str = "127.0.0.1"
+    forward: tuple[Forward | StowForward, ...] = ()
     allow: tuple[str, ...] = ()
     queue_size: int = 64
+    tries: int = 3
+    backoff_max_s: float = 60.0
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
+    _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
+    _forwarding: set[str] = field(default_factory=set, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _server: Any = field(default=None, init=False)
-    _worker: threading.Thread | None = field(default=None, init=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False)
+    _sink: Any = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.out, self.spool = Path(self.out), Path(self.spool)
-        self.done = self.out / ".done"
-        for folder in (self.out, self.spool, self.done):
+        self.done, self.failed, self.outbox = self.out / ".done", self.out / "failed", self.out / ".outbox"
+        for folder in (self.out, self.spool, self.done, self.failed, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
 
     # --- receiving -------------------------------------------------------------------------
-    def handle_store(self, event) -> int:
-        """C-STORE: spool durably, then answer; "out of resources" when the queue is full."""
-        uid = str(event.request.AffectedSOPInstanceUID)
+    def receive(self, uid: str, dataset: Any, encoded: bytes, sender: str) -> int:
+        """One instance from any door (C-STORE, STOW-RS): checked, spooled durably, queued; the
+        status to answer."""
+        from pneumoscan.io import made_by_pneumoscan
+
+        sender = printable(sender)
+        if not valid_uid(uid):
+            log.warning("refused an instance from %s: its SOP Instance UID is not a valid UID", sender)
+            return CANNOT_UNDERSTAND
+        if str(dataset.get("SOPInstanceUID", "")) != uid:
+            log.warning("refused %s from %s: the dataset carries another SOP Instance UID", uid, sender)
+            return CANNOT_UNDERSTAND
+        if made_by_pneumoscan(dataset):
+            log.info("refused %s from %s: one of PneumoScan's own results (loop guard)", uid, sender)
+            return CANNOT_UNDERSTAND
         with self._lock:
             if uid in self._pending:
                 return SUCCESS  # already spooled and waiting: storing it again changes nothing
-            if len(self._pending) >= self.queue_size:
-                log.warning("queue full (%d waiting): refused %s", len(self._pending), uid)
+            waiting = len(self._pending) + len(self._forwarding)
+            if waiting >= self.queue_size:
+                log.warning("queue full (%d waiting to be processed or forwarded): refused %s", waiting, uid)
                 return OUT_OF_RESOURCES
             self._pending.add(uid)
         try:
-            self._spool(uid, event)
-        except Exception as exc:  # a full disk, an unencodable dataset: the sender must retry
+            if not (self.done / uid).exists():  # done before (the sender retried): nothing to do
+                spool_and_sync(self.spool / f"{uid}.dcm", encoded)
+        except Exception as exc:  # a full disk: the sender must retry
             with self._lock:
                 self._pending.discard(uid)
             log.error("could not spool %s: %s", uid, type(exc).__name__)
-            return OUT_OF_RESOURCES if isinstance(exc, OSError) else CANNOT_UNDERSTAND
+            return OUT_OF_RESOURCES
         self._queue.put(uid)
-        log.info("received %s from %s", uid, event.assoc.requestor.ae_title)
+        log.info("received %s from %s", uid, sender)
         return SUCCESS
 
-    def _spool(self, uid: str, event) -> None:
-        from pneumoscan.modelfile import atomic_write_bytes
+    def handle_store(self, event) -> int:
+        """C-STORE."""
+        uid = str(event.request.AffectedSOPInstanceUID)
+        try:
+            dataset, encoded = event.dataset, event.encoded_dataset()
+        except Exception as exc:  # a dataset pydicom cannot decode
+            log.warning("refused an instance from %s: undecodable (%s)", printable(event.assoc.requestor.ae_title),
+                        type(exc).__name__)
+            return CANNOT_UNDERSTAND
+        return self.receive(uid, dataset, encoded, event.assoc.requestor.ae_title)
 
-        if (self.done / uid).exists():
-            return  # done before (the sender retried): nothing to do
-        atomic_write_bytes(self.spool / f"{uid}.dcm", event.encoded_dataset())  # .tmp, fsync, rename
+    @staticmethod
+    def handle_rejected(event) -> None:
+        log.warning("refused an association from %s at %s (calling AE title not allowed, or nothing it "
+                    "proposed is taken)", printable(event.assoc.requestor.ae_title), event.assoc.requestor.address)
 
     # --- processing ------------------------------------------------------------------------
     def recover(self) -> int:
-        """Queue what a previous run spooled and did not finish; remove what it finished."""
+        """Queue what a previous run spooled and did not finish (and its forwards); remove what
+        it finished."""
         for part in self.spool.glob("*.dcm.tmp"):
             part.unlink()  # never answered "success": the sender still has it
         count = 0
@@ -119,6 +274,8 @@ class Listener:
                 self._pending.add(uid)
             self._queue.put(uid)
             count += 1
+        for entry in sorted(self.outbox.glob("*.json"), key=lambda p: p.stat().st_mtime):
+            self._outbox_add(entry.stem)
         if count:
             log.info("recovered %d spooled instance(s) from the last run", count)
         return count
@@ -128,16 +285,56 @@ class Listener:
             uid = self._queue.get()
             if uid is None:
                 return
+            again = False
             try:
                 self.process(uid)
             except Exception as exc:  # one bad instance never stops the listener
-                log.error("failed %s: %s", uid, type(exc).__name__)
+                again = self._failed_try(uid, exc)
             finally:
-                with self._lock:
-                    self._pending.discard(uid)
+                if again:
+                    self._queue.put(uid)
+                else:
+                    with self._lock:
+                        self._pending.discard(uid)
+
+    def _failed_try(self, uid: str, exc: Exception) -> bool:
+        """Count a failed try on disk; True to try again, else the instance is moved to failed/."""
+        from pneumoscan.modelfile import atomic_write_bytes, first_line
+
+        counter = self.spool / f"{uid}.tries"
+        tries = int(counter.read_text() or 0) + 1 if counter.exists() else 1
+        reason = f"{type(exc).__name__}: {first_line(exc)}"
+        if tries < self.tries:
+            atomic_write_bytes(counter, str(tries).encode(), sync=False)
+            log.error("failed %s (try %d of %d): %s", uid, tries, self.tries, reason)
+            return True
+        self._give_up(uid, f"failed {tries} times; last: {reason}")
+        return False
+
+    def _give_up(self, uid: str, reason: str, status: str = "failed") -> None:
+        """Move a spooled instance to failed/ with its reason, record it, mark it done."""
+        from pneumoscan.modelfile import atomic_write_bytes
+
+        source = self.spool / f"{uid}.dcm"
+        if source.exists():
+            source.replace(self.failed / f"{uid}.dcm")
+        atomic_write_bytes(self.failed / f"{uid}.error.txt", (reason + "\n").encode())
+        self._record({"path": uid, "sop_instance_uid": uid, "status": status, "error": reason, "results": {}})
+        atomic_write_bytes(self.done / uid, b"")
+        (self.spool / f"{uid}.tries").unlink(missing_ok=True)
+        log.error("gave up on %s: %s (moved to %s)", uid, reason[:200], self.failed.name)
+
+    def _record(self, record: dict[str, Any]) -> None:
+        """A line of predictions.jsonl: the index from source instance to results."""
+        from pneumoscan.outputs.writer import Outputs, RecordSink
+
+        if self._sink is None:
+            self._sink = RecordSink(Outputs(out=self.out, overlays=False), append=True).__enter__()
+        self._sink.write(record)
 
     def process(self, uid: str) -> list[Path]:
-        """Results for one spooled instance, forwarded when asked; then its done-mark."""
+        """Results for one spooled instance, queued for forwarding when asked; then its
+        done-mark."""
         from pneumoscan.modelfile import atomic_write_bytes
         from pneumoscan.outputs.writer import Outputs, write_files
 
@@ -145,42 +342,132 @@ class Listener:
         if not path.exists():
             return []
         result = self.predictor.predict(path, cam="top", keep_arrays=True)
-        written: list[Path] = []
         if result.error:
-            log.warning("unreadable %s: %s", uid, result.error[:200])
-        else:
-            record = write_files(result, path, uid, Outputs(out=self.out, overlays=False, dicom_out=self.out),
-                                 self.predictor)
-            if record.get("dicom_error"):  # stays spooled: retried at the next start
-                raise RuntimeError(record["dicom_error"])
-            written = [self.out / name for name in (record.get("dicom") or {}).values()]
-            if self.forward is not None:
-                self.send(written)
-        verdict = "refused by the input gate" if result.quality and not result.quality.get("frontal_chest") else "scored"
+            self._give_up(uid, result.error.replace(str(path), uid), status="error")
+            return []
+        record = write_files(result, path, uid, Outputs(out=self.out, overlays=False, dicom_out=self.out),
+                             self.predictor)
+        if record.get("dicom_error"):  # tried again, then failed/
+            raise RuntimeError(record["dicom_error"])
+        written = [self.out / name for name in (record.get("dicom") or {}).values()]
+        scored = bool(result.quality and result.quality.get("frontal_chest"))
+        self._record({**record, "path": uid, "sop_instance_uid": uid,
+                      "status": "scored" if scored else "refused by the input gate",
+                      "results": {kind: name.rsplit("_", 1)[0] for kind, name in (record.get("dicom") or {}).items()}})
+        if self.forward and written:
+            entry = {target.kind: [p.name for p in written] for target in self.forward}
+            atomic_write_bytes(self.outbox / f"{uid}.json", json.dumps(entry).encode())
+            self._outbox_add(uid)
         atomic_write_bytes(self.done / uid, "\n".join(p.name for p in written).encode())
         path.unlink()
-        log.info("processed %s (%s): %d result object(s)", uid, verdict if not result.error else "error", len(written))
+        (self.spool / f"{uid}.tries").unlink(missing_ok=True)
+        log.info("processed %s (%s): %d result object(s)", uid, "scored" if scored else "refused by the gate",
+                 len(written))
         return written
 
-    def send(self, paths: list[Path]) -> None:
-        """C-STORE the results to the forward AE; raises when it does not take them all."""
-        import pydicom
-        from pynetdicom import AE
+    # --- forwarding ------------------------------------------------------------------------
+    def _outbox_add(self, uid: str) -> None:
+        with self._lock:
+            if uid in self._forwarding:
+                return
+            self._forwarding.add(uid)
+        self._outbox_queue.put(uid)
 
-        datasets = [pydicom.dcmread(p) for p in paths]
-        ae = AE(ae_title=self.ae_title)
-        for ds in datasets:
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        assoc = ae.associate(self.forward.host, self.forward.port, ae_title=self.forward.ae_title)
-        if not assoc.is_established:
-            raise ConnectionError(f"forward: no association with {self.forward.ae_title}")
+    def _forward_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                uid = self._outbox_queue.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            delay = 1.0
+            while not self._stopping.is_set():
+                try:
+                    self.forward_one(uid)
+                    break
+                except Transient as exc:
+                    log.warning("forward of %s waits %.0f s: %s", uid, delay, exc)
+                    self._stopping.wait(delay)
+                    delay = min(2 * delay, self.backoff_max_s)
+                except Exception as exc:  # the outbox entry itself is broken: drop it, say so
+                    log.error("forward of %s dropped: %s", uid, type(exc).__name__)
+                    (self.outbox / f"{uid}.json").unlink(missing_ok=True)
+                    break
+            with self._lock:
+                if not (self.outbox / f"{uid}.json").exists():
+                    self._forwarding.discard(uid)
+
+    def forward_one(self, uid: str) -> None:
+        """Send one instance's results to every target still owed them; the outbox entry keeps
+        what is left after each target, so a restart sends nothing twice that was taken."""
+        from pneumoscan.modelfile import atomic_write_bytes
+
+        entry_path = self.outbox / f"{uid}.json"
+        if not entry_path.exists():
+            return
+        entry = json.loads(entry_path.read_text())
+        for target in self.forward:
+            names = entry.get(target.kind) or []
+            if not names:
+                continue
+            outcome = target.send([self.out / n for n in names], self.ae_title)
+            refused = {p.name: why for p, why in outcome.items() if why}
+            for name, why in refused.items():
+                log.error("forward of %s to %s: %s refused for good: %s", uid, target, name, why)
+                with open(self.failed / f"{uid}.forward.txt", "a") as handle:
+                    handle.write(f"{name}\t{target}\t{why}\n")
+            log.info("forwarded %d result object(s) of %s to %s", len(outcome) - len(refused), uid, target)
+            entry[target.kind] = []
+            atomic_write_bytes(entry_path, json.dumps(entry).encode())
+        entry_path.unlink()
+
+    # --- DICOMweb in -----------------------------------------------------------------------
+    def stow_app(self, max_bytes: int = 256 * 2**20):
+        """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``) with a
+        ``multipart/related; type="application/dicom"`` body; each part goes through
+        :meth:`receive` like a C-STORE. Answers 200 (all stored), 202 (some refused) or 409 (none),
+        with the DICOM JSON Referenced/Failed SOP Sequences; 413 past ``max_bytes``."""
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def store(request):
+            content_type = request.headers.get("content-type", "")
+            if not content_type.lower().startswith("multipart/related"):
+                return JSONResponse({"error": "expected multipart/related; type=\"application/dicom\""}, 415)
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
+                                        headers={"Connection": "close"})
+            parts = multipart_parts(content_type, bytes(body))
+            if parts is None:
+                return JSONResponse({"error": "the multipart/related body cannot be parsed"}, 400)
+            sender = f"STOW {request.client.host if request.client else '?'}"
+            outcome = [await run_in_threadpool(self._receive_part, part, sender) for part in parts]
+            return JSONResponse(stow_response(outcome), 200 if all(ok for ok, _ in outcome) else
+                                202 if any(ok for ok, _ in outcome) else 409,
+                                media_type="application/dicom+json")
+
+        return Starlette(routes=[Route("/studies", store, methods=["POST"]),
+                                 Route("/studies/{study}", store, methods=["POST"])])
+
+    def _receive_part(self, part: bytes, sender: str) -> tuple[bool, Any]:
+        """One STOW-RS part through :meth:`receive`: (stored, the dataset or None)."""
+        from io import BytesIO
+
+        import pydicom
+
         try:
-            for ds in datasets:
-                status = assoc.send_c_store(ds)
-                if not status or status.Status != SUCCESS:
-                    raise ConnectionError(f"forward: {ds.SOPInstanceUID} not stored")
-        finally:
-            assoc.release()
+            dataset = pydicom.dcmread(BytesIO(part))
+        except Exception:  # not DICOM
+            return False, None
+        uid = str(dataset.get("SOPInstanceUID", ""))
+        if str(dataset.get("SOPClassUID", "")) not in CHEST_STORAGE:
+            log.warning("refused %s from %s: not a CR, DX or Secondary Capture instance", printable(uid, 64), sender)
+            return False, dataset
+        return self.receive(uid, dataset, part, sender) == SUCCESS, dataset
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, block: bool = False):
@@ -195,9 +482,11 @@ class Listener:
             ae.require_calling_aet = list(self.allow)
         ae.maximum_pdu_size = 0
         self.recover()
-        self._worker = threading.Thread(target=self._work, name="pneumoscan-listen-worker", daemon=True)
-        self._worker.start()
-        handlers = [(evt.EVT_C_STORE, self.handle_store)]
+        for target, name in ((self._work, "worker"), (self._forward_loop, "forward")):
+            thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected)]
         log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
         self._server = ae.start_server((self.host, self.port), block=block, evt_handlers=handlers)
         return self._server
@@ -205,6 +494,41 @@ class Listener:
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+        self._stopping.set()
         self._queue.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)
+        if self._sink is not None:
+            self._sink.__exit__(None, None, None)
+
+
+def multipart_parts(content_type: str, body: bytes) -> list[bytes] | None:
+    """The parts of a ``multipart/related`` body (RFC 2387), by the standard library's MIME
+    parser; None when it is not one."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        return None
+    return [part.get_payload(decode=True) or b"" for part in message.iter_parts()]
+
+
+def stow_response(outcome: list[tuple[bool, Any]]) -> dict[str, Any]:
+    """The STOW-RS answer in DICOM JSON: Referenced SOP Sequence (0008,1199) for what was stored,
+    Failed SOP Sequence (0008,1198) with Failure Reason 0xC000 for the rest."""
+    def item(dataset: Any, reason: int | None) -> dict[str, Any]:
+        entry = {"00081150": {"vr": "UI", "Value": [str(dataset.get("SOPClassUID", ""))]} if dataset else {"vr": "UI"},
+                 "00081155": {"vr": "UI", "Value": [str(dataset.get("SOPInstanceUID", ""))]} if dataset else {"vr": "UI"}}
+        if reason is not None:
+            entry["00081197"] = {"vr": "US", "Value": [reason]}
+        return entry
+
+    answer: dict[str, Any] = {}
+    stored = [item(ds, None) for ok, ds in outcome if ok]
+    failed = [item(ds, CANNOT_UNDERSTAND) for ok, ds in outcome if not ok]
+    if stored:
+        answer["00081199"] = {"vr": "SQ", "Value": stored}
+    if failed:
+        answer["00081198"] = {"vr": "SQ", "Value": failed}
+    return answer

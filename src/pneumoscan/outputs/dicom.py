@@ -85,19 +85,70 @@ def derived_uid(source_uid: str, kind: str, *parts: str) -> str:
 def read_source(path: str | Path) -> pydicom.Dataset:
     """The source's header (no pixels), checked for what the results must reference."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with warnings.catch_warnings(action="ignore", category=UserWarning):  # they quote tag values
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            conform_copied(ds)
     except Exception as exc:  # pydicom raises many kinds for non-DICOM input
         raise DicomOutputError(f"{Path(path).name}: not a DICOM file, no DICOM results") from exc
     missing = [k for k in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
                            "Columns") if k not in ds]
     if missing:
         raise DicomOutputError(f"{Path(path).name}: no DICOM results: the source lacks {', '.join(missing)}")
-    if "PatientAge" in ds and not _AGE.match(str(ds.PatientAge)):
-        del ds.PatientAge  # an invalid value (e.g. "62") would make every result invalid too
     for keyword in TYPE2_PATIENT_STUDY:  # Type 2: must be present in the results, may be empty
         if keyword not in ds:
             setattr(ds, keyword, "")
     return ds
+
+
+#: Patient and study attributes the results copy that are not Type 2 (an invalid one is dropped).
+TYPE3_COPIED = ("PatientAge", "PatientSize", "PatientWeight", "StudyDescription")
+_SEX = {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "O": "O", "OTHER": "O"}
+
+
+def repaired(vr: str, keyword: str, value: Any) -> Any:
+    """A common non-conformant value in its DICOM form (``1970-02-28`` → ``19700228``,
+    ``12:30`` → ``1230``, ``female`` → ``F``), or None when it has none."""
+    text = str(value).strip()
+    if keyword == "PatientSex":
+        return _SEX.get(text.upper())
+    if vr == "DA" and (m := re.fullmatch(r"(\d{4})[-/.]?(\d{2})[-/.]?(\d{2})", text)):
+        import datetime
+
+        try:
+            return datetime.date(*(int(g) for g in m.groups())).strftime("%Y%m%d")
+        except ValueError:
+            return None
+    if vr == "TM" and (m := re.fullmatch(r"(\d{2}):?(\d{2})?(?::?(\d{2}(?:\.\d{1,6})?))?", text)):
+        return "".join(g for g in m.groups() if g)
+    return None
+
+
+def conform_copied(ds: pydicom.Dataset) -> None:
+    """Make the patient and study values the results copy conform to their VR, in place, as DICOM
+    allows: a common spelling repaired (:func:`repaired`), else a Type 2 value emptied and a Type
+    3 one dropped. Values are never echoed (pydicom's warnings would quote them). An over-long
+    identifier is kept as it is: shortening it would file the results under another patient."""
+    from pydicom import config
+    from pydicom.valuerep import validate_value
+
+    for keyword in (*TYPE2_PATIENT_STUDY, *TYPE3_COPIED):
+        if keyword not in ds or ds[keyword].VR in ("PN", "LO", "SH", "UI") or ds[keyword].value in (None, ""):
+            continue
+        element = ds[keyword]
+        try:
+            if keyword == "PatientAge" and not _AGE.match(str(element.value)):
+                raise ValueError("age")
+            if keyword == "PatientSex" and str(element.value) not in ("M", "F", "O"):
+                raise ValueError("sex")
+            validate_value(element.VR, element.value, config.RAISE)
+        except (ValueError, TypeError):
+            fixed = repaired(element.VR, keyword, element.value)
+            if fixed is not None:
+                element.value = fixed
+            elif keyword in TYPE2_PATIENT_STUDY:
+                element.value = ""
+            else:
+                del ds[keyword]
 
 
 def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None):
@@ -230,6 +281,9 @@ def overlay_sc(source: pydicom.Dataset, picture_rgb: np.ndarray, models: str):
     else:
         sc.Laterality = ""  # unknown body part: present and empty, as Type 2C allows
     sc.DerivationDescription = "PneumoScan overlay: lung contour, crop box, Grad-CAM; research use only"
+    reference = pydicom.Dataset()  # the film it was made from (General Image module, Type 3)
+    reference.ReferencedSOPClassUID, reference.ReferencedSOPInstanceUID = source.SOPClassUID, source.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
     return sc
 
 
@@ -241,8 +295,7 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
     source = read_source(path)
     models = f"{predictor.segmenter.meta.get('sha256', '')}{predictor.classifier.meta.get('sha256', '')}"
     quality = prediction.quality or {}
-    with warnings.catch_warnings():  # highdicom's note on the source's own (anonymised) patient name
-        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+    with warnings.catch_warnings(action="ignore", category=UserWarning):  # they quote the source's values
         try:
             out = {"sc": overlay_sc(source, cv2.cvtColor(picture_bgr, cv2.COLOR_BGR2RGB), models)}
             if prediction.probabilities is not None and quality.get("frontal_chest") and not quality.get("forced"):
@@ -253,8 +306,13 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
                 out["seg"] = lung_seg(source, prediction.mask, predictor.segmenter.meta)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # what highdicom finds wanting
             raise DicomOutputError(f"{Path(path).name}: the source lacks what DICOM results need "
-                                   f"({type(exc).__name__}: {str(exc)[:160]})") from exc
+                                   f"({type(exc).__name__}: {unquoted(str(exc))[:160]})") from exc
     return out
+
+
+def unquoted(message: str) -> str:
+    """A library's message without the values it quotes (they may be the patient's)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
 
 
 def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray,
@@ -272,7 +330,8 @@ def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np
     for kind, dataset in dicom_results(path, prediction, predictor, picture_bgr).items():
         target = out / f"{dataset.SOPInstanceUID}_{kind}.dcm"
         buffer = BytesIO()
-        pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
+        with warnings.catch_warnings(action="ignore", category=UserWarning):  # e.g. an over-long PatientID
+            pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
         atomic_write_bytes(target, buffer.getvalue())
         written[kind] = target
     return written
