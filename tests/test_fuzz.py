@@ -242,3 +242,43 @@ def test_concurrent_huge_header_pngs_get_4xx(client):
         codes = list(pool.map(lambda k: client.post("/v1/predict", files={"file": ("h.png", absurd[k % 3])}).status_code,
                               range(24)))
     assert set(codes) <= {400, 503}, codes
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(data=mutated(), suffix=st.sampled_from([".png", ".jpg", ".dcm", ""]))
+def test_file_reader_never_fails_otherwise(tmp_path_factory, data, suffix):
+    """The file path: size and DICOM header checked before the bytes are read."""
+    from pneumoscan.io import read_xray
+
+    path = tmp_path_factory.mktemp("f") / f"x{suffix}"
+    path.write_bytes(data)
+    try:
+        image = read_xray(path)
+    except XrayReadError:
+        return
+    assert image.pixels.dtype == np.float32 and np.isfinite(image.pixels).all()
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(name=st.text(max_size=60), error=st.one_of(st.none(), st.text(max_size=60)))
+def test_any_name_makes_one_safe_csv_row(name, error):
+    """Any file name or error text: one CSV row that reads back as written, no formula cell."""
+    import csv
+
+    from pneumoscan.labels import LABELS
+    from pneumoscan.outputs.writer import CSV_TAIL, csv_line, csv_row, from_spreadsheet_safe
+
+    record = {"path": name, "probabilities": None, "findings": None, "not_assessed": None, "quality": None,
+              "box": None, "error": error}
+    (row,) = list(csv.reader(io.StringIO(csv_line(csv_row(record)), newline="")))
+    assert len(row) == 1 + len(LABELS) + len(CSV_TAIL) and from_spreadsheet_safe(row[0]) == name
+    assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row)
+
+
+@settings(max_examples=SLOW_EXAMPLES, **COMMON)
+@given(clinical=st.one_of(st.text(max_size=200), st.just("[" * 50_000), st.just('{"a": ' * 3000)),
+       age=st.one_of(st.none(), st.text(max_size=10)))
+def test_server_patient_fields_answer_4xx_never_500(client, clinical, age):
+    data = {"clinical": clinical} | ({"age": age} if age is not None else {})
+    response = client.post("/v1/predict?images=false", files={"file": ("f.png", SEEDS["png8"])}, data=data)
+    assert response.status_code in (200, 400, 422), response.text

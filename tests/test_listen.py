@@ -319,3 +319,31 @@ def test_forwards_wait_for_a_target_that_is_down_and_a_refused_sop_class_is_fina
         assert sorted(line.split("\t")[0].rsplit("_", 1)[1] for line in refused) == ["seg.dcm", "sr.dcm"]
     log = (tmp_path / "out.log").read_text()
     assert "waits" in log and "refused for good" in log and log.count("forwarded 1 result object") == 2
+
+
+def test_stow_rs_door_takes_films_and_refuses_the_rest_per_part(tmp_path):
+    """DICOMweb in: the same checks as C-STORE, answered per part in the STOW-RS response."""
+    from starlette.testclient import TestClient
+
+    from pneumoscan.apps.listen import Listener
+
+    film, other = _films(tmp_path / "films", 2)
+    own = pydicom.dcmread(other)
+    own.Manufacturer = "PneumoScan"  # as if one of its results came back
+    own_path = tmp_path / "own.dcm"
+    own.save_as(own_path)
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool")
+    boundary = "pneumoscan-test"
+    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
+                    for data in (film.read_bytes(), b"not dicom at all", own_path.read_bytes()))
+    body += f"--{boundary}--\r\n".encode()
+    with TestClient(listener.stow_app()) as http:
+        response = http.post("/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        assert response.status_code == 202, response.text
+        answer = response.json()
+        stored = [item["00081155"]["Value"][0] for item in answer["00081199"]["Value"]]
+        assert stored == [pydicom.dcmread(film).SOPInstanceUID] and len(answer["00081198"]["Value"]) == 2
+        assert all(item["00081197"]["Value"] == [0xC000] for item in answer["00081198"]["Value"])
+        assert http.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"}).status_code == 415
+    assert [p.name for p in listener.spool.iterdir()] == [f"{stored[0]}.dcm"]
