@@ -4,13 +4,16 @@ real NIH PNGs, plus the time to refuse an over-limit upload.
     python benchmarks/server_load.py [--clients 4] [--requests 25]
     python benchmarks/server_load.py --clients 8 --duration 60
     python benchmarks/server_load.py --clients 48 --requests 3 --huge     # the memory attack
+    python benchmarks/server_load.py --clients 48 --requests 3 --slow 9   # with slow-upload senders
 
 Starts the server in a subprocess on a free port, posts /v1/predict (Grad-CAM of the top finding,
 inline images), and prints the answers by HTTP status, latency p50/p95, the server's RSS before,
 after and at its peak (sampled every 0.1 s), and the latency of /health polled every 50 ms during
 the run. ``--huge``: every other request is a small PNG that declares 7,900 × 7,900 pixels (a real,
 valid file of a 62 M-pixel grey ramp, about 100 KB), which must be decoded in full (about 0.3 GB
-as float32) and then goes through segmentation and the input gate.
+as float32) and then goes through segmentation and the input gate. ``--slow N``: N more senders
+that each declare a 100 KB upload and send one byte every 5 s (reconnecting when cut off) for
+the whole run; their answers (408 expected) are counted apart.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds; overrides --requests")
     parser.add_argument("--huge", action="store_true", help="mix in huge-header PNGs")
     parser.add_argument("--workers", type=int, default=None, help="the server's --workers (default: its own)")
+    parser.add_argument("--slow", type=int, default=0, help="slow senders (one byte every 5 s) during the run")
     args = parser.parse_args()
     import cv2
 
@@ -101,13 +105,36 @@ def main() -> None:
                     out.append((status, time.perf_counter() - start))
             return out
 
+        slow_answers: list[bytes] = []
+
+        def slow_sender() -> None:  # declares 100 KB, sends a byte every 5 s, reconnects when cut off
+            while running:
+                with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+                    sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
+                                 b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+                    try:
+                        while running:
+                            sock.sendall(b"x")
+                            time.sleep(5)
+                    except OSError:
+                        pass
+                    try:
+                        slow_answers.append(sock.recv(100).split(b"\r\n", 1)[0])
+                    except OSError as exc:
+                        slow_answers.append(type(exc).__name__.encode())
+
         watcher = concurrent.futures.ThreadPoolExecutor(1).submit(watch)
+        slow_pool = concurrent.futures.ThreadPoolExecutor(max(1, args.slow))
+        slow = [slow_pool.submit(slow_sender) for _ in range(args.slow)]
+        time.sleep(1 if args.slow else 0)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
             results = [x for chunk in pool.map(client, range(args.clients)) for x in chunk]
         took = time.perf_counter() - start
         running = False
         watcher.result()
+        for future in slow:
+            future.result()
         after = rss_mb(server.pid)
         big = b"\x89PNG" + bytes(40 * 2**20)
         t0 = time.perf_counter()
@@ -125,6 +152,9 @@ def main() -> None:
     print(f"/health during the run: {len(health)} polls, p50 {np.percentile(health, 50) * 1000:.0f} ms, "
           f"p95 {np.percentile(health, 95) * 1000:.0f} ms, max {max(health) * 1000:.0f} ms")
     print(f"server RSS peak {max(peak):.0f} MB")
+    if args.slow:
+        answers = {a.decode(errors="replace"): slow_answers.count(a) for a in sorted(set(slow_answers))}
+        print(f"{args.slow} slow senders (a byte every 5 s): answers {answers}")
     print(f"latency of 200s p50 {np.nanpercentile(latencies, 50):.2f} s, p95 {np.nanpercentile(latencies, 95):.2f} s, "
           f"max {np.nanmax(latencies):.2f} s")
     print(f"server RSS {before:.0f} MB after warm-up, {after:.0f} MB after the run; during the run: "

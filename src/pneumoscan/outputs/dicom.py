@@ -65,6 +65,7 @@ CTR_METHOD = Code("CTR_MASK_WIDTHS", SCHEME, "Heart mask width / two-lung mask w
 SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
           "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
 _AGE = re.compile(r"^\d{3}[DWMY]$")
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
@@ -94,6 +95,8 @@ def read_source(path: str | Path) -> pydicom.Dataset:
                            "Columns") if k not in ds]
     if missing:
         raise DicomOutputError(f"{Path(path).name}: no DICOM results: the source lacks {', '.join(missing)}")
+    if "Modality" not in ds and ds.SOPClassUID == SECONDARY_CAPTURE:
+        ds.Modality = "OT"  # Type 1, left out by some converters (dcmtk's img2dcm): "other", as SC allows
     for keyword in TYPE2_PATIENT_STUDY:  # Type 2: must be present in the results, may be empty
         if keyword not in ds:
             setattr(ds, keyword, "")
@@ -311,8 +314,15 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
 
 
 def unquoted(message: str) -> str:
-    """A library's message without the values it quotes (they may be the patient's)."""
-    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
+    """A library's message without the values it quotes (they may be the patient's); DICOM
+    keywords (``'Modality'``) stay, they say what is missing."""
+    from pydicom.datadict import tag_for_keyword
+
+    def keep(match: re.Match) -> str:
+        text = match.group()[1:-1]
+        return match.group() if tag_for_keyword(text) is not None or text.endswith("Dataset") else "'…'"
+
+    return re.sub(r"'[^']*'|\"[^\"]*\"", keep, message)
 
 
 def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray,
