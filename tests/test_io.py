@@ -424,3 +424,13 @@ def test_a_window_narrower_than_one_grey_step_is_refused(tmp_path, width, functi
     ds.WindowWidth = 400  # a sane window on the same film reads
     ds.save_as(tmp_path / "w.dcm")
     assert read_xray(tmp_path / "w.dcm").meta["windowed"] == "window"
+
+
+def test_an_undecodable_optional_tag_does_not_stop_a_read(tmp_path):
+    """Found by the 10,000-input campaign: Manufacturer with an unknown VR ('MO') raised
+    NotImplementedError from the loop guard's look at the header."""
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    assert b"\x08\x00p\x00LO" in data
+    (tmp_path / "mo.dcm").write_bytes(data.replace(b"\x08\x00p\x00LO", b"\x08\x00p\x00MO", 1))
+    image = read_xray(tmp_path / "mo.dcm")
+    assert image.meta["made_by_pneumoscan"] is False and image.pixels.shape == (64, 64)

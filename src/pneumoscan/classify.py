@@ -193,20 +193,23 @@ def load_imagenet(model: ChestClassifier, weights: str | Path | None = None) -> 
             "tensors_required": len(required)}
 
 
-class Classifier:
-    """A trained :class:`ChestClassifier` with its metadata (labels, input size, and per label
-    whether it was shown to be learnt and its threshold).
+class ScoringClassifier:
+    """What every backend shares: the metadata (labels, input size, per label whether it was
+    shown to be learnt and its threshold), batching, the fused head and the findings. A backend
+    implements the runtime protocol: :attr:`backend`, :meth:`_plain_probs` (plain model: crops →
+    probabilities), :meth:`_global_maps` (crops → the last block's feature maps),
+    :meth:`_local_pooled` (AG-CNN's local branch), :meth:`_head_modules` (the fused head and the
+    clinical encoder) and :meth:`gradcam`. :class:`Classifier` is PyTorch's;
+    :class:`pneumoscan.backends.onnx.OnnxClassifier` is ONNX Runtime's.
 
     ``assessed[j]`` False means output j was never shown to work: callers must not report it as a
     finding (torchxrayvision's convention for outputs its weights do not cover). A model file
     from before this field existed has every label unassessed, whatever thresholds it stored.
     """
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any]):
-        self.model = model.eval()
+    def __init__(self, meta: dict[str, Any]):
         self.meta = meta
         self.size = int(meta.get("input_size", DEFAULT_SIZE))
-        self.device = torch.device("cpu")
         architecture = meta.get("architecture") or {}
         self.arch = str(architecture.get("name", "densenet121"))
         self.attention_threshold = float(architecture.get("attention_threshold", 0.0))
@@ -215,6 +218,27 @@ class Classifier:
         self.cam_reference = None if reference is None else np.asarray(reference, np.float32)
         self._read_assessment()
 
+    # --- the runtime protocol ------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        raise NotImplementedError
+
+    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _global_maps(self, crops: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+        raise NotImplementedError
+
+    def _gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
+        raise NotImplementedError
+
+    # --- shared --------------------------------------------------------------------------------
     @property
     def fused(self) -> bool:
         """True for AG-CNN or patient information: the head reads more than the global branch."""
@@ -225,16 +249,6 @@ class Classifier:
         """True when the model learnt from lung-masked crops (0 outside the lung mask): every
         caller must then crop with ``masked=True`` (:func:`pneumoscan.crop.segment_and_crop`)."""
         return bool((self.meta.get("preprocessing") or {}).get("lung_mask", False))
-
-    @property
-    def backend(self) -> str:
-        return f"torch ({self.device})"
-
-    def to(self, device: str | torch.device) -> Classifier:
-        """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
-        self.device = resolve_device(device)
-        self.model = place(self.model, self.device)
-        return self
 
     def _read_assessment(self) -> None:
         """``assessed`` and ``thresholds`` (NaN where not assessed) from the metadata."""
@@ -279,26 +293,12 @@ class Classifier:
         """Assessed labels at or above their threshold, for one row of probabilities."""
         return [label for label, p, t, a in zip(LABELS, probs, self.thresholds, self.assessed) if a and p >= t]
 
-    @classmethod
-    def load(cls, path: str | Path) -> Classifier:
-        state, meta = load_model(path, kind=KIND, labels=LABELS)
-        arch = str((meta.get("architecture") or {}).get("name", "densenet121"))
-        try:
-            model = ChestClassifier(hidden=int(meta.get("hidden", 1000)), dropout=float(meta.get("dropout", 0.4)),
-                                    arch=arch, clinical=ClinicalSpec.from_dict(meta["clinical"])
-                                    if meta.get("clinical") else None)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ModelFileError(f"{path}: its architecture cannot be built ({exc})") from exc
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({arch}"
-                                 f"{' + patient information' if meta.get('clinical') else ''}: "
-                                 f"missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return cls(model, meta)
-
-    def save(self, path: str | Path, *, half: bool = False) -> dict[str, Any]:
-        meta = {**self.meta, "kind": KIND, "labels": list(LABELS), "input_size": self.size}
-        return save_model(path, self.model.state_dict(), meta, half=half)
+    def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
+        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1]); a fused model's comes from
+        :meth:`predict_and_explain`, which has its other inputs."""
+        if self.fused:
+            raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
+        return self._gradcam(crop, class_index)
 
     def predict_proba(self, crops: np.ndarray, batch_size: int = 16, *, local_from: LocalFrom | None = None,
                       codes: np.ndarray | None = None) -> np.ndarray:
@@ -315,11 +315,6 @@ class Classifier:
             shifted = None if local_from is None else (lambda i, box, s=start: local_from(s + i, box))
             out.append(self._fused(part, None, shifted, None if codes is None else codes[start:start + batch_size])[0])
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
-
-    @torch.inference_mode()
-    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
-        return torch.sigmoid(run(self.model, x, self.device)).float().numpy()
 
     def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
                             local_from: LocalFrom | None = None, codes: np.ndarray | None = None
@@ -363,6 +358,52 @@ class Classifier:
                  for m, p, r in zip(maps, probs, rest)]
         return probs, heats, boxes
 
+
+class Classifier(ScoringClassifier):
+    """A trained :class:`ChestClassifier` in PyTorch, with its metadata; the one that can be
+    saved, trained further and exported."""
+
+    def __init__(self, model: nn.Module, meta: dict[str, Any]):
+        super().__init__(meta)
+        self.model = model.eval()
+        self.device = torch.device("cpu")
+
+    @property
+    def backend(self) -> str:
+        return f"torch ({self.device})"
+
+    def to(self, device: str | torch.device) -> Classifier:
+        """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
+        self.device = resolve_device(device)
+        self.model = place(self.model, self.device)
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> Classifier:
+        state, meta = load_model(path, kind=KIND, labels=LABELS)
+        arch = str((meta.get("architecture") or {}).get("name", "densenet121"))
+        try:
+            model = ChestClassifier(hidden=int(meta.get("hidden", 1000)), dropout=float(meta.get("dropout", 0.4)),
+                                    arch=arch, clinical=ClinicalSpec.from_dict(meta["clinical"])
+                                    if meta.get("clinical") else None)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelFileError(f"{path}: its architecture cannot be built ({exc})") from exc
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({arch}"
+                                 f"{' + patient information' if meta.get('clinical') else ''}: "
+                                 f"missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return cls(model, meta)
+
+    def save(self, path: str | Path, *, half: bool = False) -> dict[str, Any]:
+        meta = {**self.meta, "kind": KIND, "labels": list(LABELS), "input_size": self.size}
+        return save_model(path, self.model.state_dict(), meta, half=half)
+
+    @torch.inference_mode()
+    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
+        return torch.sigmoid(run(self.model, x, self.device)).float().numpy()
+
     @torch.inference_mode()
     def _global_maps(self, crops: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
@@ -377,13 +418,8 @@ class Classifier:
         """The fused head and the clinical encoder (where the model is)."""
         return self.model.head, self.model.clinical
 
-    def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
-        """Grad-CAM of one S×S crop for one class (S×S, in [0, 1]); a fused model's comes from
-        :meth:`predict_and_explain`, which has its other inputs."""
+    def _gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         from pneumoscan.explain import GradCAM
-
-        if self.fused:
-            raise ValueError("a fused model's Grad-CAM needs its other inputs: use predict_and_explain")
 
         x = torch.from_numpy(np.ascontiguousarray(crop, np.float32))[None, None].to(self.device)
         with GradCAM(self.model, reference=self.cam_reference) as cam:

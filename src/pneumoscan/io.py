@@ -249,10 +249,19 @@ def colour_fraction(rgb: np.ndarray) -> float:
     return round(float((spread > step).mean()), 4)
 
 
+def tag_value(ds: Any, keyword: str, default: Any = None) -> Any:
+    """A header value, or ``default`` when the element cannot be decoded (an unknown VR, a broken
+    encoding): one damaged optional tag never stops a read."""
+    try:
+        return ds.get(keyword, default)
+    except Exception:  # pydicom converts lazily and raises many kinds
+        return default
+
+
 def made_by_pneumoscan(ds: Any) -> bool:
     """Whether a DICOM header is one of PneumoScan's own results (its manufacturer, or its
     derivation or series description): never a film to score, so results never loop."""
-    texts = (ds.get("Manufacturer"), ds.get("DerivationDescription"), ds.get("SeriesDescription"))
+    texts = (tag_value(ds, k) for k in ("Manufacturer", "DerivationDescription", "SeriesDescription"))
     return any(str(t or "").strip().startswith("PneumoScan") for t in texts)
 
 
@@ -369,12 +378,12 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         "bit_depth": _as_int(ds.get("BitsStored", ds.get("BitsAllocated", 0)), 0),
         "mode": None,
         "photometric": photometric,
-        "view_position": code_string(ds.get("ViewPosition")),
-        "modality": code_string(ds.get("Modality")),
-        "body_part": code_string(ds.get("BodyPartExamined")),
+        "view_position": code_string(tag_value(ds, "ViewPosition")),
+        "modality": code_string(tag_value(ds, "Modality")),
+        "body_part": code_string(tag_value(ds, "BodyPartExamined")),
         # Patient information a model may fuse (pneumoscan.clinical); never in outputs.
-        "patient_age": code_string(ds.get("PatientAge")),
-        "patient_sex": code_string(ds.get("PatientSex")),
+        "patient_age": code_string(tag_value(ds, "PatientAge")),
+        "patient_sex": code_string(tag_value(ds, "PatientSex")),
         "transfer_syntax": tsyntax_name,
         "inverted": inverted,
         "windowed": windowed if windowed != "colour" else False,

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pneumoscan.classify import Classifier
+from pneumoscan.classify import Classifier, ScoringClassifier
 from pneumoscan.clinical import values_from
 from pneumoscan.crop import Cropped, apply_box, box_in_original, local_crop, read_segment_crop
 from pneumoscan.explain import cam_summary, place_on_original, within_lungs
@@ -115,7 +115,7 @@ def load_heart(path: str | Path | None = None, device: str = "cpu") -> HeartSegm
 
 def load_models(seg: str | Path | None = None, cls_model: str | Path | None = None, *, backend: str = "auto",
                 device: str = "cpu", progress: Callable[[str], None] | None = None
-                ) -> tuple[LungSegmenter, Classifier]:
+                ) -> tuple[LungSegmenter, ScoringClassifier]:
     """The lung model and the classifier, verified from their files, then on ``backend``:
     ``onnx`` (ONNX Runtime, exported once per model pair into the per-user cache), ``torch``
     (PyTorch on ``device``), or ``auto``: ONNX Runtime on the CPU when it is installed (about
@@ -166,7 +166,7 @@ def matching_check(lung_model_sha256: str | None) -> FrontalCheck | None:
 class Predictor:
     """Lung segmenter + classifier, with Grad-CAM on request."""
 
-    def __init__(self, segmenter: LungSegmenter, classifier: Classifier, *, allow_model_mismatch: bool = False,
+    def __init__(self, segmenter: LungSegmenter, classifier: ScoringClassifier, *, allow_model_mismatch: bool = False,
                  frontal_check: FrontalCheck | None = None, heart: HeartSegmenter | None = None):
         trained_on = (classifier.meta.get("preprocessing") or {}).get("segmentation_model_sha256")
         used = segmenter.meta.get("weights_sha256")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoscan.classify import Classifier, check_crops
+from pneumoscan.classify import Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
@@ -192,14 +192,25 @@ class OnnxLungSegmenter(LungSegmenter):
         logits = self.session.run(None, {"image": x})[0][:, 0]
         return sigmoid(logits)
 
+    def save(self, path: str | Path, **_: Any) -> dict[str, Any]:
+        raise TypeError("an ONNX Runtime segmenter holds no PyTorch weights to save; save the model file it "
+                        "was exported from")
 
-class OnnxClassifier(Classifier):
-    """The classifier through ONNX Runtime, with Grad-CAM from the forward pass alone. A fused
-    model (AG-CNN, patient information) runs its graphs for the feature maps and its small head
-    here, through :meth:`Classifier._fused`, the code the PyTorch path runs."""
+    def to(self, device: str | torch.device) -> OnnxLungSegmenter:
+        if str(device) != "cpu":
+            raise ValueError("the ONNX Runtime backend runs on the CPU; use --backend torch for a GPU")
+        return self
+
+
+class OnnxClassifier(ScoringClassifier):
+    """The classifier through ONNX Runtime (the runtime protocol of
+    :class:`~pneumoscan.classify.ScoringClassifier`), with Grad-CAM from the forward pass alone. A
+    fused model (AG-CNN, patient information) runs its graphs for the feature maps and its small
+    head here, through the shared fused path the PyTorch backend runs. It has no PyTorch network:
+    nothing to save or train."""
 
     def __init__(self, folder: Path, meta: dict[str, Any], head: dict[str, list]):
-        super().__init__(nn.Identity(), meta)
+        super().__init__(meta)
         self.session = ort_session(folder / "classifier.onnx")
         self.local_session = ort_session(folder / "local.onnx") if self.arch == "agcnn" else None
         w1 = torch.tensor(head["w1"])
@@ -235,9 +246,7 @@ class OnnxClassifier(Classifier):
     def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
         return self.head, self.encoder
 
-    def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
-        if self.fused:
-            return super().gradcam(crop, class_index)  # refuses, saying why
+    def _gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         features = self._global_maps(crop[None])
         return cam_from_features(features, self.head, class_index, crop.shape, reference=self.cam_reference)[0]
 

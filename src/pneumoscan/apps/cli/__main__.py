@@ -1,0 +1,5 @@
+"""``python -m pneumoscan.apps.cli``."""
+
+from pneumoscan.apps.cli import app
+
+app()

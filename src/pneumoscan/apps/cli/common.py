@@ -1,0 +1,161 @@
+"""What every command shares: the Typer app, one-line errors, tables, input discovery, the output
+folder check and loading the Predictor."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+app = typer.Typer(
+    help="PneumoScan: chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+console = Console(soft_wrap=True)
+
+
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never re-wrapped
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One clear line on stderr and a non-zero exit, never a traceback."""
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def print_table(title: str, frame) -> None:
+    """A rich table on a terminal; plain aligned text in logs and pipes (never truncated)."""
+    if not console.is_terminal:
+        console.print(f"{title}\n{frame.to_string(index=False)}", highlight=False)
+        return
+    table = Table(title=title, title_justify="left")
+    for column in frame.columns:
+        table.add_column(str(column), justify="left" if frame[column].dtype == object else "right")
+    for values in frame.itertuples(index=False):
+        table.add_row(*(str(v) for v in values))
+    console.print(table)
+
+
+def need_extra(extra: str, what: str, *modules: str) -> None:
+    """A one-line usage error naming the extra to install when one of ``modules`` is missing."""
+    from importlib.util import find_spec
+
+    if any(find_spec(module) is None for module in modules):
+        fail(f"{what} needs the {extra} extra: pip install 'pneumoscan[{extra}]'")
+
+
+BackendOption = Annotated[str, typer.Option(
+    help="auto (ONNX Runtime on the CPU when installed, exported once per model pair into the user "
+         "cache; else PyTorch), onnx or torch.")]
+
+
+DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
+
+
+def _print_version(value: bool) -> None:
+    """``--version``: answered before any command is required (an eager option)."""
+    if value:
+        from pneumoscan import __version__
+
+        console.print(f"pneumoscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
+) -> None:
+    """PneumoScan: chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM."""
+
+
+Dir = Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, dir_okay=True)]
+
+
+def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, device: str,
+                   allow_model_mismatch: bool, onnx: Path | None = None):
+    """The one Predictor the commands share; a clear one-line error for anything that stops it."""
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.predict import Predictor
+
+    def told(message: str) -> None:
+        err.print(escape(message), highlight=False)
+
+    try:
+        if onnx:
+            return Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch)
+        return Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch,
+                                    backend=backend, device=device, progress=told)
+    except (ModelFileError, FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}
+
+
+def is_regular(path: Path) -> bool:
+    """Only regular files are read: a FIFO or device named x.png would block or never end."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
+def expand_inputs(paths: list[Path], skip: Path | None = None) -> list[Path]:
+    """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
+    or by the DICOM magic for files without one), leaving out the folder ``skip`` (the run's own
+    output: its overlays are not films). Anything but a regular file is skipped, said."""
+    from pneumoscan.io import display_name, is_dicom_file
+
+    found: list[Path] = []
+    skip = skip.resolve() if skip is not None else None
+    for path in paths:
+        candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
+        if path.is_dir() and skip is not None:
+            candidates = [p for p in candidates if not p.resolve().is_relative_to(skip)]
+        for p in candidates:
+            if not p.exists():
+                found.append(p)  # reported per file as unreadable, the batch goes on
+            elif not is_regular(p):
+                if not p.is_dir():
+                    err.print(f"[yellow]skipped:[/] {escape(display_name(p))}: not a regular file", highlight=False)
+            elif path.is_dir() and p.suffix.lower() not in IMAGE_SUFFIXES and not (
+                    p.suffix.lower() in ("", ".dicom", ".ima") and is_dicom_file(p)):
+                continue
+            else:
+                found.append(p)
+    return found
+
+
+def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
+    """The image files to process (or a clean exit when there are none) and a ready output folder."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder (it is created if missing)")
+    files = expand_inputs(paths, skip=out)
+    if not files:
+        fail("no PNG, JPEG or DICOM files found in the given paths")
+    ensure_writable(out, "--out")
+    return files
+
+
+def ensure_writable(folder: Path, option: str) -> None:
+    """Create ``folder`` and prove it takes a byte (read-only mounts, full disks and permissions
+    all show here, before any film is read), else a one-line usage error."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"x")
+            probe.flush()
+    except OSError as exc:
+        fail(f"cannot write to {option} {folder}: {exc.strerror or exc}")

@@ -1,0 +1,282 @@
+"""Running the models over files: ``predict`` (one process or Ray) and ``segment``; every record goes
+through the one result writer (:mod:`pneumoscan.outputs.writer`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from pneumoscan.apps.cli.common import (
+    BackendOption,
+    DeviceOption,
+    app,
+    console,
+    ensure_writable,
+    err,
+    fail,
+    gather_inputs,
+    load_predictor,
+    need_extra,
+)
+
+
+@app.command()
+def segment(
+    images: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
+    out: Annotated[Path, typer.Option(help="Folder for masks, overlays and segment.jsonl.")],
+    model: Annotated[Optional[Path], typer.Option(help="Lung model file; the shipped one if omitted.")] = None,
+    heart_model: Annotated[Optional[Path], typer.Option(help="Heart model file; the shipped one if omitted.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Lung mask (NAME_mask.png), heart mask (NAME_heart.png), overlay and crop box for each X-ray,
+    with the cardiothoracic ratio; unreadable files are reported, not fatal."""
+    import json
+
+    import cv2
+    import numpy as np
+    from tqdm import tqdm
+
+    from pneumoscan.crop import read_segment_crop
+    from pneumoscan.io import display_name
+    from pneumoscan.measure import cardiothoracic_ratio
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.outputs.overlay import segmentation_overlay
+    from pneumoscan.predict import load_heart
+    from pneumoscan.segment import LungSegmenter, load_default
+
+    try:
+        segmenter = LungSegmenter.load(model) if model else load_default()
+        heart_segmenter = load_heart(heart_model)
+    except (ModelFileError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if heart_segmenter is None:
+        fail("no heart model is installed; give --heart-model FILE")
+    from pneumoscan.outputs.writer import output_stems
+
+    paths = gather_inputs(images, out)
+    stems = iter(output_stems(paths))
+    failures = 0
+    with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
+        # The crop itself is not needed here; it is the shared path's by-product (a resize).
+        for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
+            readable = [item for item in chunk if item.seg is not None]
+            hearts = iter(heart_segmenter.heart_masks(  # in chunk order, one per readable film
+                [item.image.pixels for item in readable],
+                np.stack([item.prepared for item in readable]) if readable else None))
+            for item in chunk:
+                record = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
+                          "cardiothoracic_ratio": None, "error": item.error}
+                seg, stem = item.seg, next(stems)
+                if seg is not None:
+                    heart = next(hearts)
+                    ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"),
+                                               lungs_found=not seg.fallback)
+                    record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
+                                  fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
+                                  cardiothoracic_ratio_reason=ctr.reason)
+                    try:  # a file is listed only once it is written
+                        for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", segmentation_overlay(
+                                item.image.pixels, seg.mask, seg.box, seg.fallback, heart))):
+                            if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
+                                raise OSError(f"could not write {stem}_{kind}.png")
+                            record[kind] = f"{stem}_{kind}.png"
+                    except (OSError, cv2.error) as exc:
+                        record["error"] = f"{item.source}: output not written ({exc})"
+                if record["error"] is not None:
+                    failures += 1
+                    err.print(f"[yellow]skipped:[/] {escape(record['error'])}", highlight=False)
+                log.write(json.dumps(record) + "\n")
+                bar.update(1)
+    done = len(paths) - failures
+    console.print(f"segmented {done} of {len(paths)} images → {out / 'segment.jsonl'}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def clinical_values(predictor, csv_path: Path | None, files: list[Path]) -> list[dict] | None:
+    """Per input, the patient information ``--clinical-csv`` gives for it (matched by file name);
+    None when there is no CSV. A model without clinical fields refuses a CSV it would ignore."""
+    from pneumoscan.clinical import ClinicalError, read_clinical_csv
+
+    if csv_path is None:
+        return None
+    spec = predictor.classifier.clinical
+    if spec is None:
+        fail("--clinical-csv was given, but this model does not use patient information")
+    try:
+        table = read_clinical_csv(csv_path, spec.names)
+    except ClinicalError as exc:
+        fail(str(exc))
+    missing = sum(1 for f in files if f.name not in table)
+    if missing:
+        err.print(f"[yellow]note:[/] {missing} of {len(files)} images have no row in {csv_path}: their fields "
+                  f"come from DICOM tags where there are any, else count as missing", highlight=False)
+    return [table.get(f.name) for f in files]
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
+    out: Annotated[Path, typer.Option(help="Folder for predictions and overlays.")] = Path("pneumoscan-out"),
+    cam: Annotated[Optional[str], typer.Option(help="Grad-CAM class: 'top' (most probable finding) or a class name.")] = "top",
+    fmt: Annotated[str, typer.Option("--format", help="json (predictions.jsonl) or csv (predictions.csv).")] = "json",
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(help="Run through ONNX Runtime from this export folder.")] = None,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "cpu",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    read_threads: Annotated[int, typer.Option(
+        min=0, help="Threads decoding files ahead of the models (on a GPU machine: about the CPU cores).")] = 2,
+    dicom_out: Annotated[Optional[Path], typer.Option(
+        help="Folder for DICOM results of DICOM inputs: SR (findings), SEG (lungs), Secondary Capture (overlay).")] = None,
+    ray: Annotated[Optional[str], typer.Option(
+        help="Run on Ray: 'local' (started here) or a cluster address; writes predictions.jsonl only, "
+             "resumable (files already in it are skipped).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="With --ray: predictor actors (one model copy each).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option(min=0, help="With --ray: GPUs per actor.")] = 0.0,
+    overlays: Annotated[bool, typer.Option(help="Write NAME_overlay.png per image.")] = True,
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        help="Run even if the classifier was trained on another lung model's crops.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Score images the input gate refuses as not frontal chest X-rays (marked in 'quality').")] = False,
+    clinical_csv: Annotated[Optional[Path], typer.Option(
+        help="Patient information for a model that fuses it: a CSV with a 'file' column (image file names) "
+             "and the model's fields (e.g. age, sex, view); DICOM tags fill what it lacks.")] = None,
+) -> None:
+    """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray.
+
+    Images that do not look like a frontal chest X-ray are not scored: their record says why
+    (quality.reasons) unless --force is given."""
+    from tqdm import tqdm
+
+    from pneumoscan.outputs.writer import (
+        FORMATS,
+        NoRoom,
+        Outputs,
+        RecordSink,
+        output_stems,
+        write_files,
+    )
+
+    if fmt not in FORMATS:
+        fail("--format must be json or csv")
+    if dicom_out:
+        need_extra("dicom", "--dicom-out", "highdicom")
+        ensure_writable(dicom_out, "--dicom-out")
+    predictor = load_predictor(seg_model, model, backend=backend, device=device,
+                               allow_model_mismatch=allow_model_mismatch, onnx=onnx)
+    try:
+        cam = predictor.cam_class(cam)
+    except ValueError as exc:
+        fail(str(exc))
+    files = gather_inputs(paths, out)
+    given = clinical_values(predictor, clinical_csv, files)
+    outputs = Outputs(out=out, fmt=fmt, overlays=overlays, dicom_out=dicom_out)
+    if ray is not None and given is not None:
+        fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
+    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": force}
+    if ray is not None:
+        return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
+                              seg_model=seg_model, model=model, backend=backend, device=device,
+                              batch_size=batch_size)
+    with RecordSink(outputs, run=run) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
+        results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays, force=force,
+                                         batch_size=batch_size, threads=read_threads, clinical=given)
+        try:
+            for path, stem, result in zip(files, output_stems(files), results):
+                try:
+                    record, full = write_files(result, path, stem, outputs, predictor), None
+                except NoRoom as exc:  # keep this film's record (its file error said), then stop
+                    record, full = exc.record, exc
+                sink.write(record)
+                tell(record, force)
+                bar.update(1)
+                if full:
+                    raise full
+        except OSError as exc:
+            bar.close()
+            stopped_writing(exc, sink.counts, len(files), outputs)
+    finish(sink.counts, len(files), outputs, force)
+
+
+def tell(record: dict, force: bool) -> None:
+    """One line on stderr for a record that failed, was refused, or lost a file."""
+    quality = record.get("quality") or {}
+    path = escape(str(record["path"]))
+    if record.get("error"):
+        err.print(f"[yellow]failed:[/] {escape(record['error'])}", highlight=False)
+    elif not quality.get("frontal_chest"):
+        verb = "scored anyway (--force)" if force else "refused"
+        err.print(f"[yellow]{verb}:[/] {path}: not a frontal chest X-ray: "
+                  f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
+    for key in ("overlay_error", "dicom_error"):
+        if record.get(key):
+            err.print(f"[yellow]failed:[/] {path}: {escape(record[key])}", highlight=False)
+
+
+def finish(counts: dict, total: int, outputs, force: bool, skipped: int = 0) -> None:
+    """The closing lines of ``predict`` (either way of running it) and its exit code."""
+    failures = counts["errors"] + counts["failed_files"]
+    console.print(f"{counts['written'] - failures} of {total - skipped} images → {outputs.target}"
+                  + (f" ({skipped} already there, skipped)" if skipped else "")
+                  + (f" (overlays in {outputs.out})" if outputs.overlays else "")
+                  + (f"; {counts['refused']} not frontal chest X-rays "
+                     f"({'scored anyway' if force else 'not scored; --force scores them'})" if counts["refused"] else ""))
+    if outputs.dicom_out:
+        console.print(f"DICOM results (SR, SEG, Secondary Capture) in {outputs.dicom_out}"
+                      + (f"; {counts['not_dicom']} input(s) are PNG/JPEG, which get no DICOM results"
+                         if counts["not_dicom"] else ""))
+    if failures:
+        raise typer.Exit(1)
+
+
+def stopped_writing(exc: OSError, counts: dict, total: int, outputs) -> None:
+    """A full or read-only output folder: one line saying what was kept, exit 1."""
+    fail(f"cannot write to {exc.filename or outputs.out}: {exc.strerror or exc}; stopped after {counts['written']} of {total} images, "
+         f"whose records are in {outputs.target}; make room and run again", 1)
+
+
+def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: int, gpus: float,
+                   seg_model: Path | None, model: Path | None, backend: str, device: str, batch_size: int) -> None:
+    """``predict --ray``: the same records and files, scored by an actor pool (each actor writes its
+    films' overlays and DICOM results), appended in input order. Resumable: films already recorded
+    by the same models and options are skipped, films that ended in an error are tried again, and
+    a file made by other models or options is refused (never mixed, never taken as done)."""
+    from tqdm import tqdm
+
+    from pneumoscan.apps.cluster import ClusterError, predict_records
+    from pneumoscan.io import display_name
+    from pneumoscan.outputs.writer import (
+        RecordSink,
+        check_resumable,
+        output_stems,
+        recorded_paths,
+    )
+
+    force = run["force"]
+    try:
+        check_resumable(outputs, run)
+    except ValueError as exc:
+        fail(str(exc))
+    done = recorded_paths(outputs.target)
+    todo = [(str(f), stem) for f, stem in zip(files, output_stems(files)) if display_name(f) not in done]
+    with RecordSink(outputs, append=True, run=run) as sink, \
+            tqdm(total=len(todo), unit="img", desc="predict (ray)") as bar:
+        try:
+            for record in predict_records(todo, outputs, address=ray, workers=workers, batch_size=batch_size,
+                                          seg=str(seg_model) if seg_model else None,
+                                          cls_model=str(model) if model else None, backend=backend,
+                                          device=device, gpus_per_worker=gpus, force=force):
+                sink.write(record)
+                tell(record, force)
+                bar.update(1)
+        except ClusterError as exc:
+            fail(str(exc))
+        except OSError as exc:
+            bar.close()
+            stopped_writing(exc, sink.counts, len(todo), outputs)
+    finish(sink.counts, len(files), outputs, force, skipped=len(files) - len(todo))

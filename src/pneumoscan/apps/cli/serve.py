@@ -1,0 +1,151 @@
+"""The long-running faces: ``serve`` (REST API and web page) and ``listen`` (DICOM node, STOW-RS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pneumoscan.apps.cli.common import (
+    BackendOption,
+    DeviceOption,
+    app,
+    console,
+    ensure_writable,
+    fail,
+    load_predictor,
+    need_extra,
+)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
+    workers: Annotated[int, typer.Option(min=1, help="Images decoded at once (each may take ~0.8 GB for the largest accepted picture).")] = 1,
+    queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 503.")] = 8,
+    upload_timeout: Annotated[float, typer.Option(min=1, help="Seconds an upload may take; slower ones get 408.")] = 300.0,
+    min_upload_rate: Annotated[float, typer.Option(
+        min=0, help="KiB/s an upload must average after its first 10 s, else 408 (slow senders cannot "
+                    "hold the server's places).")] = 1.0,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="PNEUMOSCAN_API_KEY", help="Key required on every route but /health and / "
+                                          "(header X-API-Key); needed off loopback.")] = None,
+    insecure_no_auth: Annotated[bool, typer.Option(
+        help="Listen off loopback without an API key (anyone who reaches the port can use it).")] = False,
+    allowed_hosts: Annotated[str, typer.Option(
+        help="Comma-separated Host names to answer (default: loopback names and --host); '*' for any.")] = "",
+    allow_model_mismatch: Annotated[bool, typer.Option(
+        help="Run even if the classifier was trained on another lung model's crops.")] = False,
+    backend: BackendOption = "auto",
+    device: DeviceOption = "cpu",
+) -> None:
+    """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
+    try:
+        import uvicorn
+
+        from pneumoscan.apps.server import LOOPBACK_HOSTS, UploadPace, create_app
+    except ImportError:
+        fail("the server needs the web extra: pip install 'pneumoscan[web]'")
+    loopback = host in LOOPBACK_HOSTS or host.startswith("127.")
+    if not loopback and not api_key and not insecure_no_auth:
+        fail(f"--host {host} listens beyond this machine: give --api-key (or PNEUMOSCAN_API_KEY), or "
+             f"--insecure-no-auth if something in front of it authenticates")
+    hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] or \
+        [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
+    predictor = load_predictor(seg_model, model, backend=backend, device=device,
+                               allow_model_mismatch=allow_model_mismatch)
+    app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
+                     allowed_hosts=None if hosts == ["*"] else hosts,
+                     pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024))
+    console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
+                  f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+@app.command()
+def listen(
+    out: Annotated[Path, typer.Option(help="Folder for the DICOM results (SR, SEG, Secondary Capture) and predictions.jsonl.")],
+    port: Annotated[int, typer.Option(help="TCP port for DICOM (C-STORE, C-ECHO).")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="This listener's AE title.")] = "PNEUMOSCAN",
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    spool: Annotated[Optional[Path], typer.Option(help="Where received instances wait (default: OUT/.spool).")] = None,
+    forward: Annotated[Optional[str], typer.Option(help="Send the results on by C-STORE to HOST:PORT:AET.")] = None,
+    forward_dicomweb: Annotated[Optional[str], typer.Option(
+        help="Send the results on by DICOMweb STOW-RS to this service root (e.g. http://pacs:8042/dicom-web).")] = None,
+    dicomweb_port: Annotated[Optional[int], typer.Option(
+        help="Also take films by DICOMweb STOW-RS (POST /studies) on this port, same host.")] = None,
+    allow: Annotated[Optional[list[str]], typer.Option(help="Calling AE title allowed to send (repeat); any if omitted.")] = None,
+    queue: Annotated[int, typer.Option(min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
+    tries: Annotated[int, typer.Option(min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
+    backend: BackendOption = "auto",
+) -> None:
+    """DICOM listener: chest X-rays (CR, DX, Secondary Capture) in by C-STORE (or STOW-RS), SR +
+    SEG + Secondary Capture out (and forwarded with --forward / --forward-dicomweb). Received
+    instances are spooled to disk first, so a crash loses nothing; C-ECHO answers for monitoring.
+    No TLS: keep it behind the hospital's DICOM router or a VPN. Research use only."""
+    import logging
+
+    need_extra("dicom", "listen", "pynetdicom", "highdicom")
+    from pneumoscan.apps.listen import Forward, Listener, StowForward
+
+    if not 1 <= len(ae_title) <= 16:
+        fail("--ae-title must be 1 to 16 characters")
+    targets: list = []
+    try:
+        targets += [Forward.parse(forward)] if forward else []
+    except ValueError as exc:
+        fail(str(exc))
+    if forward_dicomweb:
+        need_extra("dicom", "--forward-dicomweb", "dicomweb_client")
+        if not forward_dicomweb.startswith(("http://", "https://")):
+            fail(f"--forward-dicomweb {forward_dicomweb!r}: expected an http:// or https:// service root")
+        targets.append(StowForward(forward_dicomweb.rstrip("/")))
+    if dicomweb_port is not None:
+        need_extra("web", "--dicomweb-port", "uvicorn", "starlette")
+    ensure_writable(out, "--out")
+    predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
+    from pneumoscan.apps.listen import OneLineFormatter
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for noisy in ("pynetdicom", "highdicom", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import pydicom
+
+    # pydicom's validation warnings quote wire values (a patient's, or a forged log line): off here,
+    # where every value is checked by the listener itself.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
+                        forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries)
+    if dicomweb_port is not None:
+        start_stow(listener, host, dicomweb_port)
+    console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
+                  + (f" (STOW-RS on http://{host}:{dicomweb_port}/studies)" if dicomweb_port is not None else "")
+                  + f"; results in {out}"
+                  + "".join(f", forwarded to {target}" for target in targets), highlight=False)
+    try:
+        listener.start(block=True)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    except KeyboardInterrupt:
+        listener.stop()
+
+
+def start_stow(listener, host: str, port: int) -> None:
+    """The listener's STOW-RS door, served by uvicorn on a thread beside the DICOM port."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(listener.stow_app(), host=host, port=port, log_level="warning"))
+    server.install_signal_handlers = lambda: None  # the DICOM side owns the signals
+    threading.Thread(target=server.run, name="pneumoscan-stow", daemon=True).start()
