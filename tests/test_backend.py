@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan.crop import read_segment_crop, segment_and_crop
+from pneumoscan.predict import read_segment_crop, segment_and_crop
 from pneumoscan.backends.onnx import cache_root
 from pneumoscan.io import read_ahead, read_xray
 from pneumoscan.labels import LABELS

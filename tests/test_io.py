@@ -434,3 +434,13 @@ def test_an_undecodable_optional_tag_does_not_stop_a_read(tmp_path):
     (tmp_path / "mo.dcm").write_bytes(data.replace(b"\x08\x00p\x00LO", b"\x08\x00p\x00MO", 1))
     image = read_xray(tmp_path / "mo.dcm")
     assert image.meta["made_by_pneumoscan"] is False and image.pixels.shape == (64, 64)
+
+
+def test_a_damaged_size_tag_is_refused_in_one_line(tmp_path):
+    """Found by the campaign: Columns stored in 3 bytes raised pydicom's BytesLengthException from
+    the header check of a file."""
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    columns = b"(\x00\x11\x00US\x02\x00@\x00"
+    assert columns in data
+    (tmp_path / "cols.dcm").write_bytes(data.replace(columns, b"(\x00\x11\x00US\x03\x00@\x00(", 1))
+    _expect(tmp_path / "cols.dcm", "cols.dcm")

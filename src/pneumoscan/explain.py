@@ -147,3 +147,18 @@ def place_on_original(cam: np.ndarray, box: tuple[int, int, int, int],
     full[y0:y1, x0:x1] = cv2.resize(cam.astype(np.float32), (x1 - x0, y1 - y0),
                                     interpolation=cv2.INTER_LINEAR)
     return full
+
+
+def heat_on_film(heat: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
+                 film_shape: tuple[int, int], *, lungs_only: bool, full: bool
+                 ) -> tuple[list[int] | None, list[int] | None, np.ndarray | None]:
+    """The classifier's crop-sized heat map placed on its film: kept inside the lungs for a
+    lung-masked classifier (:func:`within_lungs`), its peak and region in film pixels
+    (:func:`cam_summary`), and the full-size map when ``full`` (for overlays)."""
+    from pneumoscan.crop import apply_box
+
+    lung = cv2.resize(apply_box(mask, box), heat.shape[::-1], interpolation=cv2.INTER_NEAREST)
+    if lungs_only:
+        heat = within_lungs(heat, lung)
+    peak, region = cam_summary(heat, lung, box)
+    return peak, region, place_on_original(heat, box, film_shape) if full else None

@@ -309,12 +309,12 @@ def _parse_dicom(source: Any, name: str, *, force: bool, header_only: bool = Fal
 
 def _check_dicom_size(ds: Any, name: str, max_pixels: int) -> tuple[int, int]:
     """Rows and columns of a single-frame DICOM within the pixel limit, else XrayReadError."""
-    frames = _as_int(ds.get("NumberOfFrames", 1), default=1)
+    frames = _as_int(tag_value(ds, "NumberOfFrames", 1), default=1)
     if frames > 1:
         raise XrayReadError(
             f"{name}: multi-frame DICOM ({frames} frames); PneumoScan reads single radiographs"
         )
-    rows, cols = _as_int(ds.get("Rows"), 0), _as_int(ds.get("Columns"), 0)
+    rows, cols = _as_int(tag_value(ds, "Rows"), 0), _as_int(tag_value(ds, "Columns"), 0)
     if rows <= 0 or cols <= 0:
         raise XrayReadError(f"{name}: the DICOM file does not say its image size (Rows/Columns)")
     _check_size(name, rows, cols, max_pixels)
@@ -356,7 +356,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
     except Exception as exc:
         raise XrayReadError(f"{name}: the DICOM pixel data cannot be decoded ({exc})") from exc
 
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    photometric = str(tag_value(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     try:
         values, windowed, colour = _dicom_to_unit(arr, ds, photometric)
     except XrayReadError as exc:
@@ -367,7 +367,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
     # MONOCHROME1 shows low values white. A MONOCHROME2 image with Presentation LUT Shape INVERSE
     # is shown inverted too (for MONOCHROME1 that shape is the standard's normal case, not a
     # second inversion).
-    presentation = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    presentation = str(tag_value(ds, "PresentationLUTShape", "")).strip().upper()
     inverted = photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and presentation == "INVERSE")
     if inverted:
         values = 1.0 - values
@@ -375,7 +375,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
         "format": "dicom",
         "height": int(rows),
         "width": int(cols),
-        "bit_depth": _as_int(ds.get("BitsStored", ds.get("BitsAllocated", 0)), 0),
+        "bit_depth": _as_int(tag_value(ds, "BitsStored", tag_value(ds, "BitsAllocated", 0)), 0),
         "mode": None,
         "photometric": photometric,
         "view_position": code_string(tag_value(ds, "ViewPosition")),

@@ -1,5 +1,6 @@
 """The end-to-end predictor: read → CLAHE → U-Net → clean mask → crop → DenseNet-121 → Grad-CAM,
-with the heart U-Net and the cardiothoracic ratio beside the classifier.
+with the heart U-Net and the cardiothoracic ratio beside the classifier; and the one read →
+segment → crop path (:func:`read_segment_crop`) that predict, prepare and segment all run.
 
 One :class:`Predictor` serves the CLI, the REST API and Python callers, so they cannot drift
 apart. Inputs that cannot be read give a :class:`Prediction` whose ``error`` says why; the rest of
@@ -11,17 +12,21 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from pneumoscan.classify import Classifier, ScoringClassifier
 from pneumoscan.clinical import values_from
-from pneumoscan.crop import Cropped, apply_box, box_in_original, local_crop, read_segment_crop
-from pneumoscan.explain import cam_summary, place_on_original, within_lungs
+from pneumoscan.crop import (
+    box_in_original,
+    classifier_crop,
+    local_crop,
+    lungs_only,
+)
+from pneumoscan.explain import heat_on_film
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, display_name, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
@@ -94,6 +99,63 @@ def resolve_label(name: str) -> str:
 
 class NotAssessedError(ValueError):
     """A Grad-CAM was asked for a label the model does not assess."""
+
+
+def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16,
+                     prepared: np.ndarray | None = None, masked: bool = False) -> tuple[list, np.ndarray]:
+    """Segment [0, 1] grey pictures in batches and cut each one's classifier crop: the one
+    segment → crop path behind ``predict``, ``prepare`` and ``evaluate``. ``prepared``: the
+    U-Net inputs if already computed; ``masked``: black out everything outside the lung mask
+    (:func:`pneumoscan.crop.lungs_only`) before cropping. Returns the segmentations and N×size×size uint8 crops."""
+    segs = []
+    for start in range(0, len(images), batch):
+        segs.extend(segmenter.segment_batch(images[start:start + batch], None if prepared is None
+                                            else prepared[start:start + batch]))
+    crops = np.zeros((len(images), size, size), np.uint8)
+    for i, (pixels, seg) in enumerate(zip(images, segs)):
+        crops[i] = classifier_crop(lungs_only(pixels, seg.mask) if masked else pixels, seg.box, size)
+    return segs, crops
+
+
+@dataclass
+class Cropped:
+    """One input on the read → segment → crop path: the image (None if unreadable, with ``error``
+    saying why), its segmentation and its uint8 classifier crop."""
+
+    source: Any
+    image: Any = None            # pneumoscan.io.XrayImage
+    error: str | None = None
+    prepared: np.ndarray | None = None  # the U-Nets' input, made on the decoding thread
+    seg: Any = None              # pneumoscan.segment.Segmentation
+    crop: np.ndarray | None = None
+
+
+def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: int = 16, threads: int = 2,
+                      read: Callable[[Any], Any] | None = None, masked: bool = False) -> Iterator[list[Cropped]]:
+    """The one read → segment → crop path (predict, prepare, segment, evaluate): decoding runs on
+    ``threads`` threads ahead of the U-Net, which runs in batches of ``batch``; yields each batch
+    in input order. ``read`` turns a source into an XrayImage (default: ``read_xray``) and may
+    raise XrayReadError, which becomes the item's ``error``; ``masked`` as :func:`segment_and_crop`."""
+    from pneumoscan.io import read_ahead
+
+    read = read or read_xray
+
+    def load(source: Any) -> Cropped:  # runs on a decoding thread: OpenCV releases the GIL
+        try:
+            image = read(source)
+        except XrayReadError as exc:
+            return Cropped(source, error=str(exc))
+        return Cropped(source, image=image, prepared=segmenter.preprocessing(image.pixels))
+
+    loaded = read_ahead(load, sources, threads=threads, ahead=2 * batch)
+    while chunk := list(islice(loaded, batch)):
+        readable = [c for c in chunk if c.image is not None]
+        segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch,
+                                       np.stack([c.prepared for c in readable]) if readable else None,
+                                       masked=masked)
+        for item, seg, crop in zip(readable, segs, crops):
+            item.seg, item.crop = seg, crop
+        yield chunk
 
 
 BACKENDS = ("auto", "onnx", "torch")
@@ -254,7 +316,7 @@ class Predictor:
                      clinical: Iterable[Mapping[str, Any] | None] | None = None) -> Iterator[Prediction]:
         """:meth:`predict_batch` over any number of sources, yielded in input order as each batch
         is done; decoding runs on ``threads`` threads ahead of the models (the one read → segment
-        → crop path, :func:`pneumoscan.crop.read_segment_crop`)."""
+        → crop path, :func:`read_segment_crop`)."""
         cam = self.cam_class(cam)
         triples = zip(sources, names if names is not None else repeat(None),
                       clinical if clinical is not None else repeat(None))
@@ -326,12 +388,9 @@ class Predictor:
             result.findings = classifier.findings(p)
             result.cam_label = drawn_label(p)
             if heat is not None:
-                lung = cv2.resize(apply_box(item.seg.mask, item.seg.box), heat.shape[::-1], interpolation=cv2.INTER_NEAREST)
-                if classifier.lung_masked:
-                    heat = within_lungs(heat, lung)
-                result.cam_peak, result.cam_region = cam_summary(heat, lung, item.seg.box)
-                if keep_arrays:
-                    result.cam = place_on_original(heat, item.seg.box, item.image.pixels.shape)
+                result.cam_peak, result.cam_region, result.cam = heat_on_film(
+                    heat, item.seg.mask, item.seg.box, item.image.pixels.shape,
+                    lungs_only=classifier.lung_masked, full=keep_arrays)
         return results
 
     def _measure(self, scored: list[tuple[Prediction, Cropped]], keep_arrays: bool) -> None:

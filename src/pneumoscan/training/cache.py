@@ -113,11 +113,11 @@ def crop_premasked(path: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:
 def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1,
                masked: bool = False, sources: list[str] | None = None
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """read → segment → crop → resize for each path (:func:`pneumoscan.crop.read_segment_crop`):
+    """read → segment → crop → resize for each path (:func:`pneumoscan.predict.read_segment_crop`):
     uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
     error message ("" when read). ``masked``: lungs only. Films of a :data:`PREMASKED_SOURCES`
     source (named in ``sources``) are always cropped by their own mask."""
-    from pneumoscan.crop import read_segment_crop
+    from pneumoscan.predict import read_segment_crop
 
     crops = np.zeros((len(paths), size, size), np.uint8)
     records: list[dict[str, Any]] = [{}] * len(paths)

@@ -39,7 +39,7 @@ def segment(
     import numpy as np
     from tqdm import tqdm
 
-    from pneumoscan.crop import read_segment_crop
+    from pneumoscan.predict import read_segment_crop
     from pneumoscan.io import display_name
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
