@@ -65,7 +65,7 @@ def test_sink_counts_and_resume_drops_a_line_cut_short(tmp_path):
 def test_csv_cells_cannot_become_formulas(tmp_path):
     """OWASP's rule: a text cell starting with = + - @ TAB or CR gets a leading quote, in every
     text column; numbers stay numbers; resume reads the name back as it was."""
-    names = ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2.png", "@SUM(A1).png", "\tt.png", "ok.png"]
+    names = ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2.png", "@SUM(A1).png", "\tt.png", "ok.png", "'@x.png"]
     outputs = Outputs(out=tmp_path, fmt="csv", overlays=False)
     with RecordSink(outputs) as sink:
         for name in names:
@@ -78,6 +78,7 @@ def test_csv_cells_cannot_become_formulas(tmp_path):
             assert not cell.startswith(("=", "+", "-", "@", "\t", "\r")), row
     assert rows[0][0] == "'=HYPERLINK(\"http://x\",\"y\").png" and rows[-1][-1].startswith("'=cmd")
     assert rows[5][0] == "ok.png" and rows[5][1 + LABELS.index("Effusion")] == "0.25"
+    assert rows[6][0] == "''@x.png"  # found by the campaign: a quote of its own is kept
     assert recorded_paths(outputs.target) == set(names)
 
 

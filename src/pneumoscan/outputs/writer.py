@@ -129,13 +129,14 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 def spreadsheet_safe(value: Any) -> Any:
     """A text cell a spreadsheet shows as text: ``'`` before a leading formula character (OWASP's
-    rule); numbers and other cells unchanged. A file named ``=HYPERLINK(...).png`` stays a name."""
-    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    rule), and before a leading ``'`` so that the rule can be undone; numbers and other cells
+    unchanged. A file named ``=HYPERLINK(...).png`` stays a name."""
+    return "'" + value if isinstance(value, str) and value.startswith((*FORMULA_STARTS, "'")) else value
 
 
 def from_spreadsheet_safe(cell: str) -> str:
     """The text :func:`spreadsheet_safe` was given."""
-    return cell[1:] if cell.startswith("'") and cell[1:].startswith(FORMULA_STARTS) else cell
+    return cell[1:] if cell.startswith("'") and cell[1:].startswith((*FORMULA_STARTS, "'")) else cell
 
 
 def csv_row(record: dict[str, Any]) -> list[Any]:
