@@ -12,7 +12,7 @@ from pneumoscan.training.evaluate import (
 )
 from pneumoscan.labels import LABELS
 
-from conftest import CLI, DATA, needs_data
+from conftest import CLI, DATA, TEST_ASSESSED, needs_data
 
 
 def test_auc_known_values_and_nan_for_one_class():
@@ -153,7 +153,7 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
     import subprocess
 
     from pneumoscan.classify import Classifier, load_default
-    from pneumoscan.training.calibrate import operating_threshold
+    from pneumoscan.training.evaluate import operating_threshold
     from pneumoscan.training.evaluate import score_split
 
     import pandas as pd
@@ -195,7 +195,8 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
 
 
 def test_operating_thresholds_reach_their_targets():
-    from pneumoscan.training.calibrate import achieved, operating_threshold
+    from pneumoscan.training.calibrate import achieved
+    from pneumoscan.training.evaluate import operating_threshold
 
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(200), np.zeros(300)]
@@ -210,3 +211,61 @@ def test_operating_thresholds_reach_their_targets():
     assert rates["sensitivity"] >= 0.95 and rates["sensitivity_ci"][0] <= rates["sensitivity"] <= rates["sensitivity_ci"][1]
     with pytest.raises(ValueError, match="between 0 and 1"):
         operating_threshold(y, p, "sensitivity", 1.5)
+
+
+def test_subgroups_add_up_and_count_underdiagnosis():
+    from pneumoscan.training.evaluate import operating_points, subgroups
+
+    rng = np.random.default_rng(3)
+    n = 400
+    labels = np.full((n, 15), np.nan, np.float32)
+    nf, pn = LABELS.index("No Finding"), LABELS.index("Pneumonia")
+    labels[:, pn] = rng.integers(0, 2, n)
+    labels[:, nf] = 1 - labels[:, pn]
+    probs = rng.random((n, 15)).astype(np.float32)
+    groups = {"sex": rng.choice(["M", "F", "unknown"], n), "age": rng.choice(["18-39", "60-79"], n),
+              "view": rng.choice(["PA", "AP"], n), "source": rng.choice(["nih", "rsna"], n)}
+    thresholds = {"Pneumonia": 0.5, "No Finding": 0.4}
+    cells = subgroups(labels, probs, thresholds, groups, n_boot=20)
+    for label in thresholds:
+        for source in ("nih", "rsna"):
+            for attribute in ("sex", "age", "view"):
+                mine = [c for c in cells if (c["label"], c["source"], c["attribute"]) == (label, source, attribute)]
+                assert sum(c["films"] for c in mine) == int((groups["source"] == source).sum())
+                assert sum(c["positives"] for c in mine) == int(((groups["source"] == source) &
+                                                                 (labels[:, LABELS.index(label)] == 1)).sum())
+    cell = next(c for c in cells if (c["source"], c["attribute"], c["value"]) == ("nih", "sex", "F"))
+    sick = (groups["source"] == "nih") & (groups["sex"] == "F") & (labels[:, nf] == 0)
+    assert cell["films_with_a_finding"] == int(sick.sum())
+    assert cell["underdiagnosed"] == pytest.approx((probs[sick, nf] >= 0.4).mean(), abs=1e-4)
+    table = operating_points(labels, probs, thresholds)
+    assert [r["target"] for r in table["Pneumonia"]][:2] == ["sensitivity 0.80", "sensitivity 0.90"]
+    assert all(r["sensitivity"] >= 0.9 for r in table["Pneumonia"] if r["target"] == "sensitivity 0.90")
+
+
+@needs_data
+def test_evaluate_writes_subgroups_scores_operating_points_and_html(small_manifest, assessed_model, tmp_path):
+    import subprocess
+
+    import pandas as pd
+
+    run = subprocess.run([*CLI, "evaluate", "--manifest", str(small_manifest), "--split", "test", "--out",
+                          str(tmp_path / "e"), "--model", str(assessed_model), "--n-boot", "50"],
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.splitlines()[0] == "evaluate: loading models …"
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    scores = pd.read_csv(tmp_path / "e" / "scores.csv")
+    assert len(scores) == report["n_images"] and {"p_Pneumonia", "y_Pneumonia", "sex", "age"} <= set(scores)
+    assert {c["label"] for c in report["subgroups"]} == set(TEST_ASSESSED)  # every assessed label, no other
+    for label in TEST_ASSESSED:
+        for source in scores.source.unique():
+            known = int(scores.loc[scores.source == source, f"y_{label}"].notna().sum())
+            for attribute in ("sex", "age", "view"):
+                cells = [c for c in report["subgroups"] if (c["label"], c["source"], c["attribute"]) ==
+                         (label, source, attribute)]
+                assert sum(c["films"] for c in cells) == known
+    text = (tmp_path / "e" / "report.md").read_text()
+    assert "## Subgroups (inside each source)" in text
+    page = (tmp_path / "e" / "report.html").read_text()
+    assert page.count("<table>") == text.count("\n|---") and 'src="roc.png"' in page

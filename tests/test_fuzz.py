@@ -17,13 +17,12 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
+from conftest import DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray
-
-from conftest import DATA
 
 EXAMPLES = int(os.environ.get("PNEUMOSCAN_FUZZ_EXAMPLES", "150"))
 SLOW_EXAMPLES = max(10, EXAMPLES // 5)
@@ -266,7 +265,12 @@ def test_any_name_makes_one_safe_csv_row(name, error):
     import csv
 
     from pneumoscan.labels import LABELS
-    from pneumoscan.outputs.writer import CSV_TAIL, csv_line, csv_row, from_spreadsheet_safe
+    from pneumoscan.outputs.writer import (
+        CSV_TAIL,
+        csv_line,
+        csv_row,
+        from_spreadsheet_safe,
+    )
 
     record = {"path": name, "probabilities": None, "findings": None, "not_assessed": None, "quality": None,
               "box": None, "error": error}

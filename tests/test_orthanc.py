@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-
 from conftest import DATA, REPO, needs_data
 from dicom_films import film_to_dicom
 
@@ -67,17 +66,17 @@ def _orthanc(root: Path, route: str, listener_port: int, stow_port: int) -> tupl
     config["DicomModalities"]["pneumoscan"] = ["PNEUMOSCAN", "127.0.0.1", listener_port]
     config["DicomWeb"]["Servers"]["pneumoscan"] = [f"http://127.0.0.1:{stow_port}/"]
     (root / "orthanc.json").write_text(json.dumps(config))
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=open(root / "orthanc.log", "wb"),
-                            stderr=subprocess.STDOUT)
+    log = open(root / "orthanc.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{http_port}"
     _wait(lambda: httpx.get(url + "/system", timeout=2).status_code == 200, 60, "Orthanc to start")
     return proc, url, dicom_port
 
 
 def _listener(root: Path, *args: str) -> subprocess.Popen:
-    proc = subprocess.Popen([*CLI, "listen", "--out", str(root / "out"), *args],
-                            stdout=open(root / "listen.log", "wb"), stderr=subprocess.STDOUT)
-    _wait(lambda: "PneumoScan DICOM listener" in (root / "listen.log").read_text(), 180, "the listener to start")
+    log = open(root / "listen.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([*CLI, "listen", "--out", str(root / "out"), *args], stdout=log, stderr=subprocess.STDOUT)
+    _wait(lambda: "ready: listening" in (root / "listen.log").read_text(), 180, "the listener to start")
     return proc
 
 
@@ -92,10 +91,9 @@ def test_orthanc_round_trip(tmp_path, route):
         back = ["--dicomweb-port", str(stow_port), "--forward-dicomweb", f"{url}/dicom-web"]
     listener = _listener(tmp_path, "--port", str(listener_port), *back)
     try:
-        film = film_to_dicom(sorted((DATA / "shenzhen" / "CXR_png").glob("*.png"))[0], tmp_path / "film.dcm",
+        film = film_to_dicom(min((DATA / "shenzhen" / "CXR_png").glob("*.png")), tmp_path / "film.dcm",
                              modality="CR")
         source = pydicom.dcmread(film)
-        time.sleep(1)  # the listener's DICOM port opens just after its banner
         start = time.perf_counter()
         stored = httpx.post(url + "/instances", content=film.read_bytes(), timeout=30).json()
         study = stored["ParentStudy"]

@@ -340,3 +340,36 @@ def test_view_balance_weights_make_each_label_independent_of_the_view():
         assert abs(rates[0] - rates[1]) < 1e-6  # the weighted positive rate no longer follows the view
         assert abs(rates[0] - labels[inside, 13].mean()) < 1e-6
     assert (w[:, 3] == 1).all() and (w[:, 0] == 1).all()
+
+
+def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest, tmp_path):
+    other = tmp_path / "other"
+    run = subprocess.run(_train(cache64, other, "--epochs", "1", "--seed", "7"), capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    models = [trained / "model.pt", other / "model.pt"]
+    common = ["--manifest", str(small_manifest), "--split", "train", "--cache", str(cache64)]
+    reports = []
+    for k, model in enumerate(models):
+        run = subprocess.run([*CLI, "evaluate", *common, "--out", str(tmp_path / f"e{k}"), "--model", str(model),
+                              "--n-boot", "20"], capture_output=True, text=True, timeout=900, check=False)
+        assert run.returncode == 0, run.stderr[-2000:]
+        reports.append(json.loads((tmp_path / f"e{k}" / "report.json").read_text()))
+    run = subprocess.run([*CLI, "compare", *map(str, models), *common, "--out", str(tmp_path / "c"), "--n-boot", "50",
+                          "--label", "No Finding", "--label", "Pneumonia"],
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert result["images"] == reports[0]["n_images"] == reports[1]["n_images"]
+    assert set(result["labels"]) == {"No Finding", "Pneumonia"}
+    compared = 0
+    for label, sources in result["labels"].items():
+        for source, entry in sources.items():
+            for k, report in enumerate(reports):
+                theirs = report["within_source"]["per_label"][label]["sources"][source]
+                assert entry["models"][k]["auc"] == theirs["auc"] and entry["positives"] == theirs["positives"]
+                compared += 1
+            d = entry["models"][1]["difference_from_first"]
+            assert d["difference"] == pytest.approx(entry["models"][1]["auc"] - entry["models"][0]["auc"], abs=1e-3)
+            assert d["low"] <= d["difference"] <= d["high"] and 0 <= d["p"] <= 1
+    assert compared >= 4 and "difference from the first" in (tmp_path / "c" / "compare.md").read_text()

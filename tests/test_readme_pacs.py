@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 pytest.importorskip("pynetdicom", reason="the dicom extra is not installed")
@@ -23,7 +22,7 @@ pytestmark = pytest.mark.slow
 def _block() -> str:
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Connecting to a PACS"):]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1)
 
 
 def test_readme_pacs_block_runs_as_written(tmp_path):
@@ -42,5 +41,5 @@ def test_readme_pacs_block_runs_as_written(tmp_path):
                          timeout=300, check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     (record,) = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert record["status"] in ("scored", "refused by the input gate") and "sc" in record["results"]
+    assert record["status"] in ("called", "not called", "refused") and "sc" in record["results"]
     assert (tmp_path / "pacs-results" / f"{record['results']['sc']}_sc.dcm").exists()

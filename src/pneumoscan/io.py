@@ -179,7 +179,8 @@ def _decode_raster(
     except Image.DecompressionBombError as exc:
         raise XrayReadError(f"{name}: refused as a decompression bomb ({exc})") from exc
     except Exception as exc:  # PIL raises many types for broken headers
-        raise XrayReadError(f"{name}: the {fmt.upper()} header is damaged ({exc})") from exc
+        detail = re.sub(r"\s*<[^>]*object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
+        raise XrayReadError(f"{name}: the {fmt.upper()} header is damaged ({detail})") from exc
     _check_size(name, height, width, max_pixels)
     if fmt == "png" and data.rfind(b"IEND") == -1:
         raise XrayReadError(f"{name}: the PNG file is truncated (no end chunk)")
@@ -254,7 +255,7 @@ def tag_value(ds: Any, keyword: str, default: Any = None) -> Any:
     encoding): one damaged optional tag never stops a read."""
     try:
         return ds.get(keyword, default)
-    except Exception:  # pydicom converts lazily and raises many kinds
+    except Exception:  # noqa: BLE001  (pydicom converts lazily and raises many kinds)
         return default
 
 

@@ -350,9 +350,7 @@ class Listener:
         if record.get("dicom_error"):  # tried again, then failed/
             raise RuntimeError(record["dicom_error"])
         written = [self.out / name for name in (record.get("dicom") or {}).values()]
-        scored = bool(result.quality and result.quality.get("frontal_chest"))
         self._record({**record, "path": uid, "sop_instance_uid": uid,
-                      "status": "scored" if scored else "refused by the input gate",
                       "results": {kind: name.rsplit("_", 1)[0] for kind, name in (record.get("dicom") or {}).items()}})
         if self.forward and written:
             entry = {target.kind: [p.name for p in written] for target in self.forward}
@@ -361,8 +359,7 @@ class Listener:
         atomic_write_bytes(self.done / uid, "\n".join(p.name for p in written).encode())
         path.unlink()
         (self.spool / f"{uid}.tries").unlink(missing_ok=True)
-        log.info("processed %s (%s): %d result object(s)", uid, "scored" if scored else "refused by the gate",
-                 len(written))
+        log.info("processed %s (%s): %d result object(s)", uid, record["status"], len(written))
         return written
 
     # --- forwarding ------------------------------------------------------------------------
@@ -487,8 +484,10 @@ class Listener:
             thread.start()
             self._threads.append(thread)
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected)]
-        log.info("listening as %s on %s:%d", self.ae_title, self.host, self.port)
-        self._server = ae.start_server((self.host, self.port), block=block, evt_handlers=handlers)
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        log.info("ready: listening as %s on %s:%d", self.ae_title, self.host, self.port)
+        while block and not self._stopping.wait(1.0):
+            pass
         return self._server
 
     def stop(self) -> None:

@@ -21,14 +21,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pneumoscan.labels import LABELS
+from pneumoscan.outputs.summary import assessed_thresholds, status_of
 
 #: Output names stay well under the 255-byte limit of most file systems, suffixes included.
 MAX_STEM_BYTES = 120
 FORMATS = ("json", "csv")
-#: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell).
+#: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell);
+#: ``status`` is :func:`~pneumoscan.outputs.summary.status_of`, ``thresholds`` the assessed labels'.
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
             "cam_label", "cam_peak", "cam_region", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "overlay", "error"]
+            "status", "thresholds", "overlay", "error"]
 
 
 #: Errors that mean no later file can be written either: the batch stops instead of failing
@@ -97,6 +99,7 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
     from pneumoscan.outputs.overlay import picture_for, save_png
 
     record = result.to_dict()
+    record["status"] = status_of(record)
     record["overlay"] = None
     picture = picture_for(result) if outputs.needs_arrays and not result.error else None
     if outputs.overlays and picture is not None:
@@ -158,7 +161,7 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
            json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
            record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
            cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
-           record.get("overlay"), record.get("error") or ""]
+           status_of(record), listed(assessed_thresholds(record)), record.get("overlay"), record.get("error") or ""]
     return [spreadsheet_safe(value) for value in row]
 
 

@@ -17,31 +17,16 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.labels import LABELS
-from pneumoscan.training.evaluate import _known, score_split, sens_spec, youden_threshold
+from pneumoscan.training.evaluate import (
+    METHODS,
+    _known,
+    operating_threshold,
+    score_split,
+    sens_spec,
+)
 
-METHODS = ("youden", "sensitivity", "specificity")
 #: A label keeps its threshold when the local films hold fewer positives or negatives than this.
 MIN_EACH = 10
-
-
-def operating_threshold(y: np.ndarray, p: np.ndarray, method: str, target: float | None = None) -> float:
-    """The threshold for ``method``: Youden's J; or the highest threshold whose sensitivity reaches
-    ``target``; or the lowest whose specificity reaches ``target`` (on these films). The cut lies
-    halfway between two films' scores, never on one, so float noise cannot flip a call."""
-    y, p = _known(np.asarray(y, float), np.asarray(p, float))
-    if method == "youden":
-        return youden_threshold(y, p)
-    if target is None or not 0 < target < 1:
-        raise ValueError(f"--target-{method} must be between 0 and 1")
-    if method == "sensitivity":  # halfway below the score of the positive that makes the target
-        edge = np.sort(p[y == 1])[::-1][int(np.ceil(target * (y == 1).sum())) - 1]
-        below = p[p < edge]
-        return float((edge + below.max()) / 2 if below.size else edge)
-    if method == "specificity":  # halfway above the score of the negative that makes the target
-        edge = np.sort(p[y == 0])[int(np.ceil(target * (y == 0).sum())) - 1]
-        above = p[p > edge]
-        return float((edge + above.min()) / 2 if above.size else np.nextafter(edge, np.inf))
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
 def achieved(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:

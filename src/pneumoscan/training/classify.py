@@ -31,8 +31,8 @@ import json
 import math
 import sys
 import time
-from datetime import timedelta
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +41,18 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pneumoscan.training.cache import CropCache
-from pneumoscan.classify import FEATURES, KIND, ChestClassifier, Classifier, load_imagenet
+from pneumoscan.classify import (
+    FEATURES,
+    KIND,
+    ChestClassifier,
+    Classifier,
+    load_imagenet,
+)
 from pneumoscan.clinical import ClinicalSpec, drop_fields, fit_spec, table_records
 from pneumoscan.crop import ATTENTION_THRESHOLD, attention_box, local_crop
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import resumable_checkpoint
+from pneumoscan.training.cache import CropCache
 
 #: Within-source validation AUC of these labels chooses the checkpoint.
 SELECT_LABELS = ("Pneumonia",)

@@ -7,10 +7,9 @@ A class without both positives and negatives in the split gets NaN, not a crash.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +109,29 @@ def sens_spec(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, fl
     return sens, spec
 
 
+METHODS = ("youden", "sensitivity", "specificity")
+
+
+def operating_threshold(y: np.ndarray, p: np.ndarray, method: str, target: float | None = None) -> float:
+    """The threshold for ``method``: Youden's J; or the highest threshold whose sensitivity reaches
+    ``target``; or the lowest whose specificity reaches ``target`` (on these films). The cut lies
+    halfway between two films' scores, never on one, so float noise cannot flip a call."""
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if method == "youden":
+        return youden_threshold(y, p)
+    if target is None or not 0 < target < 1:
+        raise ValueError(f"--target-{method} must be between 0 and 1")
+    if method == "sensitivity":  # halfway below the score of the positive that makes the target
+        edge = np.sort(p[y == 1])[::-1][int(np.ceil(target * (y == 1).sum())) - 1]
+        below = p[p < edge]
+        return float((edge + below.max()) / 2 if below.size else edge)
+    if method == "specificity":  # halfway above the score of the negative that makes the target
+        edge = np.sort(p[y == 0])[int(np.ceil(target * (y == 0).sum())) - 1]
+        above = p[p > edge]
+        return float((edge + above.min()) / 2 if above.size else np.nextafter(edge, np.inf))
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
 def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[float, list[dict[str, float]]]:
     """Expected calibration error over equal-width bins, and the bins (for the diagram)."""
     y, p = _known(np.asarray(y, float), np.asarray(p, float))
@@ -126,6 +148,11 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[float, li
             table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "n": int(inside.sum()),
                           "mean_probability": conf, "observed_rate": freq})
     return float(ece), table
+
+
+def fmt3(value: float | None) -> str:
+    """A figure for a report table: three decimals, "–" when there is none."""
+    return "–" if value is None else f"{value:.3f}"
 
 
 def _nan_to_none(value: float) -> float | None:
@@ -293,7 +320,8 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
 
 def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, out: str | Path,
                  model_meta: dict[str, Any] | None = None) -> None:
-    """``report.json``, ``report.md``, ``roc.png`` and ``reliability.png`` in ``out``."""
+    """``report.json``, ``report.md``, ``roc.png`` and ``reliability.png`` in ``out`` (with the
+    operating points and subgroups when the report has them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2))
@@ -301,7 +329,7 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
               [label for label in LABELS if report["per_label"][label]["threshold"] is not None])
     _plot_reliability(report, out / "reliability.png")
     within = report["within_source"]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = fmt3
     assessment = (model_meta or {}).get("assessment") or {}
     lines = [f"# Evaluation on split `{report['split']}` ({report['n_images']} images)", ""]
     if model_meta:
@@ -346,6 +374,8 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
         lines += ["", "**Source warning.** For " + ", ".join(confounded) + ", more than half of the "
                   "negatives come from data sources that have no positive for that label, so the pooled "
                   "AUC above rewards telling the sources apart rather than finding the disease."]
+    lines += operating_point_lines(report.get("operating_points") or {})
+    lines += subgroup_lines(report.get("subgroups") or [])
     lines += ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
               "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
     lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
@@ -354,6 +384,78 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
               "Thresholds are Youden-optimal on validation images of adult sources, stored with the model; "
               "labels the model does not assess have none.", ""]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def operating_point_lines(table: dict[str, list]) -> list[str]:
+    """report.md's operating-point table."""
+    if not table:
+        return []
+    lines = ["", "## Operating points on these films", "",
+             ("Thresholds that reach each target here, and what they give; `pneumoscan calibrate` writes a "
+              "model with one of them. Chosen on the films they are measured on: expect less on new films."), "",
+             "| label | target | threshold | sensitivity | specificity |", "|---|---|---|---|---|"]
+    for label, rows in table.items():
+        lines += [f"| {label} | {r['target']} | {r['threshold']:.4f} | {r['sensitivity']:.3f} | {r['specificity']:.3f} |"
+                  for r in rows]
+    return lines
+
+
+def subgroup_lines(cells: list[dict[str, Any]]) -> list[str]:
+    """report.md's subgroup table (each cell inside one source)."""
+    if not cells:
+        return []
+    fmt = fmt3
+    under = "underdiagnosed" in cells[0]
+    lines = ["", "## Subgroups (inside each source)", "",
+             (f"Cells marked * hold fewer than {MIN_CELL} positives or negatives: read them as noise. "
+              + ("*Under-diagnosed*: the share of films with a labelled finding that the model calls "
+                 "\"No Finding\"." if under else "")), "",
+             ("| label | source | subgroup | films | pos / neg | AUC (95 % CI) | sensitivity | specificity | ECE |"
+              + (" under-diagnosed (films) |" if under else "")),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if under else "")]
+    for c in cells:
+        ci = c["auc_ci"]
+        auc = fmt(c["auc"]) + (f" ({fmt(ci[0])}–{fmt(ci[1])})" if None not in ci else "")
+        row = (f"| {c['label']} | {c['source']} | {c['attribute']} {c['value']}{' *' if c['few'] else ''} | "
+               f"{c['films']} | {c['positives']} / {c['negatives']} | {auc} | "
+               f"{fmt(c['sensitivity'])} | {fmt(c['specificity'])} | {fmt(c['ece'])} |")
+        if under:
+            row += f" {fmt(c.get('underdiagnosed'))} ({c.get('films_with_a_finding', 0)}) |"
+        lines.append(row)
+    return lines
+
+
+def html_report(markdown_path: Path) -> str:
+    """report.html: report.md as a page, with the ROC and reliability plots beside it (the same
+    numbers; tables from the Markdown, so the two cannot disagree)."""
+    import html as escaping
+
+    blocks, table = [], []
+
+    def flush() -> None:
+        if table:
+            head, *body = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table if not set(r) <= set("|-")]
+            blocks.append("<table><tr>" + "".join(f"<th>{escaping.escape(c)}</th>" for c in head) + "</tr>"
+                          + "".join("<tr>" + "".join(f"<td>{escaping.escape(c)}</td>" for c in r) + "</tr>"
+                                    for r in body) + "</table>")
+            table.clear()
+
+    for line in markdown_path.read_text().splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            blocks.append(f"<h{level}>{escaping.escape(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            blocks.append(f"<p>{escaping.escape(line).replace('**', '')}</p>")
+    flush()
+    blocks.insert(2, '<p><img src="roc.png" alt="ROC curves"> <img src="reliability.png" alt="reliability"></p>')
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>PneumoScan evaluation</title>"
+            "<style>body{font:14px system-ui,sans-serif;margin:1.5em;max-width:75em} table{border-collapse:collapse;"
+            "margin:.5em 0} td,th{border-bottom:1px solid #ddd;padding:3px 8px;text-align:left} img{width:32em}"
+            "</style></head><body>" + "\n".join(blocks) + "</body></html>\n")
 
 
 def _count(items: Sequence[str], noun: str) -> str:
@@ -403,6 +505,98 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+#: Age bands of the subgroup tables (years; the upper bound exclusive).
+AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 60, "40-59"), (60, 80, "60-79"), (80, 200, "80+"))
+#: A subgroup cell with fewer positives (or negatives) than this is marked: its figures are noise.
+MIN_CELL = 10
+#: The operating-point table: thresholds that reach these targets on the evaluated films.
+OPERATING_POINTS = (("sensitivity", 0.80), ("sensitivity", 0.90), ("sensitivity", 0.95),
+                    ("specificity", 0.90), ("specificity", 0.95))
+
+
+def subgroup_values(rows: Any) -> dict[str, np.ndarray]:
+    """Per image its sex, age band, view and source ("unknown" where the manifest says nothing)."""
+    def text(column: str) -> np.ndarray:
+        values = rows[column] if column in rows else [None] * len(rows)
+        return np.array([str(v).upper() if isinstance(v, str) and v.strip() else "unknown" for v in values])
+
+    ages = np.asarray(rows["age"] if "age" in rows else [np.nan] * len(rows), float)
+    bands = np.array(["unknown"] * len(rows), dtype=object)
+    for low, high, name in AGE_BANDS:
+        bands[(ages >= low) & (ages < high)] = name
+    return {"sex": text("sex"), "age": bands.astype(str), "view": text("view"),
+            "source": np.asarray(rows["source"]).astype(str)}
+
+
+def subgroups(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float], groups: dict[str, np.ndarray],
+              n_boot: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Per assessed label, per source, per subgroup (sex, age band, view): films, positives,
+    negatives, AUC with a bootstrap CI, sensitivity and specificity at the model's threshold, ECE,
+    and ``few`` when the cell holds fewer than :data:`MIN_CELL` positives or negatives. Cells are
+    measured inside one source (pooled cells would measure the data sets). Where the model
+    assesses "No Finding": ``underdiagnosed``, the share of films with a labelled finding that it
+    calls "No Finding" (Seyyed-Kalantari et al., Nat Med 2021), with the films it is counted on."""
+    cells = []
+    no_finding = LABELS.index("No Finding")
+    nf_threshold = thresholds.get("No Finding")
+    has_finding = labels[:, no_finding] == 0  # a labelled finding (NaN: the source does not say)
+    for j, label in enumerate(LABELS):
+        threshold = thresholds.get(label)
+        if threshold is None:
+            continue
+        known = ~np.isnan(labels[:, j])
+        for source in sorted(set(groups["source"])):
+            in_source = known & (groups["source"] == source)
+            for attribute in ("sex", "age", "view"):
+                for value in sorted(set(groups[attribute][in_source])):
+                    idx = in_source & (groups[attribute] == value)
+                    y, p = labels[idx, j], probs[idx, j]
+                    positives, negatives = int((y == 1).sum()), int((y == 0).sum())
+                    low, high = auc_ci(y, p, n_boot, seed) if min(positives, negatives) else (np.nan, np.nan)
+                    sens, spec = sens_spec(y, p, threshold)
+                    cell = {"label": label, "source": source, "attribute": attribute, "value": value,
+                            "films": int(idx.sum()), "positives": positives, "negatives": negatives,
+                            "auc": _nan_to_none(roc_auc(y, p)), "auc_ci": [_nan_to_none(low), _nan_to_none(high)],
+                            "sensitivity": _nan_to_none(sens), "specificity": _nan_to_none(spec),
+                            "ece": _nan_to_none(calibration(y, p)[0]), "few": min(positives, negatives) < MIN_CELL}
+                    if nf_threshold is not None:
+                        sick = (groups["source"] == source) & (groups[attribute] == value) & has_finding
+                        called_normal = probs[sick, no_finding] >= nf_threshold
+                        cell["underdiagnosed"] = _nan_to_none(called_normal.mean()) if sick.any() else None
+                        cell["films_with_a_finding"] = int(sick.sum())
+                    cells.append(cell)
+    return cells
+
+
+def operating_points(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float]) -> dict[str, list]:
+    """Per assessed label, the threshold reaching each of :data:`OPERATING_POINTS` on these films
+    and the sensitivity and specificity it gives here (what ``pneumoscan calibrate`` would pick)."""
+    table = {}
+    for j, label in enumerate(LABELS):
+        y, p = _known(labels[:, j], probs[:, j])
+        if thresholds.get(label) is None or min((y == 1).sum(), (y == 0).sum()) < MIN_CELL:
+            continue
+        rows = []
+        for method, target in OPERATING_POINTS:
+            t = operating_threshold(y, p, method, target)
+            sens, spec = sens_spec(y, p, t)
+            rows.append({"target": f"{method} {target:.2f}", "threshold": round(t, 4),
+                         "sensitivity": round(sens, 4), "specificity": round(spec, 4)})
+        table[label] = rows
+    return table
+
+
+def write_scores(rows: Any, labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
+    """``scores.csv``: one line per evaluated film, its manifest fields, each label's truth (empty
+    where unknown) and probability; what a reader needs to recompute any figure."""
+    keep = [c for c in ("path", "source", "patient", "split", "sex", "age", "view") if c in rows]
+    table = rows[keep].reset_index(drop=True).copy()
+    for j, label in enumerate(LABELS):
+        table[f"y_{label}"] = labels[:, j]
+        table[f"p_{label}"] = np.round(probs[:, j], 6)
+    table.to_csv(path, index=False, float_format="%.6g")
 
 
 @dataclass
@@ -473,5 +667,11 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
                                     sources=scored.rows["source"].to_numpy())
     report["skipped_unreadable"] = scored.skipped
     report["manifest"] = str(manifest)
+    print("evaluate: subgroups and operating points …", file=sys.stderr, flush=True)
+    report["subgroups"] = subgroups(scored.labels, scored.probs, thresholds, subgroup_values(scored.rows),
+                                    n_boot=max(n_boot // 5, 0))
+    report["operating_points"] = operating_points(scored.labels, scored.probs, thresholds)
     write_report(report, scored.labels, scored.probs, out, scored.classifier.meta)
+    write_scores(scored.rows, scored.labels, scored.probs, Path(out) / "scores.csv")
+    (Path(out) / "report.html").write_text(html_report(Path(out) / "report.md"))
     return report

@@ -30,7 +30,14 @@ from pneumoscan.data import JSRT, Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
 from pneumoscan.io import read_xray
 from pneumoscan.modelfile import resumable_checkpoint
-from pneumoscan.segment import SEGMENTERS, HeartSegmenter, Preprocessing, Segmenter, build_unet, heart_mask
+from pneumoscan.segment import (
+    SEGMENTERS,
+    HeartSegmenter,
+    Preprocessing,
+    Segmenter,
+    build_unet,
+    heart_mask,
+)
 
 SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen, "jsrt": JSRT}
 

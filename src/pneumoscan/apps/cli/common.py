@@ -83,7 +83,12 @@ Dir = Annotated[Optional[Path], typer.Option(exists=True, file_okay=False, dir_o
 
 def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, device: str,
                    allow_model_mismatch: bool, onnx: Path | None = None):
-    """The one Predictor the commands share; a clear one-line error for anything that stops it."""
+    """The one Predictor the commands share; a clear one-line error for anything that stops it.
+    Says what it is doing first (loading takes seconds) and how long it took."""
+    import time
+
+    started = time.perf_counter()
+    err.print("loading models …", highlight=False)
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.predict import Predictor
 
@@ -92,11 +97,15 @@ def load_predictor(seg_model: Path | None, model: Path | None, *, backend: str, 
 
     try:
         if onnx:
-            return Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch)
-        return Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch,
-                                    backend=backend, device=device, progress=told)
+            predictor = Predictor.from_onnx(onnx, allow_model_mismatch=allow_model_mismatch)
+        else:
+            predictor = Predictor.from_paths(seg_model, model, allow_model_mismatch=allow_model_mismatch,
+                                             backend=backend, device=device, progress=told)
     except (ModelFileError, FileNotFoundError, ValueError, OSError) as exc:
         fail(str(exc))
+    err.print(f"models ready ({predictor.classifier.backend}) in {time.perf_counter() - started:.1f} s",
+              highlight=False)
+    return predictor
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom"}

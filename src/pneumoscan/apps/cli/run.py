@@ -39,12 +39,11 @@ def segment(
     import numpy as np
     from tqdm import tqdm
 
-    from pneumoscan.predict import read_segment_crop
     from pneumoscan.io import display_name
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.outputs.overlay import segmentation_overlay
-    from pneumoscan.predict import load_heart
+    from pneumoscan.predict import load_heart, read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
 
     try:
@@ -230,8 +229,24 @@ def finish(counts: dict, total: int, outputs, force: bool, skipped: int = 0) -> 
         console.print(f"DICOM results (SR, SEG, Secondary Capture) in {outputs.dicom_out}"
                       + (f"; {counts['not_dicom']} input(s) are PNG/JPEG, which get no DICOM results"
                          if counts["not_dicom"] else ""))
+    summarise_run(outputs)
     if failures:
         raise typer.Exit(1)
+
+
+def summarise_run(outputs) -> None:
+    """summary.json and triage.html beside the predictions, and the counts on stderr."""
+    from pneumoscan.outputs.summary import write_summary
+
+    try:
+        summary = write_summary(outputs.target, outputs.out)
+    except OSError as exc:
+        err.print(f"[yellow]note:[/] summary not written: {escape(exc.strerror or str(exc))}", highlight=False)
+        return
+    by_label = ", ".join(f"{label} {n}" for label, n in summary["called_by_label"].items() if label != "No Finding")
+    err.print(escape("summary: " + ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
+                     + (f"; called per finding: {by_label}" if by_label else "")
+                     + f"; triage sheet {outputs.out / 'triage.html'}"), highlight=False)
 
 
 def stopped_writing(exc: OSError, counts: dict, total: int, outputs) -> None:

@@ -13,6 +13,7 @@ from pneumoscan.apps.cli.common import (
     app,
     console,
     ensure_writable,
+    err,
     fail,
     load_predictor,
     need_extra,
@@ -45,6 +46,7 @@ def serve(
     device: DeviceOption = "cpu",
 ) -> None:
     """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
+    err.print("starting the server …", highlight=False)  # before the web stack's imports (about a second)
     try:
         import uvicorn
 
@@ -64,7 +66,7 @@ def serve(
                      pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024))
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
                   f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # "Uvicorn running on …": ready
 
 
 @app.command()

@@ -12,6 +12,7 @@ from pneumoscan.apps.cli.common import (
     Dir,
     app,
     console,
+    ensure_writable,
     err,
     fail,
     print_table,
@@ -253,6 +254,7 @@ def evaluate(
     backend: BackendOption = "auto",
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
+    err.print("evaluate: loading models …", highlight=False)
     from pneumoscan.data import ManifestError
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.training.cache import CacheError
@@ -265,6 +267,41 @@ def evaluate(
         fail(str(exc))
     console.print((out / "report.md").read_text())
     console.print(f"{report['n_images']} images scored; reports in {out}")
+
+
+@app.command()
+def compare(
+    models: Annotated[list[Path], typer.Argument(help="Two or more classifier files; differences are from the first.")],
+    manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
+    split: Annotated[str, typer.Option(help="Manifest split to score: train, val or test.")],
+    out: Annotated[Path, typer.Option(help="Folder for compare.md and compare.json.")],
+    cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from (models of its crop size).")] = None,
+    seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
+    n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap resamples (CIs and paired differences).")] = 1000,
+    label: Annotated[Optional[list[str]], typer.Option(
+        help="Label to compare (repeat; default: every label one of the models assesses).")] = None,
+    backend: BackendOption = "auto",
+) -> None:
+    """Models on the same films: per label and source, each AUC with its CI and the paired
+    bootstrap difference from the first model."""
+    import json
+
+    err.print("compare: loading models …", highlight=False)
+    from pneumoscan.data import ManifestError
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+    from pneumoscan.training.compare import compare_models, markdown
+
+    try:
+        result = compare_models(manifest, split, models, cache=cache, seg_model=seg_model, n_boot=n_boot,
+                                backend=backend, labels=label)
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    ensure_writable(out, "--out")
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    (out / "compare.md").write_text(markdown(result))
+    console.print(markdown(result))
+    console.print(f"{result['images']} films; written to {out}")
 
 
 @app.command()

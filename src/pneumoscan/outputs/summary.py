@@ -1,0 +1,141 @@
+"""What a folder of predictions adds up to: each film's status, the counts (``summary.json``) and
+a triage sheet (``triage.html``) a person opens in a browser, most urgent first.
+
+Built from ``predictions.jsonl`` or ``.csv`` after a run (so a resumed ``--ray`` run counts every
+film in the file). Status of one film:
+
+- ``called``: at least one assessed finding other than "No Finding" at or above its threshold;
+- ``not called``: scored, and no such finding;
+- ``refused``: the input gate said it is not a frontal chest X-ray (not scored);
+- ``error``: it could not be read.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from pneumoscan.labels import LABELS
+
+STATUSES = ("called", "not called", "refused", "error")
+
+
+def status_of(record: dict[str, Any]) -> str:
+    """One record's status (:data:`STATUSES`)."""
+    if record.get("error"):
+        return "error"
+    if record.get("probabilities") is None:
+        return "refused"
+    return "called" if [f for f in record.get("findings") or [] if f != "No Finding"] else "not called"
+
+
+def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
+    """The thresholds of the labels the model assesses (the others have none)."""
+    return {label: t for label, t in (record.get("thresholds") or {}).items() if t is not None}
+
+
+def light_rows(target: Path) -> list[dict[str, Any]]:
+    """Per film of a predictions file: path, status, overlay, assessed probabilities and
+    thresholds, findings, and the gate's or reader's reason."""
+    from pneumoscan.outputs.writer import CSV_TAIL, from_spreadsheet_safe
+
+    rows = []
+    if target.suffix == ".jsonl":
+        for line in target.read_text().splitlines():
+            record = json.loads(line)
+            thresholds = assessed_thresholds(record)
+            rows.append({"path": record["path"], "status": status_of(record), "overlay": record.get("overlay"),
+                         "probabilities": {k: (record.get("probabilities") or {}).get(k) for k in thresholds},
+                         "thresholds": thresholds, "findings": record.get("findings") or [],
+                         "reason": record.get("error") or "; ".join((record.get("quality") or {}).get("reasons", []))})
+        return rows
+    with open(target, newline="") as handle:
+        table = list(csv.reader(handle))
+    for cells in table[1:]:
+        cells = [from_spreadsheet_safe(c) for c in cells]
+        tail = dict(zip(CSV_TAIL, cells[1 + len(LABELS):]))
+        thresholds = json.loads(tail["thresholds"] or "{}")
+        probs = {label: float(v) for label, v in zip(LABELS, cells[1:1 + len(LABELS)]) if v != ""}
+        rows.append({"path": cells[0], "status": tail["status"], "overlay": tail["overlay"] or None,
+                     "probabilities": {k: probs.get(k) for k in thresholds}, "thresholds": thresholds,
+                     "findings": [f for f in tail["findings"].split("|") if f],
+                     "reason": tail["error"] or tail["gate_reasons"].replace("|", "; ")})
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by status, and per assessed label how many films it was called on."""
+    labels = sorted({label for row in rows for label in row["thresholds"]}, key=LABELS.index)
+    return {"images": len(rows), "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+            "called_by_label": {label: sum(label in r["findings"] for r in rows) for label in labels},
+            "assessed_labels": labels}
+
+
+def urgency(row: dict[str, Any]) -> float:
+    """How far the most probable assessed finding (not "No Finding") lies above its threshold:
+    the triage order (refused and unreadable films last)."""
+    margins = [p - row["thresholds"][k] for k, p in row["probabilities"].items()
+               if p is not None and k != "No Finding"]
+    return max(margins) if margins else float("-inf")
+
+
+def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str) -> str:
+    """One row per film, most urgent first: the overlay's thumbnail (a link to it), each assessed
+    probability against its threshold (bold when at or above), the status and why."""
+    labels = summary["assessed_labels"]
+    ordered = sorted(rows, key=lambda r: (r["status"] in ("refused", "error"), -urgency(r)))
+    counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    body = []
+    for row in ordered:
+        overlay = row["overlay"]
+        picture = (f'<a href="{html.escape(overlay)}"><img loading="lazy" src="{html.escape(overlay)}" alt=""></a>'
+                   if overlay else "")
+        cells = []
+        for label in labels:
+            p, t = row["probabilities"].get(label), row["thresholds"].get(label)
+            if p is None or t is None:
+                cells.append("<td></td>")
+                continue
+            over = p >= t
+            cells.append(f'<td class="{"over" if over else "under"}">{p:.2f}<small> / {t:.2f}</small></td>')
+        reason = f'<div class="why">{html.escape(row["reason"])}</div>' if row["reason"] else ""
+        body.append(f'<tr class="{row["status"].replace(" ", "-")}"><td class="pic">{picture}</td>'
+                    f'<td class="name">{html.escape(Path(row["path"]).name)}{reason}</td>'
+                    f'<td class="status">{row["status"]}</td>{"".join(cells)}</tr>')
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
+th {{ position: sticky; top: 0; background: #fff; }}
+img {{ width: 200px; display: block; }} td.over {{ font-weight: bold; color: #b00020; }} td.under {{ color: #555; }}
+small {{ color: #888; font-weight: normal; }} tr.called td.status {{ color: #b00020; font-weight: bold; }}
+tr.refused, tr.error {{ background: #f6f6f6; }} .why {{ color: #666; font-size: 12px; max-width: 28em; }}
+.note {{ color: #555; max-width: 60em; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{summary["images"]} films: {counts}. Sorted by how far the most probable assessed finding lies above its
+threshold; each cell is the probability / the threshold, bold at or above it. Labels the model does not
+assess are not shown.</p>
+<p class="note">Research use only, not a diagnosis. A heat map shows where the score came from, not a lesion outline.</p>
+<table><thead><tr><th>overlay</th><th>film</th><th>status</th>{head}</tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table></body></html>
+"""
+
+
+def write_summary(target: Path, out: Path) -> dict[str, Any]:
+    """``summary.json`` and ``triage.html`` in ``out`` for the predictions in ``target``."""
+    from pneumoscan.modelfile import atomic_write_bytes
+
+    rows = light_rows(target)
+    summary = summarise(rows)
+    atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode(), sync=False)
+    atomic_write_bytes(out / "triage.html", triage_html(rows, summary, f"PneumoScan triage: {out.name}").encode(),
+                       sync=False)
+    return summary

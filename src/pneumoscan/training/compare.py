@@ -1,0 +1,106 @@
+"""Two or more classifiers on the same films (``pneumoscan compare``): per label and per source,
+each model's AUC with its bootstrap CI, and each model's paired difference from the first (the
+same resampled films for both in every draw) with its CI and a two-sided bootstrap p-value.
+
+Only films every model could score are used, and only inside one source at a time (the
+project's rule: no figure may be earned by telling data sets apart). A label enters when at least
+one of the models assesses it (or when asked for); whether each one does is said beside its figures.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.labels import LABELS
+from pneumoscan.training.evaluate import (
+    MIN_PER_CLASS,
+    _nan_to_none,
+    auc_ci,
+    auc_difference,
+    fmt3,
+    roc_auc,
+    score_split,
+)
+
+
+def compare_models(manifest: str | Path, split: str, models: list[str | Path], *, cache: str | Path | None = None,
+                   seg_model: str | Path | None = None, n_boot: int = 1000, backend: str = "auto",
+                   labels: list[str] | None = None) -> dict[str, Any]:
+    """The comparison as a dict (see the module's docstring); ``labels``: the labels to compare
+    (default: those at least one model assesses)."""
+    if len(models) < 2:
+        raise ValueError("compare needs at least two model files")
+    unknown = sorted(set(labels or []) - set(LABELS))
+    if unknown:
+        raise ValueError(f"unknown label(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
+    scored = []
+    for k, model in enumerate(models):
+        print(f"compare: scoring model {k + 1} of {len(models)} ({Path(model).name}) …", file=sys.stderr, flush=True)
+        scored.append(score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend))
+    common = sorted(set.intersection(*(set(s.rows["path"]) for s in scored)))
+    aligned = []
+    for s in scored:
+        where = {p: i for i, p in enumerate(s.rows["path"])}
+        index = np.array([where[p] for p in common], int)
+        aligned.append((s.rows.iloc[index].reset_index(drop=True), s.labels[index], s.probs[index]))
+    rows, truth = aligned[0][0], aligned[0][1]
+    sources = rows["source"].astype(str).to_numpy()
+    assessed = [set(s.classifier.assessed_labels) for s in scored]
+    result: dict[str, Any] = {
+        "manifest": str(manifest), "split": split, "images": len(common), "n_boot": n_boot,
+        "models": [{"file": str(m), "weights_sha256": s.classifier.meta.get("weights_sha256"),
+                    "assessed_labels": sorted(a, key=LABELS.index)} for m, s, a in zip(models, scored, assessed)],
+        "labels": {}}
+    wanted = labels if labels else [label for label in LABELS if any(label in a for a in assessed)]
+    for j, label in enumerate(LABELS):
+        if label not in wanted:
+            continue
+        y = truth[:, j]
+        per_source = {}
+        for source in sorted(set(sources[~np.isnan(y)])):
+            inside = (sources == source) & ~np.isnan(y)
+            positives, negatives = int((y[inside] == 1).sum()), int((y[inside] == 0).sum())
+            if min(positives, negatives) < MIN_PER_CLASS:
+                continue
+            probs = [p[inside, j] for _, _, p in aligned]
+            entry = {"positives": positives, "negatives": negatives, "models": []}
+            for k, p in enumerate(probs):
+                low, high = auc_ci(y[inside], p, n_boot)
+                model_entry = {"auc": _nan_to_none(roc_auc(y[inside], p)), "ci": [_nan_to_none(low), _nan_to_none(high)],
+                               "assessed": label in assessed[k]}
+                if k:
+                    diff = auc_difference(y[inside], p, probs[0], n_boot)
+                    model_entry["difference_from_first"] = {key: _nan_to_none(v) for key, v in diff.items()}
+                entry["models"].append(model_entry)
+            per_source[source] = entry
+        result["labels"][label] = per_source
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """compare.md: one table, a row per label, source and model."""
+    fmt = fmt3
+    names = [Path(m["file"]).name for m in result["models"]]
+    lines = [(f"# Comparison on split `{result['split']}` of `{Path(result['manifest']).name}` "
+              f"({result['images']} films every model scored)"), "",
+             ("AUC inside each source (at least "
+              f"{MIN_PER_CLASS} positives and negatives), 95 % bootstrap CI over {result['n_boot']} resamples; the "
+              f"difference is each model minus `{names[0]}` on the same resampled films (paired), with its CI and "
+              "two-sided bootstrap p."), "",
+             "| label | source | pos / neg | model | assessed | AUC (95 % CI) | difference from the first (95 % CI), p |",
+             "|---|---|---|---|---|---|---|"]
+    for label, sources in result["labels"].items():
+        for source, entry in sources.items():
+            for name, m in zip(names, entry["models"]):
+                d = m.get("difference_from_first")
+                lines.append(f"| {label} | {source} | {entry['positives']} / {entry['negatives']} | {name} | "
+                             f"{'yes' if m['assessed'] else 'no'} | {fmt(m['auc'])} ({fmt(m['ci'][0])}–{fmt(m['ci'][1])}) | "
+                             + (f"{d['difference']:+.3f} ({fmt(d['low'])}–{fmt(d['high'])}), p = {fmt(d['p'])}"
+                                if d and d["difference"] is not None else "–") + " |")
+    if not result["labels"]:
+        lines.append("| – | – | – | – | – | no label any model assesses has enough films here | – |")
+    return "\n".join(lines) + "\n"
