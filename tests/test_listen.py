@@ -148,6 +148,17 @@ def test_other_sop_classes_and_callers_are_refused(listener):
     stranger.add_requested_context(ComputedRadiographyImageStorage)
     assoc = stranger.associate("127.0.0.1", listener["port"], ae_title="PNEUMOSCAN")
     assert assoc.is_rejected
+    _wait(lambda: "refused an association from STRANGER" in (listener["root"] / "out.log").read_text(), 30)
+
+
+def test_listen_binds_loopback_unless_told():
+    from pneumoscan.apps.listen import Listener
+
+    run = subprocess.run([*CLI, "listen", "--help"], capture_output=True, text=True, timeout=120, check=False,
+                         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
+    host_line = next(line for line in run.stdout.splitlines() if "--host" in line)
+    assert "127.0.0.1" in host_line and "0.0.0.0" not in host_line.split("default")[-1]
+    assert Listener.host == "127.0.0.1"
 
 
 def test_kill_9_mid_batch_then_restart_loses_nothing_and_does_each_once(tmp_path):
