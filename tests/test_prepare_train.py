@@ -343,11 +343,16 @@ def test_view_balance_weights_make_each_label_independent_of_the_view():
 
 
 def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest, tmp_path):
-    other = tmp_path / "other"
-    run = subprocess.run(_train(cache64, other, "--epochs", "1", "--seed", "7"), capture_output=True, text=True,
-                         timeout=900, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    models = [trained / "model.pt", other / "model.pt"]
+    import torch
+
+    from pneumoscan.classify import Classifier
+
+    other = Classifier.load(trained / "model.pt")  # a second model: the same one with its head perturbed
+    with torch.no_grad():
+        head = other.model.head[-1].weight
+        head.add_(torch.randn(head.shape, generator=torch.Generator().manual_seed(7)) * head.std())
+    other.save(tmp_path / "other.pt")
+    models = [trained / "model.pt", tmp_path / "other.pt"]
     common = ["--manifest", str(small_manifest), "--split", "train", "--cache", str(cache64)]
     reports = []
     for k, model in enumerate(models):
@@ -372,4 +377,7 @@ def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest,
             d = entry["models"][1]["difference_from_first"]
             assert d["difference"] == pytest.approx(entry["models"][1]["auc"] - entry["models"][0]["auc"], abs=1e-3)
             assert d["low"] <= d["difference"] <= d["high"] and 0 <= d["p"] <= 1
+    differences = [e["models"][1]["difference_from_first"]["difference"] for v in result["labels"].values()
+                   for e in v.values()]
+    assert any(abs(d) > 0 for d in differences)  # two different models, not one compared with itself
     assert compared >= 4 and "difference from the first" in (tmp_path / "c" / "compare.md").read_text()
