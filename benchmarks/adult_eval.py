@@ -77,11 +77,11 @@ def main() -> int:
     parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
     args = parser.parse_args()
 
-    from pneumoscan.training.cache import crop_paths
     from pneumoscan.data.manifest import read_manifest
-    from pneumoscan.training.evaluate import sens_spec
     from pneumoscan.labels import LABELS, NO_FINDING
     from pneumoscan.predict import Predictor
+    from pneumoscan.training.cache import crop_paths
+    from pneumoscan.training.evaluate import sens_spec
 
     started = time.time()
     predictor = Predictor.from_paths(cls_model=args.model, backend="torch")

@@ -89,7 +89,6 @@ def main() -> int:
     import pandas as pd
     import torch
 
-    from pneumoscan.training.cache import crop_paths
     from pneumoscan.crop import premasked_crop
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.data.nih_masked import read_premasked
@@ -97,6 +96,7 @@ def main() -> int:
     from pneumoscan.io import read_xray
     from pneumoscan.labels import LABELS
     from pneumoscan.predict import Predictor
+    from pneumoscan.training.cache import crop_paths
 
     predictor = Predictor.from_paths(cls_model=args.model, backend="torch")
     classifier, segmenter = predictor.classifier, predictor.segmenter

@@ -53,12 +53,12 @@ def main() -> int:
 
     import torch
 
-    from pneumoscan.training.cache import crop_paths
     from pneumoscan.classify import Classifier
     from pneumoscan.data.manifest import read_manifest
-    from pneumoscan.training.evaluate import auc_ci, roc_auc
     from pneumoscan.labels import FINDINGS, LABELS, NO_FINDING
     from pneumoscan.segment import load_default
+    from pneumoscan.training.cache import crop_paths
+    from pneumoscan.training.evaluate import auc_ci, roc_auc
 
     classifier, segmenter = Classifier.load(args.model), load_default()
     table = read_manifest(args.manifest)

@@ -40,7 +40,12 @@ def folder_mb(folder: Path) -> float:
 def target_down(count: int) -> None:
     """A flood while the forward target is down, then the target comes up."""
     import pydicom
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+    from pynetdicom import (
+        AE,
+        ALL_TRANSFER_SYNTAXES,
+        AllStoragePresentationContexts,
+        evt,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

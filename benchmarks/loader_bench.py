@@ -17,9 +17,9 @@ import cv2
 import torch
 from torch.utils.data import DataLoader
 
+from pneumoscan.data import read_manifest
 from pneumoscan.training.cache import CropCache, prepare
 from pneumoscan.training.classify import CropDataset, select_rows
-from pneumoscan.data import read_manifest
 from pneumoscan.training.segment import EpochSampler
 
 

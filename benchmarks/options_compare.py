@@ -39,10 +39,15 @@ def main() -> int:
     parser.add_argument("--n-boot", type=int, default=2000)
     args = parser.parse_args()
 
-    from pneumoscan.training.cache import CropCache
     from pneumoscan.classify import Classifier, load_default
-    from pneumoscan.training.evaluate import MIN_PER_CLASS, auc_ci, auc_difference, roc_auc
     from pneumoscan.labels import LABELS
+    from pneumoscan.training.cache import CropCache
+    from pneumoscan.training.evaluate import (
+        MIN_PER_CLASS,
+        auc_ci,
+        auc_difference,
+        roc_auc,
+    )
 
     models = {"default": load_default()}
     for spec in args.model:

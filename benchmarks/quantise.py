@@ -56,14 +56,19 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--calibration", type=int, default=200)
     args = parser.parse_args()
-    from pneumoscan.training.cache import CropCache
+    from pneumoscan.backends.onnx import cached_export, sigmoid
+    from pneumoscan.backends.onnx import ort_session as session
     from pneumoscan.classify import load_default as load_classifier
     from pneumoscan.crop import lung_crop
-    from pneumoscan.training.evaluate import roc_auc
-    from pneumoscan.backends.onnx import cached_export, ort_session as session, sigmoid
     from pneumoscan.labels import LABELS
     from pneumoscan.segment import load_default as load_segmenter
-    from pneumoscan.training.segment import dice_iou_acc, load_arrays, segmentation_table
+    from pneumoscan.training.cache import CropCache
+    from pneumoscan.training.evaluate import roc_auc
+    from pneumoscan.training.segment import (
+        dice_iou_acc,
+        load_arrays,
+        segmentation_table,
+    )
 
     segmenter, classifier = load_segmenter(), load_classifier()
     folder = cached_export(segmenter, classifier)

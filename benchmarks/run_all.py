@@ -43,14 +43,14 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from pneumoscan.training.cache import CropCache, prepare
-    from pneumoscan.training.classify import CropDataset
+    from pneumoscan.backends.onnx import export_onnx
     from pneumoscan.crop import crop_resize
     from pneumoscan.data import build_manifest
     from pneumoscan.enhance import clahe
-    from pneumoscan.backends.onnx import export_onnx
     from pneumoscan.io import read_xray
     from pneumoscan.predict import Predictor
+    from pneumoscan.training.cache import CropCache, prepare
+    from pneumoscan.training.classify import CropDataset
 
     n, repeat = (16, 1) if args.quick else (48, 3)
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]

@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumoscan.predict import read_segment_crop, segment_and_crop
 from pneumoscan.backends.onnx import cache_root
 from pneumoscan.io import read_ahead, read_xray
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError
-from pneumoscan.predict import Predictor
+from pneumoscan.predict import Predictor, read_segment_crop, segment_and_crop
 from pneumoscan.segment import load_default
 
 from conftest import DATA, needs_data

@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from pneumoscan.classify import (
-    IMAGENET_FILE, ChestClassifier, Classifier, PretrainedWeightsError, backbone_key,
-    imagenet_weights_path, load_imagenet,
+    IMAGENET_FILE,
+    ChestClassifier,
+    Classifier,
+    PretrainedWeightsError,
+    backbone_key,
+    imagenet_weights_path,
+    load_imagenet,
 )
-from pneumoscan.training.classify import augment, masked_bce, positive_weights
 from pneumoscan.labels import LABELS
+from pneumoscan.training.classify import augment, masked_bce, positive_weights
 
 
 def _published_layout(model: ChestClassifier) -> dict[str, torch.Tensor]:

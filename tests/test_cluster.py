@@ -5,19 +5,20 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import DATA, needs_data
 from pneumoscan.labels import LABELS
+
+from conftest import DATA, needs_data
 
 pytest.importorskip("ray", reason="the cluster extra is not installed")
 CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
@@ -88,8 +89,8 @@ def test_predict_on_ray_writes_csv_overlays_and_dicom_as_one_process_does(tmp_pa
 
 
 def test_prepare_on_ray_writes_the_same_shards(tmp_path):
-    from pneumoscan.training.cache import CropCache, prepare
     from pneumoscan.data import build_manifest, write_manifest
+    from pneumoscan.training.cache import CropCache, prepare
 
     table = build_manifest({"nih": DATA / "nih-cxr14"}).head(40)
     write_manifest(table, tmp_path / "m.csv")

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from pneumoscan.crop import (
-    MARGIN, apply_box, clean_mask, fill_holes, kernel_size, lung_crop, scale_box,
+    MARGIN,
+    apply_box,
+    clean_mask,
+    fill_holes,
+    kernel_size,
+    lung_crop,
+    scale_box,
 )
 
 

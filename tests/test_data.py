@@ -13,8 +13,20 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from pneumoscan.data import (
-    NIH, RSNA, SOURCES, Actualmed, CovidChestXray, Kermany, ManifestError, Montgomery, Shenzhen,
-    build_manifest, patient_leaks, read_manifest, resolve_sources, write_manifest,
+    NIH,
+    RSNA,
+    SOURCES,
+    Actualmed,
+    CovidChestXray,
+    Kermany,
+    ManifestError,
+    Montgomery,
+    Shenzhen,
+    build_manifest,
+    patient_leaks,
+    read_manifest,
+    resolve_sources,
+    write_manifest,
 )
 from pneumoscan.data.kermany import patient_key
 from pneumoscan.data.manifest import assign_splits

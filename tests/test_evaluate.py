@@ -7,10 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from pneumoscan.training.evaluate import (
-    auc_ci, calibration, evaluate_probabilities, roc_auc, sens_spec, write_report, youden_threshold,
-)
 from pneumoscan.labels import LABELS
+from pneumoscan.training.evaluate import (
+    auc_ci,
+    calibration,
+    evaluate_probabilities,
+    roc_auc,
+    sens_spec,
+    write_report,
+    youden_threshold,
+)
 
 from conftest import CLI, DATA, TEST_ASSESSED, needs_data
 
@@ -152,11 +158,10 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
     threshold reaching the target there, a new hash, and every output names the calibration."""
     import subprocess
 
-    from pneumoscan.classify import Classifier, load_default
-    from pneumoscan.training.evaluate import operating_threshold
-    from pneumoscan.training.evaluate import score_split
-
     import pandas as pd
+
+    from pneumoscan.classify import Classifier, load_default
+    from pneumoscan.training.evaluate import operating_threshold, score_split
 
     table = pd.read_csv(small_manifest)
     table = table[table.source != "kermany"]  # adult films; 30 No Finding and 30 others as the site's set

@@ -17,12 +17,13 @@ import cv2
 import numpy as np
 import pydicom
 import pytest
-from conftest import DATA
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray
+
+from conftest import DATA
 
 EXAMPLES = int(os.environ.get("PNEUMOSCAN_FUZZ_EXAMPLES", "150"))
 SLOW_EXAMPLES = max(10, EXAMPLES // 5)

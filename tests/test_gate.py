@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check, tag_reasons
+from pneumoscan.gate import (
+    FrontalCheck,
+    check_frontal_chest,
+    load_default_check,
+    tag_reasons,
+)
 from pneumoscan.io import read_xray
 from pneumoscan.predict import Predictor
 from pneumoscan.segment import load_default

@@ -85,7 +85,7 @@ def forward_scp():
         return 0x0000
 
     ae = AE(ae_title="ARCHIVE")
-    from pynetdicom import AllStoragePresentationContexts, ALL_TRANSFER_SYNTAXES
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)

@@ -9,7 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from pneumoscan.measure import CardiothoracicRatio, cardiothoracic_ratio, heart_extent, thorax_extent
+from pneumoscan.measure import (
+    CardiothoracicRatio,
+    cardiothoracic_ratio,
+    heart_extent,
+    thorax_extent,
+)
 
 from conftest import CLI, DATA, needs_data
 

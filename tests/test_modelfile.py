@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import pickle
+import warnings
 
 import pytest
 import torch
 
 from pneumoscan.labels import LABELS
-import json
-import warnings
-
-from pneumoscan.modelfile import ModelFileError, load_model, metadata_sha256, save_model, weights_sha256
+from pneumoscan.modelfile import (
+    ModelFileError,
+    load_model,
+    metadata_sha256,
+    save_model,
+    weights_sha256,
+)
 
 
 def _state():

@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoscan.training.cache import crop_premasked
 from pneumoscan.crop import classifier_crop, lungs_only, premasked_crop
 from pneumoscan.data import NIH, NIHMasked, build_manifest
 from pneumoscan.data.nih_masked import labels_of, read_premasked
 from pneumoscan.labels import LABELS, NO_FINDING
+from pneumoscan.training.cache import crop_premasked
 
 from conftest import DATA, needs_data, skip_without_data
 

@@ -14,7 +14,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pneumoscan.clinical import AGE_EDGES, ClinicalError, ClinicalSpec, Field, fit_spec, parse_age, parse_category
+from pneumoscan.clinical import (
+    AGE_EDGES,
+    ClinicalError,
+    ClinicalSpec,
+    Field,
+    fit_spec,
+    parse_age,
+    parse_category,
+)
 from pneumoscan.crop import attention_box, box_in_original, local_crop
 from pneumoscan.modelfile import load_model
 

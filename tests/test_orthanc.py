@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+
 from conftest import DATA, REPO, needs_data
 from dicom_films import film_to_dicom
 

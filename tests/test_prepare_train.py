@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoscan.training.cache import CacheError, CropCache, prepare, shard_paths
 from pneumoscan.modelfile import load_model
+from pneumoscan.training.cache import CacheError, CropCache, prepare, shard_paths
 
 from conftest import CLI, needs_data
 

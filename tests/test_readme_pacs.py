@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
 pytest.importorskip("pynetdicom", reason="the dicom extra is not installed")

@@ -17,7 +17,13 @@ import pytest
 
 from pneumoscan.io import read_xray
 from pneumoscan.modelfile import load_model
-from pneumoscan.segment import KIND, LungSegmenter, build_unet, default_model_path, load_default
+from pneumoscan.segment import (
+    KIND,
+    LungSegmenter,
+    build_unet,
+    default_model_path,
+    load_default,
+)
 from pneumoscan.training.segment import dice_iou_acc, read_mask, segmentation_table
 
 from conftest import DATA, needs_data

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from pneumoscan.apps.server import create_app
 from pneumoscan.labels import LABELS
 from pneumoscan.predict import Predictor
-from pneumoscan.apps.server import create_app
 
 from conftest import DATA, TEST_ASSESSED, needs_data
 
@@ -82,8 +82,8 @@ def test_class_names_in_any_capitalisation(client, nih_png):
 
 
 def test_client_file_name_is_only_a_label(client, tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     path = tmp_path / "x.png"
     Image.fromarray((np.random.default_rng(0).random((128, 128)) * 255).astype("uint8")).save(path)

@@ -8,7 +8,14 @@ import subprocess
 from pathlib import Path
 
 from pneumoscan.labels import LABELS
-from pneumoscan.outputs.writer import CSV_TAIL, Outputs, RecordSink, csv_row, output_stems, recorded_paths
+from pneumoscan.outputs.writer import (
+    CSV_TAIL,
+    Outputs,
+    RecordSink,
+    csv_row,
+    output_stems,
+    recorded_paths,
+)
 
 from conftest import CLI
 

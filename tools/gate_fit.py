@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO / "tools"))
 def collect(films_per_source: int) -> list[tuple[str, str, object, bool]]:
     """(set, group, path or (name, array), frontal) for every image."""
     from gate_report import DATA, negatives, positives
+
     from pneumoscan.data import build_manifest, resolve_sources
 
     table = build_manifest({k: v for k, v in resolve_sources(DATA).items() if k != "rsna"})
@@ -53,9 +54,9 @@ def collect(films_per_source: int) -> list[tuple[str, str, object, bool]]:
 
 def features(items, segmenter) -> tuple[np.ndarray, list[dict]]:
     """The gate's feature vector of every readable image (tags are not features: ignored here)."""
+    from gate_report import load
     from tqdm import tqdm
 
-    from gate_report import load
     from pneumoscan.gate import measure
     from pneumoscan.io import XrayReadError
 
@@ -94,9 +95,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "gatefit")
     parser.add_argument("--save", type=Path, default=None)
     args = parser.parse_args()
+    from gate_report import summarise
     from sklearn.model_selection import GroupKFold
 
-    from gate_report import summarise
     from pneumoscan.segment import load_default
 
     segmenter = load_default()

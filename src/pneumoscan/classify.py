@@ -31,7 +31,13 @@ from torch import nn
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.clinical import ClinicalEncoder, ClinicalSpec
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import ModelFileError, file_sha256, load_model, save_model, shipped_model_path
+from pneumoscan.modelfile import (
+    ModelFileError,
+    file_sha256,
+    load_model,
+    save_model,
+    shipped_model_path,
+)
 
 KIND = "chest-classifier"
 DEFAULT_SIZE = 224

@@ -34,7 +34,12 @@ import numpy as np
 
 from pneumoscan.crop import clean_mask
 from pneumoscan.io import code_string
-from pneumoscan.modelfile import ModelFileError, load_model, save_model, shipped_model_path
+from pneumoscan.modelfile import (
+    ModelFileError,
+    load_model,
+    save_model,
+    shipped_model_path,
+)
 
 KIND = "frontal_gate"
 

@@ -24,7 +24,13 @@ from torch import nn
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.crop import THRESHOLD, LungCrop, clean_mask, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
-from pneumoscan.modelfile import ModelFileError, first_line, load_model, save_model, shipped_model_path
+from pneumoscan.modelfile import (
+    ModelFileError,
+    first_line,
+    load_model,
+    save_model,
+    shipped_model_path,
+)
 
 KIND = "lung-segmentation"
 HEART_KIND = "heart-segmentation"

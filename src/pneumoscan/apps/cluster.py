@@ -63,7 +63,7 @@ class ShardWorker:
         worker_init(seg_model)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from pneumoscan.training.cache import do_shard, ShardJob
+        from pneumoscan.training.cache import ShardJob, do_shard
 
         done = [do_shard(ShardJob(**json.loads(job))) for job in batch["job"]]
         return {"k": [d[0] for d in done], "n": [d[1] for d in done], "bad": [d[2] for d in done]}

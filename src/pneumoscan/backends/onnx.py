@@ -27,7 +27,13 @@ from pneumoscan.classify import Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import ModelFileError, atomic_write_bytes, file_sha256, first_line, metadata_sha256
+from pneumoscan.modelfile import (
+    ModelFileError,
+    atomic_write_bytes,
+    file_sha256,
+    first_line,
+    metadata_sha256,
+)
 from pneumoscan.segment import LungSegmenter
 
 META_FILE = "pneumoscan_onnx.json"
