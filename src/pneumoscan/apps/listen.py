@@ -356,10 +356,11 @@ class Listener:
             entry = {target.kind: [p.name for p in written] for target in self.forward}
             atomic_write_bytes(self.outbox / f"{uid}.json", json.dumps(entry).encode())
             self._outbox_add(uid)
+        # Said before the done-mark: a kill in between repeats the line on restart, never loses it.
+        log.info("processed %s (%s): %d result object(s)", uid, record["status"], len(written))
         atomic_write_bytes(self.done / uid, "\n".join(p.name for p in written).encode())
         path.unlink()
         (self.spool / f"{uid}.tries").unlink(missing_ok=True)
-        log.info("processed %s (%s): %d result object(s)", uid, record["status"], len(written))
         return written
 
     # --- forwarding ------------------------------------------------------------------------
