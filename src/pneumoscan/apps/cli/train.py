@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, TypeVar
 
 import typer
 
@@ -17,6 +18,8 @@ from pneumoscan.apps.cli.common import (
     fail,
     print_table,
 )
+
+T = TypeVar("T")
 
 
 @app.command("train-seg")
@@ -242,6 +245,19 @@ def headline(within: dict, split: str, assessed: list[str] | None = None) -> str
                else ". No assessed finding could be scored within a source"))
 
 
+def scored_or_fail(job: Callable[[], T]) -> T:
+    """Run a job that scores a manifest split (evaluate, compare, calibrate): what a manifest, a
+    crop cache or a model file refuses ends in one line, never a traceback."""
+    from pneumoscan.data import ManifestError
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.training.cache import CacheError
+
+    try:
+        return job()
+    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+
+
 @app.command()
 def evaluate(
     manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
@@ -255,16 +271,10 @@ def evaluate(
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
     err.print("evaluate: loading models …", highlight=False)
-    from pneumoscan.data import ManifestError
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.training.evaluate import evaluate_split
 
-    try:
-        report = evaluate_split(manifest, split, out, model=model, cache=cache, seg_model=seg_model,
-                                n_boot=n_boot, backend=backend)
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    report = scored_or_fail(lambda: evaluate_split(manifest, split, out, model=model, cache=cache,
+                                                   seg_model=seg_model, n_boot=n_boot, backend=backend))
     console.print((out / "report.md").read_text())
     console.print(f"{report['n_images']} images scored; reports in {out}")
 
@@ -287,16 +297,10 @@ def compare(
     import json
 
     err.print("compare: loading models …", highlight=False)
-    from pneumoscan.data import ManifestError
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.training.compare import compare_models, markdown
 
-    try:
-        result = compare_models(manifest, split, models, cache=cache, seg_model=seg_model, n_boot=n_boot,
-                                backend=backend, labels=label)
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
+                                                   n_boot=n_boot, backend=backend, labels=label))
     ensure_writable(out, "--out")
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     (out / "compare.md").write_text(markdown(result))
@@ -320,9 +324,6 @@ def calibrate(
 ) -> None:
     """New thresholds for the assessed labels from a labelled local split, in a new model file
     that records where they came from."""
-    from pneumoscan.data import ManifestError
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.training.calibrate import calibrate as run_calibrate
 
     chosen = [m for m, given in (("sensitivity", target_sensitivity), ("specificity", target_specificity),
@@ -334,12 +335,9 @@ def calibrate(
     if out.exists():
         fail(f"{out} exists; choose a new file name (a model file is never overwritten)")
     method = chosen[0]
-    try:
-        result = run_calibrate(manifest, split, out, method=method, model=model, source=source, cache=cache,
-                               target=target_sensitivity if method == "sensitivity" else target_specificity,
-                               seg_model=seg_model, n_boot=n_boot)
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    target = target_sensitivity if method == "sensitivity" else target_specificity
+    result = scored_or_fail(lambda: run_calibrate(manifest, split, out, method=method, model=model, source=source,
+                                                  cache=cache, target=target, seg_model=seg_model, n_boot=n_boot))
     import pandas as pd
 
     rows = [{"label": label, "old": r["old"], "new": r["new"],
