@@ -19,10 +19,9 @@ from pneumoscan.labels import LABELS
 from pneumoscan.training.evaluate import (
     MIN_PER_CLASS,
     _nan_to_none,
-    auc_ci,
     auc_difference,
     fmt3,
-    roc_auc,
+    per_source_auc,
     score_split,
 )
 
@@ -60,20 +59,15 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
         if label not in wanted:
             continue
         y = truth[:, j]
+        parts = [per_source_auc(y, p[:, j], sources, n_boot=n_boot) for _, _, p in aligned]  # same sources each
         per_source = {}
-        for source in sorted(set(sources[~np.isnan(y)])):
+        for source, first in parts[0].items():
             inside = (sources == source) & ~np.isnan(y)
-            positives, negatives = int((y[inside] == 1).sum()), int((y[inside] == 0).sum())
-            if min(positives, negatives) < MIN_PER_CLASS:
-                continue
-            probs = [p[inside, j] for _, _, p in aligned]
-            entry = {"positives": positives, "negatives": negatives, "models": []}
-            for k, p in enumerate(probs):
-                low, high = auc_ci(y[inside], p, n_boot)
-                model_entry = {"auc": _nan_to_none(roc_auc(y[inside], p)), "ci": [_nan_to_none(low), _nan_to_none(high)],
-                               "assessed": label in assessed[k]}
+            entry = {"positives": first["positives"], "negatives": first["negatives"], "models": []}
+            for k, part in enumerate(parts):
+                model_entry = {"auc": part[source]["auc"], "ci": part[source].get("ci", [None, None]), "assessed": label in assessed[k]}
                 if k:
-                    diff = auc_difference(y[inside], p, probs[0], n_boot)
+                    diff = auc_difference(y[inside], aligned[k][2][inside, j], aligned[0][2][inside, j], n_boot)
                     model_entry["difference_from_first"] = {key: _nan_to_none(v) for key, v in diff.items()}
                 entry["models"].append(model_entry)
             per_source[source] = entry
