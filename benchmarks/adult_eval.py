@@ -1,6 +1,13 @@
 """A classifier on adult films it never saw: the held-out NIH originals through the predictor's path.
 
     python benchmarks/adult_eval.py --manifest runs/manifest25.csv [--model M] [--out runs/adult_eval]
+    python benchmarks/adult_eval.py --manifest runs/manifest26.csv --oof runs/cv27/oof.csv --model runs/cv27/model.pt
+
+With ``--oof`` (``pneumoscan crossval``'s out-of-fold probabilities) nothing is scored here: every
+film's probabilities come from the head fitted on the folds without its patient, so every NIH
+original (and every Kermany film) is judged, whatever its manifest split; the model file gives
+the assessed flags and thresholds, and the No Finding count is of assessed labels over their
+thresholds (the input gate is not applied).
 
 The manifest is built with ``--test-source nih`` (``docs/ADULT.md``), so every NIH original in
 ``nih-cxr14*/`` and every lung-masked film of those patients is in the test split, which chose
@@ -16,7 +23,7 @@ scored. Reported, each with its number of films and a bootstrap 95 % CI:
 - every label's AUC against all other NIH originals, marked assessed or not;
 - sensitivity and specificity of each assessed label at its stored threshold;
 - through the whole predictor (input gate included), how many findings it lists on NIH
-  "No Finding" films;
+  "No Finding" films ("No Finding" itself not counted);
 - Kermany Pneumonia on its validation patients (the official Kermany test split is not in the dev
   data; the validation split chose the checkpoint, so this figure is optimistic).
 
@@ -75,7 +82,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "adult_eval")
     parser.add_argument("--n-boot", type=int, default=2000)
     parser.add_argument("--rsna-index", type=Path, default=DATA / "rsna-nih-masked" / "index.csv")
+    parser.add_argument("--oof", type=Path, default=None, help="out-of-fold probabilities (crossval's oof.csv)")
     args = parser.parse_args()
+
+    import pandas as pd
 
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.labels import LABELS, NO_FINDING
@@ -90,15 +100,26 @@ def main() -> int:
     result: dict = {"model_sha256": classifier.meta["weights_sha256"], "manifest": str(args.manifest),
                     "lung_masked_input": classifier.lung_masked, "assessed": classifier.assessed_labels}
 
+    oof = None if args.oof is None else pd.read_csv(args.oof).set_index("path")
+    result["protocol"] = ("held-out test split, scored here" if oof is None else
+                          f"out-of-fold probabilities of {args.oof} (patient-grouped cross-validation)")
+
+    def pick(source: str, split: str):
+        rows = table[(table.source == source) & ((table.split == split) | (oof is not None))]
+        return rows.reset_index(drop=True)
+
     def score(rows) -> tuple[np.ndarray, np.ndarray]:
+        if oof is not None:
+            ok = rows.path.isin(oof.index).to_numpy()
+            return ok, oof.loc[rows.path[ok], list(LABELS)].to_numpy(np.float32)
         crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
                                     masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
         ok = np.array([r["error"] == "" for r in records])
         probs = classifier.predict_proba(crops[ok].astype(np.float32) / 255.0, batch_size=32)
         return ok, probs
 
-    nih = table[(table.source == "nih") & (table.split == "test")].reset_index(drop=True)
-    print(f"scoring {len(nih)} held-out NIH originals …", file=sys.stderr, flush=True)
+    nih = pick("nih", "test")
+    print(f"{len(nih)} NIH originals …", file=sys.stderr, flush=True)
     ok, probs = score(nih)
     nih = nih[ok].reset_index(drop=True)
     labels = nih[list(LABELS)].to_numpy(np.float64)
@@ -127,9 +148,9 @@ def main() -> int:
                                                  "specificity": round(float(spec), 3)}
     result["nih_films"] = int(len(nih))
 
-    masked = table[(table.source == "nihmasked") & (table.split == "test")].reset_index(drop=True)
+    masked = pick("nihmasked", "test")
     if len(masked):
-        print(f"scoring {len(masked)} lung-masked films of the same patients …", file=sys.stderr, flush=True)
+        print(f"{len(masked)} lung-masked films of the same patients …", file=sys.stderr, flush=True)
         ok, mprobs = score(masked)
         masked = masked[ok].reset_index(drop=True)
         mclasses = rsna_classes([Path(p).name for p in masked.path], args.rsna_index, key="path")
@@ -137,19 +158,24 @@ def main() -> int:
         result["rsna_opacity_vs_normal_masked"] = auc_entry((mclasses[task] == "Lung Opacity").astype(float),
                                                             mprobs[task, j], args.n_boot)
 
-    normals = nih.loc[nih[NO_FINDING] == 1, "path"].tolist()
-    print(f"whole predictor (gate included) on {len(normals)} NIH No Finding films …", file=sys.stderr, flush=True)
-    listed = [p for p in predictor.predict_many(normals, batch_size=16)]
-    counts = [len(p.findings) for p in listed if p.findings is not None]
-    result["no_finding_films"] = {"films": len(listed), "scored": len(counts),
-                                  "refused_by_gate": sum(1 for p in listed if p.findings is None),
+    normal = (nih[NO_FINDING] == 1).to_numpy()
+    if oof is None:
+        print(f"whole predictor (gate included) on {normal.sum()} NIH No Finding films …", file=sys.stderr, flush=True)
+        listed = [p for p in predictor.predict_many(nih.path[normal].tolist(), batch_size=16)]
+        counts = [len(set(p.findings) - {NO_FINDING}) for p in listed if p.findings is not None]
+        refused = sum(1 for p in listed if p.findings is None)
+    else:
+        counts = [len(set(classifier.findings(row)) - {NO_FINDING}) for row in probs[normal]]
+        refused = "gate not applied"
+    result["no_finding_films"] = {"films": int(normal.sum()), "scored": len(counts),
+                                  "refused_by_gate": refused,
                                   "median_findings": float(np.median(counts)) if counts else None,
                                   "max_findings": int(max(counts)) if counts else None,
                                   "films_with_a_finding": int(sum(c > 0 for c in counts))}
 
-    kermany = table[(table.source == "kermany") & (table.split == "val")].reset_index(drop=True)
+    kermany = pick("kermany", "val")
     if len(kermany):
-        print(f"scoring {len(kermany)} Kermany validation films …", file=sys.stderr, flush=True)
+        print(f"{len(kermany)} Kermany films …", file=sys.stderr, flush=True)
         ok, kprobs = score(kermany)
         result["kermany_val_pneumonia"] = auc_entry(kermany.Pneumonia.to_numpy(float)[ok], kprobs[:, j], args.n_boot)
     result["seconds"] = round(time.time() - started, 1)
@@ -168,7 +194,7 @@ def markdown(r: dict) -> str:
         return f"{e['positives']} / {e['negatives']}"
 
     lines = [f"Classifier `{r['model_sha256'][:16]}…` ({'lung-masked' if r['lung_masked_input'] else 'unmasked'} "
-             f"crops), {r['nih_films']} held-out NIH originals.", "",
+             f"crops), {r['nih_films']} NIH originals; {r.get('protocol', 'held-out test split')}.", "",
              "| measure | positives / negatives | AUC (95 % CI) |", "|---|---|---|"]
     rows = [("adult Pneumonia vs No Finding (NIH labels)", r["pneumonia_vs_no_finding"]),
             ("same films, view position alone (AP = 1)", r["view_alone"]),
@@ -176,10 +202,13 @@ def markdown(r: dict) -> str:
             ("same task, AP films only", r["pneumonia_vs_no_finding_AP"]),
             ("RSNA Lung Opacity vs Normal, NIH originals", r["rsna_opacity_vs_normal_originals"])]
     if "rsna_opacity_vs_normal_masked" in r:
-        rows.append(("RSNA Lung Opacity vs Normal, lung-masked films of the test patients",
+        films = "of the test patients" if "test split" in r.get("protocol", "test split") else "(all, out of fold)"
+        rows.append((f"RSNA Lung Opacity vs Normal, lung-masked films {films}",
                      r["rsna_opacity_vs_normal_masked"]))
     if "kermany_val_pneumonia" in r:
-        rows.append(("Kermany Pneumonia, validation patients (chose the checkpoint)", r["kermany_val_pneumonia"]))
+        where = ("validation patients (chose the checkpoint)" if "test split" in r.get("protocol", "test split")
+                 else "every dev film, out of fold")
+        rows.append((f"Kermany Pneumonia, {where}", r["kermany_val_pneumonia"]))
     lines += [f"| {name} | {n(e)} | {fmt(e)} |" for name, e in rows]
     lines += ["", "Each label against all other held-out NIH originals:", "",
               "| label | assessed | positives / negatives | AUC (95 % CI) | threshold | sensitivity | specificity |",
@@ -193,8 +222,10 @@ def markdown(r: dict) -> str:
     if assessed:
         lines += ["", f"Mean AUC over the {len(assessed)} assessed labels: {np.mean(assessed):.3f}."]
     nf = r["no_finding_films"]
-    lines += ["", f"Whole predictor on {nf['films']} NIH No Finding films: {nf['refused_by_gate']} refused by "
-                  f"the gate; of {nf['scored']} scored, median {nf['median_findings']} findings listed "
+    gate = (f"{nf['refused_by_gate']} refused by the gate" if isinstance(nf["refused_by_gate"], int)
+            else "out-of-fold probabilities, the input gate not applied")
+    lines += ["", f"On {nf['films']} NIH No Finding films ({gate}): of {nf['scored']} scored, median "
+                  f"{nf['median_findings']} findings listed besides No Finding "
                   f"(max {nf['max_findings']}; {nf['films_with_a_finding']} films with at least one)."]
     return "\n".join(lines) + "\n"
 

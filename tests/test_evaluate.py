@@ -152,6 +152,31 @@ def test_assess_labels_needs_adult_positives_a_large_source_and_a_ci_above_0_65(
     assert not few["Pneumonia"]["assessed"]  # only paediatric training positives
 
 
+def test_assessment_must_hold_on_the_films_the_model_will_read_and_thresholds_reach_a_specificity():
+    """A label learnt inside the large lung-masked source but at chance on the unmasked originals
+    (confirm_in) is not assessed, and the reason names those films; a label good in both is, with
+    its threshold at the lowest cut giving specificity 0.9 on the originals."""
+    from pneumoscan.training.evaluate import assess_labels, sens_spec
+
+    rng = np.random.default_rng(1)
+    j, k = LABELS.index("Effusion"), LABELS.index("Mass")
+    n, m = 1500, 300
+    sources = np.array(["nihmasked"] * n + ["nih"] * m)
+    labels = np.full((n + m, 15), np.nan, np.float32)
+    labels[:, j] = labels[:, k] = (np.arange(n + m) % 5 == 0).astype(np.float32)
+    probs = rng.random((n + m, 15)).astype(np.float32) * 0.5
+    probs[:, j] += 0.5 * labels[:, j]  # learnt in both sources
+    probs[:n, k] += 0.5 * labels[:n, k]  # learnt in the masked copies only
+    out = assess_labels(labels, probs, sources, labels, sources, n_boot=100, method="specificity", target=0.9,
+                        confirm_in="nih")
+    assert out["Effusion"]["assessed"] and set(out["Effusion"]["validation"]) == {"nihmasked", "nih"}
+    inside = sources == "nih"  # the threshold is set on the films it will read
+    assert out["Effusion"]["threshold_chosen_in"] == "nih"
+    assert sens_spec(labels[inside, j], probs[inside, j], out["Effusion"]["threshold"])[1] >= 0.9
+    assert not out["Mass"]["assessed"] and "in nih" in out["Mass"]["reason"]
+    assert out["Mass"]["validation"]["nihmasked"]["ci"][0] > 0.65  # the large source alone would have passed
+
+
 @needs_data
 def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small_manifest):
     """A site moves No Finding to sensitivity 0.9 on its validation films: same weights, new

@@ -381,3 +381,75 @@ def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest,
                    for e in v.values()]
     assert any(abs(d) > 0 for d in differences)  # two different models, not one compared with itself
     assert compared >= 4 and "difference from the first" in (tmp_path / "c" / "compare.md").read_text()
+
+
+def test_crossval_head_is_exact_in_the_model_and_its_figures_are_out_of_fold(cache64, trained, tmp_path):
+    """`crossval` on a frozen backbone: the backbone is unchanged, the linear head written into
+    the two-layer head gives exactly the logistic probabilities, every patient sits in one fold,
+    and the thresholds say they come from out-of-fold probabilities."""
+    import torch
+
+    from pneumoscan.classify import Classifier
+    from pneumoscan.training.crossval import linear_probs
+
+    out = tmp_path / "cv"
+    result = subprocess.run([*CLI, "crossval", "--cache", str(cache64), "--backbone", str(trained / "model.pt"),
+                             "--out", str(out), "--folds", "3"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fold 3/3" in result.stderr and "out-of-fold (3-fold CV)" in result.stdout
+    (before, _), (after, meta) = (load_model(p, kind="chest-classifier") for p in (trained / "model.pt", out / "model.pt"))
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("net.features."))
+    assert meta["threshold_provenance"]["method"] == "cross-validation"
+    classifier = Classifier.load(out / "model.pt")
+    assert "out-of-fold probabilities of 3-fold" in classifier.thresholds_from
+
+    cache = CropCache(cache64)
+    saved = np.load(out / "features.npz")
+    rows = saved["indices"][:40]
+    head = classifier.model.head
+    W, b = head[3].weight.detach().numpy(), head[3].bias.detach().numpy()
+    expected = linear_probs(saved["features"][:40], (W, b))
+    got = classifier.predict_proba(cache.images(rows).astype(np.float32) / 255.0)
+    assert np.abs(got - expected).max() < 1e-4
+
+    oof = pd.read_csv(out / "oof.csv")
+    patients = cache.table.set_index("path").loc[oof.path, "patient"].to_numpy()
+    assert (pd.Series(oof.fold.to_numpy()).groupby(patients).nunique() == 1).all()
+    assert sorted(oof.fold.unique()) == [0, 1, 2]
+    report = json.loads((out / "cv_report.json").read_text())
+    assert report["n_images"] == len(oof) == meta["training_data"]["train_images"]
+
+
+def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():
+    """Flip every label of one fold's films: that fold's out-of-fold probabilities stay exactly
+    the same (no film, and no film of its patient, reached the head that scored it), while the
+    other folds' change."""
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.crossval import (
+        CrossvalConfig,
+        cross_validate,
+        patient_folds,
+    )
+
+    rng = np.random.default_rng(0)
+    n = 240
+    patients = np.array([f"p{i // 2}" for i in range(n)])  # two films per patient
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    labels = (rng.random((n, len(LABELS))) < 0.3).astype(np.float32)
+    labels[:, 0] = (x[:, 0] > 0).astype(np.float32)
+    sources, views = np.array(["nih"] * n), np.array(["PA", "AP"] * (n // 2))
+    cfg = CrossvalConfig(cache="", backbone="", out="", folds=4, l2_grid=(1e-3, 1e-1))
+    first = cross_validate(x, labels, sources, views, patients, cfg, progress=lambda m: None)
+    flipped = labels.copy()
+    inside = patient_folds(patients, 4, cfg.seed) == 0
+    flipped[inside] = 1 - flipped[inside]
+    second = cross_validate(x, flipped, sources, views, patients, cfg, progress=lambda m: None)
+    assert np.array_equal(first["oof"][inside], second["oof"][inside])
+    assert not np.allclose(first["oof"][~inside], second["oof"][~inside])
+    assert roc_auc_of(labels[:, 0], first["oof"][:, 0]) > 0.9  # the learnable label is learnt out of fold
+
+
+def roc_auc_of(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, p))

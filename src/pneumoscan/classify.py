@@ -290,6 +290,9 @@ class ScoringClassifier:
         source = self.meta.get("threshold_provenance")
         if not source:
             return "the training run's validation split"
+        if source.get("method") == "cross-validation":
+            return (f"out-of-fold probabilities of {source['folds']}-fold patient-grouped cross-validation over "
+                    f"{source['images']} films (head on model {str(source['parent_model_sha256'])[:12]}…)")
         target = "" if source.get("target") is None else f" {source['target']}"
         where = f" of source {source['source']}" if source.get("source") else ""
         return (f"calibrated ({source['method']}{target}) on {source['images']} films{where} of "

@@ -90,6 +90,17 @@ def mask_single_class_sources(labels: np.ndarray, sources: np.ndarray) -> tuple[
     return labels, masked
 
 
+def training_labels(labels: np.ndarray, sources: np.ndarray, min_positives: int
+                    ) -> tuple[np.ndarray, dict[str, list[str]], list[str]]:
+    """The labels the loss sees: NaN where a source has one class only
+    (:func:`mask_single_class_sources`) and for every label with fewer than ``min_positives``
+    positives left; also what was masked per source and which labels had too few."""
+    labels, masked = mask_single_class_sources(labels, sources)
+    too_few = [label for j, label in enumerate(LABELS) if np.nansum(labels[:, j] == 1) < min_positives]
+    labels[:, [LABELS.index(label) for label in too_few]] = np.nan
+    return labels, masked, too_few
+
+
 def sampling_weights(sources: np.ndarray, source_balance: float = 0.5, adult_share: float = 0.5) -> np.ndarray:
     """Per-image draw probabilities: adult films ``adult_share`` of the draws and paediatric films
     the rest (when both are present); inside a population, a source's share ∝ (its image
@@ -362,9 +373,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     spec = fit_spec(cache.table.iloc[rows["train"]], list(cfg.clinical)) if cfg.clinical else None
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     train_set, val_set = CropDataset(cache, rows["train"]), CropDataset(cache, rows["val"])
-    train_set.labels, masked = mask_single_class_sources(train_set.labels, train_set.sources)
-    too_few = [label for j, label in enumerate(LABELS) if np.nansum(train_set.labels[:, j] == 1) < cfg.min_positives]
-    train_set.labels[:, [LABELS.index(label) for label in too_few]] = np.nan
+    train_set.labels, masked, too_few = training_labels(train_set.labels, train_set.sources, cfg.min_positives)
     pos_weight = positive_weights(train_set.labels)
     if cfg.view_balance:
         views = cache.table["view"].fillna("").astype(str).str.upper().to_numpy()[train_set.indices]

@@ -236,15 +236,20 @@ def assess_labels(val_labels: np.ndarray, val_probs: np.ndarray, val_sources: np
                   train_labels: np.ndarray, train_sources: np.ndarray, *,
                   min_train_positives: int = MIN_ADULT_TRAIN_POSITIVES,
                   min_val_each: int = MIN_VAL_PER_CLASS, min_lower_auc: float = MIN_LOWER_AUC,
-                  min_val_films: int = MIN_VAL_FILMS, n_boot: int = 1000, seed: int = 0
-                  ) -> dict[str, dict[str, Any]]:
+                  min_val_films: int = MIN_VAL_FILMS, n_boot: int = 1000, seed: int = 0,
+                  method: str = "youden", target: float | None = None,
+                  confirm_in: str | None = None) -> dict[str, dict[str, Any]]:
     """Per label: was it shown to be learnt, and at which threshold does it operate?
 
     Assessed = at least ``min_train_positives`` training positives from adult films, and inside
     one adult source with at least ``min_val_films`` validation films holding ``min_val_each``
     positives and negatives, a bootstrap 95 % CI of the AUC whose lower end reaches
-    ``min_lower_auc``. The threshold (Youden) is chosen on that source's validation films; a
-    label not assessed has none.
+    ``min_lower_auc``. The threshold is chosen on that source's validation films by
+    :func:`operating_threshold` (Youden's J, or a target sensitivity or specificity); a label not
+    assessed has none. With ``confirm_in`` (the source most like the films the model will read,
+    too small to assess on its own), a label must also reach ``min_lower_auc`` there (point
+    estimate) wherever that source holds ``min_val_each`` positives and negatives of it, and
+    its threshold is then chosen there.
     """
     from pneumoscan.data.manifest import population
 
@@ -267,17 +272,28 @@ def assess_labels(val_labels: np.ndarray, val_probs: np.ndarray, val_sources: np
         elif not (best[1]["ci"][0] or 0.0) >= min_lower_auc:
             reasons.append(f"validation AUC {best[1]['auc']} in {best[0]}: its 95 % CI reaches down to "
                            f"{best[1]['ci'][0]} (below {min_lower_auc})")
+        confirm = per_source_auc(val_labels[sources == confirm_in, j], val_probs[sources == confirm_in, j],
+                                 sources[sources == confirm_in], min_val_each, n_boot, seed) if confirm_in else {}
+        for name, entry in confirm.items():
+            parts[name] = entry
+            if (entry["auc"] or 0.0) < min_lower_auc:
+                reasons.append(f"AUC {entry['auc']} in {name} ({entry['positives']} positives), the films most like "
+                               f"those it will read (below {min_lower_auc})")
         assessed = not reasons
         threshold = None
+        chosen_in = next(iter(confirm), best[0] if best else None)  # the films it will read, when they can
         if assessed:
-            inside = sources == best[0]
-            threshold = round(youden_threshold(val_labels[inside, j], val_probs[inside, j]), 6)
-        out[label] = {"assessed": assessed, "threshold": threshold, "adult_train_positives": train_pos,
+            inside = sources == chosen_in
+            threshold = round(operating_threshold(val_labels[inside, j], val_probs[inside, j], method, target), 6)
+        out[label] = {"assessed": assessed, "threshold": threshold, "threshold_chosen_in": chosen_in if assessed else None,
+                      "adult_train_positives": train_pos,
                       "validation": parts, "reason": "; ".join(reasons) if reasons else
                       f"AUC {best[1]['auc']} (95 % CI {best[1]['ci'][0]}–{best[1]['ci'][1]}) "
                       f"within {best[0]} validation images ({films[best[0]]} films)",
                       "rule": {"min_adult_train_positives": min_train_positives, "min_val_films": min_val_films,
-                               "min_val_each": min_val_each, "min_lower_auc": min_lower_auc}}
+                               "min_val_each": min_val_each, "min_lower_auc": min_lower_auc,
+                               "confirmed_in": confirm_in,
+                               "threshold": method if target is None else f"{method} {target:g}"}}
     return out
 
 

@@ -228,6 +228,57 @@ def train(
                       highlight=False)
 
 
+@app.command()
+def crossval(
+    cache: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Crop cache (pneumoscan prepare).")],
+    backbone: Annotated[Path, typer.Option(exists=True, dir_okay=False,
+                                           help="Classifier file whose frozen backbone the new head reads.")],
+    out: Annotated[Path, typer.Option(help="Run folder: features, cv_report.json, oof.csv, model.pt.")],
+    folds: Annotated[int, typer.Option(help="Patient-grouped folds (hash of the patient key).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the fold hash.")] = 2026,
+    source_balance: Annotated[float, typer.Option(
+        help="Inside a population, a source's loss weight ∝ its size^this (0: every source equal, so the "
+             "few NIH originals weigh as much as the many lung-masked copies).")] = 0.0,
+    adult_share: Annotated[float, typer.Option(help="Share of the loss weight on adult films.")] = 0.8,
+    view_balance: Annotated[bool, typer.Option(help="Make every label independent of AP/PA inside a source.")] = True,
+    min_positives: Annotated[int, typer.Option(help="Labels with fewer positives stay out of the loss.")] = 50,
+    against_normal: Annotated[str, typer.Option(
+        help="Labels learnt and judged against No Finding films only (comma-separated; '' for none).")] = "Pneumonia",
+    threshold_rule: Annotated[str, typer.Option(help="youden, specificity or sensitivity.")] = "specificity",
+    target: Annotated[float, typer.Option(help="The specificity or sensitivity the thresholds reach.")] = 0.9,
+    description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
+) -> None:
+    """Fit the classifier's final stage on a frozen backbone with patient-grouped cross-validation:
+    every figure, threshold and assessed flag comes from films the fitted head never saw."""
+    from pneumoscan.training.crossval import CrossvalConfig, run_crossval
+
+    if folds < 3:
+        fail(f"--folds must be at least 3, got {folds}")
+    if not 0 <= adult_share <= 1:
+        fail(f"--adult-share must be in [0, 1], got {adult_share}")
+    from pneumoscan.labels import LABELS
+
+    contrast = tuple(name.strip() for name in against_normal.split(",") if name.strip())
+    unknown = sorted(set(contrast) - set(LABELS) | ({"No Finding"} & set(contrast)))
+    if unknown:
+        fail(f"--against-normal names labels that cannot be learnt against normal films: {unknown}")
+    if threshold_rule not in ("youden", "specificity", "sensitivity"):
+        fail(f"--threshold-rule must be youden, specificity or sensitivity, got {threshold_rule!r}")
+    if threshold_rule != "youden" and not 0 < target < 1:
+        fail(f"--target must be between 0 and 1, got {target}")
+    ensure_writable(out, "--out")
+    cfg = CrossvalConfig(cache=str(cache), backbone=str(backbone), out=str(out), folds=folds, seed=seed,
+                         source_balance=source_balance, adult_share=adult_share, view_balance=view_balance,
+                         min_positives=min_positives, description=description, normal_contrast=contrast,
+                         operating=threshold_rule, target=None if threshold_rule == "youden" else target)
+    result = scored_or_fail(lambda: run_crossval(cfg, progress=lambda m: err.print(m, highlight=False)))
+    assessed = [label for label, a in result["assessment"].items() if a["assessed"]]
+    console.print(f"model written to {out / 'model.pt'}")
+    console.print(headline(result["report"]["within_source"], f"out-of-fold ({folds}-fold CV)", assessed),
+                  highlight=False)
+    console.print(f"assessed labels ({len(assessed)} of 15): {', '.join(assessed) or 'none'}", highlight=False)
+
+
 def headline(within: dict, split: str, assessed: list[str] | None = None) -> str:
     """One line that cannot be misread: only within-source AUCs of the labels the model assesses,
     with what they cover, and how many labels are left out."""

@@ -1,0 +1,290 @@
+"""The classifier's final stage fitted and judged by patient-grouped cross-validation.
+
+Why: a 44-film validation split once chose the epoch, the thresholds and the assessed flags, and
+its figures did not survive unseen films; and a head fitted on lung-masked films of one
+repository (another U-Net's mask, 448² copies) did not carry over to NIH originals masked by ours
+(``docs/ADULT.md``). Here every labelled film of the crop cache, NIH originals included, is in
+the cross-validation, and:
+
+- the backbone is frozen (a PneumoScan classifier file); its pooled features are computed once;
+- the final stage is a linear head (one logistic output per label), the thesis's weighted
+  binary cross-entropy over known labels with the project's source balancing and, optionally, the
+  view balancing, plus an L2 penalty, fitted to convergence by L-BFGS;
+- films fall into ``folds`` folds by a hash of their patient key (a patient's films, NIH
+  originals and lung-masked copies alike, are in one fold); each fold is scored by the head fitted
+  on the others, its L2 strength chosen on an inner patient-grouped split of those others;
+- the out-of-fold probabilities, each from a head that never saw the film or its patient, choose
+  the assessed flags and thresholds (:func:`pneumoscan.training.evaluate.assess_labels`) and are
+  the figures reported; the shipped head is then fitted on all films with the L2 strength most
+  folds chose.
+
+The linear head is written into the ordinary two-layer head of :class:`ChestClassifier`: the
+pooled features are post-ReLU (never negative), so a first layer that is the identity passes them
+through its ReLU unchanged, and loading, ONNX export and Grad-CAM need nothing new.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pneumoscan.classify import FEATURES, ChestClassifier, Classifier
+from pneumoscan.data.manifest import population, unit_hash
+from pneumoscan.labels import LABELS
+from pneumoscan.training.cache import CropCache
+from pneumoscan.training.classify import (
+    REFERENCE_FILMS,
+    branch_features,
+    masked_bce,
+    positive_weights,
+    sampling_weights,
+    select_rows,
+    selection_score,
+    training_labels,
+    view_balance_weights,
+)
+
+#: L2 strengths tried (on standardised features, per mean image loss).
+L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
+
+
+@dataclass
+class CrossvalConfig:
+    cache: str
+    backbone: str  # a PneumoScan classifier file whose frozen features the head reads
+    out: str
+    folds: int = 5
+    seed: int = 2026
+    l2_grid: tuple[float, ...] = L2_GRID
+    source_balance: float = 0.0
+    adult_share: float = 0.8
+    view_balance: bool = True
+    normal_contrast: tuple[str, ...] = ("Pneumonia",)
+    operating: str = "specificity"  # how thresholds are chosen: youden, specificity or sensitivity
+    target: float | None = 0.9
+    confirm_in: str = "nih"  # every assessed label must also reach the AUC bar on these films (unmasked NIH)
+    min_positives: int = 50
+    frontal_only: bool = True
+    description: str = ""
+
+
+def patient_folds(patients: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold of each film from a hash of (seed, patient key): a patient's films share a fold, and
+    adding films never moves a patient to another fold."""
+    return np.array([min(int(unit_hash(seed, str(p)) * folds), folds - 1) for p in patients])
+
+
+def against_normal(labels: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray:
+    """Labels where each of ``labels_of`` is learnt and judged against normal films: a negative
+    that is not a No Finding film becomes unknown (NaN).
+
+    Why for Pneumonia: NIH's pneumonia label is mined from reports, and on a film pneumonia looks
+    like the infiltration, consolidation or oedema that its "negatives" carry; a linear output
+    asked to tell those apart learnt neither (out-of-fold AUC of NIH pneumonia against every other
+    lung-masked film 0.58). Against normal films it is the question users ask of a pneumonia
+    output (is this film abnormal in a way that pneumonia explains?), and its figures must say
+    so: it does not separate pneumonia from other opacities."""
+    out = labels.copy()
+    normal = labels[:, LABELS.index("No Finding")] == 1
+    for label in labels_of:
+        j = LABELS.index(label)
+        out[(labels[:, j] == 0) & ~normal, j] = np.nan
+    return out
+
+
+def row_weights(labels: np.ndarray, sources: np.ndarray, views: np.ndarray, cfg: CrossvalConfig) -> np.ndarray:
+    """N×15 loss weights: the training sampler's source balance as weights (mean 1) times, with
+    ``view_balance``, the weights that make every label independent of the view."""
+    w = sampling_weights(sources, cfg.source_balance, cfg.adult_share)
+    w = (w / w.mean()).astype(np.float32)[:, None] * np.ones((1, len(LABELS)), np.float32)
+    if cfg.view_balance:
+        w = w * view_balance_weights(labels, sources, views)
+    return w
+
+
+def fit_linear_head(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, l2: float,
+                    max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Per-label logistic regression by weighted BCE over known labels (positive weight =
+    negatives / positives) + ``l2``/2 ‖W‖² on standardised features; returns (W 15×F, b 15) on the
+    raw features (the standardisation folded in)."""
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    z = torch.from_numpy((x - mean) / std)
+    y, w = torch.from_numpy(labels), torch.from_numpy(weights)
+    pos_weight = torch.from_numpy(positive_weights(labels))
+    W = torch.zeros(labels.shape[1], x.shape[1], requires_grad=True)
+    b = torch.zeros(labels.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = masked_bce(z @ W.T + b, y, pos_weight, w) + 0.5 * l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    W_raw = W.detach().numpy() / std[None, :]
+    return W_raw.astype(np.float32), (b.detach().numpy() - W_raw @ mean).astype(np.float32)
+
+
+def linear_probs(x: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    from scipy.special import expit
+
+    W, b = head
+    return expit(x @ W.T + b).astype(np.float32)
+
+
+def choose_l2(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, sources: np.ndarray,
+              patients: np.ndarray, cfg: CrossvalConfig, salt: int) -> tuple[float, dict[str, float]]:
+    """The L2 strength with the best mean within-source AUC of every trained label on an inner
+    patient-grouped quarter of these films (fitted on the other three quarters)."""
+    inner = patient_folds(patients, 4, cfg.seed * 31 + salt) == 0
+    select = tuple(l for j, l in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
+    scores = {}
+    for l2 in cfg.l2_grid:
+        head = fit_linear_head(x[~inner], labels[~inner], weights[~inner], l2)
+        scores[f"{l2:g}"] = selection_score(labels[inner], linear_probs(x[inner], head), sources[inner], select)[0]
+    best = max(scores, key=lambda k: scores[k] if np.isfinite(scores[k]) else -np.inf)
+    return float(best), scores
+
+
+def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,
+                   patients: np.ndarray, cfg: CrossvalConfig, progress=print) -> dict[str, Any]:
+    """Out-of-fold probabilities (N×15), each fold's chosen L2 and inner scores. ``labels`` are
+    the loss's labels (:func:`training_labels`); the caller keeps the raw ones for judging."""
+    fold_of = patient_folds(patients, cfg.folds, cfg.seed)
+    oof = np.full(labels.shape, np.nan, np.float32)
+    chosen = []
+    for f in range(cfg.folds):
+        train = fold_of != f
+        weights = row_weights(labels[train], sources[train], views[train], cfg)
+        l2, scores = choose_l2(x[train], labels[train], weights, sources[train], patients[train], cfg, f)
+        head = fit_linear_head(x[train], labels[train], weights, l2)
+        oof[~train] = linear_probs(x[~train], head)
+        chosen.append({"fold": f, "films": int((~train).sum()), "l2": l2, "inner_scores": scores})
+        progress(f"fold {f + 1}/{cfg.folds}: {int((~train).sum())} films scored, L2 {l2:g} "
+                 f"(inner mean within-source AUC {scores[f'{l2:g}']:.3f})")
+    return {"oof": oof, "fold": fold_of, "folds": chosen}
+
+
+def linear_into_model(model: ChestClassifier, head: tuple[np.ndarray, np.ndarray]) -> ChestClassifier:
+    """A copy of ``model``'s backbone with the linear head written into the two-layer head: first
+    layer the identity (the pooled features are post-ReLU, ≥ 0, so its ReLU changes nothing),
+    second layer the logistic weights."""
+    out = ChestClassifier(hidden=FEATURES)
+    out.net.features.load_state_dict(model.net.features.state_dict())
+    W, b = head
+    with torch.no_grad():
+        out.head[0].weight.copy_(torch.eye(FEATURES))
+        out.head[0].bias.zero_()
+        out.head[3].weight.copy_(torch.from_numpy(W))
+        out.head[3].bias.copy_(torch.from_numpy(b))
+    return out.eval()
+
+
+def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
+    """Cross-validate, decide assessment and thresholds on the out-of-fold probabilities, fit the
+    shipped head on every film, and write ``model.pt``, ``cv_report.json`` and ``oof.csv``."""
+    import pandas as pd
+
+    from pneumoscan.training.evaluate import assess_labels, evaluate_probabilities
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True) if progress is None else progress(message)
+
+    started = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    cache, parent = CropCache(cfg.cache), Classifier.load(cfg.backbone)
+    if parent.fused:
+        raise ValueError("the cross-validated head reads the plain DenseNet-121's features; "
+                         f"{cfg.backbone} is an AG-CNN or patient-information model")
+    if parent.lung_masked != cache.lung_masked:
+        raise ValueError(f"{cfg.backbone} learnt from {'lung-masked' if parent.lung_masked else 'plain'} crops "
+                         f"but the cache holds {'lung-masked' if cache.lung_masked else 'plain'} ones")
+    rows = np.sort(np.concatenate(list(select_rows(cache, cfg.frontal_only).values())))
+    table = cache.table.iloc[rows]
+    say(f"features of {len(rows)} films from the frozen backbone (computed once, kept in {out}) …")
+    x = branch_features(parent.model, cache, rows, out / "features.npz")["global"]
+    raw = against_normal(table[list(LABELS)].to_numpy(np.float32), cfg.normal_contrast)
+    sources = table["source"].astype(str).to_numpy()
+    views = table["view"].fillna("").astype(str).str.upper().to_numpy()
+    patients = table["patient"].astype(str).to_numpy()
+    labels, masked, too_few = training_labels(raw, sources, cfg.min_positives)
+    say(f"{cfg.folds}-fold cross-validation grouped by patient ({len(set(patients))} patients) …")
+    cv = cross_validate(x, labels, sources, views, patients, cfg, say)
+    frame = pd.DataFrame(cv["oof"], columns=list(LABELS))
+    frame.insert(0, "fold", cv["fold"])
+    frame.insert(0, "path", table["path"].to_numpy())
+    frame.to_csv(out / "oof.csv", index=False, float_format="%.6f")
+    say("assessing each label on the out-of-fold probabilities (bootstrap CIs) …")
+    train_labels = training_labels(raw, sources, 0)[0]
+    assessment = assess_labels(raw, cv["oof"], sources, train_labels, sources, method=cfg.operating,
+                               target=cfg.target, confirm_in=cfg.confirm_in if cfg.confirm_in in sources else None)
+    for label in cfg.normal_contrast:
+        assessment[label]["against"] = "No Finding films only (other films are neither positive nor negative)"
+    thresholds = {label: assessment[label]["threshold"] for label in LABELS}
+    report = evaluate_probabilities(raw, cv["oof"], thresholds, split=f"out-of-fold ({cfg.folds}-fold CV)",
+                                    sources=sources)
+    l2 = Counter(f["l2"] for f in cv["folds"]).most_common(1)[0][0]
+    say(f"fitting the shipped head on all {len(rows)} films (L2 {l2:g}) …")
+    head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg), l2)
+    classifier = Classifier(linear_into_model(parent.model, head), shipped_meta(parent, cfg, table, masked, too_few, l2))
+    classifier.set_assessment(assessment)
+    adult = np.flatnonzero([population(s) == "adult" for s in sources])
+    sample = np.sort(np.random.default_rng(0).permutation(adult)[:REFERENCE_FILMS])
+    classifier.set_cam_reference(x[sample].mean(0), f"mean of {len(sample)} adult films of the cross-validation")
+    classifier.meta["validation"] = {"within_source": report["within_source"], "n_images": report["n_images"],
+                                     "protocol": f"out-of-fold probabilities, {cfg.folds}-fold cross-validation "
+                                                 f"grouped by patient (seed {cfg.seed})",
+                                     "pooled_auc_not_a_finding_measure": report["auc"]}
+    classifier.meta["threshold_provenance"] = {
+        "method": "cross-validation", "images": int(len(rows)), "folds": cfg.folds,
+        "rule": (f"{cfg.operating}" + ("" if cfg.target is None else f" {cfg.target:g}")
+                 + " on the out-of-fold probabilities of the NIH originals where they hold 10 positives and "
+                   "negatives of the label, else inside the adult source that assessed it"),
+        "parent_model_sha256": parent.meta.get("sha256") or parent.meta["weights_sha256"]}
+    written = classifier.save(out / "model.pt")
+    report["folds"] = cv["folds"]
+    report["l2_shipped"] = l2
+    report["seconds"] = round(time.time() - started, 1)
+    (out / "cv_report.json").write_text(json.dumps(report, indent=2))
+    return {"model": written, "report": report, "assessment": assessment}
+
+
+def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[str, list[str]],
+                 too_few: list[str], l2: float) -> dict[str, Any]:
+    """The shipped model's metadata: the parent's preprocessing and input, the new head's data."""
+    meta = {k: parent.meta[k] for k in ("kind", "labels", "input_size", "preprocessing") if k in parent.meta}
+    meta.update({
+        "hidden": FEATURES, "dropout": 0.4, "architecture": {"name": "densenet121", "head": (
+            "linear (logistic per label), written into the two-layer head with an identity first layer")},
+        "init": {"init": "checkpoint", "from_sha256": parent.meta.get("sha256") or parent.meta["weights_sha256"],
+                 "frozen": "every layer but the head"},
+        "training_data": {
+            "description": cfg.description or f"crop cache {Path(cfg.cache).name}, every labelled frontal film",
+            "images_per_source": {str(k): int(v) for k, v in table["source"].value_counts().items()},
+            "train_images": int(len(table)),
+            "split": f"{cfg.folds}-fold cross-validation grouped by patient for every figure and choice; "
+                     "the shipped head fitted on all films",
+            "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
+                         "view_balance": cfg.view_balance, "as": "loss weights"},
+            "labels_masked_in_single_class_sources": masked,
+            "labels_left_out_of_the_loss": {"min_positives": cfg.min_positives, "labels": too_few},
+        },
+        "labels_against_normal": {"labels": list(cfg.normal_contrast), "negatives": "No Finding films only"},
+        "optimiser": {"name": "L-BFGS (strong Wolfe)", "loss": "weighted BCE over known labels + L2",
+                      "l2": l2, "l2_grid": list(cfg.l2_grid), "trained": "head only (backbone frozen)"},
+        "selection": {"metric": "L2 strength by mean within-source AUC of every trained label on an inner "
+                                "patient-grouped quarter of each fold's training films"},
+    })
+    return meta
