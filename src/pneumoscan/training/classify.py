@@ -336,8 +336,13 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any],
         init_info.update({"init": "random"})
     else:
         source = Classifier.load(cfg.init)
-        module.model.load_state_dict(source.model.state_dict())
-        init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"]})
+        module.model.net.features.load_state_dict(source.model.net.features.state_dict())
+        same_head = all(a.shape == b.shape for a, b in zip(module.model.head.state_dict().values(),
+                                                           source.model.head.state_dict().values()))
+        if same_head:  # a head of another shape (crossval's linear one) is not carried over
+            module.model.head.load_state_dict(source.model.head.state_dict())
+        init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"],
+                          "head": "the checkpoint's" if same_head else "new (the checkpoint's has another shape)"})
     return module
 
 
