@@ -27,30 +27,17 @@ def main() -> int:
     parser.add_argument("--films", type=int, default=8)
     args = parser.parse_args()
 
-    import cv2
-    import pydicom
-
     from pneumoscan.predict import Predictor
 
-    from dicom_films import film_to_dicom
+    from dicom_films import film_containers
 
     films = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:args.films]
     tmp = Path(tempfile.mkdtemp())
-    for k, png in enumerate(films):
-        grey = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
-        cv2.imwrite(str(tmp / f"{k}_16.png"), grey.astype(np.uint16) * 257)
-        times16 = film_to_dicom(png, tmp / f"{k}_x16.dcm")
-        ds = pydicom.dcmread(times16)
-        ds.PixelData = np.round(grey.astype(np.float64) * 4095 / 255).astype(np.uint16).tobytes()
-        ds.save_as(tmp / f"{k}_12.dcm")
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        del ds.WindowCenter, ds.WindowWidth
-        ds.PixelData = grey.tobytes()
-        ds.save_as(tmp / f"{k}_8.dcm")
+    wrapped = [film_containers(png, tmp, str(k)) for k, png in enumerate(films)]
     predictor = Predictor.from_default()
-    ways = {"8-bit PNG": films} | {name: [tmp / f"{k}_{kind}" for k in range(len(films))] for name, kind in (
-        ("8-bit DICOM, no window", "8.dcm"), ("16-bit PNG", "16.png"), ("12-bit DICOM, same picture", "12.dcm"),
-        ("12-bit DICOM ×16, full window", "x16.dcm"))}
+    names = {"8.dcm": "8-bit DICOM, no window", "16.png": "16-bit PNG", "12.dcm": "12-bit DICOM, same picture",
+             "x16.dcm": "12-bit DICOM ×16, full window"}
+    ways = {"8-bit PNG": films} | {name: [w[kind] for w in wrapped] for kind, name in names.items()}
     assessed = predictor.classifier.assessed_labels
     probs = {name: np.array([[r.probabilities[label] for label in assessed] for r in predictor.predict_batch(paths)])
              for name, paths in ways.items()}

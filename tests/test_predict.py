@@ -126,24 +126,11 @@ def test_the_same_film_in_every_container_gets_the_same_probabilities(predictor,
     other (the DICOM used to be stretched to its own min–max). Not the same picture: ×16 under that
     window is 0.4 % darker at white, which moves lung-mask edges and the shipped model's
     probabilities by up to 0.06 (its card, "Known limits")."""
-    import cv2
-    import pydicom
-
-    from dicom_films import film_to_dicom
+    from dicom_films import film_containers
 
     films = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:4]
-    for k, png in enumerate(films):
-        grey = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
-        cv2.imwrite(str(tmp_path / f"{k}_16.png"), grey.astype(np.uint16) * 257)
-        twelve = film_to_dicom(png, tmp_path / f"{k}_12.dcm")
-        ds = pydicom.dcmread(twelve)
-        ds.PixelData = np.round(grey.astype(np.float64) * 4095 / 255).astype(np.uint16).tobytes()
-        ds.save_as(twelve)
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
-        del ds.WindowCenter, ds.WindowWidth
-        ds.PixelData = grey.tobytes()
-        ds.save_as(tmp_path / f"{k}_8.dcm")
-    ways = [films] + [[tmp_path / f"{k}_{kind}" for k in range(len(films))] for kind in ("8.dcm", "16.png", "12.dcm")]
+    wrapped = [film_containers(png, tmp_path, str(k)) for k, png in enumerate(films)]
+    ways = [films] + [[w[kind] for w in wrapped] for kind in ("8.dcm", "16.png", "12.dcm")]
     probs = [[[v for v in r.probabilities.values() if v is not None] for r in predictor.predict_batch(paths)]
              for paths in ways]
     reference = np.array(probs[0])

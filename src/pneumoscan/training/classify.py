@@ -890,6 +890,17 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
 #: Training films whose mean pooled features are Grad-CAM's reference (explain.py).
 REFERENCE_FILMS = 512
 
+
+def reference_films(rows: np.ndarray, sources: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Which of ``rows`` (one source name each) Grad-CAM's reference is the mean of: up to
+    ``REFERENCE_FILMS`` drawn with seed 0, from the adult films when there are any (and whether
+    there were)."""
+    from pneumoscan.data.manifest import population
+
+    adult = np.array([population(str(s)) == "adult" for s in sources], bool)
+    pool = np.asarray(rows)[adult] if adult.any() else np.asarray(rows)
+    return np.sort(np.random.default_rng(0).permutation(pool)[:REFERENCE_FILMS]), bool(adult.any())
+
 #: A partial fine-tune saves its state every this many batches (and at each epoch's end).
 SAVE_EVERY = 100
 
@@ -920,7 +931,6 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     ``val_report.json`` into ``out``."""
     from tqdm import tqdm
 
-    from pneumoscan.data.manifest import population
     from pneumoscan.training.evaluate import assess_labels, evaluate_probabilities
 
     table, out = cache.table, Path(out)
@@ -937,8 +947,7 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     print("finalise: assessing each label (bootstrap CIs) and writing the model …", file=sys.stderr, flush=True)
     assessment = assess_labels(val_labels, val_probs, val_sources, train_labels, train_sources)
     classifier.set_assessment(assessment)
-    adult = [i for i, src in zip(rows["train"], train_sources) if population(src) == "adult"]
-    sample = np.sort(np.random.default_rng(0).permutation(adult or rows["train"])[:REFERENCE_FILMS])
+    sample, adult = reference_films(rows["train"], train_sources)
     with torch.inference_mode():
         pooled = [classifier.model.feature_map(torch.from_numpy(cache.images(part).astype(np.float32) / 255.0)[:, None])
                   .mean(dim=(2, 3)) for part in np.array_split(sample, max(1, len(sample) // 64))]

@@ -37,14 +37,15 @@ import numpy as np
 import torch
 
 from pneumoscan.classify import FEATURES, ChestClassifier, Classifier
-from pneumoscan.data.manifest import population, unit_hash
+from pneumoscan.data.manifest import unit_hash
 from pneumoscan.labels import LABELS
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.classify import (
-    REFERENCE_FILMS,
     branch_features,
+    mask_single_class_sources,
     masked_bce,
     positive_weights,
+    reference_films,
     sampling_weights,
     select_rows,
     selection_score,
@@ -195,7 +196,11 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     shipped head on every film, and write ``model.pt``, ``cv_report.json`` and ``oof.csv``."""
     import pandas as pd
 
-    from pneumoscan.training.evaluate import assess_labels, evaluate_probabilities
+    from pneumoscan.training.evaluate import (
+        MIN_VAL_PER_CLASS,
+        assess_labels,
+        evaluate_probabilities,
+    )
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True) if progress is None else progress(message)
@@ -227,7 +232,7 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     frame.insert(0, "path", table["path"].to_numpy())
     frame.to_csv(out / "oof.csv", index=False, float_format="%.6f")
     say("assessing each label on the out-of-fold probabilities (bootstrap CIs) …")
-    train_labels = training_labels(raw, sources, 0)[0]
+    train_labels = mask_single_class_sources(raw, sources)[0]  # the positives the loss could see, as finalise counts
     assessment = assess_labels(raw, cv["oof"], sources, train_labels, sources, method=cfg.operating,
                                target=cfg.target, confirm_in=cfg.confirm_in if cfg.confirm_in in sources else None)
     for label in cfg.normal_contrast:
@@ -240,9 +245,9 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg), l2)
     classifier = Classifier(linear_into_model(parent.model, head), shipped_meta(parent, cfg, table, masked, too_few, l2))
     classifier.set_assessment(assessment)
-    adult = np.flatnonzero([population(s) == "adult" for s in sources])
-    sample = np.sort(np.random.default_rng(0).permutation(adult)[:REFERENCE_FILMS])
-    classifier.set_cam_reference(x[sample].mean(0), f"mean of {len(sample)} adult films of the cross-validation")
+    sample, adult = reference_films(np.arange(len(rows)), sources)
+    classifier.set_cam_reference(x[sample].mean(0), f"mean of {len(sample)} {'adult ' if adult else ''}films "
+                                                    f"of the cross-validation")
     classifier.meta["validation"] = {"within_source": report["within_source"], "n_images": report["n_images"],
                                      "protocol": f"out-of-fold probabilities, {cfg.folds}-fold cross-validation "
                                                  f"grouped by patient (seed {cfg.seed})",
@@ -250,8 +255,8 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     classifier.meta["threshold_provenance"] = {
         "method": "cross-validation", "images": int(len(rows)), "folds": cfg.folds,
         "rule": (f"{cfg.operating}" + ("" if cfg.target is None else f" {cfg.target:g}")
-                 + " on the out-of-fold probabilities of the NIH originals where they hold 10 positives and "
-                   "negatives of the label, else inside the adult source that assessed it"),
+                 + f" on the out-of-fold probabilities of source {cfg.confirm_in} where it holds {MIN_VAL_PER_CLASS} "
+                   "positives and negatives of the label, else inside the adult source that assessed it"),
         "parent_model_sha256": parent.meta.get("sha256") or parent.meta["weights_sha256"]}
     written = classifier.save(out / "model.pt")
     report["folds"] = cv["folds"]
