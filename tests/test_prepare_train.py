@@ -302,6 +302,25 @@ def test_max_minutes_too_short_for_finalise_is_refused_up_front(cache64, tmp_pat
         train_classifier(_tail_cfg(cache64, tmp_path / "c", max_minutes=0.001))
 
 
+def test_timing_the_deadline_leaves_the_model_in_training_mode(tmp_path):
+    """``--max-minutes`` times one forward pass in eval mode to reserve finalise's time; the fit
+    that follows must still train with batch statistics and dropout (it once ran every layer in
+    eval mode, Lightning warning "Found 500 module(s) in eval mode")."""
+    import time
+
+    from pneumoscan.classify import ChestClassifier
+    from pneumoscan.training.classify import TrainConfig, fit_deadline
+
+    model = ChestClassifier().train()
+    cfg = TrainConfig(cache="", out=str(tmp_path), max_minutes=60)
+    deadline = fit_deadline(cfg, time.time(), model, n_val=10, size=64)
+    assert time.time() < deadline < time.time() + 3600
+    assert all(m.training for m in model.modules())
+    model.eval()
+    fit_deadline(cfg, time.time(), model, n_val=10, size=64)
+    assert not any(m.training for m in model.modules())  # a caller's eval mode is kept too
+
+
 def test_cache_bundle_in_parts_rebuilds_the_same_cache(cache64, tmp_path):
     """The GPU carry: a cache packed in parts of a size limit unpacks to what one bundle gives."""
     import sys

@@ -455,12 +455,14 @@ def fit_deadline(cfg: TrainConfig, started: float, model: ChestClassifier, n_val
     (scoring the validation images, twice over for safety, and 30 s for the rest)."""
     if cfg.max_minutes <= 0:
         return float("inf")
+    was_training = model.training
     model.eval()
     x = torch.rand(8, 1, size, size)
     with torch.inference_mode():
         model.feature_map(x[:2])
         t0 = time.time()
         model.feature_map(x)
+    model.train(was_training)  # the fit that follows must see batch statistics and dropout
     branches = 2 if cfg.arch == "agcnn" else 1
     reserve = 2 * branches * (time.time() - t0) / 8 * n_val + 30
     deadline = started + cfg.max_minutes * 60 - reserve
