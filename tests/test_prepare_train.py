@@ -437,6 +437,39 @@ def test_crossval_head_is_exact_in_the_model_and_its_figures_are_out_of_fold(cac
     assert sorted(oof.fold.unique()) == [0, 1, 2]
     report = json.loads((out / "cv_report.json").read_text())
     assert report["n_images"] == len(oof) == meta["training_data"]["train_images"]
+    assert meta["training_data"]["sampling"]["domain_weight"] == {"source": "nih", "times": 1.0, "grid": [1.0]}
+    for bad in ("0,2", "two"):
+        refused = subprocess.run([*CLI, "crossval", "--cache", str(cache64), "--backbone", str(trained / "model.pt"),
+                                  "--out", str(tmp_path / "bad"), "--domain-weights", bad],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and "--domain-weights" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_crossval_weighs_the_films_read_as_in_use_by_what_an_inner_split_of_them_says():
+    """The weight of the NIH originals (``confirm_in``) multiplies their rows only, and is chosen on
+    inner films of that source: where the lung-masked copies teach the opposite of the originals,
+    the largest weight wins."""
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.crossval import (
+        CrossvalConfig,
+        choose_settings,
+        row_weights,
+    )
+
+    rng = np.random.default_rng(1)
+    n = 800
+    sources = np.array(["nih", "nihmasked", "nihmasked", "nihmasked"] * (n // 4))
+    views, patients = np.array(["PA"] * n), np.array([f"p{i}" for i in range(n)])
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    labels = np.full((n, len(LABELS)), np.nan, np.float32)
+    copy = sources == "nihmasked"
+    labels[:, 0] = np.where(copy, x[:, 0] + 0.5 * x[:, 1] < 0, x[:, 0] > 0).astype(np.float32)
+    cfg = CrossvalConfig(cache="", backbone="", out="", view_balance=False, l2_grid=(1e-3,),
+                         domain_weights=(1.0, 16.0))
+    w1, w16 = (row_weights(labels, sources, views, cfg, dw)[:, 0] for dw in (1.0, 16.0))
+    assert np.allclose((w16[~copy] / w16[copy].mean()), 16 * (w1[~copy] / w1[copy].mean()))
+    dw, l2, scores = choose_settings(x, labels, sources, views, patients, cfg, salt=0)
+    assert (dw, l2) == (16.0, 1e-3) and scores["16/0.001"] > 0.8 > scores["1/0.001"]
 
 
 def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():

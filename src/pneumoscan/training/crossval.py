@@ -12,10 +12,11 @@ the cross-validation, and:
   view balancing, plus an L2 penalty, fitted to convergence by L-BFGS;
 - films fall into ``folds`` folds by a hash of their patient key (a patient's films, NIH
   originals and lung-masked copies alike, are in one fold); each fold is scored by the head fitted
-  on the others, its L2 strength chosen on an inner patient-grouped split of those others;
+  on the others, its L2 strength and the weight of the films read as in use (NIH originals masked
+  by our U-Net) chosen on an inner patient-grouped split of those others, judged on those films;
 - the out-of-fold probabilities, each from a head that never saw the film or its patient, choose
   the assessed flags and thresholds (:func:`pneumoscan.training.evaluate.assess_labels`) and are
-  the figures reported; the shipped head is then fitted on all films with the L2 strength most
+  the figures reported; the shipped head is then fitted on all films with the settings most
   folds chose.
 
 The linear head is written into the ordinary two-layer head of :class:`ChestClassifier`: the
@@ -55,6 +56,11 @@ from pneumoscan.training.classify import (
 
 #: L2 strengths tried (on standardised features, per mean image loss).
 L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
+#: Multipliers of the loss weight of the films read as in use (``confirm_in``) to choose from. The
+#: default keeps their source share: a choice among (1, 2, 4, 8, 16) raised NIH Pneumonia vs No
+#: Finding on the originals and lowered Cardiomegaly and the radiologists' opacity label on the
+#: same films (docs/ADULT.md), so it is an option, for sites whose own films are the domain.
+DOMAIN_WEIGHTS = (1.0,)
 
 
 @dataclass
@@ -65,6 +71,7 @@ class CrossvalConfig:
     folds: int = 5
     seed: int = 2026
     l2_grid: tuple[float, ...] = L2_GRID
+    domain_weights: tuple[float, ...] = DOMAIN_WEIGHTS
     source_balance: float = 0.0
     adult_share: float = 0.8
     view_balance: bool = True
@@ -101,10 +108,13 @@ def against_normal(labels: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray
     return out
 
 
-def row_weights(labels: np.ndarray, sources: np.ndarray, views: np.ndarray, cfg: CrossvalConfig) -> np.ndarray:
+def row_weights(labels: np.ndarray, sources: np.ndarray, views: np.ndarray, cfg: CrossvalConfig,
+                domain_weight: float = 1.0) -> np.ndarray:
     """N×15 loss weights: the training sampler's source balance as weights (mean 1) times, with
-    ``view_balance``, the weights that make every label independent of the view."""
+    ``view_balance``, the weights that make every label independent of the view; the films of
+    ``cfg.confirm_in`` (read and masked as in use) weigh ``domain_weight`` times their share."""
     w = sampling_weights(sources, cfg.source_balance, cfg.adult_share)
+    w = np.where(sources == cfg.confirm_in, w * domain_weight, w)
     w = (w / w.mean()).astype(np.float32)[:, None] * np.ones((1, len(LABELS)), np.float32)
     if cfg.view_balance:
         w = w * view_balance_weights(labels, sources, views)
@@ -143,18 +153,29 @@ def linear_probs(x: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.ndarr
     return expit(x @ W.T + b).astype(np.float32)
 
 
-def choose_l2(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, sources: np.ndarray,
-              patients: np.ndarray, cfg: CrossvalConfig, salt: int) -> tuple[float, dict[str, float]]:
-    """The L2 strength with the best mean within-source AUC of every trained label on an inner
-    patient-grouped quarter of these films (fitted on the other three quarters)."""
+def choose_settings(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,
+                    patients: np.ndarray, cfg: CrossvalConfig, salt: int) -> tuple[float, float, dict[str, float]]:
+    """The (domain weight, L2 strength) with the best mean within-source AUC of every trained label
+    on an inner patient-grouped quarter of these films (fitted on the other three quarters),
+    judged on the ``confirm_in`` films of that quarter when it holds any.
+
+    Why judged there: the lung-masked copies outnumber the films masked by our own U-Net 16 to 1,
+    and a head that suits the copies does not carry over to the originals (docs/ADULT.md); the
+    weight of the originals is a choice like the L2 strength, so it is made inside each fold,
+    on films the scored fold never lends."""
     inner = patient_folds(patients, 4, cfg.seed * 31 + salt) == 0
     select = tuple(l for j, l in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
+    judged = inner & (sources == cfg.confirm_in) if (sources[inner] == cfg.confirm_in).any() else inner
     scores = {}
-    for l2 in cfg.l2_grid:
-        head = fit_linear_head(x[~inner], labels[~inner], weights[~inner], l2)
-        scores[f"{l2:g}"] = selection_score(labels[inner], linear_probs(x[inner], head), sources[inner], select)[0]
+    for dw in cfg.domain_weights:
+        weights = row_weights(labels[~inner], sources[~inner], views[~inner], cfg, dw)
+        for l2 in cfg.l2_grid:
+            head = fit_linear_head(x[~inner], labels[~inner], weights, l2)
+            scores[f"{dw:g}/{l2:g}"] = selection_score(labels[judged], linear_probs(x[judged], head),
+                                                       sources[judged], select)[0]
     best = max(scores, key=lambda k: scores[k] if np.isfinite(scores[k]) else -np.inf)
-    return float(best), scores
+    dw, l2 = map(float, best.split("/"))
+    return dw, l2, scores
 
 
 def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,
@@ -166,13 +187,12 @@ def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views
     chosen = []
     for f in range(cfg.folds):
         train = fold_of != f
-        weights = row_weights(labels[train], sources[train], views[train], cfg)
-        l2, scores = choose_l2(x[train], labels[train], weights, sources[train], patients[train], cfg, f)
-        head = fit_linear_head(x[train], labels[train], weights, l2)
+        dw, l2, scores = choose_settings(x[train], labels[train], sources[train], views[train], patients[train], cfg, f)
+        head = fit_linear_head(x[train], labels[train], row_weights(labels[train], sources[train], views[train], cfg, dw), l2)
         oof[~train] = linear_probs(x[~train], head)
-        chosen.append({"fold": f, "films": int((~train).sum()), "l2": l2, "inner_scores": scores})
-        progress(f"fold {f + 1}/{cfg.folds}: {int((~train).sum())} films scored, L2 {l2:g} "
-                 f"(inner mean within-source AUC {scores[f'{l2:g}']:.3f})")
+        chosen.append({"fold": f, "films": int((~train).sum()), "domain_weight": dw, "l2": l2, "inner_scores": scores})
+        progress(f"fold {f + 1}/{cfg.folds}: {int((~train).sum())} films scored; {cfg.confirm_in} films weighted "
+                 f"×{dw:g}, L2 {l2:g} (inner mean within-source AUC {scores[f'{dw:g}/{l2:g}']:.3f})")
     return {"oof": oof, "fold": fold_of, "folds": chosen}
 
 
@@ -240,10 +260,11 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     thresholds = {label: assessment[label]["threshold"] for label in LABELS}
     report = evaluate_probabilities(raw, cv["oof"], thresholds, split=f"out-of-fold ({cfg.folds}-fold CV)",
                                     sources=sources)
-    l2 = Counter(f["l2"] for f in cv["folds"]).most_common(1)[0][0]
-    say(f"fitting the shipped head on all {len(rows)} films (L2 {l2:g}) …")
-    head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg), l2)
-    classifier = Classifier(linear_into_model(parent.model, head), shipped_meta(parent, cfg, table, masked, too_few, l2))
+    dw, l2 = Counter((f["domain_weight"], f["l2"]) for f in cv["folds"]).most_common(1)[0][0]
+    say(f"fitting the shipped head on all {len(rows)} films ({cfg.confirm_in} films ×{dw:g}, L2 {l2:g}) …")
+    head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg, dw), l2)
+    classifier = Classifier(linear_into_model(parent.model, head),
+                            shipped_meta(parent, cfg, table, masked, too_few, l2, dw))
     classifier.set_assessment(assessment)
     sample, adult = reference_films(np.arange(len(rows)), sources)
     classifier.set_cam_reference(x[sample].mean(0), f"mean of {len(sample)} {'adult ' if adult else ''}films "
@@ -260,14 +281,14 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
         "parent_model_sha256": parent.meta.get("sha256") or parent.meta["weights_sha256"]}
     written = classifier.save(out / "model.pt")
     report["folds"] = cv["folds"]
-    report["l2_shipped"] = l2
+    report["l2_shipped"], report["domain_weight_shipped"] = l2, dw
     report["seconds"] = round(time.time() - started, 1)
     (out / "cv_report.json").write_text(json.dumps(report, indent=2))
     return {"model": written, "report": report, "assessment": assessment}
 
 
 def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[str, list[str]],
-                 too_few: list[str], l2: float) -> dict[str, Any]:
+                 too_few: list[str], l2: float, domain_weight: float) -> dict[str, Any]:
     """The shipped model's metadata: the parent's preprocessing and input, the new head's data."""
     meta = {k: parent.meta[k] for k in ("kind", "labels", "input_size", "preprocessing") if k in parent.meta}
     meta.update({
@@ -282,14 +303,17 @@ def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[st
             "split": f"{cfg.folds}-fold cross-validation grouped by patient for every figure and choice; "
                      "the shipped head fitted on all films",
             "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
-                         "view_balance": cfg.view_balance, "as": "loss weights"},
+                         "view_balance": cfg.view_balance, "as": "loss weights",
+                         "domain_weight": {"source": cfg.confirm_in, "times": domain_weight,
+                                           "grid": list(cfg.domain_weights)}},
             "labels_masked_in_single_class_sources": masked,
             "labels_left_out_of_the_loss": {"min_positives": cfg.min_positives, "labels": too_few},
         },
         "labels_against_normal": {"labels": list(cfg.normal_contrast), "negatives": "No Finding films only"},
         "optimiser": {"name": "L-BFGS (strong Wolfe)", "loss": "weighted BCE over known labels + L2",
                       "l2": l2, "l2_grid": list(cfg.l2_grid), "trained": "head only (backbone frozen)"},
-        "selection": {"metric": "L2 strength by mean within-source AUC of every trained label on an inner "
-                                "patient-grouped quarter of each fold's training films"},
+        "selection": {"metric": f"domain weight and L2 strength by the mean AUC of every trained label on the "
+                                f"{cfg.confirm_in} films of an inner patient-grouped quarter of each fold's training "
+                                "films; the shipped head takes the pair most folds chose"},
     })
     return meta

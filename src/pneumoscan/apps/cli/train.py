@@ -246,6 +246,10 @@ def crossval(
         help="Labels learnt and judged against No Finding films only (comma-separated; '' for none).")] = "Pneumonia",
     threshold_rule: Annotated[str, typer.Option(help="youden, specificity or sensitivity.")] = "specificity",
     target: Annotated[float, typer.Option(help="The specificity or sensitivity the thresholds reach.")] = 0.9,
+    domain_weights: Annotated[str, typer.Option(
+        help="Multipliers of the NIH originals' loss weight to choose from, inside each fold, by the AUC on "
+             "originals of an inner split (comma-separated, e.g. 1,2,4,8,16; '1' keeps their source share; "
+             "docs/ADULT.md has the trade-off measured).")] = "1",
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
 ) -> None:
     """Fit the classifier's final stage on a frozen backbone with patient-grouped cross-validation:
@@ -266,11 +270,18 @@ def crossval(
         fail(f"--threshold-rule must be youden, specificity or sensitivity, got {threshold_rule!r}")
     if threshold_rule != "youden" and not 0 < target < 1:
         fail(f"--target must be between 0 and 1, got {target}")
+    try:
+        weights = tuple(float(w) for w in domain_weights.split(",") if w.strip())
+    except ValueError:
+        fail(f"--domain-weights must be comma-separated numbers, got {domain_weights!r}")
+    if not weights or min(weights) <= 0:
+        fail(f"--domain-weights must be positive numbers, got {domain_weights!r}")
     ensure_writable(out, "--out")
     cfg = CrossvalConfig(cache=str(cache), backbone=str(backbone), out=str(out), folds=folds, seed=seed,
                          source_balance=source_balance, adult_share=adult_share, view_balance=view_balance,
                          min_positives=min_positives, description=description, normal_contrast=contrast,
-                         operating=threshold_rule, target=None if threshold_rule == "youden" else target)
+                         operating=threshold_rule, target=None if threshold_rule == "youden" else target,
+                         domain_weights=weights)
     result = scored_or_fail(lambda: run_crossval(cfg, progress=lambda m: err.print(m, highlight=False)))
     assessed = [label for label, a in result["assessment"].items() if a["assessed"]]
     console.print(f"model written to {out / 'model.pt'}")
