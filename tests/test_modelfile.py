@@ -99,3 +99,35 @@ def test_format_1_file_loads_with_one_warning_and_malformed_metadata_is_refused(
             load_model(tmp_path / "bad.pt", kind="test")
     written = save_model(tmp_path / "new.pt", _state(), {"kind": "test"})
     assert written["format_version"] == 2 and written["sha256"] == metadata_sha256(written)
+
+
+def test_last_checkpoint_is_every_epochs_end_even_when_the_monitored_metric_falls(tmp_path):
+    """A resumed run starts where the killed one stopped: last.ckpt holds the latest epoch, also
+    after epochs that did not improve (Lightning 2.6's save_last alone keeps the best one there),
+    and best.ckpt the best."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pneumoscan.modelfile import checkpoint_callbacks
+
+    class Falling(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, _):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, _):
+            self.log("val_score", 1.0 / (self.current_epoch + 1))  # best at epoch 0, worse after
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4)
+    best, last = checkpoint_callbacks(tmp_path, "val_score")
+    L.Trainer(max_epochs=3, callbacks=[best, last], logger=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(Falling(), data, data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
+    epoch = {name: torch.load(tmp_path / name, weights_only=False)["epoch"] for name in ("best.ckpt", "last.ckpt")}
+    assert epoch == {"best.ckpt": 0, "last.ckpt": 2}

@@ -131,6 +131,21 @@ def resumable_checkpoint(path: str | Path) -> str | None:
     return str(path)
 
 
+def checkpoint_callbacks(dirpath: str | Path, monitor: str, mode: str = "max") -> tuple[Any, Any]:
+    """(best, last): Lightning checkpoints of the best epoch by ``monitor`` (``best.ckpt``) and of
+    every epoch's end (``last.ckpt``, what :func:`resumable_checkpoint` resumes from).
+
+    Why two: Lightning 2.6 writes ``save_last`` only when the monitored checkpoint is saved too,
+    so after an epoch that did not improve, last.ckpt still held the best epoch and a resumed run
+    repeated the epochs since (a CPU run lost a 30-minute epoch that way)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    best = ModelCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1)
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False)
+    return best, last
+
+
 def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a model file; returns (float32 state dict, metadata)."""

@@ -51,7 +51,7 @@ from pneumoscan.classify import (
 from pneumoscan.clinical import ClinicalSpec, drop_fields, fit_spec, table_records
 from pneumoscan.crop import ATTENTION_THRESHOLD, attention_box, local_crop
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import resumable_checkpoint
+from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint
 from pneumoscan.training.cache import CropCache
 
 #: Within-source validation AUC of these labels chooses the checkpoint.
@@ -493,7 +493,7 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
                     cfg: TrainConfig, out: Path, deadline: float = float("inf")):
     """The Lightning loop (every layer trained): resumable, DDP, mixed precision. Returns
     ((model, best score, epochs trained, best epoch) or None off rank 0, precision)."""
-    from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback, EarlyStopping
     from lightning.pytorch.loggers import CSVLogger
 
     class EpochSeed(Callback):
@@ -502,9 +502,8 @@ def _fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sample
 
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", filename="best", monitor="val_select",
-                                 mode="max", save_last=True, save_top_k=1)
-    callbacks: list[Any] = [checkpoint, EpochSeed()]
+    checkpoint, latest = checkpoint_callbacks(out / "checkpoints", "val_select")
+    callbacks: list[Any] = [checkpoint, latest, EpochSeed()]
     if cfg.early_stop:
         callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
     trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1),

@@ -29,7 +29,7 @@ from pneumoscan.crop import lung_crop
 from pneumoscan.data import JSRT, Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
 from pneumoscan.io import read_xray
-from pneumoscan.modelfile import resumable_checkpoint
+from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint
 from pneumoscan.segment import (
     SEGMENTERS,
     HeartSegmenter,
@@ -213,7 +213,7 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     """Train, keep the best epoch by validation Dice (or the last, with the cosine schedule), write
     ``model.pt`` and ``report.{md,json}``."""
     import lightning as L
-    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.loggers import CSVLogger
 
     out = Path(cfg.out)
@@ -239,13 +239,11 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     fixed = cfg.schedule == "cosine"
     if not fixed and not len(val_idx):
         raise ValueError("the plateau schedule needs validation images (or use the cosine schedule)")
-    checkpoint = (ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0) if fixed else
-                  ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_dice", mode="max",
-                                  save_last=True, save_top_k=1))
+    checkpoint, latest = checkpoint_callbacks(ckpt_dir, "val_dice")
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
         limit_val_batches=1.0 if len(val_idx) else 0,
-        callbacks=[checkpoint, EpochSeed()], logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
+        callbacks=[latest, EpochSeed()] if fixed else [checkpoint, latest, EpochSeed()], logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
         log_every_n_steps=5, deterministic=False, enable_model_summary=False,
     )
     module = _lightning_module(cfg.preset, cfg.lr, cfg.patience, cfg.schedule, cfg.epochs)
