@@ -166,16 +166,14 @@ def choose_settings(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, view
     inner = patient_folds(patients, 4, cfg.seed * 31 + salt) == 0
     select = tuple(l for j, l in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
     judged = inner & (sources == cfg.confirm_in) if (sources[inner] == cfg.confirm_in).any() else inner
-    scores = {}
+    scores: dict[tuple[float, float], float] = {}
     for dw in cfg.domain_weights:
         weights = row_weights(labels[~inner], sources[~inner], views[~inner], cfg, dw)
         for l2 in cfg.l2_grid:
             head = fit_linear_head(x[~inner], labels[~inner], weights, l2)
-            scores[f"{dw:g}/{l2:g}"] = selection_score(labels[judged], linear_probs(x[judged], head),
-                                                       sources[judged], select)[0]
-    best = max(scores, key=lambda k: scores[k] if np.isfinite(scores[k]) else -np.inf)
-    dw, l2 = map(float, best.split("/"))
-    return dw, l2, scores
+            scores[dw, l2] = selection_score(labels[judged], linear_probs(x[judged], head), sources[judged], select)[0]
+    dw, l2 = max(scores, key=lambda k: scores[k] if np.isfinite(scores[k]) else -np.inf)
+    return dw, l2, {f"{w:g}/{s:g}": score for (w, s), score in scores.items()}
 
 
 def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,

@@ -243,7 +243,8 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
     trainer = L.Trainer(
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices,
         limit_val_batches=1.0 if len(val_idx) else 0,
-        callbacks=[latest, EpochSeed()] if fixed else [checkpoint, latest, EpochSeed()], logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
+        callbacks=([] if fixed else [checkpoint]) + [latest, EpochSeed()],
+        logger=CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
         log_every_n_steps=5, deterministic=False, enable_model_summary=False,
     )
     module = _lightning_module(cfg.preset, cfg.lr, cfg.patience, cfg.schedule, cfg.epochs)
