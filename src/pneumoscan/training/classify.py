@@ -270,10 +270,15 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any],
             select: tuple[str, ...] = SELECT_LABELS, train_weights: np.ndarray | None = None):
     import lightning as L
 
+    source = None if cfg.init in ("imagenet", "random") else Classifier.load(cfg.init)
+    # A checkpoint's head width is kept, so fine-tuning the shipped model (crossval's head is
+    # 1024 wide, the loop's default 1000) starts from its head instead of a new one.
+    hidden = int(source.meta.get("hidden", 1000)) if source is not None else 1000
+
     class ClassifierModule(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = ChestClassifier()
+            self.model = ChestClassifier(hidden=hidden)
             self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -335,11 +340,10 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any],
     elif cfg.init == "random":
         init_info.update({"init": "random"})
     else:
-        source = Classifier.load(cfg.init)
         module.model.net.features.load_state_dict(source.model.net.features.state_dict())
         same_head = all(a.shape == b.shape for a, b in zip(module.model.head.state_dict().values(),
                                                            source.model.head.state_dict().values()))
-        if same_head:  # a head of another shape (crossval's linear one) is not carried over
+        if same_head:  # a head of another shape (an AG-CNN or clinical fusion head) is not carried over
             module.model.head.load_state_dict(source.model.head.state_dict())
         init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"],
                           "head": "the checkpoint's" if same_head else "new (the checkpoint's has another shape)"})
@@ -421,7 +425,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                           "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
                           "lung_mask": cache.lung_masked,
                           "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
-        "init": init_info, "hidden": 1000, "dropout": 0.4, "architecture": architecture,
+        "init": init_info, "hidden": model.head[3].in_features, "dropout": 0.4, "architecture": architecture,
         **({"clinical": spec.to_dict() | {"field_dropout": cfg.field_dropout}} if spec else {}),
         "training_data": {
             "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
