@@ -155,3 +155,23 @@ def test_a_second_run_in_the_same_folder_does_not_score_its_own_overlays(tmp_pat
     record = json.loads((tmp_path / "o2" / "predictions.jsonl").read_text())
     assert record["quality"]["frontal_chest"] is False and record["probabilities"] is None
     assert any("colour picture" in reason for reason in record["quality"]["reasons"]), record["quality"]
+
+
+def test_number_lists_of_fractions_betas_and_domain_weights_are_parsed_or_refused_in_one_line(capsys):
+    """--fractions (three), --betas (two in [0, 1)) and --domain-weights (positive) share one
+    parser; anything else is the option's one-line usage error."""
+    import pytest
+    import typer
+
+    from pneumoscan.apps.cli.common import numbers
+
+    assert numbers("0.8,0.08,0.12", "bad", 3) == (0.8, 0.08, 0.12)
+    assert numbers("0.9,0.999", "bad", 2, lambda b: 0 <= b < 1) == (0.9, 0.999)
+    assert numbers("1,2,16", "bad", valid=lambda w: w > 0) == (1.0, 2.0, 16.0)
+    for text, count, valid in (("0.8,0.2", 3, None), ("0.8,,0.2", 3, None), ("a,b", 2, None),
+                               ("0.9,1.0", 2, lambda b: 0 <= b < 1), ("1,0", None, lambda w: w > 0),
+                               ("nan", None, lambda w: w > 0), ("1,2,", None, lambda w: w > 0), ("", None, None)):
+        with pytest.raises(typer.Exit) as stop:
+            numbers(text, f"--opt must be numbers, got {text!r}", count, valid or (lambda _: True))
+        assert stop.value.exit_code == 2
+        assert f"--opt must be numbers, got {text!r}" in capsys.readouterr().err

@@ -273,12 +273,12 @@ def _module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any],
     source = None if cfg.init in ("imagenet", "random") else Classifier.load(cfg.init)
     # A checkpoint's head width is kept, so fine-tuning the shipped model (crossval's head is
     # 1024 wide, the loop's default 1000) starts from its head instead of a new one.
-    hidden = int(source.meta.get("hidden", 1000)) if source is not None else 1000
+    width = {} if source is None else {"hidden": source.model.head[3].in_features}
 
     class ClassifierModule(L.LightningModule):
         def __init__(self):
             super().__init__()
-            self.model = ChestClassifier(hidden=hidden)
+            self.model = ChestClassifier(**width)
             self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
             self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +30,19 @@ def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, never a traceback."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
+
+
+def numbers(text: str, message: str, count: int | None = None,
+            valid: Callable[[float], bool] = lambda _: True) -> tuple[float, ...]:
+    """An option's comma-separated numbers (``count`` of them when given, each ``valid``), or the
+    one-line usage error ``message``: one parser for --fractions, --betas and --domain-weights."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or (count is not None and len(values) != count) or not all(valid(v) for v in values):
+        fail(message)
+    return values
 
 
 def print_table(title: str, frame) -> None:

@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from pneumoscan.apps.cli.common import Dir, app, console, err, fail, print_table
+from pneumoscan.apps.cli.common import (
+    Dir,
+    app,
+    console,
+    err,
+    fail,
+    numbers,
+    print_table,
+)
 
 
 @app.command()
@@ -58,12 +66,7 @@ def index(
     sources.update({k: v for k, v in given.items() if v is not None})
     if not sources:
         fail("no sources given: pass --root DIR or at least one of --nih, --kermany, --rsna, ...")
-    try:
-        parts = tuple(float(x) for x in fractions.split(","))
-        if len(parts) != 3:
-            raise ValueError
-    except ValueError:
-        fail(f"--fractions must be three numbers like 0.8,0.08,0.12, got {fractions!r}")
+    parts = numbers(fractions, f"--fractions must be three numbers like 0.8,0.08,0.12, got {fractions!r}", 3)
     warnings: list[str] = []
     try:
         table = build_manifest(sources, fractions=parts, seed=seed, rsna_mapping=rsna_mapping,

@@ -16,6 +16,7 @@ from pneumoscan.apps.cli.common import (
     ensure_writable,
     err,
     fail,
+    numbers,
     print_table,
 )
 
@@ -177,11 +178,8 @@ def train(
     from pneumoscan.training.cache import CacheError
     from pneumoscan.training.classify import TrainConfig, train_classifier
 
-    try:
-        beta_pair = tuple(float(b) for b in betas.split(","))
-        assert len(beta_pair) == 2 and all(0 <= b < 1 for b in beta_pair)
-    except (ValueError, AssertionError):
-        fail(f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}")
+    beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2,
+                        lambda b: 0 <= b < 1)
     if init not in ("imagenet", "random") and not Path(init).is_file():
         fail(f"--init must be imagenet, random or an existing model file, got {init!r}")
     if strategy not in ("auto", "ddp", "fsdp"):
@@ -270,12 +268,8 @@ def crossval(
         fail(f"--threshold-rule must be youden, specificity or sensitivity, got {threshold_rule!r}")
     if threshold_rule != "youden" and not 0 < target < 1:
         fail(f"--target must be between 0 and 1, got {target}")
-    try:
-        weights = tuple(float(w) for w in domain_weights.split(",") if w.strip())
-    except ValueError:
-        fail(f"--domain-weights must be comma-separated numbers, got {domain_weights!r}")
-    if not weights or min(weights) <= 0:
-        fail(f"--domain-weights must be positive numbers, got {domain_weights!r}")
+    weights = numbers(domain_weights, f"--domain-weights must be positive comma-separated numbers, got "
+                      f"{domain_weights!r}", valid=lambda w: w > 0)
     ensure_writable(out, "--out")
     cfg = CrossvalConfig(cache=str(cache), backbone=str(backbone), out=str(out), folds=folds, seed=seed,
                          source_balance=source_balance, adult_share=adult_share, view_balance=view_balance,
