@@ -45,7 +45,7 @@ DATA = REPO.parent / "shared" / "data"
 
 
 def auc_entry(y: np.ndarray, p: np.ndarray, n_boot: int) -> dict:
-    from pneumoscan.training.evaluate import auc_ci, roc_auc
+    from pneumoscan.training.metrics import auc_ci, roc_auc
 
     keep = ~np.isnan(y)
     y, p = y[keep], p[keep]
@@ -91,7 +91,7 @@ def main() -> int:
     from pneumoscan.labels import LABELS, NO_FINDING
     from pneumoscan.predict import Predictor
     from pneumoscan.training.cache import crop_paths
-    from pneumoscan.training.evaluate import sens_spec
+    from pneumoscan.training.metrics import sens_spec
 
     started = time.time()
     predictor = Predictor.from_paths(cls_model=args.model, backend="torch")

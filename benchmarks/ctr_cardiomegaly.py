@@ -55,7 +55,7 @@ def oof_cutoff(score: np.ndarray, y: np.ndarray, groups: np.ndarray, folds: int 
     """Calls (0/1) at the Youden cut-off chosen on the other folds, folds grouped by patient."""
     from sklearn.model_selection import GroupKFold
 
-    from pneumoscan.training.evaluate import youden_threshold
+    from pneumoscan.training.metrics import youden_threshold
 
     calls = np.zeros(len(y), bool)
     for train, test in GroupKFold(folds).split(score, y, groups):
@@ -120,7 +120,7 @@ def main() -> int:
     report["auc"]["CTR + view (5-fold OOF), all"] = auc_entry(y, both, args.n_boot)
     all_three = grouped_oof(np.column_stack([ctr, ap, clf]), y, groups)
     report["auc"]["CTR + view + classifier (5-fold OOF), all"] = auc_entry(y, all_three, args.n_boot)
-    from pneumoscan.training.evaluate import auc_difference
+    from pneumoscan.training.metrics import auc_difference
 
     report["paired"] = {name: {k: round(v, 4) for k, v in auc_difference(y, new, clf, args.n_boot).items()}
                         for name, new in (("CTR + view − classifier", both),

@@ -58,7 +58,7 @@ def main() -> int:
     from pneumoscan.labels import FINDINGS, LABELS, NO_FINDING
     from pneumoscan.segment import load_default
     from pneumoscan.training.cache import crop_paths
-    from pneumoscan.training.evaluate import auc_ci, roc_auc
+    from pneumoscan.training.metrics import auc_ci, roc_auc
 
     classifier, segmenter = Classifier.load(args.model), load_default()
     table = read_manifest(args.manifest)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from pneumoscan.data import read_manifest
 from pneumoscan.training.cache import CropCache, prepare
-from pneumoscan.training.classify import CropDataset, select_rows
+from pneumoscan.training.data import CropDataset, select_rows
 from pneumoscan.training.segment import EpochSampler
 
 

@@ -42,12 +42,7 @@ def main() -> int:
     from pneumoscan.classify import Classifier, load_default
     from pneumoscan.labels import LABELS
     from pneumoscan.training.cache import CropCache
-    from pneumoscan.training.evaluate import (
-        MIN_PER_CLASS,
-        auc_ci,
-        auc_difference,
-        roc_auc,
-    )
+    from pneumoscan.training.metrics import MIN_PER_CLASS, auc_ci, auc_difference, roc_auc
 
     models = {"default": load_default()}
     for spec in args.model:

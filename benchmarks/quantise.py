@@ -63,7 +63,7 @@ def main() -> None:
     from pneumoscan.labels import LABELS
     from pneumoscan.segment import load_default as load_segmenter
     from pneumoscan.training.cache import CropCache
-    from pneumoscan.training.evaluate import roc_auc
+    from pneumoscan.training.metrics import roc_auc
     from pneumoscan.training.segment import (
         dice_iou_acc,
         load_arrays,

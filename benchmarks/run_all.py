@@ -50,7 +50,7 @@ def main() -> None:
     from pneumoscan.io import read_xray
     from pneumoscan.predict import Predictor
     from pneumoscan.training.cache import CropCache, prepare
-    from pneumoscan.training.classify import CropDataset
+    from pneumoscan.training.data import CropDataset
 
     n, repeat = (16, 1) if args.quick else (48, 3)
     paths = sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:n]

@@ -51,8 +51,15 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     every = sr.content.get_image_measurement_groups()
-    groups = [g for g in every if g.tracking_identifier != "Cardiothoracic ratio"]
+    groups = [g for g in every if g.tracking_identifier not in ("Cardiothoracic ratio", "Overall verdict")]
     assert sorted(g.tracking_identifier for g in groups) == sorted(TEST_ASSESSED)
+    (verdict_group,) = [g for g in every if g.tracking_identifier == "Overall verdict"]
+    evaluations = {e.name.meaning: e.value.meaning for e in verdict_group.get_qualitative_evaluations()}
+    assert evaluations == {"Overall verdict": line["verdict"].capitalize(),
+                           "Population read for": line["population"]["group"].capitalize()}
+    if line["population"]["source"] == "estimate":
+        (age,) = verdict_group.get_measurements()
+        assert abs(age.value - line["population"]["age"]) < 0.06 and age.unit.value == "a"
     (ctr_group,) = [g for g in every if g.tracking_identifier == "Cardiothoracic ratio"]
     (ctr,) = ctr_group.get_measurements()
     assert ctr.name.meaning == "Cardiothoracic ratio" and ctr.unit.value == "1"

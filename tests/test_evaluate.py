@@ -8,15 +8,9 @@ import numpy as np
 import pytest
 
 from pneumoscan.labels import LABELS
-from pneumoscan.training.evaluate import (
-    auc_ci,
-    calibration,
-    evaluate_probabilities,
-    roc_auc,
-    sens_spec,
-    write_report,
-    youden_threshold,
-)
+from pneumoscan.training.metrics import auc_ci, calibration, roc_auc, sens_spec, youden_threshold
+from pneumoscan.training.report import write_report
+from pneumoscan.training.tables import evaluate_probabilities
 
 from conftest import CLI, DATA, TEST_ASSESSED, needs_data
 
@@ -124,7 +118,7 @@ def test_headline_left_out_when_no_source_has_both_classes(tmp_path):
 
 
 def test_assess_labels_needs_adult_positives_a_large_source_and_a_ci_above_0_65():
-    from pneumoscan.training.evaluate import assess_labels
+    from pneumoscan.training.tables import assess_labels
 
     rng = np.random.default_rng(0)
     j, k = LABELS.index("Pneumonia"), LABELS.index("Nodule")
@@ -156,7 +150,8 @@ def test_assessment_must_hold_on_the_films_the_model_will_read_and_thresholds_re
     """A label learnt inside the large lung-masked source but at chance on the unmasked originals
     (confirm_in) is not assessed, and the reason names those films; a label good in both is, with
     its threshold at the lowest cut giving specificity 0.9 on the originals."""
-    from pneumoscan.training.evaluate import assess_labels, sens_spec
+    from pneumoscan.training.metrics import sens_spec
+    from pneumoscan.training.tables import assess_labels
 
     rng = np.random.default_rng(1)
     j, k = LABELS.index("Effusion"), LABELS.index("Mass")
@@ -186,7 +181,8 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
     import pandas as pd
 
     from pneumoscan.classify import Classifier, load_default
-    from pneumoscan.training.evaluate import operating_threshold, score_split
+    from pneumoscan.training.evaluate import score_split
+    from pneumoscan.training.metrics import operating_threshold
 
     table = pd.read_csv(small_manifest)
     table = table[table.source != "kermany"]  # adult films; 30 No Finding and 30 others as the site's set
@@ -226,7 +222,7 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
 
 def test_operating_thresholds_reach_their_targets():
     from pneumoscan.training.calibrate import achieved
-    from pneumoscan.training.evaluate import operating_threshold
+    from pneumoscan.training.metrics import operating_threshold
 
     rng = np.random.default_rng(0)
     y = np.r_[np.ones(200), np.zeros(300)]
@@ -244,7 +240,7 @@ def test_operating_thresholds_reach_their_targets():
 
 
 def test_subgroups_add_up_and_count_underdiagnosis():
-    from pneumoscan.training.evaluate import operating_points, subgroups
+    from pneumoscan.training.tables import operating_points, subgroups
 
     rng = np.random.default_rng(3)
     n = 400

@@ -226,11 +226,12 @@ def test_fine_tuning_the_shipped_model_starts_from_its_head(tmp_path):
 
     from pneumoscan.classify import Classifier
     from pneumoscan.labels import LABELS
-    from pneumoscan.training.classify import TrainConfig, _module
+    from pneumoscan.training.classify import TrainConfig
+    from pneumoscan.training.fit_all import lightning_module
 
     shipped = Path(__file__).resolve().parents[1] / "src" / "pneumoscan" / "models" / "chest_densenet121.pt"
     info: dict = {}
-    module = _module(TrainConfig(cache=str(tmp_path), out=str(tmp_path), init=str(shipped)),
+    module = lightning_module(TrainConfig(cache=str(tmp_path), out=str(tmp_path), init=str(shipped)),
                      np.ones(len(LABELS), np.float32), info, np.array([]))
     before, after = Classifier.load(shipped).model.state_dict(), module.model.state_dict()
     assert info["head"] == "the checkpoint's" and module.model.head[3].in_features == 1024
@@ -256,7 +257,8 @@ def test_unknown_strategy_is_a_one_line_usage_error(cache64, tmp_path):
 def test_multi_node_launch_environment_gives_rank_and_world(monkeypatch, launcher, env, expected):
     """What docs/MULTINODE.md promises: under torchrun or srun, 2 nodes × 2 processes, the trainer
     train builds knows its rank, world size, node and master from the launcher's variables."""
-    from pneumoscan.training.classify import TrainConfig, make_trainer
+    from pneumoscan.training.classify import TrainConfig
+    from pneumoscan.training.fit_all import make_trainer
 
     for key in [k for k in os.environ if k.startswith(("SLURM_", "TORCHELASTIC_")) or k in
                 ("WORLD_SIZE", "RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")]:
@@ -329,7 +331,8 @@ def test_timing_the_deadline_leaves_the_model_in_training_mode(tmp_path):
     import time
 
     from pneumoscan.classify import ChestClassifier
-    from pneumoscan.training.classify import TrainConfig, fit_deadline
+    from pneumoscan.training.classify import TrainConfig
+    from pneumoscan.training.fit_state import fit_deadline
 
     model = ChestClassifier().train()
     cfg = TrainConfig(cache="", out=str(tmp_path), max_minutes=60)
@@ -361,7 +364,7 @@ def test_cache_bundle_in_parts_rebuilds_the_same_cache(cache64, tmp_path):
 
 
 def test_view_balance_weights_make_each_label_independent_of_the_view():
-    from pneumoscan.training.classify import view_balance_weights
+    from pneumoscan.training.data import view_balance_weights
 
     rng = np.random.default_rng(0)
     n = 4000
@@ -497,12 +500,9 @@ def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():
     the same (no film, and no film of its patient, reached the head that scored it), while the
     other folds' change."""
     from pneumoscan.labels import LABELS
-    from pneumoscan.training.crossval import (
-        CrossvalConfig,
-        cross_validate,
-        patient_folds,
-    )
-    from pneumoscan.training.evaluate import roc_auc
+    from pneumoscan.training.crossval import CrossvalConfig, cross_validate
+    from pneumoscan.training.data import patient_folds
+    from pneumoscan.training.metrics import roc_auc
 
     rng = np.random.default_rng(0)
     n = 240

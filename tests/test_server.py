@@ -196,8 +196,10 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
         assert names == {label.replace(" ", "_") for label in LABELS}
         unassessed = page.locator("#findings tbody tr.unassessed")
         assert unassessed.count() == 15 - n
-        assert all(unassessed.nth(i).locator("td").nth(1).inner_text() == "not assessed by this model"
+        assert all(unassessed.nth(i).locator("td").nth(1).inner_text().startswith("not assessed for this film")
                    for i in range(15 - n))
+        verdict = page.locator("#verdict").inner_text()
+        assert verdict.startswith("Verdict: ") and " · read as " in verdict and "probabilities" in verdict
         assert "13 of 15 labels not assessed by this model" in page.locator("#status").inner_text()
         assert page.locator("#overlay").get_attribute("src").startswith("data:image/png")
         assert "Done" in page.locator("#status").inner_text()

@@ -1,29 +1,53 @@
 #!/usr/bin/env bash
-# One lent-GPU session: train the shipped classifier from a carried crop bundle and measure
+# One lent-GPU session: train the classifier's every layer from a carried crop bundle and measure
 # training throughput. Run through the device tool from the repo root with .whl and .gpu carried.
 # A cache larger than one 64 MiB carry is packed in parts (tools/cache_bundle.py pack --max-mib 60)
 # and carried in consecutive calls on the warm machine; every .gpu/crops*.npz part is unpacked.
-# Writes to $OUT: chest_densenet121.pt (fp16), val_report.json, metrics.csv, train_bench.txt, train.log
-set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/train_bench.txt"
-rm -rf /tmp/cache /tmp/run; "${PY:-python3}" tools/cache_bundle.py unpack ${BUNDLE:-.gpu/crops*.npz} /tmp/cache || exit 1
-timeout 120 "${PY:-python3}" benchmarks/train_bench.py --device cuda --batch-size 16 64 --all-modes --steps 20 --warmup 5 \
-  2>&1 | tee -a "$OUT/train_bench.txt"
-# INIT: random, or a carried classifier file (.gpu/init.pt: every layer fine-tuned from it);
-# TRAIN_ARGS: further train options (e.g. "--select all --source-balance 1.0 --adult-share 0.8").
-timeout 420 "${PY:-python3}" -m pneumoscan.apps.cli train --cache /tmp/cache --out /tmp/run --init "${INIT:-random}" ${TRAIN_ARGS:-} \
-  --epochs "${EPOCHS:-40}" --batch-size 32 --workers 8 --max-minutes "${MINUTES:-5}" \
-  --description "${DESCRIPTION:-dev data}" > "$OUT/train.log" 2>&1
+# Writes to $OUT: chest_densenet121.pt (fp16), val_report.json, metrics.csv, progress.jsonl,
+# train_bench.txt, train.log.
+#
+# The schedule is the CPU long run's (docs/ADULT.md): every layer from INIT (.gpu/init.pt, the
+# shipped model, when carried), cosine with a warm-up, validation on crossval's patient fold 0.
+# Everything is an environment variable, so that CI runs this very script on the CPU with two
+# steps (tests/test_gpu_script.py): DEVICE=cpu, EPOCHS=1, EPOCH_SIZE=2 … and a local cache.
+set -euo pipefail
+DEVICE="${DEVICE:-cuda}"
+PY="${PY:-python3}"
+OUT="${OUT:?set OUT to the folder for the results}"
+CACHE="${CACHE:-/tmp/cache}"
+RUN="${RUN:-/tmp/run}"
+if compgen -G ".whl/*.whl" >/dev/null; then  # the device machine: the package and its wheels, no network
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PWD/src"
+fi
+export PYTHONUNBUFFERED=1
+if [ "$DEVICE" = cuda ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/train_bench.txt"
+else
+  echo "device: $DEVICE" > "$OUT/train_bench.txt"
+fi
+if [ -z "${KEEP_CACHE:-}" ]; then
+  rm -rf "$CACHE" "$RUN"
+  "$PY" tools/cache_bundle.py unpack ${BUNDLE:-.gpu/crops*.npz} "$CACHE"
+fi
+timeout "${BENCH_SECONDS:-120}" "$PY" benchmarks/train_bench.py --device "$DEVICE" --batch-size ${BENCH_BATCHES:-16 64} \
+  --size ${BENCH_SIZES:-224} --all-modes --steps "${BENCH_STEPS:-20}" --warmup "${BENCH_WARMUP:-5}" 2>&1 | tee -a "$OUT/train_bench.txt"
+INIT="${INIT:-$( [ -f .gpu/init.pt ] && echo .gpu/init.pt || echo random )}"
+# TRAIN_ARGS: the schedule and sampling (defaults: the CPU long run's).
+TRAIN_ARGS="${TRAIN_ARGS:---schedule cosine --warmup-epochs 1 --val-fold 0 --select all --view-balance --source-balance 0 --adult-share 0.8 --lr 1e-4}"
+status=0
+timeout "${TRAIN_SECONDS:-420}" "$PY" -m pneumoscan.apps.cli train --cache "$CACHE" --out "$RUN" --init "$INIT" $TRAIN_ARGS \
+  --epochs "${EPOCHS:-40}" --epoch-size "${EPOCH_SIZE:-0}" --batch-size "${BATCH:-32}" --workers "${WORKERS:-8}" \
+  --max-minutes "${MINUTES:-5}" --description "${DESCRIPTION:-dev data}" > "$OUT/train.log" 2>&1 || status=$?
 tail -c 3000 "$OUT/train.log"
-cp /tmp/run/val_report.json "$OUT/" 2>/dev/null
-cp /tmp/run/logs/version_0/metrics.csv "$OUT/" 2>/dev/null
-"${PY:-python3}" - <<'PY'
+[ "$status" -eq 0 ] || { echo "training failed (exit $status)"; exit "$status"; }
+cp "$RUN/val_report.json" "$RUN/progress.jsonl" "$OUT/"
+cp "$RUN/logs/version_0/metrics.csv" "$OUT/"
+"$PY" - <<'PY'
 import os
 from pneumoscan.classify import Classifier
-c = Classifier.load("/tmp/run/model.pt")
+c = Classifier.load(os.environ.get("RUN", "/tmp/run") + "/model.pt")
 meta = c.save(os.environ["OUT"] + "/chest_densenet121.pt", half=True)
 print("saved fp16 model", meta["weights_sha256"], "epochs", meta["epochs_trained"], "best", meta["best_epoch"])
-print("val", meta["validation"]["auc"])
+print("validation (selection metric)", meta["selection"])
 PY

@@ -73,6 +73,9 @@ def check_crops(crops: np.ndarray, size: int) -> None:
 #: ``local_from(i, box)``: crop i's AG-CNN local input (uint8 S×S), the attention box (in crop
 #: pixels) cut from its original image.
 LocalFrom = Callable[[int, tuple[int, int, int, int]], np.ndarray]
+#: ``choose(i, probabilities, pooled)``: the class index whose Grad-CAM crop i gets (None: no
+#: map), from its raw probabilities and pooled features (the film's population depends on them).
+Choose = Callable[[int, np.ndarray, np.ndarray], int | None]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -232,6 +235,9 @@ class ScoringClassifier:
     def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
     def _global_maps(self, crops: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
@@ -257,7 +263,10 @@ class ScoringClassifier:
         return bool((self.meta.get("preprocessing") or {}).get("lung_mask", False))
 
     def _read_assessment(self) -> None:
-        """``assessed`` and ``thresholds`` (NaN where not assessed) from the metadata."""
+        """``assessed`` and ``thresholds`` (NaN where not assessed) from the metadata, and the
+        per-population readings (:func:`pneumoscan.reading.readings`)."""
+        from pneumoscan.reading import readings
+
         assessment = self.meta.get("assessment") or {}
         self.assessed = np.array([bool((assessment.get(l) or {}).get("assessed")) for l in LABELS])
         self.thresholds = np.array([(assessment.get(l) or {}).get("threshold") if a else np.nan
@@ -265,6 +274,11 @@ class ScoringClassifier:
         bad = [l for l, a, t in zip(LABELS, self.assessed, self.thresholds) if a and not 0 <= t <= 1]
         if bad:
             raise ModelFileError(f"assessed labels without a threshold in [0, 1]: {bad}")
+        try:
+            self.readings = readings(self.meta, self.assessed, self.thresholds)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"the model's reading section (populations, calibration) is damaged: {exc}") from exc
+        self.age_model = (self.meta.get("reading") or {}).get("age_model")
 
     @property
     def assessed_labels(self) -> list[str]:
@@ -298,9 +312,13 @@ class ScoringClassifier:
         return (f"calibrated ({source['method']}{target}) on {source['images']} films{where} of "
                 f"{source['manifest']} split {source['split']}, from model {str(source['parent_model_sha256'])[:12]}…")
 
-    def findings(self, probs: np.ndarray) -> list[str]:
-        """Assessed labels at or above their threshold, for one row of probabilities."""
-        return [label for label, p, t, a in zip(LABELS, probs, self.thresholds, self.assessed) if a and p >= t]
+    def findings(self, probs: np.ndarray, group: str = "adult") -> list[str]:
+        """What one row of raw probabilities is reported with for a film of ``group``: the
+        assessed labels at or above their threshold, No Finding only when nothing else is
+        (:func:`pneumoscan.reading.one_verdict`)."""
+        from pneumoscan.reading import one_verdict
+
+        return one_verdict(self.readings[group].called(probs))
 
     def gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one S×S crop for one class (S×S, in [0, 1]); a fused model's comes from
@@ -325,20 +343,25 @@ class ScoringClassifier:
             out.append(self._fused(part, None, shifted, None if codes is None else codes[start:start + batch_size])[0])
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
 
-    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
+    def predict_and_explain(self, crops: np.ndarray, choose: Choose, *,
                             local_from: LocalFrom | None = None, codes: np.ndarray | None = None
-                            ) -> tuple[np.ndarray, list[np.ndarray | None], list[tuple[int, int, int, int] | None]]:
-        """Probabilities, for each crop the Grad-CAM of the class ``choose(probabilities)`` names
-        (None: no map), and AG-CNN's attention box in crop pixels (None for other models).
+                            ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None],
+                                       list[tuple[int, int, int, int] | None]]:
+        """Raw probabilities, the global branch's pooled features (what the age estimate reads),
+        for each crop i the Grad-CAM of the class ``choose(i, probabilities, pooled)`` names (None: no
+        map), and AG-CNN's attention box in crop pixels (None for other models).
         ``local_from(i, box)``: crop i's local input, the box cut from its original image
         (:func:`pneumoscan.crop.local_crop`); ``codes``: N×F patient-information codes."""
         if self.fused:
             return self._fused(crops, choose, local_from, codes)
-        probs = self.predict_proba(crops)
-        return (probs, [None if (k := choose(p)) is None else self.gradcam(c, k) for c, p in zip(crops, probs)],
-                [None] * len(crops))
+        check_crops(crops, self.size)
+        parts = [self._probs_and_pooled(crops[s:s + 16]) for s in range(0, len(crops), 16)]
+        probs = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, len(LABELS)), np.float32)
+        pooled = np.concatenate([f for _, f in parts]) if parts else np.zeros((0, FEATURES), np.float32)
+        return (probs, pooled, [None if (k := choose(i, p, f)) is None else self.gradcam(c, k)
+                                for i, (c, p, f) in enumerate(zip(crops, probs, pooled))], [None] * len(crops))
 
-    def _fused(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None] | None,
+    def _fused(self, crops: np.ndarray, choose: Choose | None,
                local_from: LocalFrom | None, codes: np.ndarray | None):
         """The fused head, the same for every backend: global maps → (AG-CNN: attention boxes →
         local crops → local features) → [pooled | local | clinical] → head; Grad-CAM from the maps."""
@@ -361,11 +384,11 @@ class ScoringClassifier:
                      None if local is None else self._local_pooled(local).to(device), clinical,
                      None if codes is None else torch.as_tensor(np.asarray(codes, np.int64)))
             probs = torch.sigmoid(head(x)).float().cpu().numpy()
-        rest = x[:, FEATURES:].float().cpu().numpy()
-        heats = [None if choose is None or (k := choose(p)) is None else
+        pooled, rest = x[:, :FEATURES].float().cpu().numpy(), x[:, FEATURES:].float().cpu().numpy()
+        heats = [None if choose is None or (k := choose(i, p, f)) is None else
                  cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None], reference=self.cam_reference)[0]
-                 for m, p, r in zip(maps, probs, rest)]
-        return probs, heats, boxes
+                 for i, (m, p, f, r) in enumerate(zip(maps, probs, pooled, rest))]
+        return probs, pooled, heats, boxes
 
 
 class Classifier(ScoringClassifier):
@@ -412,6 +435,13 @@ class Classifier(ScoringClassifier):
     def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
         return torch.sigmoid(run(self.model, x, self.device)).float().numpy()
+
+    @torch.inference_mode()
+    def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
+        pooled = run(lambda t: self.model.feature_map(t).mean(dim=(2, 3)), x, self.device)
+        logits = self.model.head(pooled.to(self.model.head[0].weight.device)).float().cpu()
+        return torch.sigmoid(logits).numpy(), pooled.float().numpy()
 
     @torch.inference_mode()
     def _global_maps(self, crops: np.ndarray) -> np.ndarray:

@@ -32,7 +32,18 @@ from pneumoscan.io import XrayImage, XrayReadError, decode_xray, display_name, r
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.measure import cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
+from pneumoscan.reading import (
+    Population,
+    estimate_population,
+    population_from_age,
+    verdict_of,
+)
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
+
+#: Why the adult cut-off of the cardiothoracic ratio is not applied to a film.
+PAEDIATRIC_CTR_NOTE = ("read as a child's film: the adult cut-off 0.50 does not apply (a child's normal ratio "
+                       "reaches about 0.60)")
+UNKNOWN_AGE_CTR_NOTE = "the patient's age is not known: the adult cut-off 0.50 is not applied"
 
 #: Image metadata that may leave the process: technical fields only, never patient identity.
 PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
@@ -49,6 +60,12 @@ class Prediction:
     ``cam_peak`` ([x, y]) and ``cam_region`` ([x0, y0, x1, y1], where the map reaches half its
     maximum inside the lung mask) say where the Grad-CAM of ``cam_label`` points, in original-image
     pixels; None when there is no map.
+    ``probabilities`` are calibrated for ``calibrated_for`` (a population named in the model file;
+    None: the model carries no calibration, and the numbers are raw scores); ``population`` says
+    whether the film was read as an adult's or a child's and why (:mod:`pneumoscan.reading`), and
+    which labels are assessed depends on it; ``verdict`` is ``normal``, ``abnormal`` or
+    ``indeterminate`` (No Finding is never listed beside a finding); ``status`` in
+    :meth:`to_dict` is :func:`pneumoscan.reading.status_of`.
     ``local_box`` is an AG-CNN model's attention box on the original image (what its local
     branch read); ``clinical`` says which patient-information fields a model that fuses them was
     given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
@@ -73,6 +90,9 @@ class Prediction:
     cam_peak: list[int] | None = None
     cam_region: list[int] | None = None
     measurements: dict[str, Any] | None = None
+    verdict: str | None = None
+    population: dict[str, Any] | None = None
+    calibrated_for: str | None = None
     error: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)
@@ -80,12 +100,19 @@ class Prediction:
     cam: np.ndarray | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "probabilities": self.probabilities, "findings": self.findings,
-                "not_assessed": self.not_assessed, "thresholds": self.thresholds,
-                "thresholds_from": self.thresholds_from, "quality": self.quality,
-                "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback, "lung_fraction": self.lung_fraction,
-                "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
-                "cam_region": self.cam_region, "measurements": self.measurements, "error": self.error}
+        from pneumoscan.reading import status_of
+
+        record = {"path": self.path, "status": None, "verdict": self.verdict, "population": self.population,
+                  "probabilities": self.probabilities, "calibrated_for": self.calibrated_for,
+                  "findings": self.findings,
+                  "not_assessed": self.not_assessed, "thresholds": self.thresholds,
+                  "thresholds_from": self.thresholds_from, "quality": self.quality,
+                  "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback,
+                  "lung_fraction": self.lung_fraction,
+                  "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
+                  "cam_region": self.cam_region, "measurements": self.measurements, "error": self.error}
+        record["status"] = status_of(record)
+        return record
 
 
 def resolve_label(name: str) -> str:
@@ -208,6 +235,18 @@ def _onnx_installed() -> bool:
     return all(find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
+def stated_age(meta: Mapping[str, Any], given: Mapping[str, Any] | None) -> tuple[float, str] | None:
+    """The age a film comes with, in years, and where from: an ``age`` the caller gave (CSV,
+    form field) first, else DICOM PatientAge; None when neither holds a valid age."""
+    from pneumoscan.clinical import parse_age
+
+    if given and (age := parse_age(given.get("age"))) is not None:
+        return age, "given"
+    if (age := parse_age(meta.get("patient_age"))) is not None:
+        return age, "PatientAge"
+    return None
+
+
 def _label(source: Any, name: str | None) -> str | None:
     """What a prediction's ``path`` says: the given name, else the path, else nothing."""
     return name or (display_name(source) if isinstance(source, str | Path) else None)
@@ -326,16 +365,12 @@ class Predictor:
             yield from self._score(chunk, cam, keep_arrays, force)
 
     def _score(self, chunk: list[Cropped], cam: str | None, keep_arrays: bool, force: bool) -> list[Prediction]:
-        """Gate, classify and explain one batch from the read → segment → crop path."""
+        """Gate, classify, read for the film's population and explain one batch from the read →
+        segment → crop path."""
         classifier = self.classifier
         cam_label = None if cam in (None, "top") else cam
         results = [Prediction(path=_label(*item.source[:2]), error=item.error) for item in chunk]
         readable = [(r, item) for r, item in zip(results, chunk) if item.image is not None]
-        assessed = classifier.assessed_labels
-        not_assessed = [label for label in LABELS if label not in assessed]
-        thresholds = {label: round(float(t), 6) if a else None
-                      for label, t, a in zip(LABELS, classifier.thresholds, classifier.assessed)}
-        known = [f for f in FINDINGS if f in assessed]
         scored = []
         for result, item in readable:
             image, seg = item.image, item.seg
@@ -343,26 +378,33 @@ class Predictor:
             gate.forced = force and not gate.frontal_chest
             result.image = {k: image.meta.get(k) for k in PUBLIC_META}
             result.quality = gate.to_dict()
-            result.not_assessed = list(not_assessed)
             result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
             result.lung_fraction = round(float(seg.lung_fraction), 4)
             if keep_arrays:
                 result.pixels, result.mask = image.pixels, seg.mask
             if gate.frontal_chest or force:
                 scored.append((result, item))
-        self._measure(scored, keep_arrays)
         if not scored:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
+        stated = [stated_age(item.image.meta, item.source[2]) for _, item in scored]
 
-        def drawn_label(p: np.ndarray) -> str | None:
-            """The label whose heat map is drawn: the one asked for, or the most probable assessed."""
-            return None if cam is None or not (cam_label or known) else \
-                cam_label or max(known, key=lambda f: p[LABELS.index(f)])
+        def population(i: int, pooled: np.ndarray) -> Population:
+            return (population_from_age(*stated[i]) if stated[i] is not None
+                    else estimate_population(pooled, classifier.age_model))
 
-        def heat_map_of(p: np.ndarray) -> int | None:
-            label = drawn_label(p)
-            return None if label is None else LABELS.index(label)
+        def heat_map_of(i: int, p: np.ndarray, pooled: np.ndarray) -> int | None:
+            """The label whose heat map is drawn: the one asked for, else the most probable called
+            finding, else the most probable finding assessed for the film's population."""
+            if cam is None:
+                return None
+            if cam_label is not None:
+                return LABELS.index(cam_label)
+            reading = classifier.readings[population(i, pooled).group]
+            known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
+            called = [f for f in reading.called(p) if f in known]
+            pick = max(called or known, key=lambda f: p[LABELS.index(f)], default=None)
+            return None if pick is None else LABELS.index(pick)
 
         codes = None
         if classifier.clinical is not None:
@@ -374,23 +416,31 @@ class Predictor:
             item = scored[i][1]
             return local_crop(item.image.pixels, item.seg.box, box, classifier.size)
 
-        probs, heats, local_boxes = classifier.predict_and_explain(crops, heat_map_of, local_from=local_from,
-                                                                   codes=codes)
+        probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, heat_map_of, local_from=local_from,
+                                                                           codes=codes)
         for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
             if local is not None:
                 result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
             if codes is not None:
                 result.clinical = classifier.clinical.present(codes[k])
+            who = population(k, pooled[k])
+            reading = classifier.readings[who.group]
+            shown = reading.calibrate(p[None])[0]
+            result.population = who.to_dict()
+            result.calibrated_for = reading.calibrated_for
             result.probabilities = {label: round(float(v), 6) if a else None
-                                    for label, v, a in zip(LABELS, p, classifier.assessed)}
-            result.thresholds = dict(thresholds)
+                                    for label, v, a in zip(LABELS, shown, reading.assessed)}
+            result.not_assessed = [label for label, a in zip(LABELS, reading.assessed) if not a]
+            result.thresholds = reading.shown_thresholds()
             result.thresholds_from = classifier.thresholds_from
-            result.findings = classifier.findings(p)
-            result.cam_label = drawn_label(p)
+            result.findings = classifier.findings(p, who.group)
+            result.verdict = verdict_of(result.findings, True)
             if heat is not None:
+                result.cam_label = LABELS[heat_map_of(k, p, pooled[k])]
                 result.cam_peak, result.cam_region, result.cam = heat_on_film(
                     heat, item.seg.mask, item.seg.box, item.image.pixels.shape,
                     lungs_only=classifier.lung_masked, full=keep_arrays)
+        self._measure(scored, keep_arrays)
         return results
 
     def _measure(self, scored: list[tuple[Prediction, Cropped]], keep_arrays: bool) -> None:
@@ -403,6 +453,10 @@ class Predictor:
             ctr = cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position"),
                                        lungs_found=not item.seg.fallback)
             result.measurements = ctr.to_dict()
+            if (result.population or {}).get("group") != "adult" and ctr.value is not None:
+                result.measurements["ctr_above_pa_cutoff"] = None
+                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if (
+                    result.population or {}).get("group") == "paediatric" else UNKNOWN_AGE_CTR_NOTE
             if keep_arrays:
                 result.heart = heart
 

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoscan.classify import Classifier, ScoringClassifier, check_crops
+from pneumoscan.classify import Choose, Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
@@ -243,6 +242,10 @@ class OnnxClassifier(ScoringClassifier):
     def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
         return sigmoid(self._run(crops)[0])
 
+    def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self._run(crops)
+        return sigmoid(logits), features.mean(axis=(2, 3))
+
     def _global_maps(self, crops: np.ndarray) -> np.ndarray:
         return self._run(crops)[-1]
 
@@ -256,17 +259,17 @@ class OnnxClassifier(ScoringClassifier):
         features = self._global_maps(crop[None])
         return cam_from_features(features, self.head, class_index, crop.shape, reference=self.cam_reference)[0]
 
-    def predict_and_explain(self, crops: np.ndarray, choose: Callable[[np.ndarray], int | None], *,
+    def predict_and_explain(self, crops: np.ndarray, choose: Choose, *,
                             local_from=None, codes: np.ndarray | None = None):
-        """One forward pass gives both: the maps come from the features it already computed."""
+        """One forward pass gives all three: the maps come from the features it already computed."""
         if self.fused:
             return self._fused(crops, choose, local_from, codes)
         check_crops(crops, self.size)
         logits, features = self._run(crops)
-        probs = sigmoid(logits)
-        return (probs, [None if (k := choose(p)) is None else
-                        cam_from_features(f[None], self.head, k, crops.shape[1:], reference=self.cam_reference)[0]
-                        for f, p in zip(features, probs)],
+        probs, pooled = sigmoid(logits), features.mean(axis=(2, 3))
+        return (probs, pooled, [None if (k := choose(i, p, g)) is None else
+                                cam_from_features(f[None], self.head, k, crops.shape[1:], reference=self.cam_reference)[0]
+                                for i, (f, p, g) in enumerate(zip(features, probs, pooled))],
                 [None] * len(crops))
 
 

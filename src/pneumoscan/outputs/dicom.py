@@ -62,6 +62,12 @@ ABOVE = Code("ABOVE_THRESHOLD", SCHEME, "Above operating threshold")
 #: area and circumference ratios by ultrasound), so the private scheme names it and its method.
 CTR = Code("CTR", SCHEME, "Cardiothoracic ratio")
 CTR_METHOD = Code("CTR_MASK_WIDTHS", SCHEME, "Heart mask width / two-lung mask width (Danzer)")
+#: The film's one verdict and the population it was read for (pneumoscan.reading).
+VERDICT = Code("VERDICT", SCHEME, "Overall verdict")
+VERDICT_VALUES = {v: Code(f"VERDICT_{v.upper()}", SCHEME, v.capitalize()) for v in ("normal", "abnormal", "indeterminate")}
+POPULATION = Code("POPULATION", SCHEME, "Population read for")
+POPULATION_VALUES = {g: Code(f"POPULATION_{g.upper()}", SCHEME, g.capitalize()) for g in ("adult", "paediatric", "unknown")}
+ESTIMATED_AGE = Code("ESTIMATED_AGE", SCHEME, "Age estimated from the film")
 SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
           "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
 _AGE = re.compile(r"^\d{3}[DWMY]$")
@@ -154,10 +160,13 @@ def conform_copied(ds: pydicom.Dataset) -> None:
                 del ds[keyword]
 
 
-def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None):
+def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None, calibrated_for: str | None = None):
     import highdicom as hd
 
     parameters = [f"threshold={threshold:.6g}"] if threshold is not None else None
+    if parameters:
+        parameters.append(f"probability calibrated for: {calibrated_for}" if calibrated_for
+                          else "probability not calibrated (raw score)")
     source = meta.get("threshold_provenance")
     if parameters and source:  # a site's calibration: the method and the parent model
         parameters.append(f"thresholds from {source['method']} on {source['images']} local films, "
@@ -182,12 +191,14 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=derived_uid(source.SOPInstanceUID, "tracking", label), identifier=label),
             finding_type=label_code(label),
-            algorithm_id=_algorithm(classifier_meta, name, t),
+            algorithm_id=_algorithm(classifier_meta, name, t, prediction.calibrated_for),
             measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(p), unit=codes.UCUM.NoUnits),
                           hd.sr.Measurement(name=THRESHOLD, value=float(t), unit=codes.UCUM.NoUnits)],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)],
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
+    if prediction.verdict is not None:
+        groups.append(verdict_group(source, prediction, classifier_meta, name))
     if prediction.cam_region and prediction.cam_label in [g.tracking_identifier for g in groups]:
         groups.append(heat_map_region(source, prediction, classifier_meta, name))
     ratio = (prediction.measurements or {}).get("cardiothoracic_ratio")
@@ -216,6 +227,26 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
         series_number=number, instance_number=1, is_complete=True)
     sr.SeriesDescription = description
     return sr
+
+
+def verdict_group(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], name: str):
+    """One image-level group for the film as a whole: the verdict (normal, abnormal,
+    indeterminate), the population it was read for and, when estimated from the film, the age."""
+    import highdicom as hd
+
+    population = prediction.population or {}
+    group = population.get("group", "unknown")
+    measurements = []
+    if population.get("source") == "estimate" and population.get("age") is not None:
+        measurements.append(hd.sr.Measurement(name=ESTIMATED_AGE, value=float(population["age"]), unit=codes.UCUM.Year))
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, "tracking", "verdict"), identifier="Overall verdict"),
+        finding_type=codes.SCT.Chest, algorithm_id=_algorithm(classifier_meta, name),
+        measurements=measurements or None,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(VERDICT, VERDICT_VALUES[prediction.verdict]),
+                                 hd.sr.QualitativeEvaluation(POPULATION, POPULATION_VALUES.get(group, POPULATION_VALUES["unknown"]))],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
 def heat_map_region(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], name: str):

@@ -19,22 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pneumoscan.labels import LABELS
-
-STATUSES = ("called", "not called", "refused", "error")
-
-
-def status_of(record: dict[str, Any]) -> str:
-    """One record's status (:data:`STATUSES`)."""
-    if record.get("error"):
-        return "error"
-    if record.get("probabilities") is None:
-        return "refused"
-    return "called" if [f for f in record.get("findings") or [] if f != "No Finding"] else "not called"
-
-
-def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
-    """The thresholds of the labels the model assesses (the others have none)."""
-    return {label: t for label, t in (record.get("thresholds") or {}).items() if t is not None}
+from pneumoscan.reading import GROUPS, STATUSES, VERDICTS, assessed_thresholds, status_of
 
 
 def light_rows(target: Path) -> list[dict[str, Any]]:
@@ -48,6 +33,7 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
             thresholds = assessed_thresholds(record)
             rows.append({"path": record["path"], "status": status_of(record), "overlay": record.get("overlay"),
+                         "verdict": record.get("verdict"), "population": (record.get("population") or {}).get("group"),
                          "probabilities": {k: (record.get("probabilities") or {}).get(k) for k in thresholds},
                          "thresholds": thresholds, "findings": record.get("findings") or [],
                          "reason": record.get("error") or "; ".join((record.get("quality") or {}).get("reasons", []))})
@@ -60,6 +46,7 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
         thresholds = json.loads(tail["thresholds"] or "{}")
         probs = {label: float(v) for label, v in zip(LABELS, cells[1:1 + len(LABELS)]) if v != ""}
         rows.append({"path": cells[0], "status": tail["status"], "overlay": tail["overlay"] or None,
+                     "verdict": tail["verdict"] or None, "population": tail["population"] or None,
                      "probabilities": {k: probs.get(k) for k in thresholds}, "thresholds": thresholds,
                      "findings": [f for f in tail["findings"].split("|") if f],
                      "reason": tail["error"] or tail["gate_reasons"].replace("|", "; ")})
@@ -70,8 +57,15 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts by status, and per assessed label how many films it was called on."""
     labels = sorted({label for row in rows for label in row["thresholds"]}, key=LABELS.index)
     return {"images": len(rows), "by_status": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+            "by_verdict": {v: sum(r.get("verdict") == v for r in rows) for v in VERDICTS},
+            "by_population": {g: sum(r.get("population") == g for r in rows) for g in GROUPS},
             "called_by_label": {label: sum(label in r["findings"] for r in rows) for label in labels},
             "assessed_labels": labels}
+
+
+#: Triage order: abnormal films first, then those it cannot call either way, then normal ones;
+#: refused and unreadable films (no verdict) last.
+VERDICT_ORDER = {"abnormal": 0, "indeterminate": 1, "normal": 2}
 
 
 def urgency(row: dict[str, Any]) -> float:
@@ -86,8 +80,9 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
     """One row per film, most urgent first: the overlay's thumbnail (a link to it), each assessed
     probability against its threshold (bold when at or above), the status and why."""
     labels = summary["assessed_labels"]
-    ordered = sorted(rows, key=lambda r: (r["status"] in ("refused", "error"), -urgency(r)))
+    ordered = sorted(rows, key=lambda r: (VERDICT_ORDER.get(r.get("verdict"), len(VERDICT_ORDER)), -urgency(r)))
     counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
+    verdicts = ", ".join(f"{n} {v}" for v, n in summary.get("by_verdict", {}).items())
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     body = []
     for row in ordered:
@@ -105,7 +100,8 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
         reason = f'<div class="why">{html.escape(row["reason"])}</div>' if row["reason"] else ""
         body.append(f'<tr class="{row["status"].replace(" ", "-")}"><td class="pic">{picture}</td>'
                     f'<td class="name">{html.escape(Path(row["path"]).name)}{reason}</td>'
-                    f'<td class="status">{row["status"]}</td>{"".join(cells)}</tr>')
+                    f'<td class="status">{row.get("verdict") or row["status"]}</td>'
+                    f'<td class="population">{html.escape(row.get("population") or "")}</td>{"".join(cells)}</tr>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -118,11 +114,13 @@ tr.refused, tr.error {{ background: #f6f6f6; }} .why {{ color: #666; font-size: 
 .note {{ color: #555; max-width: 60em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{summary["images"]} films: {counts}. Sorted by how far the most probable assessed finding lies above its
-threshold; each cell is the probability / the threshold, bold at or above it. Labels the model does not
-assess are not shown.</p>
+<p>{summary["images"]} films: {counts}; {verdicts}. Abnormal films first, then indeterminate (neither a finding
+nor No Finding called), then normal, then refused and unreadable ones; inside each, by how far the most probable
+assessed finding lies above its threshold. Each cell is the calibrated probability / the threshold, bold at or
+above it; a film is read as an adult's or a child's (its own assessed labels and thresholds), and labels not
+assessed for it are empty.</p>
 <p class="note">Research use only, not a diagnosis. A heat map shows where the score came from, not a lesion outline.</p>
-<table><thead><tr><th>overlay</th><th>film</th><th>status</th>{head}</tr></thead>
+<table><thead><tr><th>overlay</th><th>film</th><th>verdict</th><th>read as</th>{head}</tr></thead>
 <tbody>
 {chr(10).join(body)}
 </tbody></table></body></html>

@@ -21,16 +21,16 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pneumoscan.labels import LABELS
-from pneumoscan.outputs.summary import assessed_thresholds, status_of
+from pneumoscan.reading import assessed_thresholds, status_of
 
 #: Output names stay well under the 255-byte limit of most file systems, suffixes included.
 MAX_STEM_BYTES = 120
 FORMATS = ("json", "csv")
 #: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell);
-#: ``status`` is :func:`~pneumoscan.outputs.summary.status_of`, ``thresholds`` the assessed labels'.
+#: ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed labels'.
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
             "cam_label", "cam_peak", "cam_region", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "status", "thresholds", "overlay", "error"]
+            "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds", "overlay", "error"]
 
 
 #: Errors that mean no later file can be written either: the batch stops instead of failing
@@ -99,7 +99,6 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
     from pneumoscan.outputs.overlay import picture_for, save_png
 
     record = result.to_dict()
-    record["status"] = status_of(record)
     record["overlay"] = None
     picture = picture_for(result) if outputs.needs_arrays and not result.error else None
     if outputs.overlays and picture is not None:
@@ -148,6 +147,7 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
     probs = record.get("probabilities") or {}
     quality = record.get("quality") or {}
     measurements = record.get("measurements") or {}
+    population = record.get("population") or {}
 
     def cell(value: Any) -> Any:
         return "" if value is None else value
@@ -161,7 +161,9 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
            json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
            record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
            cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
-           status_of(record), listed(assessed_thresholds(record)), record.get("overlay"), record.get("error") or ""]
+           status_of(record), cell(record.get("verdict")), cell(population.get("group")), cell(population.get("age")),
+           cell(population.get("source")), cell(record.get("calibrated_for")),
+           listed(assessed_thresholds(record)), record.get("overlay"), record.get("error") or ""]
     return [spreadsheet_safe(value) for value in row]
 
 

@@ -16,14 +16,14 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.labels import LABELS
-from pneumoscan.training.evaluate import (
+from pneumoscan.training.evaluate import score_split
+from pneumoscan.training.metrics import (
     MIN_PER_CLASS,
-    _nan_to_none,
     auc_difference,
-    fmt3,
+    nan_to_none,
     per_source_auc,
-    score_split,
 )
+from pneumoscan.training.report import fmt3
 
 
 def compare_models(manifest: str | Path, split: str, models: list[str | Path], *, cache: str | Path | None = None,
@@ -68,7 +68,7 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
                 model_entry = {"auc": part[source]["auc"], "ci": part[source].get("ci", [None, None]), "assessed": label in assessed[k]}
                 if k:
                     diff = auc_difference(y[inside], aligned[k][2][inside, j], aligned[0][2][inside, j], n_boot)
-                    model_entry["difference_from_first"] = {key: _nan_to_none(v) for key, v in diff.items()}
+                    model_entry["difference_from_first"] = {key: nan_to_none(v) for key, v in diff.items()}
                 entry["models"].append(model_entry)
             per_source[source] = entry
         result["labels"][label] = per_source

@@ -15,8 +15,9 @@ the cross-validation, and:
   on the others, its L2 strength and the weight of the films read as in use (NIH originals masked
   by our U-Net) chosen on an inner patient-grouped split of those others, judged on those films;
 - the out-of-fold probabilities, each from a head that never saw the film or its patient, choose
-  the assessed flags and thresholds (:func:`pneumoscan.training.evaluate.assess_labels`) and are
-  the figures reported; the shipped head is then fitted on all films with the settings most
+  the assessed flags and thresholds (:func:`pneumoscan.training.evaluate.assess_labels`), fit the
+  calibration maps, the paediatric reading and the age estimate
+  (:func:`pneumoscan.training.reading_fit.fit_reading`) and are the figures reported; the shipped head is then fitted on all films with the settings most
   folds chose.
 
 The linear head is written into the ordinary two-layer head of :class:`ChestClassifier`: the
@@ -38,21 +39,21 @@ import numpy as np
 import torch
 
 from pneumoscan.classify import FEATURES, ChestClassifier, Classifier
-from pneumoscan.data.manifest import unit_hash
 from pneumoscan.labels import LABELS
 from pneumoscan.training.cache import CropCache
-from pneumoscan.training.classify import (
-    branch_features,
+from pneumoscan.training.data import (
     mask_single_class_sources,
-    masked_bce,
-    positive_weights,
-    reference_films,
+    patient_folds,
     sampling_weights,
     select_rows,
-    selection_score,
     training_labels,
     view_balance_weights,
 )
+from pneumoscan.training.finalise import reference_films
+from pneumoscan.training.fit_head import branch_features
+from pneumoscan.training.loss import masked_bce, positive_weights
+from pneumoscan.training.metrics import selection_score
+from pneumoscan.training.reading_fit import fit_reading
 
 #: L2 strengths tried (on standardised features, per mean image loss).
 L2_GRID = (1e-3, 1e-2, 3e-2, 0.1, 0.3)
@@ -82,12 +83,6 @@ class CrossvalConfig:
     min_positives: int = 50
     frontal_only: bool = True
     description: str = ""
-
-
-def patient_folds(patients: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Fold of each film from a hash of (seed, patient key): a patient's films share a fold, and
-    adding films never moves a patient to another fold."""
-    return np.array([min(int(unit_hash(seed, str(p)) * folds), folds - 1) for p in patients])
 
 
 def against_normal(labels: np.ndarray, labels_of: tuple[str, ...]) -> np.ndarray:
@@ -214,7 +209,7 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     shipped head on every film, and write ``model.pt``, ``cv_report.json`` and ``oof.csv``."""
     import pandas as pd
 
-    from pneumoscan.training.evaluate import (
+    from pneumoscan.training.tables import (
         MIN_VAL_PER_CLASS,
         assess_labels,
         evaluate_probabilities,
@@ -271,6 +266,7 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
                                      "protocol": f"out-of-fold probabilities, {cfg.folds}-fold cross-validation "
                                                  f"grouped by patient (seed {cfg.seed})",
                                      "pooled_auc_not_a_finding_measure": report["auc"]}
+    fit_reading(classifier, x, table, cv["oof"], cv["fold"], method=cfg.operating, target=cfg.target, progress=say)
     classifier.meta["threshold_provenance"] = {
         "method": "cross-validation", "images": int(len(rows)), "folds": cfg.folds,
         "rule": (f"{cfg.operating}" + ("" if cfg.target is None else f" {cfg.target:g}")

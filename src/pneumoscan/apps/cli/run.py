@@ -166,13 +166,13 @@ def predict(
     if dicom_out:
         need_extra("dicom", "--dicom-out", "highdicom")
         ensure_writable(dicom_out, "--dicom-out")
+    files = gather_inputs(paths, out)  # inputs and --out first: a typo is answered before the models load
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
         cam = predictor.cam_class(cam)
     except ValueError as exc:
         fail(str(exc))
-    files = gather_inputs(paths, out)
     given = clinical_values(predictor, clinical_csv, files)
     outputs = Outputs(out=out, fmt=fmt, overlays=overlays, dicom_out=dicom_out)
     if ray is not None and given is not None:

@@ -95,7 +95,8 @@ def listen(
     import logging
 
     need_extra("dicom", "listen", "pynetdicom", "highdicom")
-    from pneumoscan.apps.listen import Forward, Listener, StowForward
+    from pneumoscan.apps.forward import Forward, StowForward
+    from pneumoscan.apps.listen import Listener
 
     if not 1 <= len(ae_title) <= 16:
         fail("--ae-title must be 1 to 16 characters")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Optional, TypeVar
 
 import typer
+from rich.markup import escape
 
 from pneumoscan.apps.cli.common import (
     BackendOption,
@@ -171,8 +172,19 @@ def train(
              "or 'all' (every label that reaches the loss).")] = "Pneumonia",
     view_balance: Annotated[bool, typer.Option(
         help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")] = False,
+    schedule: Annotated[str, typer.Option(
+        help="plateau (LR × 0.1 after --patience epochs without gain, the thesis) or cosine (warm-up, then "
+             "cosine to 0 over --epochs: a schedule fixed in advance for long runs).")] = "plateau",
+    warmup_epochs: Annotated[float, typer.Option(min=0, help="cosine: linear warm-up over this many epochs.")] = 0.0,
+    val_fold: Annotated[int, typer.Option(
+        help="Validate on this patient fold of crossval's folds (0 … 4) and train on the others, ignoring the "
+             "manifest split (-1: the manifest's split).")] = -1,
+    opacity_index: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="rsna-nih-masked/index.csv: progress.jsonl also tracks the radiologists' "
+                                          "opacity label.")] = None,
 ) -> None:
-    """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable)."""
+    """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable;
+    progress.jsonl has the watched figures after every validation)."""
     from pneumoscan.classify import PretrainedWeightsError
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.training.cache import CacheError
@@ -190,7 +202,7 @@ def train(
 
     if arch not in ARCHS:
         fail(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    from pneumoscan.training.classify import TRAIN_FROM
+    from pneumoscan.training.fit_tail import TRAIN_FROM
 
     if train_from is not None and train_from not in TRAIN_FROM:
         fail(f"--train-from must be one of {', '.join(TRAIN_FROM)}, got {train_from!r}")
@@ -212,7 +224,9 @@ def train(
                       max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
-                      train_from=train_from or "", select=select, view_balance=view_balance)
+                      train_from=train_from or "", select=select, view_balance=view_balance,
+                      schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold,
+                      opacity_index=str(opacity_index) if opacity_index else "")
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ClinicalError, ValueError) as exc:
@@ -326,6 +340,9 @@ def evaluate(
     backend: BackendOption = "auto",
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder (it is created if missing)")
+    ensure_writable(out, "--out")  # before the models load: a bad --out is answered at once
     err.print("evaluate: loading models …", highlight=False)
     from pneumoscan.training.evaluate import evaluate_split
 
@@ -352,12 +369,12 @@ def compare(
     bootstrap difference from the first model."""
     import json
 
+    ensure_writable(out, "--out")  # before the models load
     err.print("compare: loading models …", highlight=False)
     from pneumoscan.training.compare import compare_models, markdown
 
     result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
                                                    n_boot=n_boot, backend=backend, labels=label))
-    ensure_writable(out, "--out")
     (out / "compare.json").write_text(json.dumps(result, indent=1))
     (out / "compare.md").write_text(markdown(result))
     console.print(markdown(result))
@@ -377,9 +394,14 @@ def calibrate(
     cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from.")] = None,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the achieved rates' CIs.")] = 1000,
+    prevalence: Annotated[Optional[str], typer.Option(help="The site's prevalence of labels, 'Pneumonia=0.05,Effusion=0.1': "
+                                                       "the probabilities are shifted to it.")] = None,
+    refit_calibration: Annotated[bool, typer.Option(help="Refit each assessed label's calibration (Platt) on these "
+                                                          "films, at their prevalence or --prevalence.")] = False,
 ) -> None:
     """New thresholds for the assessed labels from a labelled local split, in a new model file
-    that records where they came from."""
+    that records where they came from; with --prevalence or --refit-calibration the probabilities
+    are calibrated for the site too."""
     from pneumoscan.training.calibrate import calibrate as run_calibrate
 
     chosen = [m for m, given in (("sensitivity", target_sensitivity), ("specificity", target_specificity),
@@ -392,8 +414,10 @@ def calibrate(
         fail(f"{out} exists; choose a new file name (a model file is never overwritten)")
     method = chosen[0]
     target = target_sensitivity if method == "sensitivity" else target_specificity
+    shares = parse_prevalence(prevalence)
     result = scored_or_fail(lambda: run_calibrate(manifest, split, out, method=method, model=model, source=source,
-                                                  cache=cache, target=target, seg_model=seg_model, n_boot=n_boot))
+                                                  cache=cache, target=target, seg_model=seg_model, n_boot=n_boot,
+                                                  prevalence=shares, refit=refit_calibration))
     import pandas as pd
 
     rows = [{"label": label, "old": r["old"], "new": r["new"],
@@ -403,7 +427,31 @@ def calibrate(
              "films (pos/neg)": f"{r['positives']}/{r['negatives']}" if r["changed"] else r["why"]}
             for label, r in result["labels"].items()]
     print_table(f"Thresholds chosen on {result['provenance']['images']} films ({method})", pd.DataFrame(rows))
-    console.print(f"model written to {out} (SHA-256 {result['sha256'][:16]}…); its thresholds name this calibration")
+    for line in result["warnings"]:
+        err.print(escape(line), highlight=False)
+    console.print(f"model written to {out} (SHA-256 {result['sha256'][:16]}…); its thresholds name this calibration; "
+                  f"probabilities calibrated for: {result['calibrated_for'] or 'nothing (raw scores)'}")
+
+
+def parse_prevalence(text: str | None) -> dict[str, float] | None:
+    """``--prevalence 'Pneumonia=0.05,Effusion=0.1'`` → {label: share}; exits with one line on a
+    malformed part or an unknown label."""
+    if not text:
+        return None
+    from pneumoscan.predict import resolve_label
+
+    shares = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            share = float(value)
+            label = resolve_label(name)
+        except ValueError as exc:
+            fail(f"--prevalence {part!r}: give LABEL=SHARE, e.g. Pneumonia=0.05 ({exc})")
+        if not 0 < share < 1:
+            fail(f"--prevalence {part!r}: the share must lie strictly between 0 and 1")
+        shares[label] = share
+    return shares
 
 
 @app.command()

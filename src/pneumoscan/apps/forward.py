@@ -1,0 +1,102 @@
+"""Where the listener's results go on: a DICOM node by C-STORE (``--forward HOST:PORT:AET``) or a
+DICOMweb service by STOW-RS (``--forward-dicomweb URL``). Each target answers per object: stored,
+refused for good (a reason, never retried), or :class:`Transient` (down or busy: the listener's
+outbox tries again with backoff).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: DIMSE status codes the listener answers and reads (PS3.7 Annex C).
+SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
+
+
+class Transient(Exception):
+    """A target that did not take an object now (down, busy): tried again later."""
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A C-STORE target: ``HOST:PORT:AET``."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    kind = "dimse"
+
+    @classmethod
+    def parse(cls, text: str) -> Forward:
+        parts = text.rsplit(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or not 1 <= len(parts[2]) <= 16:
+            raise ValueError(f"--forward {text!r}: expected HOST:PORT:AET")
+        return cls(parts[0], int(parts[1]), parts[2])
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def send(self, paths: list[Path], calling: str) -> dict[Path, str | None]:
+        """Per path: None when stored, else why the target refuses it for good. Raises
+        :class:`Transient` when the target cannot be reached or is busy."""
+        import pydicom
+        from pynetdicom import AE
+
+        datasets = {p: pydicom.dcmread(p) for p in paths}
+        ae = AE(ae_title=calling)
+        for ds in datasets.values():
+            ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID, "1.2.840.10008.1.2.1"])
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title)
+        if not assoc.is_established:
+            raise Transient(f"no association with {self}")
+        outcome: dict[Path, str | None] = {}
+        try:
+            taken = {c.abstract_syntax for c in assoc.accepted_contexts}
+            for path, ds in datasets.items():
+                if ds.SOPClassUID not in taken:
+                    outcome[path] = f"{self} does not take {ds.SOPClassUID.name}"
+                    continue
+                status = assoc.send_c_store(ds)
+                code = int(status.Status) if status and "Status" in status else None
+                if code is None or code & 0xFF00 == OUT_OF_RESOURCES:
+                    raise Transient(f"{self} stopped answering or is out of resources")
+                outcome[path] = None if code == SUCCESS or code & 0xF000 == 0xB000 else \
+                    f"{self} answered status 0x{code:04X}"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return outcome
+
+
+@dataclass(frozen=True)
+class StowForward:
+    """A DICOMweb target: STOW-RS to ``URL/studies`` (``URL`` is the service root, e.g. Orthanc's
+    ``http://host:8042/dicom-web``), one instance per request so that each gets its own answer."""
+
+    url: str
+
+    kind = "dicomweb"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def send(self, paths: list[Path], calling: str) -> dict[Path, str | None]:
+        import pydicom
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+
+        client = DICOMwebClient(url=self.url)
+        outcome: dict[Path, str | None] = {}
+        for path in paths:
+            try:
+                client.store_instances(datasets=[pydicom.dcmread(path)])
+                outcome[path] = None
+            except requests.HTTPError as exc:
+                code = exc.response.status_code if exc.response is not None else 0
+                if code >= 500 or code in (408, 429) or code == 0:
+                    raise Transient(f"{self} answered HTTP {code}") from exc
+                outcome[path] = f"{self} refused it (HTTP {code})"
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Transient(f"{self} cannot be reached") from exc
+        return outcome

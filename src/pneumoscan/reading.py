@@ -1,0 +1,229 @@
+"""One film, one answer: the film's population, probabilities calibrated for it, and one verdict.
+
+Why each piece:
+
+- **Population.** The classifier learnt from adults (NIH, Montgomery, Shenzhen…) and from
+  children (Kermany), but its adult findings were assessed on adults only; a child's normal
+  cardiothoracic ratio reaches about 0.6, an adult's 0.5. Each film is read as ``adult`` or
+  ``paediatric`` (DICOM PatientAge, or an age the caller gives, wins; else an estimate from the
+  film by linear heads on the backbone's pooled features), or ``unknown`` when neither tells.
+  Assessed labels and thresholds are kept per population: a child never gets an adult-only
+  finding; a film of unknown age gets only the labels assessed for both.
+- **Calibration.** The head's raw outputs are not probabilities (out-of-fold ECE 0.16–0.30 on
+  adult films). A per-label map fitted on out-of-fold scores (Platt: ``a·logit(p) + b``, or an
+  isotonic step function) plus a prior shift of the log-odds (Saerens et al. 2002) makes each
+  printed number "the chance this label is present in a film of population P", P named in the
+  model file and in every record. The maps are monotone, so calls are made on the raw scale at the
+  stored thresholds (their sensitivity and specificity unchanged) and the thresholds are shown
+  on the calibrated scale.
+- **Verdict.** ``abnormal`` when an assessed finding is called, ``normal`` when No Finding is
+  called and nothing else is, ``indeterminate`` otherwise: No Finding is never listed beside a
+  finding.
+
+A model file without a ``reading`` section (older files) gives uncalibrated scores (its records
+say ``calibrated_for: null``) and reads every film whose header has no age as ``unknown``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.labels import LABELS
+
+GROUPS = ("adult", "paediatric", "unknown")
+VERDICTS = ("normal", "abnormal", "indeterminate")
+#: Age in years from which a film is read as an adult's.
+ADULT_AGE = 18.0
+#: The range an estimated age is shown in (the training ages: Kermany's children are 1–5 years
+#: old, NIH's oldest 91; a linear estimate outside it means nothing more).
+AGE_RANGE = (1.0, 95.0)
+#: Adult prevalence of each label in the full NIH ChestX-ray14 label list (Data_Entry_2017_v2020,
+#: 106,718 films of patients aged 18 or more; torchxrayvision's package data, commit f4087a0b):
+#: the default population the adult probabilities are calibrated for.
+NIH_ADULT_PREVALENCE = {
+    "Atelectasis": 0.10498, "Cardiomegaly": 0.0246, "Consolidation": 0.0411, "Edema": 0.02046,
+    "Effusion": 0.12049, "Emphysema": 0.02258, "Fibrosis": 0.01563, "Hernia": 0.00212,
+    "Infiltration": 0.17602, "Mass": 0.05232, "No Finding": 0.53615, "Nodule": 0.05772,
+    "Pleural_Thickening": 0.03064, "Pneumonia": 0.01236, "Pneumothorax": 0.04665,
+}
+NIH_ADULT_POPULATION = ("adult frontal chest films at NIH ChestX-ray14 prevalence (the full label list's "
+                        "106,718 films of patients aged 18 or more)")
+_EPS = 1e-6
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def expit(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+def prior_shift(from_prevalence: float, to_prevalence: float) -> float:
+    """Log-odds added to a calibrated posterior to move it from one prevalence to another
+    (Saerens et al. 2002, for a calibrated score): logit(π_to) − logit(π_from)."""
+    return float(logit(to_prevalence) - logit(from_prevalence))
+
+
+def apply_map(p: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
+    """Raw probabilities of one label → calibrated ones, by a stored map: ``platt`` (``a``, ``b``
+    on the raw logit) or ``isotonic`` (``x``, ``y`` knots, linear between them), then ``shift``
+    added to the log-odds."""
+    p = np.asarray(p, np.float64)
+    if spec["method"] == "platt":
+        z = spec["a"] * logit(p) + spec["b"]
+    elif spec["method"] == "isotonic":
+        z = logit(np.interp(p, spec["x"], spec["y"]))
+    else:
+        raise ValueError(f"unknown calibration method {spec['method']!r}")
+    return expit(z + float(spec.get("shift", 0.0)))
+
+
+@dataclass(frozen=True)
+class Population:
+    """Who the film is read for: ``group`` (:data:`GROUPS`), the age in years (None when not
+    known), where it came from (``PatientAge``, ``given`` or ``estimate``) and why, in words."""
+
+    group: str
+    age: float | None = None
+    source: str | None = None
+    reason: str = ""
+    paediatric_probability: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"group": self.group, "age": None if self.age is None else round(float(self.age), 1),
+               "source": self.source, "reason": self.reason}
+        if self.paediatric_probability is not None:
+            out["paediatric_probability"] = round(float(self.paediatric_probability), 4)
+        return out
+
+
+def group_of_age(age: float) -> str:
+    return "adult" if age >= ADULT_AGE else "paediatric"
+
+
+def _years(age: float) -> str:
+    return f"{age:.0f} y" if age >= 2 else f"{age * 12:.0f} months"
+
+
+def population_from_age(age: float, source: str) -> Population:
+    """A stated age (DICOM PatientAge, or one the caller gave) decides the group."""
+    where = "DICOM PatientAge" if source == "PatientAge" else "age given"
+    return Population(group_of_age(age), float(age), source, f"{where} {_years(age)}")
+
+
+def estimate_population(pooled: np.ndarray, model: dict[str, Any] | None) -> Population:
+    """The population estimated from one film's pooled backbone features by the model file's
+    ``age_model``: a linear age regression (for the age shown) and a linear paediatric-vs-adult
+    head whose out-of-fold thresholds mark the films it cannot tell (``unknown``)."""
+    if not model:
+        return Population("unknown", None, None, "no age in the header and this model has no age estimate")
+    x = np.asarray(pooled, np.float64)
+    age = float(np.clip(x @ np.asarray(model["age"]["w"]) + model["age"]["b"], *AGE_RANGE))
+    child = float(expit(x @ np.asarray(model["paediatric"]["w"]) + model["paediatric"]["b"]))
+    cut = model["paediatric"]
+    if child >= cut["paediatric_at"]:
+        group = "paediatric"
+    elif child < cut["adult_below"]:
+        group = "adult"
+    else:
+        group = "unknown"
+    reason = {"paediatric": "estimated from the film: a child's", "adult": "estimated from the film: an adult's",
+              "unknown": "estimated from the film: cannot tell a child's from an adult's"}[group]
+    return Population(group, age, "estimate", f"{reason} (paediatric probability {child:.2f}, "
+                                              f"estimated age {_years(age)})", child)
+
+
+STATUSES = ("called", "not called", "refused", "error")
+
+
+def status_of(record: dict[str, Any]) -> str:
+    """One record's status (:data:`STATUSES`): ``called`` (an assessed finding other than No
+    Finding at or above its threshold), ``not called`` (scored, no such finding), ``refused``
+    (the input gate said it is not a frontal chest X-ray) or ``error`` (unreadable)."""
+    if record.get("error"):
+        return "error"
+    if record.get("probabilities") is None:
+        return "refused"
+    return "called" if [f for f in record.get("findings") or [] if f != "No Finding"] else "not called"
+
+
+def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
+    """The thresholds of the labels the film was assessed for (the others have none)."""
+    return {label: t for label, t in (record.get("thresholds") or {}).items() if t is not None}
+
+
+def verdict_of(findings: list[str] | None, scored: bool) -> str | None:
+    """``abnormal`` / ``normal`` / ``indeterminate`` from a film's called labels (None when it was
+    not scored)."""
+    if not scored:
+        return None
+    if any(f != "No Finding" for f in findings or []):
+        return "abnormal"
+    return "normal" if "No Finding" in (findings or []) else "indeterminate"
+
+
+def one_verdict(called: list[str]) -> list[str]:
+    """The findings a film is reported with: No Finding only when nothing else is called."""
+    diseases = [label for label in called if label != "No Finding"]
+    return diseases if diseases else [label for label in called if label == "No Finding"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How films of one population are read: which labels are assessed, their raw thresholds and
+    the calibration maps (label → spec), for ``calibrated_for`` (None: uncalibrated)."""
+
+    group: str
+    assessed: np.ndarray
+    thresholds: np.ndarray
+    maps: dict[str, dict[str, Any]]
+    calibrated_for: str | None
+
+    def calibrate(self, probs: np.ndarray) -> np.ndarray:
+        """N×15 raw probabilities → calibrated ones (unchanged where a label has no map)."""
+        out = np.array(probs, np.float64, copy=True)
+        for j, label in enumerate(LABELS):
+            if label in self.maps:
+                out[..., j] = apply_map(out[..., j], self.maps[label])
+        return out
+
+    def shown_thresholds(self) -> dict[str, float | None]:
+        """Each assessed label's threshold on the printed (calibrated) scale."""
+        shown = self.calibrate(np.nan_to_num(self.thresholds, nan=0.5)[None])[0]
+        return {label: round(float(t), 6) if a else None for label, t, a in zip(LABELS, shown, self.assessed)}
+
+    def called(self, raw: np.ndarray) -> list[str]:
+        """Assessed labels at or above their threshold on the raw scale (the calibration maps
+        are monotone, so this is the calibrated call too)."""
+        return [label for label, p, t, a in zip(LABELS, raw, self.thresholds, self.assessed) if a and p >= t]
+
+
+def readings(meta: dict[str, Any], assessed: np.ndarray, thresholds: np.ndarray) -> dict[str, Reading]:
+    """The three readings of a model file: ``adult`` (the file's top-level assessment, which
+    ``calibrate`` rewrites for a site), ``paediatric`` (its ``reading.populations.paediatric``)
+    and ``unknown`` (labels assessed for both, at the adult thresholds). Without a ``reading``
+    section every group reads like the top-level assessment, uncalibrated."""
+    section = meta.get("reading") or {}
+    populations = section.get("populations") or {}
+    adult_spec = populations.get("adult") or {}
+    adult = Reading("adult", assessed, thresholds, adult_spec.get("calibration") or {},
+                    adult_spec.get("calibrated_for"))
+    if "paediatric" not in populations:
+        return {"adult": adult, "paediatric": Reading("paediatric", assessed, thresholds, adult.maps, adult.calibrated_for),
+                "unknown": Reading("unknown", assessed, thresholds, adult.maps, adult.calibrated_for)}
+    spec = populations["paediatric"]
+    ped_assessment = spec.get("assessment") or {}
+    ped_assessed = np.array([bool((ped_assessment.get(l) or {}).get("assessed")) for l in LABELS])
+    ped_thresholds = np.array([(ped_assessment.get(l) or {}).get("threshold") if a else np.nan
+                               for l, a in zip(LABELS, ped_assessed)], np.float64)
+    paediatric = Reading("paediatric", ped_assessed, ped_thresholds, spec.get("calibration") or {},
+                         spec.get("calibrated_for"))
+    both = assessed & ped_assessed
+    unknown = Reading("unknown", both, np.where(both, thresholds, np.nan), adult.maps,
+                      adult.calibrated_for and f"{adult.calibrated_for} (the film's age is not known)")
+    return {"adult": adult, "paediatric": paediatric, "unknown": unknown}

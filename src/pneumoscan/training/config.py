@@ -1,0 +1,50 @@
+"""The options of ``pneumoscan train`` as one record (saved beside every run as ``config.json``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pneumoscan.crop import ATTENTION_THRESHOLD
+
+
+@dataclass
+class TrainConfig:
+    cache: str
+    out: str
+    init: str = "imagenet"  # imagenet | random | path to a PneumoScan classifier file
+    weights: str | None = None  # ImageNet weights file (default: torch hub cache)
+    epochs: int = 150
+    batch_size: int = 16
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    patience: int = 8
+    early_stop: int = 0  # 0 = off; else stop after this many epochs without gain in the within-source AUC
+    seed: int = 2019
+    workers: int = 2
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto: DDP when devices × nodes > 1; or ddp, fsdp (Lightning's names)
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32 on CPU
+    frontal_only: bool = True
+    source_balance: float = 0.5  # 0: every source drawn equally; 1: as indexed
+    adult_share: float = 0.5  # share of draws from adult films (the rest paediatric)
+    epoch_size: int = 0  # draws per epoch; 0 = the number of training images
+    freeze_backbone: bool = False  # train the head only (linear-probe stage of LP-FT)
+    min_positives: int = 50  # labels with fewer training positives are left out of the loss
+    resume: bool = True
+    arch: str = "densenet121"  # or "agcnn": + attention-guided local branch (pneumoscan.classify)
+    clinical: tuple[str, ...] = ()  # patient-information fields fused with the image (manifest columns)
+    attention_thresholds: tuple[float, ...] = (ATTENTION_THRESHOLD,)  # AG-CNN: chosen on validation
+    field_dropout: float = 0.25  # share of clinical fields hidden per image in training
+    max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
+    description: str = ""
+    train_from: str = ""  # "": every layer; "denseblock3"/"denseblock4": earlier layers frozen, their output computed once
+    select: str = "Pneumonia"  # labels whose mean within-source validation AUC picks the checkpoint ("all": every trained label)
+    view_balance: bool = False  # weigh the loss so that no label follows the view position (view_balance_weights)
+    schedule: str = "plateau"  # plateau: LR × 0.1 after `patience` epochs without gain (the thesis); cosine: warm-up then cosine to 0
+    warmup_epochs: float = 0.0  # cosine: linear warm-up over this many epochs
+    val_fold: int = -1  # ≥ 0: validate on this patient fold (crossval's folds) and train on the others, ignoring the manifest split
+    folds: int = 5
+    fold_seed: int = 2026  # crossval's default seed, so that fold k is crossval's fold k
+    opacity_index: str = ""  # rsna-nih-masked/index.csv: adds the radiologists' opacity label to progress.jsonl

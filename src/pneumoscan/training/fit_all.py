@@ -1,0 +1,240 @@
+"""Every layer trained in the Lightning loop: resumable at each epoch's end, DDP across devices and
+nodes, mixed precision on a GPU; the LR on a plateau (the thesis) or a cosine schedule with a
+warm-up fixed in advance (long runs); after every validation one line of ``progress.jsonl`` with
+the figures a long run is watched by (:func:`fold_figures`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pneumoscan.classify import (
+    ChestClassifier,
+    Classifier,
+    load_imagenet,
+)
+from pneumoscan.labels import LABELS
+from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint
+from pneumoscan.training.config import TrainConfig
+from pneumoscan.training.data import BalancedSampler, CropDataset, augment
+from pneumoscan.training.loss import masked_bce
+from pneumoscan.training.metrics import SELECT_LABELS, selection_score
+
+
+def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any], val_sources: np.ndarray,
+            select: tuple[str, ...] = SELECT_LABELS, train_weights: np.ndarray | None = None,
+            progress=None, val_opacity: np.ndarray | None = None):
+    import lightning as L
+
+    source = None if cfg.init in ("imagenet", "random") else Classifier.load(cfg.init)
+    # A checkpoint's head width is kept, so fine-tuning the shipped model (crossval's head is
+    # 1024 wide, the loop's default 1000) starts from its head instead of a new one.
+    width = {} if source is None else {"hidden": source.model.head[3].in_features}
+
+    class ClassifierModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = ChestClassifier(**width)
+            self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
+            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+        def forward(self, x):
+            return self.model(x)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y, idx = batch
+            x = x.float() / 255.0
+            if self.trainer.training:
+                # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
+                # replayed after a resume is the batch an uninterrupted run saw.
+                step_seed = (cfg.seed * 1_000_003 + self.current_epoch * 10_007
+                             + self.trainer.fit_loop.epoch_loop.batch_idx + 7919 * self.global_rank)
+                torch.manual_seed(step_seed)
+                x = augment(x, torch.Generator().manual_seed(step_seed))
+            if x.is_cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, y, idx
+
+        def training_step(self, batch, _):
+            x, y, idx = batch
+            weights = None if train_weights is None else torch.from_numpy(train_weights[idx.cpu().numpy()]).to(x.device)
+            loss = masked_bce(self.model(x), y, self.pos_weight, weights)
+            self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
+                     sync_dist=True)
+            return loss
+
+        def validation_step(self, batch, _):
+            x, y, idx = batch
+            logits = self.model(x)
+            loss = masked_bce(logits, y, self.pos_weight)
+            self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x), sync_dist=True)
+            self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach(), idx.detach()))
+
+        def on_validation_epoch_end(self):
+            if not self._val_outputs:
+                return
+            probs, labels, idx = (torch.cat(parts) for parts in zip(*self._val_outputs))
+            self._val_outputs.clear()
+            probs, labels, idx = self.all_gather(probs), self.all_gather(labels), self.all_gather(idx)
+            probs = probs.reshape(-1, len(LABELS)).cpu().numpy()
+            labels = labels.reshape(-1, len(LABELS)).cpu().numpy()
+            sources = val_sources[idx.reshape(-1).cpu().numpy()]
+            score, parts = selection_score(labels, probs, sources, select)
+            # Every rank logs the same number, so checkpoint selection agrees across DDP ranks.
+            self.log("val_select", score, prog_bar=True, sync_dist=False)
+            for name, value in parts.items():
+                self.log(f"val_auc/{name}", value, sync_dist=False)
+            if progress is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+                opacity = None if val_opacity is None else val_opacity[idx.reshape(-1).cpu().numpy()]
+                progress(self.current_epoch, float(self.optimizers().param_groups[0]["lr"]),
+                         fold_figures(labels, probs, sources, opacity))
+
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+            if cfg.schedule == "cosine":
+                total = max(1, int(self.trainer.estimated_stepping_batches))
+                per_epoch = max(1, total // max(1, cfg.epochs))
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda step: warmup_cosine(step, total, int(cfg.warmup_epochs * per_epoch)))
+                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+    module = ClassifierModule()
+    if cfg.init == "imagenet":
+        init_info.update(load_imagenet(module.model, cfg.weights))
+    elif cfg.init == "random":
+        init_info.update({"init": "random"})
+    else:
+        module.model.net.features.load_state_dict(source.model.net.features.state_dict())
+        same_head = all(a.shape == b.shape for a, b in zip(module.model.head.state_dict().values(),
+                                                           source.model.head.state_dict().values()))
+        if same_head:  # a head of another shape (an AG-CNN or clinical fusion head) is not carried over
+            module.model.head.load_state_dict(source.model.head.state_dict())
+        init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"],
+                          "head": "the checkpoint's" if same_head else "new (the checkpoint's has another shape)"})
+    return module
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """The learning-rate factor at ``step`` of ``total``: linear from 1/warmup to 1 over the
+    first ``warmup`` steps, then half a cosine down to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def fold_figures(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
+                 opacity: np.ndarray | None = None) -> dict[str, Any]:
+    """The figures a long run is watched by (AUC, positives / negatives), on its validation films:
+    NIH Pneumonia against No Finding films on the NIH originals and on the lung-masked copies, the
+    radiologists' opacity label (RSNA Lung Opacity against Normal) where ``opacity`` gives it,
+    Cardiomegaly, Effusion, Edema and No Finding on the originals, Kermany Pneumonia."""
+    from pneumoscan.training.metrics import roc_auc
+
+    def entry(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+        keep = ~np.isnan(y)
+        y, p = y[keep], p[keep]
+        positives, negatives = int((y == 1).sum()), int((y == 0).sum())
+        auc = roc_auc(y, p) if positives and negatives else float("nan")
+        return {"auc": None if np.isnan(auc) else round(float(auc), 4), "pos_neg": [positives, negatives]}
+
+    pn, nf = LABELS.index("Pneumonia"), LABELS.index("No Finding")
+    out: dict[str, Any] = {}
+    for source, name in (("nih", "originals"), ("nihmasked", "copies")):
+        inside = sources == source
+        against_normal = np.where(labels[inside, pn] == 1, 1.0, np.where(labels[inside, nf] == 1, 0.0, np.nan))
+        out[f"pneumonia_vs_no_finding_{name}"] = entry(against_normal, probs[inside, pn])
+        if opacity is not None:
+            o = opacity[inside]
+            out[f"opacity_vs_normal_{name}"] = entry(np.where(o == "Lung Opacity", 1.0, np.where(o == "Normal", 0.0, np.nan)),
+                                                     probs[inside, pn])
+    originals = sources == "nih"
+    for label in ("Cardiomegaly", "Effusion", "Edema", "No Finding"):
+        j = LABELS.index(label)
+        out[f"{label.lower().replace(' ', '_')}_originals"] = entry(labels[originals, j], probs[originals, j])
+    kermany = sources == "kermany"
+    out["kermany_pneumonia"] = entry(labels[kermany, pn], probs[kermany, pn])
+    return out
+
+
+def progress_log(path: Path):
+    """``log(epoch, lr, figures)``: one JSON line per validation in ``path`` (appended, so a
+    resumed run continues the curve; an epoch validated again after a resume is logged again
+    with its time)."""
+
+    def log(epoch: int, lr: float, figures: dict[str, Any]) -> None:
+        line = {"epoch": epoch, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "lr": lr, **figures}
+        with open(path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        brief = ", ".join(f"{k} {v['auc']}" for k, v in figures.items() if isinstance(v, dict))
+        print(f"epoch {epoch}: {brief}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger: Any,
+                 deadline: float = float("inf")):
+    """The Lightning Trainer for ``cfg``: DDP when devices × nodes > 1 unless ``cfg.strategy``
+    names one. Its rank and world come from the launcher's environment (torchrun's or SLURM's,
+    docs/MULTINODE.md), which Lightning reads here."""
+    import lightning as L
+
+    distributed = cfg.devices * cfg.num_nodes > 1
+    strategy = ("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy
+    return L.Trainer(
+        max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+        strategy=strategy, precision=precision, callbacks=callbacks, logger=logger, log_every_n_steps=10,
+        enable_model_summary=False,
+        max_time=timedelta(seconds=max(1.0, deadline - time.time())) if np.isfinite(deadline) else None,
+    )
+
+
+def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
+                    cfg: TrainConfig, out: Path, deadline: float = float("inf")):
+    """The Lightning loop (every layer trained): resumable, DDP, mixed precision. Returns
+    ((model, best score, epochs trained, best epoch) or None off rank 0, precision)."""
+    from lightning.pytorch.callbacks import Callback, EarlyStopping
+    from lightning.pytorch.loggers import CSVLogger
+
+    class EpochSeed(Callback):
+        def on_train_epoch_start(self, trainer, _):
+            sampler.set_epoch(trainer.current_epoch)
+
+    gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
+    checkpoint, latest = checkpoint_callbacks(out / "checkpoints", "val_select")
+    callbacks: list[Any] = [checkpoint, latest, EpochSeed()]
+    if cfg.early_stop:
+        callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
+    trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
+                           deadline)
+    if gpu:
+        module = module.to(memory_format=torch.channels_last)
+    loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
+                   "pin_memory": gpu}
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(
+        module,
+        DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
+        DataLoader(val_set, batch_size=max(cfg.batch_size, 32), **loader_args),
+        ckpt_path=resumable_checkpoint(last) if cfg.resume else None,
+    )
+    if not trainer.is_global_zero:
+        return None, precision
+    best = checkpoint.best_model_path or str(last)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    model = ChestClassifier(hidden=module.model.head[3].in_features)  # the width it trained with (--init keeps a file's)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
+                           if k.startswith("model.")})
+    return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
