@@ -5,6 +5,7 @@ comparison of two snapshots.
     PYTHONPATH=/tmp/old/src python benchmarks/prediction_snapshot.py old.json   # the old tree's code
     python benchmarks/prediction_snapshot.py new.json                          # this tree's
     python benchmarks/prediction_snapshot.py --compare old.json new.json
+    python benchmarks/prediction_snapshot.py new.json --model OLD.pt   # this tree's code, another classifier file
 
 Films: the first 80 NIH and 20 Shenzhen films by name in ../shared/data, PyTorch backend, shipped
 models. The comparison prints how many films differ in the gate's verdict, box, Grad-CAM peak and
@@ -21,12 +22,12 @@ from pathlib import Path
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def snapshot(out: Path) -> None:
+def snapshot(out: Path, model: Path | None = None) -> None:
     from pneumoscan.predict import Predictor
 
     films = (sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[:80]
              + sorted((DATA / "shenzhen" / "CXR_png").glob("*.png"))[:20])
-    predictor = Predictor.from_default(backend="torch")
+    predictor = Predictor.from_paths(cls_model=model, backend="torch")
     found = {}
     for r in predictor.predict_many([str(f) for f in films], cam="top", batch_size=8):
         found[r.path] = {"probs": r.probabilities, "box": r.box, "cam_peak": r.cam_peak,
@@ -62,5 +63,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", type=Path)
     parser.add_argument("--compare", nargs=2, type=Path)
+    parser.add_argument("--model", type=Path, help="classifier file (default: the shipped one)")
     args = parser.parse_args()
-    compare(*args.compare) if args.compare else snapshot(args.out)
+    compare(*args.compare) if args.compare else snapshot(args.out, args.model)

@@ -20,8 +20,10 @@ TOLERANCE = 0.05
 
 @pytest.fixture(scope="module")
 def every_output(tmp_path_factory) -> Predictor:
-    """The shipped weights with all 15 outputs exposed, so that every probability is compared."""
+    """The shipped weights with all 15 outputs exposed, so that every probability is compared
+    (raw: without the reading section, every film reads the plain assessment, uncalibrated)."""
     classifier = load_default()
+    classifier.meta.pop("reading", None)
     classifier.set_assessment({label: {"assessed": True, "threshold": 0.5} for label in LABELS})
     path = tmp_path_factory.mktemp("all") / "all.pt"
     classifier.save(path)

@@ -175,3 +175,12 @@ def test_number_lists_of_fractions_betas_and_domain_weights_are_parsed_or_refuse
             numbers(text, f"--opt must be numbers, got {text!r}", count, valid or (lambda _: True))
         assert stop.value.exit_code == 2
         assert f"--opt must be numbers, got {text!r}" in capsys.readouterr().err
+
+
+def test_a_misspelt_input_is_a_usage_error_before_any_model_loads(tmp_path):
+    """Every given path missing: one line, exit 2, and no output folder made (it is answered
+    before the models load)."""
+    run = subprocess.run([*CLI, "predict", str(tmp_path / "flim.png"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "no such file or folder" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "out").exists()

@@ -173,6 +173,16 @@ def test_assessment_must_hold_on_the_films_the_model_will_read_and_thresholds_re
 
 
 @needs_data
+def test_calibrate_warns_when_a_target_gives_up_the_other_side():
+    from pneumoscan.training.calibrate import weak_operating_points
+
+    result = {"labels": {"Pneumonia": {"changed": True, "new": 0.1, "sensitivity": 0.9, "specificity": 0.18},
+                         "Edema": {"changed": True, "new": 0.5, "sensitivity": 0.7, "specificity": 0.8},
+                         "Effusion": {"changed": False, "old": 0.3, "new": 0.3, "why": "kept"}}}
+    (line,) = weak_operating_points(result)
+    assert line.startswith("warning: Pneumonia") and "specificity 0.18" in line
+
+
 def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small_manifest):
     """A site moves No Finding to sensitivity 0.9 on its validation films: same weights, new
     threshold reaching the target there, a new hash, and every output names the calibration."""
@@ -213,7 +223,23 @@ def test_calibrate_moves_thresholds_to_a_target_and_names_itself(tmp_path, small
                                capture_output=True, text=True, timeout=300)
     record = json.loads((tmp_path / "p" / "predictions.jsonl").read_text())
     assert predicted.returncode == 0 and record["thresholds_from"].startswith("calibrated")
-    assert record["thresholds"]["No Finding"] == pytest.approx(threshold, abs=1e-6)
+    shown = child.readings[record["population"]["group"]].shown_thresholds()  # on the calibrated scale
+    assert record["thresholds"]["No Finding"] == pytest.approx(shown["No Finding"], abs=1e-6)
+    # the site's prevalence: the adult maps shifted to it, and the records name the site
+    shifted = tmp_path / "site-prev.pt"
+    run = subprocess.run([*CLI, "calibrate", "--manifest", str(small_manifest), "--split", "site", "--out", str(shifted),
+                          "--youden", "--n-boot", "20", "--prevalence", "No Finding=0.3"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    moved = Classifier.load(shifted)
+    spec = moved.meta["reading"]["populations"]["adult"]["calibration"]["No Finding"]
+    assert spec["prevalence"] == 0.3 and spec["shift"] != 0 and "site.csv split site" in moved.readings["adult"].calibrated_for
+    raw = np.array([0.5] * 15)
+    assert moved.readings["adult"].calibrate(raw[None])[0][j] < child.readings["adult"].calibrate(raw[None])[0][j]
+    bad_share = subprocess.run([*CLI, "calibrate", "--manifest", str(small_manifest), "--split", "site", "--out",
+                                str(tmp_path / "y.pt"), "--youden", "--prevalence", "No Finding=1.5"],
+                               capture_output=True, text=True, timeout=120)
+    assert bad_share.returncode == 2 and "strictly between 0 and 1" in bad_share.stderr
     for bad in (["--split", "test", "--youden"], ["--split", "site", "--youden", "--target-specificity", "0.9"]):
         refused = subprocess.run([*CLI, "calibrate", "--manifest", str(small_manifest), "--out",
                                   str(tmp_path / "x.pt"), *bad], capture_output=True, text=True, timeout=120)

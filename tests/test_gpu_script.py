@@ -29,7 +29,8 @@ def test_gpu_training_script_runs_on_the_cpu(cache64, tmp_path):
     env = {**os.environ, "PY": sys.executable, "DEVICE": "cpu", "OUT": str(out), "BUNDLE": str(bundle),
            "CACHE": str(tmp_path / "cache"), "RUN": str(tmp_path / "run"), "EPOCHS": "2", "EPOCH_SIZE": "2",
            "BATCH": "2", "WORKERS": "0", "MINUTES": "10", "TRAIN_SECONDS": "600", "BENCH_BATCHES": "2",
-           "BENCH_SIZES": "64", "BENCH_STEPS": "1", "BENCH_WARMUP": "1", "INIT": "random"}
+           "BENCH_SIZES": "64", "BENCH_STEPS": "1", "BENCH_WARMUP": "1",
+           "INIT": str(REPO / "src/pneumoscan/models/chest_densenet121.pt")}  # what .gpu/init.pt carries
     result = subprocess.run(["bash", "tools/gpu_train.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -44,3 +45,4 @@ def test_gpu_training_script_runs_on_the_cpu(cache64, tmp_path):
 
     model = Classifier.load(out / "chest_densenet121.pt")
     assert model.meta["optimiser"]["trained"] == "all layers" and model.meta["epochs_trained"] >= 1
+    assert model.model.head[3].in_features == 1024  # the shipped head's width, kept to the end (it was lost once)

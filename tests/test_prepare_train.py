@@ -520,3 +520,28 @@ def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():
     assert np.array_equal(first["oof"][inside], second["oof"][inside])
     assert not np.allclose(first["oof"][~inside], second["oof"][~inside])
     assert roc_auc(labels[:, 0], first["oof"][:, 0]) > 0.9  # the learnable label is learnt out of fold
+
+
+def test_cosine_schedule_warms_up_then_falls_to_zero():
+    from pneumoscan.training.fit_all import warmup_cosine
+
+    factors = [warmup_cosine(step, 100, 10) for step in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[55] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
+@needs_data
+def test_val_fold_holds_out_crossval_fold_k(cache64):
+    """--val-fold k: validation is exactly crossval's fold k of the labelled films, whole patients."""
+    from pneumoscan.training.cache import CropCache
+    from pneumoscan.training.data import patient_folds, select_rows
+
+    cache = CropCache(cache64)
+    rows = select_rows(cache, True, val_fold=1)
+    patients = cache.table["patient"].astype(str).to_numpy()
+    fold = patient_folds(patients, 5, 2026)
+    assert len(rows["val"]) and (fold[rows["val"]] == 1).all() and (fold[rows["train"]] != 1).all()
+    assert not set(patients[rows["val"]]) & set(patients[rows["train"]])
+    with pytest.raises(ValueError, match="--val-fold"):
+        select_rows(cache, True, val_fold=5)

@@ -42,9 +42,13 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot_roc(labels, probs, out / "roc.png",
               [label for label in LABELS if report["per_label"][label]["threshold"] is not None])
-    _plot_reliability(report, out / "reliability.png")
+    _plot_reliability({label: (report["calibration"][label], f"ECE {report['per_label'][label]['ece']:.2f}")
+                       for label in LABELS if report["calibration"][label] and report["auc"][label] is not None},
+                      out / "reliability.png", "predicted probability", "Reliability")
     if report.get("calibration_after"):
-        _plot_calibrated(report["calibration_after"], out / "reliability_calibrated.png")
+        _plot_reliability({label: (e["bins"], f"ECE {fmt3(e['calibrated']['ece'])}, raw {fmt3(e['raw']['ece'])}")
+                           for label, e in report["calibration_after"].items()},
+                          out / "reliability_calibrated.png", "calibrated probability", "Reliability, calibrated")
     within = report["within_source"]
     fmt = fmt3
     assessment = (model_meta or {}).get("assessment") or {}
@@ -228,40 +232,21 @@ def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, assessed: Seque
     plt.close(fig)
 
 
-def _plot_reliability(report: dict[str, Any], path: Path) -> None:
+def _plot_reliability(curves: dict[str, tuple[list[dict[str, float]], str]], path: Path, xlabel: str,
+                      title: str) -> None:
+    """A reliability diagram: per label (name → (bins, legend text)) observed rate against the
+    mean probability of each bin, and the diagonal."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 6))
-    for label in LABELS:
-        bins = report["calibration"][label]
-        if bins and report["auc"][label] is not None:
-            ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-",
-                    ms=3, lw=1, label=f"{label} (ECE {report['per_label'][label]['ece']:.2f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="predicted probability", ylabel="observed frequency", title="Reliability",
-           xlim=(0, 1), ylim=(0, 1))
-    ax.legend(fontsize=7, loc="upper left")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _plot_calibrated(after: dict[str, dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 6))
-    for label, entry in after.items():
-        bins = entry["bins"]
+    for label, (bins, legend) in curves.items():
         ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", ms=3, lw=1,
-                label=f"{label} (ECE {fmt3(entry['calibrated']['ece'])}, raw {fmt3(entry['raw']['ece'])})")
+                label=f"{label} ({legend})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="calibrated probability", ylabel="observed frequency", title="Reliability, calibrated",
-           xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel=xlabel, ylabel="observed frequency", title=title, xlim=(0, 1), ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

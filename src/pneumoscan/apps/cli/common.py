@@ -162,6 +162,12 @@ def gather_inputs(paths: list[Path], out: Path) -> list[Path]:
     """The image files to process (or a clean exit when there are none) and a ready output folder."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder (it is created if missing)")
+    missing = [p for p in paths if not p.exists()]
+    if missing and len(missing) == len(paths):  # a typo: said at once, before any model loads
+        fail(f"no such file or folder: {', '.join(map(str, missing[:3]))}{' …' if len(missing) > 3 else ''}")
+    for path in missing:  # beside real inputs: listed as an error record, the batch goes on
+        err.print(f"[yellow]not found:[/] {escape(str(path))} (listed as an error; the other inputs go on)",
+                  highlight=False)
     files = expand_inputs(paths, skip=out)
     if not files:
         fail("no PNG, JPEG or DICOM files found in the given paths")
