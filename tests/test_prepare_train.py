@@ -16,7 +16,7 @@ import pytest
 from pneumoscan.modelfile import load_model
 from pneumoscan.training.cache import CacheError, CropCache, prepare, shard_paths
 
-from conftest import CLI, needs_data
+from conftest import CLI, DATA, needs_data
 
 pytestmark = needs_data
 
@@ -284,15 +284,16 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
     """``--train-from``: the frozen layers' output is computed once; the fit, interrupted in the
     middle of an epoch, resumes from its saved state to the weights an unbroken fit reaches."""
     import pneumoscan.training.classify as ct
+    import pneumoscan.training.fit_tail as tail
 
     reference = ct.train_classifier(_tail_cfg(cache64, tmp_path / "a"))
     assert (tmp_path / "a" / "stem_denseblock4_train.npy").exists()
     assert reference["optimiser"]["trained"].startswith("denseblock4 onwards")
     assert reference["epochs_trained"] == 2
 
-    monkeypatch.setattr(ct, "SAVE_EVERY", 1)
+    monkeypatch.setattr(tail, "SAVE_EVERY", 1)
     calls = {"n": 0}
-    real_bce = ct.masked_bce
+    real_bce = tail.masked_bce
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -300,12 +301,12 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
             raise KeyboardInterrupt
         return real_bce(*args, **kwargs)
 
-    monkeypatch.setattr(ct, "masked_bce", interrupted)
+    monkeypatch.setattr(tail, "masked_bce", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
     state = __import__("torch").load(tmp_path / "b" / "tail_state.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 1)
-    monkeypatch.setattr(ct, "masked_bce", real_bce)
+    monkeypatch.setattr(tail, "masked_bce", real_bce)
     resumed = ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
     assert resumed["best_epoch"] == reference["best_epoch"]
     (a, _), (b, _) = (load_model(run / "model.pt", kind="chest-classifier") for run in (tmp_path / "a", tmp_path / "b"))
@@ -401,6 +402,7 @@ def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest,
         run = subprocess.run([*CLI, "evaluate", *common, "--out", str(tmp_path / f"e{k}"), "--model", str(model),
                               "--n-boot", "20"], capture_output=True, text=True, timeout=900, check=False)
         assert run.returncode == 0, run.stderr[-2000:]
+        assert "report.md" in run.stdout and "## Detail" not in run.stdout  # a summary, not 200 lines of tables
         reports.append(json.loads((tmp_path / f"e{k}" / "report.json").read_text()))
     run = subprocess.run([*CLI, "compare", *map(str, models), *common, "--out", str(tmp_path / "c"), "--n-boot", "50",
                           "--label", "No Finding", "--label", "Pneumonia"],
@@ -423,6 +425,18 @@ def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest,
                    for e in v.values()]
     assert any(abs(d) > 0 for d in differences)  # two different models, not one compared with itself
     assert compared >= 4 and "difference from the first" in (tmp_path / "c" / "compare.md").read_text()
+    # a model against its own re-thresholded copy: said, scored once, no bootstrap
+    twin = Classifier.load(trained / "model.pt")
+    twin.meta["note"] = "same weights, other metadata"
+    twin.save(tmp_path / "twin.pt")
+    run = subprocess.run([*CLI, "compare", str(trained / "model.pt"), str(tmp_path / "twin.pt"), *common, "--out",
+                          str(tmp_path / "t"), "--n-boot", "50", "--label", "Pneumonia"],
+                         capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0 and "has the weights of model 1" in run.stderr, run.stderr[-2000:]
+    same = json.loads((tmp_path / "t" / "compare.json").read_text())
+    assert all(e["models"][1]["difference_from_first"] == {"identical_weights": True}
+               for v in same["labels"].values() for e in v.values())
+    assert "identical weights" in (tmp_path / "t" / "compare.md").read_text()
 
 
 def test_crossval_head_is_exact_in_the_model_and_its_figures_are_out_of_fold(cache64, trained, tmp_path):
@@ -545,3 +559,52 @@ def test_val_fold_holds_out_crossval_fold_k(cache64):
     assert not set(patients[rows["val"]]) & set(patients[rows["train"]])
     with pytest.raises(ValueError, match="--val-fold"):
         select_rows(cache, True, val_fold=5)
+
+
+def test_fold_figures_track_the_radiologists_label_where_the_index_gives_it():
+    """progress.jsonl's figures: NIH Pneumonia against normal films, RSNA's opacity label read from
+    rsna-nih-masked/index.csv (copies by file name, originals by NIH image name)."""
+    import pandas as pd
+
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.data import opacity_of
+    from pneumoscan.training.fit_all import fold_figures
+
+    index = pd.read_csv(DATA / "rsna-nih-masked" / "index.csv").groupby("rsna_class").head(14).reset_index(drop=True)
+    index = index.head(40)
+    table = pd.DataFrame({"path": [f"/x/{p}" for p in index["path"]] + [f"/y/{index['nih_image'][0]}", "/z/other.png"],
+                          "source": ["nihmasked"] * 40 + ["nih", "kermany"]})
+    opacity = opacity_of(table, DATA / "rsna-nih-masked" / "index.csv")
+    assert list(opacity[:40]) == list(index["rsna_class"]) and opacity[40] == index["rsna_class"][0] and opacity[41] == ""
+    labels = np.full((42, len(LABELS)), np.nan)
+    labels[:, LABELS.index("Pneumonia")] = (opacity == "Lung Opacity").astype(float)
+    labels[:, LABELS.index("No Finding")] = (opacity == "Normal").astype(float)
+    probs = np.where(opacity == "Lung Opacity", 0.9, 0.1)[:, None].repeat(len(LABELS), axis=1)
+    figures = fold_figures(labels, probs, table["source"].to_numpy(), opacity)
+    expected = [int((opacity[:40] == "Lung Opacity").sum()), int((opacity[:40] == "Normal").sum())]
+    assert figures["opacity_vs_normal_copies"] == {"auc": 1.0, "pos_neg": expected}
+    assert figures["kermany_pneumonia"]["auc"] is None  # one film: no AUC, said as None
+
+
+def test_frozen_batchnorm_keeps_its_statistics_through_training_mode(tmp_path):
+    """--frozen-bn: every time the loop puts the module in training mode, BatchNorm stays in eval
+    mode, so a training step leaves its running statistics as they were (the rest still learns)."""
+    import torch
+
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.config import TrainConfig
+    from pneumoscan.training.fit_all import lightning_module
+
+    cfg = TrainConfig(cache=str(tmp_path), out=str(tmp_path), init="random", frozen_bn=True)
+    module = lightning_module(cfg, np.ones(len(LABELS), np.float32), {}, np.array([])).train()
+    norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms) and module.model.head.training
+    before = norms[0].running_mean.clone()
+    weight = module.model.net.features.conv0.weight.clone()
+    loss = module.model(torch.rand(4, 1, 64, 64)).sum()
+    loss.backward()
+    torch.optim.SGD(module.parameters(), lr=0.1).step()
+    assert torch.equal(norms[0].running_mean, before) and not torch.equal(module.model.net.features.conv0.weight, weight)
+    plain = lightning_module(TrainConfig(cache=str(tmp_path), out=str(tmp_path), init="random"),
+                             np.ones(len(LABELS), np.float32), {}, np.array([])).train()
+    assert all(m.training for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -56,6 +56,14 @@ def test_statuses_add_up_in_the_summary_the_csv_and_stderr(folder):
     for row in called:  # called means a finding other than No Finding at or above its threshold
         assert any(float(row[k]) >= t for k, t in json.loads(row["thresholds"]).items() if k != "No Finding")
     assert f"{summary['by_status']['called']} called" in run.stderr and "triage.html" in run.stderr
+    verdicts = {Path(r["path"]).name: r["verdict"] for r in rows}
+    assert verdicts["broken.png"] == "" and verdicts["overlay.png"] == ""  # not scored: no verdict
+    scored_names = [n for n, st in status.items() if st in ("called", "not called")]
+    assert {verdicts[n] for n in scored_names} <= {"normal", "abnormal", "indeterminate"}
+    assert all((verdicts[n] == "abnormal") == (status[n] == "called") for n in scored_names)
+    assert sum(summary["by_verdict"].values()) == len(scored_names) and "verdicts:" in run.stderr
+    child = next(r for r in rows if "person1000" in r["path"])  # the Kermany example
+    assert child["population"] == "paediatric" and child["age_source"] == "estimate" and child["Cardiomegaly"] == ""
 
 
 def test_triage_sheet_in_headless_chromium(folder, tmp_path):
@@ -82,8 +90,10 @@ def test_triage_sheet_in_headless_chromium(folder, tmp_path):
         names = [rows.nth(i).locator("td.name").inner_text().splitlines()[0] for i in range(5)]
         statuses = [rows.nth(i).locator("td.status").inner_text() for i in range(5)]
         assert set(statuses[-2:]) == {"refused", "error"}  # unscored films last
-        if "called" in statuses:
-            assert statuses[0] == "called" and records[names[0]]["status"] == "called"
+        order = {"abnormal": 0, "indeterminate": 1, "normal": 2}  # then abnormal, indeterminate, normal
+        assert [order[v] for v in statuses[:3]] == sorted(order[v] for v in statuses[:3])
+        assert all(records[n]["verdict"] == v for n, v in zip(names[:3], statuses[:3]))
+        assert "abnormal" in statuses  # the Kermany example is called Pneumonia: this order is tested
         loaded = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
         assert loaded == sum(1 for r in records.values() if r.get("overlay"))
         page.screenshot(path=str(artifacts / "triage.png"), full_page=True)

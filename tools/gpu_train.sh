@@ -34,7 +34,7 @@ timeout "${BENCH_SECONDS:-120}" "$PY" benchmarks/train_bench.py --device "$DEVIC
   --size ${BENCH_SIZES:-224} --all-modes --steps "${BENCH_STEPS:-20}" --warmup "${BENCH_WARMUP:-5}" 2>&1 | tee -a "$OUT/train_bench.txt"
 INIT="${INIT:-$( [ -f .gpu/init.pt ] && echo .gpu/init.pt || echo random )}"
 # TRAIN_ARGS: the schedule and sampling (defaults: the CPU long run's).
-TRAIN_ARGS="${TRAIN_ARGS:---schedule cosine --warmup-epochs 1 --val-fold 0 --select all --view-balance --source-balance 0 --adult-share 0.8 --lr 1e-4}"
+TRAIN_ARGS="${TRAIN_ARGS:---schedule cosine --warmup-epochs 1 --val-fold 0 --frozen-bn --select all --view-balance --source-balance 0 --adult-share 0.8 --lr 1e-4}"
 status=0
 timeout "${TRAIN_SECONDS:-420}" "$PY" -m pneumoscan.apps.cli train --cache "$CACHE" --out "$RUN" --init "$INIT" $TRAIN_ARGS \
   --epochs "${EPOCHS:-40}" --epoch-size "${EPOCH_SIZE:-0}" --batch-size "${BATCH:-32}" --workers "${WORKERS:-8}" \

@@ -20,6 +20,21 @@ def _ci(pair: list[float]) -> str:
     return f"{pair[0]:.4f} to {pair[1]:.4f}"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _pairs(pairs: list[dict[str, Any]], statistic: str, by_reader: bool = False) -> list[str]:
+    """A table of treatment differences: difference, std. error, (df,) t or z, p, CI."""
+    with_df = "df" in pairs[0] if pairs else False
+    header = (["reader"] if by_reader else []) + ["comparison", "difference", "std. error"] + \
+        (["df"] if with_df else []) + [statistic, "p", "95 % CI"]
+    rows = [([p["reader"]] if by_reader else []) + [f"{p['pair'][0]} − {p['pair'][1]}", f"{p['difference']:.5f}",
+             f"{p['stderr']:.5f}"] + ([f"{p['df']:.2f}"] if with_df else []) +
+            [f"{p[statistic]:.3f}", f"{p['p']:.4f}", _ci(p["ci"])] for p in pairs]
+    return _table(header, rows)
+
+
 def study_markdown(result: dict[str, Any], source: str) -> str:
     design = result["design"]
     treatments, readers = design["treatments"], design["readers"]
@@ -41,32 +56,24 @@ def study_markdown(result: dict[str, Any], source: str) -> str:
     rrrc, frrc, rrfc = result["rrrc"], result["frrc"], result["rrfc"]
     lines += ["## 1. Random readers and random cases (results apply to both populations)", "",
               f"F({rrrc['ndf']}, {rrrc['ddf']:.2f}) = {rrrc['F']:.4f}, p = {rrrc['p']:.4f} "
-              f"(error term {rrrc['error_term']:.8f} = MS(T*R) + r·max(Cov2 − Cov3, 0)).", "",
-              "| comparison | difference | std. error | df | t | p | 95 % CI |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['pair'][0]} − {p['pair'][1]} | {p['difference']:.5f} | {p['stderr']:.5f} | {p['df']:.2f} | "
-              f"{p['t']:.3f} | {p['p']:.4f} | {_ci(p['ci'])} |" for p in rrrc["pairs"]]
-    lines += ["", "| treatment | AUC | std. error | df | 95 % CI | Cov2 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['treatment']} | {s['auc']:.4f} | {s['stderr']:.5f} | {s['df']:.2f} | {_ci(s['ci'])} | {s['cov2']:.8f} |"
-              for s in rrrc["single"]]
+              f"(error term {rrrc['error_term']:.8f} = MS(T*R) + r·max(Cov2 − Cov3, 0)).", ""]
+    lines += _pairs(rrrc["pairs"], "t") + [""] + _table(
+        ["treatment", "AUC", "std. error", "df", "95 % CI", "Cov2"],
+        [[s["treatment"], f"{s['auc']:.4f}", f"{s['stderr']:.5f}", f"{s['df']:.2f}", _ci(s["ci"]), f"{s['cov2']:.8f}"]
+         for s in rrrc["single"]])
     lines += ["", "## 2. Fixed readers and random cases (these readers only)", "",
-              f"χ²({frrc['df']}) = {frrc['chi2']:.4f}, p = {frrc['p']:.4f}.", "",
-              "| comparison | difference | std. error | z | p | 95 % CI |", "|---|---|---|---|---|---|"]
-    lines += [f"| {p['pair'][0]} − {p['pair'][1]} | {p['difference']:.5f} | {p['stderr']:.5f} | {p['z']:.3f} | "
-              f"{p['p']:.4f} | {_ci(p['ci'])} |" for p in frrc["pairs"]]
-    lines += ["", "| treatment | AUC | std. error | 95 % CI | Var(error) | Cov2 |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['treatment']} | {s['auc']:.4f} | {s['stderr']:.5f} | {_ci(s['ci'])} | {s['var_error']:.8f} | "
-              f"{s['cov2']:.8f} |" for s in frrc["single"]]
-    lines += ["", "| reader | comparison | difference | std. error | z | p | 95 % CI |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['reader']} | {p['pair'][0]} − {p['pair'][1]} | {p['difference']:.5f} | {p['stderr']:.5f} | "
-              f"{p['z']:.3f} | {p['p']:.4f} | {_ci(p['ci'])} |" for p in frrc["readers"]]
+              f"χ²({frrc['df']}) = {frrc['chi2']:.4f}, p = {frrc['p']:.4f}.", ""]
+    lines += _pairs(frrc["pairs"], "z") + [""] + _table(
+        ["treatment", "AUC", "std. error", "95 % CI", "Var(error)", "Cov2"],
+        [[s["treatment"], f"{s['auc']:.4f}", f"{s['stderr']:.5f}", _ci(s["ci"]), f"{s['var_error']:.8f}",
+          f"{s['cov2']:.8f}"] for s in frrc["single"]])
+    lines += [""] + _pairs(frrc["readers"], "z", by_reader=True)
     lines += ["", "## 3. Random readers and fixed cases (these cases only)", "",
-              f"F({rrfc['ndf']}, {rrfc['ddf']}) = {rrfc['F']:.4f}, p = {rrfc['p']:.4f}.", "",
-              "| comparison | difference | std. error | df | t | p | 95 % CI |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {p['pair'][0]} − {p['pair'][1]} | {p['difference']:.5f} | {p['stderr']:.5f} | {p['df']} | "
-              f"{p['t']:.3f} | {p['p']:.4f} | {_ci(p['ci'])} |" for p in rrfc["pairs"]]
-    lines += ["", "| treatment | AUC | MS(R) | std. error | df | 95 % CI |", "|---|---|---|---|---|---|"]
-    lines += [f"| {s['treatment']} | {s['auc']:.4f} | {s['ms_r']:.8f} | {s['stderr']:.5f} | {s['df']} | {_ci(s['ci'])} |"
-              for s in rrfc["single"]]
+              f"F({rrfc['ndf']}, {rrfc['ddf']}) = {rrfc['F']:.4f}, p = {rrfc['p']:.4f}.", ""]
+    lines += _pairs(rrfc["pairs"], "t") + [""] + _table(
+        ["treatment", "AUC", "MS(R)", "std. error", "df", "95 % CI"],
+        [[s["treatment"], f"{s['auc']:.4f}", f"{s['ms_r']:.8f}", f"{s['stderr']:.5f}", str(s["df"]), _ci(s["ci"])]
+         for s in rrfc["single"]])
     lines += ["", "References: Obuchowski & Rockette 1995; Hillis et al. 2005; Hillis 2007. The data are in "
               "`study.imrmc` and `study.lrc` for iMRMC (FDA) and the Iowa program or RJafroc/MRMCaov.", ""]
     return "\n".join(lines)

@@ -132,10 +132,10 @@ def estimate_population(pooled: np.ndarray, model: dict[str, Any] | None) -> Pop
         group = "adult"
     else:
         group = "unknown"
-    reason = {"paediatric": "estimated from the film: a child's", "adult": "estimated from the film: an adult's",
-              "unknown": "estimated from the film: cannot tell a child's from an adult's"}[group]
-    return Population(group, age, "estimate", f"{reason} (paediatric probability {child:.2f}, "
-                                              f"estimated age {_years(age)})", child)
+    reason = {"paediatric": "a child's film", "adult": "an adult's film",
+              "unknown": "cannot tell a child's film from an adult's"}[group]
+    return Population(group, age, "estimate", f"estimated from the film: {reason} (paediatric probability "
+                                              f"{child:.2f}, estimated age {_years(age)})", child)
 
 
 STATUSES = ("called", "not called", "refused", "error")

@@ -165,8 +165,9 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     if local_box is not None:
         title += " | local branch (magenta)"
     if cam_label is not None:
-        verdict = "" if probability is None else f" p = {probability:.2f}" + (
-            "" if threshold is None else f" {'>=' if called else '<'} {threshold:.2f}, {'called' if called else 'not called'}")
+        # three significant digits: calibrated probabilities of rare findings are small (0.007 < 0.014)
+        verdict = "" if probability is None else f" p = {probability:.3g}" + (
+            "" if threshold is None else f" {'>=' if called else '<'} {threshold:.3g}, {'called' if called else 'not called'}")
         title = f"Grad-CAM: {cam_label}{verdict}" + \
             (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
     if measurements is not None:

@@ -96,7 +96,7 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
                 cells.append("<td></td>")
                 continue
             over = p >= t
-            cells.append(f'<td class="{"over" if over else "under"}">{p:.2f}<small> / {t:.2f}</small></td>')
+            cells.append(f'<td class="{"over" if over else "under"}">{p:.3g}<small> / {t:.3g}</small></td>')
         reason = f'<div class="why">{html.escape(row["reason"])}</div>' if row["reason"] else ""
         body.append(f'<tr class="{row["status"].replace(" ", "-")}"><td class="pic">{picture}</td>'
                     f'<td class="name">{html.escape(Path(row["path"]).name)}{reason}</td>'

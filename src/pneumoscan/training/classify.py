@@ -144,7 +144,8 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
                       "trained": "head only (backbone frozen)" if cfg.freeze_backbone else
                       f"{cfg.train_from} onwards and the head (earlier layers frozen)" if cfg.train_from
                       else "all layers",
-                      "plateau_patience": cfg.patience, "precision": precision,
+                      "plateau_patience": cfg.patience, "precision": precision, "schedule": cfg.schedule,
+                      "frozen_batchnorm_statistics": cfg.frozen_bn,
                       "devices": cfg.devices * cfg.num_nodes},
         "selection": {"metric": "mean within-source validation AUC of " + ", ".join(select),
                       "best": None if best_score is None else round(float(best_score), 4)},

@@ -36,8 +36,20 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
     unknown = sorted(set(labels or []) - set(LABELS))
     if unknown:
         raise ValueError(f"unknown label(s) {', '.join(unknown)}; choose from {', '.join(LABELS)}")
+    from dataclasses import replace
+
+    from pneumoscan.classify import Classifier
+
+    classifiers = [Classifier.load(model) for model in models]
+    weights = [c.meta.get("weights_sha256") for c in classifiers]
     scored = []
     for k, model in enumerate(models):
+        twin = weights.index(weights[k])
+        if twin < k:  # the same network (a calibrated copy, say): its raw scores are the twin's
+            print(f"compare: model {k + 1} ({Path(model).name}) has the weights of model {twin + 1}: "
+                  f"its scores are that model's, not computed again", file=sys.stderr, flush=True)
+            scored.append(replace(scored[twin], classifier=classifiers[k]))
+            continue
         print(f"compare: scoring model {k + 1} of {len(models)} ({Path(model).name}) …", file=sys.stderr, flush=True)
         scored.append(score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend))
     common = sorted(set.intersection(*(set(s.rows["path"]) for s in scored)))
@@ -66,7 +78,9 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
             entry = {"positives": first["positives"], "negatives": first["negatives"], "models": []}
             for k, part in enumerate(parts):
                 model_entry = {"auc": part[source]["auc"], "ci": part[source].get("ci", [None, None]), "assessed": label in assessed[k]}
-                if k:
+                if k and weights[k] == weights[0]:  # same weights, same scores: nothing to resample
+                    model_entry["difference_from_first"] = {"identical_weights": True}
+                elif k:
                     diff = auc_difference(y[inside], aligned[k][2][inside, j], aligned[0][2][inside, j], n_boot)
                     model_entry["difference_from_first"] = {key: nan_to_none(v) for key, v in diff.items()}
                 entry["models"].append(model_entry)
@@ -93,7 +107,8 @@ def markdown(result: dict[str, Any]) -> str:
                 d = m.get("difference_from_first")
                 lines.append(f"| {label} | {source} | {entry['positives']} / {entry['negatives']} | {name} | "
                              f"{'yes' if m['assessed'] else 'no'} | {fmt(m['auc'])} ({fmt(m['ci'][0])}–{fmt(m['ci'][1])}) | "
-                             + (f"{d['difference']:+.3f} ({fmt(d['low'])}–{fmt(d['high'])}), p = {fmt(d['p'])}"
+                             + ("identical weights: the same scores, no difference to test" if d and d.get("identical_weights")
+                                else f"{d['difference']:+.3f} ({fmt(d['low'])}–{fmt(d['high'])}), p = {fmt(d['p'])}"
                                 if d and d["difference"] is not None else "–") + " |")
     if not result["labels"]:
         lines.append("| – | – | – | – | – | no label any model assesses has enough films here | – |")

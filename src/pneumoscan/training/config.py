@@ -42,6 +42,7 @@ class TrainConfig:
     train_from: str = ""  # "": every layer; "denseblock3"/"denseblock4": earlier layers frozen, their output computed once
     select: str = "Pneumonia"  # labels whose mean within-source validation AUC picks the checkpoint ("all": every trained label)
     view_balance: bool = False  # weigh the loss so that no label follows the view position (view_balance_weights)
+    frozen_bn: bool = False  # every-layer fit: BatchNorm keeps its running statistics (fine-tuning a fitted backbone)
     schedule: str = "plateau"  # plateau: LR × 0.1 after `patience` epochs without gain (the thesis); cosine: warm-up then cosine to 0
     warmup_epochs: float = 0.0  # cosine: linear warm-up over this many epochs
     val_fold: int = -1  # ≥ 0: validate on this patient fold (crossval's folds) and train on the others, ignoring the manifest split

@@ -51,6 +51,14 @@ def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[s
         def forward(self, x):
             return self.model(x)
 
+        def train(self, mode: bool = True):
+            """With ``frozen_bn``, BatchNorm keeps its running statistics (eval mode) while its scale
+            and shift still learn: Lightning puts the module in training mode at every epoch."""
+            super().train(mode)
+            if mode and cfg.frozen_bn:
+                freeze_batchnorm(self.model)
+            return self
+
         def on_after_batch_transfer(self, batch, dataloader_idx):
             x, y, idx = batch
             x = x.float() / 255.0
@@ -123,6 +131,19 @@ def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[s
         init_info.update({"init": "checkpoint", "from_sha256": source.meta["weights_sha256"],
                           "head": "the checkpoint's" if same_head else "new (the checkpoint's has another shape)"})
     return module
+
+
+def freeze_batchnorm(model: torch.nn.Module) -> None:
+    """Every BatchNorm layer in eval mode: normalised with its stored statistics, not the batch's.
+
+    Why, for fine-tuning a backbone whose head was fitted on its frozen features: in training
+    mode each BatchNorm re-estimates its statistics from batches of 16 of today's crops; the
+    shipped backbone's early layers learnt on other crops (unmasked, mostly paediatric), so the
+    first layer's running mean moved fourfold within one epoch and the features the head reads
+    moved with it (Kermany Pneumonia 0.94 → 0.52 on fold 0 after one epoch at 1.5e-5, docs/ADULT.md)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:

@@ -244,7 +244,9 @@ def summarise_run(outputs) -> None:
         err.print(f"[yellow]note:[/] summary not written: {escape(exc.strerror or str(exc))}", highlight=False)
         return
     by_label = ", ".join(f"{label} {n}" for label, n in summary["called_by_label"].items() if label != "No Finding")
+    verdicts = ", ".join(f"{n} {v}" for v, n in summary["by_verdict"].items() if n)
     err.print(escape("summary: " + ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
+                     + (f"; verdicts: {verdicts}" if verdicts else "")
                      + (f"; called per finding: {by_label}" if by_label else "")
                      + f"; triage sheet {outputs.out / 'triage.html'}"), highlight=False)
 

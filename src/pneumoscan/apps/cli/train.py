@@ -179,6 +179,9 @@ def train(
     val_fold: Annotated[int, typer.Option(
         help="Validate on this patient fold of crossval's folds (0 … 4) and train on the others, ignoring the "
              "manifest split (-1: the manifest's split).")] = -1,
+    frozen_bn: Annotated[bool, typer.Option(
+        help="Every-layer fit: BatchNorm layers keep their running statistics (eval mode) while the rest learns; "
+             "for fine-tuning a backbone whose head was fitted on its frozen features.")] = False,
     opacity_index: Annotated[Optional[Path], typer.Option(
         exists=True, dir_okay=False, help="rsna-nih-masked/index.csv: progress.jsonl also tracks the radiologists' "
                                           "opacity label.")] = None,
@@ -225,7 +228,7 @@ def train(
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
                       train_from=train_from or "", select=select, view_balance=view_balance,
-                      schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold,
+                      schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold, frozen_bn=frozen_bn,
                       opacity_index=str(opacity_index) if opacity_index else "")
     try:
         meta = train_classifier(cfg)
@@ -348,8 +351,13 @@ def evaluate(
 
     report = scored_or_fail(lambda: evaluate_split(manifest, split, out, model=model, cache=cache,
                                                    seg_model=seg_model, n_boot=n_boot, backend=backend))
-    console.print((out / "report.md").read_text())
-    console.print(f"{report['n_images']} images scored; reports in {out}")
+    console.print(headline(report["within_source"], f"split {split}",
+                           [label for label, e in report["per_label"].items() if e["threshold"] is not None]),
+                  highlight=False)
+    if report.get("dropped"):
+        console.print(f"{len(report['dropped'])} films left out (listed in the report)", highlight=False)
+    console.print(f"{report['n_images']} images scored; the full report (AUCs per source with CIs, operating points, "
+                  f"subgroups, calibration) is {out / 'report.md'} (and report.html)", highlight=False)
 
 
 @app.command()
