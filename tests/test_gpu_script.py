@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import needs_data
 
@@ -46,3 +47,8 @@ def test_gpu_training_script_runs_on_the_cpu(cache64, tmp_path):
     model = Classifier.load(out / "chest_densenet121.pt")
     assert model.meta["optimiser"]["trained"] == "all layers" and model.meta["epochs_trained"] >= 1
     assert model.model.head[3].in_features == 1024  # the shipped head's width, kept to the end (it was lost once)
+    # --frozen-bn (the script's default): two steps leave every BatchNorm's statistics as they were
+    start = Classifier.load(env["INIT"]).model.state_dict()
+    end = model.model.state_dict()
+    stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.allclose(end[k], start[k], rtol=2e-3, atol=1e-4) for k in stats)

@@ -597,6 +597,7 @@ def test_frozen_batchnorm_keeps_its_statistics_through_training_mode(tmp_path):
 
     cfg = TrainConfig(cache=str(tmp_path), out=str(tmp_path), init="random", frozen_bn=True)
     module = lightning_module(cfg, np.ones(len(LABELS), np.float32), {}, np.array([])).train()
+    module.on_train_batch_start(None, 0)  # what the loop calls before each batch
     norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms) and module.model.head.training
     before = norms[0].running_mean.clone()
@@ -607,4 +608,5 @@ def test_frozen_batchnorm_keeps_its_statistics_through_training_mode(tmp_path):
     assert torch.equal(norms[0].running_mean, before) and not torch.equal(module.model.net.features.conv0.weight, weight)
     plain = lightning_module(TrainConfig(cache=str(tmp_path), out=str(tmp_path), init="random"),
                              np.ones(len(LABELS), np.float32), {}, np.array([])).train()
+    plain.on_train_batch_start(None, 0)
     assert all(m.training for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))

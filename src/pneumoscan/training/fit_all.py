@@ -51,13 +51,13 @@ def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[s
         def forward(self, x):
             return self.model(x)
 
-        def train(self, mode: bool = True):
+        def on_train_batch_start(self, batch, batch_idx):
             """With ``frozen_bn``, BatchNorm keeps its running statistics (eval mode) while its scale
-            and shift still learn: Lightning puts the module in training mode at every epoch."""
-            super().train(mode)
-            if mode and cfg.frozen_bn:
+            and shift still learn. Set before every batch: Lightning restores each submodule's
+            mode around validation and never calls ``train()`` itself, so a mode set once (or in
+            an overridden ``train``) does not last — the first long run found that out."""
+            if cfg.frozen_bn:
                 freeze_batchnorm(self.model)
-            return self
 
         def on_after_batch_transfer(self, batch, dataloader_idx):
             x, y, idx = batch
