@@ -205,8 +205,8 @@ def load_imagenet(model: ChestClassifier, weights: str | Path | None = None) -> 
 class ScoringClassifier:
     """What every backend shares: the metadata (labels, input size, per label whether it was
     shown to be learnt and its threshold), batching, the fused head and the findings. A backend
-    implements the runtime protocol: :attr:`backend`, :meth:`_plain_probs` (plain model: crops →
-    probabilities), :meth:`_global_maps` (crops → the last block's feature maps),
+    implements the runtime protocol: :attr:`backend`, :meth:`_probs_and_pooled` (plain model: crops →
+    probabilities and pooled features), :meth:`_global_maps` (crops → the last block's feature maps),
     :meth:`_local_pooled` (AG-CNN's local branch), :meth:`_head_modules` (the fused head and the
     clinical encoder) and :meth:`gradcam`. :class:`Classifier` is PyTorch's;
     :class:`pneumoscan.backends.onnx.OnnxClassifier` is ONNX Runtime's.
@@ -230,9 +230,6 @@ class ScoringClassifier:
     # --- the runtime protocol ------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        raise NotImplementedError
-
-    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,12 +330,11 @@ class ScoringClassifier:
         needs them all; what a person reads goes through :meth:`findings`). AG-CNN needs
         ``local_from`` and a clinical model takes ``codes`` (:meth:`predict_and_explain`)."""
         check_crops(crops, self.size)
+        if not self.fused:
+            return self._plain_scores(crops, batch_size)[0]
         out = []
         for start in range(0, len(crops), batch_size):
             part = crops[start:start + batch_size]
-            if not self.fused:
-                out.append(self._plain_probs(part))
-                continue
             shifted = None if local_from is None else (lambda i, box, s=start: local_from(s + i, box))
             out.append(self._fused(part, None, shifted, None if codes is None else codes[start:start + batch_size])[0])
         return np.concatenate(out) if out else np.zeros((0, len(LABELS)), np.float32)
@@ -355,11 +351,17 @@ class ScoringClassifier:
         if self.fused:
             return self._fused(crops, choose, local_from, codes)
         check_crops(crops, self.size)
-        parts = [self._probs_and_pooled(crops[s:s + 16]) for s in range(0, len(crops), 16)]
-        probs = np.concatenate([p for p, _ in parts]) if parts else np.zeros((0, len(LABELS)), np.float32)
-        pooled = np.concatenate([f for _, f in parts]) if parts else np.zeros((0, FEATURES), np.float32)
+        probs, pooled = self._plain_scores(crops)
         return (probs, pooled, [None if (k := choose(i, p, f)) is None else self.gradcam(c, k)
                                 for i, (c, p, f) in enumerate(zip(crops, probs, pooled))], [None] * len(crops))
+
+    def _plain_scores(self, crops: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """A plain model's probabilities and pooled features of checked crops, in batches: the one
+        forward path behind :meth:`predict_proba` and :meth:`predict_and_explain`."""
+        parts = [self._probs_and_pooled(crops[s:s + batch_size]) for s in range(0, len(crops), batch_size)]
+        if not parts:
+            return np.zeros((0, len(LABELS)), np.float32), np.zeros((0, FEATURES), np.float32)
+        return np.concatenate([p for p, _ in parts]), np.concatenate([f for _, f in parts])
 
     def _fused(self, crops: np.ndarray, choose: Choose | None,
                local_from: LocalFrom | None, codes: np.ndarray | None):
@@ -430,11 +432,6 @@ class Classifier(ScoringClassifier):
     def save(self, path: str | Path, *, half: bool = False) -> dict[str, Any]:
         meta = {**self.meta, "kind": KIND, "labels": list(LABELS), "input_size": self.size}
         return save_model(path, self.model.state_dict(), meta, half=half)
-
-    @torch.inference_mode()
-    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
-        return torch.sigmoid(run(self.model, x, self.device)).float().numpy()
 
     @torch.inference_mode()
     def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -212,21 +212,31 @@ def load_models(seg: str | Path | None = None, cls_model: str | Path | None = No
     from pneumoscan.classify import load_default as load_classifier
     from pneumoscan.segment import load_default as load_segmenter
 
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    check_backend(backend, device)
     segmenter = LungSegmenter.load(seg) if seg else load_segmenter()
     classifier = Classifier.load(cls_model) if cls_model else load_classifier()
     if backend == "auto":
         backend = "onnx" if str(device) == "cpu" and _onnx_installed() else "torch"
     if backend == "onnx":
-        if str(device) != "cpu":
-            raise ValueError("--backend onnx runs on the CPU; use --backend torch for --device cuda")
-        if not _onnx_installed():
-            raise ValueError("--backend onnx needs the onnx extra: pip install 'pneumoscan[onnx]'")
         from pneumoscan.backends.onnx import load_cached
 
         return load_cached(segmenter, classifier, progress=progress)
     return segmenter.to(device), classifier.to(device)
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Refuse a backend or device this machine cannot give (ValueError, one sentence) before any
+    model loads: :func:`load_models` asks first, and so does ``predict`` before it reads inputs."""
+    from pneumoscan.accel import resolve_device
+
+    if backend not in BACKENDS:
+        raise ValueError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "onnx":
+        if str(device) != "cpu":
+            raise ValueError("--backend onnx runs on the CPU; use --backend torch for --device cuda")
+        if not _onnx_installed():
+            raise ValueError("--backend onnx needs the onnx extra: pip install 'pneumoscan[onnx]'")
+    resolve_device(device)
 
 
 def _onnx_installed() -> bool:
@@ -388,10 +398,13 @@ class Predictor:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
         stated = [stated_age(item.image.meta, item.source[2]) for _, item in scored]
+        populations: dict[int, Population] = {}  # film i's, decided once (the map's choice needs it first)
 
         def population(i: int, pooled: np.ndarray) -> Population:
-            return (population_from_age(*stated[i]) if stated[i] is not None
-                    else estimate_population(pooled, classifier.age_model))
+            if i not in populations:
+                populations[i] = (population_from_age(*stated[i]) if stated[i] is not None
+                                  else estimate_population(pooled, classifier.age_model))
+            return populations[i]
 
         def heat_map_of(i: int, p: np.ndarray, pooled: np.ndarray) -> int | None:
             """The label whose heat map is drawn: the one asked for, else the most probable called
@@ -436,7 +449,7 @@ class Predictor:
             result.findings = classifier.findings(p, who.group)
             result.verdict = verdict_of(result.findings, True)
             if heat is not None:
-                result.cam_label = LABELS[heat_map_of(k, p, pooled[k])]
+                result.cam_label = LABELS[heat_map_of(k, p, pooled[k])]  # the label the map was made for
                 result.cam_peak, result.cam_region, result.cam = heat_on_film(
                     heat, item.seg.mask, item.seg.box, item.image.pixels.shape,
                     lungs_only=classifier.lung_masked, full=keep_arrays)
@@ -453,10 +466,10 @@ class Predictor:
             ctr = cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position"),
                                        lungs_found=not item.seg.fallback)
             result.measurements = ctr.to_dict()
-            if (result.population or {}).get("group") != "adult" and ctr.value is not None:
+            group = (result.population or {}).get("group")
+            if group != "adult" and ctr.value is not None:
                 result.measurements["ctr_above_pa_cutoff"] = None
-                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if (
-                    result.population or {}).get("group") == "paediatric" else UNKNOWN_AGE_CTR_NOTE
+                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if group == "paediatric" else UNKNOWN_AGE_CTR_NOTE
             if keep_arrays:
                 result.heart = heart
 

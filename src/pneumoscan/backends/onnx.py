@@ -239,9 +239,6 @@ class OnnxClassifier(ScoringClassifier):
     def _run(self, crops: np.ndarray) -> list[np.ndarray]:
         return self.session.run(None, {"crops": np.ascontiguousarray(crops, np.float32)[:, None]})
 
-    def _plain_probs(self, crops: np.ndarray) -> np.ndarray:
-        return sigmoid(self._run(crops)[0])
-
     def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits, features = self._run(crops)
         return sigmoid(logits), features.mean(axis=(2, 3))

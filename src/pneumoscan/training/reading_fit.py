@@ -159,9 +159,9 @@ def _raw_linear(pipe) -> tuple[np.ndarray, float]:
 
 
 def fit_age_model(x: np.ndarray, ages: np.ndarray, sources: np.ndarray, folds: np.ndarray, *,
-                  alpha: float = 100.0, c: float = 1.0, progress=print) -> tuple[dict[str, Any], dict[str, Any]]:
+                  alpha: float = 100.0, c: float = 1.0, progress=print) -> dict[str, Any]:
     """The ``age_model`` section (age regression and paediatric head on raw pooled features, the
-    two cut-offs) and its out-of-fold evidence. ``ages``: years, NaN where unknown."""
+    two cut-offs), its out-of-fold evidence inside. ``ages``: years, NaN where unknown."""
     from pneumoscan.training.metrics import auc_ci
 
     kermany = sources == "kermany"
@@ -223,7 +223,7 @@ def fit_age_model(x: np.ndarray, ages: np.ndarray, sources: np.ndarray, folds: n
                                    "films fall under (out of fold); unknown between"},
         "evidence": evidence,
     }
-    return model, {"age_oof": age_oof, "child_oof": child_oof}
+    return model
 
 
 #: Where each population's films come from in the cross-validation, and what it is calibrated for.
@@ -256,7 +256,7 @@ def fit_reading(classifier, x: np.ndarray, table, oof: np.ndarray, folds: np.nda
     child_assessed = [label for label in LABELS if paediatric[label]["assessed"]]
     progress(f"paediatric reading: {', '.join(child_assessed) or 'nothing'} assessed on {int(child_rows.sum())} films")
     child_maps, child_evidence = population_calibration(oof, labels, folds, child_rows, child_assessed, None)
-    age_model, _ = fit_age_model(x, ages, sources, folds, progress=progress)
+    age_model = fit_age_model(x, ages, sources, folds, progress=progress)
     reading = {
         "populations": {
             "adult": {"calibrated_for": NIH_ADULT_POPULATION, "calibration": adult_maps,

@@ -166,7 +166,14 @@ def predict(
     if dicom_out:
         need_extra("dicom", "--dicom-out", "highdicom")
         ensure_writable(dicom_out, "--dicom-out")
-    files = gather_inputs(paths, out)  # inputs and --out first: a typo is answered before the models load
+    if onnx is None:
+        from pneumoscan.predict import check_backend
+
+        try:
+            check_backend(backend, device)  # the options, then the inputs and --out, before any model loads
+        except ValueError as exc:
+            fail(str(exc))
+    files = gather_inputs(paths, out)
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
