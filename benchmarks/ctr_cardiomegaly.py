@@ -13,7 +13,10 @@ no NIH film chose anything in it. Reported, each with its number of films and a 
   of a patient-grouped 5-fold cross-validation (the test fold chooses nothing);
 - sensitivity / specificity of the textbook PA cut-off (CTR > 0.50) on PA films, and of the
   out-of-fold Youden cut-off of CTR + view on all films;
-- how many films got no CTR, and why.
+- how many films got no CTR, and why; how many called findings have no explanation (``cams``);
+- the mask-quality gate (:mod:`pneumoscan.maskquality`): the CTR's AUC over the films whose ratio
+  is reported against the same films' ratios without the gate (computed from the same masks), and
+  the share of films reported, so that the gate cannot look better only by dropping films.
 
 Writes ``ctr_nih.json``, ``ctr_nih.csv`` (one row per film) and ``ctr_nih.md`` into ``--out``.
 """
@@ -81,7 +84,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from pneumoscan.data import NIH
-    from pneumoscan.measure import PA_CUTOFF
+    from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
     from pneumoscan.predict import Predictor
 
     table = pd.concat([NIH(DATA / name).csv for name in ("nih-cxr14", "nih-cxr14-extra")], ignore_index=True)
@@ -89,13 +92,21 @@ def main() -> int:
     started = time.time()
     rows = []
     for rec, result in zip(table.to_dict("records"), tqdm(
-            predictor.predict_many(table.path.tolist(), force=True, batch_size=8), total=len(table), unit="img")):
+            predictor.predict_many(table.path.tolist(), cam="top", force=True, batch_size=8, keep_arrays=True), total=len(table),
+            unit="img")):
         m = result.measurements or {}
+        ungated = None if result.error else cardiothoracic_ratio(
+            result.mask, result.heart, rec["view"], lungs_found=not result.fallback).value
         rows.append({"path": Path(rec["path"]).name, "patient": rec["patient"], "view": rec["view"],
                      "cardiomegaly": rec["Cardiomegaly"], "ctr": m.get("cardiothoracic_ratio"),
                      "reason": m.get("cardiothoracic_ratio_reason") or result.error,
                      "gate_frontal": (result.quality or {}).get("frontal_chest"),
-                     "classifier": (result.probabilities or {}).get("Cardiomegaly")})
+                     "classifier": (result.probabilities or {}).get("Cardiomegaly"), "ctr_ungated": ungated,
+                     "lung_quality": (result.mask_quality or {}).get("lungs"),
+                     "heart_quality": (result.mask_quality or {}).get("heart"),
+                     "called": "|".join(f for f in result.findings or [] if f != "No Finding"),
+                     "unexplained": "|".join(f for f in result.findings or [] if f != "No Finding"
+                                             and not ((result.cams or {}).get(f) or {}).get("region"))})
     films = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     films.to_csv(args.out / "ctr_nih.csv", index=False)
@@ -116,6 +127,15 @@ def main() -> int:
     clf = have.classifier.to_numpy(float)
     report["auc"]["classifier Cardiomegaly, all"] = auc_entry(y, clf, args.n_boot)
     report["auc"]["view alone (AP), all"] = auc_entry(y, ap, args.n_boot)
+    plain = films[films.ctr_ungated.notna()]
+    report["quality_gate"] = {
+        "films_measured_without_gate": len(plain), "films_reported_with_gate": len(have),
+        "share_reported": round(len(have) / max(len(plain), 1), 4),
+        "auc_without_gate": auc_entry(plain.cardiomegaly.to_numpy(float), plain.ctr_ungated.to_numpy(float), args.n_boot),
+        "auc_with_gate": report["auc"]["CTR, all"],
+        "cardiomegaly_films_dropped": int(plain.cardiomegaly.sum() - have.cardiomegaly.sum())}
+    report["explanations"] = {"called_findings": int(films.called.fillna("").str.split("|").map(lambda v: len([x for x in v if x])).sum()),
+                              "without_explanation": int(films.unexplained.fillna("").str.split("|").map(lambda v: len([x for x in v if x])).sum())}
     both = grouped_oof(np.column_stack([ctr, ap]), y, groups)
     report["auc"]["CTR + view (5-fold OOF), all"] = auc_entry(y, both, args.n_boot)
     all_three = grouped_oof(np.column_stack([ctr, ap, clf]), y, groups)
@@ -142,6 +162,13 @@ def main() -> int:
     lines += ["", "| operating point | sensitivity | specificity | Cardiomegaly / other |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['sensitivity']:.3f} | {v['specificity']:.3f} | {v['positives']} / {v['negatives']} |"
               for k, v in report["cutoffs"].items()]
+    gate = report["quality_gate"]
+    lines += ["", f"Mask-quality gate: ratio reported on {gate['films_reported_with_gate']} of "
+              f"{gate['films_measured_without_gate']} films measurable without it ({gate['share_reported']:.1%}); CTR AUC "
+              f"{fmt(gate['auc_with_gate'])} with the gate, {fmt(gate['auc_without_gate'])} without "
+              f"({gate['cardiomegaly_films_dropped']} Cardiomegaly films dropped)."]
+    lines += ["", f"Explanations: {report['explanations']['without_explanation']} of {report['explanations']['called_findings']} "
+              "called findings have no explanation with a region (Grad-CAM, or the heart outline for Cardiomegaly)."]
     lines += ["", "CTR quartiles (25/50/75 %): " + "; ".join(f"{k}: {v}" for k, v in report["ctr_quantiles"].items())]
     (args.out / "ctr_nih.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

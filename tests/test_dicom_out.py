@@ -51,7 +51,11 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     every = sr.content.get_image_measurement_groups()
-    groups = [g for g in every if g.tracking_identifier not in ("Cardiothoracic ratio", "Overall verdict")]
+    masks = {"Lungs mask quality": "lungs", "Heart mask quality": "heart"}
+    groups = [g for g in every if g.tracking_identifier not in ("Cardiothoracic ratio", "Overall verdict", *masks)]
+    for group in (g for g in every if g.tracking_identifier in masks):
+        (quality,) = group.get_measurements()
+        assert abs(quality.value - line["mask_quality"][masks[group.tracking_identifier]]) < 1e-6
     assert sorted(g.tracking_identifier for g in groups) == sorted(TEST_ASSESSED)
     (verdict_group,) = [g for g in every if g.tracking_identifier == "Overall verdict"]
     evaluations = {e.name.meaning: e.value.meaning for e in verdict_group.get_qualitative_evaluations()}
@@ -74,14 +78,15 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
         assert group.source_images[0].referenced_sop_instance_uid == source.SOPInstanceUID
     observer = sr.content.get_observer_contexts()[0]
     assert observer.observer_type.meaning == "Device"
-    regions = sr.content.get_planar_roi_measurement_groups()
+    assert sum(g.tracking_identifier in masks for g in every) == 2
+    regions = {r.tracking_identifier: r for r in sr.content.get_planar_roi_measurement_groups()}
     assert line["cam_region"]  # the relative map is not blank on this film: its region is drawable
-    (region,) = regions
-    assert region.tracking_identifier == f"{line['cam_label']} heat-map region"
-    x0, y0, x1, y1 = line["cam_region"]
-    outline = region.roi.value
-    np.testing.assert_allclose(outline, [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-    assert region.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    expected = {f"{label} heat-map region": e["region"] for label, e in line["cams"].items() if e["method"] == "grad-cam"}
+    assert set(regions) == set(expected) and f"{line['cam_label']} heat-map region" in regions
+    for name, (x0, y0, x1, y1) in expected.items():
+        np.testing.assert_allclose(regions[name].roi.value, [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+        assert regions[name].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+            source.SOPInstanceUID
     validate_dicom(sr_path)
 
 

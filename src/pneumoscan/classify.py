@@ -73,9 +73,9 @@ def check_crops(crops: np.ndarray, size: int) -> None:
 #: ``local_from(i, box)``: crop i's AG-CNN local input (uint8 S×S), the attention box (in crop
 #: pixels) cut from its original image.
 LocalFrom = Callable[[int, tuple[int, int, int, int]], np.ndarray]
-#: ``choose(i, probabilities, pooled)``: the class index whose Grad-CAM crop i gets (None: no
+#: ``choose(i, probabilities, pooled)``: the class indices whose Grad-CAMs crop i gets (empty: no
 #: map), from its raw probabilities and pooled features (the film's population depends on them).
-Choose = Callable[[int, np.ndarray, np.ndarray], int | None]
+Choose = Callable[[int, np.ndarray, np.ndarray], list[int]]
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -341,18 +341,19 @@ class ScoringClassifier:
 
     def predict_and_explain(self, crops: np.ndarray, choose: Choose, *,
                             local_from: LocalFrom | None = None, codes: np.ndarray | None = None
-                            ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None],
+                            ) -> tuple[np.ndarray, np.ndarray, list[dict[int, np.ndarray]],
                                        list[tuple[int, int, int, int] | None]]:
         """Raw probabilities, the global branch's pooled features (what the age estimate reads),
-        for each crop i the Grad-CAM of the class ``choose(i, probabilities, pooled)`` names (None: no
-        map), and AG-CNN's attention box in crop pixels (None for other models).
+        for each crop i the Grad-CAM of every class ``choose(i, probabilities, pooled)`` lists
+        (class index → map, in that order; empty: no map), and AG-CNN's attention box in crop
+        pixels (None for other models).
         ``local_from(i, box)``: crop i's local input, the box cut from its original image
         (:func:`pneumoscan.crop.local_crop`); ``codes``: N×F patient-information codes."""
         if self.fused:
             return self._fused(crops, choose, local_from, codes)
         check_crops(crops, self.size)
         probs, pooled = self._plain_scores(crops)
-        return (probs, pooled, [None if (k := choose(i, p, f)) is None else self.gradcam(c, k)
+        return (probs, pooled, [{k: self.gradcam(c, k) for k in choose(i, p, f)}
                                 for i, (c, p, f) in enumerate(zip(crops, probs, pooled))], [None] * len(crops))
 
     def _plain_scores(self, crops: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
@@ -387,8 +388,9 @@ class ScoringClassifier:
                      None if codes is None else torch.as_tensor(np.asarray(codes, np.int64)))
             probs = torch.sigmoid(head(x)).float().cpu().numpy()
         pooled, rest = x[:, :FEATURES].float().cpu().numpy(), x[:, FEATURES:].float().cpu().numpy()
-        heats = [None if choose is None or (k := choose(i, p, f)) is None else
-                 cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None], reference=self.cam_reference)[0]
+        heats = [{} if choose is None else
+                 {k: cam_from_features(m[None], head, k, crops.shape[1:], rest=r[None], reference=self.cam_reference)[0]
+                  for k in choose(i, p, f)}
                  for i, (m, p, f, r) in enumerate(zip(maps, probs, pooled, rest))]
         return probs, pooled, heats, boxes
 

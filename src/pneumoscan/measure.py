@@ -9,7 +9,8 @@ CTR = heart width / thoracic width. Both widths are horizontal on the same grid,
 not depend on the pixel spacing. An enlarged heart on a PA film is a CTR above 0.50; an AP film
 magnifies the heart, so that cut-off is not applied to it here.
 
-Pure functions on 0/1 masks; an implausible mask gives no value and says why, never a number.
+Pure functions on 0/1 masks; an implausible mask, or one the mask-quality estimate distrusts,
+gives no value and says why, never a number.
 """
 
 from __future__ import annotations
@@ -71,14 +72,17 @@ def thorax_extent(lungs: np.ndarray) -> tuple[int, int, int]:
 
 
 def cardiothoracic_ratio(lungs: np.ndarray, heart: np.ndarray, view: str | None = None, *,
-                         lungs_found: bool = True) -> CardiothoracicRatio:
+                         lungs_found: bool = True, unreliable: str | None = None) -> CardiothoracicRatio:
     """The CTR from a cleaned two-lung mask and a cleaned heart mask on the same grid, or None
     with the reason when the masks cannot give a trustworthy one (``lungs_found`` False: the
-    lung segmentation fell back to the whole film)."""
+    lung segmentation fell back to the whole film; ``unreliable``: why the mask-quality estimate
+    distrusts a mask, :mod:`pneumoscan.maskquality`)."""
     if not lungs_found:
         return CardiothoracicRatio(None, "lungs not found")
     if not heart.any():
         return CardiothoracicRatio(None, "no heart found")
+    if unreliable:
+        return CardiothoracicRatio(None, unreliable)
     count, labels, stats, centroids = cv2.connectedComponentsWithStats(lungs.astype(np.uint8), connectivity=8)
     if count - 1 < 2:
         return CardiothoracicRatio(None, "two lungs not found")

@@ -57,9 +57,13 @@ class Prediction:
     ``probabilities[label]`` is None for a label the model does not assess (also listed in
     ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
     is never a finding. ``thresholds`` holds each assessed label's operating threshold.
-    ``cam_peak`` ([x, y]) and ``cam_region`` ([x0, y0, x1, y1], where the map reaches half its
-    maximum inside the lung mask) say where the Grad-CAM of ``cam_label`` points, in original-image
-    pixels; None when there is no map.
+    ``cams`` holds one explanation per explained label (:func:`explanations`): every called
+    finding gets one, a Grad-CAM (``peak`` [x, y] and ``region`` [x0, y0, x1, y1], where the map
+    reaches half its maximum inside the lung mask, in original-image pixels) or, for Cardiomegaly
+    when a heart model runs, the heart and thoracic outlines with the measured ratio; ``cam_label``,
+    ``cam_peak`` and ``cam_region`` repeat the first Grad-CAM (the one an overlay draws largest).
+    ``mask_quality`` says how far the lung and heart masks can be trusted
+    (:mod:`pneumoscan.maskquality`); an unreliable heart or lung mask gives no ratio, with the reason.
     ``probabilities`` are calibrated for ``calibrated_for`` (a population named in the model file;
     None: the model carries no calibration, and the numbers are raw scores); ``population`` says
     whether the film was read as an adult's or a child's and why (:mod:`pneumoscan.reading`), and
@@ -89,6 +93,8 @@ class Prediction:
     cam_label: str | None = None
     cam_peak: list[int] | None = None
     cam_region: list[int] | None = None
+    cams: dict[str, dict[str, Any]] | None = None
+    mask_quality: dict[str, Any] | None = None
     measurements: dict[str, Any] | None = None
     verdict: str | None = None
     population: dict[str, Any] | None = None
@@ -97,7 +103,12 @@ class Prediction:
     pixels: np.ndarray | None = field(default=None, repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)
     heart: np.ndarray | None = field(default=None, repr=False)
-    cam: np.ndarray | None = field(default=None, repr=False)
+    cam_maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def cam(self) -> np.ndarray | None:
+        """The full-size map of ``cam_label`` (kept with ``keep_arrays``)."""
+        return (self.cam_maps or {}).get(self.cam_label) if self.cam_label else None
 
     def to_dict(self) -> dict[str, Any]:
         from pneumoscan.reading import status_of
@@ -110,7 +121,8 @@ class Prediction:
                   "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback,
                   "lung_fraction": self.lung_fraction,
                   "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
-                  "cam_region": self.cam_region, "measurements": self.measurements, "error": self.error}
+                  "cam_region": self.cam_region, "cams": self.cams, "mask_quality": self.mask_quality,
+                  "measurements": self.measurements, "error": self.error}
         record["status"] = status_of(record)
         return record
 
@@ -274,6 +286,63 @@ def matching_check(lung_model_sha256: str | None) -> FrontalCheck | None:
     return None
 
 
+#: The finding explained by the heart and thoracic outlines, not by a lung map (the classifier
+#: reads lung-masked crops, so no map of its input can show the heart).
+OUTLINED = "Cardiomegaly"
+
+
+def cam_reason(label: str, findings: list[str] | None, asked: str | None) -> str:
+    """Why a label has a Grad-CAM: it was asked for, it was called, or (``--cam top``, nothing
+    called) it is the most probable finding."""
+    if label == asked:
+        return "asked for"
+    if label in (findings or []):
+        return "called"
+    return "most probable finding; none called"
+
+
+def outline_explanation(ctr: Any, heart: np.ndarray) -> dict[str, Any]:
+    """A Cardiomegaly call explained by what a reader would measure: the heart outline (its box
+    as ``region``) and the ratio of the two widths, or why no ratio was given."""
+    ys, xs = np.nonzero(heart)
+    region = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
+    return {"method": "outlines", "called": True, "why": "called", "region": region,
+            "cardiothoracic_ratio": ctr.value, "reason": ctr.reason}
+
+
+def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart_rule: Any) -> dict[str, Any]:
+    """``mask_quality`` of a record: each mask's quality, its threshold, and the reasons of the
+    masks below theirs (:mod:`pneumoscan.maskquality`)."""
+    from pneumoscan.maskquality import METHOD, unreliable_reason
+
+    unreliable = [unreliable_reason(name, q, rule) for name, q, rule in (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
+                  if rule is not None and rule.reliable(q) is False]
+    return {"lungs": lungs, "heart": heart,
+            "thresholds": {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
+            "unreliable": unreliable, "method": METHOD}
+
+
+def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
+                    ) -> list[tuple[dict[str, Any], np.ndarray | None, Any]]:
+    """For segmented films (``predict`` and ``segment`` both): the masks' quality record
+    (:func:`mask_quality_record`), the heart mask and the cardiothoracic ratio (both None
+    without a heart model); a mask below its quality threshold gives no ratio and says why."""
+    if not items:
+        return []
+    prepared = np.stack([item.prepared for item in items])
+    lung_quality = segmenter.mask_quality(prepared, [item.seg.mask for item in items])
+    if heart is None:
+        return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
+    hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
+    out = []
+    for item, mask, lq, hq in zip(items, hearts, lung_quality, heart.mask_quality(prepared, hearts)):
+        quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
+        ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),
+                                   lungs_found=not item.seg.fallback, unreliable="; ".join(quality["unreliable"]) or None)
+        out.append((quality, mask, ctr))
+    return out
+
+
 class Predictor:
     """Lung segmenter + classifier, with Grad-CAM on request."""
 
@@ -406,18 +475,22 @@ class Predictor:
                                   else estimate_population(pooled, classifier.age_model))
             return populations[i]
 
-        def heat_map_of(i: int, p: np.ndarray, pooled: np.ndarray) -> int | None:
-            """The label whose heat map is drawn: the one asked for, else the most probable called
-            finding, else the most probable finding assessed for the film's population."""
+        def maps_of(i: int, p: np.ndarray, pooled: np.ndarray) -> list[int]:
+            """The labels given a Grad-CAM: the one asked for first, then every called finding by
+            calibrated probability (Cardiomegaly's explanation is the heart outline when a heart model runs);
+            with 'top' and nothing called, the most probable finding assessed for the population."""
             if cam is None:
-                return None
-            if cam_label is not None:
-                return LABELS.index(cam_label)
+                return []
             reading = classifier.readings[population(i, pooled).group]
+            shown = reading.calibrate(p[None])[0]  # "most probable" as the reader sees the numbers
             known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
-            called = [f for f in reading.called(p) if f in known]
-            pick = max(called or known, key=lambda f: p[LABELS.index(f)], default=None)
-            return None if pick is None else LABELS.index(pick)
+            called = sorted((f for f in reading.called(p) if f in known), key=lambda f: -shown[LABELS.index(f)])
+            chosen = [f for f in called if not (f == OUTLINED and self.heart is not None)]
+            if cam_label is not None:
+                chosen = [cam_label] + [f for f in chosen if f != cam_label]
+            elif not called and known:
+                chosen = [max(known, key=lambda f: shown[LABELS.index(f)])]
+            return [LABELS.index(f) for f in chosen]
 
         codes = None
         if classifier.clinical is not None:
@@ -429,7 +502,7 @@ class Predictor:
             item = scored[i][1]
             return local_crop(item.image.pixels, item.seg.box, box, classifier.size)
 
-        probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, heat_map_of, local_from=local_from,
+        probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, maps_of, local_from=local_from,
                                                                            codes=codes)
         for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
             if local is not None:
@@ -448,28 +521,38 @@ class Predictor:
             result.thresholds_from = classifier.thresholds_from
             result.findings = classifier.findings(p, who.group)
             result.verdict = verdict_of(result.findings, True)
-            if heat is not None:
-                result.cam_label = LABELS[heat_map_of(k, p, pooled[k])]  # the label the map was made for
-                result.cam_peak, result.cam_region, result.cam = heat_on_film(
-                    heat, item.seg.mask, item.seg.box, item.image.pixels.shape,
-                    lungs_only=classifier.lung_masked, full=keep_arrays)
+            explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
+                                                 lungs_only=classifier.lung_masked, full=keep_arrays)
+                         for j, h in heat.items()}
+            result.cams = {label: {"method": "grad-cam", "called": label in result.findings,
+                                   "why": cam_reason(label, result.findings, cam_label),
+                                   "peak": peak, "region": region}
+                           for label, (peak, region, _) in explained.items()}
+            if explained:
+                result.cam_label = next(iter(explained))
+                result.cam_peak, result.cam_region = explained[result.cam_label][:2]
+            if keep_arrays:
+                result.cam_maps = {label: full for label, (_, _, full) in explained.items()}
         self._measure(scored, keep_arrays)
         return results
 
     def _measure(self, scored: list[tuple[Prediction, Cropped]], keep_arrays: bool) -> None:
-        """The heart U-Net on the films that are scored, and the cardiothoracic ratio of each."""
-        if self.heart is None or not scored:
+        """Mask quality, the heart mask and the cardiothoracic ratio of each scored film
+        (:func:`masks_and_ratio`), and the outline explanation of a Cardiomegaly call."""
+        if not scored:
             return
-        films = [item.image.pixels for _, item in scored]
-        hearts = self.heart.heart_masks(films, np.stack([item.prepared for _, item in scored]))
-        for (result, item), heart in zip(scored, hearts):
-            ctr = cardiothoracic_ratio(item.seg.mask, heart, item.image.meta.get("view_position"),
-                                       lungs_found=not item.seg.fallback)
+        measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
+        for (result, _), (quality, heart, ctr) in zip(scored, measured):
+            result.mask_quality = quality
+            if ctr is None:
+                continue
             result.measurements = ctr.to_dict()
             group = (result.population or {}).get("group")
             if group != "adult" and ctr.value is not None:
                 result.measurements["ctr_above_pa_cutoff"] = None
                 result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if group == "paediatric" else UNKNOWN_AGE_CTR_NOTE
+            if OUTLINED in (result.findings or []) and OUTLINED not in (result.cams or {}):
+                result.cams = {**(result.cams or {}), OUTLINED: outline_explanation(ctr, heart)}
             if keep_arrays:
                 result.heart = heart
 

@@ -24,6 +24,7 @@ from torch import nn
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.crop import THRESHOLD, LungCrop, clean_mask, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
+from pneumoscan.maskquality import QualityRule, affines, agreement, perturbed, restored
 from pneumoscan.modelfile import (
     ModelFileError,
     first_line,
@@ -144,6 +145,21 @@ class Segmenter:
         """Probability maps (N×size×size) for [0, 1] X-rays of any sizes."""
         x = torch.from_numpy(self.inputs(batch, prepared))[:, None]
         return torch.sigmoid(run(self.net, x, self.device))[:, 0].numpy()
+
+    @property
+    def quality_rule(self) -> QualityRule:
+        """The model file's mask-quality threshold and its origin (none: quality is only reported)."""
+        return QualityRule.from_meta(self.meta)
+
+    def mask_quality(self, prepared: np.ndarray, masks: list[np.ndarray]) -> list[float]:
+        """Each film's mask quality (:func:`pneumoscan.maskquality.agreement`): ``masks`` (any
+        grid, e.g. the cleaned masks on the original) against the U-Net's re-readings of its
+        ``prepared`` input under the transforms of :mod:`pneumoscan.maskquality`, in one batch."""
+        if len(masks) == 0:
+            return []
+        matrices = affines(prepared.shape[-1])
+        back = restored(self.probabilities([], perturbed(prepared, matrices)), matrices)
+        return [round(agreement(m, r, self.threshold), 4) for m, r in zip(masks, back)]
 
 
 class LungSegmenter(Segmenter):

@@ -187,9 +187,10 @@ def _png_data_uri(bgr: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode()
 
 
-def preview_images(result) -> dict[str, str]:
+def preview_images(result) -> dict[str, Any]:
     """Down-scaled original and overlay (the CLI's picture: contour, box, heat map, caption) as
-    PNG data URIs."""
+    PNG data URIs; with more than one Grad-CAM explanation, ``overlay_png`` is the first one's
+    panel and ``overlays_png`` holds each explained label's (the page switches between them)."""
     from pneumoscan.enhance import to_uint8
     from pneumoscan.outputs.overlay import picture_for
 
@@ -197,8 +198,10 @@ def preview_images(result) -> dict[str, str]:
     scale = min(1.0, PREVIEW_SIDE / max(pixels.shape))
     size = (max(1, round(pixels.shape[1] * scale)), max(1, round(pixels.shape[0] * scale)))
     grey = to_uint8(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA))
-    overlay = picture_for(result, max_side=PREVIEW_SIDE)
-    return {"original_png": _png_data_uri(grey), "overlay_png": _png_data_uri(overlay)}
+    labels = list(result.cam_maps or {}) or [None]
+    overlays = {label: _png_data_uri(picture_for(result, max_side=PREVIEW_SIDE, only=label)) for label in labels}
+    return {"original_png": _png_data_uri(grey), "overlay_png": overlays[labels[0]],
+            "overlays_png": {k: v for k, v in overlays.items() if k is not None}}
 
 
 #: The ``clinical`` form field: a flat JSON object of a few fields, so a few kilobytes at most.

@@ -264,8 +264,8 @@ class OnnxClassifier(ScoringClassifier):
         check_crops(crops, self.size)
         logits, features = self._run(crops)
         probs, pooled = sigmoid(logits), features.mean(axis=(2, 3))
-        return (probs, pooled, [None if (k := choose(i, p, g)) is None else
-                                cam_from_features(f[None], self.head, k, crops.shape[1:], reference=self.cam_reference)[0]
+        return (probs, pooled, [{k: cam_from_features(f[None], self.head, k, crops.shape[1:], reference=self.cam_reference)[0]
+                                 for k in choose(i, p, g)}
                                 for i, (f, p, g) in enumerate(zip(features, probs, pooled))],
                 [None] * len(crops))
 

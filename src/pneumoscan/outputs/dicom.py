@@ -7,8 +7,9 @@ For one DICOM input and its :class:`~pneumoscan.predict.Prediction`:
   label's code, with the probability and the operating threshold as measurements (UCUM "1"),
   "above operating threshold" Yes/No as a qualitative evaluation, the model as the algorithm
   identification (name, version = weights SHA-256, the threshold as a parameter) and the source
-  image as the group's source; for the label whose heat map was drawn, a planar ROI group (TID
-  1410) outlines the map's region (``cam_region``) as a SCOORD polyline on the source; where the
+  image as the group's source; for every label explained by a Grad-CAM, a planar ROI group (TID
+  1410) outlines its map's region (``cams[label].region``) as a SCOORD polyline on the source; one
+  group per mask (lungs, heart) gives its quality and whether it passed its threshold; where the
   cardiothoracic ratio was measured, one more image-level group (finding type Heart) carries it
   as a numeric measurement (UCUM "1"), its method code naming the definition and the heart model
   as its algorithm (:mod:`pneumoscan.measure`). The observer
@@ -68,6 +69,9 @@ VERDICT_VALUES = {v: Code(f"VERDICT_{v.upper()}", SCHEME, v.capitalize()) for v 
 POPULATION = Code("POPULATION", SCHEME, "Population read for")
 POPULATION_VALUES = {g: Code(f"POPULATION_{g.upper()}", SCHEME, g.capitalize()) for g in ("adult", "paediatric", "unknown")}
 ESTIMATED_AGE = Code("ESTIMATED_AGE", SCHEME, "Age estimated from the film")
+#: How far a mask can be trusted (pneumoscan.maskquality) and whether it passed its threshold.
+MASK_QUALITY = Code("MASK_QUALITY", SCHEME, "Mask quality (test-time augmentation agreement)")
+MASK_RELIABLE = Code("MASK_RELIABLE", SCHEME, "Mask reliable")
 SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
           "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
 _AGE = re.compile(r"^\d{3}[DWMY]$")
@@ -176,9 +180,10 @@ def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None, 
 
 
 def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], device_uid: str,
-                heart_meta: dict[str, Any] | None = None):
-    """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below, and the
-    cardiothoracic ratio where it was measured."""
+                heart_meta: dict[str, Any] | None = None, lung_meta: dict[str, Any] | None = None):
+    """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below, one region
+    per Grad-CAM explanation, the masks' quality, and the cardiothoracic ratio where it was
+    measured."""
     import highdicom as hd
 
     name = f"PneumoScan {classifier_meta.get('name', 'chest classifier')}"
@@ -199,8 +204,14 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
             source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)]))
     if prediction.verdict is not None:
         groups.append(verdict_group(source, prediction, classifier_meta, name))
-    if prediction.cam_region and prediction.cam_label in [g.tracking_identifier for g in groups]:
-        groups.append(heat_map_region(source, prediction, classifier_meta, name))
+    for label, explanation in (prediction.cams or {}).items():
+        if explanation["method"] == "grad-cam" and explanation.get("region") and label in (prediction.thresholds or {}):
+            groups.append(heat_map_region(source, prediction, label, explanation["region"], classifier_meta, name))
+    masks = prediction.mask_quality or {}
+    for structure, finding, meta, model in (("lungs", codes.SCT.Lung, lung_meta, "PneumoScan lung U-Net"),
+                                            ("heart", codes.SCT.Heart, heart_meta, "PneumoScan heart U-Net")):
+        if masks.get(structure) is not None and meta is not None:
+            groups.append(mask_quality_group(source, structure, finding, masks, meta, model))
     ratio = (prediction.measurements or {}).get("cardiothoracic_ratio")
     if ratio is not None and heart_meta is not None:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -249,24 +260,43 @@ def verdict_group(source: pydicom.Dataset, prediction, classifier_meta: dict[str
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
-def heat_map_region(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], name: str):
-    """TID 1410 planar ROI group: where the Grad-CAM of ``cam_label`` reaches half its maximum
-    inside the lungs (``cam_region``), as a closed POLYLINE in the source's pixel coordinates
-    (PS3.3 C.18.6.1.2: (0, 0) is the top-left corner of the top-left pixel), so a viewer can draw it."""
+def heat_map_region(source: pydicom.Dataset, prediction, label: str, region: list[int],
+                    classifier_meta: dict[str, Any], name: str):
+    """TID 1410 planar ROI group: where the Grad-CAM of ``label`` reaches half its maximum inside
+    the lungs (its ``region``), as a closed POLYLINE in the source's pixel coordinates (PS3.3
+    C.18.6.1.2: (0, 0) is the top-left corner of the top-left pixel), so a viewer can draw it."""
     import highdicom as hd
 
-    label = prediction.cam_label
-    x0, y0, x1, y1 = (float(v) for v in prediction.cam_region)
+    x0, y0, x1, y1 = (float(v) for v in region)
     outline = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-    region = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline,
-                               source_image=hd.sr.SourceImageForRegion.from_source_image(source))
+    roi = hd.sr.ImageRegion(graphic_type=hd.sr.GraphicTypeValues.POLYLINE, graphic_data=outline,
+                            source_image=hd.sr.SourceImageForRegion.from_source_image(source))
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "tracking-region", label), identifier=f"{label} heat-map region"),
-        referenced_region=region, finding_type=label_code(label),
+        referenced_region=roi, finding_type=label_code(label),
         algorithm_id=_algorithm(classifier_meta, name, (prediction.thresholds or {}).get(label)),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)])
+
+
+def mask_quality_group(source: pydicom.Dataset, structure: str, finding: Code, masks: dict[str, Any],
+                       meta: dict[str, Any], model: str):
+    """One image-level group per mask: its quality (UCUM "1") and, where the model carries a
+    threshold, whether the mask passed it (an unreliable heart mask is why no ratio is given)."""
+    import highdicom as hd
+
+    threshold = (masks.get("thresholds") or {}).get(structure)
+    evaluations = None if threshold is None else [hd.sr.QualitativeEvaluation(
+        MASK_RELIABLE, codes.SCT.Yes if masks[structure] >= threshold else codes.SCT.No)]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=derived_uid(source.SOPInstanceUID, "tracking", f"mask-{structure}"),
+            identifier=f"{structure.capitalize()} mask quality"),
+        finding_type=finding, algorithm_id=_algorithm(meta, model, threshold),
+        measurements=[hd.sr.Measurement(name=MASK_QUALITY, value=float(masks[structure]), unit=codes.UCUM.NoUnits)],
+        qualitative_evaluations=evaluations,
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
 def lung_seg(source: pydicom.Dataset, mask: np.ndarray, lung_meta: dict[str, Any]):
@@ -336,7 +366,7 @@ def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarr
                 device_uid = derived_uid("PneumoScan device", models)
                 heart = getattr(predictor, "heart", None)
                 out["sr"] = findings_sr(source, prediction, predictor.classifier.meta, device_uid,
-                                        heart.meta if heart is not None else None)
+                                        heart.meta if heart is not None else None, predictor.segmenter.meta)
                 out["seg"] = lung_seg(source, prediction.mask, predictor.segmenter.meta)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # what highdicom finds wanting
             raise DicomOutputError(f"{Path(path).name}: the source lacks what DICOM results need "

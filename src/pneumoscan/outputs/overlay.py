@@ -1,4 +1,5 @@
-"""Pictures for people: the X-ray with its lung contour and crop box drawn on it."""
+"""Pictures for people: the X-ray with its lung contour, crop box, heart outline and ratio, and one
+panel per explained finding (its Grad-CAM), with captions that say what each shows."""
 
 from __future__ import annotations
 
@@ -16,28 +17,6 @@ REGION_BGR = (255, 255, 0)
 HEART_BGR = (60, 60, 255)
 #: A heat map of a class below its threshold is drawn this faintly: it draws the eye less.
 MUTED_ALPHA = 0.18
-
-
-def segmentation_overlay(pixels: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
-                         fallback: bool, heart: np.ndarray | None = None) -> np.ndarray:
-    """BGR uint8 image: grey X-ray, lung contour in green, heart contour in red (if given), crop
-    box in orange (dashed if the whole image is used because the lungs were not found)."""
-    canvas = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
-    thickness = max(1, round(min(pixels.shape) / 256))
-    for outline, colour in ((mask, LUNG_BGR), (heart, HEART_BGR)):
-        if outline is not None:
-            contours, _ = cv2.findContours(outline.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-            cv2.drawContours(canvas, contours, -1, colour, thickness, cv2.LINE_AA)
-    x0, y0, x1, y1 = box
-    if fallback:
-        _dashed_rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness)
-    else:
-        cv2.rectangle(canvas, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness, cv2.LINE_AA)
-    label = "lungs not found: whole image used" if fallback else "lung crop"
-    scale = max(0.4, min(pixels.shape) / 700)
-    cv2.putText(canvas, label, (8 + x0, max(20, y0 + int(28 * scale))), cv2.FONT_HERSHEY_SIMPLEX,
-                scale, BOX_BGR, max(1, thickness), cv2.LINE_AA)
-    return canvas
 
 
 def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, int],
@@ -67,7 +46,19 @@ def findings_caption(result) -> str:
         names = ", ".join(result.not_assessed) if len(result.not_assessed) <= 4 else \
             f"{len(result.not_assessed)} of 15 labels"
         line += f"\nNot assessed by this model: {names}"
+    outlined = [label for label, e in (result.cams or {}).items() if e["method"] == "outlines"]
+    if outlined:
+        line += f"\n{', '.join(outlined)}: explained by the heart outline (red) and the thoracic width (green)"
+    if result.mask_quality:
+        line += "\n" + masks_caption(result.mask_quality)
     return line
+
+
+def masks_caption(quality: dict) -> str:
+    """Each mask's quality in words, and which masks are not to be trusted."""
+    values = ", ".join(f"{name} {quality[name]:.2f}" for name in ("lungs", "heart") if quality.get(name) is not None)
+    unreliable = quality.get("unreliable") or []
+    return f"Mask quality: {values}" + (f" - {'; '.join(unreliable).upper()}" if unreliable else "")
 
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -99,24 +90,30 @@ def wrap_text(text: str, width: int, scale: float) -> list[str]:
     return lines
 
 
+#: Films smaller than this on their long side are drawn enlarged, so that titles and captions fit.
+MIN_SIDE = 640
+
+
 def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[int] | None, fallback: bool,
                        cam: np.ndarray | None, cam_label: str | None, probability: float | None,
                        max_side: int = 1024, caption: str | None = None,
                        local_box: list[int] | None = None, threshold: float | None = None,
                        region: list[int] | None = None, heart: np.ndarray | None = None,
-                       measurements: dict | None = None) -> np.ndarray:
-    """BGR uint8 picture for people: the X-ray (at most ``max_side``) with lung contour, crop box
-    (dashed when the whole image was used), an AG-CNN model's local box (what its local branch
-    read, in magenta) and, if given, the Grad-CAM heat map with a colour bar and its region
-    outlined in cyan; the heart outline and width in red, the thoracic width in green
-    (``measurements``, :mod:`pneumoscan.measure`); the title says the class, its probability against
-    its ``threshold`` and whether it was called (a map of a class not called is drawn muted);
-    ``caption`` (findings, labels not assessed, the ratio) below. OpenCV only: about 10 ms, where the same figure in matplotlib took
-    0.44 s."""
-    scale = min(1.0, max_side / max(pixels.shape))
-    if scale < 1.0:  # draw at most max_side pixels: the picture is for eyes, not measurements
+                       measurements: dict | None = None, why: str | None = None) -> np.ndarray:
+    """BGR uint8 picture for people: the X-ray (drawn between :data:`MIN_SIDE` and ``max_side``
+    on its long side) with lung contour, crop box (dashed when the whole image was used), an
+    AG-CNN model's local box (what its local branch read, in magenta) and, if given, the Grad-CAM
+    heat map with a colour bar and its region outlined in cyan; the heart outline and width in
+    red, the thoracic width in green (``measurements``, :mod:`pneumoscan.measure`); the title
+    (wrapped to the picture's width) says the class, its probability against its ``threshold``,
+    whether it was called and ``why`` it is shown (a map of a class not called is drawn muted);
+    ``caption`` (findings, labels not assessed, the ratio, mask quality) below. OpenCV only: about
+    10 ms, where the same figure in matplotlib took 0.44 s."""
+    long_side = max(pixels.shape)
+    scale = max_side / long_side if long_side > max_side else max(1.0, MIN_SIDE / long_side)
+    if scale != 1.0:  # the picture is for eyes, not measurements
         size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         mask = None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
         cam = None if cam is None else cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
         box = None if box is None else [round(v * scale) for v in box]
@@ -157,7 +154,7 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
         cv2.line(film, (x0, y), (x1, y), colour, thickness + 1, cv2.LINE_AA)
         for x in (x0, x1):
             cv2.line(film, (x, y - 6 * thickness), (x, y + 6 * thickness), colour, thickness + 1)
-    text_scale = max(0.4, min(0.6, width / 1400))
+    text_scale = max(0.45, min(0.6, width / 1400))
     line_height = int(30 * text_scale / 0.6)
     bar_width = 70 if cam is not None else 0
     total_width = width + bar_width
@@ -168,18 +165,20 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
         # three significant digits: calibrated probabilities of rare findings are small (0.007 < 0.014)
         verdict = "" if probability is None else f" p = {probability:.3g}" + (
             "" if threshold is None else f" {'>=' if called else '<'} {threshold:.3g}, {'called' if called else 'not called'}")
-        title = f"Grad-CAM: {cam_label}{verdict}" + \
+        title = f"Grad-CAM: {cam_label}{verdict}" + (f" ({why})" if why else "") + \
             (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
     if measurements is not None:
         caption = (caption + "\n" if caption else "") + ctr_caption(measurements)
     if cam is not None:
         caption = (caption + "\n" if caption else "") + ("Colour bar: Grad-CAM relative to this map's maximum "
                                                          "(not a probability); cyan: where it reaches half of it")
+    titles = wrap_text(title, total_width - 16, text_scale)
     lines = wrap_text(caption or "", total_width - 16, text_scale) if caption else []
-    top, bottom = line_height + 8, line_height * len(lines) + (10 if lines else 0)
+    top, bottom = line_height * len(titles) + 8, line_height * len(lines) + (10 if lines else 0)
     canvas = np.full((top + height + bottom, total_width, 3), 24, np.uint8)
     canvas[top:top + height, :width] = film
-    cv2.putText(canvas, title, (8, top - 10), FONT, text_scale, TEXT_BGR, 1, cv2.LINE_AA)
+    for i, line in enumerate(titles):
+        cv2.putText(canvas, line, (8, line_height * (i + 1) - 6), FONT, text_scale, TEXT_BGR, 1, cv2.LINE_AA)
     for i, line in enumerate(lines):
         cv2.putText(canvas, line, (8, top + height + line_height * (i + 1) - 4), FONT, text_scale, TEXT_BGR, 1,
                     cv2.LINE_AA)
@@ -204,15 +203,37 @@ def ctr_caption(measurements: dict) -> str:
     return f"Cardiothoracic ratio (heart width in red / thoracic width in green): {value:.2f}{verdict}"
 
 
-def picture_for(result, max_side: int = 1024) -> np.ndarray:
+def picture_for(result, max_side: int = 1024, only: str | None = None) -> np.ndarray:
     """:func:`prediction_picture` of a :class:`~pneumoscan.predict.Prediction` kept with its
-    arrays (``keep_arrays=True``), captioned with its findings or its refusal."""
-    probability = (result.probabilities or {}).get(result.cam_label) if result.cam_label else None
-    threshold = (result.thresholds or {}).get(result.cam_label) if result.cam_label else None
-    return prediction_picture(result.pixels, result.mask, result.box, result.fallback, result.cam, result.cam_label,
-                              probability, max_side=max_side, caption=findings_caption(result),
-                              local_box=result.local_box, threshold=threshold, region=result.cam_region,
-                              heart=result.heart, measurements=result.measurements)
+    arrays (``keep_arrays=True``), captioned with its findings or its refusal: one panel per
+    Grad-CAM explanation, side by side (the first, ``cam_label``, leftmost), or only the panel of
+    ``only`` (default: the label ``--cam LABEL`` asked for, if any); a film without a map gets one
+    panel without."""
+    maps = result.cam_maps or {}
+    only = only or next((label for label, e in (result.cams or {}).items() if e.get("why") == "asked for"), None)
+    labels = [only] if only in maps else list(maps) or [None]
+    if len(labels) > 1:
+        max_side = min(max_side, 768)  # two or three panels side by side stay a readable width
+    panels = []
+    for label in labels:
+        explanation = (result.cams or {}).get(label) or {}
+        panels.append(prediction_picture(
+            result.pixels, result.mask, result.box, result.fallback, maps.get(label), label,
+            (result.probabilities or {}).get(label) if label else None, max_side=max_side,
+            caption=findings_caption(result), local_box=result.local_box,
+            threshold=(result.thresholds or {}).get(label) if label else None, region=explanation.get("region"),
+            heart=result.heart, measurements=result.measurements,
+            why=None if explanation.get("why") == "called" else explanation.get("why")))
+    return side_by_side(panels)
+
+
+def side_by_side(panels: list[np.ndarray], gap: int = 6) -> np.ndarray:
+    """BGR pictures in one row, padded at the bottom to the tallest."""
+    if len(panels) == 1:
+        return panels[0]
+    height = max(p.shape[0] for p in panels)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, gap), (0, 0)), constant_values=24) for p in panels]
+    return np.concatenate(padded, axis=1)[:, :-gap]
 
 
 def save_png(picture: np.ndarray, path: str) -> None:

@@ -24,8 +24,8 @@ from pneumoscan.reading import GROUPS, STATUSES, VERDICTS, assessed_thresholds, 
 
 def light_rows(target: Path) -> list[dict[str, Any]]:
     """Per film of a predictions file: path, status, overlay, assessed probabilities and
-    thresholds, findings, and the gate's or reader's reason."""
-    from pneumoscan.outputs.writer import CSV_TAIL, from_spreadsheet_safe
+    thresholds, findings, their explanations, unreliable masks, and the gate's or reader's reason."""
+    from pneumoscan.outputs.writer import CSV_TAIL, explained, from_spreadsheet_safe
 
     rows = []
     if target.suffix == ".jsonl":
@@ -36,6 +36,8 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
                          "verdict": record.get("verdict"), "population": (record.get("population") or {}).get("group"),
                          "probabilities": {k: (record.get("probabilities") or {}).get(k) for k in thresholds},
                          "thresholds": thresholds, "findings": record.get("findings") or [],
+                         "explanations": explained(record.get("cams")),
+                         "masks": "; ".join((record.get("mask_quality") or {}).get("unreliable") or []),
                          "reason": record.get("error") or "; ".join((record.get("quality") or {}).get("reasons", []))})
         return rows
     with open(target, newline="") as handle:
@@ -49,6 +51,7 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
                      "verdict": tail["verdict"] or None, "population": tail["population"] or None,
                      "probabilities": {k: probs.get(k) for k in thresholds}, "thresholds": thresholds,
                      "findings": [f for f in tail["findings"].split("|") if f],
+                     "explanations": tail["explanations"], "masks": tail["masks_unreliable"].replace("|", "; "),
                      "reason": tail["error"] or tail["gate_reasons"].replace("|", "; ")})
     return rows
 
@@ -97,7 +100,8 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
                 continue
             over = p >= t
             cells.append(f'<td class="{"over" if over else "under"}">{p:.3g}<small> / {t:.3g}</small></td>')
-        reason = f'<div class="why">{html.escape(row["reason"])}</div>' if row["reason"] else ""
+        notes = [row["reason"], row.get("masks"), row.get("explanations", "").replace("|", "; ")]
+        reason = "".join(f'<div class="why">{html.escape(n)}</div>' for n in notes if n)
         body.append(f'<tr class="{row["status"].replace(" ", "-")}"><td class="pic">{picture}</td>'
                     f'<td class="name">{html.escape(Path(row["path"]).name)}{reason}</td>'
                     f'<td class="status">{row.get("verdict") or row["status"]}</td>'
@@ -119,7 +123,9 @@ nor No Finding called), then normal, then refused and unreadable ones; inside ea
 assessed finding lies above its threshold. Each cell is the calibrated probability / the threshold, bold at or
 above it; a film is read as an adult's or a child's (its own assessed labels and thresholds), and labels not
 assessed for it are empty.</p>
-<p class="note">Research use only, not a diagnosis. A heat map shows where the score came from, not a lesion outline.</p>
+<p class="note">Research use only, not a diagnosis. A heat map shows where the score came from, not a lesion outline.
+Under each film: why it was refused, which masks are not to be trusted, and what explains each called finding (a
+Grad-CAM region in film pixels, or for Cardiomegaly the heart outline).</p>
 <table><thead><tr><th>overlay</th><th>film</th><th>verdict</th><th>read as</th>{head}</tr></thead>
 <tbody>
 {chr(10).join(body)}

@@ -29,8 +29,8 @@ FORMATS = ("json", "csv")
 #: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell);
 #: ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed labels'.
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
-            "cam_label", "cam_peak", "cam_region", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds", "overlay", "error"]
+            "cam_label", "cam_peak", "cam_region", "explanations", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
+            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds", "overlay", "error"]
 
 
 #: Errors that mean no later file can be written either: the batch stops instead of failing
@@ -148,6 +148,7 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
     quality = record.get("quality") or {}
     measurements = record.get("measurements") or {}
     population = record.get("population") or {}
+    masks = record.get("mask_quality") or {}
 
     def cell(value: Any) -> Any:
         return "" if value is None else value
@@ -160,11 +161,20 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
            cell(quality.get("frontal_chest")), "|".join(quality.get("reasons", [])),
            json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
            record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
+           explained(record.get("cams")),
            cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
+           cell(masks.get("lungs")), cell(masks.get("heart")), "|".join(masks.get("unreliable") or []),
            status_of(record), cell(record.get("verdict")), cell(population.get("group")), cell(population.get("age")),
            cell(population.get("source")), cell(record.get("calibrated_for")),
            listed(assessed_thresholds(record)), record.get("overlay"), record.get("error") or ""]
     return [spreadsheet_safe(value) for value in row]
+
+
+def explained(cams: dict[str, dict[str, Any]] | None) -> str:
+    """The explanations in one cell: ``label: method region`` joined by ``|`` (the region as
+    x0 y0 x1 y1 in film pixels, or ``-`` when the explanation has none)."""
+    return "|".join(f"{label}: {e['method']} {' '.join(map(str, e['region'])) if e.get('region') else '-'}"
+                    for label, e in (cams or {}).items())
 
 
 def csv_line(row: list[Any]) -> str:

@@ -32,18 +32,16 @@ def segment(
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """Lung mask (NAME_mask.png), heart mask (NAME_heart.png), overlay and crop box for each X-ray,
-    with the cardiothoracic ratio; unreadable files are reported, not fatal."""
+    with the cardiothoracic ratio and each mask's quality; unreadable files are reported, not fatal."""
     import json
 
     import cv2
-    import numpy as np
     from tqdm import tqdm
 
     from pneumoscan.io import display_name
-    from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.outputs.overlay import segmentation_overlay
-    from pneumoscan.predict import load_heart, read_segment_crop
+    from pneumoscan.outputs.overlay import masks_caption, prediction_picture
+    from pneumoscan.predict import load_heart, masks_and_ratio, read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
 
     try:
@@ -62,23 +60,21 @@ def segment(
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
             readable = [item for item in chunk if item.seg is not None]
-            hearts = iter(heart_segmenter.heart_masks(  # in chunk order, one per readable film
-                [item.image.pixels for item in readable],
-                np.stack([item.prepared for item in readable]) if readable else None))
+            measured = iter(masks_and_ratio(readable, segmenter, heart_segmenter))  # one per readable film
             for item in chunk:
                 record = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
                           "cardiothoracic_ratio": None, "error": item.error}
                 seg, stem = item.seg, next(stems)
                 if seg is not None:
-                    heart = next(hearts)
-                    ctr = cardiothoracic_ratio(seg.mask, heart, item.image.meta.get("view_position"),
-                                               lungs_found=not seg.fallback)
+                    quality, heart, ctr = next(measured)
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
                                   fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
-                                  cardiothoracic_ratio_reason=ctr.reason)
+                                  cardiothoracic_ratio_reason=ctr.reason, mask_quality=quality)
+                    picture = prediction_picture(item.image.pixels, seg.mask, list(seg.box), seg.fallback, None, None,
+                                                 None, heart=heart, measurements=ctr.to_dict(),
+                                                 caption=masks_caption(quality))
                     try:  # a file is listed only once it is written
-                        for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", segmentation_overlay(
-                                item.image.pixels, seg.mask, seg.box, seg.fallback, heart))):
+                        for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", picture)):
                             if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
                                 raise OSError(f"could not write {stem}_{kind}.png")
                             record[kind] = f"{stem}_{kind}.png"
