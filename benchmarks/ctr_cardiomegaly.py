@@ -73,23 +73,15 @@ def rates(y: np.ndarray, called: np.ndarray) -> dict:
             "positives": tp + fn, "negatives": tn + fp}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--heart-model", type=Path, default=None, help="heart model (default: shipped)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "ctr_nih")
-    parser.add_argument("--n-boot", type=int, default=2000)
-    args = parser.parse_args()
-
+def predicted(predictor, table):
+    """One row per film: the predictor's CTR (quality-gated), the ratio of the same masks without
+    the gate, both masks' quality, the classifier's Cardiomegaly probability and the explanations."""
     import pandas as pd
     from tqdm import tqdm
 
-    from pneumoscan.data import NIH
-    from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
-    from pneumoscan.predict import Predictor
+    from pneumoscan.maskquality import shape_frame
+    from pneumoscan.measure import cardiothoracic_ratio
 
-    table = pd.concat([NIH(DATA / name).csv for name in ("nih-cxr14", "nih-cxr14-extra")], ignore_index=True)
-    predictor = Predictor.from_paths(backend="torch", heart=args.heart_model)
-    started = time.time()
     rows = []
     for rec, result in zip(table.to_dict("records"), tqdm(
             predictor.predict_many(table.path.tolist(), cam="top", force=True, batch_size=8, keep_arrays=True), total=len(table),
@@ -97,21 +89,47 @@ def main() -> int:
         m = result.measurements or {}
         ungated = None if result.error else cardiothoracic_ratio(
             result.mask, result.heart, rec["view"], lungs_found=not result.fallback).value
+        shape = None if result.error or predictor.heart.shape_model is None else \
+            predictor.heart.shape_model.fidelity(shape_frame(result.mask, result.heart))
         rows.append({"path": Path(rec["path"]).name, "patient": rec["patient"], "view": rec["view"],
                      "cardiomegaly": rec["Cardiomegaly"], "ctr": m.get("cardiothoracic_ratio"),
                      "reason": m.get("cardiothoracic_ratio_reason") or result.error,
                      "gate_frontal": (result.quality or {}).get("frontal_chest"),
                      "classifier": (result.probabilities or {}).get("Cardiomegaly"), "ctr_ungated": ungated,
                      "lung_quality": (result.mask_quality or {}).get("lungs"),
-                     "heart_quality": (result.mask_quality or {}).get("heart"),
+                     "heart_quality": (result.mask_quality or {}).get("heart"), "heart_shape": shape,
                      "called": "|".join(f for f in result.findings or [] if f != "No Finding"),
                      "unexplained": "|".join(f for f in result.findings or [] if f != "No Finding"
                                              and not ((result.cams or {}).get(f) or {}).get("region"))})
-    films = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--heart-model", type=Path, default=None, help="heart model (default: shipped)")
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "ctr_nih")
+    parser.add_argument("--n-boot", type=int, default=2000)
+    parser.add_argument("--from-csv", type=Path, default=None, help="analyse a ctr_nih.csv written before")
+    args = parser.parse_args()
+
+    import pandas as pd
+
+    from pneumoscan.data import NIH
+    from pneumoscan.measure import PA_CUTOFF
+    from pneumoscan.predict import Predictor
+
+    predictor = Predictor.from_paths(backend="torch", heart=args.heart_model)
+    started = time.time()
+    if args.from_csv is not None:
+        films = pd.read_csv(args.from_csv)
+    else:
+        films = predicted(predictor, pd.concat([NIH(DATA / name).csv for name in ("nih-cxr14", "nih-cxr14-extra")],
+                                                ignore_index=True))
     args.out.mkdir(parents=True, exist_ok=True)
     films.to_csv(args.out / "ctr_nih.csv", index=False)
 
-    have = films[films.ctr.notna()].reset_index(drop=True)
+    # films read as adults (the classifier's Cardiomegaly is assessed for adults only) with a ratio
+    have = films[films.ctr.notna() & films.classifier.notna()].reset_index(drop=True)
     y = have.cardiomegaly.to_numpy(float)
     ap = (have.view == "AP").to_numpy(float)
     ctr = have.ctr.to_numpy(float)
@@ -127,15 +145,17 @@ def main() -> int:
     clf = have.classifier.to_numpy(float)
     report["auc"]["classifier Cardiomegaly, all"] = auc_entry(y, clf, args.n_boot)
     report["auc"]["view alone (AP), all"] = auc_entry(y, ap, args.n_boot)
-    plain = films[films.ctr_ungated.notna()]
+    plain = films[films.ctr_ungated.notna() & films.classifier.notna()]
     report["quality_gate"] = {
         "films_measured_without_gate": len(plain), "films_reported_with_gate": len(have),
         "share_reported": round(len(have) / max(len(plain), 1), 4),
         "auc_without_gate": auc_entry(plain.cardiomegaly.to_numpy(float), plain.ctr_ungated.to_numpy(float), args.n_boot),
         "auc_with_gate": report["auc"]["CTR, all"],
+        "auc_of_dropped_films_without_gate": auc_entry(plain.cardiomegaly[plain.ctr.isna()].to_numpy(float),
+                                                       plain.ctr_ungated[plain.ctr.isna()].to_numpy(float), args.n_boot),
         "cardiomegaly_films_dropped": int(plain.cardiomegaly.sum() - have.cardiomegaly.sum())}
-    report["explanations"] = {"called_findings": int(films.called.fillna("").str.split("|").map(lambda v: len([x for x in v if x])).sum()),
-                              "without_explanation": int(films.unexplained.fillna("").str.split("|").map(lambda v: len([x for x in v if x])).sum())}
+    report["explanations"] = {"called_findings": int(films.called.fillna("").astype(str).str.split("|").map(lambda v: len([x for x in v if x])).sum()),
+                              "without_explanation": int(films.unexplained.fillna("").astype(str).str.split("|").map(lambda v: len([x for x in v if x])).sum())}
     both = grouped_oof(np.column_stack([ctr, ap]), y, groups)
     report["auc"]["CTR + view (5-fold OOF), all"] = auc_entry(y, both, args.n_boot)
     all_three = grouped_oof(np.column_stack([ctr, ap, clf]), y, groups)
@@ -166,7 +186,8 @@ def main() -> int:
     lines += ["", f"Mask-quality gate: ratio reported on {gate['films_reported_with_gate']} of "
               f"{gate['films_measured_without_gate']} films measurable without it ({gate['share_reported']:.1%}); CTR AUC "
               f"{fmt(gate['auc_with_gate'])} with the gate, {fmt(gate['auc_without_gate'])} without "
-              f"({gate['cardiomegaly_films_dropped']} Cardiomegaly films dropped)."]
+              f"({gate['cardiomegaly_films_dropped']} Cardiomegaly films dropped; the dropped films' ungated ratios: "
+              f"{fmt(gate['auc_of_dropped_films_without_gate'])})."]
     lines += ["", f"Explanations: {report['explanations']['without_explanation']} of {report['explanations']['called_findings']} "
               "called findings have no explanation with a region (Grad-CAM, or the heart outline for Cardiomegaly)."]
     lines += ["", "CTR quartiles (25/50/75 %): " + "; ".join(f"{k}: {v}" for k, v in report["ctr_quantiles"].items())]

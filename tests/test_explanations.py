@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from pneumoscan.maskquality import affines, agreement, dice, perturbed, restored
-from pneumoscan.outputs.overlay import MIN_SIDE, FONT, picture_for, prediction_picture, wrap_text
+from pneumoscan.outputs.overlay import (
+    FONT,
+    MIN_SIDE,
+    picture_for,
+    prediction_picture,
+    wrap_text,
+)
 from pneumoscan.predict import Predictor
 
 from conftest import DATA, needs_data
@@ -132,10 +138,10 @@ def test_titles_fit_a_small_film():
 @needs_data
 def test_the_sr_holds_one_region_per_explained_finding_and_each_masks_quality(predictor, tmp_path):
     highdicom = pytest.importorskip("highdicom", reason="the dicom extra is not installed")
-    from dicom_films import film_to_dicom, validate_dicom
-
     from pneumoscan.outputs.dicom import write_dicom_results
     from pneumoscan.outputs.overlay import picture_for
+
+    from dicom_films import film_to_dicom, validate_dicom
 
     source = film_to_dicom(film(TWO_CALLED), tmp_path / "two.dcm", modality="CR")
     result = predictor.predict(source, keep_arrays=True, cam="top")
@@ -159,7 +165,6 @@ def test_the_web_page_switches_between_the_explanations(tmp_path):
     """The shipped models behind `pneumoscan serve`: a film with two called findings shows a
     button per Grad-CAM, each switching the overlay, and lists what explains each call."""
     from playwright.sync_api import sync_playwright
-
     from test_server import _free_port
 
     port = _free_port()

@@ -125,6 +125,18 @@ class ShapeModel:
         return cls(np.asarray(data["mean"], np.float32), np.asarray(data["modes"], np.float32))
 
 
+#: How a heart mask's quality is made of its two estimates (the model file names one).
+ESTIMATES = {"tta": lambda tta, shape: tta, "shape": lambda tta, shape: shape,
+             "mean": lambda tta, shape: (tta + shape) / 2, "min": min}
+
+
+def combined(estimate: str, tta: float, shape: float) -> float:
+    """A mask's quality from its TTA agreement and its shape fidelity, as ``estimate`` names."""
+    if estimate not in ESTIMATES:
+        raise ValueError(f"unknown mask-quality estimate {estimate!r}; one of {', '.join(ESTIMATES)}")
+    return float(ESTIMATES[estimate](tta, shape))
+
+
 @dataclass(frozen=True)
 class QualityRule:
     """A model's quality threshold and where it came from (the model file's ``mask_quality``);
@@ -147,4 +159,4 @@ class QualityRule:
 
 def unreliable_reason(structure: str, quality: float, rule: QualityRule) -> str:
     """The words a record, an overlay and an SR use for a mask below its threshold."""
-    return f"{structure} mask unreliable (quality {quality:.2f} < {rule.threshold:.2f})"
+    return f"{structure} mask unreliable (quality {quality:.3f} < {rule.threshold:.3f})"

@@ -313,13 +313,13 @@ def outline_explanation(ctr: Any, heart: np.ndarray) -> dict[str, Any]:
 def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart_rule: Any) -> dict[str, Any]:
     """``mask_quality`` of a record: each mask's quality, its threshold, and the reasons of the
     masks below theirs (:mod:`pneumoscan.maskquality`)."""
-    from pneumoscan.maskquality import METHOD, unreliable_reason
+    from pneumoscan.maskquality import unreliable_reason
 
     unreliable = [unreliable_reason(name, q, rule) for name, q, rule in (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
                   if rule is not None and rule.reliable(q) is False]
     return {"lungs": lungs, "heart": heart,
             "thresholds": {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
-            "unreliable": unreliable, "method": METHOD}
+            "unreliable": unreliable}
 
 
 def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
@@ -335,7 +335,8 @@ def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
         return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
     out = []
-    for item, mask, lq, hq in zip(items, hearts, lung_quality, heart.mask_quality(prepared, hearts)):
+    heart_quality = heart.heart_quality(prepared, hearts, [item.seg.mask for item in items])
+    for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
         quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
         ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),
                                    lungs_found=not item.seg.fallback, unreliable="; ".join(quality["unreliable"]) or None)

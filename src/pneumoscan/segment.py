@@ -13,6 +13,7 @@ CPU) and ``thesis`` (MONAI BasicUNet 64–1024, the classic 2015 shape, 31 M par
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,16 @@ from torch import nn
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.crop import THRESHOLD, LungCrop, clean_mask, lung_crop, scale_box
 from pneumoscan.enhance import CLAHE_CLIP_LIMIT, CLAHE_TILE_GRID, clahe
-from pneumoscan.maskquality import QualityRule, affines, agreement, perturbed, restored
+from pneumoscan.maskquality import (
+    QualityRule,
+    ShapeModel,
+    affines,
+    agreement,
+    combined,
+    perturbed,
+    restored,
+    shape_frame,
+)
 from pneumoscan.modelfile import (
     ModelFileError,
     first_line,
@@ -193,6 +203,23 @@ class HeartSegmenter(Segmenter):
     mask_column = "heart"
     label = "heart"
     threshold = HEART_THRESHOLD
+
+    @cached_property
+    def shape_model(self) -> ShapeModel | None:
+        """The heart shape prior stored with the model (``mask_quality.shape_model``), if any."""
+        stored = (self.meta.get("mask_quality") or {}).get("shape_model")
+        return None if stored is None else ShapeModel.from_dict(stored)
+
+    def heart_quality(self, prepared: np.ndarray, hearts: list[np.ndarray], lungs: list[np.ndarray]) -> list[float]:
+        """Each heart mask's quality: its TTA agreement (:meth:`mask_quality`) and, where the
+        model carries a shape prior, how well the prior rebuilds it inside the lungs' frame,
+        combined as the model file's ``mask_quality.estimate`` says (:func:`combined`)."""
+        tta = self.mask_quality(prepared, hearts)
+        if self.shape_model is None:
+            return tta
+        estimate = self.meta["mask_quality"].get("estimate", "tta")
+        return [round(combined(estimate, t, self.shape_model.fidelity(shape_frame(lung, heart))), 4)
+                for t, heart, lung in zip(tta, hearts, lungs)]
 
     def heart_masks(self, batch: list[np.ndarray], prepared: np.ndarray | None = None) -> list[np.ndarray]:
         """0/1 uint8 heart masks, each the size of its film (all zero where no heart was found)."""

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from pneumoscan.labels import LABELS
-from pneumoscan.reading import GROUPS, STATUSES, VERDICTS, assessed_thresholds, status_of
+from pneumoscan.reading import (
+    GROUPS,
+    STATUSES,
+    VERDICTS,
+    assessed_thresholds,
+    status_of,
+)
 
 
 def light_rows(target: Path) -> list[dict[str, Any]]:
