@@ -64,11 +64,17 @@ def test_sr_holds_the_assessed_labels_and_references_its_source(results):
     if line["population"]["source"] == "estimate":
         (age,) = verdict_group.get_measurements()
         assert abs(age.value - line["population"]["age"]) < 0.06 and age.unit.value == "a"
-    (ctr_group,) = [g for g in every if g.tracking_identifier == "Cardiothoracic ratio"]
-    (ctr,) = ctr_group.get_measurements()
-    assert ctr.name.meaning == "Cardiothoracic ratio" and ctr.unit.value == "1"
-    assert abs(ctr.value - line["measurements"]["cardiothoracic_ratio"]) < 1e-6
-    assert "Danzer" in ctr.method.meaning and ctr_group.finding_type.meaning == "Heart"
+    ctr_groups = [g for g in every if g.tracking_identifier == "Cardiothoracic ratio"]
+    (heart,) = [g for g in every if g.tracking_identifier == "Heart mask quality"]
+    reliable = heart.get_qualitative_evaluations()[0].value.meaning
+    if line["measurements"]["cardiothoracic_ratio"] is None:  # this film's heart mask is below its threshold
+        assert ctr_groups == [] and reliable == "No"
+        assert line["measurements"]["cardiothoracic_ratio_reason"].startswith("heart mask unreliable")
+    else:
+        (ctr,) = ctr_groups[0].get_measurements()
+        assert ctr.name.meaning == "Cardiothoracic ratio" and ctr.unit.value == "1" and reliable == "Yes"
+        assert abs(ctr.value - line["measurements"]["cardiothoracic_ratio"]) < 1e-6
+        assert "Danzer" in ctr.method.meaning and ctr_groups[0].finding_type.meaning == "Heart"
     for group in groups:
         label = group.tracking_identifier
         probability = next(m for m in group.get_measurements() if m.name.meaning == "Probability")

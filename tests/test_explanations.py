@@ -155,6 +155,8 @@ def test_the_sr_holds_one_region_per_explained_finding_and_each_masks_quality(pr
         (value,) = groups[name].get_measurements()
         assert abs(value.value - result.mask_quality[key]) < 1e-6
         assert groups[name].get_qualitative_evaluations()[0].value.meaning == "Yes"
+    (ctr,) = groups["Cardiothoracic ratio"].get_measurements()  # both masks trusted: the ratio is given
+    assert abs(ctr.value - result.measurements["cardiothoracic_ratio"]) < 1e-6 and "Danzer" in ctr.method.meaning
     validate_dicom(tmp_path / "out" / written["sr"])
 
 
