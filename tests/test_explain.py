@@ -94,13 +94,13 @@ def _colour_share(picture: np.ndarray) -> float:
 
 
 def test_a_map_below_threshold_is_muted_and_the_title_says_not_called():
-    film = np.tile(np.linspace(0.2, 0.8, 400, dtype=np.float32), (300, 1))
-    cam = np.zeros((300, 400), np.float32)
-    cam[50:150, 60:200] = 1.0
-    called = prediction_picture(film, None, None, False, cam, "Pneumonia", 0.7, threshold=0.5, region=[60, 50, 200, 150])
-    muted = prediction_picture(film, None, None, False, cam, "Pneumonia", 0.3, threshold=0.5, region=[60, 50, 200, 150])
+    film = np.tile(np.linspace(0.2, 0.8, 800, dtype=np.float32), (600, 1))  # above MIN_SIDE: drawn 1:1
+    cam = np.zeros((600, 800), np.float32)
+    cam[100:300, 120:400] = 1.0
+    called = prediction_picture(film, None, None, False, cam, "Pneumonia", 0.7, threshold=0.5, region=[120, 100, 400, 300])
+    muted = prediction_picture(film, None, None, False, cam, "Pneumonia", 0.3, threshold=0.5, region=[120, 100, 400, 300])
     assert called.shape == muted.shape
     # the muted map changes the film's colour less
-    diff = lambda pic: np.abs(pic[40:80, 60:200].astype(int) - pic[40:80, 300:380].mean()).mean()  # noqa: E731
-    assert _colour_share(muted[:, :400]) <= _colour_share(called[:, :400])
+    diff = lambda pic: np.abs(pic[80:160, 120:400].astype(int) - pic[80:160, 600:760].mean()).mean()  # noqa: E731
+    assert _colour_share(muted[:, :800]) <= _colour_share(called[:, :800])
     assert diff(muted) != diff(called)

@@ -203,7 +203,10 @@ def test_web_page_in_headless_chromium(server, nih_png, tmp_path):
         assert "13 of 15 labels not assessed by this model" in page.locator("#status").inner_text()
         assert page.locator("#overlay").get_attribute("src").startswith("data:image/png")
         assert "Done" in page.locator("#status").inner_text()
-        assert page.locator("#ctr").inner_text().startswith("Cardiothoracic ratio: 0.")
+        # this film's heart mask is below its quality threshold: no ratio, and the page says why
+        assert page.locator("#ctr").inner_text().startswith("Cardiothoracic ratio: not measured (heart mask unreliable")
+        assert "heart mask unreliable (quality 0." in page.locator("#masks").inner_text()
+        assert page.locator("#masks").get_attribute("class") == "unreliable"
         page.screenshot(path=str(artifacts / "web_page.png"), full_page=True)
         page.set_input_files("#file", str(Path(__file__)))  # not an image: the page shows the error
         page.wait_for_selector("#status.error", timeout=60_000)

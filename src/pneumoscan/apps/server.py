@@ -280,8 +280,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
-                cam: str = Query("top", description="'top' (most probable assessed finding), 'none' or an "
-                                                      "assessed class name, any capitalisation"),
+                cam: str = Query("top", description="'top' (a map per called finding, the most probable first), "
+                                                      "'none' or an assessed class name, any capitalisation"),
                 images: bool = Query(True, description="include original_png and overlay_png"),
                 force: bool = Query(False, description="score an image the input gate refuses as not a "
                                                        "frontal chest X-ray (marked in 'quality')"),
