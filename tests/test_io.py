@@ -444,3 +444,57 @@ def test_a_damaged_size_tag_is_refused_in_one_line(tmp_path):
     assert columns in data
     (tmp_path / "cols.dcm").write_bytes(data.replace(columns, b"(\x00\x11\x00US\x03\x00@\x00(", 1))
     _expect(tmp_path / "cols.dcm", "cols.dcm")
+
+
+def _deflated(ds: pydicom.Dataset, path: Path, junk_mib: int = 0) -> Path:
+    """``ds`` saved as Deflated Explicit VR Little Endian, with ``junk_mib`` MiB of zeros
+    appended inside the compressed body (a compressed-size bomb: about 1 KB on disk per MiB)."""
+    import io
+    import zlib
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    from pneumoscan.io import file_meta_layout
+
+    ds = copy.deepcopy(ds)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    raw = buffer.getvalue()
+    end = file_meta_layout(raw)[0]
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    parts = [raw[:end], packer.compress(zlib.decompress(raw[end:], -zlib.MAX_WBITS))]
+    parts += [packer.compress(bytes(2**20)) for _ in range(junk_mib)]
+    path.write_bytes(b"".join(parts) + packer.flush())
+    return path
+
+
+@needs_data
+def test_a_deflated_dicom_reads_like_the_plain_one_and_a_deflate_bomb_is_refused_while_inflating(tmp_path):
+    """Issue 36: pydicom inflates a deflated body in one unbounded call (a 2 MB file became 2 GiB in
+    memory before any size check). Now an honest deflated film reads exactly as its plain copy,
+    and a 1 GiB bomb (1 MB on disk) behind a 64 x 64 header is refused while inflating, costing
+    the reading process less than 100 MB more than reading an ordinary film does."""
+    import subprocess
+    import sys
+
+    from dicom_films import film_to_dicom
+
+    plain = film_to_dicom(DATA / "nih-cxr14/images/00000129_000.png", tmp_path / "plain.dcm", modality="CR")
+    ds = pydicom.dcmread(plain)
+    honest = read_xray(_deflated(ds, tmp_path / "deflated.dcm"))
+    assert np.array_equal(honest.pixels, read_xray(plain).pixels)
+    assert honest.meta["transfer_syntax"] == "Deflated Explicit VR Little Endian"
+    small = copy.deepcopy(ds)
+    small.Rows = small.Columns = 64
+    small.PixelData = np.zeros((64, 64), np.uint16).tobytes()
+    bomb = _deflated(small, tmp_path / "bomb.dcm", junk_mib=1024)
+    assert bomb.stat().st_size < 2 * 2**20
+    with pytest.raises(XrayReadError, match="inflates past"):
+        decode_xray(bomb.read_bytes(), name="bomb.dcm")
+    probe = ("import resource, sys; from pneumoscan.io import read_xray, XrayReadError\n"
+             "try: read_xray(sys.argv[1])\nexcept XrayReadError: pass\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak = {name: int(subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                                     check=True, timeout=120).stdout) for name, path in (("film", plain), ("bomb", bomb))}
+    assert (peak["bomb"] - peak["film"]) / 1024 < 100, peak  # ru_maxrss is in KiB on Linux

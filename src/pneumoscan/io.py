@@ -296,6 +296,67 @@ def exif_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
     return np.ascontiguousarray(turned(pixels)) if turned else pixels
 
 
+#: Deflated Explicit VR Little Endian: pydicom inflates such a body in one unbounded call, so a
+#: 2 MB file can become gigabytes before any size check; :func:`inflated` bounds it first.
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
+#: Explicit-VR value representations with a 4-byte length (after 2 reserved bytes).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def file_meta_layout(data: bytes) -> tuple[int, str | None, tuple[int, int] | None, int | None]:
+    """Where a DICOM file's meta group (0002, explicit VR little endian) ends, its transfer
+    syntax UID, the span of that UID's length field and value, and the offset of the group
+    length's value; (0, None, None, None) for a file without the DICM preamble."""
+    if not has_dicom_preamble(data):
+        return 0, None, None, None
+    at, syntax, span, group_length = 132, None, None, None
+    while at + 8 <= len(data) and int.from_bytes(data[at:at + 2], "little") == 0x0002:
+        element, vr = int.from_bytes(data[at + 2:at + 4], "little"), data[at + 4:at + 6]
+        if vr in _LONG_VRS:
+            length, value = int.from_bytes(data[at + 8:at + 12], "little"), at + 12
+        else:
+            length, value = int.from_bytes(data[at + 6:at + 8], "little"), at + 8
+        if element == 0x0000:
+            group_length = value
+        elif element == 0x0010:
+            syntax, span = data[value:value + length].rstrip(b"\x00 ").decode("ascii", "replace"), (at + 6, value + length)
+        at = value + length
+    return at, syntax, span, group_length
+
+
+def inflated(data: bytes, name: str, max_pixels: int) -> bytes:
+    """A Deflated Explicit VR Little Endian file as the same file in Explicit VR Little Endian,
+    inflated only as far as its own header allows: first at most :data:`HEADER_ROOM` bytes, whose
+    header must declare an image within ``max_pixels``, then at most that image's bytes more.
+    Anything else is returned unchanged. A compressed-size bomb is refused while inflating, so it
+    costs at most what an honest film of its declared size would."""
+    import zlib
+
+    end, syntax, span, group_length = file_meta_layout(data)
+    if syntax != DEFLATED or span is None:
+        return data
+    stream = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        body = stream.decompress(data[end:], HEADER_ROOM)
+        meta = data[:span[0]] + len(_EXPLICIT_LE).to_bytes(2, "little") + _EXPLICIT_LE + data[span[1]:end]
+        if group_length is not None:
+            old = int.from_bytes(data[group_length:group_length + 4], "little")
+            shift = len(meta) - end
+            meta = meta[:group_length] + (old + shift).to_bytes(4, "little") + meta[group_length + 4:]
+        header = _parse_dicom(io.BytesIO(meta + body), name, force=False, header_only=True)
+        rows, cols = _check_dicom_size(header, name, max_pixels)
+        per_pixel = _as_int(tag_value(header, "SamplesPerPixel", 1), 1) * -(-_as_int(tag_value(header, "BitsAllocated", 16), 16) // 8)
+        room = rows * cols * max(per_pixel, 1) + HEADER_ROOM
+        body += stream.decompress(stream.unconsumed_tail, room - len(body) + 1)
+    except zlib.error as exc:
+        raise XrayReadError(f"{name}: the deflated DICOM body cannot be inflated ({exc})") from exc
+    if len(body) > room or stream.unconsumed_tail:
+        raise XrayReadError(f"{name}: the deflated DICOM body inflates past the {room:,} bytes its "
+                            f"{rows} x {cols} image needs (refused while inflating, to protect memory)")
+    return meta + body
+
+
 def _parse_dicom(source: Any, name: str, *, force: bool, header_only: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -324,13 +385,22 @@ def _check_dicom_size(ds: Any, name: str, max_pixels: int) -> tuple[int, int]:
 
 def check_dicom_header(handle: Any, name: str, max_pixels: int, *, force: bool = False) -> None:
     """Frames and size from a DICOM file's header alone (parsing stops before the pixel data),
-    so that a huge multi-frame file is refused without reading its pixels."""
+    so that a huge multi-frame file is refused without reading its pixels. A deflated file's
+    header lies inside its compressed body: :func:`inflated` checks it, bounded, when decoding."""
+    start = handle.tell()
+    if file_meta_layout(handle.read(HEADER_ROOM))[1] == DEFLATED:
+        return
+    handle.seek(start)
     ds = _parse_dicom(handle, name, force=force, header_only=True)
     if "Rows" in ds or "NumberOfFrames" in ds:
         _check_dicom_size(ds, name, max_pixels)
 
 
 def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    deflated = file_meta_layout(data)[1] == DEFLATED
+    data = inflated(data, name, max_pixels)
     ds = _parse_dicom(io.BytesIO(data), name, force=not has_dicom_preamble(data))
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise XrayReadError(
@@ -340,7 +410,7 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
 
     file_meta = getattr(ds, "file_meta", None)
     tsyntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
-    tsyntax_name = _uid_name(tsyntax) if tsyntax else "implicit little endian"
+    tsyntax_name = _uid_name(DeflatedExplicitVRLittleEndian if deflated else tsyntax) if tsyntax else "implicit little endian"
     try:
         arr = ds.pixel_array
     except NotImplementedError as exc:
