@@ -154,8 +154,9 @@ def main() -> int:
         "auc_of_dropped_films_without_gate": auc_entry(plain.cardiomegaly[plain.ctr.isna()].to_numpy(float),
                                                        plain.ctr_ungated[plain.ctr.isna()].to_numpy(float), args.n_boot),
         "cardiomegaly_films_dropped": int(plain.cardiomegaly.sum() - have.cardiomegaly.sum())}
-    report["explanations"] = {"called_findings": int(films.called.fillna("").astype(str).str.split("|").map(lambda v: len([x for x in v if x])).sum()),
-                              "without_explanation": int(films.unexplained.fillna("").astype(str).str.split("|").map(lambda v: len([x for x in v if x])).sum())}
+    listed = lambda column: int(films[column].fillna("").astype(str).str.split("|").map(
+        lambda v: sum(1 for x in v if x)).sum())
+    report["explanations"] = {"called_findings": listed("called"), "without_explanation": listed("unexplained")}
     both = grouped_oof(np.column_stack([ctr, ap]), y, groups)
     report["auc"]["CTR + view (5-fold OOF), all"] = auc_entry(y, both, args.n_boot)
     all_three = grouped_oof(np.column_stack([ctr, ap, clf]), y, groups)

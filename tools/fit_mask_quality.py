@@ -83,7 +83,12 @@ def main() -> int:
 
     from pneumoscan.data import JSRT
     from pneumoscan.io import read_xray
-    from pneumoscan.maskquality import METHOD, ShapeModel, shape_frame
+    from pneumoscan.maskquality import (
+        METHOD,
+        METHOD_WITH_SHAPE,
+        ShapeModel,
+        shape_frame,
+    )
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.segment import (
         HeartSegmenter,
@@ -142,7 +147,8 @@ def main() -> int:
                                         (HeartSegmenter.load, default_heart_model_path(), "heart_unet_small.pt", "heart")):
             model = load(source)
             entry = report[key]
-            section = {"method": METHOD, "estimate": ESTIMATE[key], "threshold": entry["threshold"],
+            section = {"method": METHOD if ESTIMATE[key] == "tta" else METHOD_WITH_SHAPE,
+                       "estimate": ESTIMATE[key], "threshold": entry["threshold"],
                        "chosen_on": chosen_on, "figures": entry}
             if ESTIMATE[key] != "tta":
                 section["shape_model"] = everything.to_dict()

@@ -325,6 +325,16 @@ def file_meta_layout(data: bytes) -> tuple[int, str | None, tuple[int, int] | No
     return at, syntax, span, group_length
 
 
+def file_meta_bytes(handle: Any) -> bytes:
+    """A file's first bytes through its meta group, read by the group length (0002,0000) that
+    opens it, so that a header check reads a few hundred bytes, not the film; without that
+    element, at most :data:`HEADER_ROOM` bytes."""
+    head = handle.read(144)
+    if has_dicom_preamble(head) and head[132:138] == b"\x02\x00\x00\x00UL":
+        return head + handle.read(min(int.from_bytes(head[140:144], "little"), HEADER_ROOM))
+    return head + handle.read(HEADER_ROOM - len(head))
+
+
 def inflated(data: bytes, name: str, max_pixels: int) -> bytes:
     """A Deflated Explicit VR Little Endian file as the same file in Explicit VR Little Endian,
     inflated only as far as its own header allows: first at most :data:`HEADER_ROOM` bytes, whose
@@ -388,7 +398,7 @@ def check_dicom_header(handle: Any, name: str, max_pixels: int, *, force: bool =
     so that a huge multi-frame file is refused without reading its pixels. A deflated file's
     header lies inside its compressed body: :func:`inflated` checks it, bounded, when decoding."""
     start = handle.tell()
-    if file_meta_layout(handle.read(HEADER_ROOM))[1] == DEFLATED:
+    if file_meta_layout(file_meta_bytes(handle))[1] == DEFLATED:
         return
     handle.seek(start)
     ds = _parse_dicom(handle, name, force=force, header_only=True)
@@ -399,8 +409,8 @@ def check_dicom_header(handle: Any, name: str, max_pixels: int, *, force: bool =
 def _decode_dicom(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, dict[str, Any]]:
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    deflated = file_meta_layout(data)[1] == DEFLATED
-    data = inflated(data, name, max_pixels)
+    plain = inflated(data, name, max_pixels)
+    deflated, data = plain is not data, plain  # inflated() returns other bytes only for a deflated file
     ds = _parse_dicom(io.BytesIO(data), name, force=not has_dicom_preamble(data))
     if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise XrayReadError(

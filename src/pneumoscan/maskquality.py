@@ -10,12 +10,13 @@ spine or lungs cut by an effusion move with every nudge. It needs no second mode
 costs one batch of K extra U-Net passes per film, and works for any mask compared against the
 model's re-readings (:func:`agreement`), including one the model did not draw.
 
-It was chosen by measurement against the alternatives that need no extra pass (the soft Dice of
-the probability map with its own thresholded mask) in ``tools/fit_mask_quality.py``: on the 147
-JSRT films, each scored by a heart model that never saw it, the agreement ranks true heart Dice
-best (docs/HEART.md gives the figures). The threshold below which a mask is called unreliable is
-chosen on those cross-validated films and stored in the model file (``mask_quality``), with where
-it came from.
+A heart mask is also judged by a shape prior (:class:`ShapeModel`): a heart the model re-reads
+consistently can still be consistently wrong, and the prior catches hearts not shaped or placed
+like one. Which estimate a model uses (``estimate``: the agreement, the prior, or their mean) and
+the threshold below which a mask is called unreliable are chosen in ``tools/fit_mask_quality.py``
+on JSRT films each judged by a model that never saw them, against the soft Dice of the map (no
+extra pass), and stored in the model file (``mask_quality``) with where they came from
+(docs/HEART.md gives the figures: the lungs use the agreement, the heart the mean).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ TRANSFORMS: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 0.9, 0.0, 0.0), (0.0, 1.1, 0.0, 0.0), (8.0, 1.0, 0.0, 0.0), (-8.0, 1.0, 0.0, 0.0),
     (0.0, 1.0, 0.08, 0.0), (0.0, 1.0, -0.08, 0.0), (0.0, 1.0, 0.0, 0.08), (0.0, 1.0, 0.0, -0.08))
 METHOD = "test-time augmentation agreement (mean Dice of the mask with 8 re-readings: zoom, rotation, shift)"
+#: What the model file says of a heart quality that averages the agreement with the shape prior.
+METHOD_WITH_SHAPE = f"mean of the {METHOD} and a heart shape prior's fidelity (3 modes, lungs' frame)"
 
 
 def affines(size: int, transforms=TRANSFORMS) -> list[np.ndarray]:

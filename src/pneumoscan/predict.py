@@ -330,12 +330,13 @@ def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
     if not items:
         return []
     prepared = np.stack([item.prepared for item in items])
-    lung_quality = segmenter.mask_quality(prepared, [item.seg.mask for item in items])
+    lungs = [item.seg.mask for item in items]
+    lung_quality = segmenter.mask_quality(prepared, lungs)
     if heart is None:
         return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
+    heart_quality = heart.heart_quality(prepared, hearts, lungs)
     out = []
-    heart_quality = heart.heart_quality(prepared, hearts, [item.seg.mask for item in items])
     for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
         quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
         ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),

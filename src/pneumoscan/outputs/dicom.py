@@ -70,7 +70,7 @@ POPULATION = Code("POPULATION", SCHEME, "Population read for")
 POPULATION_VALUES = {g: Code(f"POPULATION_{g.upper()}", SCHEME, g.capitalize()) for g in ("adult", "paediatric", "unknown")}
 ESTIMATED_AGE = Code("ESTIMATED_AGE", SCHEME, "Age estimated from the film")
 #: How far a mask can be trusted (pneumoscan.maskquality) and whether it passed its threshold.
-MASK_QUALITY = Code("MASK_QUALITY", SCHEME, "Mask quality (test-time augmentation agreement)")
+MASK_QUALITY = Code("MASK_QUALITY", SCHEME, "Mask quality (PneumoScan mask-quality estimate)")
 MASK_RELIABLE = Code("MASK_RELIABLE", SCHEME, "Mask reliable")
 SERIES = {"sr": (9701, "PneumoScan findings (SR)"), "seg": (9702, "PneumoScan lung mask (SEG)"),
           "sc": (9703, "PneumoScan overlay (Secondary Capture)")}
@@ -286,9 +286,12 @@ def mask_quality_group(source: pydicom.Dataset, structure: str, finding: Code, m
     threshold, whether the mask passed it (an unreliable heart mask is why no ratio is given)."""
     import highdicom as hd
 
+    from pneumoscan.maskquality import QualityRule
+
     threshold = (masks.get("thresholds") or {}).get(structure)
-    evaluations = None if threshold is None else [hd.sr.QualitativeEvaluation(
-        MASK_RELIABLE, codes.SCT.Yes if masks[structure] >= threshold else codes.SCT.No)]
+    reliable = QualityRule(threshold).reliable(masks[structure])
+    evaluations = None if reliable is None else [hd.sr.QualitativeEvaluation(
+        MASK_RELIABLE, codes.SCT.Yes if reliable else codes.SCT.No)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "tracking", f"mask-{structure}"),

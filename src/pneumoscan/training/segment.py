@@ -286,11 +286,12 @@ def train_segmentation(cfg: SegTrainConfig) -> dict[str, Any]:
 
 def dice_iou_acc(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, float]:
     """Dice, IoU and pixel accuracy of two 0/1 masks (empty vs empty counts as perfect)."""
+    from pneumoscan.maskquality import dice
+
     p, t = pred.astype(bool), truth.astype(bool)
-    inter, union, total = (p & t).sum(), (p | t).sum(), p.sum() + t.sum()
-    dice = 1.0 if total == 0 else 2 * inter / total
-    iou = 1.0 if union == 0 else inter / union
-    return float(dice), float(iou), float((p == t).mean())
+    union = (p | t).sum()
+    iou = 1.0 if union == 0 else (p & t).sum() / union
+    return dice(p, t), float(iou), float((p == t).mean())
 
 
 def cleaned(segmenter: Segmenter, prob: np.ndarray) -> tuple[np.ndarray, bool]:
