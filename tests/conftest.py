@@ -102,3 +102,65 @@ def cache64(small_manifest, tmp_path_factory) -> Path:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+#: Debian's PostgreSQL server programs (``apt-get install postgresql``; .ci/run installs it).
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)), None) \
+    if Path("/usr/lib/postgresql").is_dir() else None
+
+
+def start_postgres() -> tuple[str, callable]:
+    """A throw-away PostgreSQL cluster in a new temporary folder (one the ``postgres`` user can
+    reach) on a free loopback port, run as that user when the tests run as root (postgres refuses
+    root): its URL and a stop function (which also removes the folder). Fails (CI:
+    PNEUMOSCAN_REQUIRE_VALIDATORS) or skips when PostgreSQL is missing."""
+    import shutil
+    import socket
+
+    if PG_BIN is None or not (PG_BIN / "initdb").exists():
+        (pytest.fail if os.environ.get("PNEUMOSCAN_REQUIRE_VALIDATORS") else pytest.skip)(
+            "PostgreSQL is not installed (apt-get install postgresql; .ci/run installs it)")
+    folder = Path(tempfile.mkdtemp(prefix="pneumoscan-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres", "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = folder / "data"
+    subprocess.run([*as_user, str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(folder / "log"), "-o",
+                    f"-k {folder} -p {port} -h 127.0.0.1", "start"], check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """One PostgreSQL server for the session's tests (each test makes its own database in it)."""
+    url, stop = start_postgres()
+    yield url
+    stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path) -> str:
+    """A new, empty results store: a SQLite file, or a database of its own on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.sqlite'}"
+    import uuid
+
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    name = "t" + uuid.uuid4().hex[:12]
+    with psycopg.connect(server.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return server.rsplit("/", 1)[0] + "/" + name

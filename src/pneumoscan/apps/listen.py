@@ -109,6 +109,8 @@ class Listener:
     queue_size: int = 64
     tries: int = 3
     backoff_max_s: float = 60.0
+    store: Any = None
+    keep_films: Path | None = None
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
     _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
@@ -269,6 +271,8 @@ class Listener:
         if record.get("dicom_error"):  # tried again, then failed/
             raise RuntimeError(record["dicom_error"])
         written = [self.out / name for name in (record.get("dicom") or {}).values()]
+        if self.store is not None:
+            self._store(record, result, path, uid)
         self._record({**record, "path": uid, "sop_instance_uid": uid,
                       "results": {kind: name.rsplit("_", 1)[0] for kind, name in (record.get("dicom") or {}).items()}})
         if self.forward and written:
@@ -281,6 +285,30 @@ class Listener:
         path.unlink()
         (self.spool / f"{uid}.tries").unlink(missing_ok=True)
         return written
+
+    def _store(self, record: dict[str, Any], result: Any, path: Path, uid: str) -> None:
+        """The result into the results store (the received film kept in ``keep_films``, by its
+        SHA-256, when given); a store that is down is logged and said in the record, never retried:
+        the DICOM results are out already."""
+        import hashlib
+        import shutil
+
+        from pneumoscan.outputs.writer import write_to_store
+
+        data = path.read_bytes()
+        kept = None
+        if self.keep_films is not None:
+            kept = self.keep_films / f"{hashlib.sha256(data).hexdigest()}.dcm"
+            try:
+                if not kept.exists():
+                    shutil.copyfile(path, kept)
+            except OSError as exc:
+                log.error("film %s not kept in %s: %s", uid, self.keep_films, exc.strerror or exc)
+                kept = None
+        run = {"models": {k: v for k, v in self.predictor.models.items() if k != "backend"}, "force": False}
+        write_to_store(self.store, record, result, data, name=uid, path=kept, run=run, source="listen")
+        if record.get("store_error"):
+            log.error("%s: %s", uid, record["store_error"][:300])
 
     # --- forwarding ------------------------------------------------------------------------
     def _outbox_add(self, uid: str) -> None:

@@ -33,6 +33,7 @@ import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -45,6 +46,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pneumoscan import __version__
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
+from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 32
@@ -53,7 +55,8 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: multipart headers around the file may add this much to the body
 MULTIPART_SLACK = 64 * 1024
 PREDICT_PATH = "/v1/predict"
-OPEN_PATHS = {"/health", "/"}
+OPEN_PATHS = {"/health", "/", "/review"}
+KEPT_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
 
 
 async def _json(send, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
@@ -241,10 +244,15 @@ def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: s
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
                allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS,
-               pace: UploadPace = UploadPace()) -> FastAPI:
+               pace: UploadPace = UploadPace(), store=None, reader_header: str | None = None,
+               keep_films: Path | None = None) -> FastAPI:
     """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it);
-    ``pace``: how slowly an upload may come in before it gets 408."""
+    ``pace``: how slowly an upload may come in before it gets 408. With a ``store``
+    (:class:`pneumoscan.store.db.Store`) every result is stored and the review page is served
+    (:mod:`pneumoscan.apps.review_routes`); ``keep_films``: a folder where uploaded films are kept
+    (named by their SHA-256), so that reviewed films can be exported for evaluation."""
     predictor = predictor or Predictor.from_default()
+    run_models = {k: v for k, v in predictor.models.items() if k != "backend"}
     lock = threading.Lock()
     decoding = threading.BoundedSemaphore(workers)
     limit = int(max_upload_mb * 2**20)
@@ -276,7 +284,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     async def health() -> dict[str, Any]:  # async: answered on the event loop, never queued
         return {"status": "ok", "version": __version__, "models": predictor.models,
                 "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key),
-                "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate}
+                "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate,
+                "store": store.where if store is not None else None}
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
@@ -304,13 +313,18 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                 image = decode_xray(data, name=label, max_pixels=max_pixels)
             except XrayReadError as exc:
                 return error(400, str(exc))
-            del data
+            if store is None:
+                del data
             with lock:
-                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images, force=force,
-                                           clinical=given)
+                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images or store is not None,
+                                           force=force, clinical=given)
             if result.error:  # pragma: no cover - decoding already succeeded above
                 return error(400, result.error)
             body = result.to_dict()
+            if store is not None:
+                body = write_to_store(store, body, result, data, name=label, path=kept(data, label),
+                                      run={"models": run_models, "force": force}, source="serve")
+                del data
             if images:  # still inside the decode slot: the full-size arrays are freed after this
                 body.update(preview_images(result))
         return body
@@ -318,5 +332,27 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return (resources.files("pneumoscan") / "apps" / "web" / "index.html").read_text()
+
+    def kept(data: bytes, label: str) -> Path | None:
+        """The upload kept in ``keep_films`` (by SHA-256, the name's suffix kept), or None."""
+        if keep_films is None:
+            return None
+        import hashlib
+
+        from pneumoscan.modelfile import atomic_write_bytes
+
+        suffix = Path(label).suffix.lower() if Path(label).suffix.lower() in KEPT_SUFFIXES else ""
+        target = keep_films / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+        try:
+            if not target.exists():
+                atomic_write_bytes(target, data, sync=False)
+        except OSError:
+            return None  # the store then says the film has no kept copy
+        return target
+
+    if store is not None:
+        from pneumoscan.apps.review_routes import add_review_routes
+
+        add_review_routes(app, store, reader_header=reader_header)
 
     return app

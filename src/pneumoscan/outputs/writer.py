@@ -283,6 +283,28 @@ class RecordSink:
         counts["written"] += 1
         counts["errors"] += bool(record.get("error"))
         counts["refused"] += not record.get("error") and not (record.get("quality") or {}).get("frontal_chest")
-        counts["failed_files"] += bool(record.get("overlay_error")) + bool(record.get("dicom_error"))
+        counts["failed_files"] += (bool(record.get("overlay_error")) + bool(record.get("dicom_error"))
+                                   + bool(record.get("store_error")))
         counts["not_dicom"] += (self.outputs.dicom_out is not None and not record.get("error")
                                 and "dicom" not in record and "dicom_error" not in record)
+
+
+def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *, name: str, path: Path | None,
+                   run: dict[str, Any], source: str) -> dict[str, Any]:
+    """Store one record (after its files were written): ``store_id`` in the record, or, when the
+    store is down or full, ``store_error`` (the file outputs already hold the result, so nothing
+    is lost). ``data`` is the film's bytes (read from ``path`` when None). An unreadable film
+    (``error``) is not stored: there is nothing to review."""
+    from pneumoscan.store.db import StoreError
+    from pneumoscan.store.identity import identify, layer_data, stored_record
+
+    if record.get("error") or store is None:
+        return record
+    try:
+        if data is None:
+            data = Path(path).read_bytes()
+        film = identify(data, name, path)
+        record["store_id"] = store.add_result(stored_record(record, film), film, run, source, layer_data(result))
+    except (StoreError, OSError) as exc:
+        record["store_error"] = f"not stored: {exc}"
+    return record

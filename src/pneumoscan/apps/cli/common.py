@@ -26,6 +26,23 @@ console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable, never re-wrapped
 
 
+DbOption = Annotated[Optional[str], typer.Option(
+    "--db", envvar="PNEUMOSCAN_DB", help="Results store: a database URL (postgresql://user@host/db, "
+    "sqlite:///file) or a SQLite file path; $PNEUMOSCAN_DB when omitted.")]
+
+
+def open_store(db: str | None, *, create: bool = True):
+    """The results store at ``db`` (or the default one), or a one-line error."""
+    try:
+        from pneumoscan.store.db import Store, StoreError
+    except ImportError:
+        fail("the results store needs the store extra: pip install 'pneumoscan[store]'")
+    try:
+        return Store(db, create=create)
+    except StoreError as exc:
+        fail(str(exc))
+
+
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, never a traceback."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)

@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from pneumoscan.apps.cli.common import (
     BackendOption,
+    DbOption,
     DeviceOption,
     app,
     console,
@@ -20,6 +21,7 @@ from pneumoscan.apps.cli.common import (
     gather_inputs,
     load_predictor,
     need_extra,
+    open_store,
 )
 
 
@@ -142,11 +144,13 @@ def predict(
     clinical_csv: Annotated[Optional[Path], typer.Option(
         help="Patient information for a model that fuses it: a CSV with a 'file' column (image file names) "
              "and the model's fields (e.g. age, sex, view); DICOM tags fill what it lacks.")] = None,
+    db: DbOption = None,
 ) -> None:
     """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray.
 
     Images that do not look like a frontal chest X-ray are not scored: their record says why
-    (quality.reasons) unless --force is given."""
+    (quality.reasons) unless --force is given. With --db every result also goes into the results
+    store (for the review page); a store that fails is said per film, the files are written anyway."""
     from tqdm import tqdm
 
     from pneumoscan.outputs.writer import (
@@ -156,6 +160,7 @@ def predict(
         RecordSink,
         output_stems,
         write_files,
+        write_to_store,
     )
 
     if fmt not in FORMATS:
@@ -182,12 +187,15 @@ def predict(
     if ray is not None and given is not None:
         fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
     run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": force}
+    if ray is not None and db:
+        fail("--db is not taken by --ray yet; run without --ray, or store later from a run without it")
+    store = open_store(db) if db else None
     if ray is not None:
         return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
                               seg_model=seg_model, model=model, backend=backend, device=device,
                               batch_size=batch_size)
     with RecordSink(outputs, run=run) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
-        results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays, force=force,
+        results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays or store is not None, force=force,
                                          batch_size=batch_size, threads=read_threads, clinical=given)
         try:
             for path, stem, result in zip(files, output_stems(files), results):
@@ -195,6 +203,8 @@ def predict(
                     record, full = write_files(result, path, stem, outputs, predictor), None
                 except NoRoom as exc:  # keep this film's record (its file error said), then stop
                     record, full = exc.record, exc
+                if store is not None:
+                    write_to_store(store, record, result, None, name=path.name, path=path, run=run, source="predict")
                 sink.write(record)
                 tell(record, force)
                 bar.update(1)
@@ -216,7 +226,7 @@ def tell(record: dict, force: bool) -> None:
         verb = "scored anyway (--force)" if force else "refused"
         err.print(f"[yellow]{verb}:[/] {path}: not a frontal chest X-ray: "
                   f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
-    for key in ("overlay_error", "dicom_error"):
+    for key in ("overlay_error", "dicom_error", "store_error"):
         if record.get(key):
             err.print(f"[yellow]failed:[/] {path}: {escape(record[key])}", highlight=False)
 

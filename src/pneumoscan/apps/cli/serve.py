@@ -9,6 +9,7 @@ import typer
 
 from pneumoscan.apps.cli.common import (
     BackendOption,
+    DbOption,
     DeviceOption,
     app,
     console,
@@ -17,6 +18,7 @@ from pneumoscan.apps.cli.common import (
     fail,
     load_predictor,
     need_extra,
+    open_store,
 )
 
 
@@ -44,8 +46,15 @@ def serve(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
+    db: DbOption = None,
+    reader_header: Annotated[Optional[str], typer.Option(
+        help="With --db: the site proxy's header naming the authenticated reader (e.g. X-Remote-User); "
+             "trusted as sent, so only behind that proxy.")] = None,
+    keep_films: Annotated[Optional[Path], typer.Option(
+        help="With --db: keep each uploaded film here (named by its SHA-256), so reviewed films can be exported.")] = None,
 ) -> None:
-    """REST API (POST /v1/predict, GET /health, /docs) and the web page at /."""
+    """REST API (POST /v1/predict, GET /health, /docs) and the web page at /; with --db every
+    result is stored and radiologists review them at /review."""
     err.print("starting the server …", highlight=False)  # before the web stack's imports (about a second)
     try:
         import uvicorn
@@ -59,13 +68,20 @@ def serve(
              f"--insecure-no-auth if something in front of it authenticates")
     hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] or \
         [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
+    if (reader_header or keep_films) and not db:
+        fail("--reader-header and --keep-films go with --db (the results store)")
+    store = open_store(db) if db else None
+    if keep_films:
+        ensure_writable(keep_films, "--keep-films")
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch)
     app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
                      allowed_hosts=None if hosts == ["*"] else hosts,
-                     pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024))
+                     pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024),
+                     store=store, reader_header=reader_header, keep_films=keep_films)
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
-                  f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}", highlight=False)
+                  f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}"
+                  + (f"; results stored in {store.where}, review page at /review" if store else ""), highlight=False)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # "Uvicorn running on …": ready
 
 
@@ -87,6 +103,9 @@ def listen(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     backend: BackendOption = "auto",
+    db: DbOption = None,
+    keep_films: Annotated[Optional[Path], typer.Option(
+        help="With --db: keep each received film here (named by its SHA-256), so reviewed films can be exported.")] = None,
 ) -> None:
     """DICOM listener: chest X-rays (CR, DX, Secondary Capture) in by C-STORE (or STOW-RS), SR +
     SEG + Secondary Capture out (and forwarded with --forward / --forward-dicomweb). Received
@@ -113,6 +132,11 @@ def listen(
     if dicomweb_port is not None:
         need_extra("web", "--dicomweb-port", "uvicorn", "starlette")
     ensure_writable(out, "--out")
+    if keep_films and not db:
+        fail("--keep-films goes with --db (the results store)")
+    store = open_store(db) if db else None
+    if keep_films:
+        ensure_writable(keep_films, "--keep-films")
     predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
     from pneumoscan.apps.listen import OneLineFormatter
 
@@ -128,12 +152,13 @@ def listen(
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
-                        forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries)
+                        forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries,
+                        store=store, keep_films=keep_films)
     if dicomweb_port is not None:
         start_stow(listener, host, dicomweb_port)
     console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
                   + (f" (STOW-RS on http://{host}:{dicomweb_port}/studies)" if dicomweb_port is not None else "")
-                  + f"; results in {out}"
+                  + f"; results in {out}" + (f" and {store.where}" if store else "")
                   + "".join(f", forwarded to {target}" for target in targets), highlight=False)
     try:
         listener.start(block=True)

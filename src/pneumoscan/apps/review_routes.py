@@ -1,0 +1,128 @@
+"""The review page's API over the results store (added to the server by ``serve --db``).
+
+- ``GET /review``: the page (static; it asks for the reader's key).
+- ``GET /v1/review/me``: who the key or proxy header names.
+- ``GET /v1/review/worklist``: results, the reader's unreviewed first; filters ``status``,
+  ``finding``, ``source``, ``since``/``until`` (ISO dates, UTC), ``reader`` (reviewed by), ``limit``, ``offset``.
+- ``GET /v1/review/results/{id}``: one result with its layers and the reader's current review.
+- ``POST /v1/review/results/{id}/reviews``: a review (JSON; :func:`pneumoscan.store.review.check_review`),
+  appended: it supersedes the reader's earlier one, never overwrites it.
+
+A reader is named by their key (header ``X-Reader-Key``; ``pneumoscan review readers add``) or,
+behind a site proxy that authenticates people, by the proxy's header (``--reader-header``, e.g.
+``X-Remote-User``; trusted as given, so only behind that proxy). Reviewing needs one (401
+otherwise). The store's blocking calls run in FastAPI's thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from pneumoscan.store.db import NotFound, Store, StoreError
+from pneumoscan.store.review import ReviewError, assessed, check_review
+from pneumoscan.store.schema import Reader
+
+READER_KEY_HEADER = "x-reader-key"
+MAX_REVIEW_BYTES = 64 * 1024
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def _date(text: str | None, name: str) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"'{name}' is an ISO date or time (2026-12-03 or 2026-12-03T14:00)") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None = None) -> None:
+    """The review page and its API on ``app``."""
+
+    def reader_of(request: Request) -> Reader:
+        key = request.headers.get(READER_KEY_HEADER)
+        if key:
+            reader = store.reader_by_key(key)
+            if reader is None:
+                raise PermissionError("unknown reader key")
+            return reader
+        if reader_header and request.headers.get(reader_header):
+            return store.reader_by_name(request.headers[reader_header], create=True)
+        raise PermissionError("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
+                              + (f" or come through the site proxy ({reader_header})" if reader_header else ""))
+
+    def guarded(work):
+        """Run ``work(reader)``; the store's and the reader's failures as JSON errors."""
+        def run(request: Request):
+            try:
+                return work(reader_of(request))
+            except PermissionError as exc:
+                return _error(401, str(exc))
+            except NotFound as exc:
+                return _error(404, str(exc))
+            except (ReviewError, ValueError) as exc:
+                return _error(422, str(exc))
+            except StoreError as exc:
+                return _error(503, str(exc))
+        return run
+
+    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
+    def review_page() -> str:
+        return (resources.files("pneumoscan") / "apps" / "web" / "review.html").read_text()
+
+    @app.get("/v1/review/me")
+    def me(request: Request):
+        return guarded(lambda reader: {"reader": reader.name, "adjudicator": reader.adjudicator})(request)
+
+    @app.get("/v1/review/worklist")
+    def worklist(request: Request, status: str | None = None, finding: str | None = None, source: str | None = None,
+                 since: str | None = None, until: str | None = None, reader: str | None = None,
+                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+        def work(me: Reader) -> dict[str, Any]:
+            items, total = store.worklist(me.id, status=status, finding=finding, source=source,
+                                          since=_date(since, "since"), until=_date(until, "until"),
+                                          reviewed_by=reader, limit=limit, offset=offset)
+            return {"reader": me.name, "total": total, "items": items}
+        return guarded(work)(request)
+
+    @app.get("/v1/review/results/{result_id}")
+    def result(request: Request, result_id: int):
+        def work(me: Reader) -> dict[str, Any]:
+            view = store.result_view(result_id, me.id)
+            layers = view["layers"]
+            if layers is not None:
+                layers["preview"] = "data:image/jpeg;base64," + base64.b64encode(layers["preview"]).decode()
+            view["assessed"] = assessed(view["record"])
+            return view
+        return guarded(work)(request)
+
+    @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
+    async def add(request: Request, result_id: int):
+        body = await request.body()
+        if len(body) > MAX_REVIEW_BYTES:
+            return _error(413, f"a review is at most {MAX_REVIEW_BYTES:,} bytes")
+        try:
+            import json
+
+            payload = json.loads(body or b"null")
+        except ValueError:
+            return _error(422, "a review is a JSON object")
+
+        def work(me: Reader):
+            review = check_review(payload, store.result_for_review(result_id))
+            saved = store.add_review(result_id, me, review)
+            return JSONResponse(status_code=200 if saved["repeated"] else 201, content=saved | {"reader": me.name})
+
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(guarded(work), request)
