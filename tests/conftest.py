@@ -136,7 +136,7 @@ def start_postgres() -> tuple[str, callable]:
 
     def stop() -> None:
         subprocess.run([*as_user, str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
+                       check=False, capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 
     return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop

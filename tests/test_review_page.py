@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import needs_data
 from test_server import _free_port
 
 from pneumoscan.labels import LABELS
@@ -21,6 +20,8 @@ from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
 from pneumoscan.store.db import Store
 from pneumoscan.store.review import agreement, current_reviews, export_manifest
+
+from conftest import needs_data
 
 FILMS = 100
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -7,20 +7,25 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from pathlib import Path
 
 import pandas as pd
 import pydicom
 import pytest
-from conftest import CLI, DATA, needs_data, start_postgres
-from dicom_films import film_to_dicom
 from sqlalchemy import create_engine, inspect, text
 
 from pneumoscan.labels import LABELS
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
 from pneumoscan.store.db import Store, StoreError, migrate, store_url
-from pneumoscan.store.review import ReviewError, check_review, current_reviews, export_manifest
+from pneumoscan.store.review import (
+    ReviewError,
+    check_review,
+    current_reviews,
+    export_manifest,
+)
+
+from conftest import CLI, needs_data, start_postgres
+from dicom_films import film_to_dicom
 
 TABLES = {"films", "results", "layers", "readers", "reviews", "verdicts", "store_meta"}
 FILMS = ["00000427_000.png", "00000100_000.png", "00001734_000.png"]
@@ -99,7 +104,7 @@ def test_results_are_stored_once_and_never_name_the_patient(db_url, predictor, p
         items, total = store.worklist(None)
         assert total == 4
         shown = {item["name"] for item in items}
-        assert {p.name for p in FILMS_PATHS(predictions)} <= shown and ds.SOPInstanceUID in shown
+        assert {p.name for p, _ in predictions} <= shown and ds.SOPInstanceUID in shown
         view = store.result_view(next(i["id"] for i in items if i["name"] == ds.SOPInstanceUID), None)
         assert view["study_uid"] == ds.StudyInstanceUID and view["record"]["path"] == ds.SOPInstanceUID
         assert view["layers"]["preview"][:2] == b"\xff\xd8" and view["layers"]["lungs"]  # a JPEG, outlines
@@ -111,7 +116,7 @@ def test_results_are_stored_once_and_never_name_the_patient(db_url, predictor, p
     assert "MRN4711" not in dump and "doe" not in dump.lower() and "jane" not in dump.lower()
 
 
-def FILMS_PATHS(predictions):  # noqa: N802 - reads as the constant it stands for
+def FILMS_PATHS(predictions):
     return [path for path, _ in predictions]
 
 
@@ -134,7 +139,7 @@ def test_a_store_that_goes_down_is_an_error_for_the_film_not_a_lost_result(predi
     finally:
         stop()
     done = subprocess.run([*CLI, "predict", str(predictions[0][0]), "--out", str(tmp_path / "out"), "--db", url],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "cannot be used" in done.stderr and not (tmp_path / "out" / "predictions.jsonl").exists()
 
@@ -146,7 +151,7 @@ def test_predict_writes_the_store_and_the_files(tmp_path, data_dir):
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     for run in range(2):
         done = subprocess.run([*CLI, "predict", *films, "--out", str(tmp_path / f"out{run}"), "--db", url,
-                               "--no-overlays"], capture_output=True, text=True, timeout=300)
+                               "--no-overlays"], check=False, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         records = [json.loads(line) for line in (tmp_path / f"out{run}" / "predictions.jsonl").read_text().splitlines()]
         assert [r["store_id"] for r in records] == [1, 2]
@@ -192,7 +197,7 @@ def test_majority_labels_adjudicator_and_disagreements():
                      "verdicts": {"Pneumonia": verdict}, "record": RECORD})
     for row in rows:
         row["current"] = not (row["reader"] == "bob" and row["seq"] == 1)
-    manifest, left_out, disagreements = export_manifest(current_reviews(rows))
+    manifest, _, disagreements = export_manifest(current_reviews(rows))
     assert len(manifest) == 1 and manifest["Pneumonia"].iloc[0] == 1 and manifest["No Finding"].iloc[0] == 0
     assert disagreements.empty  # bob's first review was superseded
     rows[3]["current"], rows[1]["current"] = False, True  # bob's first opinion stands: 2 to 1
@@ -312,18 +317,18 @@ def test_export_feeds_calibrate(tmp_path, predictor, data_dir):
         store.add_review(record["store_id"], reader, check_review({"verdicts": verdicts, "labels": mine}, record))
     store.close()
     out = tmp_path / "site.csv"
-    done = subprocess.run([*CLI, "review", "export", "--db", url, "--out", str(out)], capture_output=True, text=True)
+    done = subprocess.run([*CLI, "review", "export", "--db", url, "--out", str(out)], check=False, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     manifest = read_manifest(out)
     assert len(manifest) == 30 and int(manifest["No Finding"].sum()) == 14 and set(manifest["split"]) == {"val"}
     stats = subprocess.run([*CLI, "review", "stats", "--db", url, "--out", str(tmp_path / "stats.json")],
-                           capture_output=True, text=True)
+                           check=False, capture_output=True, text=True)
     assert stats.returncode == 0, stats.stderr
     figures = json.loads((tmp_path / "stats.json").read_text())
     assert figures["labels"]["No Finding"]["n"] == 30 and figures["labels"]["No Finding"]["model_kappa"] is not None
     model = tmp_path / "site.pt"
     done = subprocess.run([*CLI, "calibrate", "--manifest", str(out), "--split", "val", "--out", str(model), "--youden",
-                           "--n-boot", "50"], capture_output=True, text=True, timeout=900)
+                           "--n-boot", "50"], check=False, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     import numpy as np
 

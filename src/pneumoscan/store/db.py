@@ -21,7 +21,15 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from pneumoscan.store.schema import Film, Layers, Reader, Result, Review, StoreMeta, Verdict
+from pneumoscan.store.schema import (
+    Film,
+    Layers,
+    Reader,
+    Result,
+    Review,
+    StoreMeta,
+    Verdict,
+)
 
 #: How often a write that lost a race (two films or reviews inserted at once) is tried again.
 RETRIES = 5
@@ -198,7 +206,7 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Store:  # noqa: PYI034 - Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -220,7 +220,7 @@ def agreement(reviews: pd.DataFrame) -> dict[str, Any]:
     specificity against the readers' majority of each result, and inter-reader kappa per pair."""
     records = reviews.attrs.get("records", {})
     readers = sorted(reviews["reader"].unique()) if not reviews.empty else []
-    out: dict[str, Any] = {"reviews": int(len(reviews)), "results": int(reviews["result_id"].nunique()) if len(reviews) else 0,
+    out: dict[str, Any] = {"reviews": len(reviews), "results": int(reviews["result_id"].nunique()) if len(reviews) else 0,
                            "readers": readers, "labels": {}}
     for label in LABELS:
         rows = [(r["result_id"], r["reader"], r[label]) for _, r in reviews.iterrows()
@@ -229,22 +229,22 @@ def agreement(reviews: pd.DataFrame) -> dict[str, Any]:
             continue
         table = pd.DataFrame(rows, columns=["result_id", "reader", "truth"])
         table["model"] = [float(label in called(records[i])) for i in table["result_id"]]
-        entry: dict[str, Any] = {"n": int(len(table)), "model_kappa": _kappa(table["model"].to_numpy(), table["truth"].to_numpy()),
+        entry: dict[str, Any] = {"n": len(table), "model_kappa": _kappa(table["model"].to_numpy(), table["truth"].to_numpy()),
                                  "per_reader": {}}
         for reader, part in table.groupby("reader"):
-            entry["per_reader"][reader] = {"n": int(len(part)),
+            entry["per_reader"][reader] = {"n": len(part),
                                            "kappa": _kappa(part["model"].to_numpy(), part["truth"].to_numpy())}
         majority = table.groupby("result_id").agg(model=("model", "first"), yes=("truth", "sum"), n=("truth", "size"))
         majority = majority[majority["yes"] * 2 != majority["n"]]
         positive, negative = majority[majority["yes"] * 2 > majority["n"]], majority[majority["yes"] * 2 < majority["n"]]
-        entry["positives"], entry["negatives"] = int(len(positive)), int(len(negative))
+        entry["positives"], entry["negatives"] = len(positive), len(negative)
         entry["sensitivity"] = round(float(positive["model"].mean()), 4) if len(positive) else None
         entry["specificity"] = round(float(1 - negative["model"].mean()), 4) if len(negative) else None
         pairs = {}
         wide = table.pivot_table(index="result_id", columns="reader", values="truth", aggfunc="last")
         for a, b in itertools.combinations(sorted(wide.columns), 2):
             both = wide[[a, b]].dropna()
-            pairs[f"{a} × {b}"] = {"n": int(len(both)), "kappa": _kappa(both[a].to_numpy(), both[b].to_numpy())}
+            pairs[f"{a} × {b}"] = {"n": len(both), "kappa": _kappa(both[a].to_numpy(), both[b].to_numpy())}
         entry["inter_reader"] = pairs
         out["labels"][label] = entry
     return out

@@ -4,11 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from pneumoscan.apps.cli.common import DbOption, app, console, err, fail, open_store, print_table
+from pneumoscan.apps.cli.common import (
+    DbOption,
+    app,
+    console,
+    err,
+    fail,
+    open_store,
+    print_table,
+)
 
 review_app = typer.Typer(help="The results store: schema migrations, readers, labels out (export) and agreement (stats).",
                          no_args_is_help=True)
@@ -95,7 +103,7 @@ def _reviews(store):
 def export(
     out: Annotated[Path, typer.Option(help="The manifest CSV to write (evaluate, calibrate, compare and train read it).")],
     db: DbOption = None,
-    adjudicator: Annotated[Optional[str], typer.Option(
+    adjudicator: Annotated[str | None, typer.Option(
         help="Take this reader's labels where they read a film (else the readers' majority).")] = None,
     split: Annotated[str, typer.Option(help="The split every exported film gets (choose thresholds on it with "
                                             "calibrate; keep other films for the test).")] = "val",
@@ -129,7 +137,7 @@ def export(
 @review_app.command("stats")
 def stats(
     db: DbOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Also write the figures as JSON here.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Also write the figures as JSON here.")] = None,
 ) -> None:
     """Model–reader agreement per assessed label (Cohen's kappa per reader and pooled; the model's
     sensitivity and specificity against the readers' majority) and, with two or more readers,

@@ -176,6 +176,9 @@ def predict(
         except ValueError as exc:
             fail(str(exc))
     files = gather_inputs(paths, out)
+    if ray is not None and db:
+        fail("--db is not taken by --ray yet; run without --ray")
+    store = open_store(db) if db else None  # a store that is down stops here, before any model loads
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch, onnx=onnx)
     try:
@@ -187,9 +190,6 @@ def predict(
     if ray is not None and given is not None:
         fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
     run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": force}
-    if ray is not None and db:
-        fail("--db is not taken by --ray yet; run without --ray, or store later from a run without it")
-    store = open_store(db) if db else None
     if ray is not None:
         return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
                               seg_model=seg_model, model=model, backend=backend, device=device,
