@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+from pathlib import Path
 
 import pandas as pd
 import pydicom
@@ -338,3 +339,44 @@ def test_export_feeds_calibrate(tmp_path, predictor, data_dir):
     site = Classifier.load(model)
     assert not np.isclose(site.thresholds[i], load_default().thresholds[i])
     assert "site.csv" in json.dumps(site.meta, default=str)
+
+
+@needs_data
+def test_serve_and_listen_store_what_they_read(tmp_path, predictor, predictions):
+    """`serve --db --keep-films`: an upload's answer carries its store id and the film is kept by
+    its hash (so the export can point at it); `listen --db`: a received instance is stored by its
+    UIDs, its patient's name nowhere."""
+    from fastapi.testclient import TestClient
+
+    from pneumoscan.apps.listen import Listener
+    from pneumoscan.apps.server import create_app
+
+    store = Store(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    kept = tmp_path / "films"
+    kept.mkdir()
+    client = TestClient(create_app(predictor, store=store, keep_films=kept, allowed_hosts=None))
+    path = predictions[1][0]
+    answer = client.post("/v1/predict?images=false", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+    assert answer["store_id"] == 1 and client.get("/health").json()["store"].startswith("sqlite:///")
+    (copy,) = kept.iterdir()
+    assert copy.read_bytes() == path.read_bytes() and copy.suffix == ".png"
+
+    dicom = film_to_dicom(predictions[0][0], tmp_path / "in.dcm", modality="CR")
+    ds = pydicom.dcmread(dicom)
+    ds.PatientName = "Roe^Richard"
+    ds.save_as(dicom)
+    listener = Listener(predictor, tmp_path / "out", tmp_path / "out" / ".spool", store=store, keep_films=kept)
+    assert listener.receive(ds.SOPInstanceUID, ds, dicom.read_bytes(), "PYTEST") == 0
+    listener.process(ds.SOPInstanceUID)
+    items, total = store.worklist(None)
+    assert total == 2 and {i["source"] for i in items} == {"serve", "listen"}
+    listened = store.result_view(next(i["id"] for i in items if i["source"] == "listen"), None)
+    assert listened["sop_uid"] == ds.SOPInstanceUID == listened["name"] and "Roe" not in json.dumps(listened, default=str)
+    reader = store.reader_by_name("ann", create=True)
+    for item in items:
+        record = store.result_for_review(item["id"])
+        verdicts = {label: "unsure" for label in LABELS if (record["thresholds"] or {}).get(label) is not None}
+        store.add_review(item["id"], reader, check_review({"verdicts": verdicts, "labels": []}, record))
+    manifest, left_out, _ = export_manifest(current_reviews(store.review_rows()))
+    assert sorted(Path(p).parent for p in manifest["path"]) == [kept, kept] and left_out.empty
+    store.close()

@@ -34,12 +34,14 @@ def _dicom_tags(data: bytes) -> dict[str, str]:
             ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID", "PatientName")}
 
 
-def names_patient(text: str | None, patient_name: str) -> bool:
-    """Whether ``text`` contains a part (two letters or more) of a DICOM person name."""
-    if not text or not patient_name:
+def names_patient(text: str | None, patient_name: str, patient_id: str = "") -> bool:
+    """Whether ``text`` holds a word of a DICOM person name (words compared whole, so a patient
+    called Film does not hide ``films/``) or the patient ID (4 characters or more, anywhere)."""
+    if not text:
         return False
-    parts = [p for p in re.split(r"[\^=\s,]+", patient_name.lower()) if len(p) >= 2]
-    return any(p in text.lower() for p in parts)
+    words = set(re.split(r"[^0-9a-z]+", text.lower()))
+    parts = {p for p in re.split(r"[^0-9a-z]+", (patient_name or "").lower()) if len(p) >= 2}
+    return bool(parts & words) or (len(patient_id) >= 4 and patient_id.lower() in text.lower())
 
 
 def identify(data: bytes, name: str, path: str | Path | None = None) -> FilmIdentity:
@@ -50,10 +52,10 @@ def identify(data: bytes, name: str, path: str | Path | None = None) -> FilmIden
     patient = tags.get("PatientName", "")
     shown = Path(str(name).replace("\\", "/")).name or sha[:16]
     patient_id = tags.get("PatientID", "")
-    if names_patient(shown, patient) or names_patient(shown, patient_id):
+    if names_patient(shown, patient, patient_id):
         shown = tags.get("SOPInstanceUID") or f"film {sha[:16]}"
     where = str(Path(path).resolve()) if path is not None else None
-    if names_patient(where, patient) or names_patient(where, patient_id):
+    if names_patient(where, patient, patient_id):
         where = None
     return FilmIdentity(sha256=sha, display_name=shown, path=where, study_uid=tags.get("StudyInstanceUID") or None,
                         series_uid=tags.get("SeriesInstanceUID") or None, sop_uid=tags.get("SOPInstanceUID") or None,

@@ -190,7 +190,7 @@ def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, sp
         film = films.loc[row["film_id"]]
         record = records.get(film["result_id"], {})
         population, image = record.get("population") or {}, record.get("image") or {}
-        if not film["path"]:
+        if not isinstance(film["path"], str) or not film["path"]:
             left_out.append({"sha256": film["sha256"], "display_name": film["display_name"],
                              "reason": "no file path kept (uploaded or received without a kept copy)"})
             continue
