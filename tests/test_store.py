@@ -17,7 +17,7 @@ from sqlalchemy import create_engine, inspect, text
 from pneumoscan.labels import LABELS
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
-from pneumoscan.store.db import Store, StoreError, migrate, store_url
+from pneumoscan.store.db import Store, StoreError, head_revision, migrate, store_url
 from pneumoscan.store.review import (
     ReviewError,
     check_review,
@@ -29,6 +29,7 @@ from conftest import CLI, needs_data, start_postgres
 from dicom_films import film_to_dicom
 
 TABLES = {"films", "results", "layers", "readers", "reviews", "verdicts", "store_meta"}
+STUDY_TABLES = {"studies", "study_cases", "study_steps", "study_ratings"}
 FILMS = ["00000427_000.png", "00000100_000.png", "00001734_000.png"]
 
 
@@ -59,10 +60,16 @@ def table_names(url: str) -> set[str]:
 def test_migrations_up_and_down(db_url):
     """Alembic's head creates every table, base removes them all, head again restores them; a
     store at an unknown (newer) revision or a database of other tables is refused with a reason."""
-    assert migrate(db_url) == "0001"
-    assert TABLES <= table_names(db_url)
+    assert migrate(db_url, "0001") == "0001"
+    assert TABLES <= table_names(db_url) and not (STUDY_TABLES & table_names(db_url))
+    assert migrate(db_url) == head_revision() == "0002"  # 0001 → 0002 adds the reader-study tables
+    assert TABLES | STUDY_TABLES <= table_names(db_url)
+    assert migrate(db_url, "0001", down=True) == "0001" and not (STUDY_TABLES & table_names(db_url))
+    with pytest.raises(StoreError, match="revision 0001; this PneumoScan needs 0002: run `pneumoscan review migrate"):
+        Store(db_url)
+    assert migrate(db_url) == "0002"
     assert migrate(db_url, "base", down=True) is None
-    assert not (TABLES & table_names(db_url))
+    assert not ((TABLES | STUDY_TABLES) & table_names(db_url))
     with Store(db_url) as store:  # an empty database is created on first use
         assert store.counts()["films"] == 0
     engine = create_engine(store_url(db_url))

@@ -74,9 +74,33 @@ def study_markdown(result: dict[str, Any], source: str) -> str:
         ["treatment", "AUC", "MS(R)", "std. error", "df", "95 % CI"],
         [[s["treatment"], f"{s['auc']:.4f}", f"{s['ms_r']:.8f}", f"{s['stderr']:.5f}", str(s["df"]), _ci(s["ci"])]
          for s in rrfc["single"]])
+    lines += _study_lines(result.get("study"))
     lines += ["", "References: Obuchowski & Rockette 1995; Hillis et al. 2005; Hillis 2007. The data are in "
               "`study.imrmc` and `study.lrc` for iMRMC (FDA) and the Iowa program or RJafroc/MRMCaov.", ""]
     return "\n".join(lines)
+
+
+def _study_lines(extra: dict[str, Any] | None) -> list[str]:
+    """What a study read in PneumoScan adds: the binary calls, reading times, the model alone."""
+    if not extra:
+        return []
+    lines = ["", f"## 4. The study's other figures ({extra['target']}, {extra['design']} design)", "",
+             "Binary calls (\"present\") against the truth, and mean seconds per case:", ""]
+    lines += _table(["arm", "reader", "sensitivity", "specificity", "mean seconds"],
+                    [[arm, reader, f"{v['sensitivity']:.4f}", f"{v['specificity']:.4f}",
+                      "—" if v["mean_seconds"] is None else f"{v['mean_seconds']:.1f}"]
+                     for arm, readers in extra["calls"].items() for reader, v in readers.items()])
+    timing = extra.get("reading_time")
+    if timing:
+        lines += ["", f"Reading time: {', '.join(f'{a} {v:.1f} s' for a, v in timing['mean_seconds'].items())} per case "
+                      f"(readers' means); {timing['difference']}: {timing['mean_difference']:+.1f} s "
+                      f"(95 % CI {timing['ci'][0]:+.1f} to {timing['ci'][1]:+.1f}, paired over readers)."]
+    alone = extra.get("model_alone")
+    if alone:
+        lines += ["", f"PneumoScan alone (its probability as the score) on the {alone['cases']} cases it assessed"
+                      + (f" ({alone['left_out']} left out)" if alone["left_out"] else "") + f": AUC {alone['auc']:.4f}; "
+                      "readers' average on the same cases " + ", ".join(f"{a} {v:.4f}" for a, v in alone["readers_average_auc"].items()) + "."]
+    return lines
 
 
 def roc_points(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,10 @@
 - ``GET /v1/review/results/{id}``: one result with its layers and the reader's current review.
 - ``POST /v1/review/results/{id}/reviews``: a review (JSON; :func:`pneumoscan.store.review.check_review`),
   appended: it supersedes the reader's earlier one, never overwrites it.
+- ``GET /study``: the reader-study page; ``GET /v1/study`` the reader's studies;
+  ``GET /v1/study/{name}/next`` their next reading (:func:`pneumoscan.store.study.next_step`:
+  unaided, nothing of the model); ``POST …/steps/{id}/rating`` and ``…/correction`` (409 while a
+  washout holds the reading back).
 
 A reader is named by their key (header ``X-Reader-Key``; ``pneumoscan review readers add``) or,
 behind a site proxy that authenticates people, by the proxy's header (``--reader-header``, e.g.
@@ -17,18 +21,25 @@ otherwise). The store's blocking calls run in FastAPI's thread pool, never on th
 from __future__ import annotations
 
 import base64
+import json
 from datetime import datetime, timezone
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from pneumoscan.store.db import NotFound, Store, StoreError
 from pneumoscan.store.review import ReviewError, assessed, check_review
 from pneumoscan.store.schema import Reader
+from pneumoscan.store.study import Waiting
 
 READER_KEY_HEADER = "x-reader-key"
+
+
+class Unauthorised(PermissionError):
+    """No reader, or an unknown key (401; a known reader without the right is 403)."""
 MAX_REVIEW_BYTES = 64 * 1024
 
 
@@ -54,11 +65,11 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         if key:
             reader = store.reader_by_key(key)
             if reader is None:
-                raise PermissionError("unknown reader key")
+                raise Unauthorised("unknown reader key")
             return reader
         if reader_header and request.headers.get(reader_header):
             return store.reader_by_name(request.headers[reader_header], create=True)
-        raise PermissionError("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
+        raise Unauthorised("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
                               + (f" or come through the site proxy ({reader_header})" if reader_header else ""))
 
     def guarded(work):
@@ -66,10 +77,14 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         def run(request: Request):
             try:
                 return work(reader_of(request))
-            except PermissionError as exc:
+            except Unauthorised as exc:
                 return _error(401, str(exc))
+            except PermissionError as exc:
+                return _error(403, str(exc))
             except NotFound as exc:
                 return _error(404, str(exc))
+            except Waiting as exc:
+                return _error(409, str(exc))
             except (ReviewError, ValueError) as exc:
                 return _error(422, str(exc))
             except StoreError as exc:
@@ -106,23 +121,73 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             return view
         return guarded(work)(request)
 
-    @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
-    async def add(request: Request, result_id: int):
+    @app.get("/study", response_class=HTMLResponse, include_in_schema=False)
+    def study_page() -> str:
+        return (resources.files("pneumoscan") / "apps" / "web" / "study.html").read_text()
+
+    @app.get("/v1/study")
+    def my_studies(request: Request):
+        from pneumoscan.store.study import studies_of
+
+        return guarded(lambda me: {"reader": me.name, "studies": studies_of(store, me)})(request)
+
+    @app.get("/v1/study/{name}/next")
+    def next_reading(request: Request, name: str):
+        from pneumoscan.store.study import next_step
+
+        def work(me: Reader) -> dict[str, Any]:
+            answer = next_step(store, name, me)
+            if answer.get("step"):
+                answer["step"]["preview"] = ("data:image/jpeg;base64,"
+                                             + base64.b64encode(answer["step"]["preview"]).decode())
+            return answer
+        return guarded(work)(request)
+
+    async def json_body(request: Request) -> Any:
         body = await request.body()
         if len(body) > MAX_REVIEW_BYTES:
-            return _error(413, f"a review is at most {MAX_REVIEW_BYTES:,} bytes")
+            raise ValueError(f"at most {MAX_REVIEW_BYTES:,} bytes")
         try:
-            import json
-
-            payload = json.loads(body or b"null")
+            return json.loads(body or b"null")
         except ValueError:
-            return _error(422, "a review is a JSON object")
+            raise ValueError("the body is a JSON object") from None
+
+    @app.post("/v1/study/{name}/steps/{step_id}/rating", status_code=201)
+    async def rating(request: Request, name: str, step_id: int):
+        from pneumoscan.store.study import rate
+
+        try:
+            payload = await json_body(request)
+        except ValueError as exc:
+            return _error(422, str(exc))
+        payload = payload if isinstance(payload, dict) else {}
+        return await run_in_threadpool(guarded(
+            lambda me: JSONResponse(status_code=201, content=rate(store, name, me, step_id, payload.get("ratings"),
+                                                                  payload.get("seconds")))), request)
+
+    @app.post("/v1/study/{name}/steps/{step_id}/correction", status_code=201)
+    async def correction(request: Request, name: str, step_id: int):
+        from pneumoscan.store.study import correct
+
+        try:
+            payload = await json_body(request)
+        except ValueError as exc:
+            return _error(422, str(exc))
+        payload = payload if isinstance(payload, dict) else {}
+        return await run_in_threadpool(guarded(
+            lambda me: JSONResponse(status_code=201, content=correct(store, name, me, step_id, str(payload.get("target")),
+                                                                     payload.get("rating"), payload.get("reason")))), request)
+
+    @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
+    async def add(request: Request, result_id: int):
+        try:
+            payload = await json_body(request)
+        except ValueError as exc:
+            return _error(422, f"a review: {exc}")
 
         def work(me: Reader):
             review = check_review(payload, store.result_for_review(result_id))
             saved = store.add_review(result_id, me, review)
             return JSONResponse(status_code=200 if saved["repeated"] else 201, content=saved | {"reader": me.name})
-
-        from starlette.concurrency import run_in_threadpool
 
         return await run_in_threadpool(guarded(work), request)

@@ -129,3 +129,62 @@ class Verdict(Base):
     review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id"), index=True)
     label: Mapped[str] = mapped_column(String(32))
     verdict: Mapped[str] = mapped_column(String(16))
+
+
+# --- reader studies (revision 0002) ----------------------------------------------------------------
+
+
+class Study(Base):
+    """An MRMC reader study: cases (stored results with their truth), readers, arms.
+    ``design`` sequential (each case unaided, then aided, in one sitting) or crossover (every case
+    unaided, then after ``washout_days`` every case aided; or the other way for half the readers)."""
+
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    design: Mapped[str] = mapped_column(String(16))
+    washout_days: Mapped[float] = mapped_column(Float)
+    targets: Mapped[list[Any]] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyCase(Base):
+    __tablename__ = "study_cases"
+    __table_args__ = (UniqueConstraint("study_id", "result_id", name="uq_study_case"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"))
+    truth: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class StudyStep(Base):
+    """One reading a reader owes: a case in an arm, at its place in the reader's seeded order."""
+
+    __tablename__ = "study_steps"
+    __table_args__ = (UniqueConstraint("study_id", "reader_id", "position", name="uq_study_step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    reader_id: Mapped[int] = mapped_column(ForeignKey("readers.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    case_id: Mapped[int] = mapped_column(ForeignKey("study_cases.id"))
+    arm: Mapped[str] = mapped_column(String(16))
+    #: the first step of a crossover's second arm waits this long after the reader's last reading
+    washout_before: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class StudyRating(Base):
+    """A reader's rating of one step and target (append-only: a correction is a new row with the
+    next ``seq`` and its reason)."""
+
+    __tablename__ = "study_ratings"
+    __table_args__ = (UniqueConstraint("step_id", "target", "seq", name="uq_study_rating"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step_id: Mapped[int] = mapped_column(ForeignKey("study_steps.id"), index=True)
+    target: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(Integer)
+    score: Mapped[float] = mapped_column(Float)
+    call: Mapped[bool] = mapped_column(Boolean)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    correction: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
