@@ -92,9 +92,10 @@ def _study_lines(extra: dict[str, Any] | None) -> list[str]:
                      for arm, readers in extra["calls"].items() for reader, v in readers.items()])
     timing = extra.get("reading_time")
     if timing:
-        lines += ["", f"Reading time: {', '.join(f'{a} {v:.1f} s' for a, v in timing['mean_seconds'].items())} per case "
-                      f"(readers' means); {timing['difference']}: {timing['mean_difference']:+.1f} s "
-                      f"(95 % CI {timing['ci'][0]:+.1f} to {timing['ci'][1]:+.1f}, paired over readers)."]
+        means = ", ".join(f"{a} {v:.1f} s" for a, v in timing["mean_seconds"].items())
+        lines += ["", (f"Reading time: {means} per case (readers' means); {timing['difference']}: "
+                       f"{timing['mean_difference']:+.1f} s (95 % CI {timing['ci'][0]:+.1f} to {timing['ci'][1]:+.1f}, "
+                       "paired over readers).")]
     alone = extra.get("model_alone")
     if alone:
         lines += ["", f"PneumoScan alone (its probability as the score) on the {alone['cases']} cases it assessed"
