@@ -358,3 +358,75 @@ def test_stow_rs_door_takes_films_and_refuses_the_rest_per_part(tmp_path):
         assert all(item["00081197"]["Value"] == [0xC000] for item in answer["00081198"]["Value"])
         assert http.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"}).status_code == 415
     assert [p.name for p in listener.spool.iterdir()] == [f"{stored[0]}.dcm"]
+
+
+def _store_event(path: Path):
+    """The event pynetdicom hands the C-STORE handler for ``path`` received in its own transfer
+    syntax: the dataset's bytes after the file meta, as DIMSE carries them."""
+    from io import BytesIO
+    from types import SimpleNamespace
+
+    from pydicom.uid import UID
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.events import Event
+    from pynetdicom.presentation import PresentationContextTuple
+
+    from pneumoscan.io import file_meta_layout
+
+    data = path.read_bytes()
+    end, syntax, _, _ = file_meta_layout(data)
+    meta = pydicom.filereader.read_file_meta_info(path)  # the meta group only: a bomb's body stays unread
+    request = C_STORE()
+    request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    request.DataSet = BytesIO(data[end:])
+    return Event(SimpleNamespace(requestor=SimpleNamespace(ae_title="PYTEST")), evt.EVT_C_STORE,
+                 {"request": request, "context": PresentationContextTuple(1, meta.MediaStorageSOPClassUID, UID(syntax))})
+
+
+def test_a_deflate_bomb_is_refused_at_both_doors_while_inflating(tmp_path):
+    """Issue 36: a deflated dataset sent by C-STORE (pynetdicom's own decoding inflates it whole)
+    or as a STOW-RS part is inflated with a file's bounds: a 1 GiB bomb (1 MB sent) is refused
+    (0xC000; a failed part) having cost the listener under 100 MB, and an honest deflated film is
+    taken and spooled as Explicit VR Little Endian, pixel for pixel the film sent."""
+    import copy
+    import tracemalloc
+
+    import numpy as np
+    from starlette.testclient import TestClient
+    from test_io import _deflated
+
+    from pneumoscan.apps.listen import Listener
+
+    (plain,) = _films(tmp_path / "films", 1)
+    ds = pydicom.dcmread(plain)
+    honest = _deflated(ds, tmp_path / "honest.dcm")
+    small = copy.deepcopy(ds)
+    small.SOPInstanceUID = small.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    small.Rows = small.Columns = 64
+    small.PixelData = np.zeros((64, 64), np.uint16).tobytes()
+    bomb = _deflated(small, tmp_path / "bomb.dcm", junk_mib=1024)
+    assert bomb.stat().st_size < 2 * 2**20
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool")  # receiving only: no worker runs
+    assert listener.handle_store(_store_event(honest)) == 0x0000
+    spooled = pydicom.dcmread(listener.spool / f"{ds.SOPInstanceUID}.dcm")
+    assert spooled.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert np.array_equal(spooled.pixel_array, ds.pixel_array)
+    event = _store_event(bomb)
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    status = listener.handle_store(event)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert status == 0xC000 and peak < 100 * 2**20, (status, peak)
+    boundary = "pneumoscan-test"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + bomb.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    with TestClient(listener.stow_app()) as http:
+        tracemalloc.start()
+        tracemalloc.reset_peak()
+        answer = http.post("/studies", content=body, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert len(answer.json()["00081198"]["Value"]) == 1 and peak < 100 * 2**20, (answer.text[:200], peak)
+    assert sorted(p.name for p in listener.spool.iterdir()) == [f"{ds.SOPInstanceUID}.dcm"]

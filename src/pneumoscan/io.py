@@ -367,6 +367,21 @@ def inflated(data: bytes, name: str, max_pixels: int) -> bytes:
     return meta + body
 
 
+def inflated_instance(raw: bytes, sop_class: str, uid: str, max_pixels: int = MAX_PIXELS) -> bytes:
+    """A dataset received over the network in Deflated Explicit VR Little Endian (the bytes after
+    the file meta, as DIMSE carries them) as a whole file in Explicit VR Little Endian, inflated
+    with the same bounds as a file (:func:`inflated`); :class:`XrayReadError` for a bomb."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = sop_class, uid, DEFLATED
+    buffer = io.BytesIO()
+    buffer.write(bytes(128) + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return inflated(buffer.getvalue() + raw, uid, max_pixels)
+
+
 def _parse_dicom(source: Any, name: str, *, force: bool, header_only: bool = False) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError

@@ -164,10 +164,25 @@ class Listener:
         return SUCCESS
 
     def handle_store(self, event) -> int:
-        """C-STORE."""
+        """C-STORE. A deflated dataset is inflated here, bounded like a file (pynetdicom's own
+        decoding would inflate a compressed-size bomb whole), and spooled in Explicit VR Little Endian."""
+        from io import BytesIO
+
+        from pneumoscan.io import DEFLATED, XrayReadError, inflated_instance
+
         uid = str(event.request.AffectedSOPInstanceUID)
         try:
-            dataset, encoded = event.dataset, event.encoded_dataset()
+            if str(event.context.transfer_syntax) == DEFLATED:
+                import pydicom
+
+                encoded = inflated_instance(event.request.DataSet.getvalue(), str(event.request.AffectedSOPClassUID), uid)
+                dataset = pydicom.dcmread(BytesIO(encoded))
+            else:
+                dataset, encoded = event.dataset, event.encoded_dataset()
+        except XrayReadError as exc:
+            log.warning("refused an instance from %s: %s", printable(event.assoc.requestor.ae_title),
+                        str(exc).replace(uid, "it")[:200])
+            return CANNOT_UNDERSTAND
         except Exception as exc:  # a dataset pydicom cannot decode
             log.warning("refused an instance from %s: undecodable (%s)", printable(event.assoc.requestor.ae_title),
                         type(exc).__name__)
@@ -404,8 +419,14 @@ class Listener:
 
         import pydicom
 
+        from pneumoscan.io import MAX_PIXELS, XrayReadError, inflated
+
         try:
+            part = inflated(part, "a STOW-RS part", MAX_PIXELS)  # a deflated part, bounded like a file
             dataset = pydicom.dcmread(BytesIO(part))
+        except XrayReadError as exc:
+            log.warning("refused a STOW-RS part from %s: %s", sender, str(exc)[:200])
+            return False, None
         except Exception:  # not DICOM
             return False, None
         uid = str(dataset.get("SOPInstanceUID", ""))
