@@ -430,3 +430,62 @@ def test_a_deflate_bomb_is_refused_at_both_doors_while_inflating(tmp_path):
         tracemalloc.stop()
     assert len(answer.json()["00081198"]["Value"]) == 1 and peak < 100 * 2**20, (answer.text[:200], peak)
     assert sorted(p.name for p in listener.spool.iterdir()) == [f"{ds.SOPInstanceUID}.dcm"]
+
+
+def test_a_full_disk_holds_instances_in_the_spool_and_loses_none(tmp_path, monkeypatch):
+    """Issue 36: with the results folder full (every write there fails with ENOSPC, as a full
+    disk does; the spool is elsewhere), the worker survived (its retry counter's own write used to
+    kill it), nothing went to failed/, C-STORE was answered 0xA700 while it could not work; once
+    there is room, every instance is processed exactly once. One that failed for good earlier and
+    is sent again is processed again, not dropped."""
+    import errno
+
+    import pneumoscan.modelfile
+    import pneumoscan.outputs.dicom
+    from pneumoscan.apps.listen import Listener
+    from pneumoscan.predict import Predictor
+
+    out, full = tmp_path / "out", threading.Event()
+    films = _films(tmp_path / "films", 10)
+    uids = [pydicom.dcmread(f).SOPInstanceUID for f in films]
+
+    def no_room(real):
+        def write(path, *args, **kwargs):
+            if full.is_set() and Path(path).is_relative_to(out):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, *args, **kwargs)
+        return write
+
+    for module, name in ((pneumoscan.modelfile, "atomic_write_bytes"), (pneumoscan.outputs.dicom, "write_dicom_results")):
+        real = getattr(module, name)
+        if name == "write_dicom_results":
+            monkeypatch.setattr(module, name, lambda path, *a, _real=real, **k: (_ for _ in ()).throw(
+                OSError(errno.ENOSPC, "No space left on device")) if full.is_set() else _real(path, *a, **k))
+        else:
+            monkeypatch.setattr(module, name, no_room(real))
+    port = _port()
+    listener = Listener(Predictor.from_default(), out, tmp_path / "spool", port=port, backoff_max_s=1.0)
+    listener.start(block=False)
+    try:
+        full.set()
+        first = _send(films, port)
+        assert set(first) <= {0x0000, 0xA700} and first[0] == 0x0000
+        _wait(lambda: listener._full, 120)
+        assert _send(films[:1], port) == [0xA700]  # the worker cannot write: the sender is told to retry
+        assert not list((out / "failed").iterdir())
+        full.clear()
+        _wait(lambda: not listener._full and not listener._pending, 300)
+        refused = [f for f, status in zip(films, first) if status != 0x0000]
+        assert not refused or set(_send(refused, port)) == {0x0000}  # the sender's retry, now there is room
+        _wait(lambda: all((out / ".done" / uid).exists() for uid in uids) and not listener._pending, 300)
+    finally:
+        listener.stop()
+    assert not list((out / "failed").iterdir())
+    lines = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(line["sop_instance_uid"] for line in lines) == sorted(uids)  # each processed once
+    # an instance that failed for good before is processed when it is sent again
+    (out / ".done" / uids[0]).write_text("")
+    (out / "failed" / f"{uids[0]}.error.txt").write_text("failed 3 times")
+    listener = Listener(Predictor.from_default(), out, tmp_path / "spool", port=_port())
+    assert listener.receive(uids[0], pydicom.dcmread(films[0]), films[0].read_bytes(), "PYTEST") == 0x0000
+    assert (tmp_path / "spool" / f"{uids[0]}.dcm").exists() and not (out / "failed" / f"{uids[0]}.error.txt").exists()

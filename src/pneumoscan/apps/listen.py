@@ -120,6 +120,8 @@ class Listener:
     _server: Any = field(default=None, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
     _sink: Any = field(default=None, init=False)
+    #: the worker found no room to write results: C-STORE is answered 0xA700 until it does
+    _full: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.out, self.spool = Path(self.out), Path(self.spool)
@@ -143,6 +145,9 @@ class Listener:
         if made_by_pneumoscan(dataset):
             log.info("refused %s from %s: one of PneumoScan's own results (loop guard)", uid, sender)
             return CANNOT_UNDERSTAND
+        if self._full:
+            log.warning("refused %s from %s: no room to write results (0xA700: send it again later)", uid, sender)
+            return OUT_OF_RESOURCES
         with self._lock:
             if uid in self._pending:
                 return SUCCESS  # already spooled and waiting: storing it again changes nothing
@@ -152,6 +157,11 @@ class Listener:
                 return OUT_OF_RESOURCES
             self._pending.add(uid)
         try:
+            if (self.failed / f"{uid}.error.txt").exists():  # sent again after it failed: try it afresh
+                (self.done / uid).unlink(missing_ok=True)
+                (self.failed / f"{uid}.error.txt").unlink()
+                (self.failed / f"{uid}.dcm").unlink(missing_ok=True)
+                log.info("%s from %s failed before; processing it again", uid, sender)
             if not (self.done / uid).exists():  # done before (the sender retried): nothing to do
                 spool_and_sync(self.spool / f"{uid}.dcm", encoded)
         except Exception as exc:  # a full disk: the sender must retry
@@ -217,6 +227,7 @@ class Listener:
         return count
 
     def _work(self) -> None:
+        delay = 1.0
         while True:
             uid = self._queue.get()
             if uid is None:
@@ -224,14 +235,37 @@ class Listener:
             again = False
             try:
                 self.process(uid)
-            except Exception as exc:  # one bad instance never stops the listener
-                again = self._failed_try(uid, exc)
+                if self._full:
+                    log.info("there is room again: processing goes on, C-STORE is taken again")
+                    self._full, delay = False, 1.0
+            except Exception as exc:  # nothing escapes: one bad instance, or a full disk, never stops the worker
+                try:
+                    again = self._wait_for_room(exc, delay) or self._failed_try(uid, exc)
+                except OSError as during:  # even counting the failed try found no room
+                    again = self._wait_for_room(during, delay)
+                if self._full:
+                    delay = min(2 * delay, self.backoff_max_s)
             finally:
                 if again:
                     self._queue.put(uid)
                 else:
                     with self._lock:
                         self._pending.discard(uid)
+
+    def _wait_for_room(self, exc: BaseException, delay: float) -> bool:
+        """For a full disk (or quota, or a read-only file system): keep the instance in the spool
+        (True: try it again), answer C-STORE 0xA700 meanwhile, and wait ``delay`` seconds. It is
+        not a failure of the instance, so it never goes to failed/. False for any other error."""
+        from pneumoscan.outputs.writer import NO_ROOM
+
+        if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
+            return False
+        if not self._full:
+            log.error("no room to write results (%s): instances wait in the spool, C-STORE is answered 0xA700 "
+                      "until there is room", exc.strerror or type(exc).__name__)
+        self._full = True
+        self._stopping.wait(delay)
+        return True
 
     def _failed_try(self, uid: str, exc: Exception) -> bool:
         """Count a failed try on disk; True to try again, else the instance is moved to failed/."""
