@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import DATA, needs_data
+from conftest import DATA, REPO, needs_data
 
 CLI = [sys.executable, "-m", "pneumoscan.apps.cli"]
 
@@ -184,3 +184,25 @@ def test_a_misspelt_input_is_a_usage_error_before_any_model_loads(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "no such file or folder" in run.stderr and "Traceback" not in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_two_predicts_into_one_folder_and_onnx_with_a_model_are_refused(tmp_path):
+    """Issue 36: a second `predict` into an --out another run is writing stops with one line
+    (before any model loads) instead of overwriting its records; `--onnx DIR` with `--model` is
+    refused rather than silently ignoring the model."""
+    from pneumoscan.apps.cli.common import output_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    film = str(REPO / "examples" / "nih-cxr14" / "images" / "00001734_000.png")
+    lock = output_lock(out)  # as a running predict holds it
+    try:
+        done = subprocess.run([*CLI, "predict", film, "--out", str(out)], capture_output=True, text=True, check=False,
+                              timeout=120)
+    finally:
+        lock.release()
+    assert done.returncode == 2 and "another PneumoScan run is writing to" in done.stderr
+    assert "Traceback" not in done.stderr and not (out / "predictions.jsonl").exists()
+    done = subprocess.run([*CLI, "predict", film, "--out", str(out), "--onnx", str(tmp_path), "--model", film],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 2 and "--model and --seg-model would be ignored" in done.stderr

@@ -321,3 +321,22 @@ def test_evaluate_writes_subgroups_scores_operating_points_and_html(small_manife
     assert "## Subgroups (inside each source)" in text
     page = (tmp_path / "e" / "report.html").read_text()
     assert page.count("<table>") == text.count("\n|---") and 'src="roc.png"' in page
+
+
+def test_a_film_listed_twice_counts_once_and_scores_csv_keeps_names_as_text(tmp_path):
+    """Issue 36: duplicate manifest rows (the same file) are counted once; scores.csv applies the
+    formula rule to its text cells, as predictions.csv does."""
+    import csv
+
+    import pandas as pd
+
+    from pneumoscan.data.manifest import unique_films
+    from pneumoscan.training.report import write_scores
+
+    table = pd.DataFrame({"path": ["a.png", "=HYPERLINK(1).png", "a.png", "b.png"], "source": ["s"] * 4,
+                          "patient": ["1", "2", "1", "3"], "split": ["test"] * 4})
+    kept, repeated = unique_films(table)
+    assert repeated == 1 and kept["path"].tolist() == ["a.png", "=HYPERLINK(1).png", "b.png"]
+    write_scores(kept, np.zeros((3, len(LABELS))), np.full((3, len(LABELS)), 0.5), tmp_path / "scores.csv")
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    assert [r["path"] for r in rows] == ["a.png", "'=HYPERLINK(1).png", "b.png"]

@@ -192,6 +192,13 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     return table
 
 
+def unique_films(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """The rows without repeats of a film already listed (same path), and how many were dropped:
+    a film listed twice would count twice in every figure."""
+    repeated = table["path"].astype(str).duplicated()
+    return table[~repeated], int(repeated.sum())
+
+
 def write_manifest(table: pd.DataFrame, path: str | Path) -> None:
     """Write atomically (a crash never leaves half a manifest)."""
     path = Path(path)

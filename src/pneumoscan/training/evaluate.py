@@ -61,13 +61,16 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
     path), else read, segmented and cropped here (the predictor's path)."""
     import pandas as pd
 
-    from pneumoscan.data.manifest import ManifestError, read_manifest
+    from pneumoscan.data.manifest import ManifestError, read_manifest, unique_films
     from pneumoscan.predict import load_models
     from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
 
     segmenter, classifier = load_models(seg_model, model, backend=backend)
     table = read_manifest(manifest)
-    in_split = table[table.split == split]
+    in_split, repeated = unique_films(table[table.split == split])
+    if repeated:
+        print(f"note: {repeated:,} rows of split {split!r} repeat a film already listed (same path): each film "
+              f"is counted once", file=sys.stderr, flush=True)
     labelled = in_split[list(LABELS)].notna().any(axis=1)
     unlabelled = in_split.loc[~labelled, "path"].astype(str).tolist()
     if unlabelled:

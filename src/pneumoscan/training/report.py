@@ -254,9 +254,14 @@ def _plot_reliability(curves: dict[str, tuple[list[dict[str, float]], str]], pat
 
 def write_scores(rows: Any, labels: np.ndarray, probs: np.ndarray, path: Path) -> None:
     """``scores.csv``: one line per evaluated film, its manifest fields, each label's truth (empty
-    where unknown) and probability; what a reader needs to recompute any figure."""
+    where unknown) and probability; what a reader needs to recompute any figure. Text cells
+    follow the predictions CSV's formula rule."""
+    from pneumoscan.outputs.writer import spreadsheet_safe
+
     keep = [c for c in ("path", "source", "patient", "split", "sex", "age", "view") if c in rows]
     table = rows[keep].reset_index(drop=True).copy()
+    for column in keep:  # a file named =HYPERLINK(…) stays a name in a spreadsheet (OWASP's rule)
+        table[column] = table[column].map(spreadsheet_safe)  # numbers pass unchanged
     for j, label in enumerate(LABELS):
         table[f"y_{label}"] = labels[:, j]
         table[f"p_{label}"] = np.round(probs[:, j], 6)

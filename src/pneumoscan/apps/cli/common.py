@@ -43,6 +43,25 @@ def open_store(db: str | None, *, create: bool = True):
         fail(str(exc))
 
 
+def output_lock(out: Path):
+    """An exclusive lock on ``out`` for this process's life (released at exit or crash; the lock
+    file lives in the temporary folder, named by a hash of the folder's real path, so ``out``
+    holds only results): two runs writing one folder would interleave or overwrite each other's
+    records."""
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock, Timeout
+
+    key = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:20]
+    lock = FileLock(str(Path(tempfile.gettempdir()) / f"pneumoscan-out-{key}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        fail(f"another PneumoScan run is writing to {out}; wait for it to finish, or give another --out")
+    return lock
+
+
 def fail(message: str, code: int = 2) -> None:
     """One clear line on stderr and a non-zero exit, never a traceback."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)

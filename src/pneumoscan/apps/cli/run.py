@@ -22,6 +22,7 @@ from pneumoscan.apps.cli.common import (
     load_predictor,
     need_extra,
     open_store,
+    output_lock,
 )
 
 
@@ -165,6 +166,9 @@ def predict(
 
     if fmt not in FORMATS:
         fail("--format must be json or csv")
+    if onnx is not None and (model or seg_model):
+        fail("--onnx DIR runs the models exported in DIR; --model and --seg-model would be ignored with it: "
+             "export those models (pneumoscan export), or leave --onnx out")
     if dicom_out:
         need_extra("dicom", "--dicom-out", "highdicom")
         ensure_writable(dicom_out, "--dicom-out")
@@ -176,6 +180,7 @@ def predict(
         except ValueError as exc:
             fail(str(exc))
     files = gather_inputs(paths, out)
+    lock = output_lock(out)  # a second predict into the same --out stops here, before any model loads
     if ray is not None and db:
         fail("--db is not taken by --ray yet; run without --ray")
     store = open_store(db) if db else None  # a store that is down stops here, before any model loads
