@@ -489,3 +489,15 @@ def test_a_full_disk_holds_instances_in_the_spool_and_loses_none(tmp_path, monke
     listener = Listener(Predictor.from_default(), out, tmp_path / "spool", port=_port())
     assert listener.receive(uids[0], pydicom.dcmread(films[0]), films[0].read_bytes(), "PYTEST") == 0x0000
     assert (tmp_path / "spool" / f"{uids[0]}.dcm").exists() and not (out / "failed" / f"{uids[0]}.error.txt").exists()
+
+
+def test_listen_warns_when_it_listens_beyond_this_machine(tmp_path):
+    """Issue 36: as `serve` does, `listen` says so before it starts when bound off loopback."""
+    proc = subprocess.Popen([*CLI, "listen", "--out", str(tmp_path / "out"), "--port", str(_port()), "--host", "0.0.0.0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert first.startswith("warning: listening on 0.0.0.0 beyond this machine") and "no --allow given" in first

@@ -119,6 +119,11 @@ def listen(
 
     if not 1 <= len(ae_title) <= 16:
         fail("--ae-title must be 1 to 16 characters")
+    if not (host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")):
+        err.print(f"[yellow]warning:[/] listening on {host} beyond this machine: the DICOM port has no TLS and "
+                  f"no authentication beyond {'the --allow list' if allow else 'nothing (no --allow given)'}"
+                  f"{' and the STOW-RS door none at all' if dicomweb_port is not None else ''}; keep it behind the "
+                  f"hospital's DICOM router or a VPN", highlight=False)
     targets: list = []
     try:
         targets += [Forward.parse(forward)] if forward else []
