@@ -501,3 +501,31 @@ def test_listen_warns_when_it_listens_beyond_this_machine(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert first.startswith("warning: listening on 0.0.0.0 beyond this machine") and "no --allow given" in first
+
+
+def test_stow_rs_door_says_retry_when_full_and_keeps_to_the_study_it_names(tmp_path):
+    """Issue 36: a full queue is answered 503 + Retry-After with failure reason 0xA700 (not a
+    refusal for good, 0xC000); a part of another study than the path names fails alone; more parts
+    than allowed is 413."""
+    from starlette.testclient import TestClient
+
+    from pneumoscan.apps.listen import Listener
+
+    films = _films(tmp_path / "films", 2)
+    studies = [str(pydicom.dcmread(f).StudyInstanceUID) for f in films]
+    boundary = "b0undary"
+
+    def body(paths):
+        return b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p.read_bytes() + b"\r\n"
+                        for p in paths) + f"--{boundary}--\r\n".encode()
+
+    headers = {"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'}
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool", queue_size=1)
+    with TestClient(listener.stow_app(max_parts=2)) as http:
+        answer = http.post(f"/studies/{studies[0]}", content=body(films), headers=headers)
+        assert answer.status_code == 202  # the second film is of another study
+        assert [i["00081197"]["Value"] for i in answer.json()["00081198"]["Value"]] == [[0xC000]]
+        full = http.post(f"/studies/{studies[1]}", content=body(films[1:]), headers=headers)  # the queue holds 1
+        assert full.status_code == 503 and full.headers["Retry-After"] == "5"
+        assert full.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
+        assert http.post("/studies", content=body(films * 2), headers=headers).status_code == 413

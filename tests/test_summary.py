@@ -99,3 +99,18 @@ def test_triage_sheet_in_headless_chromium(folder, tmp_path):
         page.screenshot(path=str(artifacts / "triage.png"), full_page=True)
         browser.close()
     assert (artifacts / "triage.png").stat().st_size > 30_000
+
+
+def test_a_file_name_never_becomes_a_script_link_in_the_triage_sheet():
+    """Issue 36: the overlay's link is percent-encoded behind ./ (a film named
+    ``javascript:alert(1)//`` made ``href="javascript:alert(1)//_overlay.png"``, a script URL)."""
+    import re
+
+    from pneumoscan.outputs.summary import summarise, triage_html
+
+    row = {"path": "javascript:alert(1)//.png", "status": "not called", "overlay": "javascript:alert(1)//_overlay.png",
+           "verdict": "normal", "population": "adult", "probabilities": {"Pneumonia": 0.1}, "thresholds": {"Pneumonia": 0.5},
+           "findings": ["No Finding"], "explanations": "", "masks": "", "reason": ""}
+    page = triage_html([row], summarise([row]), "t")
+    links = re.findall(r'(?:href|src)="([^"]*)"', page)
+    assert links == ["./javascript%3Aalert%281%29%2F%2F_overlay.png"] * 2

@@ -415,40 +415,59 @@ class Listener:
         entry_path.unlink()
 
     # --- DICOMweb in -----------------------------------------------------------------------
-    def stow_app(self, max_bytes: int = 256 * 2**20):
-        """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``) with a
-        ``multipart/related; type="application/dicom"`` body; each part goes through
-        :meth:`receive` like a C-STORE. Answers 200 (all stored), 202 (some refused) or 409 (none),
-        with the DICOM JSON Referenced/Failed SOP Sequences; 413 past ``max_bytes``."""
+    def stow_app(self, max_bytes: int = 256 * 2**20, max_parts: int = 1000, concurrent: int = 4):
+        """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``, whose parts must all
+        belong to that study) with a ``multipart/related; type="application/dicom"`` body; each
+        part goes through :meth:`receive` like a C-STORE. Answers 200 (all stored), 202 (some
+        refused) or 409 (none), with the DICOM JSON Referenced/Failed SOP Sequences (failure reason
+        0xA700 "out of resources" when the queue was full, else 0xC000); 503 with ``Retry-After``
+        when nothing was taken only because the queue was full, or when ``concurrent`` requests are
+        already in; 413 past ``max_bytes`` or ``max_parts``. Parsing runs off the event loop."""
+        import asyncio
+
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
+        places = asyncio.Semaphore(concurrent)
+
         async def store(request):
             content_type = request.headers.get("content-type", "")
             if not content_type.lower().startswith("multipart/related"):
                 return JSONResponse({"error": "expected multipart/related; type=\"application/dicom\""}, 415)
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
-                                        headers={"Connection": "close"})
-            parts = multipart_parts(content_type, bytes(body))
-            if parts is None:
-                return JSONResponse({"error": "the multipart/related body cannot be parsed"}, 400)
-            sender = f"STOW {request.client.host if request.client else '?'}"
-            outcome = [await run_in_threadpool(self._receive_part, part, sender) for part in parts]
-            return JSONResponse(stow_response(outcome), 200 if all(ok for ok, _ in outcome) else
-                                202 if any(ok for ok, _ in outcome) else 409,
+            if places.locked():
+                return JSONResponse({"error": f"busy: {concurrent} STOW-RS requests in progress; retry shortly"}, 503,
+                                    headers={"Retry-After": "5"})
+            async with places:
+                body = bytearray()
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > max_bytes:
+                        return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
+                                            headers={"Connection": "close"})
+                parts = await run_in_threadpool(multipart_parts, content_type, bytes(body))
+                del body
+                if parts is None:
+                    return JSONResponse({"error": "the multipart/related body cannot be parsed"}, 400)
+                if len(parts) > max_parts:
+                    return JSONResponse({"error": f"{len(parts):,} parts; at most {max_parts:,} in one request"}, 413)
+                sender = f"STOW {request.client.host if request.client else '?'}"
+                study = request.path_params.get("study")
+                outcome = [await run_in_threadpool(self._receive_part, part, sender, study) for part in parts]
+            stored = [status == SUCCESS for status, _ in outcome]
+            if not any(stored) and outcome and all(status == OUT_OF_RESOURCES for status, _ in outcome):
+                return JSONResponse(stow_response(outcome), 503, headers={"Retry-After": "5"},
+                                    media_type="application/dicom+json")
+            return JSONResponse(stow_response(outcome), 200 if all(stored) else 202 if any(stored) else 409,
                                 media_type="application/dicom+json")
 
         return Starlette(routes=[Route("/studies", store, methods=["POST"]),
                                  Route("/studies/{study}", store, methods=["POST"])])
 
-    def _receive_part(self, part: bytes, sender: str) -> tuple[bool, Any]:
-        """One STOW-RS part through :meth:`receive`: (stored, the dataset or None)."""
+    def _receive_part(self, part: bytes, sender: str, study: str | None = None) -> tuple[int, Any]:
+        """One STOW-RS part through :meth:`receive`: (its status, the dataset or None); a part of
+        another study than the request's path names is refused."""
         from io import BytesIO
 
         import pydicom
@@ -460,14 +479,17 @@ class Listener:
             dataset = pydicom.dcmread(BytesIO(part))
         except XrayReadError as exc:
             log.warning("refused a STOW-RS part from %s: %s", sender, str(exc)[:200])
-            return False, None
+            return CANNOT_UNDERSTAND, None
         except Exception:  # not DICOM
-            return False, None
+            return CANNOT_UNDERSTAND, None
         uid = str(dataset.get("SOPInstanceUID", ""))
         if str(dataset.get("SOPClassUID", "")) not in CHEST_STORAGE:
             log.warning("refused %s from %s: not a CR, DX or Secondary Capture instance", printable(uid, 64), sender)
-            return False, dataset
-        return self.receive(uid, dataset, part, sender) == SUCCESS, dataset
+            return CANNOT_UNDERSTAND, dataset
+        if study is not None and str(dataset.get("StudyInstanceUID", "")) != study:
+            log.warning("refused %s from %s: not of the study the request names", printable(uid, 64), sender)
+            return CANNOT_UNDERSTAND, dataset
+        return self.receive(uid, dataset, part, sender), dataset
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, block: bool = False):
@@ -516,9 +538,10 @@ def multipart_parts(content_type: str, body: bytes) -> list[bytes] | None:
     return [part.get_payload(decode=True) or b"" for part in message.iter_parts()]
 
 
-def stow_response(outcome: list[tuple[bool, Any]]) -> dict[str, Any]:
+def stow_response(outcome: list[tuple[int, Any]]) -> dict[str, Any]:
     """The STOW-RS answer in DICOM JSON: Referenced SOP Sequence (0008,1199) for what was stored,
-    Failed SOP Sequence (0008,1198) with Failure Reason 0xC000 for the rest."""
+    Failed SOP Sequence (0008,1198) with the Failure Reason (0xA700 out of resources, or 0xC000)
+    for the rest."""
     def item(dataset: Any, reason: int | None) -> dict[str, Any]:
         entry = {"00081150": {"vr": "UI", "Value": [str(dataset.get("SOPClassUID", ""))]} if dataset else {"vr": "UI"},
                  "00081155": {"vr": "UI", "Value": [str(dataset.get("SOPInstanceUID", ""))]} if dataset else {"vr": "UI"}}
@@ -527,8 +550,8 @@ def stow_response(outcome: list[tuple[bool, Any]]) -> dict[str, Any]:
         return entry
 
     answer: dict[str, Any] = {}
-    stored = [item(ds, None) for ok, ds in outcome if ok]
-    failed = [item(ds, CANNOT_UNDERSTAND) for ok, ds in outcome if not ok]
+    stored = [item(ds, None) for status, ds in outcome if status == SUCCESS]
+    failed = [item(ds, status) for status, ds in outcome if status != SUCCESS]
     if stored:
         answer["00081199"] = {"vr": "SQ", "Value": stored}
     if failed:

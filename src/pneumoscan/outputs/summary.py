@@ -85,6 +85,14 @@ def urgency(row: dict[str, Any]) -> float:
     return max(margins) if margins else float("-inf")
 
 
+def relative_url(name: str) -> str:
+    """A file name beside the page as a link that can only be that file: percent-encoded (``:``
+    too) behind ``./``, so a film named ``javascript:alert(1)//`` never becomes a script URL."""
+    from urllib.parse import quote
+
+    return html.escape("./" + quote(name, safe=""))
+
+
 def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str) -> str:
     """One row per film, most urgent first: the overlay's thumbnail (a link to it), each assessed
     probability against its threshold (bold when at or above), the status and why."""
@@ -95,9 +103,8 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     body = []
     for row in ordered:
-        overlay = row["overlay"]
-        picture = (f'<a href="{html.escape(overlay)}"><img loading="lazy" src="{html.escape(overlay)}" alt=""></a>'
-                   if overlay else "")
+        overlay = relative_url(row["overlay"]) if row["overlay"] else None
+        picture = f'<a href="{overlay}"><img loading="lazy" src="{overlay}" alt=""></a>' if overlay else ""
         cells = []
         for label in labels:
             p, t = row["probabilities"].get(label), row["thresholds"].get(label)
