@@ -529,3 +529,60 @@ def test_stow_rs_door_says_retry_when_full_and_keeps_to_the_study_it_names(tmp_p
         assert full.status_code == 503 and full.headers["Retry-After"] == "5"
         assert full.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA700]
         assert http.post("/studies", content=body(films * 2), headers=headers).status_code == 413
+
+
+def test_a_dicomweb_target_is_believed_only_when_its_answer_confirms(tmp_path):
+    """Issue 36: `--forward-dicomweb` reads the target's answer: a failure listed in a 200 body,
+    an answer that is not DICOM JSON, and a redirect to another host are failures of that object
+    (never counted as forwarded, never followed with the film); "out of resources" and a target
+    slower than the timeout are tried again later; a confirmed instance is forwarded."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse
+    from starlette.routing import Route
+    from test_review_page import LiveServer
+
+    from pneumoscan.apps.forward import StowForward, Transient
+
+    (film,) = _films(tmp_path / "films", 1)
+    uid = str(pydicom.dcmread(film).SOPInstanceUID)
+    stolen = []
+
+    def failed(reason: int):
+        return JSONResponse({"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]},
+                                                                  "00081197": {"vr": "US", "Value": [reason]}}]}},
+                            media_type="application/dicom+json")
+
+    async def answer(request):
+        kind = request.path_params["kind"]
+        if kind == "elsewhere":
+            stolen.append(await request.body())
+            return PlainTextResponse("thanks")
+        await request.body()
+        if kind == "ok":
+            return JSONResponse({"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": [uid]}}]}},
+                                media_type="application/dicom+json")
+        if kind == "refused":
+            return failed(0xC000)
+        if kind == "busy":
+            return failed(0xA700)
+        if kind == "html":
+            return PlainTextResponse("<html>stored, probably</html>", media_type="text/html")
+        if kind == "redirect":
+            return RedirectResponse(f"http://127.0.0.1:{server.port}/elsewhere/studies", status_code=307)
+        await asyncio.sleep(3)  # slow
+        return failed(0xC000)
+
+    server = LiveServer(Starlette(routes=[Route("/{kind}/studies", answer, methods=["POST"])]))
+    with server as url:
+        def send(kind: str):
+            return StowForward(f"{url}/{kind}", timeout=1.0).send([film], "PNEUMOSCAN")[film]
+
+        assert send("ok") is None
+        assert send("refused") == f"{url}/refused refused it (failure reason 0xC000)"
+        assert "did not confirm storing it" in send("html")
+        assert "redirected the request (not followed)" in send("redirect") and not stolen
+        for kind in ("busy", "slow"):
+            with pytest.raises(Transient):
+                send(kind)

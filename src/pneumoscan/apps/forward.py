@@ -72,9 +72,15 @@ class Forward:
 @dataclass(frozen=True)
 class StowForward:
     """A DICOMweb target: STOW-RS to ``URL/studies`` (``URL`` is the service root, e.g. Orthanc's
-    ``http://host:8042/dicom-web``), one instance per request so that each gets its own answer."""
+    ``http://host:8042/dicom-web``), one instance per request so that each gets its own answer.
+    An instance counts as forwarded only when the answer (DICOM JSON) lists it in its Referenced
+    SOP Sequence; a Failed SOP Sequence entry, an answer that is not DICOM JSON, or a redirect
+    (never followed: the film would go to another host) is a failure of that instance, "out of
+    resources" (0xA7xx), HTTP 5xx/408/429, no answer within ``timeout`` seconds or no connection
+    a reason to try again later."""
 
     url: str
+    timeout: float = 30.0
 
     kind = "dicomweb"
 
@@ -86,17 +92,38 @@ class StowForward:
         import requests
         from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(url=self.url)
+        session = requests.Session()
+        session.max_redirects = 0
+        client = DICOMwebClient(url=self.url, session=session, timeout=self.timeout)
+        client.set_http_retry_params(retry=False)  # the outbox tries again itself, with its own back-off
         outcome: dict[Path, str | None] = {}
         for path in paths:
+            dataset = pydicom.dcmread(path)
             try:
-                client.store_instances(datasets=[pydicom.dcmread(path)])
-                outcome[path] = None
+                answer = client.store_instances(datasets=[dataset])
+            except requests.TooManyRedirects:
+                outcome[path] = f"{self} redirected the request (not followed)"
+                continue
             except requests.HTTPError as exc:
                 code = exc.response.status_code if exc.response is not None else 0
                 if code >= 500 or code in (408, 429) or code == 0:
                     raise Transient(f"{self} answered HTTP {code}") from exc
                 outcome[path] = f"{self} refused it (HTTP {code})"
+                continue
             except (requests.ConnectionError, requests.Timeout) as exc:
-                raise Transient(f"{self} cannot be reached") from exc
+                raise Transient(f"{self} cannot be reached or did not answer in {self.timeout:g} s") from exc
+            except (ValueError, KeyError) as exc:  # a JSON content type whose body is not DICOM JSON
+                outcome[path] = f"{self} answered something that is not DICOM JSON ({type(exc).__name__})"
+                continue
+            outcome[path] = self.verdict(answer, str(dataset.SOPInstanceUID))
         return outcome
+
+    def verdict(self, answer, uid: str) -> str | None:
+        """None when the STOW-RS answer confirms ``uid`` stored, else why not (Transient for "out of resources")."""
+        reasons = [int(item.get("FailureReason", 0)) for item in answer.get("FailedSOPSequence", [])]
+        if any(reason & 0xFF00 == OUT_OF_RESOURCES for reason in reasons):
+            raise Transient(f"{self} is out of resources")
+        if reasons:
+            return f"{self} refused it (failure reason 0x{reasons[0]:04X})"
+        stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
+        return None if uid in stored else f"{self} did not confirm storing it (its answer lists no such instance)"
