@@ -206,3 +206,23 @@ def test_two_predicts_into_one_folder_and_onnx_with_a_model_are_refused(tmp_path
     done = subprocess.run([*CLI, "predict", film, "--out", str(out), "--onnx", str(tmp_path), "--model", film],
                           capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 2 and "--model and --seg-model would be ignored" in done.stderr
+
+
+def test_a_calibrated_copy_is_another_set_of_models_for_a_resume(tmp_path):
+    """Issue 36: a resumed run (and the results store) compare the models by their files' full
+    SHA-256, thresholds included: a copy with other thresholds and the same description used to
+    pass as the same models."""
+    from pneumoscan.classify import load_default
+    from pneumoscan.labels import LABELS
+    from pneumoscan.predict import Predictor
+
+    classifier = load_default()
+    classifier.save(tmp_path / "same.pt")
+    shipped = Predictor.from_paths(cls_model=tmp_path / "same.pt", backend="torch")
+    classifier.set_assessment({label: {"assessed": bool(a), "threshold": float(t) * 0.9 if a else None}
+                               for label, a, t in zip(LABELS, classifier.assessed, classifier.thresholds)})
+    classifier.save(tmp_path / "copy.pt")
+    copy = Predictor.from_paths(cls_model=tmp_path / "copy.pt", backend="torch")
+    assert copy.models["files"]["classifier"] != shipped.models["files"]["classifier"]
+    assert copy.models["classifier"] == shipped.models["classifier"]  # the same weights
+    assert copy.models["files"]["segmentation"] == shipped.models["files"]["segmentation"]

@@ -338,5 +338,6 @@ def test_a_film_listed_twice_counts_once_and_scores_csv_keeps_names_as_text(tmp_
     kept, repeated = unique_films(table)
     assert repeated == 1 and kept["path"].tolist() == ["a.png", "=HYPERLINK(1).png", "b.png"]
     write_scores(kept, np.zeros((3, len(LABELS))), np.full((3, len(LABELS)), 0.5), tmp_path / "scores.csv")
-    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    with open(tmp_path / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [r["path"] for r in rows] == ["a.png", "'=HYPERLINK(1).png", "b.png"]

@@ -60,7 +60,7 @@ def stores(truth, data_dir, postgres, tmp_path_factory):
     made = {"sqlite": Store(f"sqlite:///{tmp_path_factory.mktemp('store') / 'results.sqlite'}"),
             "postgresql": Store(postgres.rsplit("/", 1)[0] + "/" + name)}
     predictor = Predictor.from_default()
-    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": False}
+    run = predictor.run_identity()
     paths = [data_dir / "nih-cxr14" / "images" / film for film in truth]
     for path, result in zip(paths, predictor.predict_many(paths, cam="top", keep_arrays=True)):
         for store in made.values():

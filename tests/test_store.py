@@ -46,7 +46,7 @@ def predictions(predictor, data_dir):
 
 
 def run_of(predictor) -> dict:
-    return {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": False}
+    return predictor.run_identity()
 
 
 def table_names(url: str) -> set[str]:

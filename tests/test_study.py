@@ -64,7 +64,7 @@ def study_store(tmp_path_factory, data_dir):
     chosen = pd.concat([table[positive].head(15), table[~positive].head(CASES - 15)])
     store = Store(f"sqlite:///{tmp_path_factory.mktemp('study') / 'results.sqlite'}")
     predictor = Predictor.from_default()
-    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": False}
+    run = predictor.run_identity()
     paths = [data_dir / "nih-cxr14" / "images" / name for name in chosen["Image Index"]]
     cases = []
     for path, result, label in zip(paths, predictor.predict_many(paths, cam="top", keep_arrays=True), chosen["Finding Labels"]):

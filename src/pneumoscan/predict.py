@@ -389,8 +389,13 @@ class Predictor:
 
     @property
     def models(self) -> dict[str, Any]:
-        """SHA-256 and training summary of both models (for reports and /health)."""
+        """SHA-256 and training summary of the models (for reports, /health, and what a resumed
+        run or the results store compares): ``files`` holds each model's SHA-256 over weights *and*
+        metadata, so a calibrated copy (same weights, other thresholds) is another set of models."""
         return {"backend": self.classifier.backend,
+                "files": {"segmentation": self.segmenter.meta.get("sha256"),
+                          "heart_segmentation": self.heart.meta.get("sha256") if self.heart else None,
+                          "classifier": self.classifier.meta.get("sha256")},
                 "segmentation": self.segmenter.meta.get("weights_sha256"),
                 "heart_segmentation": self.heart.meta.get("weights_sha256") if self.heart else None,
                 "classifier": self.classifier.meta.get("weights_sha256"),
@@ -399,6 +404,11 @@ class Predictor:
                 "clinical_fields": self.classifier.clinical.names if self.classifier.clinical else [],
                 "assessed_labels": self.classifier.assessed_labels,
                 "thresholds_from": self.classifier.thresholds_from}
+
+    def run_identity(self, force: bool = False) -> dict[str, Any]:
+        """What makes this predictor's answers what they are (the models, not the backend that
+        runs them, and ``force``): a resumed run and the results store compare it."""
+        return {"models": {k: v for k, v in self.models.items() if k != "backend"}, "force": force}
 
     def cam_class(self, cam: str | None) -> str | None:
         """Check a Grad-CAM request up front: None, "top" or an assessed label (any spelling)."""

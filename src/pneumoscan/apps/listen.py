@@ -354,7 +354,7 @@ class Listener:
             except OSError as exc:
                 log.error("film %s not kept in %s: %s", uid, self.keep_films, exc.strerror or exc)
                 kept = None
-        run = {"models": {k: v for k, v in self.predictor.models.items() if k != "backend"}, "force": False}
+        run = self.predictor.run_identity()
         write_to_store(self.store, record, result, data, name=uid, path=kept, run=run, source="listen")
         if record.get("store_error"):
             log.error("%s: %s", uid, record["store_error"][:300])

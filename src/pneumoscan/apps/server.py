@@ -252,7 +252,6 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     (:mod:`pneumoscan.apps.review_routes`); ``keep_films``: a folder where uploaded films are kept
     (named by their SHA-256), so that reviewed films can be exported for evaluation."""
     predictor = predictor or Predictor.from_default()
-    run_models = {k: v for k, v in predictor.models.items() if k != "backend"}
     lock = threading.Lock()
     decoding = threading.BoundedSemaphore(workers)
     limit = int(max_upload_mb * 2**20)
@@ -323,7 +322,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
             body = result.to_dict()
             if store is not None:
                 body = write_to_store(store, body, result, data, name=label, path=kept(data, label),
-                                      run={"models": run_models, "force": force}, source="serve")
+                                      run=predictor.run_identity(force), source="serve")
                 del data
             if images:  # still inside the decode slot: the full-size arrays are freed after this
                 body.update(preview_images(result))

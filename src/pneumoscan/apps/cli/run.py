@@ -180,7 +180,7 @@ def predict(
         except ValueError as exc:
             fail(str(exc))
     files = gather_inputs(paths, out)
-    lock = output_lock(out)  # a second predict into the same --out stops here, before any model loads
+    _held = output_lock(out)  # held until predict returns; a second predict into --out stops here, before any model loads
     if ray is not None and db:
         fail("--db is not taken by --ray yet; run without --ray")
     store = open_store(db) if db else None  # a store that is down stops here, before any model loads
@@ -194,7 +194,7 @@ def predict(
     outputs = Outputs(out=out, fmt=fmt, overlays=overlays, dicom_out=dicom_out)
     if ray is not None and given is not None:
         fail("--clinical-csv is not taken by --ray yet; run without --ray (DICOM tags are read either way)")
-    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": force}
+    run = predictor.run_identity(force)
     if ray is not None:
         return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
                               seg_model=seg_model, model=model, backend=backend, device=device,

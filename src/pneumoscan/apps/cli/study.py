@@ -65,7 +65,7 @@ def create(
         fail(f"{len(absent)} case file(s) not found, e.g. {absent[0]}")
     store = open_store(db)
     predictor = load_predictor(None, model, backend="auto", device="cpu", allow_model_mismatch=False)
-    run = {"models": {k: v for k, v in predictor.models.items() if k != "backend"}, "force": False}
+    run = predictor.run_identity()
     ids = []
     with tqdm(total=len(paths), unit="case", desc="predict") as bar:
         for path, result in zip(paths, predictor.predict_many(paths, cam="top", keep_arrays=True)):
