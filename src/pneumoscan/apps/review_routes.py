@@ -143,51 +143,41 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             return answer
         return guarded(work)(request)
 
-    async def json_body(request: Request) -> Any:
+    async def posted(request: Request, work, what: str = ""):
+        """A POST's JSON body (at most :data:`MAX_REVIEW_BYTES`; 422 otherwise), then
+        ``work(reader, payload)`` in the thread pool, its failures answered by :func:`guarded`."""
         body = await request.body()
         if len(body) > MAX_REVIEW_BYTES:
-            raise ValueError(f"at most {MAX_REVIEW_BYTES:,} bytes")
+            return _error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
         try:
-            return json.loads(body or b"null")
+            payload = json.loads(body or b"null")
         except ValueError:
-            raise ValueError("the body is a JSON object") from None
+            return _error(422, f"{what}the body is a JSON object")
+        return await run_in_threadpool(guarded(lambda me: work(me, payload)), request)
+
+    def fields(payload: Any) -> dict[str, Any]:
+        return payload if isinstance(payload, dict) else {}
 
     @app.post("/v1/study/{name}/steps/{step_id}/rating", status_code=201)
     async def rating(request: Request, name: str, step_id: int):
         from pneumoscan.store.study import rate
 
-        try:
-            payload = await json_body(request)
-        except ValueError as exc:
-            return _error(422, str(exc))
-        payload = payload if isinstance(payload, dict) else {}
-        return await run_in_threadpool(guarded(
-            lambda me: JSONResponse(status_code=201, content=rate(store, name, me, step_id, payload.get("ratings"),
-                                                                  payload.get("seconds")))), request)
+        return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=rate(
+            store, name, me, step_id, fields(payload).get("ratings"), fields(payload).get("seconds"))))
 
     @app.post("/v1/study/{name}/steps/{step_id}/correction", status_code=201)
     async def correction(request: Request, name: str, step_id: int):
         from pneumoscan.store.study import correct
 
-        try:
-            payload = await json_body(request)
-        except ValueError as exc:
-            return _error(422, str(exc))
-        payload = payload if isinstance(payload, dict) else {}
-        return await run_in_threadpool(guarded(
-            lambda me: JSONResponse(status_code=201, content=correct(store, name, me, step_id, str(payload.get("target")),
-                                                                     payload.get("rating"), payload.get("reason")))), request)
+        return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=correct(
+            store, name, me, step_id, str(fields(payload).get("target")), fields(payload).get("rating"),
+            fields(payload).get("reason"))))
 
     @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
     async def add(request: Request, result_id: int):
-        try:
-            payload = await json_body(request)
-        except ValueError as exc:
-            return _error(422, f"a review: {exc}")
-
-        def work(me: Reader):
+        def work(me: Reader, payload: Any):
             review = check_review(payload, store.result_for_review(result_id))
             saved = store.add_review(result_id, me, review)
             return JSONResponse(status_code=200 if saved["repeated"] else 201, content=saved | {"reader": me.name})
 
-        return await run_in_threadpool(guarded(work), request)
+        return await posted(request, work, "a review: ")
