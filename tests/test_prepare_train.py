@@ -318,6 +318,52 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
         ct.train_classifier(_tail_cfg(cache64, tmp_path / "b", lr=5e-4))
 
 
+class _Broken(Exception):
+    pass
+
+
+@pytest.mark.slow
+def test_every_layer_fit_resumes_at_the_next_batch_inside_an_epoch(cache64, tmp_path, monkeypatch):
+    """The Lightning loop saves last.ckpt in the middle of an epoch (``checkpoint_minutes``); a run
+    that dies there resumes at the next batch (the loader skips the batches already trained) and
+    reaches the weights an unbroken run does, also when a worker process loads the batches (it
+    draws them as soon as its iterator exists) and the next epoch is whole again."""
+    import torch
+
+    import pneumoscan.training.classify as ct
+    import pneumoscan.training.fit_all as fit_all
+
+    every_batch = dict(train_from="", checkpoint_minutes=1e-6, epochs=3)
+    reference = ct.train_classifier(_tail_cfg(cache64, tmp_path / "a", **every_batch))
+    assert reference["epochs_trained"] == 3
+    every_batch["workers"] = 1
+
+    real_bce, calls = fit_all.masked_bce, {"n": 0}
+
+    def dies(*args, **kwargs):
+        if len(args) == 4:  # training batches only (validation passes no weights)
+            calls["n"] += 1
+            if calls["n"] == 7:  # epoch 1's third batch (4 batches an epoch)
+                raise _Broken
+        return real_bce(*args, **kwargs)
+
+    monkeypatch.setattr(fit_all, "masked_bce", dies)
+    with pytest.raises(_Broken):
+        ct.train_classifier(_tail_cfg(cache64, tmp_path / "b", **every_batch))
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+    loop = saved["loops"]["fit_loop"]
+    assert loop["state_dict"]["combined_loader"] == [{"epoch": 1, "batches": 2}]
+    assert loop["epoch_loop.batch_progress"]["current"]["completed"] == 1  # Lightning adds the batch it saved in
+    monkeypatch.setattr(fit_all, "masked_bce", real_bce)
+    resumed = ct.train_classifier(_tail_cfg(cache64, tmp_path / "b", **every_batch))
+    assert resumed["epochs_trained"] == 3 and resumed["best_epoch"] == reference["best_epoch"]
+    # the last weights (model.pt holds the best epoch's, which may be the unbroken first)
+    a, b = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+            for run in (tmp_path / "a", tmp_path / "b"))
+    trained = [k for k in a if a[k].is_floating_point()]
+    assert max(float((a[k] - b[k]).abs().max()) for k in trained) < 1e-4
+
+
 def test_max_minutes_too_short_for_finalise_is_refused_up_front(cache64, tmp_path):
     from pneumoscan.training.classify import train_classifier
 

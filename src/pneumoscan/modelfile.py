@@ -146,6 +146,18 @@ def checkpoint_callbacks(dirpath: str | Path, monitor: str, mode: str = "max") -
     return best, last
 
 
+def timed_checkpoint(dirpath: str | Path, minutes: float) -> Any:
+    """A Lightning checkpoint written to ``last.ckpt`` every ``minutes`` of training in the middle of
+    an epoch (with a stateful loader, :class:`~pneumoscan.training.data.ResumableLoader`, a resume
+    continues at the next batch): a killed hour-long CPU epoch loses at most ``minutes``."""
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False, train_time_interval=timedelta(minutes=minutes))
+
+
 def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = None
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a model file; returns (float32 state dict, metadata)."""

@@ -37,6 +37,7 @@ class TrainConfig:
     clinical: tuple[str, ...] = ()  # patient-information fields fused with the image (manifest columns)
     attention_thresholds: tuple[float, ...] = (ATTENTION_THRESHOLD,)  # AG-CNN: chosen on validation
     field_dropout: float = 0.25  # share of clinical fields hidden per image in training
+    checkpoint_minutes: float = 15.0  # every-layer fit: also save last.ckpt this often inside an epoch (0 = at epochs' ends only)
     max_minutes: float = 0.0  # 0 = no limit; else stop cleanly (best model kept) after this long
     description: str = ""
     train_from: str = ""  # "": every layer; "denseblock3"/"denseblock4": earlier layers frozen, their output computed once

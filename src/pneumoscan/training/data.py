@@ -13,13 +13,15 @@ exactly what an uninterrupted one does.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pneumoscan.labels import LABELS
 from pneumoscan.training.cache import CropCache
@@ -135,6 +137,68 @@ class BalancedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.epoch_size
+
+
+class _SkipFirst:
+    """A batch sampler that leaves out the first ``n`` batches of its passes (their indices are
+    drawn, their images never read)."""
+
+    def __init__(self, base: Any, n: int):
+        self.base, self.n = base, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.base), self.n, None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class ResumableLoader(DataLoader):
+    """A training DataLoader that Lightning checkpoints in the middle of an epoch (it has
+    ``state_dict``/``load_state_dict``, Lightning's "stateful loader" interface).
+
+    Why: an epoch of a long CPU run is an hour, and a session's end kills the process; resuming
+    from the last epoch's end threw that hour away. The state is (sampler epoch, batches handed
+    out in it). A pass of the same epoch started after ``load_state_dict`` skips those batches,
+    so with a sampler seeded by the epoch alone (:class:`BalancedSampler`) and augmentation by
+    (epoch, batch) the resumed pass trains exactly the batches the broken one had left. The pass
+    starts lazily (on the first ``next``), after Lightning has set the sampler's epoch, which also
+    keeps worker processes from drawing a resumed run's first epoch with the sampler's epoch 0."""
+
+    _given = 0  # batches handed out in the current pass
+    _pending: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint not yet resumed
+
+    @property
+    def _epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._given}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._pending = (int(state["epoch"]), int(state["batches"]))
+
+    @property
+    def _index_sampler(self):
+        skip = getattr(self, "_skip_next", 0)
+        return _SkipFirst(super()._index_sampler, skip) if skip else super()._index_sampler
+
+    def __iter__(self):
+        pending, self._pending = self._pending, None
+        skip = pending[1] if pending and pending[0] == self._epoch and pending[1] < len(self) else 0
+        self._skip_next = skip
+        try:
+            batches = super().__iter__()  # reads _index_sampler once, here
+        finally:
+            self._skip_next = 0
+        self._given = skip
+        try:
+            for batch in batches:
+                self._given += 1
+                yield batch
+        finally:
+            if skip and self.persistent_workers:
+                self._iterator = None  # it skips on every pass; the next epoch needs a whole one
 
 
 def view_balance_weights(labels: np.ndarray, sources: np.ndarray, views: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Every layer trained in the Lightning loop: resumable at each epoch's end, DDP across devices and
+"""Every layer trained in the Lightning loop: resumable at each epoch's end and, every
+``checkpoint_minutes``, at the next batch inside an epoch (:class:`ResumableLoader`); DDP across devices and
 nodes, mixed precision on a GPU; the LR on a plateau (the thesis) or a cosine schedule with a
 warm-up fixed in advance (long runs); after every validation one line of ``progress.jsonl`` with
 the figures a long run is watched by (:func:`fold_figures`).
@@ -24,9 +25,9 @@ from pneumoscan.classify import (
     load_imagenet,
 )
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint
+from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint, timed_checkpoint
 from pneumoscan.training.config import TrainConfig
-from pneumoscan.training.data import BalancedSampler, CropDataset, augment
+from pneumoscan.training.data import BalancedSampler, CropDataset, ResumableLoader, augment
 from pneumoscan.training.loss import masked_bce
 from pneumoscan.training.metrics import SELECT_LABELS, selection_score
 
@@ -235,6 +236,8 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     checkpoint, latest = checkpoint_callbacks(out / "checkpoints", "val_select")
     callbacks: list[Any] = [checkpoint, latest, EpochSeed()]
+    if cfg.checkpoint_minutes > 0:
+        callbacks.append(timed_checkpoint(out / "checkpoints", cfg.checkpoint_minutes))
     if cfg.early_stop:
         callbacks.append(EarlyStopping(monitor="val_select", mode="max", patience=cfg.early_stop))
     trainer = make_trainer(cfg, precision, callbacks, CSVLogger(out, name="logs", flush_logs_every_n_steps=1),
@@ -247,7 +250,7 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(
         module,
-        DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
+        ResumableLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=False, **loader_args),
         DataLoader(val_set, batch_size=max(cfg.batch_size, 32), **loader_args),
         ckpt_path=resumable_checkpoint(last) if cfg.resume else None,
     )

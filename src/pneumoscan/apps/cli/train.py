@@ -135,6 +135,9 @@ def train(
     patience: Annotated[int, typer.Option(help="Epochs without val-loss gain before LR × 0.1.")] = 8,
     early_stop: Annotated[int, typer.Option(help="Stop after N epochs without gain (0 = never).")] = 0,
     max_minutes: Annotated[float, typer.Option(help="Stop cleanly after this many minutes (0 = no limit).")] = 0.0,
+    checkpoint_minutes: Annotated[float, typer.Option(
+        min=0, help="Every-layer fit: save last.ckpt this often inside an epoch too, so that a killed run "
+                    "resumes at the next batch (0 = at epochs' ends only).")] = 15.0,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process.")] = 2,
     accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     devices: Annotated[int, typer.Option(min=1, help="Processes/GPUs per node (DDP when > 1).")] = 1,
@@ -224,7 +227,7 @@ def train(
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
                       devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
-                      max_minutes=max_minutes, source_balance=source_balance, epoch_size=epoch_size,
+                      max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance, epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
                       train_from=train_from or "", select=select, view_balance=view_balance,
