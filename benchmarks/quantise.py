@@ -58,9 +58,11 @@ def main() -> None:
     args = parser.parse_args()
     from pneumoscan.backends.onnx import cached_export, sigmoid
     from pneumoscan.backends.onnx import ort_session as session
+    from pneumoscan.classify import default_model_path
     from pneumoscan.classify import load_default as load_classifier
     from pneumoscan.crop import lung_crop
     from pneumoscan.labels import LABELS
+    from pneumoscan.segment import default_model_path as default_lung_path
     from pneumoscan.segment import load_default as load_segmenter
     from pneumoscan.training.cache import CropCache
     from pneumoscan.training.metrics import roc_auc
@@ -71,7 +73,7 @@ def main() -> None:
     )
 
     segmenter, classifier = load_segmenter(), load_classifier()
-    folder = cached_export(segmenter, classifier)
+    folder = cached_export(default_lung_path(), default_model_path(), None, [segmenter.meta, classifier.meta])
     cache = CropCache(args.cache)
     table = cache.table
     rng = np.random.default_rng(0)

@@ -48,6 +48,31 @@ def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
     assert a.box == b.box and a.cam_label == b.cam_label
     assert a.not_assessed == b.not_assessed and a.findings == b.findings
     assert max(abs(a.probabilities[l] - b.probabilities[l]) for l in ("Pneumonia", "No Finding")) < 1e-4
+    # the heart model is in the export too: same maps, same masks, same ratio
+    assert (exported / "heart_unet.onnx").exists() and type(onnx_p.heart).__name__ == "OnnxHeartSegmenter"
+    np.testing.assert_allclose(onnx_p.heart.probabilities(images), torch_p.heart.probabilities(images), atol=1e-4)
+    assert a.measurements["cardiothoracic_ratio_reason"] == b.measurements["cardiothoracic_ratio_reason"]
+    assert abs(a.mask_quality["heart"] - b.mask_quality["heart"]) < 0.005
+    a, b = torch_p.predict(paths[1], cam=None), onnx_p.predict(paths[1], cam=None)  # a film with a ratio
+    ratio = a.measurements["cardiothoracic_ratio"]
+    assert ratio is not None and abs(b.measurements["cardiothoracic_ratio"] - ratio) < 0.005
+
+
+def test_a_cached_export_loads_without_building_the_networks(tmp_path):
+    """The default backend's second start reads the model files' metadata and the cached export:
+    no PyTorch network is built, MONAI (seconds to import) is never imported."""
+    import os
+
+    script = ("import sys; from pneumoscan.predict import Predictor; p = Predictor.from_default(); "
+              "print(type(p.heart).__name__, type(p.segmenter).__name__, 'monai' in sys.modules)")
+    env = {**os.environ, "PNEUMOSCAN_CACHE": str(tmp_path)}
+    first, second = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+                     for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert first.stdout.split() == ["OnnxHeartSegmenter", "OnnxLungSegmenter", "True"]  # it exported
+    assert second.stdout.split() == ["OnnxHeartSegmenter", "OnnxLungSegmenter", "False"]
+    (folder,) = [p for p in (tmp_path / "onnx").iterdir() if p.is_dir()]
+    assert len(folder.name.split("-")) == 3  # named by the lung, classifier and heart models
 
 
 def test_export_leaves_the_pytorch_models_as_they_were(tmp_path):

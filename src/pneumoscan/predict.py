@@ -200,40 +200,50 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
 BACKENDS = ("auto", "onnx", "torch")
 
 
-def load_heart(path: str | Path | None = None, device: str = "cpu") -> HeartSegmenter | None:
-    """The heart model from ``path``, else the shipped one; None if none is installed (the
-    predictions then carry no cardiothoracic ratio). It runs in PyTorch on every backend (1.6 M
-    parameters; not exported to ONNX)."""
+def heart_model_path(path: str | Path | None = None) -> Path | None:
+    """``path``, else the shipped heart model; None if none is installed (the predictions then
+    carry no cardiothoracic ratio)."""
     from pneumoscan.segment import default_heart_model_path
 
-    if path is None:
-        try:
-            path = default_heart_model_path()
-        except FileNotFoundError:
-            return None
-    return HeartSegmenter.load(path).to(device)
+    if path is not None:
+        return Path(path)
+    try:
+        return default_heart_model_path()
+    except FileNotFoundError:
+        return None
+
+
+def load_heart(path: str | Path | None = None, device: str = "cpu") -> HeartSegmenter | None:
+    """The heart model (:func:`heart_model_path`) in PyTorch on ``device``, or None."""
+    found = heart_model_path(path)
+    return None if found is None else HeartSegmenter.load(found).to(device)
 
 
 def load_models(seg: str | Path | None = None, cls_model: str | Path | None = None, *, backend: str = "auto",
-                device: str = "cpu", progress: Callable[[str], None] | None = None
-                ) -> tuple[LungSegmenter, ScoringClassifier]:
-    """The lung model and the classifier, verified from their files, then on ``backend``:
-    ``onnx`` (ONNX Runtime, exported once per model pair into the per-user cache), ``torch``
-    (PyTorch on ``device``), or ``auto``: ONNX Runtime on the CPU when it is installed (about
-    twice PyTorch's speed here, same outputs to 1e-4), PyTorch otherwise or on a GPU."""
-    from pneumoscan.classify import load_default as load_classifier
-    from pneumoscan.segment import load_default as load_segmenter
+                device: str = "cpu", progress: Callable[[str], None] | None = None,
+                heart: str | Path | None = None, with_heart: bool = True
+                ) -> tuple[LungSegmenter, ScoringClassifier, HeartSegmenter | None]:
+    """The lung model, the classifier and (``with_heart``) the heart model (:func:`heart_model_path`),
+    verified from their files, then on ``backend``: ``onnx`` (ONNX Runtime, exported once per
+    set of model files into the per-user cache, and from then on loaded without building the
+    PyTorch networks), ``torch`` (PyTorch on ``device``), or ``auto``: ONNX Runtime on the CPU when
+    it is installed (about twice PyTorch's speed here, same outputs to 1e-4), PyTorch otherwise
+    or on a GPU."""
+    from pneumoscan.classify import default_model_path as default_classifier
+    from pneumoscan.segment import default_model_path as default_segmenter
 
     check_backend(backend, device)
-    segmenter = LungSegmenter.load(seg) if seg else load_segmenter()
-    classifier = Classifier.load(cls_model) if cls_model else load_classifier()
+    seg_path = Path(seg) if seg else default_segmenter()
+    cls_path = Path(cls_model) if cls_model else default_classifier()
+    heart_path = heart_model_path(heart) if with_heart else None
     if backend == "auto":
         backend = "onnx" if str(device) == "cpu" and _onnx_installed() else "torch"
     if backend == "onnx":
         from pneumoscan.backends.onnx import load_cached
 
-        return load_cached(segmenter, classifier, progress=progress)
-    return segmenter.to(device), classifier.to(device)
+        return load_cached(seg_path, cls_path, heart_path, progress=progress)
+    return (LungSegmenter.load(seg_path).to(device), Classifier.load(cls_path).to(device),
+            HeartSegmenter.load(heart_path).to(device) if heart_path else None)
 
 
 def check_backend(backend: str, device: str) -> None:
@@ -375,17 +385,19 @@ class Predictor:
                    allow_model_mismatch: bool = False, backend: str = "auto", device: str = "cpu",
                    progress: Callable[[str], None] | None = None, heart: str | Path | None = None) -> Predictor:
         """The models from their files (the shipped ones by default), on the fastest backend
-        (:func:`load_models`); the heart model when one is installed (:func:`load_heart`)."""
-        return cls(*load_models(seg, cls_model, backend=backend, device=device, progress=progress),
-                   allow_model_mismatch=allow_model_mismatch, heart=load_heart(heart, device))
+        (:func:`load_models`), the heart model with them when one is installed."""
+        segmenter, classifier, heart_model = load_models(seg, cls_model, backend=backend, device=device,
+                                                         progress=progress, heart=heart)
+        return cls(segmenter, classifier, allow_model_mismatch=allow_model_mismatch, heart=heart_model)
 
     @classmethod
     def from_onnx(cls, folder: str | Path, *, allow_model_mismatch: bool = False) -> Predictor:
-        """Lung model and classifier through ONNX Runtime (``pneumoscan export --format onnx``),
-        the shipped heart model in PyTorch."""
+        """The models of an export (``pneumoscan export --format onnx``) through ONNX Runtime; an
+        export without a heart model runs the shipped one in PyTorch."""
         from pneumoscan.backends.onnx import load_onnx
 
-        return cls(*load_onnx(folder), allow_model_mismatch=allow_model_mismatch, heart=load_heart())
+        segmenter, classifier, heart = load_onnx(folder)
+        return cls(segmenter, classifier, allow_model_mismatch=allow_model_mismatch, heart=heart or load_heart())
 
     @property
     def models(self) -> dict[str, Any]:

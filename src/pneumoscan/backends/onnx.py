@@ -1,12 +1,16 @@
-"""ONNX export of both models and the ONNX Runtime backend of the predictor (the fast CPU path).
+"""ONNX export of the models and the ONNX Runtime backend of the predictor (the fast CPU path).
 
 ``export_onnx`` writes ``lung_unet.onnx`` (N×1×S×S → lung logits), ``classifier.onnx``
 (N×1×S×S crops → logits and the last block's post-ReLU features, for the forward-only
-Grad-CAM) and ``pneumoscan_onnx.json`` (both models' metadata, the classifier head's weights that
-Grad-CAM needs, the SHA-256 of each ``.onnx`` file, and a SHA-256 over all of that).
-:func:`load_onnx` checks every hash, the label order and each model's own metadata hash before
-returning a segmenter and a classifier that the :class:`~pneumoscan.predict.Predictor` uses like
-the PyTorch ones (which then checks that the two belong together).
+Grad-CAM), ``heart_unet.onnx`` when a heart model is given, and ``pneumoscan_onnx.json`` (the
+models' metadata, the classifier head's weights that Grad-CAM needs, the SHA-256 of each
+``.onnx`` file, and a SHA-256 over all of that). :func:`load_onnx` checks every hash, the label
+order and each model's own metadata hash before returning segmenters and a classifier that the
+:class:`~pneumoscan.predict.Predictor` uses like the PyTorch ones (which then checks that they
+belong together).
+
+:func:`load_cached` reads only the model files' verified metadata when their export is already in
+the per-user cache: no PyTorch network is built, and MONAI (≈ 3 s to import here) is not imported.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumoscan.classify import KIND as CLASSIFIER_KIND
 from pneumoscan.classify import Choose, Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.explain import cam_from_features
@@ -31,9 +36,10 @@ from pneumoscan.modelfile import (
     atomic_write_bytes,
     file_sha256,
     first_line,
+    load_model,
     metadata_sha256,
 )
-from pneumoscan.segment import LungSegmenter
+from pneumoscan.segment import HEART_KIND, KIND, HeartSegmenter, LungSegmenter
 
 META_FILE = "pneumoscan_onnx.json"
 #: How long a process waits for another one exporting the same pair before giving up.
@@ -54,24 +60,28 @@ def identity(meta: dict[str, Any]) -> str:
     return str(meta.get("sha256") or meta.get("weights_sha256"))
 
 
-def cached_export(segmenter: LungSegmenter, classifier: Classifier, *, progress=None) -> Path:
-    """The ONNX export of this model pair in the per-user cache, made on first use. The folder is
-    named by both models' identities; a file lock makes a second process wait for the first one's
-    export instead of racing it, and the export is written under a temporary name and renamed, so
-    a crash never leaves a half export that looks whole. ``progress(message)`` is told when an
-    export starts (it takes about half a minute)."""
+def cached_export(seg_path: Path, cls_path: Path, heart_path: Path | None, metas: list[dict[str, Any]], *,
+                  progress=None) -> Path:
+    """The ONNX export of these model files in the per-user cache, made on first use. The folder is
+    named by the models' identities (``metas``, read from the files); a file lock makes a second
+    process wait for the first one's export instead of racing it, and the export is written under a
+    temporary name and renamed, so a crash never leaves a half export that looks whole.
+    ``progress(message)`` is told when an export starts (it takes about half a minute)."""
     from filelock import FileLock, Timeout
 
-    folder = cache_root() / f"{identity(segmenter.meta)[:16]}-{identity(classifier.meta)[:16]}"
+    from pneumoscan.classify import Classifier
+
+    folder = cache_root() / "-".join(identity(meta)[:16] for meta in metas)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(folder) + ".lock", timeout=LOCK_TIMEOUT_S):
             if not folder.exists():
                 if progress:
-                    progress(f"preparing the ONNX Runtime models once for this model pair in {folder}")
+                    progress(f"preparing the ONNX Runtime models once for these model files in {folder}")
                 tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
-                export_onnx(segmenter, classifier, tmp)
+                export_onnx(LungSegmenter.load(seg_path), Classifier.load(cls_path), tmp,
+                            heart=HeartSegmenter.load(heart_path) if heart_path else None)
                 tmp.rename(folder)
     except Timeout as exc:
         raise ModelFileError(f"another process has held {folder}.lock for {LOCK_TIMEOUT_S} s; if none is "
@@ -79,20 +89,23 @@ def cached_export(segmenter: LungSegmenter, classifier: Classifier, *, progress=
     return folder
 
 
-def load_cached(segmenter: LungSegmenter, classifier: Classifier, *, progress=None
-                ) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
-    """ONNX Runtime models for this PyTorch pair, from the cache (exported on first use), refused
-    when the cached export fails its hashes or was made from other models."""
-    folder = cached_export(segmenter, classifier, progress=progress)
+def load_cached(seg_path: Path, cls_path: Path, heart_path: Path | None = None, *, progress=None
+                ) -> tuple[OnnxLungSegmenter, OnnxClassifier, OnnxHeartSegmenter | None]:
+    """ONNX Runtime models for these model files, from the cache (exported on first use). Each
+    file is read and verified (weights and metadata hashes) as a PyTorch load would; the cached
+    export is refused when it fails its hashes or was made from other models."""
+    metas = [load_model(seg_path, kind=KIND)[1], load_model(cls_path, kind=CLASSIFIER_KIND, labels=LABELS)[1],
+             *([load_model(heart_path, kind=HEART_KIND)[1]] if heart_path else [])]
+    folder = cached_export(seg_path, cls_path, heart_path, metas, progress=progress)
     try:
-        onnx_segmenter, onnx_classifier = load_onnx(folder)
+        loaded = load_onnx(folder)
     except ModelFileError as exc:
         raise ModelFileError(f"{exc} — this is the cached export; delete {folder} to have it made again") from exc
-    for part, ours, theirs in (("lung", segmenter, onnx_segmenter), ("classifier", classifier, onnx_classifier)):
-        if identity(ours.meta) != identity(theirs.meta):
+    for part, ours, theirs in zip(("lung", "classifier", "heart"), metas, loaded):
+        if theirs is None or identity(ours) != identity(theirs.meta):
             raise ModelFileError(f"{folder}: the cached export's {part} model is not the one loaded "
                                  f"(altered cache); delete {folder} to have it made again")
-    return onnx_segmenter, onnx_classifier
+    return loaded
 
 
 class _LogitsAndFeatures(nn.Module):
@@ -141,7 +154,8 @@ def head_weights(model: nn.Module) -> dict[str, Any]:
     return out
 
 
-def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Path) -> dict[str, Path]:
+def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Path,
+                heart: HeartSegmenter | None = None) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     seg_size, cls_size = segmenter.preprocessing.size, classifier.size
@@ -160,8 +174,12 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
         if classifier.model.local is not None:
             paths["local"] = out / "local.onnx"
             _export(_LocalPooled(classifier.model), cls_size, paths["local"], "crops", ["pooled"])
+        if heart is not None:
+            paths["heart"] = out / "heart_unet.onnx"
+            _export(heart.net, heart.preprocessing.size, paths["heart"], "image", ["logits"])
     meta = {"segmentation": segmenter.meta | {"preprocessing": segmenter.preprocessing.to_dict()},
             "classifier": classifier.meta, "head": head_weights(classifier.model),
+            **({"heart": heart.meta | {"preprocessing": heart.preprocessing.to_dict()}} if heart else {}),
             "files": {path.name: file_sha256(path) for path in paths.values()}}
     meta["sha256"] = metadata_sha256(meta)
     atomic_write_bytes(out / META_FILE, json.dumps(meta).encode())
@@ -185,8 +203,8 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class OnnxLungSegmenter(LungSegmenter):
-    """The U-Net through ONNX Runtime; clean-up and boxes are the PyTorch path's own code."""
+class _OnnxMaps:
+    """A U-Net through ONNX Runtime; clean-up, boxes and mask quality are the PyTorch path's own code."""
 
     def __init__(self, path: Path, preprocessing, meta: dict[str, Any]):
         super().__init__(nn.Identity(), preprocessing, meta)
@@ -201,10 +219,19 @@ class OnnxLungSegmenter(LungSegmenter):
         raise TypeError("an ONNX Runtime segmenter holds no PyTorch weights to save; save the model file it "
                         "was exported from")
 
-    def to(self, device: str | torch.device) -> OnnxLungSegmenter:
+    def to(self, device: str | torch.device):
         if str(device) != "cpu":
             raise ValueError("the ONNX Runtime backend runs on the CPU; use --backend torch for a GPU")
         return self
+
+
+class OnnxLungSegmenter(_OnnxMaps, LungSegmenter):
+    """The lung U-Net through ONNX Runtime."""
+
+
+class OnnxHeartSegmenter(_OnnxMaps, HeartSegmenter):
+    """The heart U-Net through ONNX Runtime (with the TTA re-readings of its mask quality, the
+    heaviest U-Net work of a film)."""
 
 
 class OnnxClassifier(ScoringClassifier):
@@ -270,8 +297,8 @@ class OnnxClassifier(ScoringClassifier):
                 [None] * len(crops))
 
 
-def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
-    """The exported pair, checked for completeness."""
+def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier, OnnxHeartSegmenter | None]:
+    """The exported models, checked for completeness (the heart None when the export has none)."""
     from pneumoscan.segment import Preprocessing
 
     folder = Path(folder)
@@ -284,7 +311,10 @@ def load_onnx(folder: str | Path) -> tuple[OnnxLungSegmenter, OnnxClassifier]:
     try:
         segmenter = OnnxLungSegmenter(folder / "lung_unet.onnx", Preprocessing.from_dict(seg_meta["preprocessing"]),
                                       seg_meta)
-        return segmenter, OnnxClassifier(folder, meta["classifier"], meta["head"])
+        heart = meta.get("heart")
+        return (segmenter, OnnxClassifier(folder, meta["classifier"], meta["head"]),
+                OnnxHeartSegmenter(folder / "heart_unet.onnx", Preprocessing.from_dict(heart["preprocessing"]), heart)
+                if heart else None)
     except Exception as exc:  # ONNX Runtime and a damaged head raise many kinds
         raise ModelFileError(f"{folder}: the ONNX export cannot be loaded ({first_line(exc)})") from exc
 
@@ -299,14 +329,15 @@ def verify_export(folder: Path) -> dict[str, Any]:
                              f"`pneumoscan export`): {type(exc).__name__}") from exc
     if metadata_sha256(meta) != recorded:
         raise ModelFileError(f"{folder / META_FILE}: contents do not match their SHA-256 (altered or damaged)")
-    for name in sorted({"lung_unet.onnx", "classifier.onnx", *files}):
+    for name in sorted({"lung_unet.onnx", "classifier.onnx", *(["heart_unet.onnx"] if "heart" in meta else []),
+                        *files}):
         if not (folder / name).is_file() or files.get(name) != file_sha256(folder / name):
             raise ModelFileError(f"{folder / name}: does not match the SHA-256 recorded at export "
                                  f"(altered, truncated or from another export)")
     if tuple(meta["classifier"].get("labels", ())) != LABELS:
         raise ModelFileError(f"{folder}: label order differs from this version's")
-    for part in ("segmentation", "classifier"):  # each model's own hash, as in its .pt file
-        inner = meta[part]
+    for part in ("segmentation", "classifier", "heart"):  # each model's own hash, as in its .pt file
+        inner = meta.get(part) or {}
         if "sha256" in inner and inner["sha256"] != metadata_sha256(inner):
             raise ModelFileError(f"{folder}: the {part} model's metadata does not match its SHA-256")
     return meta

@@ -111,13 +111,15 @@ def crop_premasked(path: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1,
-               masked: bool = False, sources: list[str] | None = None
+               masked: bool = False, sources: list[str] | None = None, progress: str | None = None
                ) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """read → segment → crop → resize for each path (:func:`pneumoscan.predict.read_segment_crop`):
     uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
     error message ("" when read). ``masked``: lungs only. Films of a :data:`PREMASKED_SOURCES`
-    source (named in ``sources``) are always cropped by their own mask."""
+    source (named in ``sources``) are always cropped by their own mask. ``progress``: a bar
+    with this title."""
     from pneumoscan.predict import read_segment_crop
+    from pneumoscan.progress import bar
 
     crops = np.zeros((len(paths), size, size), np.uint8)
     records: list[dict[str, Any]] = [{}] * len(paths)
@@ -128,15 +130,17 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
     items = (item for chunk in read_segment_crop([paths[i] for i in rest], segmenter, size, batch=batch,
                                                  threads=threads, masked=masked)
              for item in chunk)
-    for i, item in zip(rest, items):
-        rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
-               "lung_fraction": np.nan, "error": item.error or ""}
-        if item.seg is not None:
-            crops[i] = item.crop
-            x0, y0, x1, y1 = item.seg.box
-            rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
-                       lung_fraction=round(item.seg.lung_fraction, 4))
-        records[i] = rec
+    with bar(len(rest), progress or "", enabled=progress is not None) as shown:
+        for i, item in zip(rest, items):
+            rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
+                   "lung_fraction": np.nan, "error": item.error or ""}
+            if item.seg is not None:
+                crops[i] = item.crop
+                x0, y0, x1, y1 = item.seg.box
+                rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
+                           lung_fraction=round(item.seg.lung_fraction, 4))
+            records[i] = rec
+            shown.update()
     return crops, records
 
 
@@ -165,9 +169,8 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
     ``masked``: crops of the lungs only (0 outside the lung mask), for a lung-masked classifier.
     ``runner``: runs the shard jobs elsewhere and yields (shard, images, errors) as each is done
     (``pneumoscan.apps.cluster.run_shards`` on Ray); by default a local process pool of ``workers``."""
-    from tqdm import tqdm
-
     from pneumoscan.modelfile import load_model
+    from pneumoscan.progress import bar as progress_bar
     from pneumoscan.segment import KIND as SEG_KIND
     from pneumoscan.segment import WORK_SIDE, default_model_path
 
@@ -204,8 +207,8 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
                  str(seg_model) if seg_model else None, 2 if workers <= 1 else 1, masked) for k in mine]
     todo = [j for j in jobs if not shard_done(root, j.k, len(j.rows))]
     done_images = errors = 0
-    bar = tqdm(total=sum(len(j.rows) for j in jobs), initial=sum(len(j.rows) for j in jobs if j not in todo),
-               unit="img", desc="prepare", disable=not progress)
+    bar = progress_bar(sum(len(j.rows) for j in jobs), "prepare", enabled=progress,
+                       initial=sum(len(j.rows) for j in jobs if j not in todo))
     pool = None
     if runner is not None:
         results: Iterable = runner(todo)

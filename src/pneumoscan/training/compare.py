@@ -39,10 +39,11 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
     from dataclasses import replace
 
     from pneumoscan.classify import Classifier
+    from pneumoscan.progress import note
 
     classifiers = [Classifier.load(model) for model in models]
     weights = [c.meta.get("weights_sha256") for c in classifiers]
-    scored = []
+    scored, crops_memo = [], {}
     for k, model in enumerate(models):
         twin = weights.index(weights[k])
         if twin < k:  # the same network (a calibrated copy, say): its raw scores are the twin's
@@ -50,8 +51,9 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
                   f"its scores are that model's, not computed again", file=sys.stderr, flush=True)
             scored.append(replace(scored[twin], classifier=classifiers[k]))
             continue
-        print(f"compare: scoring model {k + 1} of {len(models)} ({Path(model).name}) …", file=sys.stderr, flush=True)
-        scored.append(score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend))
+        note(f"compare: scoring model {k + 1} of {len(models)} ({Path(model).name}) …")
+        scored.append(score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend,
+                                  crops_memo=crops_memo))
     common = sorted(set.intersection(*(set(s.rows["path"]) for s in scored)))
     aligned = []
     for s in scored:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pneumoscan.labels import LABELS
+from pneumoscan.progress import note
 from pneumoscan.training.report import html_report, write_report, write_scores
 from pneumoscan.training.tables import (
     calibration_before_after,
@@ -56,16 +57,18 @@ class ScoredSplit:
 
 def score_split(manifest: str | Path, split: str, *, model: str | Path | None = None,
                 cache: str | Path | None = None, seg_model: str | Path | None = None,
-                backend: str = "auto") -> ScoredSplit:
+                backend: str = "auto", crops_memo: dict | None = None) -> ScoredSplit:
     """Score the labelled images of one split: crops from ``cache`` when given (rows matched by
-    path), else read, segmented and cropped here (the predictor's path)."""
+    path), else read, segmented and cropped here (the predictor's path). ``crops_memo``: crops
+    made here are kept in it by (lung model, crop size, masking) and taken from it, so that models
+    compared on one split read, segment and crop each film once."""
     import pandas as pd
 
     from pneumoscan.data.manifest import ManifestError, read_manifest, unique_films
     from pneumoscan.predict import load_models
     from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
 
-    segmenter, classifier = load_models(seg_model, model, backend=backend)
+    segmenter, classifier, _ = load_models(seg_model, model, backend=backend, with_heart=False)
     table = read_manifest(manifest)
     in_split, repeated = unique_films(table[table.split == split])
     if repeated:
@@ -95,15 +98,22 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
         crops = crop_cache.images(found.dropna().astype(int))
         inputs = crop_cache.scoring_inputs(classifier, found.dropna().astype(int).to_numpy())
     else:
-        print(f"reading, segmenting and cropping {len(rows):,} images …", file=sys.stderr, flush=True)
-        crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
-                                    masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist())
+        key = (segmenter.meta.get("sha256"), classifier.size, classifier.lung_masked)
+        if crops_memo is not None and key in crops_memo:
+            note("the films' crops are those already made for the previous model (same lung model and crop)")
+            crops, records = crops_memo[key]
+        else:
+            crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
+                                        masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist(),
+                                        progress="read, segment, crop")
+            if crops_memo is not None:
+                crops_memo[key] = crops, records
         ok = np.array([r["error"] == "" for r in records])
         skipped = [r["path"] for r in records if r["error"]]
         rows, crops = rows[ok].reset_index(drop=True), crops[ok]
         boxes = pd.DataFrame([r for r, k in zip(records, ok) if k])[["x0", "y0", "x1", "y1"]]
         inputs = scoring_inputs(classifier, pd.concat([rows, boxes], axis=1), classifier.size)
-    print(f"scoring {len(rows):,} crops …", file=sys.stderr, flush=True)
+    note(f"scoring {len(rows):,} crops …")
     probs = classifier.predict_proba(crops.astype(np.float32) / 255.0, **inputs)
     return ScoredSplit(rows, rows[list(LABELS)].to_numpy(np.float32), probs, skipped, classifier, unlabelled)
 
@@ -113,7 +123,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
                    n_boot: int = 1000, backend: str = "auto") -> dict[str, Any]:
     """Score one split of a manifest (:func:`score_split`), write the report files, return the report."""
     scored = score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend=backend)
-    print(f"evaluate: {n_boot} bootstrap resamples per label …", file=sys.stderr, flush=True)
+    note(f"evaluate: {n_boot} bootstrap resamples per label …")
     thresholds = scored.classifier.meta.get("thresholds") or {}
     report = evaluate_probabilities(scored.labels, scored.probs, thresholds, split, n_boot=n_boot,
                                     sources=scored.rows["source"].to_numpy())
@@ -124,7 +134,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
     report["calibrated_for"] = {g: scored.classifier.readings[g].calibrated_for for g in ("adult", "paediatric")}
     report["calibration_after"] = calibration_before_after(scored.labels, scored.probs, scored.calibrated(),
                                                            [l for l in LABELS if thresholds.get(l) is not None])
-    print("evaluate: subgroups and operating points …", file=sys.stderr, flush=True)
+    note("evaluate: subgroups and operating points …")
     report["subgroups"] = subgroups(scored.labels, scored.probs, thresholds, subgroup_values(scored.rows),
                                     n_boot=max(n_boot // 5, 0))
     report["operating_points"] = operating_points(scored.labels, scored.probs, thresholds)

@@ -110,6 +110,17 @@ BackendOption = Annotated[str, typer.Option(
 DeviceOption = Annotated[str, typer.Option(help="cpu, or cuda[:N] for a GPU (PyTorch backend).")]
 
 
+def _quiet(value: bool) -> bool:
+    from pneumoscan.progress import set_quiet
+
+    return set_quiet(value)
+
+
+QuietOption = Annotated[bool, typer.Option(
+    "--quiet", "-q", callback=_quiet, help="No progress bars or status lines on stderr (results, warnings "
+                                           "and errors still show).")]
+
+
 def _print_version(value: bool) -> None:
     """``--version``: answered before any command is required (an eager option)."""
     if value:

@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from pneumoscan.apps.cli.common import (
     Dir,
+    QuietOption,
     app,
     console,
     err,
@@ -49,6 +50,7 @@ def index(
         help="Pin every image of this source (and of its patients elsewhere) to test; repeatable.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the patient-wise split.")] = 2019,
     fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.08,0.12",
+    quiet: QuietOption = False,
 ) -> None:
     """Index data sources in their original layouts into one patient-wise split manifest."""
     from pneumoscan.data import (
@@ -109,6 +111,7 @@ def prepare(
         help="Run the shards on Ray: 'local' (started here) or a cluster address; --workers actors.")] = None,
     lung_mask: Annotated[bool, typer.Option(
         help="Lungs only: 0 outside the lung mask (the input of a lung-masked classifier).")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
     from pneumoscan.apps.cluster import ClusterError

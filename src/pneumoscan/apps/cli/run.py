@@ -13,6 +13,7 @@ from pneumoscan.apps.cli.common import (
     BackendOption,
     DbOption,
     DeviceOption,
+    QuietOption,
     app,
     console,
     ensure_writable,
@@ -24,6 +25,7 @@ from pneumoscan.apps.cli.common import (
     open_store,
     output_lock,
 )
+from pneumoscan.progress import bar as progress_bar
 
 
 @app.command()
@@ -33,13 +35,13 @@ def segment(
     model: Annotated[Optional[Path], typer.Option(help="Lung model file; the shipped one if omitted.")] = None,
     heart_model: Annotated[Optional[Path], typer.Option(help="Heart model file; the shipped one if omitted.")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    quiet: QuietOption = False,
 ) -> None:
     """Lung mask (NAME_mask.png), heart mask (NAME_heart.png), overlay and crop box for each X-ray,
     with the cardiothoracic ratio and each mask's quality; unreadable files are reported, not fatal."""
     import json
 
     import cv2
-    from tqdm import tqdm
 
     from pneumoscan.io import display_name
     from pneumoscan.modelfile import ModelFileError
@@ -59,7 +61,7 @@ def segment(
     paths = gather_inputs(images, out)
     stems = iter(output_stems(paths))
     failures = 0
-    with open(out / "segment.jsonl", "w") as log, tqdm(total=len(paths), unit="img", desc="segment") as bar:
+    with open(out / "segment.jsonl", "w") as log, progress_bar(len(paths), "segment") as bar:
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
             readable = [item for item in chunk if item.seg is not None]
@@ -146,13 +148,13 @@ def predict(
         help="Patient information for a model that fuses it: a CSV with a 'file' column (image file names) "
              "and the model's fields (e.g. age, sex, view); DICOM tags fill what it lacks.")] = None,
     db: DbOption = None,
+    quiet: QuietOption = False,
 ) -> None:
     """Findings, probabilities, lung box and Grad-CAM overlay for each X-ray.
 
     Images that do not look like a frontal chest X-ray are not scored: their record says why
     (quality.reasons) unless --force is given. With --db every result also goes into the results
     store (for the review page); a store that fails is said per film, the files are written anyway."""
-    from tqdm import tqdm
 
     from pneumoscan.outputs.writer import (
         FORMATS,
@@ -199,7 +201,7 @@ def predict(
         return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
                               seg_model=seg_model, model=model, backend=backend, device=device,
                               batch_size=batch_size)
-    with RecordSink(outputs, run=run) as sink, tqdm(total=len(files), unit="img", desc="predict") as bar:
+    with RecordSink(outputs, run=run) as sink, progress_bar(len(files), "predict") as bar:
         results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays or store is not None, force=force,
                                          batch_size=batch_size, threads=read_threads, clinical=given)
         try:
@@ -282,7 +284,6 @@ def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: 
     films' overlays and DICOM results), appended in input order. Resumable: films already recorded
     by the same models and options are skipped, films that ended in an error are tried again, and
     a file made by other models or options is refused (never mixed, never taken as done)."""
-    from tqdm import tqdm
 
     from pneumoscan.apps.cluster import ClusterError, predict_records
     from pneumoscan.io import display_name
@@ -301,7 +302,7 @@ def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: 
     done = recorded_paths(outputs.target)
     todo = [(str(f), stem) for f, stem in zip(files, output_stems(files)) if display_name(f) not in done]
     with RecordSink(outputs, append=True, run=run) as sink, \
-            tqdm(total=len(todo), unit="img", desc="predict (ray)") as bar:
+            progress_bar(len(todo), "predict (ray)") as bar:
         try:
             for record in predict_records(todo, outputs, address=ray, workers=workers, batch_size=batch_size,
                                           seg=str(seg_model) if seg_model else None,

@@ -12,6 +12,7 @@ from rich.markup import escape
 from pneumoscan.apps.cli.common import (
     BackendOption,
     Dir,
+    QuietOption,
     app,
     console,
     ensure_writable,
@@ -344,13 +345,16 @@ def evaluate(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the AUC CIs.")] = 1000,
     backend: BackendOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """Per-class AUC with bootstrap CIs, thresholds, sensitivity/specificity, calibration."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder (it is created if missing)")
     ensure_writable(out, "--out")  # before the models load: a bad --out is answered at once
-    err.print("evaluate: loading models …", highlight=False)
+    from pneumoscan.progress import note
     from pneumoscan.training.evaluate import evaluate_split
+
+    note("evaluate: loading models …")
 
     report = scored_or_fail(lambda: evaluate_split(manifest, split, out, model=model, cache=cache,
                                                    seg_model=seg_model, n_boot=n_boot, backend=backend))
@@ -375,14 +379,17 @@ def compare(
     label: Annotated[Optional[list[str]], typer.Option(
         help="Label to compare (repeat; default: every label one of the models assesses).")] = None,
     backend: BackendOption = "auto",
+    quiet: QuietOption = False,
 ) -> None:
     """Models on the same films: per label and source, each AUC with its CI and the paired
     bootstrap difference from the first model."""
     import json
 
     ensure_writable(out, "--out")  # before the models load
-    err.print("compare: loading models …", highlight=False)
+    from pneumoscan.progress import note
     from pneumoscan.training.compare import compare_models, markdown
+
+    note("compare: loading models …")
 
     result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
                                                    n_boot=n_boot, backend=backend, labels=label))
@@ -409,6 +416,7 @@ def calibrate(
                                                        "the probabilities are shifted to it.")] = None,
     refit_calibration: Annotated[bool, typer.Option(help="Refit each assessed label's calibration (Platt) on these "
                                                           "films, at their prevalence or --prevalence.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """New thresholds for the assessed labels from a labelled local split, in a new model file
     that records where they came from; with --prevalence or --refit-calibration the probabilities
@@ -467,12 +475,14 @@ def parse_prevalence(text: str | None) -> dict[str, float] | None:
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option(help="Folder for lung_unet.onnx, classifier.onnx and their metadata.")],
+    out: Annotated[Path, typer.Option(help="Folder for lung_unet.onnx, classifier.onnx, heart_unet.onnx and their "
+                                           "metadata.")],
     fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
 ) -> None:
-    """Export both models for ONNX Runtime (then: pneumoscan predict --onnx OUT)."""
+    """Export the models for ONNX Runtime: lungs, classifier and the shipped heart model (then:
+    pneumoscan predict --onnx OUT)."""
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.predict import Predictor
 
@@ -485,5 +495,5 @@ def export(
         fail(str(exc))
     except ImportError:
         fail("export needs the onnx extra: pip install 'pneumoscan[onnx]'")
-    paths = export_onnx(predictor.segmenter, predictor.classifier, out)
+    paths = export_onnx(predictor.segmenter, predictor.classifier, out, heart=predictor.heart)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
