@@ -485,6 +485,26 @@ def test_compare_agrees_with_two_evaluate_runs(cache64, trained, small_manifest,
     assert "identical weights" in (tmp_path / "t" / "compare.md").read_text()
 
 
+def test_compare_reads_segments_and_crops_each_film_once(trained, small_manifest, tmp_path, monkeypatch):
+    """Two models of one preprocessing (crop size, masking, lung model) are scored on the same
+    crops: each film is read, segmented and cropped once, not once per model."""
+    import torch
+
+    import pneumoscan.training.cache as cache_module
+    from pneumoscan.classify import Classifier
+    from pneumoscan.training.compare import compare_models
+
+    other = Classifier.load(trained / "model.pt")
+    with torch.no_grad():
+        other.model.head[-1].weight.mul_(-1)  # other weights: scored for real, not as a twin
+    other.save(tmp_path / "other.pt")
+    real, films = cache_module.crop_paths, []
+    monkeypatch.setattr(cache_module, "crop_paths", lambda paths, *a, **k: films.extend(paths) or real(paths, *a, **k))
+    result = compare_models(small_manifest, "test", [trained / "model.pt", tmp_path / "other.pt"], n_boot=10,
+                            labels=["Pneumonia"])
+    assert result["images"] > 10 and len(films) == len(set(films)) >= result["images"]
+
+
 def test_crossval_head_is_exact_in_the_model_and_its_figures_are_out_of_fold(cache64, trained, tmp_path):
     """`crossval` on a frozen backbone: the backbone is unchanged, the linear head written into
     the two-layer head gives exactly the logistic probabilities, every patient sits in one fold,
