@@ -226,3 +226,20 @@ def test_a_calibrated_copy_is_another_set_of_models_for_a_resume(tmp_path):
     assert copy.models["files"]["classifier"] != shipped.models["files"]["classifier"]
     assert copy.models["classifier"] == shipped.models["classifier"]  # the same weights
     assert copy.models["files"]["segmentation"] == shipped.models["files"]["segmentation"]
+
+
+def test_link_loops_and_dangling_links_in_an_input_folder_are_listed_and_the_batch_goes_on(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(REPO / "examples" / "nih-cxr14" / "images" / "00001734_000.png", folder / "a.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (folder / "up").symlink_to(tmp_path)  # a link to a folder above: not walked into (no endless walk)
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "predict", str(folder), "--out",
+                          str(tmp_path / "out"), "--cam", "none", "--no-overlays", "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 1 and "Traceback" not in run.stderr  # 1: some inputs failed
+    records = {Path(r["path"]).name: r for r in map(json.loads, (tmp_path / "out" / "predictions.jsonl").read_text().splitlines())}
+    assert set(records) == {"a.png", "loop.png", "gone.png"}
+    assert records["a.png"]["error"] is None and records["a.png"]["probabilities"]
+    assert "symbolic links" in records["loop.png"]["error"] and "no such file" in records["gone.png"]["error"]

@@ -279,3 +279,28 @@ def test_index_command_without_sources_fails_cleanly(tmp_path):
                              str(tmp_path / "m.csv")], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "no sources given" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_file_name_that_leaves_the_source_folder_is_refused_with_its_row(tmp_path):
+    """``index`` never puts a file from outside a source's folder into a manifest: an absolute or
+    climbing file name in the source's metadata refuses the source and names the row."""
+    from pneumoscan.data.base import SourceError
+
+    png = (DATA / "nih-cxr14" / "images").glob("*.png").__next__().read_bytes()
+    outside = tmp_path / "elsewhere" / "secret.png"
+    outside.parent.mkdir()
+    outside.write_bytes(png)
+    for name in ("../../elsewhere/secret.png", str(outside)):
+        root = tmp_path / f"actualmed{len(name)}"
+        (root / "images").mkdir(parents=True)
+        (root / "images" / "fine.png").write_bytes(png)
+        pd.DataFrame({"patientid": ["p1", "p2"], "imagename": ["fine.png", name], "finding": ["No finding", "COVID-19"],
+                      "view": ["PA", "PA"]}).to_csv(root / "metadata.csv", index=False)
+        with pytest.raises(SourceError, match=r"row 2 .*outside .*refused"):
+            Actualmed(root)
+        run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "index", "--actualmed", str(root),
+                              "--out", str(tmp_path / "m.csv")], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "row 2" in run.stderr and "Traceback" not in run.stderr
+        assert not (tmp_path / "m.csv").exists()
+        (root / "metadata.csv").write_text((root / "metadata.csv").read_text().replace(name, "fine.png"))
+        assert len(Actualmed(root)) == 2  # the same folder with names inside it indexes

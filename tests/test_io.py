@@ -498,3 +498,26 @@ def test_a_deflated_dicom_reads_like_the_plain_one_and_a_deflate_bomb_is_refused
     peak = {name: int(subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
                                      check=True, timeout=120).stdout) for name, path in (("film", plain), ("bomb", bomb))}
     assert (peak["bomb"] - peak["film"]) / 1024 < 100, peak  # ru_maxrss is in KiB on Linux
+
+
+def test_a_pipe_or_a_link_loop_is_refused_in_one_line_not_waited_on(tmp_path):
+    """A manifest row or an argument naming a FIFO would block ``open`` until a writer came (for
+    ever); a device never ends. Both are refused before opening, as are link loops."""
+    import os
+    import subprocess
+    import sys
+
+    fifo = tmp_path / "film.png"
+    os.mkfifo(fifo)
+    loop = tmp_path / "loop.png"
+    loop.symlink_to(loop)
+    script = ("import sys; from pneumoscan.io import read_xray, XrayReadError\n"
+              "for p in sys.argv[1:]:\n"
+              "    try: read_xray(p)\n"
+              "    except XrayReadError as e: print(e)\n")
+    run = subprocess.run([sys.executable, "-c", script, str(fifo), "/dev/zero", str(loop)], capture_output=True,
+                         text=True, timeout=60)
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0 and len(lines) == 3, run.stderr[-1500:]
+    assert "not a regular file" in lines[0] and "not a regular file" in lines[1]
+    assert "symbolic links" in lines[2]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -74,9 +75,12 @@ def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
     columns), pass their limits."""
     path, name = Path(path), display_name(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
+        info = path.stat()
+        size = info.st_size
+        if stat.S_ISDIR(info.st_mode):
             raise XrayReadError(f"{name}: is a folder, not an image file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader forever; a device never ends
+            raise XrayReadError(f"{name}: not a regular file (a pipe, socket or device), not read")
         if size > file_limit(max_pixels):
             raise XrayReadError(f"{name}: {size:,} bytes is above the {file_limit(max_pixels):,}-byte file limit "
                                 f"for {max_pixels:,} pixels (refused unread to protect memory)")

@@ -3,6 +3,7 @@ say), in the manner of torchxrayvision's dataset classes (``pathologies``, ``lab
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -70,6 +71,7 @@ class XraySource:
             raise SourceError(f"{self.name}: {self.root} is not a folder")
         self.warnings: list[str] = []
         rows = list(self._rows())
+        self._refuse_outside(rows)
         self.csv = pd.DataFrame(rows, columns=[*SOURCE_COLUMNS, *self.extra_columns])
         if len(self.csv) == 0:
             self.warnings.append(f"{self.name}: no images found under {self.root}")
@@ -78,6 +80,24 @@ class XraySource:
 
     def _rows(self):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def roots(self) -> list[Path]:
+        """The folders this source's files may lie in (its root; a source that points into a
+        second folder adds it)."""
+        return [self.root]
+
+    def _refuse_outside(self, rows: list[dict]) -> None:
+        """Every image and mask path must lie inside :meth:`roots`, judged on the path as written
+        (``..`` folded, links not followed): a file name in a source's metadata that is absolute
+        or climbs out (``../../etc/x``) would otherwise put a file from anywhere into a manifest.
+        The first such row is named and the source refused."""
+        roots = [os.path.normpath(r) for r in self.roots()]
+        for k, rec in enumerate(rows):
+            for path in [rec["path"], *filter(None, str(rec.get("mask") or "").split(";"))]:
+                written = os.path.normpath(path)
+                if not any(written == r or written.startswith(r + os.sep) for r in roots):
+                    raise SourceError(f"{self.name}: row {k + 1} of its metadata names {path!r}, outside "
+                                      f"{self.root} (an absolute or '..' file name); refused")
 
     @property
     def labels(self) -> np.ndarray:

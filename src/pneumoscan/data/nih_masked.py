@@ -74,6 +74,10 @@ class NIHMasked(XraySource):
         # Keys name the NIH patient, so NIH's own folders and this one share one key space.
         self.csv["patient"] = "nih:" + self.csv["patient"].str.removeprefix(self.name + ":")
 
+    def roots(self) -> list[Path]:
+        base = images_root(self.root, self.images)
+        return [self.root, *([base.expanduser().resolve()] if base is not None else [])]
+
     def _rows(self):
         table = pd.read_csv(self._require("index.csv"))
         needed = {"path", "nih_patient", "rsna_class", "finding_labels", "view"}

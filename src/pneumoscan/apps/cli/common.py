@@ -3,6 +3,7 @@ folder check and loading the Predictor."""
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -190,7 +191,8 @@ def expand_inputs(paths: list[Path], skip: Path | None = None) -> list[Path]:
     for path in paths:
         candidates = sorted(path.rglob("*")) if path.is_dir() else [path]
         if path.is_dir() and skip is not None:
-            candidates = [p for p in candidates if not p.resolve().is_relative_to(skip)]
+            # realpath, not resolve(): a link loop in the folder must not stop the batch (resolve raises)
+            candidates = [p for p in candidates if not Path(os.path.realpath(p)).is_relative_to(skip)]
         for p in candidates:
             if not p.exists():
                 found.append(p)  # reported per file as unreadable, the batch goes on
