@@ -131,3 +131,28 @@ def test_last_checkpoint_is_every_epochs_end_even_when_the_monitored_metric_fall
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
     epoch = {name: torch.load(tmp_path / name, weights_only=False)["epoch"] for name in ("best.ckpt", "last.ckpt")}
     assert epoch == {"best.ckpt": 0, "last.ckpt": 2}
+
+
+def test_valid_hashes_over_weights_of_the_wrong_shape_are_refused_in_one_line(tmp_path):
+    """A file whose hashes are right but whose tensors do not fit the recorded network (a head
+    of another width, say) is refused by every face in one line that names the tensor."""
+    import subprocess
+    import sys
+
+    from pneumoscan.classify import Classifier, default_model_path
+    from pneumoscan.modelfile import ModelFileError, load_model, save_model
+
+    state, meta = load_model(default_model_path(), kind="chest-classifier")
+    state["net.class_layers.out.3.weight"] = torch.zeros(3, 3)
+    save_model(tmp_path / "bad.pt", state, {k: v for k, v in meta.items() if k not in ("sha256", "weights_sha256")})
+    with pytest.raises(ModelFileError, match=r"do not fit .*size mismatch for net.class_layers.out.3.weight"):
+        Classifier.load(tmp_path / "bad.pt")
+    from conftest import REPO
+
+    film = REPO / "examples" / "nih-cxr14" / "images" / "00001734_000.png"
+    for backend in ("torch", "onnx"):
+        run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "predict", str(film), "--model",
+                              str(tmp_path / "bad.pt"), "--out", str(tmp_path / backend), "--backend", backend],
+                             capture_output=True, text=True, timeout=300,
+                             env={**__import__("os").environ, "PNEUMOSCAN_CACHE": str(tmp_path / "cache")})
+        assert run.returncode == 2 and "size mismatch" in run.stderr and "Traceback" not in run.stderr, run.stderr[-1500:]

@@ -34,6 +34,7 @@ from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import (
     ModelFileError,
     file_sha256,
+    load_error,
     load_model,
     save_model,
     shipped_model_path,
@@ -424,7 +425,11 @@ class Classifier(ScoringClassifier):
                                     if meta.get("clinical") else None)
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(f"{path}: its architecture cannot be built ({exc})") from exc
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape (valid hashes do not make weights fit)
+            raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({arch}): "
+                                 f"{load_error(exc)}") from exc
         if missing or unexpected:
             raise ModelFileError(f"{path}: weights do not fit the recorded architecture ({arch}"
                                  f"{' + patient information' if meta.get('clinical') else ''}: "

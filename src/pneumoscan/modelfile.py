@@ -113,6 +113,14 @@ def save_model(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict
     return meta
 
 
+def load_error(exc: Exception) -> str:
+    """What a failed ``load_state_dict`` says that matters, in one line: its first "size
+    mismatch" (PyTorch's first line only names the module)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+    return (mismatch or (lines[0] if lines else type(exc).__name__))[:240]
+
+
 def resumable_checkpoint(path: str | Path) -> str | None:
     """``path`` if a training checkpoint exists there and reads back whole, None if there is none;
     a damaged one (a crash mid-write, a full disk) is refused with what to do, never loaded."""

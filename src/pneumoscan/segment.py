@@ -37,7 +37,7 @@ from pneumoscan.maskquality import (
 )
 from pneumoscan.modelfile import (
     ModelFileError,
-    first_line,
+    load_error,
     load_model,
     save_model,
     shipped_model_path,
@@ -134,7 +134,7 @@ class Segmenter:
             missing, unexpected = net.load_state_dict(state, strict=False)
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ModelFileError(f"{path}: {cls.label} model metadata or weights unusable "
-                                 f"({type(exc).__name__}: {first_line(exc, 160)})") from exc
+                                 f"({type(exc).__name__}: {load_error(exc)})") from exc
         if missing or unexpected:
             raise ModelFileError(f"{path}: weights do not fit the {meta['preset']} U-Net "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
