@@ -586,3 +586,36 @@ def test_a_dicomweb_target_is_believed_only_when_its_answer_confirms(tmp_path):
         for kind in ("busy", "slow"):
             with pytest.raises(Transient):
                 send(kind)
+
+
+def test_idle_peers_cannot_hold_every_association_and_the_log_says_why_one_was_refused(tmp_path, caplog):
+    """Issue 36: associations that open and then say nothing are closed after --idle-timeout;
+    while the slots are full a newcomer is rejected with the reason in the log, and once the idle
+    ones are closed a sender gets through."""
+    import logging
+
+    from pneumoscan.apps.listen import Listener
+
+    port = _port()
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool", port=port, max_associations=2,
+                        idle_timeout=2.0)
+    listener.start()
+    try:
+        def associate():
+            ae = AE(ae_title="IDLE")
+            ae.add_requested_context("1.2.840.10008.1.1")
+            return ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
+
+        with caplog.at_level(logging.WARNING, logger="pneumoscan.apps.listen"):
+            idle = [associate() for _ in range(2)]
+            assert all(a.is_established for a in idle)
+            third = associate()
+            assert third.is_rejected
+        assert any("2 associations already open" in r.getMessage() and "idle ones close after 2 s" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+        _wait(lambda: not any(a.is_alive() for a in idle), timeout=20)  # closed by the listener, not by us
+        late = associate()
+        assert late.is_established and late.send_c_echo().Status == 0x0000
+        late.release()
+    finally:
+        listener.stop()

@@ -111,6 +111,10 @@ class Listener:
     backoff_max_s: float = 60.0
     store: Any = None
     keep_films: Path | None = None
+    #: an association silent this long is closed (pynetdicom's network/ACSE/DIMSE timeouts), so a
+    #: few idle or stalled peers cannot hold every slot for minutes
+    idle_timeout: float = 20.0
+    max_associations: int = 10
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
     _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
@@ -201,8 +205,13 @@ class Listener:
 
     @staticmethod
     def handle_rejected(event) -> None:
-        log.warning("refused an association from %s at %s (calling AE title not allowed, or nothing it "
-                    "proposed is taken)", printable(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+        ae = event.assoc.ae
+        open_now = sum(1 for a in ae.active_associations if a.is_acceptor and a is not event.assoc)
+        why = (f"{open_now} associations already open, the most allowed; idle ones close after "
+               f"{ae.network_timeout:g} s" if open_now >= ae.maximum_associations
+               else "calling AE title not allowed, or nothing it proposed is taken")
+        log.warning("refused an association from %s at %s (%s)", printable(event.assoc.requestor.ae_title),
+                    event.assoc.requestor.address, why)
 
     # --- processing ------------------------------------------------------------------------
     def recover(self) -> int:
@@ -503,6 +512,8 @@ class Listener:
         if self.allow:
             ae.require_calling_aet = list(self.allow)
         ae.maximum_pdu_size = 0
+        ae.maximum_associations = self.max_associations
+        ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.idle_timeout
         self.recover()
         for target, name in ((self._work, "worker"), (self._forward_loop, "forward")):
             thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)

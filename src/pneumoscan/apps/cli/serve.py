@@ -100,6 +100,11 @@ def listen(
     allow: Annotated[Optional[list[str]], typer.Option(help="Calling AE title allowed to send (repeat); any if omitted.")] = None,
     queue: Annotated[int, typer.Option(min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
     tries: Annotated[int, typer.Option(min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
+    idle_timeout: Annotated[float, typer.Option(
+        min=1, help="Seconds an association may stay silent before it is closed (idle peers must not hold the "
+                    "slots senders need).")] = 20.0,
+    max_associations: Annotated[int, typer.Option(
+        min=1, help="Associations open at once; more are rejected (transient, 'local limit exceeded').")] = 10,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     backend: BackendOption = "auto",
@@ -158,7 +163,8 @@ def listen(
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
                         forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries,
-                        store=store, keep_films=keep_films)
+                        store=store, keep_films=keep_films, idle_timeout=idle_timeout,
+                        max_associations=max_associations)
     if dicomweb_port is not None:
         start_stow(listener, host, dicomweb_port)
     console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
