@@ -60,6 +60,10 @@ def calibrate(manifest: str | Path, split: str, out: str | Path, *, method: str,
     label the old and new threshold and what the new one achieves there."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    for written_here in (Path(out), Path(out).with_suffix(".md")):  # checked before minutes of scoring
+        if written_here.exists():
+            raise ValueError(f"{written_here} exists; choose a new file name (a model file and its card "
+                             f"are never overwritten)")
     scored = score_split(manifest, split, model=model, cache=cache, seg_model=seg_model, backend="torch")
     keep = np.ones(len(scored.rows), bool) if source is None else (scored.rows["source"] == source).to_numpy()
     if not keep.any():
