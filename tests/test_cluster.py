@@ -62,6 +62,26 @@ def test_predict_on_ray_matches_one_process_and_resumes(tmp_path):
             assert (p is None and a["probabilities"][label] is None) or abs(a["probabilities"][label] - p) <= 1e-5
 
 
+def test_ctrl_c_stops_predict_on_ray_and_says_how_to_go_on(tmp_path):
+    """Issue 36: Ctrl-C (SIGINT to the terminal's whole process group, Ray's processes included)
+    stops the run within seconds, keeps the records written and says the same command resumes."""
+    out = tmp_path / "ray"
+    proc = subprocess.Popen([*CLI, "predict", *_films(40), "--out", str(out), "--ray", "local", "--workers", "1",
+                             "--cam", "none", "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 (as a terminal starts it)
+    target, deadline = out / "predictions.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (target.exists() and target.read_text().count("\n")):
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    stopped = time.time()
+    _, err = proc.communicate(timeout=120)
+    assert time.time() - stopped < 30 and proc.returncode == 130, err[-1500:]
+    kept = _records(target)
+    assert 0 < len(kept) < 40 and "the same command goes on from there" in err and "Traceback" not in err
+
+
 def test_predict_on_ray_writes_csv_overlays_and_dicom_as_one_process_does(tmp_path):
     """Through the one result writer: the same CSV rows, the same overlay names and the same DICOM
     objects (UIDs included) with and without --ray."""

@@ -66,7 +66,7 @@ def test_a_cached_export_loads_without_building_the_networks(tmp_path):
     script = ("import sys; from pneumoscan.predict import Predictor; p = Predictor.from_default(); "
               "print(type(p.heart).__name__, type(p.segmenter).__name__, 'monai' in sys.modules)")
     env = {**os.environ, "PNEUMOSCAN_CACHE": str(tmp_path)}
-    first, second = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    first, second = (subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False, timeout=300, env=env)
                      for _ in range(2))
     assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
     assert first.stdout.split() == ["OnnxHeartSegmenter", "OnnxLungSegmenter", "True"]  # it exported

@@ -121,6 +121,6 @@ def predict_records(items: Iterable[tuple[str, str]], outputs, *, address: str |
         return
     scored = ray.data.from_items(rows).map_batches(
         PredictWorker, fn_constructor_args=(outputs, seg, cls_model, backend, device, force),
-        batch_size=batch_size, concurrency=workers, num_cpus=1, num_gpus=gpus_per_worker)
+        batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1, num_gpus=gpus_per_worker)
     for row in scored.iter_rows():
         yield json.loads(row["record"])

@@ -316,4 +316,9 @@ def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: 
         except OSError as exc:
             bar.close()
             stopped_writing(exc, sink.counts, len(todo), outputs)
+        except KeyboardInterrupt:
+            bar.close()
+            err.print(f"interrupted: {sink.counts['written']} of {len(todo)} films recorded in {outputs.target}; "
+                      f"the same command goes on from there", highlight=False)
+            raise typer.Exit(130) from None
     finish(sink.counts, len(files), outputs, force, skipped=len(files) - len(todo))
