@@ -300,6 +300,34 @@ def test_a_poison_instance_is_tried_n_times_then_moved_never_looped(tmp_path):
     assert not list(listener.spool.iterdir()) and (listener.done / "1.2.3").exists()
 
 
+def test_failed_keeps_to_its_count_and_bytes_dropping_the_oldest_with_a_log_line(tmp_path, caplog):
+    """Issue 36: a sender that keeps sending what cannot be read must not fill the disk through
+    failed/: it holds at most --failed-max instances and --failed-max-mb, the oldest go first."""
+    import logging
+    import os
+
+    from pneumoscan.apps.listen import Listener
+
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool", failed_max=3, failed_max_bytes=10_000)
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.apps.listen"):
+        for k in range(5):
+            uid = f"1.2.{k}"
+            (listener.spool / f"{uid}.dcm").write_bytes(b"x" * 1000)
+            listener._give_up(uid, "unreadable")
+            for path in listener.failed.glob(f"{uid}.*"):
+                os.utime(path, ns=(k * 10**9, k * 10**9))  # one second apart, oldest first
+            listener._trim_failed()
+        kept = sorted({p.name.split(".dcm")[0].split(".error")[0] for p in listener.failed.iterdir()})
+        assert kept == ["1.2.2", "1.2.3", "1.2.4"]  # the count: the three newest
+        (listener.spool / "1.2.9.dcm").write_bytes(b"x" * 9000)  # one big one: the bytes rule
+        listener._give_up("1.2.9", "unreadable")
+    kept = sorted({p.name.split(".dcm")[0].split(".error")[0] for p in listener.failed.iterdir()})
+    assert kept == ["1.2.9"] and sum(p.stat().st_size for p in listener.failed.iterdir()) <= 10_000
+    removed = [r.getMessage() for r in caplog.records if "removed the oldest failed instance" in r.getMessage()]
+    assert len(removed) == 5 and "1.2.0" in removed[0]
+    assert all((listener.done / f"1.2.{k}").exists() for k in range(5))  # removed from failed/, still done
+
+
 def test_forwards_wait_for_a_target_that_is_down_and_a_refused_sop_class_is_final(tmp_path):
     """Forwards used to be tried once (then only at a restart) and a target that refuses SR was
     retried forever; unforwarded results did not count against --queue."""

@@ -115,6 +115,9 @@ class Listener:
     #: few idle or stalled peers cannot hold every slot for minutes
     idle_timeout: float = 20.0
     max_associations: int = 10
+    #: failed/ keeps at most this many instances and bytes; the oldest are removed (and logged)
+    failed_max: int = 1000
+    failed_max_bytes: int = 1 << 30
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
     _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
@@ -302,6 +305,30 @@ class Listener:
         atomic_write_bytes(self.done / uid, b"")
         (self.spool / f"{uid}.tries").unlink(missing_ok=True)
         log.error("gave up on %s: %s (moved to %s)", uid, reason[:200], self.failed.name)
+        self._trim_failed()
+
+    def _trim_failed(self) -> None:
+        """Keep failed/ within ``failed_max`` instances and ``failed_max_bytes``: a sender that
+        keeps sending what cannot be read must not fill the disk through it. The oldest instances
+        (with their error and forward notes) go first, each logged."""
+        groups: dict[str, list[Path]] = {}
+        for path in self.failed.iterdir():
+            uid = path.name
+            for suffix in (".error.txt", ".forward.txt", ".dcm"):
+                uid = uid.removesuffix(suffix)
+            groups.setdefault(uid, []).append(path)
+        sizes = {uid: sum(p.stat().st_size for p in paths) for uid, paths in groups.items()}
+        ages = {uid: max(p.stat().st_mtime_ns for p in paths) for uid, paths in groups.items()}
+        order = sorted(groups, key=lambda uid: (ages[uid], uid))  # oldest first
+        count, total = len(order), sum(sizes.values())
+        for uid in order:
+            if count <= self.failed_max and total <= self.failed_max_bytes:
+                break
+            for path in groups[uid]:
+                path.unlink(missing_ok=True)
+            count, total = count - 1, total - sizes[uid]
+            log.warning("removed the oldest failed instance %s from %s (it keeps at most %d instances and "
+                        "%d bytes)", uid, self.failed.name, self.failed_max, self.failed_max_bytes)
 
     def _record(self, record: dict[str, Any]) -> None:
         """A line of predictions.jsonl: the index from source instance to results."""

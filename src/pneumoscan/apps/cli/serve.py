@@ -105,6 +105,10 @@ def listen(
                     "slots senders need).")] = 20.0,
     max_associations: Annotated[int, typer.Option(
         min=1, help="Associations open at once; more are rejected (transient, 'local limit exceeded').")] = 10,
+    failed_max: Annotated[int, typer.Option(
+        min=1, help="Instances kept in OUT/failed at most; the oldest are removed (logged).")] = 1000,
+    failed_max_mb: Annotated[float, typer.Option(
+        min=1, help="Megabytes kept in OUT/failed at most; the oldest are removed (logged).")] = 1024.0,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     backend: BackendOption = "auto",
@@ -164,7 +168,8 @@ def listen(
     listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
                         forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries,
                         store=store, keep_films=keep_films, idle_timeout=idle_timeout,
-                        max_associations=max_associations)
+                        max_associations=max_associations, failed_max=failed_max,
+                        failed_max_bytes=int(failed_max_mb * 2**20))
     if dicomweb_port is not None:
         start_stow(listener, host, dicomweb_port)
     console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
