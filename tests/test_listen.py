@@ -407,7 +407,10 @@ def _store_event(path: Path):
     request = C_STORE()
     request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     request.DataSet = BytesIO(data[end:])
-    return Event(SimpleNamespace(requestor=SimpleNamespace(ae_title="PYTEST")), evt.EVT_C_STORE,
+    class Association:  # what the handler reads of pynetdicom's (an object, weakly referenced like it)
+        requestor = SimpleNamespace(ae_title="PYTEST")
+
+    return Event(Association(), evt.EVT_C_STORE,
                  {"request": request, "context": PresentationContextTuple(1, meta.MediaStorageSOPClassUID, UID(syntax))})
 
 
@@ -645,5 +648,39 @@ def test_idle_peers_cannot_hold_every_association_and_the_log_says_why_one_was_r
         late = associate()
         assert late.is_established and late.send_c_echo().Status == 0x0000
         late.release()
+    finally:
+        listener.stop()
+
+
+def test_an_instance_over_the_size_limit_ends_its_association_while_it_arrives(tmp_path, caplog):
+    """Issue 36: an instance larger than the limit is not held whole in memory first: its
+    association is aborted while it arrives, with a log line; the next sender is served."""
+    import logging
+
+    import numpy as np
+
+    from pneumoscan.apps.listen import Listener
+
+    port = _port()
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool", port=port,
+                        max_instance_bytes=4 * 2**20)
+    small = pydicom.dcmread(_films(tmp_path / "in", 1)[0])
+    big = pydicom.dcmread(_films(tmp_path / "in", 1)[0])
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    big.Rows, big.Columns, big.BitsAllocated, big.BitsStored, big.HighBit = 2048, 2048, 16, 12, 11
+    big.PixelData = np.random.default_rng(0).integers(0, 4096, (2048, 2048), dtype=np.uint16).tobytes()  # 8 MiB
+    listener.start()
+    try:
+        ae = AE(ae_title="BIGSENDER")
+        ae.add_requested_context(str(big.SOPClassUID), "1.2.840.10008.1.2.1")
+        with caplog.at_level(logging.WARNING, logger="pneumoscan.apps.listen"):
+            assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
+            assert assoc.is_established
+            answer = assoc.send_c_store(big)
+            _wait(lambda: assoc.is_aborted or not assoc.is_alive(), timeout=30)
+        assert "Status" not in answer and assoc.is_aborted  # no answer: the association was ended
+        assert any("more than 4194304 bytes" in r.getMessage() for r in caplog.records)
+        assert not list(listener.spool.glob("*.dcm"))
+        assert _send([small], port) == [0x0000]  # the next sender is served
     finally:
         listener.stop()

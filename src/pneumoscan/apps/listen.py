@@ -38,6 +38,7 @@ import os
 import queue
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,9 @@ class Listener:
     #: failed/ keeps at most this many instances and bytes; the oldest are removed (and logged)
     failed_max: int = 1000
     failed_max_bytes: int = 1 << 30
+    #: an instance larger than this (bytes on the wire) ends its association while it arrives;
+    #: default: the file limit of :func:`pneumoscan.io.file_limit`, as for a file on disk
+    max_instance_bytes: int = 0
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
     _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
@@ -129,6 +133,8 @@ class Listener:
     _sink: Any = field(default=None, init=False)
     #: the worker found no room to write results: C-STORE is answered 0xA700 until it does
     _full: bool = field(default=False, init=False)
+    #: P-DATA bytes received per association since its last C-STORE was handled
+    _arriving: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False)
 
     def __post_init__(self) -> None:
         self.out, self.spool = Path(self.out), Path(self.spool)
@@ -187,6 +193,7 @@ class Listener:
 
         from pneumoscan.io import DEFLATED, XrayReadError, inflated_instance
 
+        self._arriving.pop(event.assoc, None)
         uid = str(event.request.AffectedSOPInstanceUID)
         try:
             if str(event.context.transfer_syntax) == DEFLATED:
@@ -205,6 +212,22 @@ class Listener:
                         type(exc).__name__)
             return CANNOT_UNDERSTAND
         return self.receive(uid, dataset, encoded, event.assoc.requestor.ae_title)
+
+    def handle_data(self, event) -> None:
+        """P-DATA as it arrives: the bytes of the instance being sent are counted per association,
+        and past ``max_instance_bytes`` the association is aborted, before pynetdicom has held the
+        whole instance in memory (no C-STORE answer can be given in the middle of a message)."""
+        from pneumoscan.io import file_limit
+
+        limit = self.max_instance_bytes or file_limit()
+        arriving = self._arriving.get(event.assoc, 0) + len(event.data)
+        self._arriving[event.assoc] = arriving
+        if arriving > limit >= arriving - len(event.data):  # said and done once
+            log.warning("aborted the association from %s at %s: an instance of more than %d bytes was being "
+                        "sent (the file limit)", printable(event.assoc.requestor.ae_title),
+                        event.assoc.requestor.address, limit)
+            # not from this thread: it is the association's own, which abort() waits for
+            threading.Thread(target=event.assoc.abort, daemon=True).start()
 
     @staticmethod
     def handle_rejected(event) -> None:
@@ -546,7 +569,8 @@ class Listener:
             thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected)]
+        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
+                    (evt.EVT_DATA_RECV, self.handle_data)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         log.info("ready: listening as %s on %s:%d", self.ae_title, self.host, self.port)
         while block and not self._stopping.wait(1.0):

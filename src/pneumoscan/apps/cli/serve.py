@@ -105,10 +105,13 @@ def listen(
                     "slots senders need).")] = 20.0,
     max_associations: Annotated[int, typer.Option(
         min=1, help="Associations open at once; more are rejected (transient, 'local limit exceeded').")] = 10,
+    max_instance_mb: Annotated[float, typer.Option(
+        min=0, help="An instance larger than this (MiB) ends its association while it arrives (0: the file "
+                    "limit, about 260 MiB).")] = 0.0,
     failed_max: Annotated[int, typer.Option(
         min=1, help="Instances kept in OUT/failed at most; the oldest are removed (logged).")] = 1000,
     failed_max_mb: Annotated[float, typer.Option(
-        min=1, help="Megabytes kept in OUT/failed at most; the oldest are removed (logged).")] = 1024.0,
+        min=1, help="MiB kept in OUT/failed at most; the oldest are removed (logged).")] = 1024.0,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     backend: BackendOption = "auto",
@@ -169,6 +172,7 @@ def listen(
                         forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries,
                         store=store, keep_films=keep_films, idle_timeout=idle_timeout,
                         max_associations=max_associations, failed_max=failed_max,
+                        max_instance_bytes=int(max_instance_mb * 2**20),
                         failed_max_bytes=int(failed_max_mb * 2**20))
     if dicomweb_port is not None:
         start_stow(listener, host, dicomweb_port)
