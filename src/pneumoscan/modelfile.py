@@ -149,9 +149,16 @@ def checkpoint_callbacks(dirpath: str | Path, monitor: str, mode: str = "max") -
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     best = ModelCheckpoint(dirpath=dirpath, filename="best", monitor=monitor, mode=mode, save_top_k=1)
-    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False)
-    return best, last
+    return best, _last_checkpoint(dirpath)
+
+
+def _last_checkpoint(dirpath: str | Path, **trigger: Any) -> Any:
+    """A Lightning checkpoint that overwrites ``last.ckpt`` (at every epoch's end unless
+    ``trigger`` names another of ModelCheckpoint's triggers)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
+                           enable_version_counter=False, **trigger)
 
 
 def timed_checkpoint(dirpath: str | Path, minutes: float) -> Any:
@@ -160,10 +167,7 @@ def timed_checkpoint(dirpath: str | Path, minutes: float) -> Any:
     continues at the next batch): a killed hour-long CPU epoch loses at most ``minutes``."""
     from datetime import timedelta
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    return ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
-                           enable_version_counter=False, train_time_interval=timedelta(minutes=minutes))
+    return _last_checkpoint(dirpath, train_time_interval=timedelta(minutes=minutes))
 
 
 def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = None

@@ -243,7 +243,7 @@ def load_models(seg: str | Path | None = None, cls_model: str | Path | None = No
 
         return load_cached(seg_path, cls_path, heart_path, progress=progress)
     return (LungSegmenter.load(seg_path).to(device), Classifier.load(cls_path).to(device),
-            HeartSegmenter.load(heart_path).to(device) if heart_path else None)
+            load_heart(heart_path, device) if heart_path else None)
 
 
 def check_backend(backend: str, device: str) -> None:

@@ -120,7 +120,7 @@ class Listener:
     failed_max: int = 1000
     failed_max_bytes: int = 1 << 30
     #: an instance larger than this (bytes on the wire) ends its association while it arrives;
-    #: default: the file limit of :func:`pneumoscan.io.file_limit`, as for a file on disk
+    #: 0: the file limit of :func:`pneumoscan.io.file_limit`, as for a file on disk
     max_instance_bytes: int = 0
     _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
     _pending: set[str] = field(default_factory=set, init=False)
@@ -137,6 +137,9 @@ class Listener:
     _arriving: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False)
 
     def __post_init__(self) -> None:
+        from pneumoscan.io import file_limit
+
+        self.max_instance_bytes = self.max_instance_bytes or file_limit()
         self.out, self.spool = Path(self.out), Path(self.spool)
         self.done, self.failed, self.outbox = self.out / ".done", self.out / "failed", self.out / ".outbox"
         for folder in (self.out, self.spool, self.done, self.failed, self.outbox):
@@ -217,14 +220,12 @@ class Listener:
         """P-DATA as it arrives: the bytes of the instance being sent are counted per association,
         and past ``max_instance_bytes`` the association is aborted, before pynetdicom has held the
         whole instance in memory (no C-STORE answer can be given in the middle of a message)."""
-        from pneumoscan.io import file_limit
-
-        limit = self.max_instance_bytes or file_limit()
+        limit = self.max_instance_bytes
         arriving = self._arriving.get(event.assoc, 0) + len(event.data)
         self._arriving[event.assoc] = arriving
         if arriving > limit >= arriving - len(event.data):  # said and done once
             log.warning("aborted the association from %s at %s: an instance of more than %d bytes was being "
-                        "sent (the file limit)", printable(event.assoc.requestor.ae_title),
+                        "sent (the instance limit)", printable(event.assoc.requestor.ae_title),
                         event.assoc.requestor.address, limit)
             # not from this thread: it is the association's own, which abort() waits for
             threading.Thread(target=event.assoc.abort, daemon=True).start()
@@ -335,13 +336,16 @@ class Listener:
         keeps sending what cannot be read must not fill the disk through it. The oldest instances
         (with their error and forward notes) go first, each logged."""
         groups: dict[str, list[Path]] = {}
+        sizes: dict[str, int] = {}
+        ages: dict[str, int] = {}
         for path in self.failed.iterdir():
             uid = path.name
             for suffix in (".error.txt", ".forward.txt", ".dcm"):
                 uid = uid.removesuffix(suffix)
+            info = path.stat()
             groups.setdefault(uid, []).append(path)
-        sizes = {uid: sum(p.stat().st_size for p in paths) for uid, paths in groups.items()}
-        ages = {uid: max(p.stat().st_mtime_ns for p in paths) for uid, paths in groups.items()}
+            sizes[uid] = sizes.get(uid, 0) + info.st_size
+            ages[uid] = max(ages.get(uid, 0), info.st_mtime_ns)
         order = sorted(groups, key=lambda uid: (ages[uid], uid))  # oldest first
         count, total = len(order), sum(sizes.values())
         for uid in order:

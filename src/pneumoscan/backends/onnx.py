@@ -69,8 +69,6 @@ def cached_export(seg_path: Path, cls_path: Path, heart_path: Path | None, metas
     ``progress(message)`` is told when an export starts (it takes about half a minute)."""
     from filelock import FileLock, Timeout
 
-    from pneumoscan.classify import Classifier
-
     folder = cache_root() / "-".join(identity(meta)[:16] for meta in metas)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,7 @@ class ResumableLoader(DataLoader):
 
     _given = 0  # batches handed out in the current pass
     _pending: tuple[int, int] | None = None  # (epoch, batches) of a checkpoint not yet resumed
+    _skip_next = 0  # batches the pass being started leaves out
 
     @property
     def _epoch(self) -> int:
@@ -180,8 +181,8 @@ class ResumableLoader(DataLoader):
 
     @property
     def _index_sampler(self):
-        skip = getattr(self, "_skip_next", 0)
-        return _SkipFirst(super()._index_sampler, skip) if skip else super()._index_sampler
+        base = super()._index_sampler
+        return _SkipFirst(base, self._skip_next) if self._skip_next else base
 
     def __iter__(self):
         pending, self._pending = self._pending, None
