@@ -47,7 +47,38 @@ def _seeds() -> dict[str, bytes]:
         small = cv2.resize(cv2.imread(str(nih), cv2.IMREAD_GRAYSCALE), (128, 128), interpolation=cv2.INTER_AREA)
         seeds["nih_png"] = cv2.imencode(".png", small)[1].tobytes()
         seeds["nih_jpeg"] = cv2.imencode(".jpg", small)[1].tobytes()
+        seeds["nih_cr_deflated"] = _deflated_cr(small)
+    seeds["dicom_mr_deflated"] = _deflated_bytes(pydicom.dcmread(get_testdata_file("MR_small.dcm")))
     return seeds
+
+
+def _deflated_bytes(ds: pydicom.Dataset) -> bytes:
+    """``ds`` as a Deflated Explicit VR Little Endian file (the deflate path's seeds)."""
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _deflated_cr(grey: np.ndarray) -> bytes:
+    """A 12-bit CR instance of an 8-bit film, deflated: what a modality may send the listener."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(entropy_srcs=["fuzz-cr"])
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID = ds.SeriesInstanceUID = generate_uid(entropy_srcs=["fuzz-study"])
+    ds.Modality, ds.ViewPosition, ds.BodyPartExamined = "CR", "PA", "CHEST"
+    ds.Rows, ds.Columns = grey.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (grey.astype(np.uint16) * 16).tobytes()
+    return _deflated_bytes(ds)
 
 
 SEEDS = _seeds()
@@ -64,8 +95,8 @@ def _png_with_header(width: int, height: int, bit_depth: int, colour: int) -> by
 
 
 @st.composite
-def mutated(draw) -> bytes:
-    data = bytearray(SEEDS[draw(st.sampled_from(sorted(SEEDS)))])
+def mutated(draw, seeds: tuple[str, ...] | None = None) -> bytes:
+    data = bytearray(SEEDS[draw(st.sampled_from(sorted(seeds or SEEDS)))])
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["truncate", "flip", "overwrite", "insert", "header"]))
         if not data:
@@ -287,3 +318,86 @@ def test_server_patient_fields_answer_4xx_never_500(client, clinical, age):
     data = {"clinical": clinical} | ({"age": age} if age is not None else {})
     response = client.post("/v1/predict?images=false", files={"file": ("f.png", SEEDS["png8"])}, data=data)
     assert response.status_code in (200, 400, 422), response.text
+
+
+DEFLATED_SEEDS = tuple(name for name in SEEDS if name.endswith("_deflated"))
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(data=mutated(DEFLATED_SEEDS))
+def test_deflated_dicom_reads_or_is_refused_at_every_door(data):
+    """Issue 36's deflate path, damaged anywhere (header, compressed body, its end): a file or an
+    upload reads or is an XrayReadError, and the listener's inflation of a network instance (the
+    dataset after the file meta, as DIMSE carries it) gives bytes or an XrayReadError."""
+    from pneumoscan.io import file_meta_layout, inflated_instance
+
+    _check_reader(data, "x.dcm")
+    try:
+        end = file_meta_layout(data)[0]
+    except Exception:  # a damaged file meta: the network carries none, so nothing to inflate
+        return
+    try:
+        assert isinstance(inflated_instance(data[end:], "1.2.840.10008.5.1.4.1.1.1", "1.2.3"), bytes)
+    except XrayReadError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def stow(tmp_path_factory):
+    """The listener's STOW-RS door, called as an ASGI app (no socket: thousands of examples)."""
+    import asyncio
+
+    pytest.importorskip("pynetdicom", reason="the dicom extra is not installed")
+    from pneumoscan.apps.listen import Listener
+
+    root = tmp_path_factory.mktemp("stow")
+    app = Listener(None, root / "out", root / "out" / ".spool", queue_size=10**9).stow_app()
+
+    def post(body: bytes, content_type: bytes, path: str = "/studies") -> int:
+        sent: list[dict] = []
+        chunks = [body[i:i + 65536] for i in range(0, len(body), 65536)] or [b""]
+
+        async def receive():
+            chunk = chunks.pop(0) if chunks else b""
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", content_type)], "client": ("127.0.0.1", 40000),
+                 "server": ("127.0.0.1", 8042), "scheme": "http", "root_path": "", "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"]
+
+    return post
+
+
+@st.composite
+def stow_bodies(draw) -> tuple[bytes, bytes, str]:
+    """A multipart/related body of 0–4 parts (damaged films, deflated ones, random bytes), with
+    damaged part headers, boundaries and request content types among them."""
+    boundary = draw(st.sampled_from([b"b0undary", b"x" * 70, b"a b", b""]))
+    parts = []
+    for _ in range(draw(st.integers(0, 4))):
+        payload = draw(st.one_of(mutated(), mutated(DEFLATED_SEEDS), st.binary(max_size=256),
+                                 st.sampled_from([SEEDS[n] for n in DEFLATED_SEEDS])))
+        header = draw(st.sampled_from([b"Content-Type: application/dicom", b"Content-Type: text/plain",
+                                       b"Content-Transfer-Encoding: base64", b"\x00\xff", b""]))
+        parts.append(b"--" + boundary + b"\r\n" + header + b"\r\n\r\n" + payload + b"\r\n")
+    body = b"".join(parts) + draw(st.sampled_from([b"--" + boundary + b"--\r\n", b"", b"--"]))
+    content_type = draw(st.sampled_from([
+        b'multipart/related; type="application/dicom"; boundary=' + boundary,
+        b"multipart/related; boundary=" + boundary, b"multipart/related", b"multipart/related; boundary=\"",
+        b"application/dicom", b"multipart/related; type=application/dicom; boundary=other"]))
+    path = draw(st.sampled_from(["/studies", "/studies/1.2.3", "/studies/" + "9" * 70]))
+    return body, content_type, path
+
+
+@settings(max_examples=EXAMPLES, **COMMON)
+@given(request=stow_bodies())
+def test_stow_rs_door_answers_any_body_without_5xx(stow, request):
+    """Issue 36: whatever a sender posts to the STOW-RS door is answered with a 2xx or 4xx status,
+    never an exception (500) or another 5xx (the queue is never full here)."""
+    body, content_type, path = request
+    assert stow(body, content_type, path) < 500

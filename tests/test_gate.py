@@ -254,3 +254,30 @@ def test_pictures_with_few_grey_levels_are_refused():
     result = Predictor.from_default(backend="torch").predict(binary)
     assert result.quality["frontal_chest"] is False and result.probabilities is None
     assert any("grey levels" in reason for reason in result.quality["reasons"])
+
+
+@needs_data
+def test_a_grey_copy_of_pneumoscans_own_overlay_is_refused():
+    """Issue 36: the colour rule refuses the overlay itself, but a grey copy of it (a screenshot
+    through a grey viewer, a printout scanned) was read as a film and scored. Its frame, a title
+    and a caption band of one dark grey with text on both, now refuses it, whatever its size or
+    encoding; the frontal films above, with their own black borders and burnt-in markers, are not
+    taken for one."""
+    from pneumoscan.gate import own_overlay, picture_reasons
+    from pneumoscan.io import decode_xray
+    from pneumoscan.outputs.overlay import picture_for
+
+    predictor = Predictor.from_default(backend="torch")
+    film = DATA / "shenzhen" / "CXR_png" / "CHNCXR_0001_0.png"
+    for cam in ("top", "none"):
+        grey = cv2.cvtColor(picture_for(predictor.predict(str(film), cam=cam, keep_arrays=True)), cv2.COLOR_BGR2GRAY)
+        for copy in (grey, cv2.resize(grey, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)):
+            for suffix in (".png", ".jpg"):
+                pixels = decode_xray(cv2.imencode(suffix, copy)[1].tobytes(), name="copy" + suffix).pixels
+                assert own_overlay(pixels), (cam, copy.shape, suffix)
+    result = predictor.predict(pixels)
+    assert result.quality["frontal_chest"] is False and result.probabilities is None
+    assert any("PneumoScan's own overlay" in reason for reason in result.quality["reasons"])
+    for name in FRONTAL:
+        image = read_xray(DATA / name)
+        assert not own_overlay(image.pixels) and picture_reasons(image.pixels, image.meta) == [], name

@@ -500,6 +500,21 @@ def test_a_deflated_dicom_reads_like_the_plain_one_and_a_deflate_bomb_is_refused
     assert (peak["bomb"] - peak["film"]) / 1024 < 100, peak  # ru_maxrss is in KiB on Linux
 
 
+def test_a_deflated_dicom_with_a_wrong_meta_group_length_is_a_clear_error(tmp_path):
+    """Found by issue 36's fuzz campaign: a deflated file whose (0002,0000) group length is 0 raised
+    OverflowError while its meta group was rewritten for inflating."""
+    from pydicom.data import get_testdata_file
+
+    from pneumoscan.io import file_meta_layout
+
+    data = bytearray(_deflated(pydicom.dcmread(get_testdata_file("MR_small.dcm")), tmp_path / "ok.dcm").read_bytes())
+    group_length = 132 + 8
+    assert file_meta_layout(bytes(data))[3] == group_length
+    data[group_length:group_length + 4] = bytes(4)
+    with pytest.raises(XrayReadError, match="group length is wrong"):
+        decode_xray(bytes(data), name="damaged.dcm")
+
+
 def test_a_pipe_or_a_link_loop_is_refused_in_one_line_not_waited_on(tmp_path):
     """A manifest row or an argument naming a FIFO would block ``open`` until a writer came (for
     ever); a device never ends. Both are refused before opening, as are link loops."""

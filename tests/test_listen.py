@@ -684,3 +684,103 @@ def test_an_instance_over_the_size_limit_ends_its_association_while_it_arrives(t
         assert _send([small], port) == [0x0000]  # the next sender is served
     finally:
         listener.stop()
+
+
+def test_allow_binds_both_doors_by_address_and_the_stow_door_to_this_machine_by_title(tmp_path, caplog):
+    """Issue 36: --allow used to restrict AE titles only, and the STOW-RS door took anything from
+    anyone. An address or network in --allow now binds both doors (an association from elsewhere is
+    rejected with a log line; a STOW-RS request gets 403); with AE titles alone, which HTTP does
+    not carry, the STOW-RS door takes requests from this machine only."""
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from pneumoscan.apps.listen import Listener
+
+    def echo(port: int, title: str = "PYTEST"):
+        ae = AE(ae_title=title)
+        ae.add_requested_context("1.2.840.10008.1.1")
+        return ae.associate("127.0.0.1", port, ae_title="PNEUMOSCAN")
+
+    port = _port()
+    elsewhere = Listener(None, tmp_path / "a", tmp_path / "a" / ".spool", port=port, allow=("10.9.9.0/24",))
+    elsewhere.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pneumoscan.apps.listen"):
+            assert echo(port).is_rejected  # this test runs on 127.0.0.1, not in 10.9.9.0/24
+        assert any("address not in --allow" in r.getMessage() for r in caplog.records)
+    finally:
+        elsewhere.stop()
+    port = _port()
+    here = Listener(None, tmp_path / "b", tmp_path / "b" / ".spool", port=port, allow=("127.0.0.0/8", "PYTEST"))
+    here.start()
+    try:
+        assoc = echo(port)
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert echo(port, "STRANGER").is_rejected  # the titles still apply
+    finally:
+        here.stop()
+
+    def stow(listener, client: tuple[str, int]):
+        with TestClient(listener.stow_app(), client=client) as http:  # 415: let in, and then the body judged
+            return http.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"})
+
+    assert stow(elsewhere, ("10.9.9.4", 5000)).status_code == 415
+    refused = stow(elsewhere, ("192.168.1.20", 5000))
+    assert refused.status_code == 403 and "not in the --allow addresses" in refused.json()["error"]
+    titles = Listener(None, tmp_path / "c", tmp_path / "c" / ".spool", allow=("PACS1",))
+    assert stow(titles, ("127.0.0.1", 5000)).status_code == 415
+    refused = stow(titles, ("10.0.0.5", 5000))
+    assert refused.status_code == 403 and "AE title" in refused.json()["error"]
+    assert stow(Listener(None, tmp_path / "d", tmp_path / "d" / ".spool"), ("10.0.0.5", 5000)).status_code == 415
+
+
+def test_stow_rs_door_keeps_the_upload_pace_and_a_budget_per_client(tmp_path):
+    """Issue 36: the STOW-RS door had no pace: a sender trickling its body held one of the four
+    request places as long as it liked. It now gets 408 like at the REST server, and after its
+    strikes its address gets 429 without a byte read; an honest sender elsewhere is served."""
+    import asyncio
+
+    from pneumoscan.apps.limits import PeerBudget, UploadPace
+    from pneumoscan.apps.listen import Listener
+
+    film = _films(tmp_path / "films", 1)[0]
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + film.read_bytes()
+            + f"\r\n--{boundary}--\r\n".encode())
+    listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool")
+    app = listener.stow_app(pace=UploadPace(idle_s=0.3, grace_s=0.3, min_rate=1000, deadline_s=5),
+                            budget=PeerBudget(uploads=2, strikes=2, cooloff_s=30))
+    reads = 0
+
+    async def trickle():  # a byte every 50 ms: under 1,000 bytes/s after the grace
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    async def whole():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    def post(receive, client: str) -> tuple[int, dict]:
+        sent: list[dict] = []
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-type", f'multipart/related; type="application/dicom"; boundary={boundary}'.encode())]
+        scope = {"type": "http", "method": "POST", "path": "/studies", "raw_path": b"/studies", "headers": headers,
+                 "query_string": b"", "client": (client, 40000), "server": ("127.0.0.1", 8042), "scheme": "http",
+                 "root_path": "", "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    start = time.monotonic()
+    assert [post(trickle, "10.0.0.66")[0] for _ in range(2)] == [408, 408]
+    assert time.monotonic() - start < 3
+    before = reads
+    status, headers = post(trickle, "10.0.0.66")
+    assert status == 429 and int(headers[b"retry-after"]) >= 25 and reads == before
+    assert post(whole, "10.0.0.7")[0] == 200
+    assert [p.name for p in listener.spool.iterdir()] == [f"{pydicom.dcmread(film).SOPInstanceUID}.dcm"]

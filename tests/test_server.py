@@ -319,7 +319,7 @@ def test_chunked_upload_is_cut_off_at_the_limit(server):
     assert httpx.get(server + "/health").status_code == 200
 
 
-def _drive(gate, receive, scope_headers=()) -> list[dict]:
+def _drive(gate, receive, scope_headers=(), client=("127.0.0.1", 50000)) -> list[dict]:
     """Run the Admission middleware on one request; the messages it sent."""
     import asyncio
 
@@ -328,7 +328,8 @@ def _drive(gate, receive, scope_headers=()) -> list[dict]:
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": list(scope_headers)}
+    scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": list(scope_headers),
+             "client": client}
     asyncio.run(gate(scope, receive, send))
     return sent
 
@@ -392,6 +393,62 @@ def test_slow_and_stalled_uploads_get_408_and_never_hold_a_prediction_place():
     assert asyncio.run(both()) == (408, 200)
 
 
+def test_a_slow_sender_that_reconnects_is_barred_for_a_while_and_others_are_served():
+    """Issue 36: cut off with 408, a slow sender used to reconnect at once and hold a reading
+    place again, for ever. Its third cut-off within the window bars its address (429 with
+    Retry-After, answered before a byte is read); another address is served meanwhile, and one
+    address holds at most its share of the reading places."""
+    import asyncio
+
+    from pneumoscan.apps.limits import PeerBudget
+    from pneumoscan.apps.server import Admission, UploadPace
+
+    async def ok_app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    pace = UploadPace(idle_s=0.2, grace_s=0.2, min_rate=1000, deadline_s=5)
+    gate = Admission(ok_app, limit=10_000, capacity=4, pace=pace, budget=PeerBudget(uploads=2, strikes=3, cooloff_s=30))
+    read = 0
+
+    async def stalled():
+        nonlocal read
+        read += 1
+        await asyncio.sleep(3600)
+
+    async def whole():
+        return {"type": "http.request", "body": b"abc", "more_body": False}
+
+    slow, other = ("10.0.0.66", 40000), ("10.0.0.7", 40001)
+    assert [_drive(gate, stalled, client=slow)[0]["status"] for _ in range(3)] == [408, 408, 408]
+    before, start = read, time.monotonic()
+    barred = _drive(gate, stalled, client=slow)
+    assert barred[0]["status"] == 429 and read == before and time.monotonic() - start < 0.1
+    retry = int(dict(barred[0]["headers"])[b"retry-after"])
+    assert 25 <= retry <= 30 and "too many slow uploads" in json.loads(barred[1]["body"])["error"]
+    assert _drive(gate, whole, client=other)[0]["status"] == 200
+
+    async def three_at_once():
+        """A third upload from one address while two of its own are coming in: 429."""
+        sent: list[list[dict]] = [[], [], []]
+
+        def into(k):
+            async def send(message):
+                sent[k].append(message)
+            return send
+
+        scope = {"type": "http", "path": "/v1/predict", "method": "POST", "headers": [], "client": other}
+        first = [asyncio.create_task(gate(scope, stalled, into(k))) for k in range(2)]
+        await asyncio.sleep(0.05)
+        await gate(scope, whole, into(2))
+        await asyncio.gather(*first)
+        return [s[0]["status"] for s in sent]
+
+    assert asyncio.run(three_at_once()) == [408, 408, 429]
+    assert gate.reading == 0 and gate.admitted == 0
+
+
 @needs_data
 def test_nine_slow_senders_do_not_lock_out_the_server(server, nih_png):
     """With the defaults, nine senders trickling a byte a second each: an ordinary prediction
@@ -399,7 +456,9 @@ def test_nine_slow_senders_do_not_lock_out_the_server(server, nih_png):
     import threading
 
     def slow_sender(results: list) -> None:
-        with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60) as sock:
+        # from another address than the test's own client, which the per-address budget then bars
+        with socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])), timeout=60,
+                                      source_address=("127.0.0.2", 0)) as sock:
             sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n"
                          b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
             try:

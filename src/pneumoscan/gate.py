@@ -96,6 +96,40 @@ def grey_levels(pixels: np.ndarray) -> int:
 MAX_COLOUR_FRACTION = 0.02
 
 
+def caption_band(rows: np.ndarray, tolerance: float = 4 / 255) -> tuple[int, float, float]:
+    """The band of rows that ``rows`` starts with, drawn as PneumoScan's overlay draws its title
+    and caption: one flat level covering at least 15 % of each row (lines of text cover the
+    rest), and nothing much darker than it (text is lighter, and its anti-aliased edges blend
+    towards the level; a JPEG copy rings a little below it). (Its height in rows, its level, the
+    share of its pixels much brighter than the level: the text.)"""
+    level = float(np.median(rows[0]))
+    at_level = (np.abs(rows - level) <= tolerance).mean(axis=1) >= 0.15
+    nothing_darker = (rows >= level - 3 * tolerance).all(axis=1)
+    banded = at_level & nothing_darker
+    height = len(rows) if banded.all() else int(np.argmin(banded))
+    return height, level, float((rows[:height] > level + 0.3).mean()) if height else 0.0
+
+
+#: A band at least this share of the picture's height (and 10 rows), at both ends, at one level
+#: with text on both: PneumoScan's own overlay, grey or not.
+MIN_BAND_SHARE = 0.02
+
+
+def own_overlay(pixels: np.ndarray) -> bool:
+    """Whether a picture is framed like PneumoScan's overlay (:mod:`pneumoscan.outputs.overlay`):
+    a title band on top and a caption band below, of one flat dark grey (never black: the overlay
+    draws them at 24 of 255) with light text on each, each ending where the picture begins.
+    Catches a grey copy, which the colour rule cannot; a film's black borders are black."""
+    height = len(pixels)
+    reach = max(10, height // 6)
+    top_rows, top_level, top_text = caption_band(pixels[:reach])
+    bottom_rows, bottom_level, bottom_text = caption_band(pixels[::-1][:reach])
+    least = max(10, MIN_BAND_SHARE * height)
+    return (least <= min(top_rows, bottom_rows) and max(top_rows, bottom_rows) < reach
+            and abs(top_level - bottom_level) <= 4 / 255 and 0.02 < top_level < 0.3
+            and min(top_text, bottom_text) > 0.002)
+
+
 def picture_reasons(pixels: np.ndarray, meta: dict[str, Any] | None = None) -> list[str]:
     """Reasons from the picture alone (its grey levels, its colour), applied whatever the learnt
     check says."""
@@ -103,6 +137,8 @@ def picture_reasons(pixels: np.ndarray, meta: dict[str, Any] | None = None) -> l
     if levels < MIN_GREY_LEVELS:
         reasons.append(f"only {levels} grey levels (a radiograph has hundreds; a binary, posterised or "
                        f"wrongly windowed picture)")
+    if own_overlay(pixels):
+        reasons.append("framed like PneumoScan's own overlay (a title and a caption band), not a film")
     colour = float((meta or {}).get("colour_fraction") or 0.0)
     if colour > MAX_COLOUR_FRACTION:
         reasons.append(f"a colour picture ({colour:.0%} of its pixels coloured): an overlay, a screenshot "

@@ -355,9 +355,10 @@ def inflated(data: bytes, name: str, max_pixels: int) -> bytes:
         body = stream.decompress(data[end:], HEADER_ROOM)
         meta = data[:span[0]] + len(_EXPLICIT_LE).to_bytes(2, "little") + _EXPLICIT_LE + data[span[1]:end]
         if group_length is not None:
-            old = int.from_bytes(data[group_length:group_length + 4], "little")
-            shift = len(meta) - end
-            meta = meta[:group_length] + (old + shift).to_bytes(4, "little") + meta[group_length + 4:]
+            fixed = int.from_bytes(data[group_length:group_length + 4], "little") + len(meta) - end
+            if not 0 <= fixed < 2**32:  # found by the fuzz campaign: a group length of 0
+                raise XrayReadError(f"{name}: its file meta group length is wrong (the file is damaged)")
+            meta = meta[:group_length] + fixed.to_bytes(4, "little") + meta[group_length + 4:]
         header = _parse_dicom(io.BytesIO(meta + body), name, force=False, header_only=True)
         rows, cols = _check_dicom_size(header, name, max_pixels)
         per_pixel = _as_int(tag_value(header, "SamplesPerPixel", 1), 1) * -(-_as_int(tag_value(header, "BitsAllocated", 16), 16) // 8)

@@ -26,12 +26,18 @@ backoff while the listener runs (and after a restart); an object the target refu
 (its SOP class not taken, a failure status other than "out of resources", an HTTP 4xx) is a
 permanent failure of that object, logged and listed in ``failed/``, never retried.
 
+Who may send. ``allow`` holds calling AE titles and IP addresses or networks (``10.1.2.0/24``). An
+address list binds both doors (an association from elsewhere is rejected, a STOW-RS request gets
+403); AE titles bind the DICOM door, and since HTTP carries no AE title, a listener restricted by
+AE titles alone takes STOW-RS requests from this machine only.
+
 Logs carry UIDs and AE titles, never patient names or IDs. No TLS: keep it behind the hospital's
 DICOM router or a VPN.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -50,6 +56,7 @@ from pneumoscan.apps.forward import (
     StowForward,
     Transient,
 )
+from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
 
 log = logging.getLogger("pneumoscan.apps.listen")
 
@@ -66,6 +73,18 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 def valid_uid(text: str) -> bool:
     """A DICOM UID (PS3.5 9.1): digits in dot-separated components, none empty, ≤ 64 characters."""
     return 0 < len(text) <= 64 and _UID.fullmatch(text) is not None
+
+
+def split_allow(allow: tuple[str, ...]) -> tuple[tuple[str, ...], tuple]:
+    """``--allow`` entries → (calling AE titles, IP networks): an entry that parses as an address
+    or a network is one."""
+    titles, networks = [], []
+    for entry in allow:
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            titles.append(entry)
+    return tuple(titles), tuple(networks)
 
 
 def printable(text: Any, limit: int = 16) -> str:
@@ -106,6 +125,7 @@ class Listener:
     port: int = 11112
     host: str = "127.0.0.1"
     forward: tuple[Forward | StowForward, ...] = ()
+    #: calling AE titles and IP addresses/networks allowed to send (module docstring); empty: any
     allow: tuple[str, ...] = ()
     queue_size: int = 64
     tries: int = 3
@@ -140,6 +160,7 @@ class Listener:
         from pneumoscan.io import file_limit
 
         self.max_instance_bytes = self.max_instance_bytes or file_limit()
+        self.titles, self.networks = split_allow(self.allow)
         self.out, self.spool = Path(self.out), Path(self.spool)
         self.done, self.failed, self.outbox = self.out / ".done", self.out / "failed", self.out / ".outbox"
         for folder in (self.out, self.spool, self.done, self.failed, self.outbox):
@@ -229,6 +250,29 @@ class Listener:
                         event.assoc.requestor.address, limit)
             # not from this thread: it is the association's own, which abort() waits for
             threading.Thread(target=event.assoc.abort, daemon=True).start()
+
+    def peer_refusal(self, address: str) -> str | None:
+        """Why a peer at ``address`` may not send (None: it may), by ``allow``."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return f"unknown address {printable(address, 64)!r}" if self.allow else None
+        if self.networks:
+            return None if any(ip in net for net in self.networks) else f"{ip} is not in the --allow addresses"
+        if self.titles and not ip.is_loopback:
+            return ("this listener admits senders by AE title (--allow), which HTTP does not carry; "
+                    "add the sender's address or network to --allow")
+        return None
+
+    def handle_requested(self, event) -> None:
+        """An association request from an address ``allow`` does not list is rejected (permanent,
+        no reason given) before anything is negotiated."""
+        address = event.assoc.requestor.address
+        if self.networks and self.peer_refusal(address):
+            log.warning("refused an association from %s at %s (address not in --allow)",
+                        printable(event.assoc.requestor.ae_title), printable(address, 64))
+            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+            event.assoc.kill()
 
     @staticmethod
     def handle_rejected(event) -> None:
@@ -478,14 +522,18 @@ class Listener:
         entry_path.unlink()
 
     # --- DICOMweb in -----------------------------------------------------------------------
-    def stow_app(self, max_bytes: int = 256 * 2**20, max_parts: int = 1000, concurrent: int = 4):
+    def stow_app(self, max_bytes: int = 256 * 2**20, max_parts: int = 1000, concurrent: int = 4,
+                 pace: UploadPace | None = None, budget: PeerBudget | None = None):
         """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``, whose parts must all
         belong to that study) with a ``multipart/related; type="application/dicom"`` body; each
         part goes through :meth:`receive` like a C-STORE. Answers 200 (all stored), 202 (some
         refused) or 409 (none), with the DICOM JSON Referenced/Failed SOP Sequences (failure reason
         0xA700 "out of resources" when the queue was full, else 0xC000); 503 with ``Retry-After``
         when nothing was taken only because the queue was full, or when ``concurrent`` requests are
-        already in; 413 past ``max_bytes`` or ``max_parts``. Parsing runs off the event loop."""
+        already in; 413 past ``max_bytes`` or ``max_parts``. The REST server's limits hold here
+        too: the upload's pace (408, :class:`~pneumoscan.apps.limits.UploadPace`) and a budget per
+        client address (429, :class:`~pneumoscan.apps.limits.PeerBudget`); ``allow`` decides who
+        may send (403, :meth:`peer_refusal`). Parsing runs off the event loop."""
         import asyncio
 
         from starlette.applications import Starlette
@@ -494,28 +542,47 @@ class Listener:
         from starlette.routing import Route
 
         places = asyncio.Semaphore(concurrent)
+        pace = pace or UploadPace()
+        budget = budget or PeerBudget(uploads=max(1, concurrent // 2))
 
         async def store(request):
+            peer = request.client.host if request.client else "?"
+            why = self.peer_refusal(peer)
+            if why:
+                log.warning("refused a STOW-RS request from %s: %s", printable(peer, 64), why)
+                return JSONResponse({"error": why}, 403)
             content_type = request.headers.get("content-type", "")
             if not content_type.lower().startswith("multipart/related"):
                 return JSONResponse({"error": "expected multipart/related; type=\"application/dicom\""}, 415)
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                return JSONResponse({"error": f"upload of {int(declared):,} bytes is over the {max_bytes:,}-byte limit"},
+                                    413, headers={"Connection": "close"})
+            refused = budget.refusal(peer)
+            if refused:
+                return JSONResponse({"error": refused[0]}, 429, headers={"Retry-After": str(refused[1])})
             if places.locked():
                 return JSONResponse({"error": f"busy: {concurrent} STOW-RS requests in progress; retry shortly"}, 503,
                                     headers={"Retry-After": "5"})
             async with places:
-                body = bytearray()
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
-                                            headers={"Connection": "close"})
-                parts = await run_in_threadpool(multipart_parts, content_type, bytes(body))
+                try:
+                    with budget.reading(peer):
+                        body = await read_paced(request.receive, max_bytes, pace)
+                except UploadTooSlow as exc:
+                    budget.strike(peer)
+                    return JSONResponse({"error": str(exc)}, 408, headers={"Connection": "close"})
+                if body is None:  # the sender went away
+                    return JSONResponse({"error": "the upload ended early"}, 400)
+                if len(body) > max_bytes:
+                    return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
+                                        headers={"Connection": "close"})
+                parts = await run_in_threadpool(multipart_parts, content_type, body)
                 del body
                 if parts is None:
                     return JSONResponse({"error": "the multipart/related body cannot be parsed"}, 400)
                 if len(parts) > max_parts:
                     return JSONResponse({"error": f"{len(parts):,} parts; at most {max_parts:,} in one request"}, 413)
-                sender = f"STOW {request.client.host if request.client else '?'}"
+                sender = f"STOW {peer}"
                 study = request.path_params.get("study")
                 outcome = [await run_in_threadpool(self._receive_part, part, sender, study) for part in parts]
             stored = [status == SUCCESS for status, _ in outcome]
@@ -563,8 +630,8 @@ class Listener:
         for uid in CHEST_STORAGE:
             ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
-        if self.allow:
-            ae.require_calling_aet = list(self.allow)
+        if self.titles:
+            ae.require_calling_aet = list(self.titles)
         ae.maximum_pdu_size = 0
         ae.maximum_associations = self.max_associations
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.idle_timeout
@@ -574,7 +641,7 @@ class Listener:
             thread.start()
             self._threads.append(thread)
         handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
-                    (evt.EVT_DATA_RECV, self.handle_data)]
+                    (evt.EVT_DATA_RECV, self.handle_data), (evt.EVT_REQUESTED, self.handle_requested)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         log.info("ready: listening as %s on %s:%d", self.ae_title, self.host, self.port)
         while block and not self._stopping.wait(1.0):

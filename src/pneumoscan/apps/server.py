@@ -11,7 +11,9 @@ Under load: at most ``workers + queue`` predictions are admitted at once; the ne
 ``Retry-After`` before its body is read. Uploads are read here, chunk by chunk, before a
 prediction place is taken (at most ``4 × (workers + queue)`` at once): one that stalls for 10 s,
 averages under 1 KiB/s after 10 s, or takes over 300 s gets 408 (:class:`UploadPace`), so slow
-senders cannot hold the predictions' places; one that passes the limit gets 413 at once, whatever
+senders cannot hold the predictions' places; one client address holds at most half the reading
+places, and after three uploads cut off within a minute it gets 429 for a minute
+(:class:`~pneumoscan.apps.limits.PeerBudget`), so reconnecting does not help a slow sender; one that passes the limit gets 413 at once, whatever
 the transfer encoding (nothing is spooled to disk). At most ``workers`` images are decoded at a time (each bounded by
 ``max_pixels``), and one lock serialises the model (Grad-CAM hooks on a shared network must not
 interleave). ``/health`` runs on the event loop, outside the prediction pool.
@@ -25,13 +27,10 @@ rebinding.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hmac
 import json
 import threading
-import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pneumoscan import __version__
+from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
@@ -67,34 +67,21 @@ async def _json(send, status: int, body: dict[str, Any], headers: dict[str, str]
     await send({"type": "http.response.body", "body": payload})
 
 
-class UploadTooSlow(Exception):
-    """The client sends its body too slowly (or stopped): answered 408."""
-
-
-@dataclass(frozen=True)
-class UploadPace:
-    """How slowly an upload may come in: nothing for ``idle_s`` seconds, an average under
-    ``min_rate`` bytes/s once ``grace_s`` have passed, or more than ``deadline_s`` in all ends
-    it with 408. A slow sender then holds a reading place for seconds, never a prediction place."""
-
-    idle_s: float = 10.0
-    grace_s: float = 10.0
-    min_rate: float = 1024.0
-    deadline_s: float = 300.0
-
-
 class Admission:
     """ASGI middleware in front of the prediction route: admission (503 + Retry-After when the
     predictions in progress and queued fill ``capacity``, answered before the body is read and
     checked again once it is in), a pace for the upload (408 for a sender too slow,
     :class:`UploadPace`, with at most ``readers`` uploads coming in at once, counted apart from
-    the predictions) and a streaming size limit (413 as soon as the body passes it). The body
-    read here is replayed to the app; runs on the event loop, so its counters need no lock."""
+    the predictions), a budget per client address (:class:`PeerBudget`: at most half the reading
+    places, and 429 for a while after three uploads cut off as too slow, so that reconnecting
+    does not help a slow sender) and a streaming size limit (413 as soon as the body passes it).
+    The body read here is replayed to the app; runs on the event loop, so its counters need no lock."""
 
     def __init__(self, app, *, limit: int, capacity: int, readers: int | None = None,
-                 pace: UploadPace = UploadPace()):
+                 pace: UploadPace = UploadPace(), budget: PeerBudget | None = None):
         self.app, self.limit, self.capacity, self.pace = app, limit, capacity, pace
         self.readers = readers if readers is not None else 4 * capacity
+        self.budget = budget or PeerBudget(uploads=max(1, self.readers // 2))
         self.admitted = self.reading = 0
 
     async def busy(self, send) -> None:
@@ -106,6 +93,10 @@ class Admission:
             return await self.app(scope, receive, send)
         if self.admitted >= self.capacity or self.reading >= self.readers:
             return await self.busy(send)
+        peer = (scope.get("client") or ("?",))[0]
+        refused = self.budget.refusal(peer)
+        if refused:
+            return await _json(send, 429, {"error": refused[0]}, {"Retry-After": str(refused[1]), "Connection": "close"})
         most = self.limit + MULTIPART_SLACK
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > most:
@@ -113,8 +104,10 @@ class Admission:
                                                     f"{self.limit:,}-byte limit"}, {"Connection": "close"})
         self.reading += 1
         try:
-            body = await self.read_body(receive, most)
+            with self.budget.reading(peer):
+                body = await read_paced(receive, most, self.pace)
         except UploadTooSlow as exc:
+            self.budget.strike(peer)
             return await _json(send, 408, {"error": str(exc)}, {"Connection": "close"})
         finally:
             self.reading -= 1
@@ -139,31 +132,6 @@ class Admission:
             await self.app(scope, replay, send)
         finally:
             self.admitted -= 1
-
-    async def read_body(self, receive, most: int) -> bytes | None:
-        """The whole body (or its first ``most`` + 1 bytes), at :class:`UploadPace`; None when the
-        client disconnects."""
-        pace, chunks, size = self.pace, [], 0
-        start = time.monotonic()
-        while True:
-            elapsed = time.monotonic() - start
-            wait = min(pace.idle_s, pace.deadline_s - elapsed)
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
-            except TimeoutError:
-                raise UploadTooSlow(f"upload too slow: {size:,} bytes in {elapsed:.0f} s, then nothing for "
-                                    f"{wait:.0f} s (uploads must finish within {pace.deadline_s:.0f} s)") from None
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > most or not message.get("more_body"):
-                return b"".join(chunks)
-            elapsed = time.monotonic() - start
-            if elapsed > pace.grace_s and size / elapsed < pace.min_rate:
-                raise UploadTooSlow(f"upload too slow: {size:,} bytes in {elapsed:.0f} s (at least "
-                                    f"{pace.min_rate:,.0f} bytes/s are needed)")
-
 
 class ApiKey:
     """ASGI middleware: every route but :data:`OPEN_PATHS` needs the key."""
@@ -244,10 +212,11 @@ def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: s
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
                allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS,
-               pace: UploadPace = UploadPace(), store=None, reader_header: str | None = None,
-               keep_films: Path | None = None) -> FastAPI:
+               pace: UploadPace = UploadPace(), slow_strikes: int = 3, store=None,
+               reader_header: str | None = None, keep_films: Path | None = None) -> FastAPI:
     """The app. ``allowed_hosts`` None accepts any Host header (behind a proxy that checks it);
-    ``pace``: how slowly an upload may come in before it gets 408. With a ``store``
+    ``pace``: how slowly an upload may come in before it gets 408; ``slow_strikes``: uploads from
+    one address cut off within a minute before it gets 429 for a minute (0: never). With a ``store``
     (:class:`pneumoscan.store.db.Store`) every result is stored and the review page is served
     (:mod:`pneumoscan.apps.review_routes`); ``keep_films``: a folder where uploaded films are kept
     (named by their SHA-256), so that reviewed films can be exported for evaluation."""
@@ -273,7 +242,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
         return error(exc.status_code, str(exc.detail))
 
     # Outermost first: Host check, then the key, then admission and the upload limit.
-    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace)
+    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace,
+                       budget=PeerBudget(uploads=2 * (workers + queue), strikes=slow_strikes))
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     if allowed_hosts is not None:

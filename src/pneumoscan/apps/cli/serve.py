@@ -44,6 +44,9 @@ def serve(
         help="Comma-separated Host names to answer (default: loopback names and --host); '*' for any.")] = "",
     allow_model_mismatch: Annotated[bool, typer.Option(
         help="Run even if the classifier was trained on another lung model's crops.")] = False,
+    slow_strikes: Annotated[int, typer.Option(
+        min=0, help="Uploads from one address cut off as too slow (408) within a minute before that address "
+                    "gets 429 for a minute; 0: never (behind a proxy that hides the clients' addresses).")] = 3,
     backend: BackendOption = "auto",
     device: DeviceOption = "cpu",
     db: DbOption = None,
@@ -78,7 +81,7 @@ def serve(
     app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
                      allowed_hosts=None if hosts == ["*"] else hosts,
                      pace=UploadPace(deadline_s=upload_timeout, min_rate=min_upload_rate * 1024),
-                     store=store, reader_header=reader_header, keep_films=keep_films)
+                     slow_strikes=slow_strikes, store=store, reader_header=reader_header, keep_films=keep_films)
     console.print(f"PneumoScan on http://{host}:{port}/ (API docs at /docs); answering Host names: "
                   f"{', '.join(hosts)}; API key {'required' if api_key else 'not required'}"
                   + (f"; results stored in {store.where}, review page at /review" if store else ""), highlight=False)
@@ -97,7 +100,9 @@ def listen(
         help="Send the results on by DICOMweb STOW-RS to this service root (e.g. http://pacs:8042/dicom-web).")] = None,
     dicomweb_port: Annotated[Optional[int], typer.Option(
         help="Also take films by DICOMweb STOW-RS (POST /studies) on this port, same host.")] = None,
-    allow: Annotated[Optional[list[str]], typer.Option(help="Calling AE title allowed to send (repeat); any if omitted.")] = None,
+    allow: Annotated[Optional[list[str]], typer.Option(
+        help="Calling AE title, or IP address or network (10.1.2.0/24), allowed to send (repeat); any if omitted. "
+             "Addresses bind both doors; with AE titles alone the STOW-RS door takes requests from this machine only.")] = None,
     queue: Annotated[int, typer.Option(min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
     tries: Annotated[int, typer.Option(min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
     idle_timeout: Annotated[float, typer.Option(
@@ -134,7 +139,7 @@ def listen(
     if not (host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")):
         err.print(f"[yellow]warning:[/] listening on {host} beyond this machine: the DICOM port has no TLS and "
                   f"no authentication beyond {'the --allow list' if allow else 'nothing (no --allow given)'}"
-                  f"{' and the STOW-RS door none at all' if dicomweb_port is not None else ''}; keep it behind the "
+                  f"{' and the STOW-RS door none at all' if dicomweb_port is not None and not allow else ''}; keep it behind the "
                   f"hospital's DICOM router or a VPN", highlight=False)
     targets: list = []
     try:
