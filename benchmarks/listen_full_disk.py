@@ -2,13 +2,14 @@
 while it runs, 10 films sent while it is full, the space freed, and every film processed once,
 none in ``failed/``.
 
-    sudo python benchmarks/listen_full_disk.py [--size-mb 16] [--spool tmpfs|disk|both]
+    sudo python benchmarks/listen_full_disk.py [--size-mb 40] [--spool tmpfs|disk|both]
 
 Needs root (it mounts a tmpfs) and the dicom extra. Each film is a 12-bit CR instance made from an
 NIH ChestX-ray14 PNG resized to 512 px. The tmpfs is sized in MiB (``--size-mb``): one film's
 results (SR, SEG and an uncompressed RGB Secondary Capture of the overlay) take about 1.5 MB, so
-a 1 MiB disk could never hold one; the disk is *filled to the last byte* by a filler file once the
-listener is up, which is what matters. ``--spool tmpfs``: the spool is on the full disk too (the
+a 1 MiB disk could never hold one, and the default 40 MiB holds the 10 films' results once the
+filler is gone; the disk is *filled to the last byte* by a filler file once the listener is up,
+which is what matters. ``--spool tmpfs``: the spool is on the full disk too (the
 default layout, OUT/.spool), so instances cannot even be received: the sender gets 0xA700 and
 resends (as a PACS's retry queue does) after the filler is removed. ``--spool disk``: the spool is
 elsewhere, instances are taken, and the worker cannot write results: it keeps them in the spool,
@@ -170,7 +171,7 @@ def run(variant: str, size_mb: int, n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size-mb", type=int, default=16)
+    parser.add_argument("--size-mb", type=int, default=40)
     parser.add_argument("--films", type=int, default=10)
     parser.add_argument("--spool", choices=["tmpfs", "disk", "both"], default="both")
     args = parser.parse_args()

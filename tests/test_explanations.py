@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import cv2
 import httpx
@@ -201,3 +202,30 @@ def test_the_web_page_switches_between_the_explanations(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_model_file_names_the_re_readings_its_threshold_holds_for(tmp_path, monkeypatch):
+    """Issue 40: the re-readings behind a mask's quality are the model file's (a threshold is
+    chosen for them, ``tools/fit_mask_quality.py --transforms``), not a constant of the code; a
+    malformed list is refused when the file loads, not in the middle of a batch."""
+    from pneumoscan.io import read_xray
+    from pneumoscan.maskquality import TRANSFORMS
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.segment import LungSegmenter, load_default
+
+    lungs = load_default()
+    lungs.meta["mask_quality"] = {**lungs.meta["mask_quality"], "transforms": [list(TRANSFORMS[0]), list(TRANSFORMS[2])]}
+    lungs.save(tmp_path / "two.pt")
+    two = LungSegmenter.load(tmp_path / "two.pt")
+    assert two.quality_rule.transforms == (TRANSFORMS[0], TRANSFORMS[2])
+    seen = []
+    real = two.probabilities
+    monkeypatch.setattr(two, "probabilities", lambda batch, prepared=None: seen.append(len(prepared)) or real(batch, prepared))
+    example = Path(__file__).resolve().parents[1] / "examples" / "nih-cxr14" / "images" / "00000129_000.png"
+    prepared = two.preprocessing(read_xray(example).pixels)[None]
+    quality = two.mask_quality(prepared, [np.ones((224, 224), np.uint8)])
+    assert seen == [2] and 0 <= quality[0] <= 1
+    lungs.meta["mask_quality"]["transforms"] = [[8.0, 1.0]]
+    lungs.save(tmp_path / "bad.pt")
+    with pytest.raises(ModelFileError, match="mask_quality.transforms"):
+        LungSegmenter.load(tmp_path / "bad.pt")

@@ -3,7 +3,7 @@ them, and write the thresholds into copies of the U-Net files (weights unchanged
 
     for k in 0 1 2 3 4; do pneumoscan train-seg --out runs/heart/fold$k --jsrt ../shared/data/jsrt \\
         --structure heart --folds 5 --fold $k --epochs 100 --schedule cosine; done
-    python tools/fit_mask_quality.py --folds runs/heart --out runs/mask_quality [--write]
+    python tools/fit_mask_quality.py --folds runs/heart --out runs/mask_quality [--transforms 0,2] [--write]
 
 Heart: each of the 147 films is read by the fold model that held it out (the shipped recipe,
 ``benchmarks/heart_cv.py``); lungs: the shipped lung model, which never saw JSRT. For every film:
@@ -76,6 +76,9 @@ def main() -> int:
     parser.add_argument("--folds", type=Path, required=True, help="folder of fold0..fold4 heart runs")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--write", action="store_true", help="write the model files with their thresholds")
+    parser.add_argument("--transforms", default="0,1,2,3,4,5,6,7",
+                        help="which re-readings of pneumoscan.maskquality.TRANSFORMS (indices); the threshold "
+                             "is chosen for them and the model files record them")
     args = parser.parse_args()
 
     import pandas as pd
@@ -83,12 +86,7 @@ def main() -> int:
 
     from pneumoscan.data import JSRT
     from pneumoscan.io import read_xray
-    from pneumoscan.maskquality import (
-        METHOD,
-        METHOD_WITH_SHAPE,
-        ShapeModel,
-        shape_frame,
-    )
+    from pneumoscan.maskquality import TRANSFORMS, ShapeModel, method, shape_frame
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.segment import (
         HeartSegmenter,
@@ -100,6 +98,7 @@ def main() -> int:
     )
     from pneumoscan.training.segment import dice_iou_acc, read_mask
 
+    chosen = tuple(TRANSFORMS[int(k)] for k in args.transforms.split(","))
     truth = JSRT(DATA / "jsrt").csv.set_index("path")
     frames = {path: shape_frame(read_mask(row["mask"]), read_mask(row.heart)) for path, row in truth.iterrows()}
     lungs = load_default()
@@ -115,13 +114,13 @@ def main() -> int:
             h, seg = heart_mask(heart_prob, pixels.shape), locate_lungs(lung_prob, pixels.shape)
             rows.append({"film": Path(path).stem, "fold": fold.name,
                          "heart_dice": dice_iou_acc(h, read_mask(truth.heart[path]))[0],
-                         "heart_tta": heart.mask_quality(prepared, [h])[0],
+                         "heart_tta": heart.mask_quality(prepared, [h], chosen)[0],
                          "heart_soft": soft_dice(heart_prob, heart.threshold),
                          "heart_shape": shapes.fidelity(shape_frame(seg.mask, h)),
                          "heart_share": float(h.sum() / max(h.sum() + seg.mask.sum(), 1)),
                          "ctr": cardiothoracic_ratio(seg.mask, h, "PA").value,
                          "lung_dice": dice_iou_acc(seg.mask, read_mask(truth["mask"][path]))[0],
-                         "lung_tta": lungs.mask_quality(prepared, [seg.mask])[0],
+                         "lung_tta": lungs.mask_quality(prepared, [seg.mask], chosen)[0],
                          "lung_soft": soft_dice(lung_prob, lungs.threshold)})
     films = pd.DataFrame(rows)
     films["heart_mean"] = (films.heart_tta + films.heart_shape) / 2
@@ -147,7 +146,8 @@ def main() -> int:
                                         (HeartSegmenter.load, default_heart_model_path(), "heart_unet_small.pt", "heart")):
             model = load(source)
             entry = report[key]
-            section = {"method": METHOD if ESTIMATE[key] == "tta" else METHOD_WITH_SHAPE,
+            section = {"method": method(chosen, shape=ESTIMATE[key] != "tta"),
+                       "transforms": [list(t) for t in chosen],
                        "estimate": ESTIMATE[key], "threshold": entry["threshold"],
                        "chosen_on": chosen_on, "figures": entry}
             if ESTIMATE[key] != "tta":

@@ -27,13 +27,28 @@ from typing import Any
 import cv2
 import numpy as np
 
-#: (rotation in degrees, zoom, shift x, shift y as a fraction of the side) of each re-reading.
+#: (rotation in degrees, zoom, shift x, shift y as a fraction of the side) of each re-reading:
+#: the candidates, and what a model file without its own ``mask_quality.transforms`` uses.
 TRANSFORMS: tuple[tuple[float, float, float, float], ...] = (
     (0.0, 0.9, 0.0, 0.0), (0.0, 1.1, 0.0, 0.0), (8.0, 1.0, 0.0, 0.0), (-8.0, 1.0, 0.0, 0.0),
     (0.0, 1.0, 0.08, 0.0), (0.0, 1.0, -0.08, 0.0), (0.0, 1.0, 0.0, 0.08), (0.0, 1.0, 0.0, -0.08))
-METHOD = "test-time augmentation agreement (mean Dice of the mask with 8 re-readings: zoom, rotation, shift)"
-#: What the model file says of a heart quality that averages the agreement with the shape prior.
-METHOD_WITH_SHAPE = f"mean of the {METHOD} and a heart shape prior's fidelity (3 modes, lungs' frame)"
+
+
+def method(transforms=TRANSFORMS, shape: bool = False) -> str:
+    """What a model file says of its quality estimate (with ``shape``: averaged with the heart
+    shape prior's fidelity)."""
+    tta = (f"test-time augmentation agreement (mean Dice of the mask with {len(transforms)} re-readings: "
+           f"{', '.join(describe(t) for t in transforms)})")
+    return f"mean of the {tta} and a heart shape prior's fidelity (3 modes, lungs' frame)" if shape else tta
+
+
+def describe(transform: tuple[float, float, float, float]) -> str:
+    """One re-reading in words: 'zoom 0.9', 'rotation +8°', 'shift +8 % x'."""
+    angle, zoom, dx, dy = transform
+    words = [f"zoom {zoom:g}"] if zoom != 1 else []
+    words += [f"rotation {angle:+g}°"] if angle else []
+    words += [f"shift {100 * v:+g} % {axis}" for v, axis in ((dx, "x"), (dy, "y")) if v]
+    return " ".join(words) or "identity"
 
 
 def affines(size: int, transforms=TRANSFORMS) -> list[np.ndarray]:
@@ -147,12 +162,17 @@ class QualityRule:
 
     threshold: float | None = None
     chosen_on: str | None = None
+    #: the re-readings the threshold was chosen with (a threshold holds only for them)
+    transforms: tuple[tuple[float, float, float, float], ...] = TRANSFORMS
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> QualityRule:
         section = meta.get("mask_quality") or {}
         value = section.get("threshold")
-        return cls(None if value is None else float(value), section.get("chosen_on"))
+        transforms = tuple(tuple(float(v) for v in t) for t in section.get("transforms") or TRANSFORMS)
+        if not transforms or any(len(t) != 4 for t in transforms):
+            raise ValueError("mask_quality.transforms: expected a list of [rotation, zoom, shift x, shift y]")
+        return cls(None if value is None else float(value), section.get("chosen_on"), transforms)
 
     def reliable(self, quality: float | None) -> bool | None:
         if quality is None or self.threshold is None:

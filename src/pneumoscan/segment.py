@@ -118,6 +118,10 @@ class Segmenter:
         self.preprocessing = preprocessing
         self.meta = meta
         self.device = torch.device("cpu")
+        try:
+            self.quality_rule  # noqa: B018 - a malformed mask_quality section is refused at load, not mid-batch
+        except (TypeError, ValueError) as exc:
+            raise ModelFileError(f"{self.label} model metadata unusable: {exc}") from exc
 
     def to(self, device: str | torch.device) -> Segmenter:
         """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
@@ -161,13 +165,14 @@ class Segmenter:
         """The model file's mask-quality threshold and its origin (none: quality is only reported)."""
         return QualityRule.from_meta(self.meta)
 
-    def mask_quality(self, prepared: np.ndarray, masks: list[np.ndarray]) -> list[float]:
+    def mask_quality(self, prepared: np.ndarray, masks: list[np.ndarray], transforms=None) -> list[float]:
         """Each film's mask quality (:func:`pneumoscan.maskquality.agreement`): ``masks`` (any
         grid, e.g. the cleaned masks on the original) against the U-Net's re-readings of its
-        ``prepared`` input under the transforms of :mod:`pneumoscan.maskquality`, in one batch."""
+        ``prepared`` input, in one batch, under ``transforms`` (default: those its model file's
+        threshold was chosen with, :class:`~pneumoscan.maskquality.QualityRule`)."""
         if len(masks) == 0:
             return []
-        matrices = affines(prepared.shape[-1])
+        matrices = affines(prepared.shape[-1], transforms or self.quality_rule.transforms)
         back = restored(self.probabilities([], perturbed(prepared, matrices)), matrices)
         return [round(agreement(m, r, self.threshold), 4) for m, r in zip(masks, back)]
 

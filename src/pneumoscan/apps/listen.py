@@ -204,7 +204,8 @@ class Listener:
         except Exception as exc:  # a full disk: the sender must retry
             with self._lock:
                 self._pending.discard(uid)
-            log.error("could not spool %s: %s", uid, type(exc).__name__)
+            log.error("could not spool %s (answered 0xA700, the sender retries): %s", uid,
+                      getattr(exc, "strerror", None) or type(exc).__name__)
             return OUT_OF_RESOURCES
         self._queue.put(uid)
         log.info("received %s from %s", uid, sender)
