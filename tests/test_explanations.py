@@ -63,6 +63,8 @@ def test_shipped_masks_carry_a_threshold_chosen_on_cross_validated_films(predict
         rule = model.quality_rule
         assert rule.threshold is not None and 0.5 < rule.threshold < 1, model.label
         assert "cross-validation" in rule.chosen_on or "never trained on JSRT" in rule.chosen_on
+        assert len(rule.transforms) == 4 == len(model.meta["mask_quality"]["transforms"])  # chosen in HEART.md
+        assert "4 re-readings" in model.meta["mask_quality"]["method"]
 
 
 @needs_data

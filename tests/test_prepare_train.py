@@ -676,3 +676,54 @@ def test_frozen_batchnorm_keeps_its_statistics_through_training_mode(tmp_path):
                              np.ones(len(LABELS), np.float32), {}, np.array([])).train()
     plain.on_train_batch_start(None, 0)
     assert all(m.training for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_crops_an_earlier_command_made_from_the_shared_cache(trained, small_manifest, tmp_path,
+                                                                                 monkeypatch):
+    """Issue 40: `evaluate`, `calibrate` and `compare` read, segment and crop a film once per
+    preprocessing across commands: the second run reads no film and scores the same; a renamed copy
+    is found by its content, a film changed in place is cropped again, and the store keeps to its
+    size limit (0 turns it off)."""
+    import shutil
+
+    import pneumoscan.predict as predict_module
+    from pneumoscan.data.manifest import read_manifest
+    from pneumoscan.training.evaluate import score_split
+
+    monkeypatch.setenv("PNEUMOSCAN_CACHE", str(tmp_path / "cache"))
+    table = read_manifest(small_manifest)
+    rows = table[(table.split == "test") & (table.source == "nih")].head(6).copy()
+    films = tmp_path / "films"
+    films.mkdir()
+    for i, path in enumerate(rows.path):
+        shutil.copy(path, films / f"{i}.png")
+    rows["path"] = [str(films / f"{i}.png") for i in range(len(rows))]
+    manifest = tmp_path / "m.csv"
+    rows.to_csv(manifest, index=False)
+    real, read = predict_module.read_segment_crop, []
+    monkeypatch.setattr(predict_module, "read_segment_crop",
+                        lambda paths, *a, **k: read.extend(paths) or real(paths, *a, **k))
+
+    def score():
+        read.clear()
+        return score_split(manifest, "test", model=trained / "model.pt", backend="torch")
+
+    first = score()
+    assert len(read) == 6 and len(list((tmp_path / "cache" / "crops").glob("*/*/*.npz"))) == 6
+    again = score()
+    assert read == [] and np.array_equal(first.probs, again.probs)
+    (films / "0.png").rename(films / "renamed.png")
+    shutil.copy(table[table.source == "nih"].path.iloc[-1], films / "1.png")  # another film, same name
+    rows["path"] = [str(films / "renamed.png"), *rows.path.iloc[1:]]
+    rows.to_csv(manifest, index=False)
+    score()
+    assert read == [str(films / "1.png")]
+    entry = max(p.stat().st_size for p in (tmp_path / "cache" / "crops").glob("*/*/*.npz"))
+    monkeypatch.setenv("PNEUMOSCAN_CROP_CACHE_MB", str(2.5 * entry / 2**20))  # room for 2 crops
+    score()
+    assert 1 <= len(list((tmp_path / "cache" / "crops").glob("*/*/*.npz"))) <= 2
+    monkeypatch.setenv("PNEUMOSCAN_CROP_CACHE_MB", "0")
+    shutil.rmtree(tmp_path / "cache" / "crops")
+    score()
+    assert len(read) == 6 and not (tmp_path / "cache" / "crops").exists()

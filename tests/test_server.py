@@ -522,3 +522,36 @@ def test_bearer_scheme_in_any_case(assessed_model):
             assert response.status_code == 400, scheme
         assert http.post("/v1/predict", files={"file": ("x.png", b"xx")},
                          headers={"Authorization": "Basic s3cret"}).status_code == 401
+
+
+@needs_data
+def test_a_deflate_bomb_upload_is_refused_having_cost_the_server_under_100_mb(server, nih_png, tmp_path):
+    """Issue 36: a 2 MB DICOM in Deflated Explicit VR Little Endian that inflates to 2 GiB took the
+    server from 0.70 to 4.87 GB and was answered 200. It is now refused (4xx) while inflating, and
+    the server's peak memory grows by under 100 MB over what an ordinary film already took."""
+    import copy
+
+    import numpy as np
+    import pydicom
+
+    from dicom_films import film_to_dicom
+    from test_io import _deflated
+
+    ds = pydicom.dcmread(film_to_dicom(nih_png, tmp_path / "plain.dcm", modality="CR"))
+    small = copy.deepcopy(ds)
+    small.Rows = small.Columns = 64
+    small.PixelData = np.zeros((64, 64), np.uint16).tobytes()
+    bomb = _deflated(small, tmp_path / "bomb.dcm", junk_mib=2048).read_bytes()  # 2 GiB inflated
+    assert len(bomb) < 3 * 2**20
+
+    def peak_mb() -> float:
+        status = Path(f"/proc/{SERVER_PID['pid']}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+    honest = _deflated(ds, tmp_path / "honest.dcm").read_bytes()
+    assert httpx.post(server + "/v1/predict?images=false", files={"file": ("honest.dcm", honest)},
+                      timeout=300).status_code == 200
+    before = peak_mb()
+    answer = httpx.post(server + "/v1/predict?images=false", files={"file": ("bomb.dcm", bomb)}, timeout=300)
+    assert 400 <= answer.status_code < 500 and "inflates past" in answer.json()["error"], answer.text
+    assert peak_mb() - before < 100

@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from pneumoscan.data.manifest import write_manifest
 from pneumoscan.modelfile import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from pneumoscan.training.cropstore import CropStore
 
 CACHE_VERSION = 1
 
@@ -111,15 +116,16 @@ def crop_premasked(path: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1,
-               masked: bool = False, sources: list[str] | None = None, progress: str | None = None
-               ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+               masked: bool = False, sources: list[str] | None = None, progress: str | None = None,
+               store: CropStore | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
     """read → segment → crop → resize for each path (:func:`pneumoscan.predict.read_segment_crop`):
     uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
     error message ("" when read). ``masked``: lungs only. Films of a :data:`PREMASKED_SOURCES`
     source (named in ``sources``) are always cropped by their own mask. ``progress``: a bar
-    with this title."""
+    with this title. ``store``: crops shared between commands
+    (:class:`~pneumoscan.training.cropstore.CropStore`), taken from it and kept in it."""
     from pneumoscan.predict import read_segment_crop
-    from pneumoscan.progress import bar
+    from pneumoscan.progress import bar, note
 
     crops = np.zeros((len(paths), size, size), np.uint8)
     records: list[dict[str, Any]] = [{}] * len(paths)
@@ -127,6 +133,12 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
     for i in np.flatnonzero(premasked):
         crops[i], records[i] = crop_premasked(paths[i], size)
     rest = [i for i in range(len(paths)) if not premasked[i]]
+    digests = _stored_crops(paths, rest, store, crops, records) if store is not None else {}
+    if digests:
+        kept = sum(1 for i in rest if records[i])
+        if kept:
+            note(f"{kept:,} of {len(rest):,} films' crops taken from the shared crop cache ({store.folder})")
+        rest = [i for i in rest if not records[i]]
     items = (item for chunk in read_segment_crop([paths[i] for i in rest], segmenter, size, batch=batch,
                                                  threads=threads, masked=masked)
              for item in chunk)
@@ -139,9 +151,35 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
                 x0, y0, x1, y1 = item.seg.box
                 rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
                            lung_fraction=round(item.seg.lung_fraction, 4))
+                if i in digests:
+                    store.put(digests[i], crops[i], rec)
             records[i] = rec
             shown.update()
+    if store is not None:
+        store.trim()
     return crops, records
+
+
+def _stored_crops(paths: list[str], rest: list[int], store: CropStore, crops: np.ndarray,
+                  records: list[dict[str, Any]]) -> dict[int, str]:
+    """Fill ``crops`` and ``records`` from ``store`` where it holds a film's crop; each film's
+    SHA-256 by its index (none for a film that cannot be read: its error comes from the reader)."""
+    from pneumoscan.training.cropstore import file_sha256
+
+    digests = {}
+    for i in rest:
+        try:
+            if not stat.S_ISREG(os.stat(paths[i]).st_mode):  # a FIFO would block the hashing for ever
+                continue
+            digests[i] = file_sha256(paths[i])
+        except OSError:
+            continue
+        found = store.get(digests[i])
+        if found is not None:
+            crops[i] = found[0]
+            fields = {k: (np.nan if v is None else v) for k, v in found[1].items()}
+            records[i] = {"path": paths[i], **fields, "error": ""}
+    return digests
 
 
 def do_shard(job: ShardJob) -> tuple[int, int, int]:

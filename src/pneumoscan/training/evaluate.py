@@ -67,6 +67,7 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
     from pneumoscan.data.manifest import ManifestError, read_manifest, unique_films
     from pneumoscan.predict import load_models
     from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
+    from pneumoscan.training.cropstore import CropStore
 
     segmenter, classifier, _ = load_models(seg_model, model, backend=backend, with_heart=False)
     table = read_manifest(manifest)
@@ -105,7 +106,8 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
         else:
             crops, records = crop_paths(rows["path"].tolist(), segmenter, classifier.size, threads=2,
                                         masked=classifier.lung_masked, sources=rows["source"].astype(str).tolist(),
-                                        progress="read, segment, crop")
+                                        progress="read, segment, crop",
+                                        store=CropStore.for_segmenter(segmenter, classifier.size, classifier.lung_masked))
             if crops_memo is not None:
                 crops_memo[key] = crops, records
         ok = np.array([r["error"] == "" for r in records])
