@@ -135,7 +135,8 @@ def main() -> int:
     ctr = have.ctr.to_numpy(float)
     groups = have.patient.to_numpy()
     report = {"films": len(films), "with_ctr": len(have),
-              "no_ctr": dict(Counter(films.reason[films.ctr.isna()].fillna("?"))),
+              "no_ctr": dict(Counter(films.reason[films.ctr.isna()].fillna("?").str.replace(
+                  r" \(quality [0-9.]+ < [0-9.]+\)", " (quality below its threshold)", regex=True)).most_common()),
               "gate_refused": int((films.gate_frontal == False).sum()),  # noqa: E712
               "heart_model": predictor.heart.meta.get("weights_sha256"),
               "classifier": predictor.classifier.meta.get("weights_sha256"),

@@ -727,6 +727,7 @@ def test_allow_binds_both_doors_by_address_and_the_stow_door_to_this_machine_by_
             return http.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"})
 
     assert stow(elsewhere, ("10.9.9.4", 5000)).status_code == 415
+    assert elsewhere.peer_refusal("::ffff:10.9.9.4") is None  # the same peer through a dual-stack socket
     refused = stow(elsewhere, ("192.168.1.20", 5000))
     assert refused.status_code == 403 and "not in the --allow addresses" in refused.json()["error"]
     titles = Listener(None, tmp_path / "c", tmp_path / "c" / ".spool", allow=("PACS1",))

@@ -727,3 +727,16 @@ def test_evaluate_takes_the_crops_an_earlier_command_made_from_the_shared_cache(
     shutil.rmtree(tmp_path / "cache" / "crops")
     score()
     assert len(read) == 6 and not (tmp_path / "cache" / "crops").exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "nan"])
+def test_a_shared_crop_cache_size_that_is_not_a_size_is_a_clear_error(monkeypatch, value):
+    """``PNEUMOSCAN_CROP_CACHE_MB`` is read when a command scores films; anything but a size in MiB
+    ends in one line naming the variable (the CLI prints ValueErrors of a scoring job as one line)."""
+    from pneumoscan.training.cropstore import limit_from_env
+
+    monkeypatch.setenv("PNEUMOSCAN_CROP_CACHE_MB", value)
+    with pytest.raises(ValueError, match="PNEUMOSCAN_CROP_CACHE_MB=.*expected a size in MiB"):
+        limit_from_env()
+    monkeypatch.setenv("PNEUMOSCAN_CROP_CACHE_MB", "0.5")
+    assert limit_from_env() == 2**19

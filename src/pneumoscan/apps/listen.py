@@ -258,6 +258,7 @@ class Listener:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return f"unknown address {printable(address, 64)!r}" if self.allow else None
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # an IPv4 peer of a dual-stack socket (::ffff:10.1.2.3)
         if self.networks:
             return None if any(ip in net for net in self.networks) else f"{ip} is not in the --allow addresses"
         if self.titles and not ip.is_loopback:

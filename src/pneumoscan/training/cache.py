@@ -164,12 +164,15 @@ def _stored_crops(paths: list[str], rest: list[int], store: CropStore, crops: np
                   records: list[dict[str, Any]]) -> dict[int, str]:
     """Fill ``crops`` and ``records`` from ``store`` where it holds a film's crop; each film's
     SHA-256 by its index (none for a film that cannot be read: its error comes from the reader)."""
+    from pneumoscan.io import file_limit
     from pneumoscan.training.cropstore import file_sha256
 
-    digests = {}
+    digests, limit = {}, file_limit()
     for i in rest:
         try:
-            if not stat.S_ISREG(os.stat(paths[i]).st_mode):  # a FIFO would block the hashing for ever
+            info = os.stat(paths[i])
+            # a FIFO would block the hashing for ever, and a file over the limit is refused unread
+            if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
                 continue
             digests[i] = file_sha256(paths[i])
         except OSError:

@@ -4,8 +4,9 @@ from disk.
 
 A crop is kept under the per-user cache (:func:`pneumoscan.backends.onnx.cache_root`, i.e.
 ``$PNEUMOSCAN_CACHE`` or ``~/.cache/pneumoscan``) in ``crops/``, in a folder named by what makes
-it: the lung model's SHA-256 (weights and metadata), the crop size and whether the lungs are
-masked; the file is named by the film's SHA-256, so a film renamed or moved is found again and a
+it: the lung model's SHA-256 (weights and metadata), the crop size, whether the lungs are masked
+and the version of the code that crops (PneumoScan's version and its clean-up resolution); the
+file is named by the film's SHA-256, so a film renamed or moved is found again and a
 film changed in place is not. The store is bounded (``PNEUMOSCAN_CROP_CACHE_MB``, default 2,048
 MiB): past it the least recently used crops are removed. ``PNEUMOSCAN_CROP_CACHE_MB=0`` turns it
 off. Unreadable films are never stored (they are tried again). Each entry is written under a
@@ -39,17 +40,33 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def limit_from_env() -> int:
+    """``PNEUMOSCAN_CROP_CACHE_MB`` in bytes (a clear ValueError for anything but a size)."""
+    raw = os.environ.get("PNEUMOSCAN_CROP_CACHE_MB", str(DEFAULT_LIMIT_MB))
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"PNEUMOSCAN_CROP_CACHE_MB={raw[:40]!r}: expected a size in MiB (0 turns the shared crop "
+                         f"cache off)")
+    return int(value * 2**20)
+
+
 class CropStore:
     """Crops on disk for one preprocessing (lung model, size, masking)."""
 
     def __init__(self, lung_sha256: str, size: int, masked: bool, root: Path | None = None,
                  limit_bytes: int | None = None):
+        from pneumoscan import __version__
         from pneumoscan.backends.onnx import cache_root
+        from pneumoscan.segment import WORK_SIDE
 
-        name = f"{lung_sha256[:16]}-{size}-{'masked' if masked else 'plain'}"
+        # the code that crops is part of what makes a crop: another version starts afresh
+        code = hashlib.sha256(f"{__version__}:{WORK_SIDE}".encode()).hexdigest()[:8]
+        name = f"{lung_sha256[:16]}-{size}-{'masked' if masked else 'plain'}-{code}"
         self.folder = (root or cache_root().parent / "crops") / name
-        self.limit = limit_bytes if limit_bytes is not None else int(
-            float(os.environ.get("PNEUMOSCAN_CROP_CACHE_MB", DEFAULT_LIMIT_MB)) * 2**20)
+        self.limit = limit_bytes if limit_bytes is not None else limit_from_env()
         self.size = size
 
     @classmethod
