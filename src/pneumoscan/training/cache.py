@@ -142,7 +142,7 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
     items = (item for chunk in read_segment_crop([paths[i] for i in rest], segmenter, size, batch=batch,
                                                  threads=threads, masked=masked)
              for item in chunk)
-    with bar(len(rest), progress or "", enabled=progress is not None) as shown:
+    with bar(len(rest), progress or "", enabled=progress is not None and bool(rest)) as shown:
         for i, item in zip(rest, items):
             rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
                    "lung_fraction": np.nan, "error": item.error or ""}
