@@ -78,10 +78,10 @@ class Admission:
     The body read here is replayed to the app; runs on the event loop, so its counters need no lock."""
 
     def __init__(self, app, *, limit: int, capacity: int, readers: int | None = None,
-                 pace: UploadPace = UploadPace(), budget: PeerBudget | None = None):
+                 pace: UploadPace = UploadPace(), budget: PeerBudget | None = None, strikes: int = 3):
         self.app, self.limit, self.capacity, self.pace = app, limit, capacity, pace
         self.readers = readers if readers is not None else 4 * capacity
-        self.budget = budget or PeerBudget(uploads=max(1, self.readers // 2))
+        self.budget = budget or PeerBudget(uploads=max(1, self.readers // 2), strikes=strikes)
         self.admitted = self.reading = 0
 
     async def busy(self, send) -> None:
@@ -242,8 +242,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
         return error(exc.status_code, str(exc.detail))
 
     # Outermost first: Host check, then the key, then admission and the upload limit.
-    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace,
-                       budget=PeerBudget(uploads=2 * (workers + queue), strikes=slow_strikes))
+    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace, strikes=slow_strikes)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     if allowed_hosts is not None:

@@ -165,7 +165,7 @@ def _stored_crops(paths: list[str], rest: list[int], store: CropStore, crops: np
     """Fill ``crops`` and ``records`` from ``store`` where it holds a film's crop; each film's
     SHA-256 by its index (none for a film that cannot be read: its error comes from the reader)."""
     from pneumoscan.io import file_limit
-    from pneumoscan.training.cropstore import file_sha256
+    from pneumoscan.modelfile import file_sha256
 
     digests, limit = {}, file_limit()
     for i in rest:

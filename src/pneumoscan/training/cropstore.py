@@ -26,18 +26,11 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.modelfile import atomic_write_bytes
+
 DEFAULT_LIMIT_MB = 2048
 #: the record fields a crop carries (the box and what the crop step found)
 FIELDS = ("x0", "y0", "x1", "y1", "fallback", "lung_fraction")
-
-
-def file_sha256(path: str | Path) -> str:
-    """The film's SHA-256, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def limit_from_env() -> int:
@@ -98,9 +91,7 @@ class CropStore:
         np.savez(buffer, crop=crop, fields=np.array(json.dumps({k: _plain(fields[k]) for k in FIELDS})))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-            tmp.write_bytes(buffer.getvalue())
-            tmp.replace(path)
+            atomic_write_bytes(path, buffer.getvalue(), sync=False)  # a lost crop is only made again
         except OSError:
             return
 

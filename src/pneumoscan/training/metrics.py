@@ -43,24 +43,25 @@ def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int, see
     ``evaluate``'s time)."""
     y = np.asarray(y, int)
     n, rng = len(y), np.random.default_rng(seed)
-    draws = [rng.integers(0, n, (min(chunk, n_boot - start), n))
-             for chunk in [max(1, 2_000_000 // max(n, 1))] for start in range(0, n_boot, chunk)]
+    chunk = max(1, 2_000_000 // max(n, 1))  # draws held at a time: tens of MB whatever the split's size
     out = []
-    for idx in draws:
+    for start in range(0, n_boot, chunk):
+        idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
         counts = np.bincount((idx + n * np.arange(len(idx))[:, None]).ravel(), minlength=n * len(idx))
         counts = counts.reshape(len(idx), n)
         positives, negatives = counts @ y, counts @ (1 - y)
         both = (positives > 0) & (negatives > 0)
+        counts, pairs = counts[both], positives[both] * negatives[both]
         per_score = []
         for score in scores:
             order = np.argsort(score, kind="stable")
             ordered = np.asarray(score, float)[order]
             starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # groups of tied scores
-            weights = counts[both][:, order]
+            weights = counts[:, order]
             pos = np.add.reduceat(weights * y[order], starts, axis=1)
             neg = np.add.reduceat(weights * (1 - y[order]), starts, axis=1)
             below = np.cumsum(neg, axis=1) - neg
-            per_score.append((pos * (below + neg / 2)).sum(axis=1) / (positives[both] * negatives[both]))
+            per_score.append((pos * (below + neg / 2)).sum(axis=1) / pairs)
         out.append(np.stack(per_score, axis=1))
     return np.concatenate(out) if out else np.empty((0, len(scores)))
 
