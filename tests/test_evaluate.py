@@ -371,3 +371,41 @@ def test_bootstrap_aucs_are_scikit_learns_on_the_same_resamples(n, prevalence, d
     assert got.shape == (len(expected), 2) and np.abs(got - np.array(expected)).max() < 1e-12
     low, high = auc_ci(y.astype(float), a, 300)
     assert np.allclose((low, high), np.percentile(np.array(expected)[:, 0], [2.5, 97.5]), rtol=0, atol=1e-12)
+
+
+def test_a_patient_bootstrap_draws_patients_and_widens_the_interval_when_their_films_agree():
+    """``groups``: each draw takes patients with replacement and every film of a drawn patient
+    (scikit-learn's AUC of exactly those films, draw for draw); one patient per film is the image
+    bootstrap itself; and when a patient's films are copies of one another, the interval over
+    patients is as wide as that of one film per patient, not the too-narrow one over films."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscan.training.metrics import auc_ci, auc_difference, bootstrap_aucs
+
+    rng = np.random.default_rng(3)
+    patients = np.array([f"p{k}" for k in rng.integers(0, 60, 200)])
+    y = (rng.random(200) < 0.3).astype(int)
+    y[:2] = [0, 1]
+    a, b = np.round(rng.random(200) * 0.6 + 0.4 * y, 2), rng.random(200)
+    names = np.unique(patients)
+    draws, expected = np.random.default_rng(0), []
+    for _ in range(200):
+        films = np.concatenate([np.flatnonzero(patients == names[k]) for k in draws.integers(0, len(names), len(names))])
+        if y[films].min() != y[films].max():
+            expected.append([roc_auc_score(y[films], a[films]), roc_auc_score(y[films], b[films])])
+    got = bootstrap_aucs(y, [a, b], 200, groups=patients)
+    assert got.shape == (len(expected), 2) and np.abs(got - np.array(expected)).max() < 1e-12
+    assert np.array_equal(bootstrap_aucs(y, [a], 50, groups=np.arange(200)), bootstrap_aucs(y, [a], 50))
+
+    one = (rng.random(80) < 0.4).astype(float)
+    one[:2] = [0, 1]
+    score = rng.random(80) * 0.5 + 0.3 * one
+    copies = 6  # every patient's film six times
+    y6, p6, g6 = np.repeat(one, copies), np.repeat(score, copies), np.repeat(np.arange(80), copies)
+    per_patient = np.diff(auc_ci(one, score, 1000))[0]
+    per_film = np.diff(auc_ci(y6, p6, 1000))[0]
+    grouped = np.diff(auc_ci(y6, p6, 1000, groups=g6))[0]
+    assert per_film < 0.6 * per_patient and 0.8 < grouped / per_patient < 1.25
+    y6[0] = np.nan  # an unknown label leaves its film, and its film alone, out of the groups too
+    diff = auc_difference(y6, p6, np.repeat(rng.random(80), copies), 500, groups=g6)
+    assert diff["low"] < diff["difference"] < diff["high"]

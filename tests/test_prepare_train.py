@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pneumoscan.modelfile import load_model
+from pneumoscan.modelfile import file_sha256, load_model
 from pneumoscan.training.cache import CacheError, CropCache, prepare, shard_paths
 
 from conftest import CLI, DATA, needs_data
@@ -148,6 +148,35 @@ def test_train_resumes_exactly_after_sigkill(cache64, trained, tmp_path):
     logs = [p for p in sorted((out / "logs").glob("*/metrics.csv")) if p.stat().st_size]
     metrics = pd.concat(pd.read_csv(p) for p in logs)
     assert 1 in set(metrics.dropna(subset=["val_loss"])["epoch"])  # the resumed run logged the redone epoch
+
+
+def test_a_model_from_a_chosen_checkpoint_without_training(cache64, trained, tmp_path):
+    """``--from-checkpoint``: model.pt holds that checkpoint's weights (not the best epoch's), says
+    which checkpoint it came from, and is assessed like any run's; a checkpoint of a run that
+    validated on other films, or a file that is no checkpoint, is a one-line refusal."""
+    import torch
+
+    last = trained / "checkpoints" / "last.ckpt"
+    out = tmp_path / "from_last"
+    result = subprocess.run(_train(cache64, out, "--epochs", "2", "--from-checkpoint", str(last)),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "no training" in result.stderr and not (out / "checkpoints").exists()
+    state, meta = load_model(out / "model.pt", kind="chest-classifier")
+    saved = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(state[k], saved["model." + k]) for k in state)
+    assert meta["from_checkpoint"]["epoch"] == meta["epochs_trained"] == 1
+    assert meta["from_checkpoint"]["sha256"] == file_sha256(last)
+    assert list(meta["assessment"]) == list(meta["labels"]) and meta["validation"]["n_images"] > 0
+
+    other_films = subprocess.run(_train(cache64, tmp_path / "x", "--val-fold", "0", "--from-checkpoint", str(last)),
+                                 capture_output=True, text=True, timeout=300)
+    assert other_films.returncode != 0 and "Traceback" not in other_films.stderr
+    assert "its run had other val_fold" in other_films.stderr
+    not_one = subprocess.run(_train(cache64, tmp_path / "y", "--from-checkpoint", str(trained / "model.pt")),
+                             capture_output=True, text=True, timeout=300)
+    assert not_one.returncode != 0 and "Traceback" not in not_one.stderr
+    assert "not a checkpoint of this classifier" in not_one.stderr
 
 
 def test_two_process_ddp_on_cpu(cache64, tmp_path):
@@ -546,6 +575,65 @@ def test_crossval_head_is_exact_in_the_model_and_its_figures_are_out_of_fold(cac
                                   "--out", str(tmp_path / "bad"), "--domain-weights", bad],
                                  capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and "--domain-weights" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def _crossval_run(folder: Path, cache: Path, paths, folds, probs, seed: int = 2026) -> Path:
+    """A crossval run folder as ``compare --crossval`` reads it: config.json and oof.csv."""
+    from pneumoscan.labels import LABELS
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"cache": str(cache), "backbone": "b.pt", "folds": 3, "seed": seed}))
+    frame = pd.DataFrame(probs, columns=list(LABELS))
+    frame.insert(0, "fold", folds)
+    frame.insert(0, "path", paths)
+    frame.to_csv(folder / "oof.csv", index=False)
+    return folder
+
+
+def test_compare_crossval_runs_out_of_fold_resampling_patients(cache64, tmp_path):
+    """``compare --crossval``: each watched task's AUC of each run on its out-of-fold probabilities,
+    the paired difference from the first (patients resampled), only the folds asked for; runs
+    that drew other folds, or a folder that is no finished run, are one-line refusals."""
+    from sklearn.metrics import roc_auc_score
+
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.data import patient_folds
+
+    table = CropCache(cache64).table
+    labels = table[list(LABELS)].to_numpy(float)
+    folds = patient_folds(table["patient"].astype(str).to_numpy(), 3, 2026)
+    rng = np.random.default_rng(0)
+    guess = rng.random(labels.shape)
+    knows = np.where(np.isnan(labels), guess, 0.35 * np.nan_to_num(labels) + 0.65 * guess)
+    a = _crossval_run(tmp_path / "a", cache64, table["path"], folds, guess)
+    b = _crossval_run(tmp_path / "b", cache64, table["path"], folds, knows)
+    run = subprocess.run([*CLI, "compare", "--crossval", str(a), str(b), "--out", str(tmp_path / "c"), "--n-boot", "200"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert result["films"] == len(table) and result["resampled"].startswith("patients")
+    nf = LABELS.index("No Finding")
+    on = (table["source"] == "nih").to_numpy() & ~np.isnan(labels[:, nf])
+    task = result["tasks"]["no_finding_originals"]
+    assert (task["positives"], task["negatives"]) == (int(labels[on, nf].sum()), int((labels[on, nf] == 0).sum()))
+    first, second = (roc_auc_score(labels[on, nf], p[on, nf]) for p in (guess, knows))
+    assert task["runs"][0]["auc"] == pytest.approx(first, abs=1e-4) and task["runs"][1]["auc"] == pytest.approx(second, abs=1e-4)
+    d = task["runs"][1]["difference_from_first"]
+    assert d["difference"] == pytest.approx(second - first, abs=1e-4) and d["low"] <= d["difference"] <= d["high"]
+    assert d["difference"] > 0.2 and d["low"] > 0  # the run that knows the labels is better, and says so
+    assert "No Finding, originals" in (tmp_path / "c" / "compare.md").read_text()
+
+    one_fold = subprocess.run([*CLI, "compare", "--crossval", str(a), str(b), "--out", str(tmp_path / "f"), "--fold", "0",
+                               "--n-boot", "50"], capture_output=True, text=True, timeout=300)
+    assert one_fold.returncode == 0, one_fold.stderr[-2000:]
+    assert json.loads((tmp_path / "f" / "compare.json").read_text())["films"] == int((folds == 0).sum())
+
+    other_seed = _crossval_run(tmp_path / "s", cache64, table["path"], folds, knows, seed=7)
+    for args, says in (([str(a), str(other_seed)], "drew different folds"), ([str(a), str(tmp_path)], "not a finished crossval run"),
+                       ([str(a), str(b), "--manifest", str(cache64 / "manifest.csv")], "do not apply")):
+        refused = subprocess.run([*CLI, "compare", "--crossval", *args, "--out", str(tmp_path / "r")],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
 
 
 def test_crossval_weighs_the_films_read_as_in_use_by_what_an_inner_split_of_them_says():

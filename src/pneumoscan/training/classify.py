@@ -51,7 +51,12 @@ from pneumoscan.training.data import (
     view_balance_weights,
 )
 from pneumoscan.training.finalise import finalise
-from pneumoscan.training.fit_all import fit_all_layers, lightning_module, progress_log
+from pneumoscan.training.fit_all import (
+    fit_all_layers,
+    lightning_module,
+    model_from_checkpoint,
+    progress_log,
+)
 from pneumoscan.training.fit_head import fit_head, with_options
 from pneumoscan.training.fit_state import fit_deadline
 from pneumoscan.training.fit_tail import fit_tail
@@ -102,6 +107,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     started = time.time()
     deadline = fit_deadline(cfg, command_started, module.model, len(rows["val"]), cache.size)
     architecture: dict[str, Any] = {"name": cfg.arch}
+    source_checkpoint: dict[str, Any] | None = None  # --from-checkpoint: which one
     if cfg.freeze_backbone:
         model = with_options(module.model, cfg.arch, spec) if fused else module.model
         fitted = fit_head(model, cache, train_set, val_set, sampler, pos_weight, cfg, out, spec, architecture,
@@ -112,6 +118,9 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
             raise ValueError("--train-from trains the plain DenseNet-121; AG-CNN and --clinical train with "
                              "--freeze-backbone")
         fitted = fit_tail(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out, select, deadline)
+        precision = "32-true"
+    elif cfg.from_checkpoint:
+        fitted, source_checkpoint = model_from_checkpoint(cfg, module.model.head[3].in_features)
         precision = "32-true"
     else:
         fitted, precision = fit_all_layers(module, train_set, val_set, sampler, cfg, out, deadline)
@@ -150,6 +159,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
         "selection": {"metric": "mean within-source validation AUC of " + ", ".join(select),
                       "best": None if best_score is None else round(float(best_score), 4)},
         "epochs_trained": int(epochs_trained), "best_epoch": int(best_epoch),
+        **({"from_checkpoint": source_checkpoint} if source_checkpoint else {}),
         "train_seconds_this_run": round(time.time() - started, 1),
     }
     return finalise(Classifier(model, meta), cache, rows, out)

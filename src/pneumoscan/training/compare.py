@@ -1,10 +1,16 @@
 """Two or more classifiers on the same films (``pneumoscan compare``): per label and per source,
 each model's AUC with its bootstrap CI, and each model's paired difference from the first (the
-same resampled films for both in every draw) with its CI and a two-sided bootstrap p-value.
+same resampled patients for both in every draw: a patient's films are drawn together) with its CI
+and a two-sided bootstrap p-value.
 
 Only films every model could score are used, and only inside one source at a time (the
 project's rule: no figure may be earned by telling data sets apart). A label enters when at least
 one of the models assesses it (or when asked for); whether each one does is said beside its figures.
+
+``compare --crossval`` compares ``pneumoscan crossval`` runs instead, on their out-of-fold
+probabilities (nothing is scored again): the figures a long run is watched by
+(:func:`pneumoscan.training.fit_all.watched_tasks`), optionally on some folds only (a backbone
+trained on folds 1–4 is judged on fold 0 alone).
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ from pneumoscan.labels import LABELS
 from pneumoscan.training.evaluate import score_split
 from pneumoscan.training.metrics import (
     MIN_PER_CLASS,
+    auc_ci,
     auc_difference,
     nan_to_none,
     per_source_auc,
+    roc_auc,
 )
 from pneumoscan.training.report import fmt3
 
@@ -62,9 +70,11 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
         aligned.append((s.rows.iloc[index].reset_index(drop=True), s.labels[index], s.probs[index]))
     rows, truth = aligned[0][0], aligned[0][1]
     sources = rows["source"].astype(str).to_numpy()
+    patients = patient_keys(rows)
     assessed = [set(s.classifier.assessed_labels) for s in scored]
     result: dict[str, Any] = {
         "manifest": str(manifest), "split": split, "images": len(common), "n_boot": n_boot,
+        "resampled": f"patients ({len(set(patients))})",
         "models": [{"file": str(m), "weights_sha256": s.classifier.meta.get("weights_sha256"),
                     "assessed_labels": sorted(a, key=LABELS.index)} for m, s, a in zip(models, scored, assessed)],
         "labels": {}}
@@ -73,7 +83,7 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
         if label not in wanted:
             continue
         y = truth[:, j]
-        parts = [per_source_auc(y, p[:, j], sources, n_boot=n_boot) for _, _, p in aligned]  # same sources each
+        parts = [per_source_auc(y, p[:, j], sources, n_boot=n_boot, groups=patients) for _, _, p in aligned]
         per_source = {}
         for source, first in parts[0].items():
             inside = (sources == source) & ~np.isnan(y)
@@ -83,7 +93,8 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
                 if k and weights[k] == weights[0]:  # same weights, same scores: nothing to resample
                     model_entry["difference_from_first"] = {"identical_weights": True}
                 elif k:
-                    diff = auc_difference(y[inside], aligned[k][2][inside, j], aligned[0][2][inside, j], n_boot)
+                    diff = auc_difference(y[inside], aligned[k][2][inside, j], aligned[0][2][inside, j], n_boot,
+                                          groups=patients[inside])
                     model_entry["difference_from_first"] = {key: nan_to_none(v) for key, v in diff.items()}
                 entry["models"].append(model_entry)
             per_source[source] = entry
@@ -98,8 +109,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [(f"# Comparison on split `{result['split']}` of `{Path(result['manifest']).name}` "
               f"({result['images']} films every model scored)"), "",
              ("AUC inside each source (at least "
-              f"{MIN_PER_CLASS} positives and negatives), 95 % bootstrap CI over {result['n_boot']} resamples; the "
-              f"difference is each model minus `{names[0]}` on the same resampled films (paired), with its CI and "
+              f"{MIN_PER_CLASS} positives and negatives), 95 % bootstrap CI over {result['n_boot']} resamples of "
+              f"{result['resampled']}; the difference is each model minus `{names[0]}` on the same resamples (paired), "
+              "with its CI and "
               "two-sided bootstrap p."), "",
              "| label | source | pos / neg | model | assessed | AUC (95 % CI) | difference from the first (95 % CI), p |",
              "|---|---|---|---|---|---|---|"]
@@ -114,4 +126,99 @@ def markdown(result: dict[str, Any]) -> str:
                                 if d and d["difference"] is not None else "–") + " |")
     if not result["labels"]:
         lines.append("| – | – | – | – | – | no label any model assesses has enough films here | – |")
+    return "\n".join(lines) + "\n"
+
+
+def patient_keys(rows) -> np.ndarray:
+    """The patient of each film (the manifest's ``patient``, already namespaced by data set, e.g.
+    ``nih:100``; a film without one counts as a patient of its own)."""
+    patients = rows.get("patient")
+    if patients is None:
+        return ("film:" + rows["path"].astype(str)).to_numpy()
+    known = patients.notna() & (patients.astype(str) != "")
+    return np.where(known, patients.astype(str), "film:" + rows["path"].astype(str)).astype(str)
+
+
+def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, opacity_index: str | Path | None = None,
+                     n_boot: int = 1000) -> dict[str, Any]:
+    """``crossval`` runs on their out-of-fold probabilities: each watched task's AUC with its CI and
+    each run's paired difference from the first, resampling patients; only films every run scored
+    and, with ``folds``, only those folds. The runs must have drawn the same folds (folds, seed)."""
+    import json
+
+    import pandas as pd
+
+    from pneumoscan.training.cache import CropCache
+    from pneumoscan.training.data import opacity_of
+    from pneumoscan.training.fit_all import watched_tasks
+
+    if len(runs) < 2:
+        raise ValueError("compare --crossval needs at least two crossval run folders")
+    configs, frames = [], []
+    for run in map(Path, runs):
+        if not (run / "oof.csv").is_file() or not (run / "config.json").is_file():
+            raise ValueError(f"{run}: not a finished crossval run (no oof.csv and config.json there)")
+        configs.append(json.loads((run / "config.json").read_text()))
+        frames.append(pd.read_csv(run / "oof.csv"))
+    drawn = {(c.get("folds"), c.get("seed")) for c in configs}
+    if len(drawn) > 1:
+        raise ValueError(f"the runs drew different folds (folds, seed: {sorted(drawn)}): their out-of-fold films differ")
+    common = sorted(set.intersection(*(set(f["path"]) for f in frames)))
+    frames = [f.drop_duplicates("path").set_index("path").loc[common] for f in frames]
+    if any(not np.array_equal(f["fold"].to_numpy(), frames[0]["fold"].to_numpy()) for f in frames[1:]):
+        raise ValueError("a film sits in different folds in different runs: they were not cross-validated alike")
+    table = CropCache(configs[0]["cache"]).table.drop_duplicates("path").set_index("path")
+    missing = sorted(set(common) - set(table.index))
+    if missing:
+        raise ValueError(f"{len(missing)} films of the runs are not in {configs[0]['cache']} (e.g. {missing[0]})")
+    fold = frames[0]["fold"].to_numpy()
+    keep = np.isin(fold, folds) if folds else np.ones(len(common), bool)
+    rows = table.loc[common].reset_index()[keep].reset_index(drop=True)
+    labels = rows[list(LABELS)].to_numpy(np.float32)
+    probs = [f[list(LABELS)].to_numpy(float)[keep] for f in frames]
+    sources, patients = rows["source"].astype(str).to_numpy(), patient_keys(rows)
+    opacity = opacity_of(rows, opacity_index) if opacity_index else None
+    result: dict[str, Any] = {
+        "runs": [{"folder": str(run), "backbone": c.get("backbone"), "cache": c.get("cache")} for run, c in zip(runs, configs)],
+        "folds": sorted(set(fold[keep].tolist())), "films": int(keep.sum()), "n_boot": n_boot,
+        "resampled": f"patients ({len(set(patients))})", "tasks": {}}
+    for key, title, y, j in watched_tasks(labels, sources, opacity):
+        inside = ~np.isnan(y)
+        positives, negatives = int((y[inside] == 1).sum()), int((y[inside] == 0).sum())
+        if min(positives, negatives) < MIN_PER_CLASS:
+            continue
+        entry: dict[str, Any] = {"title": title, "positives": positives, "negatives": negatives, "runs": []}
+        for k, p in enumerate(probs):
+            low, high = auc_ci(y[inside], p[inside, j], n_boot, groups=patients[inside])
+            run_entry = {"auc": nan_to_none(roc_auc(y[inside], p[inside, j])), "ci": [nan_to_none(low), nan_to_none(high)]}
+            if k:
+                diff = auc_difference(y[inside], p[inside, j], probs[0][inside, j], n_boot, groups=patients[inside])
+                run_entry["difference_from_first"] = {key_: nan_to_none(v) for key_, v in diff.items()}
+            entry["runs"].append(run_entry)
+        result["tasks"][key] = entry
+    return result
+
+
+def p_value(p: float, n_boot: int) -> str:
+    """A bootstrap p for a table: never "0.000", which n_boot draws cannot show."""
+    return f"p < {1 / n_boot:.2g}" if p == 0 else f"p = {p:.3f}"
+
+
+def crossval_markdown(result: dict[str, Any]) -> str:
+    """compare.md of ``compare --crossval``: a row per task, the runs side by side."""
+    names = [Path(r["folder"]).name for r in result["runs"]]
+    head = " | ".join(f"{n} AUC (95 % CI)" for n in names) + " | " + " | ".join(f"{n} − {names[0]} (95 % CI), p"
+                                                                               for n in names[1:])
+    title = (f"# Out-of-fold comparison of {len(names)} crossval runs ({result['films']} films of fold(s) "
+             f"{', '.join(map(str, result['folds']))})")
+    method = (f"95 % bootstrap CIs over {result['n_boot']} resamples of {result['resampled']}; differences are "
+              "paired (the same resampled patients for both runs), with a two-sided bootstrap p.")
+    lines = [title, "", method, "", f"| task | pos / neg | {head} |", "|---|---|" + "---|" * (2 * len(names) - 1)]
+    for entry in result["tasks"].values():
+        cells = [f"{fmt3(r['auc'])} ({fmt3(r['ci'][0])}–{fmt3(r['ci'][1])})" for r in entry["runs"]]
+        cells += [f"{d['difference']:+.3f} ({fmt3(d['low'])} to {fmt3(d['high'])}), {p_value(d['p'], result['n_boot'])}"
+                  if (d := r["difference_from_first"])["difference"] is not None else "–" for r in entry["runs"][1:]]
+        lines.append(f"| {entry['title']} | {entry['positives']:,} / {entry['negatives']:,} | " + " | ".join(cells) + " |")
+    if not result["tasks"]:
+        lines.append("| no task has enough films here | – |" + " – |" * (2 * len(names) - 1))
     return "\n".join(lines) + "\n"

@@ -50,3 +50,4 @@ class TrainConfig:
     folds: int = 5
     fold_seed: int = 2026  # crossval's default seed, so that fold k is crossval's fold k
     opacity_index: str = ""  # rsna-nih-masked/index.csv: adds the radiologists' opacity label to progress.jsonl
+    from_checkpoint: str = ""  # a .ckpt of an every-layer run with these options: model.pt from it, no training

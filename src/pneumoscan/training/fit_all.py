@@ -155,37 +155,44 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def fold_figures(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
-                 opacity: np.ndarray | None = None) -> dict[str, Any]:
-    """The figures a long run is watched by (AUC, positives / negatives), on its validation films:
-    NIH Pneumonia against No Finding films on the NIH originals and on the lung-masked copies, the
-    radiologists' opacity label (RSNA Lung Opacity against Normal) where ``opacity`` gives it,
+def watched_tasks(labels: np.ndarray, sources: np.ndarray, opacity: np.ndarray | None = None
+                  ) -> list[tuple[str, str, np.ndarray, int]]:
+    """The tasks a long run is watched by, as (key, title, truth, column): ``truth`` per film is 1, 0
+    or NaN (not in the task), scored by the probabilities in ``column``. NIH Pneumonia against No
+    Finding films on the NIH originals and on the lung-masked copies, the radiologists' opacity
+    label (RSNA Lung Opacity against Normal, scored by Pneumonia) where ``opacity`` gives it,
     Cardiomegaly, Effusion, Edema and No Finding on the originals, Kermany Pneumonia."""
-    from pneumoscan.training.metrics import roc_auc
-
-    def entry(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-        keep = ~np.isnan(y)
-        y, p = y[keep], p[keep]
-        positives, negatives = int((y == 1).sum()), int((y == 0).sum())
-        auc = roc_auc(y, p) if positives and negatives else float("nan")
-        return {"auc": None if np.isnan(auc) else round(float(auc), 4), "pos_neg": [positives, negatives]}
-
     pn, nf = LABELS.index("Pneumonia"), LABELS.index("No Finding")
-    out: dict[str, Any] = {}
+    tasks = []
     for source, name in (("nih", "originals"), ("nihmasked", "copies")):
         inside = sources == source
-        against_normal = np.where(labels[inside, pn] == 1, 1.0, np.where(labels[inside, nf] == 1, 0.0, np.nan))
-        out[f"pneumonia_vs_no_finding_{name}"] = entry(against_normal, probs[inside, pn])
+        against_normal = np.where(labels[:, pn] == 1, 1.0, np.where(labels[:, nf] == 1, 0.0, np.nan))
+        tasks.append((f"pneumonia_vs_no_finding_{name}", f"NIH Pneumonia vs No Finding, {name}",
+                      np.where(inside, against_normal, np.nan), pn))
         if opacity is not None:
-            o = opacity[inside]
-            out[f"opacity_vs_normal_{name}"] = entry(np.where(o == "Lung Opacity", 1.0, np.where(o == "Normal", 0.0, np.nan)),
-                                                     probs[inside, pn])
-    originals = sources == "nih"
+            rsna = np.where(opacity == "Lung Opacity", 1.0, np.where(opacity == "Normal", 0.0, np.nan))
+            tasks.append((f"opacity_vs_normal_{name}", f"RSNA opacity vs Normal, {name}",
+                          np.where(inside, rsna, np.nan), pn))
     for label in ("Cardiomegaly", "Effusion", "Edema", "No Finding"):
         j = LABELS.index(label)
-        out[f"{label.lower().replace(' ', '_')}_originals"] = entry(labels[originals, j], probs[originals, j])
-    kermany = sources == "kermany"
-    out["kermany_pneumonia"] = entry(labels[kermany, pn], probs[kermany, pn])
+        tasks.append((f"{label.lower().replace(' ', '_')}_originals", f"{label}, originals",
+                      np.where(sources == "nih", labels[:, j], np.nan), j))
+    tasks.append(("kermany_pneumonia", "Kermany Pneumonia", np.where(sources == "kermany", labels[:, pn], np.nan), pn))
+    return tasks
+
+
+def fold_figures(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
+                 opacity: np.ndarray | None = None) -> dict[str, Any]:
+    """The figures a long run is watched by (AUC, positives / negatives) on its validation films,
+    one per :func:`watched_tasks`."""
+    from pneumoscan.training.metrics import roc_auc
+
+    out: dict[str, Any] = {}
+    for key, _, y, j in watched_tasks(labels, sources, opacity):
+        keep = ~np.isnan(y)
+        positives, negatives = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
+        auc = roc_auc(y[keep], probs[keep, j]) if positives and negatives else float("nan")
+        out[key] = {"auc": None if np.isnan(auc) else round(float(auc), 4), "pos_neg": [positives, negatives]}
     return out
 
 
@@ -256,9 +263,51 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
     )
     if not trainer.is_global_zero:
         return None, precision
-    best = checkpoint.best_model_path or str(last)
-    ckpt = torch.load(best, map_location="cpu", weights_only=True)
-    model = ChestClassifier(hidden=module.model.head[3].in_features)  # the width it trained with (--init keeps a file's)
+    ckpt = torch.load(checkpoint.best_model_path or str(last), map_location="cpu", weights_only=True)
+    model = checkpoint_model(ckpt, module.model.head[3].in_features)  # the width it trained with (--init keeps a file's)
+    return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
+
+
+def checkpoint_model(ckpt: dict[str, Any], hidden: int) -> ChestClassifier:
+    """The classifier inside a Lightning checkpoint of this loop (its ``model.`` weights)."""
+    model = ChestClassifier(hidden=hidden)
     model.load_state_dict({k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
                            if k.startswith("model.")})
-    return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
+    return model
+
+
+#: Options a checkpoint's run must share with ``--from-checkpoint``'s: the films it validates on
+#: (the model's assessment) must be films the checkpoint never trained on.
+SAME_FILMS = ("cache", "val_fold", "folds", "fold_seed", "frontal_only")
+
+
+def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestClassifier, None, int, int], dict[str, Any]]:
+    """``--from-checkpoint``: the model of one checkpoint of a run with these options, untrained
+    further (a long run's last epoch rather than its best by the validation fold, which would
+    then also judge it; or an interim look at a run still going), as ``fit_all_layers`` returns
+    it, and what the model file records of the checkpoint. Refused when the checkpoint's run (its
+    ``config.json`` beside ``checkpoints/``) validated on other films."""
+    from pneumoscan.modelfile import ModelFileError, file_sha256, first_line
+
+    path = Path(cfg.from_checkpoint)
+    beside = path.parent.parent / "config.json"
+    if beside.is_file():
+        run = json.loads(beside.read_text())
+        differ = [k for k in SAME_FILMS if k in run and str(run[k]) != str(getattr(cfg, k))]
+        if differ:
+            raise ValueError(f"--from-checkpoint {path}: its run had other {', '.join(differ)} "
+                             f"({', '.join(f'{k}={run[k]!r}' for k in differ)}), so its validation films are not "
+                             f"these; pass that run's options")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+            raise ValueError("no state_dict/epoch inside")
+        model = checkpoint_model(ckpt, hidden)
+    except Exception as exc:  # truncated, foreign or another network's checkpoint
+        raise ModelFileError(f"--from-checkpoint {path}: not a checkpoint of this classifier's every-layer "
+                             f"training ({first_line(exc, 160)})") from exc
+    epoch, step = int(ckpt["epoch"]), int(ckpt.get("global_step", -1))
+    print(f"model from checkpoint {path} (epoch {epoch}, step {step}); no training", file=sys.stderr, flush=True)
+    info = {"file": str(path), "sha256": file_sha256(path), "epoch": epoch, "global_step": step,
+            "note": "epoch counts from 0; a checkpoint saved inside an epoch holds that epoch's first steps"}
+    return (model, None, epoch, epoch), info

@@ -32,7 +32,8 @@ def roc_auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p))
 
 
-def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int, seed: int = 0) -> np.ndarray:
+def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int, seed: int = 0,
+                   groups: np.ndarray | None = None) -> np.ndarray:
     """AUCs of each score on ``n_boot`` resamples of the images (the same resample for every score
     in a draw), as a (draws × scores) array; draws without both classes are left out. ``y`` is 0/1
     with no NaN. The resamples are those of ``rng.integers(0, n, n)`` drawn ``n_boot`` times. A
@@ -40,15 +41,25 @@ def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int, see
     weights (each positive against the weighted negatives scored below it, ties counting one half),
     which is scikit-learn's ``roc_auc_score`` of the resample to 1e-12: computed for many draws at
     once, without sorting each one (the per-call checks of ``roc_auc_score`` were most of
-    ``evaluate``'s time)."""
+    ``evaluate``'s time).
+
+    ``groups`` (one key per image, e.g. the patient): resample the groups instead, every image of a
+    drawn group counted as often as its group is drawn (the cluster bootstrap: films of one patient
+    are not independent, and resampling them one by one makes intervals too narrow). With a group
+    per image it is the image resample above, draw for draw."""
     y = np.asarray(y, int)
     n, rng = len(y), np.random.default_rng(seed)
-    chunk = max(1, 2_000_000 // max(n, 1))  # draws held at a time: tens of MB whatever the split's size
+    if groups is None:
+        member, g = np.arange(n), n
+    else:
+        _, member = np.unique(np.asarray(groups), return_inverse=True)
+        g = int(member.max()) + 1 if n else 0
+    chunk = max(1, 2_000_000 // max(n, g, 1))  # draws held at a time: tens of MB whatever the split's size
     out = []
     for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, (min(chunk, n_boot - start), n))
-        counts = np.bincount((idx + n * np.arange(len(idx))[:, None]).ravel(), minlength=n * len(idx))
-        counts = counts.reshape(len(idx), n)
+        idx = rng.integers(0, g, (min(chunk, n_boot - start), g))
+        counts = np.bincount((idx + g * np.arange(len(idx))[:, None]).ravel(), minlength=g * len(idx))
+        counts = counts.reshape(len(idx), g)[:, member]
         positives, negatives = counts @ y, counts @ (1 - y)
         both = (positives > 0) & (negatives > 0)
         counts, pairs = counts[both], positives[both] * negatives[both]
@@ -66,13 +77,20 @@ def bootstrap_aucs(y: np.ndarray, scores: Sequence[np.ndarray], n_boot: int, see
     return np.concatenate(out) if out else np.empty((0, len(scores)))
 
 
+def known_groups(y: np.ndarray, groups: np.ndarray | None) -> np.ndarray | None:
+    """``groups`` of the images whose label is known (None stays None)."""
+    return None if groups is None else np.asarray(groups)[~np.isnan(np.asarray(y, float))]
+
+
 def auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0,
-           level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap CI of the AUC (resampling images); NaN when undefined."""
+           level: float = 0.95, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap CI of the AUC (resampling images, or ``groups`` of them: patients);
+    NaN when undefined."""
+    groups = known_groups(y, groups)
     y, p = known_pairs(np.asarray(y, float), np.asarray(p, float))
     if len(np.unique(y)) < 2:
         return (float("nan"), float("nan"))
-    stats = bootstrap_aucs(y, [p], n_boot, seed)[:, 0]
+    stats = bootstrap_aucs(y, [p], n_boot, seed, groups)[:, 0]
     if not len(stats):
         return (float("nan"), float("nan"))
     tail = (1 - level) / 2 * 100
@@ -80,15 +98,16 @@ def auc_ci(y: np.ndarray, p: np.ndarray, n_boot: int = 1000, seed: int = 0,
 
 
 def auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n_boot: int = 2000, seed: int = 0,
-                   level: float = 0.95) -> dict[str, float]:
-    """Paired bootstrap of AUC(new) − AUC(old) on the same images (the same resampled images for
-    both in every draw): the difference, its percentile CI, and a two-sided bootstrap p-value
-    (twice the smaller share of draws on either side of zero)."""
+                   level: float = 0.95, groups: np.ndarray | None = None) -> dict[str, float]:
+    """Paired bootstrap of AUC(new) − AUC(old) on the same images (the same resampled images, or
+    ``groups`` of them, for both in every draw): the difference, its percentile CI, and a
+    two-sided bootstrap p-value (twice the smaller share of draws on either side of zero)."""
     keep = ~np.isnan(np.asarray(y, float))
+    groups = known_groups(y, groups)
     y, a, b = np.asarray(y, float)[keep].astype(int), np.asarray(p_new, float)[keep], np.asarray(p_old, float)[keep]
     if len(np.unique(y)) < 2:
         return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
-    both = bootstrap_aucs(y, [a, b], n_boot, seed)
+    both = bootstrap_aucs(y, [a, b], n_boot, seed, groups)
     diffs = both[:, 0] - both[:, 1]
     tail = (1 - level) / 2 * 100
     p = min(1.0, 2 * min(float(np.mean(diffs <= 0)), float(np.mean(diffs >= 0))))
@@ -191,9 +210,10 @@ MIN_PER_CLASS = 5
 
 
 def per_source_auc(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_each: int = MIN_PER_CLASS,
-                   n_boot: int = 0, seed: int = 0) -> dict[str, dict[str, Any]]:
+                   n_boot: int = 0, seed: int = 0, groups: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """AUC of one label inside each source that has ``min_each`` positives and negatives:
-    no figure here can be earned by telling one data set from another."""
+    no figure here can be earned by telling one data set from another (CIs resample ``groups``,
+    e.g. patients, when given)."""
     y, p, sources = np.asarray(y, float), np.asarray(p, float), np.asarray(sources).astype(str)
     out = {}
     for source in sorted(set(sources[~np.isnan(y)])):
@@ -204,7 +224,8 @@ def per_source_auc(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_each: 
         entry: dict[str, Any] = {"auc": nan_to_none(roc_auc(y[inside], p[inside])), "positives": pos,
                                  "negatives": neg}
         if n_boot:
-            entry["ci"] = [nan_to_none(v) for v in auc_ci(y[inside], p[inside], n_boot, seed)]
+            entry["ci"] = [nan_to_none(v) for v in auc_ci(y[inside], p[inside], n_boot, seed,
+                                                          groups=None if groups is None else np.asarray(groups)[inside])]
         out[source] = entry
     return out
 

@@ -189,6 +189,10 @@ def train(
     opacity_index: Annotated[Optional[Path], typer.Option(
         exists=True, dir_okay=False, help="rsna-nih-masked/index.csv: progress.jsonl also tracks the radiologists' "
                                           "opacity label.")] = None,
+    from_checkpoint: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="A .ckpt of an every-layer run with these options: write OUT/model.pt from "
+                                          "it (assessed on the validation films) without training; e.g. a long "
+                                          "run's last.ckpt, when its validation fold must not choose the epoch.")] = None,
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable;
     progress.jsonl has the watched figures after every validation)."""
@@ -213,6 +217,9 @@ def train(
 
     if train_from is not None and train_from not in TRAIN_FROM:
         fail(f"--train-from must be one of {', '.join(TRAIN_FROM)}, got {train_from!r}")
+    if from_checkpoint is not None and (freeze_backbone or train_from is not None):
+        fail("--from-checkpoint takes the model of an every-layer run's checkpoint: it excludes --freeze-backbone "
+             "and --train-from")
     if train_from is not None and freeze_backbone:
         fail("--train-from and --freeze-backbone exclude each other (the first trains the last blocks, "
              "the second the head alone)")
@@ -233,7 +240,8 @@ def train(
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
                       train_from=train_from or "", select=select, view_balance=view_balance,
                       schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold, frozen_bn=frozen_bn,
-                      opacity_index=str(opacity_index) if opacity_index else "")
+                      opacity_index=str(opacity_index) if opacity_index else "",
+                      from_checkpoint=str(from_checkpoint) if from_checkpoint else "")
     try:
         meta = train_classifier(cfg)
     except (PretrainedWeightsError, CacheError, ModelFileError, ClinicalError, ValueError) as exc:
@@ -369,34 +377,61 @@ def evaluate(
 
 @app.command()
 def compare(
-    models: Annotated[list[Path], typer.Argument(help="Two or more classifier files; differences are from the first.")],
-    manifest: Annotated[Path, typer.Option(exists=True, dir_okay=False)],
-    split: Annotated[str, typer.Option(help="Manifest split to score: train, val or test.")],
+    models: Annotated[list[Path], typer.Argument(help="Two or more classifier files (with --crossval: crossval run "
+                                                      "folders); differences are from the first.")],
     out: Annotated[Path, typer.Option(help="Folder for compare.md and compare.json.")],
+    manifest: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, help="Films to score (model files).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Manifest split to score: train, val or test.")] = None,
+    crossval: Annotated[bool, typer.Option(
+        "--crossval", help="Compare crossval runs on their out-of-fold probabilities (nothing scored again): "
+                           "the figures a long run is watched by.")] = False,
+    fold: Annotated[Optional[list[int]], typer.Option(
+        help="--crossval: only films of this fold (repeat; default every fold), e.g. 0 for a backbone "
+             "trained on the others.")] = None,
+    opacity_index: Annotated[Optional[Path], typer.Option(
+        exists=True, dir_okay=False, help="--crossval: rsna-nih-masked/index.csv adds the radiologists' opacity "
+                                          "label.")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Crop cache to take crops from (models of its crop size).")] = None,
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model for on-the-fly crops.")] = None,
-    n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap resamples (CIs and paired differences).")] = 1000,
+    n_boot: Annotated[int, typer.Option(min=10, help="Bootstrap resamples of patients (CIs and paired differences).")] = 1000,
     label: Annotated[Optional[list[str]], typer.Option(
         help="Label to compare (repeat; default: every label one of the models assesses).")] = None,
     backend: BackendOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Models on the same films: per label and source, each AUC with its CI and the paired
-    bootstrap difference from the first model."""
+    bootstrap difference from the first model (patients resampled); or crossval runs out of fold."""
     import json
 
+    if crossval and (manifest or split or cache or seg_model or label):
+        fail("--crossval compares the runs' out-of-fold probabilities: --manifest, --split, --cache, --seg-model "
+             "and --label do not apply")
+    if not crossval and (manifest is None or split is None):
+        fail("give --manifest and --split (the films to score), or --crossval with crossval run folders")
+    if not crossval and (fold or opacity_index):
+        fail("--fold and --opacity-index go with --crossval")
     ensure_writable(out, "--out")  # before the models load
     from pneumoscan.progress import note
-    from pneumoscan.training.compare import compare_models, markdown
+    from pneumoscan.training.compare import (
+        compare_crossval,
+        compare_models,
+        crossval_markdown,
+        markdown,
+    )
 
-    note("compare: loading models …")
-
-    result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
-                                                   n_boot=n_boot, backend=backend, labels=label))
+    if crossval:
+        note("compare: reading the runs' out-of-fold probabilities …")
+        result = scored_or_fail(lambda: compare_crossval(models, folds=fold, opacity_index=opacity_index, n_boot=n_boot))
+        text = crossval_markdown(result)
+    else:
+        note("compare: loading models …")
+        result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
+                                                       n_boot=n_boot, backend=backend, labels=label))
+        text = markdown(result)
     (out / "compare.json").write_text(json.dumps(result, indent=1))
-    (out / "compare.md").write_text(markdown(result))
-    console.print(markdown(result))
-    console.print(f"{result['images']} films; written to {out}")
+    (out / "compare.md").write_text(text)
+    console.print(text)
+    console.print(f"{result.get('images', result.get('films'))} films; written to {out}")
 
 
 @app.command()
