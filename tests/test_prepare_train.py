@@ -169,6 +169,9 @@ def test_a_model_from_a_chosen_checkpoint_without_training(cache64, trained, tmp
     assert meta["from_checkpoint"]["sha256"] == file_sha256(last)
     assert list(meta["assessment"]) == list(meta["labels"]) and meta["validation"]["n_images"] > 0
 
+    relative = subprocess.run(_train(Path(os.path.relpath(cache64)), tmp_path / "rel", "--epochs", "2",
+                                     "--from-checkpoint", str(last)), capture_output=True, text=True, timeout=900)
+    assert relative.returncode == 0, relative.stderr[-3000:]  # the same cache, written another way
     other_films = subprocess.run(_train(cache64, tmp_path / "x", "--val-fold", "0", "--from-checkpoint", str(last)),
                                  capture_output=True, text=True, timeout=300)
     assert other_films.returncode != 0 and "Traceback" not in other_films.stderr
@@ -630,7 +633,8 @@ def test_compare_crossval_runs_out_of_fold_resampling_patients(cache64, tmp_path
 
     other_seed = _crossval_run(tmp_path / "s", cache64, table["path"], folds, knows, seed=7)
     for args, says in (([str(a), str(other_seed)], "drew different folds"), ([str(a), str(tmp_path)], "not a finished crossval run"),
-                       ([str(a), str(b), "--manifest", str(cache64 / "manifest.csv")], "do not apply")):
+                       ([str(a), str(b), "--manifest", str(cache64 / "manifest.csv")], "do not apply"),
+                       ([str(a), str(b), "--fold", "3"], "the runs' folds are 0, 1, 2")):
         refused = subprocess.run([*CLI, "compare", "--crossval", *args, "--out", str(tmp_path / "r")],
                                  capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0 and says in refused.stderr and "Traceback" not in refused.stderr, refused.stderr

@@ -172,6 +172,9 @@ def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, 
     if missing:
         raise ValueError(f"{len(missing)} films of the runs are not in {configs[0]['cache']} (e.g. {missing[0]})")
     fold = frames[0]["fold"].to_numpy()
+    unknown = sorted(set(folds or []) - set(fold.tolist()))
+    if unknown:
+        raise ValueError(f"--fold {', '.join(map(str, unknown))}: the runs' folds are {', '.join(map(str, sorted(set(fold.tolist()))))}")
     keep = np.isin(fold, folds) if folds else np.ones(len(common), bool)
     rows = table.loc[common].reset_index()[keep].reset_index(drop=True)
     labels = rows[list(LABELS)].to_numpy(np.float32)

@@ -293,7 +293,8 @@ def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestCla
     beside = path.parent.parent / "config.json"
     if beside.is_file():
         run = json.loads(beside.read_text())
-        differ = [k for k in SAME_FILMS if k in run and str(run[k]) != str(getattr(cfg, k))]
+        same = {"cache": lambda a, b: Path(a).resolve() == Path(b).resolve()}  # however the path was written
+        differ = [k for k in SAME_FILMS if k in run and not same.get(k, lambda a, b: str(a) == str(b))(run[k], getattr(cfg, k))]
         if differ:
             raise ValueError(f"--from-checkpoint {path}: its run had other {', '.join(differ)} "
                              f"({', '.join(f'{k}={run[k]!r}' for k in differ)}), so its validation films are not "
