@@ -396,6 +396,26 @@ def test_every_layer_fit_resumes_at_the_next_batch_inside_an_epoch(cache64, tmp_
     assert max(float((a[k] - b[k]).abs().max()) for k in trained) < 1e-4
 
 
+def test_a_run_stopped_by_its_rule_stays_stopped_when_rerun(cache64, tmp_path, monkeypatch):
+    """``--early-stop``: a run rerun after its rule fired (say, killed while writing model.pt)
+    trains no further epoch: Lightning restores the rule's count, not its decision."""
+    import torch
+
+    import pneumoscan.training.classify as ct
+    import pneumoscan.training.fit_all as fit_all
+
+    monkeypatch.setattr(fit_all, "selection_score", lambda *args: (0.5, {}))  # never a gain after epoch 0
+    cfg = _tail_cfg(cache64, tmp_path / "r", train_from="", early_stop=1, epochs=5)
+    first = ct.train_classifier(cfg)
+    last = tmp_path / "r" / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=False)
+    assert first["epochs_trained"] == 2 and before["epoch"] == 1  # epochs 0 and 1, then the rule
+    again = ct.train_classifier(cfg)
+    after = torch.load(last, weights_only=False)
+    assert after["global_step"] == before["global_step"] and after["epoch"] == 1
+    assert again["weights_sha256"] == first["weights_sha256"]
+
+
 def test_max_minutes_too_short_for_finalise_is_refused_up_front(cache64, tmp_path):
     from pneumoscan.training.classify import train_classifier
 

@@ -239,10 +239,20 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
         def on_train_epoch_start(self, trainer, _):
             sampler.set_epoch(trainer.current_epoch)
 
+    class StoppedStaysStopped(Callback):
+        """A run resumed after its stopping rule fired (killed before ``model.pt`` was written) stops
+        again at once: Lightning restores the rule's count but not its decision, and would train
+        one more epoch than the uninterrupted run."""
+
+        def on_train_start(self, trainer, _):
+            if any(isinstance(c, EarlyStopping) and c.wait_count >= c.patience for c in trainer.callbacks):
+                print("the stopping rule had already fired: no more epochs", file=sys.stderr, flush=True)
+                trainer.should_stop = True
+
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
     precision = cfg.precision if cfg.precision != "auto" else ("bf16-mixed" if gpu else "32-true")
     checkpoint, latest = checkpoint_callbacks(out / "checkpoints", "val_select")
-    callbacks: list[Any] = [checkpoint, latest, EpochSeed()]
+    callbacks: list[Any] = [checkpoint, latest, EpochSeed(), StoppedStaysStopped()]
     if cfg.checkpoint_minutes > 0:
         callbacks.append(timed_checkpoint(out / "checkpoints", cfg.checkpoint_minutes))
     if cfg.early_stop:
