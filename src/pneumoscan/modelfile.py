@@ -121,6 +121,15 @@ def load_error(exc: Exception) -> str:
     return (mismatch or (lines[0] if lines else type(exc).__name__))[:240]
 
 
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A Lightning training checkpoint, read by the safe loader; a ValueError when what is there
+    holds no weights and epoch (other errors are the loader's own)."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or "state_dict" not in blob or "epoch" not in blob:
+        raise ValueError("no state_dict/epoch inside")
+    return blob
+
+
 def resumable_checkpoint(path: str | Path) -> str | None:
     """``path`` if a training checkpoint exists there and reads back whole, None if there is none;
     a damaged one (a crash mid-write, a full disk) is refused with what to do, never loaded."""
@@ -128,9 +137,7 @@ def resumable_checkpoint(path: str | Path) -> str | None:
     if not path.exists():
         return None
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or "state_dict" not in blob or "epoch" not in blob:
-            raise ValueError("no state_dict/epoch inside")
+        read_checkpoint(path)
     except Exception as exc:
         raise ModelFileError(
             f"{path}: the checkpoint to resume from is damaged ({first_line(exc, 160)}); "

@@ -162,15 +162,17 @@ def watched_tasks(labels: np.ndarray, sources: np.ndarray, opacity: np.ndarray |
     Finding films on the NIH originals and on the lung-masked copies, the radiologists' opacity
     label (RSNA Lung Opacity against Normal, scored by Pneumonia) where ``opacity`` gives it,
     Cardiomegaly, Effusion, Edema and No Finding on the originals, Kermany Pneumonia."""
-    pn, nf = LABELS.index("Pneumonia"), LABELS.index("No Finding")
+    from pneumoscan.training.crossval import against_normal
+
+    pn = LABELS.index("Pneumonia")
+    pneumonia = against_normal(labels, ("Pneumonia",))[:, pn]  # crossval's protocol: against No Finding films
+    rsna = None if opacity is None else np.where(opacity == "Lung Opacity", 1.0, np.where(opacity == "Normal", 0.0, np.nan))
     tasks = []
     for source, name in (("nih", "originals"), ("nihmasked", "copies")):
         inside = sources == source
-        against_normal = np.where(labels[:, pn] == 1, 1.0, np.where(labels[:, nf] == 1, 0.0, np.nan))
         tasks.append((f"pneumonia_vs_no_finding_{name}", f"NIH Pneumonia vs No Finding, {name}",
-                      np.where(inside, against_normal, np.nan), pn))
-        if opacity is not None:
-            rsna = np.where(opacity == "Lung Opacity", 1.0, np.where(opacity == "Normal", 0.0, np.nan))
+                      np.where(inside, pneumonia, np.nan), pn))
+        if rsna is not None:
             tasks.append((f"opacity_vs_normal_{name}", f"RSNA opacity vs Normal, {name}",
                           np.where(inside, rsna, np.nan), pn))
     for label in ("Cardiomegaly", "Effusion", "Edema", "No Finding"):
@@ -297,22 +299,29 @@ def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestCla
     then also judge it; or an interim look at a run still going), as ``fit_all_layers`` returns
     it, and what the model file records of the checkpoint. Refused when the checkpoint's run (its
     ``config.json`` beside ``checkpoints/``) validated on other films."""
-    from pneumoscan.modelfile import ModelFileError, file_sha256, first_line
+    from pneumoscan.modelfile import (
+        ModelFileError,
+        file_sha256,
+        first_line,
+        read_checkpoint,
+    )
+
+    def differs(key: str, theirs: Any, ours: Any) -> bool:
+        if key == "cache":  # the same folder, however its path was written
+            return Path(theirs).resolve() != Path(ours).resolve()
+        return str(theirs) != str(ours)
 
     path = Path(cfg.from_checkpoint)
     beside = path.parent.parent / "config.json"
     if beside.is_file():
         run = json.loads(beside.read_text())
-        same = {"cache": lambda a, b: Path(a).resolve() == Path(b).resolve()}  # however the path was written
-        differ = [k for k in SAME_FILMS if k in run and not same.get(k, lambda a, b: str(a) == str(b))(run[k], getattr(cfg, k))]
+        differ = [k for k in SAME_FILMS if k in run and differs(k, run[k], getattr(cfg, k))]
         if differ:
             raise ValueError(f"--from-checkpoint {path}: its run had other {', '.join(differ)} "
                              f"({', '.join(f'{k}={run[k]!r}' for k in differ)}), so its validation films are not "
                              f"these; pass that run's options")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
-            raise ValueError("no state_dict/epoch inside")
+        ckpt = read_checkpoint(path)
         model = checkpoint_model(ckpt, hidden)
     except Exception as exc:  # truncated, foreign or another network's checkpoint
         raise ModelFileError(f"--from-checkpoint {path}: not a checkpoint of this classifier's every-layer "

@@ -103,7 +103,7 @@ def auc_difference(y: np.ndarray, p_new: np.ndarray, p_old: np.ndarray, n_boot: 
     ``groups`` of them, for both in every draw): the difference, its percentile CI, and a
     two-sided bootstrap p-value (twice the smaller share of draws on either side of zero)."""
     keep = ~np.isnan(np.asarray(y, float))
-    groups = known_groups(y, groups)
+    groups = None if groups is None else np.asarray(groups)[keep]
     y, a, b = np.asarray(y, float)[keep].astype(int), np.asarray(p_new, float)[keep], np.asarray(p_old, float)[keep]
     if len(np.unique(y)) < 2:
         return {"difference": float("nan"), "low": float("nan"), "high": float("nan"), "p": float("nan")}
