@@ -46,6 +46,9 @@ def test_gpu_training_script_runs_on_the_cpu(cache64, tmp_path):
 
     model = Classifier.load(out / "chest_densenet121.pt")
     assert model.meta["optimiser"]["trained"] == "all layers" and model.meta["epochs_trained"] >= 1
+    # the candidate is the schedule's last checkpoint (epoch 1 of 0-1), not fold 0's best epoch
+    assert model.meta["from_checkpoint"]["epoch"] == 1
+    assert model.meta["from_checkpoint"]["file"].endswith("run/checkpoints/last.ckpt")
     assert model.model.head[3].in_features == 1024  # the shipped head's width, kept to the end (it was lost once)
     # --frozen-bn (the script's default): two steps leave every BatchNorm's statistics as they were
     start = Classifier.load(env["INIT"]).model.state_dict()
