@@ -324,6 +324,9 @@ def test_evaluate_writes_subgroups_scores_operating_points_and_html(small_manife
                 assert sum(c["films"] for c in cells) == known
     text = (tmp_path / "e" / "report.md").read_text()
     assert "## Subgroups (inside each source)" in text
+    patients = pd.read_csv(small_manifest).query("split == 'test'")["patient"].nunique()
+    assert report["ci_resamples"] == {"unit": "patients", "count": patients, "draws": 50}  # every film scored here
+    assert f"50 resamples of the split's {patients:,} patients" in text
     page = (tmp_path / "e" / "report.html").read_text()
     assert page.count("<table>") == text.count("\n|---") and 'src="roc.png"' in page
 
@@ -409,3 +412,43 @@ def test_a_patient_bootstrap_draws_patients_and_widens_the_interval_when_their_f
     y6[0] = np.nan  # an unknown label leaves its film, and its film alone, out of the groups too
     diff = auc_difference(y6, p6, np.repeat(rng.random(80), copies), 500, groups=g6)
     assert diff["low"] < diff["difference"] < diff["high"]
+
+
+def test_report_intervals_resample_patients_when_the_films_of_one_patient_repeat():
+    """evaluate / crossval / train reports: with ``patients`` every CI (pooled, per source,
+    subgroup) is the patient bootstrap's, and says so; the AUCs themselves do not change. Six
+    copies of each patient's film: the film-wise interval is too narrow, the patient-wise one
+    is that of one film per patient."""
+    import pandas as pd
+
+    from pneumoscan.training.tables import patient_keys, subgroups
+
+    rng = np.random.default_rng(5)
+    y1 = (rng.random(80) < 0.4).astype(float)
+    y1[:2] = [0, 1]
+    p1 = rng.random(80) * 0.5 + 0.3 * y1
+    labels, probs = np.full((480, len(LABELS)), np.nan), np.full((480, len(LABELS)), 0.5)
+    j = LABELS.index("Pneumonia")
+    labels[:, j], probs[:, j] = np.repeat(y1, 6), np.repeat(p1, 6)
+    rows = pd.DataFrame({"path": [f"f{k}.png" for k in range(480)], "patient": np.repeat([f"nih:{k}" for k in range(80)], 6),
+                         "source": "nih", "sex": "M", "age": 50.0, "view": "PA"})
+    patients = patient_keys(rows)
+    films = evaluate_probabilities(labels, probs, {"Pneumonia": 0.5}, "test", n_boot=400, sources=rows["source"].to_numpy())
+    grouped = evaluate_probabilities(labels, probs, {"Pneumonia": 0.5}, "test", n_boot=400,
+                                     sources=rows["source"].to_numpy(), patients=patients)
+    assert films["ci_resamples"] == {"unit": "images", "count": 480, "draws": 400}
+    assert grouped["ci_resamples"] == {"unit": "patients", "count": 80, "draws": 400}
+    assert grouped["auc"]["Pneumonia"] == films["auc"]["Pneumonia"]
+    assert tuple(grouped["auc_ci"]["Pneumonia"]) == pytest.approx(auc_ci(labels[:, j], probs[:, j], 400, groups=patients), abs=1e-4)
+    width = {name: np.diff(r["within_source"]["per_label"]["Pneumonia"]["sources"]["nih"]["ci"])[0]
+             for name, r in (("films", films), ("patients", grouped))}
+    one_each = np.diff(auc_ci(y1, p1, 400))[0]
+    assert width["films"] < 0.6 * one_each and 0.8 < width["patients"] / one_each < 1.25
+    cells = subgroups(labels, probs, {"Pneumonia": 0.5}, {"sex": rows["sex"].to_numpy(), "age": np.array(["adult"] * 480),
+                                                         "view": rows["view"].to_numpy(), "source": rows["source"].to_numpy(),
+                                                         "patient": patients}, n_boot=400)
+    assert all(tuple(c["auc_ci"]) == pytest.approx(grouped["auc_ci"]["Pneumonia"], abs=1e-4) for c in cells)
+    # a film without a patient key is a patient of its own
+    rows.loc[0, "patient"] = None
+    keys = patient_keys(rows)
+    assert keys[0] == "film:f0.png" and keys[1] == "nih:0"

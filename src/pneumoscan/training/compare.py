@@ -32,6 +32,7 @@ from pneumoscan.training.metrics import (
     roc_auc,
 )
 from pneumoscan.training.report import fmt3
+from pneumoscan.training.tables import patient_keys
 
 
 def compare_models(manifest: str | Path, split: str, models: list[str | Path], *, cache: str | Path | None = None,
@@ -127,16 +128,6 @@ def markdown(result: dict[str, Any]) -> str:
     if not result["labels"]:
         lines.append("| – | – | – | – | – | no label any model assesses has enough films here | – |")
     return "\n".join(lines) + "\n"
-
-
-def patient_keys(rows) -> np.ndarray:
-    """The patient of each film (the manifest's ``patient``, already namespaced by data set, e.g.
-    ``nih:100``; a film without one counts as a patient of its own)."""
-    patients = rows.get("patient")
-    if patients is None:
-        return ("film:" + rows["path"].astype(str)).to_numpy()
-    known = patients.notna() & (patients.astype(str) != "")
-    return np.where(known, patients.astype(str), "film:" + rows["path"].astype(str)).astype(str)
 
 
 def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, opacity_index: str | Path | None = None,

@@ -252,7 +252,7 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
         assessment[label]["against"] = "No Finding films only (other films are neither positive nor negative)"
     thresholds = {label: assessment[label]["threshold"] for label in LABELS}
     report = evaluate_probabilities(raw, cv["oof"], thresholds, split=f"out-of-fold ({cfg.folds}-fold CV)",
-                                    sources=sources)
+                                    sources=sources, patients=patients)
     dw, l2 = Counter((f["domain_weight"], f["l2"]) for f in cv["folds"]).most_common(1)[0][0]
     say(f"fitting the shipped head on all {len(rows)} films ({cfg.confirm_in} films ×{dw:g}, L2 {l2:g}) …")
     head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg, dw), l2)

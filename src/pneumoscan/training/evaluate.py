@@ -19,6 +19,7 @@ from pneumoscan.training.tables import (
     calibration_before_after,
     evaluate_probabilities,
     operating_points,
+    patient_keys,
     subgroup_values,
     subgroups,
 )
@@ -128,7 +129,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
     note(f"evaluate: {n_boot} bootstrap resamples per label …")
     thresholds = scored.classifier.meta.get("thresholds") or {}
     report = evaluate_probabilities(scored.labels, scored.probs, thresholds, split, n_boot=n_boot,
-                                    sources=scored.rows["source"].to_numpy())
+                                    sources=scored.rows["source"].to_numpy(), patients=patient_keys(scored.rows))
     report["skipped_unreadable"] = scored.skipped
     report["dropped"] = scored.dropped()
     report["manifest"] = str(manifest)

@@ -42,7 +42,11 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     ``val_report.json`` into ``out``."""
     from tqdm import tqdm
 
-    from pneumoscan.training.tables import assess_labels, evaluate_probabilities
+    from pneumoscan.training.tables import (
+        assess_labels,
+        evaluate_probabilities,
+        patient_keys,
+    )
 
     table, out = cache.table, Path(out)
     val_probs = np.concatenate([
@@ -65,7 +69,7 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     classifier.set_cam_reference(torch.cat(pooled).mean(dim=0).numpy(),
                                  f"mean of {len(sample)} {'adult ' if adult else ''}training films")
     report = evaluate_probabilities(val_labels, val_probs, classifier.meta["thresholds"], split="val",
-                                    sources=val_sources)
+                                    sources=val_sources, patients=patient_keys(table.iloc[rows["val"]]))
     classifier.meta["validation"] = {"within_source": report["within_source"], "n_images": report["n_images"],
                                      "pooled_auc_not_a_finding_measure": report["auc"]}
     written = classifier.save(out / "model.pt")

@@ -232,13 +232,14 @@ def per_source_auc(y: np.ndarray, p: np.ndarray, sources: np.ndarray, min_each: 
 
 def within_source_summary(labels: np.ndarray, probs: np.ndarray, sources: np.ndarray,
                           min_each: int = MIN_PER_CLASS, n_boot: int = 0, seed: int = 0,
-                          average: Sequence[str] | None = None) -> dict[str, Any]:
+                          average: Sequence[str] | None = None, groups: np.ndarray | None = None) -> dict[str, Any]:
     """The headline: per label the image-weighted mean of its per-source AUCs, and their mean
     over the findings in ``average`` (the labels the model assesses; None: every finding) that
-    have one. Labels without such a figure are left out, never pooled."""
+    have one. Labels without such a figure are left out, never pooled. CIs resample ``groups``
+    (patients) when given."""
     per_label: dict[str, Any] = {}
     for j, label in enumerate(LABELS):
-        parts = per_source_auc(labels[:, j], probs[:, j], sources, min_each, n_boot, seed)
+        parts = per_source_auc(labels[:, j], probs[:, j], sources, min_each, n_boot, seed, groups=groups)
         if parts:
             weights = np.array([v["positives"] + v["negatives"] for v in parts.values()], float)
             aucs = np.array([v["auc"] for v in parts.values()], float)

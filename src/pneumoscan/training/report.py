@@ -53,6 +53,11 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     fmt = fmt3
     assessment = (model_meta or {}).get("assessment") or {}
     lines = [f"# Evaluation on split `{report['split']}` ({report['n_images']} images)", ""]
+    unit = report.get("ci_resamples")
+    if unit:
+        lines += [f"95 % CIs: percentile bootstrap, {unit['draws']} resamples of the split's "
+                  f"{unit['count']:,} {unit['unit']}"
+                  + (" (a patient's films drawn together)" if unit["unit"] == "patients" else "") + ".", ""]
     if model_meta:
         lines += [f"Model: weights SHA-256 `{model_meta.get('weights_sha256', '?')[:16]}…`, input "
                   f"{model_meta.get('input_size')} px, trained on "

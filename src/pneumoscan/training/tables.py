@@ -108,15 +108,18 @@ def assess_labels(val_labels: np.ndarray, val_probs: np.ndarray, val_sources: np
 
 def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float],
                            split: str, n_boot: int = 1000, seed: int = 0,
-                           sources: np.ndarray | None = None) -> dict[str, Any]:
+                           sources: np.ndarray | None = None, patients: np.ndarray | None = None) -> dict[str, Any]:
     """The report's numbers for N×15 labels (NaN unknown) and probabilities; with ``sources``
-    (one data-source name per image) each label also gets a :func:`source_check`."""
-    report: dict[str, Any] = {"split": split, "n_images": int(len(labels)), "auc": {}, "auc_ci": {},
-                              "per_label": {}, "calibration": {}}
+    (one data-source name per image) each label also gets a :func:`source_check`. With
+    ``patients`` (:func:`patient_keys`) every CI resamples patients, not films: a patient's films
+    are not independent, and resampling them one by one makes the intervals too narrow."""
+    report: dict[str, Any] = {"split": split, "n_images": len(labels), "auc": {}, "auc_ci": {},
+                              "per_label": {}, "calibration": {},
+                              "ci_resamples": resample_unit(len(labels), patients, n_boot)}
     for j, label in enumerate(LABELS):
         y, p = labels[:, j], probs[:, j]
         auc = roc_auc(y, p)
-        low, high = auc_ci(y, p, n_boot, seed)
+        low, high = auc_ci(y, p, n_boot, seed, groups=patients)
         threshold = thresholds.get(label)  # None: the model does not assess this label
         sens, spec = sens_spec(y, p, threshold) if threshold is not None else (np.nan, np.nan)
         ece, bins = calibration(y, p)
@@ -136,7 +139,8 @@ def evaluate_probabilities(labels: np.ndarray, probs: np.ndarray, thresholds: di
     if sources is None:  # one source by the caller's word: pooled figures are within-source
         sources = np.array(["(one source)"] * len(labels))
     assessed = [label for label in LABELS if thresholds.get(label) is not None]
-    within = within_source_summary(labels, probs, np.asarray(sources), n_boot=n_boot, seed=seed, average=assessed)
+    within = within_source_summary(labels, probs, np.asarray(sources), n_boot=n_boot, seed=seed, average=assessed,
+                                   groups=patients)
     report["within_source"] = within
     report["mean_auc_14"] = within["mean_auc_findings"]
     report["mean_auc_14_labels"] = within["findings_scored"]
@@ -176,8 +180,26 @@ OPERATING_POINTS = (("sensitivity", 0.80), ("sensitivity", 0.90), ("sensitivity"
                     ("specificity", 0.90), ("specificity", 0.95))
 
 
+def patient_keys(rows: Any) -> np.ndarray:
+    """The patient of each film (the manifest's ``patient``, already namespaced by data set, e.g.
+    ``nih:100``; a film without one counts as a patient of its own)."""
+    patients = rows.get("patient")
+    if patients is None:
+        return ("film:" + rows["path"].astype(str)).to_numpy()
+    known = patients.notna() & (patients.astype(str) != "")
+    return np.where(known, patients.astype(str), "film:" + rows["path"].astype(str)).astype(str)
+
+
+def resample_unit(n_images: int, patients: np.ndarray | None, n_boot: int) -> dict[str, Any]:
+    """What a report's bootstrap CIs resample, said in the report."""
+    if patients is None:
+        return {"unit": "images", "count": n_images, "draws": n_boot}
+    return {"unit": "patients", "count": len(np.unique(patients)), "draws": n_boot}
+
+
 def subgroup_values(rows: Any) -> dict[str, np.ndarray]:
-    """Per image its sex, age band, view and source ("unknown" where the manifest says nothing)."""
+    """Per image its sex, age band, view and source ("unknown" where the manifest says nothing),
+    and its patient (CIs resample patients)."""
     def text(column: str) -> np.ndarray:
         values = rows[column] if column in rows else [None] * len(rows)
         return np.array([str(v).upper() if isinstance(v, str) and v.strip() else "unknown" for v in values])
@@ -187,7 +209,7 @@ def subgroup_values(rows: Any) -> dict[str, np.ndarray]:
     for low, high, name in AGE_BANDS:
         bands[(ages >= low) & (ages < high)] = name
     return {"sex": text("sex"), "age": bands.astype(str), "view": text("view"),
-            "source": np.asarray(rows["source"]).astype(str)}
+            "source": np.asarray(rows["source"]).astype(str), "patient": patient_keys(rows)}
 
 
 def subgroups(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float], groups: dict[str, np.ndarray],
@@ -214,7 +236,9 @@ def subgroups(labels: np.ndarray, probs: np.ndarray, thresholds: dict[str, float
                     idx = in_source & (groups[attribute] == value)
                     y, p = labels[idx, j], probs[idx, j]
                     positives, negatives = int((y == 1).sum()), int((y == 0).sum())
-                    low, high = auc_ci(y, p, n_boot, seed) if min(positives, negatives) else (np.nan, np.nan)
+                    patients = groups["patient"][idx] if "patient" in groups else None
+                    low, high = (auc_ci(y, p, n_boot, seed, groups=patients) if min(positives, negatives)
+                                 else (np.nan, np.nan))
                     sens, spec = sens_spec(y, p, threshold)
                     cell = {"label": label, "source": source, "attribute": attribute, "value": value,
                             "films": int(idx.sum()), "positives": positives, "negatives": negatives,
