@@ -25,7 +25,7 @@ from pneumoscan.classify import (
     load_imagenet,
 )
 from pneumoscan.labels import LABELS
-from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint, timed_checkpoint
+from pneumoscan.modelfile import checkpoint_callbacks, read_checkpoint, resumable_checkpoint, timed_checkpoint
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset, ResumableLoader, augment
 from pneumoscan.training.loss import masked_bce
@@ -275,7 +275,7 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
     )
     if not trainer.is_global_zero:
         return None, precision
-    ckpt = torch.load(checkpoint.best_model_path or str(last), map_location="cpu", weights_only=True)
+    ckpt = read_checkpoint(checkpoint.best_model_path or last)
     model = checkpoint_model(ckpt, module.model.head[3].in_features)  # the width it trained with (--init keeps a file's)
     return (model, checkpoint.best_model_score, trainer.current_epoch, ckpt["epoch"]), precision
 
@@ -299,12 +299,7 @@ def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestCla
     then also judge it; or an interim look at a run still going), as ``fit_all_layers`` returns
     it, and what the model file records of the checkpoint. Refused when the checkpoint's run (its
     ``config.json`` beside ``checkpoints/``) validated on other films."""
-    from pneumoscan.modelfile import (
-        ModelFileError,
-        file_sha256,
-        first_line,
-        read_checkpoint,
-    )
+    from pneumoscan.modelfile import ModelFileError, file_sha256, first_line
 
     def differs(key: str, theirs: Any, ours: Any) -> bool:
         if key == "cache":  # the same folder, however its path was written
