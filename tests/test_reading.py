@@ -17,9 +17,11 @@ from pneumoscan.reading import (
     one_verdict,
     population_from_age,
     prior_shift,
+    rank_scores,
     readings,
     status_of,
     verdict_of,
+    verdict_reason,
 )
 from pneumoscan.training.reading_fit import (
     calibration_figures,
@@ -36,6 +38,7 @@ def test_no_finding_is_never_listed_beside_a_finding():
     assert verdict_of(["Effusion"], True) == "abnormal"
     assert verdict_of(["No Finding"], True) == "normal"
     assert verdict_of([], True) == "indeterminate"
+    assert verdict_of([], True, normal_possible=False) == "no finding called"
     assert verdict_of(None, False) is None
 
 
@@ -112,7 +115,8 @@ def test_each_population_has_its_own_labels_thresholds_and_calibration():
     raw = np.full(15, 0.9)
     assert groups["adult"].called(raw) == ["Cardiomegaly", "No Finding", "Pneumonia"]
     assert groups["paediatric"].called(raw) == ["No Finding", "Pneumonia"]  # never an adult-only finding
-    assert groups["unknown"].called(raw) == ["No Finding", "Pneumonia"]  # labels assessed for both
+    # an unknown age is read with the adult reading: an adult never loses the adult findings
+    assert groups["unknown"].called(raw) == ["Cardiomegaly", "No Finding", "Pneumonia"]
     shown = groups["adult"].shown_thresholds()
     assert shown["Pneumonia"] == pytest.approx(float(expit(logit(0.5) - 2.0)), abs=1e-6)
     assert shown["Nodule"] is None and shown["Cardiomegaly"] == pytest.approx(0.6)
@@ -227,3 +231,55 @@ def test_no_finding_above_its_threshold_beside_a_finding_is_not_listed(tmp_path,
     record = result.to_dict()
     assert record["status"] == "called" and record["verdict"] == "abnormal" and record["calibrated_for"] is None
     assert DATA.exists()
+
+
+def test_a_population_without_a_trustworthy_normal_is_never_called_normal():
+    """The normal rule sets the No Finding threshold that calls a film normal; a rule with no
+    threshold (no operating point reached the file's NPV) means the verdict says "no finding
+    called" and why, never "normal"."""
+    meta = _reading_meta()
+    meta["reading"]["populations"]["adult"]["normal"] = {
+        "threshold": None, "npv_target": 0.9, "population": "adults at NIH prevalence",
+        "reason": "no operating point of No Finding reaches NPV 0.90 for adults out of fold (best 0.83)"}
+    meta["reading"]["populations"]["paediatric"]["normal"] = {
+        "threshold": 0.8, "npv": 0.93, "npv_target": 0.9, "population": "children like Kermany's"}
+    assessed = np.array([meta["assessment"][l]["assessed"] for l in LABELS])
+    thresholds = np.array([meta["assessment"][l]["threshold"] if a else np.nan for l, a in zip(LABELS, assessed)])
+    groups = readings(meta, assessed, thresholds)
+    raw = np.full(15, 0.1)
+    raw[LABELS.index("No Finding")] = 0.99
+    adult, child = groups["adult"], groups["paediatric"]
+    assert adult.called(raw) == [] and not adult.normal_possible
+    assert adult.shown_thresholds()["No Finding"] is None
+    assert verdict_of(adult.called(raw), True, adult.normal_possible) == "no finding called"
+    assert "best 0.83" in verdict_reason("no finding called", adult)
+    assert groups["unknown"].normal_possible is False  # read with the adult reading
+    assert child.called(raw) == ["No Finding"] and child.normal_possible
+    raw[LABELS.index("No Finding")] = 0.7  # above the assessment's 0.6, below the normal rule's 0.8
+    assert child.called(raw) == []
+    assert verdict_of(child.called(raw), True, child.normal_possible) == "indeterminate"
+
+
+def test_rank_scores_put_every_population_on_one_scale_that_keeps_the_raw_order():
+    """The rank score is the raw score's percentile among the development films, the same
+    function whatever the population: AUC on it equals the raw AUC on a mixed batch, where the
+    populations' calibrated probabilities do not."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    reference = np.sort(expit(rng.normal(0, 2, 5000)))
+    percentiles = np.linspace(0, 100, 101)
+    spec = {"percentiles": percentiles.tolist(),
+            "knots": {"Pneumonia": np.quantile(reference, percentiles / 100).tolist()}}
+    assessed = np.array([label == "Pneumonia" for label in LABELS])
+    y = rng.random(600) < 0.4
+    raw = expit(rng.normal(0, 1.5, 600) + 1.2 * y)
+    child = rng.random(600) < 0.5
+    calibrated = np.where(child, apply_map(raw, {"method": "platt", "a": 1.3, "b": 1.0}),
+                          apply_map(raw, {"method": "platt", "a": 0.3, "b": -4.0}))
+    ranks = np.array([rank_scores(np.full(15, r), spec, assessed)["Pneumonia"] for r in raw])
+    assert rank_scores(np.full(15, 0.5), spec, assessed)["Cardiomegaly"] is None
+    assert rank_scores(np.full(15, 0.5), None, assessed) is None
+    assert abs(roc_auc_score(y, ranks) - roc_auc_score(y, raw)) < 0.005
+    assert abs(roc_auc_score(y, calibrated) - roc_auc_score(y, raw)) > 0.02  # mixed scales break ranking
+    assert rank_scores(np.full(15, float(np.median(reference))), spec, assessed)["Pneumonia"] == pytest.approx(50, abs=1)

@@ -277,6 +277,7 @@ class ScoringClassifier:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelFileError(f"the model's reading section (populations, calibration) is damaged: {exc}") from exc
         self.age_model = (self.meta.get("reading") or {}).get("age_model")
+        self.rank = (self.meta.get("reading") or {}).get("rank")
 
     @property
     def assessed_labels(self) -> list[str]:

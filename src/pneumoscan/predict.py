@@ -30,20 +30,22 @@ from pneumoscan.explain import heat_on_film
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, display_name, read_xray
 from pneumoscan.labels import FINDINGS, LABELS
-from pneumoscan.measure import cardiothoracic_ratio
+from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
 from pneumoscan.reading import (
     Population,
     estimate_population,
     population_from_age,
+    rank_scores,
     verdict_of,
+    verdict_reason,
 )
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
 #: Why the adult cut-off of the cardiothoracic ratio is not applied to a film.
 PAEDIATRIC_CTR_NOTE = ("read as a child's film: the adult cut-off 0.50 does not apply (a child's normal ratio "
                        "reaches about 0.60)")
-UNKNOWN_AGE_CTR_NOTE = "the patient's age is not known: the adult cut-off 0.50 is not applied"
+UNKNOWN_AGE_CTR_NOTE = "the patient's age is not known: read as an adult's, with the adult cut-off 0.50"
 
 #: Image metadata that may leave the process: technical fields only, never patient identity.
 PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
@@ -67,8 +69,11 @@ class Prediction:
     ``probabilities`` are calibrated for ``calibrated_for`` (a population named in the model file;
     None: the model carries no calibration, and the numbers are raw scores); ``population`` says
     whether the film was read as an adult's or a child's and why (:mod:`pneumoscan.reading`), and
-    which labels are assessed depends on it; ``verdict`` is ``normal``, ``abnormal`` or
-    ``indeterminate`` (No Finding is never listed beside a finding); ``status`` in
+    which labels are assessed depends on it; ``verdict`` is ``normal``, ``abnormal``,
+    ``indeterminate`` or ``no finding called`` (No Finding is never listed beside a finding;
+    ``verdict_reason`` says it in words); ``rank_scores`` put every assessed label on one scale
+    for all populations (:func:`pneumoscan.reading.rank_scores`: sort and draw ROC curves on
+    these, not on the probabilities); ``status`` in
     :meth:`to_dict` is :func:`pneumoscan.reading.status_of`.
     ``local_box`` is an AG-CNN model's attention box on the original image (what its local
     branch read); ``clinical`` says which patient-information fields a model that fuses them was
@@ -97,6 +102,8 @@ class Prediction:
     mask_quality: dict[str, Any] | None = None
     measurements: dict[str, Any] | None = None
     verdict: str | None = None
+    verdict_reason: str | None = None
+    rank_scores: dict[str, float | None] | None = None
     population: dict[str, Any] | None = None
     calibrated_for: str | None = None
     error: str | None = None
@@ -113,8 +120,9 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         from pneumoscan.reading import status_of
 
-        record = {"path": self.path, "status": None, "verdict": self.verdict, "population": self.population,
-                  "probabilities": self.probabilities, "calibrated_for": self.calibrated_for,
+        record = {"path": self.path, "status": None, "verdict": self.verdict, "verdict_reason": self.verdict_reason,
+                  "population": self.population, "probabilities": self.probabilities,
+                  "calibrated_for": self.calibrated_for, "rank_scores": self.rank_scores,
                   "findings": self.findings,
                   "not_assessed": self.not_assessed, "thresholds": self.thresholds,
                   "thresholds_from": self.thresholds_from, "quality": self.quality,
@@ -313,11 +321,28 @@ def cam_reason(label: str, findings: list[str] | None, asked: str | None) -> str
 
 def outline_explanation(ctr: Any, heart: np.ndarray) -> dict[str, Any]:
     """A Cardiomegaly call explained by what a reader would measure: the heart outline (its box
-    as ``region``) and the ratio of the two widths, or why no ratio was given."""
+    as ``region``) and the ratio of the two widths."""
     ys, xs = np.nonzero(heart)
     region = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
     return {"method": "outlines", "called": True, "why": "called", "region": region,
             "cardiothoracic_ratio": ctr.value, "reason": ctr.reason}
+
+
+def outline_supports(ctr: Any) -> bool:
+    """Whether the measured heart explains a Cardiomegaly call: a trusted ratio above the PA
+    cut-off. Otherwise (no trusted ratio, or one at or below 0.50, which no view enlarges into
+    a normal heart) the call gets a Grad-CAM of its own, and a contradicting ratio a sentence."""
+    return ctr is not None and ctr.value is not None and ctr.value > PA_CUTOFF
+
+
+def ratio_disagreement(ctr: Any) -> str | None:
+    """The sentence a Cardiomegaly call carries when the measured ratio says the heart is not
+    enlarged (None when it does not contradict)."""
+    if ctr is None or ctr.value is None or ctr.value > PA_CUTOFF:
+        return None
+    return (f"called from the film's appearance although the measured cardiothoracic ratio {ctr.value:.2f} is "
+            f"at or below the {PA_CUTOFF:.2f} cut-off: the heart outline does not support this call (the heart "
+            f"mask or the classifier is wrong here; read the film)")
 
 
 def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart_rule: Any) -> dict[str, Any]:
@@ -490,6 +515,7 @@ class Predictor:
         if not scored:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
+        measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
         stated = [stated_age(item.image.meta, item.source[2]) for _, item in scored]
         populations: dict[int, Population] = {}  # film i's, decided once (the map's choice needs it first)
 
@@ -509,7 +535,7 @@ class Predictor:
             shown = reading.calibrate(p[None])[0]  # "most probable" as the reader sees the numbers
             known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
             called = sorted((f for f in reading.called(p) if f in known), key=lambda f: -shown[LABELS.index(f)])
-            chosen = [f for f in called if not (f == OUTLINED and self.heart is not None)]
+            chosen = [f for f in called if not (f == OUTLINED and outline_supports(measured[i][2]))]
             if cam_label is not None:
                 chosen = [cam_label] + [f for f in chosen if f != cam_label]
             elif not called and known:
@@ -544,7 +570,9 @@ class Predictor:
             result.thresholds = reading.shown_thresholds()
             result.thresholds_from = classifier.thresholds_from
             result.findings = classifier.findings(p, who.group)
-            result.verdict = verdict_of(result.findings, True)
+            result.verdict = verdict_of(result.findings, True, reading.normal_possible)
+            result.verdict_reason = verdict_reason(result.verdict, reading)
+            result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
             explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                                  lungs_only=classifier.lung_masked, full=keep_arrays)
                          for j, h in heat.items()}
@@ -557,26 +585,32 @@ class Predictor:
                 result.cam_peak, result.cam_region = explained[result.cam_label][:2]
             if keep_arrays:
                 result.cam_maps = {label: full for label, (_, _, full) in explained.items()}
-        self._measure(scored, keep_arrays)
+        self._measure(scored, measured, keep_arrays)
         return results
 
-    def _measure(self, scored: list[tuple[Prediction, Cropped]], keep_arrays: bool) -> None:
-        """Mask quality, the heart mask and the cardiothoracic ratio of each scored film
-        (:func:`masks_and_ratio`), and the outline explanation of a Cardiomegaly call."""
-        if not scored:
-            return
-        measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
+    @staticmethod
+    def _measure(scored: list[tuple[Prediction, Cropped]], measured: list[tuple[dict[str, Any], Any, Any]],
+                 keep_arrays: bool) -> None:
+        """Each scored film's mask quality, heart mask and cardiothoracic ratio
+        (:func:`masks_and_ratio`), and a Cardiomegaly call's explanation: the heart outline when
+        the ratio supports it, else its Grad-CAM with the contradicting ratio in a sentence."""
         for (result, _), (quality, heart, ctr) in zip(scored, measured):
             result.mask_quality = quality
             if ctr is None:
                 continue
             result.measurements = ctr.to_dict()
-            group = (result.population or {}).get("group")
-            if group != "adult" and ctr.value is not None:
-                result.measurements["ctr_above_pa_cutoff"] = None
-                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if group == "paediatric" else UNKNOWN_AGE_CTR_NOTE
-            if OUTLINED in (result.findings or []) and OUTLINED not in (result.cams or {}):
-                result.cams = {**(result.cams or {}), OUTLINED: outline_explanation(ctr, heart)}
+            if (result.population or {}).get("group") != "adult" and ctr.value is not None:
+                paediatric = (result.population or {}).get("group") == "paediatric"
+                if paediatric:
+                    result.measurements["ctr_above_pa_cutoff"] = None
+                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if paediatric else UNKNOWN_AGE_CTR_NOTE
+            if OUTLINED in (result.findings or []):
+                if outline_supports(ctr):
+                    result.cams = {**(result.cams or {}), OUTLINED: outline_explanation(ctr, heart)}
+                elif ratio_disagreement(ctr):
+                    result.measurements["ctr_call_note"] = ratio_disagreement(ctr)
+                    if OUTLINED in (result.cams or {}):
+                        result.cams[OUTLINED]["note"] = ratio_disagreement(ctr)
             if keep_arrays:
                 result.heart = heart
 

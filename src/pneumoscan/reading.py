@@ -26,7 +26,7 @@ say ``calibrated_for: null``) and reads every film whose header has no age as ``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,18 @@ import numpy as np
 from pneumoscan.labels import LABELS
 
 GROUPS = ("adult", "paediatric", "unknown")
-VERDICTS = ("normal", "abnormal", "indeterminate")
+#: ``no finding called``: nothing was called, and this model cannot call a film of this population
+#: normal (no operating point of No Finding reaches the negative predictive value its file asks for).
+VERDICTS = ("normal", "abnormal", "indeterminate", "no finding called")
+#: The words each verdict is shown with.
+VERDICT_WORDS = {
+    "normal": "normal: No Finding called, at an operating point whose out-of-fold negative predictive value "
+              "reaches the model file's figure",
+    "abnormal": "abnormal: at least one assessed finding called",
+    "indeterminate": "indeterminate: neither a finding nor No Finding called",
+    "no finding called": "no finding called: nothing reached its threshold, and this model cannot call a film of "
+                         "this population normal",
+}
 #: Age in years from which a film is read as an adult's.
 ADULT_AGE = 18.0
 #: The range an estimated age is shown in (the training ages: Kermany's children are 1–5 years
@@ -157,14 +168,30 @@ def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
     return {label: t for label, t in (record.get("thresholds") or {}).items() if t is not None}
 
 
-def verdict_of(findings: list[str] | None, scored: bool) -> str | None:
+def verdict_of(findings: list[str] | None, scored: bool, normal_possible: bool = True) -> str | None:
     """``abnormal`` / ``normal`` / ``indeterminate`` from a film's called labels (None when it was
-    not scored)."""
+    not scored); ``no finding called`` instead of ``indeterminate`` when the film's reading can
+    never call a film normal (:attr:`Reading.normal_possible`)."""
     if not scored:
         return None
     if any(f != "No Finding" for f in findings or []):
         return "abnormal"
-    return "normal" if "No Finding" in (findings or []) else "indeterminate"
+    if "No Finding" in (findings or []):
+        return "normal"
+    return "indeterminate" if normal_possible else "no finding called"
+
+
+def verdict_reason(verdict: str | None, reading: Reading) -> str | None:
+    """The verdict in words, with why a film of this population is never called normal."""
+    if verdict is None:
+        return None
+    words = VERDICT_WORDS[verdict]
+    rule = reading.normal or {}
+    if verdict == "no finding called" and rule.get("reason"):
+        words += f" ({rule['reason']})"
+    elif verdict == "normal" and rule.get("npv") is not None:
+        words += f" ({rule['npv']:.2f}, target {rule['npv_target']:.2f}, {rule['population']})"
+    return words
 
 
 def one_verdict(called: list[str]) -> list[str]:
@@ -183,6 +210,16 @@ class Reading:
     thresholds: np.ndarray
     maps: dict[str, dict[str, Any]]
     calibrated_for: str | None
+    #: The model file's rule for calling a film of this population normal (``threshold`` on the
+    #: raw No Finding score, or None: never; ``npv`` and its evidence); None: an older file, whose
+    #: No Finding threshold is the assessment's.
+    normal: dict[str, Any] | None = None
+
+    @property
+    def normal_possible(self) -> bool:
+        """Whether a film of this population can ever be called normal."""
+        j = LABELS.index("No Finding")
+        return bool(self.assessed[j]) and not np.isnan(self.thresholds[j])
 
     def calibrate(self, probs: np.ndarray) -> np.ndarray:
         """N×15 raw probabilities → calibrated ones (unchanged where a label has no map)."""
@@ -195,7 +232,8 @@ class Reading:
     def shown_thresholds(self) -> dict[str, float | None]:
         """Each assessed label's threshold on the printed (calibrated) scale."""
         shown = self.calibrate(np.nan_to_num(self.thresholds, nan=0.5)[None])[0]
-        return {label: round(float(t), 6) if a else None for label, t, a in zip(LABELS, shown, self.assessed)}
+        return {label: round(float(t), 6) if a and not np.isnan(raw) else None
+                for label, t, raw, a in zip(LABELS, shown, self.thresholds, self.assessed)}
 
     def called(self, raw: np.ndarray) -> list[str]:
         """Assessed labels at or above their threshold on the raw scale (the calibration maps
@@ -203,27 +241,59 @@ class Reading:
         return [label for label, p, t, a in zip(LABELS, raw, self.thresholds, self.assessed) if a and p >= t]
 
 
+def with_normal_rule(reading: Reading, rule: dict[str, Any] | None) -> Reading:
+    """``reading`` whose No Finding threshold is the normal rule's (NaN when the rule says this
+    population is never called normal): a film is called normal only at that operating point."""
+    if rule is None:
+        return reading
+    j = LABELS.index("No Finding")
+    thresholds = np.array(reading.thresholds, np.float64, copy=True)
+    thresholds[j] = np.nan if rule.get("threshold") is None else float(rule["threshold"])
+    return replace(reading, thresholds=thresholds, normal=rule)
+
+
 def readings(meta: dict[str, Any], assessed: np.ndarray, thresholds: np.ndarray) -> dict[str, Reading]:
     """The three readings of a model file: ``adult`` (the file's top-level assessment, which
     ``calibrate`` rewrites for a site), ``paediatric`` (its ``reading.populations.paediatric``)
-    and ``unknown`` (labels assessed for both, at the adult thresholds). Without a ``reading``
-    section every group reads like the top-level assessment, uncalibrated."""
+    and ``unknown``: a film whose age is neither stated nor estimated is read with the adult
+    reading (its labels, thresholds and calibration; the record says the age is not known), so
+    that an adult never loses the adult findings; a child's film is read as ``unknown`` only when
+    the estimate cannot tell (Kermany out of fold: 4 %), and the CTR's adult cut-off is then
+    applied with a note. Without a ``reading`` section every group reads like the top-level
+    assessment, uncalibrated. Each population's ``normal`` rule, when the file has one, sets the
+    No Finding threshold that calls a film normal (:func:`with_normal_rule`)."""
     section = meta.get("reading") or {}
     populations = section.get("populations") or {}
     adult_spec = populations.get("adult") or {}
-    adult = Reading("adult", assessed, thresholds, adult_spec.get("calibration") or {},
-                    adult_spec.get("calibrated_for"))
+    adult = with_normal_rule(Reading("adult", assessed, thresholds, adult_spec.get("calibration") or {},
+                                     adult_spec.get("calibrated_for")), adult_spec.get("normal"))
+    unknown = replace(adult, group="unknown",
+                      calibrated_for=adult.calibrated_for and f"{adult.calibrated_for} (the film's age is not known: "
+                                                              f"read with the adult reading)")
     if "paediatric" not in populations:
-        return {"adult": adult, "paediatric": Reading("paediatric", assessed, thresholds, adult.maps, adult.calibrated_for),
-                "unknown": Reading("unknown", assessed, thresholds, adult.maps, adult.calibrated_for)}
+        return {"adult": adult, "paediatric": replace(adult, group="paediatric"), "unknown": unknown}
     spec = populations["paediatric"]
     ped_assessment = spec.get("assessment") or {}
     ped_assessed = np.array([bool((ped_assessment.get(l) or {}).get("assessed")) for l in LABELS])
     ped_thresholds = np.array([(ped_assessment.get(l) or {}).get("threshold") if a else np.nan
                                for l, a in zip(LABELS, ped_assessed)], np.float64)
-    paediatric = Reading("paediatric", ped_assessed, ped_thresholds, spec.get("calibration") or {},
-                         spec.get("calibrated_for"))
-    both = assessed & ped_assessed
-    unknown = Reading("unknown", both, np.where(both, thresholds, np.nan), adult.maps,
-                      adult.calibrated_for and f"{adult.calibrated_for} (the film's age is not known)")
+    paediatric = with_normal_rule(Reading("paediatric", ped_assessed, ped_thresholds, spec.get("calibration") or {},
+                                          spec.get("calibrated_for")), spec.get("normal"))
     return {"adult": adult, "paediatric": paediatric, "unknown": unknown}
+
+
+def rank_scores(raw: np.ndarray, spec: dict[str, Any] | None, assessed: np.ndarray) -> dict[str, float | None] | None:
+    """Each assessed label's rank score: the percentile (0–100) of the film's raw score among the
+    model's development films (the file's ``reading.rank``), the same function for every
+    population. Calibrated probabilities are on their population's scale, so films read for
+    different populations do not rank on them; the rank score is monotone in the raw score, so an
+    ROC curve on it is the model's own on any mix of films. None without a ``rank`` section."""
+    if not spec:
+        return None
+    percentiles = np.asarray(spec["percentiles"], np.float64)
+    out: dict[str, float | None] = {}
+    for label, p, a in zip(LABELS, np.asarray(raw, np.float64), assessed):
+        knots = spec["knots"].get(label)
+        out[label] = (round(float(np.interp(logit(p), logit(np.asarray(knots)), percentiles)), 4)
+                      if a and knots is not None else None)
+    return out

@@ -43,6 +43,7 @@ from pydicom.uid import generate_uid
 
 from pneumoscan import __version__
 from pneumoscan.labels import LABELS
+from pneumoscan.reading import VERDICTS
 
 MANUFACTURER = "PneumoScan"
 SCHEME = "99PNEUMOSCAN"  # a private coding scheme ("99" prefix) for what SNOMED CT lacks here
@@ -65,7 +66,7 @@ CTR = Code("CTR", SCHEME, "Cardiothoracic ratio")
 CTR_METHOD = Code("CTR_MASK_WIDTHS", SCHEME, "Heart mask width / two-lung mask width (Danzer)")
 #: The film's one verdict and the population it was read for (pneumoscan.reading).
 VERDICT = Code("VERDICT", SCHEME, "Overall verdict")
-VERDICT_VALUES = {v: Code(f"VERDICT_{v.upper()}", SCHEME, v.capitalize()) for v in ("normal", "abnormal", "indeterminate")}
+VERDICT_VALUES = {v: Code(f"VERDICT_{v.upper().replace(' ', '_')}", SCHEME, v.capitalize()) for v in VERDICTS}
 POPULATION = Code("POPULATION", SCHEME, "Population read for")
 POPULATION_VALUES = {g: Code(f"POPULATION_{g.upper()}", SCHEME, g.capitalize()) for g in ("adult", "paediatric", "unknown")}
 ESTIMATED_AGE = Code("ESTIMATED_AGE", SCHEME, "Age estimated from the film")

@@ -49,6 +49,8 @@ def findings_caption(result) -> str:
     outlined = [label for label, e in (result.cams or {}).items() if e["method"] == "outlines"]
     if outlined:
         line += f"\n{', '.join(outlined)}: explained by the heart outline (red) and the thoracic width (green)"
+    if (result.measurements or {}).get("ctr_call_note"):
+        line += f"\nCardiomegaly {result.measurements['ctr_call_note']}"
     if result.mask_quality:
         line += "\n" + masks_caption(result.mask_quality)
     return line

@@ -42,6 +42,7 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
                          "verdict": record.get("verdict"), "population": (record.get("population") or {}).get("group"),
                          "probabilities": {k: (record.get("probabilities") or {}).get(k) for k in thresholds},
                          "thresholds": thresholds, "findings": record.get("findings") or [],
+                         "rank_scores": {k: v for k, v in (record.get("rank_scores") or {}).items() if v is not None},
                          "explanations": explained(record.get("cams")),
                          "masks": "; ".join((record.get("mask_quality") or {}).get("unreliable") or []),
                          "reason": record.get("error") or "; ".join((record.get("quality") or {}).get("reasons", []))})
@@ -57,6 +58,7 @@ def light_rows(target: Path) -> list[dict[str, Any]]:
                      "verdict": tail["verdict"] or None, "population": tail["population"] or None,
                      "probabilities": {k: probs.get(k) for k in thresholds}, "thresholds": thresholds,
                      "findings": [f for f in tail["findings"].split("|") if f],
+                     "rank_scores": json.loads(tail["rank_scores"] or "{}"),
                      "explanations": tail["explanations"], "masks": tail["masks_unreliable"].replace("|", "; "),
                      "reason": tail["error"] or tail["gate_reasons"].replace("|", "; ")})
     return rows
@@ -74,12 +76,17 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 #: Triage order: abnormal films first, then those it cannot call either way, then normal ones;
 #: refused and unreadable films (no verdict) last.
-VERDICT_ORDER = {"abnormal": 0, "indeterminate": 1, "normal": 2}
+VERDICT_ORDER = {"abnormal": 0, "indeterminate": 1, "no finding called": 1, "normal": 2}
 
 
 def urgency(row: dict[str, Any]) -> float:
-    """How far the most probable assessed finding (not "No Finding") lies above its threshold:
-    the triage order (refused and unreadable films last)."""
+    """The triage order inside a verdict (refused and unreadable films last): the highest rank
+    score of an assessed finding other than "No Finding" (one scale for every population,
+    :func:`pneumoscan.reading.rank_scores`); for records without rank scores (older model files),
+    how far the most probable finding lies above its threshold."""
+    ranks = [r for k, r in (row.get("rank_scores") or {}).items() if k != "No Finding" and r is not None]
+    if ranks:
+        return max(ranks)
     margins = [p - row["thresholds"][k] for k, p in row["probabilities"].items()
                if p is not None and k != "No Finding"]
     return max(margins) if margins else float("-inf")
@@ -131,9 +138,10 @@ tr.refused, tr.error {{ background: #f6f6f6; }} .why {{ color: #666; font-size: 
 .note {{ color: #555; max-width: 60em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{summary["images"]} films: {counts}; {verdicts}. Abnormal films first, then indeterminate (neither a finding
-nor No Finding called), then normal, then refused and unreadable ones; inside each, by how far the most probable
-assessed finding lies above its threshold. Each cell is the calibrated probability / the threshold, bold at or
+<p>{summary["images"]} films: {counts}; {verdicts}. Abnormal films first, then those with no finding called
+(indeterminate: neither a finding nor No Finding called), then normal, then refused and unreadable ones; inside
+each, by the highest rank score of a finding (its percentile among the model's development films, one scale for
+adults and children alike). Each cell is the calibrated probability / the threshold, bold at or
 above it; a film is read as an adult's or a child's (its own assessed labels and thresholds), and labels not
 assessed for it are empty.</p>
 <p class="note">Research use only, not a diagnosis. A heat map shows where the score came from, not a lesion outline.

@@ -27,10 +27,12 @@ from pneumoscan.reading import assessed_thresholds, status_of
 MAX_STEM_BYTES = 120
 FORMATS = ("json", "csv")
 #: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell);
-#: ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed labels'.
+#: ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed labels',
+#: ``rank_scores`` their population-independent rank scores (JSON).
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
             "cam_label", "cam_peak", "cam_region", "explanations", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds", "overlay", "error"]
+            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds",
+            "rank_scores", "verdict_reason", "ctr_call_note", "overlay", "error"]
 
 
 #: Errors that mean no later file can be written either: the batch stops instead of failing
@@ -166,7 +168,10 @@ def csv_row(record: dict[str, Any]) -> list[Any]:
            cell(masks.get("lungs")), cell(masks.get("heart")), "|".join(masks.get("unreliable") or []),
            status_of(record), cell(record.get("verdict")), cell(population.get("group")), cell(population.get("age")),
            cell(population.get("source")), cell(record.get("calibrated_for")),
-           listed(assessed_thresholds(record)), record.get("overlay"), record.get("error") or ""]
+           listed(assessed_thresholds(record)),
+           listed({k: v for k, v in (record.get("rank_scores") or {}).items() if v is not None}),
+           cell(record.get("verdict_reason")), cell(measurements.get("ctr_call_note")),
+           record.get("overlay"), record.get("error") or ""]
     return [spreadsheet_safe(value) for value in row]
 
 
@@ -303,8 +308,9 @@ def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *,
     try:
         if data is None:
             data = Path(path).read_bytes()
-        film = identify(data, name, path)
-        record["store_id"] = store.add_result(stored_record(record, film), film, run, source, layer_data(result))
-    except (StoreError, OSError) as exc:
+        film, patient = identify(data, name, path)
+        record["store_id"] = store.add_result(stored_record(record, film, patient), film, run, source,
+                                              layer_data(result))
+    except (StoreError, OSError, UnicodeError) as exc:
         record["store_error"] = f"not stored: {exc}"
     return record

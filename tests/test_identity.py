@@ -1,0 +1,82 @@
+"""Nothing that names the patient enters the results store: file names and paths checked against
+every identifying header field (probe v5, H1), and names that are not UTF-8 stored escaped (M1)."""
+
+from __future__ import annotations
+
+import io
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pneumoscan.store.db import Store
+from pneumoscan.store.identity import WITHHELD, identify, stored_record
+
+NAME = "Okonkwo^Chidinma=岡子^千=おかこ^ちな"
+
+
+def dicom_bytes(**fields) -> bytes:
+    """A header-only DICOM file with the probe's identifying fields (or others given)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SpecificCharacterSet = ["ISO_IR 192"]
+    values = {"PatientName": NAME, "PatientID": "PHI-ID-998877", "PatientBirthDate": "19700228",
+              "AccessionNumber": "ACC5566778", "IssuerOfPatientID": "STMARYS", "OtherPatientIDs": ["MRN-44120"]}
+    for key, value in (values | fields).items():
+        setattr(ds, key, value)
+    out = io.BytesIO()
+    pydicom.dcmwrite(out, ds, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("name", [
+    "Okonkwo_Chidinma.dcm", "okonkwochidinma.dcm", "CHIDINMA-OKONKWO.dcm", "岡子千.dcm", "おかこ.dcm",
+    "ACC5566778.dcm", "acc-5566778.dcm", "19700228_chest.dcm", "28.02.1970.dcm", "1970-02-28 chest.dcm",
+    "id998877.dcm", "PHI_ID_998877.dcm", "mrn44120.dcm", "ＯＫＯＮＫＷＯ.dcm",
+])
+def test_a_name_that_holds_any_identifier_is_replaced_by_the_uid(name, tmp_path):
+    data = dicom_bytes()
+    film, _ = identify(data, name, tmp_path / "films" / name)
+    uid = pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID
+    assert film.display_name == uid and film.path is None
+
+
+@pytest.mark.parametrize("name", ["scan1.dcm", "chest_pa.dcm", "films_2026.dcm"])
+def test_a_name_free_of_identifiers_is_kept(name, tmp_path):
+    film, _ = identify(dicom_bytes(), name, tmp_path / name)
+    assert film.display_name == name and film.path.endswith(name)
+
+
+def test_a_folder_named_after_the_patient_drops_the_path_not_the_name(tmp_path):
+    film, _ = identify(dicom_bytes(), "scan1.dcm", tmp_path / "Chidinma Okonkwo" / "scan1.dcm")
+    assert film.display_name == "scan1.dcm" and film.path is None
+
+
+def test_every_text_of_the_stored_record_is_checked(tmp_path):
+    """The overlay's and DICOM outputs' file names repeat the film's name: withheld, not stored."""
+    film, patient = identify(dicom_bytes(), "Okonkwo_Chidinma.dcm", tmp_path / "Okonkwo_Chidinma.dcm")
+    record = {"path": "in/Okonkwo_Chidinma.dcm", "overlay": "Okonkwo_Chidinma_overlay.png",
+              "dicom": {"sr": "dicom/Okonkwo_Chidinma_sr.dcm"}, "verdict": "abnormal", "findings": ["Effusion"]}
+    kept = stored_record(record, film, patient)
+    assert kept["path"] == film.display_name and kept["overlay"] == WITHHELD and kept["dicom"]["sr"] == WITHHELD
+    assert kept["verdict"] == "abnormal" and kept["findings"] == ["Effusion"]
+    assert "okonkwo" not in str(kept).lower()
+
+
+def test_a_file_name_that_is_not_utf8_is_stored_escaped(tmp_path):
+    """Python keeps such bytes as surrogate escapes, which no database driver takes."""
+    name = b"bad\xff\xfename.png".decode("utf-8", "surrogateescape")
+    film, patient = identify(b"\x89PNG not a dicom", name, tmp_path / name)
+    assert film.display_name == "bad\\xff\\xfename.png" and film.path.endswith("bad\\xff\\xfename.png")
+    record = stored_record({"path": name, "overlay": name + "_overlay.png"}, film, patient)
+    with Store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        assert store.add_result(record, film, {"classifier": "x"}, "predict", None) >= 1
+        items, _ = store.worklist(None)
+    assert items[0]["name"] == "bad\\xff\\xfename.png"
