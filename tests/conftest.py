@@ -32,6 +32,17 @@ def pytest_configure(config) -> None:
         raise pytest.UsageError(f"PNEUMOSCAN_REQUIRE_DATA is set but {MISSING}")
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say once, at the end, how many tests the missing data skipped and how to run them."""
+    if DATA.is_dir():
+        return
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if MISSING in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} tests skipped: {MISSING}. They read real chest X-rays: place this clone beside "
+            f"the shared folder (../shared/data) or point PNEUMOSCAN_DATA at the data; CI requires them.", yellow=True)
+
+
 def skip_without_data() -> None:
     """Skip (or, under PNEUMOSCAN_REQUIRE_DATA, fail) a test or fixture that needs the data."""
     if not DATA.is_dir():

@@ -281,12 +281,12 @@ def test_index_command_without_sources_fails_cleanly(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_a_file_name_that_leaves_the_source_folder_is_refused_with_its_row(tmp_path):
+def test_a_file_name_that_leaves_the_source_folder_is_refused_with_its_row(tmp_path, nih_png):
     """``index`` never puts a file from outside a source's folder into a manifest: an absolute or
     climbing file name in the source's metadata refuses the source and names the row."""
     from pneumoscan.data.base import SourceError
 
-    png = (DATA / "nih-cxr14" / "images").glob("*.png").__next__().read_bytes()
+    png = nih_png.read_bytes()
     outside = tmp_path / "elsewhere" / "secret.png"
     outside.parent.mkdir()
     outside.write_bytes(png)

@@ -17,6 +17,7 @@ from pneumoscan.reading import (
     one_verdict,
     population_from_age,
     prior_shift,
+    rank_knots,
     rank_scores,
     readings,
     status_of,
@@ -267,10 +268,9 @@ def test_rank_scores_put_every_population_on_one_scale_that_keeps_the_raw_order(
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(3)
-    reference = np.sort(expit(rng.normal(0, 2, 5000)))
-    percentiles = np.linspace(0, 100, 101)
-    spec = {"percentiles": percentiles.tolist(),
-            "knots": {"Pneumonia": np.quantile(reference, percentiles / 100).tolist()}}
+    reference = expit(rng.normal(0, 2, 5000))
+    spec = {"knots": {"Pneumonia": rank_knots(np.r_[reference, np.full(50, 0.5)])}}  # ties merged
+    assert np.all(np.diff(spec["knots"]["Pneumonia"]["logit"]) > 0)
     assessed = np.array([label == "Pneumonia" for label in LABELS])
     y = rng.random(600) < 0.4
     raw = expit(rng.normal(0, 1.5, 600) + 1.2 * y)

@@ -169,6 +169,33 @@ def test_eight_clients_hold_without_errors(server):
     assert _rss_mb(SERVER_PID["pid"]) < 4096  # the server stays within a few GB on this 24 GB machine
 
 
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_the_api_docs_page_works_without_internet(server):
+    """/docs draws the API from files this server serves: with every request that leaves the
+    machine blocked (a hospital network without internet), the operations are listed."""
+    from playwright.sync_api import sync_playwright
+
+    outside = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page()
+
+        def route(r):
+            if r.request.url.startswith(server):
+                return r.continue_()
+            outside.append(r.request.url)
+            return r.abort()
+
+        page.route("**/*", route)
+        page.goto(server + "/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=60_000)
+        paths = {page.locator(".opblock-summary-path").nth(i).inner_text()
+                 for i in range(page.locator(".opblock-summary-path").count())}
+        browser.close()
+    assert "/v1/predict" in {p.replace("\u200b", "") for p in paths}
+    assert outside == []
+
+
 @needs_data
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_web_page_in_headless_chromium(server, nih_png, tmp_path):

@@ -284,16 +284,26 @@ def readings(meta: dict[str, Any], assessed: np.ndarray, thresholds: np.ndarray)
 
 def rank_scores(raw: np.ndarray, spec: dict[str, Any] | None, assessed: np.ndarray) -> dict[str, float | None] | None:
     """Each assessed label's rank score: the percentile (0–100) of the film's raw score among the
-    model's development films (the file's ``reading.rank``), the same function for every
-    population. Calibrated probabilities are on their population's scale, so films read for
-    different populations do not rank on them; the rank score is monotone in the raw score, so an
-    ROC curve on it is the model's own on any mix of films. None without a ``rank`` section."""
+    model's development films (the file's ``reading.rank``: per label, knots of the raw logit and
+    their percentiles, linear between them), the same function for every population.
+    Calibrated probabilities are on their population's scale, so films read for different
+    populations do not rank on them; the rank score is monotone in the raw score, so an ROC curve
+    on it is the model's own on any mix of films. None without a ``rank`` section."""
     if not spec:
         return None
-    percentiles = np.asarray(spec["percentiles"], np.float64)
     out: dict[str, float | None] = {}
     for label, p, a in zip(LABELS, np.asarray(raw, np.float64), assessed):
         knots = spec["knots"].get(label)
-        out[label] = (round(float(np.interp(logit(p), logit(np.asarray(knots)), percentiles)), 4)
+        out[label] = (round(float(np.interp(logit(p), knots["logit"], knots["percentile"])), 4)
                       if a and knots is not None else None)
     return out
+
+
+def rank_knots(raw: np.ndarray, steps: int = 400) -> dict[str, list[float]]:
+    """One label's rank knots from the development films' raw scores: the logit at ``steps`` + 1
+    evenly spaced percentiles, ties merged so that the knots increase strictly."""
+    z = logit(np.asarray(raw, np.float64))
+    percentiles = np.linspace(0, 100, steps + 1)
+    knots = np.round(np.quantile(z, percentiles / 100), 5)
+    keep = np.r_[np.diff(knots) > 0, True]  # of tied knots, the highest percentile
+    return {"logit": [float(v) for v in knots[keep]], "percentile": [round(float(v), 3) for v in percentiles[keep]]}

@@ -40,6 +40,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -224,9 +225,11 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     lock = threading.Lock()
     decoding = threading.BoundedSemaphore(workers)
     limit = int(max_upload_mb * 2**20)
-    app = FastAPI(title="PneumoScan", version=__version__,
-                  description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
-                              "Research use only.")
+    # /docs and /redoc from files this server serves (fastapi-offline), never a CDN: hospital
+    # networks often have no way out to the internet.
+    app = FastAPIOffline(title="PneumoScan", version=__version__,
+                         description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
+                                     "Research use only.")
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse(status_code=status, content={"error": message})
