@@ -231,6 +231,8 @@ def test_the_review_api(tmp_path, predictor, predictions):
     assert client.get("/v1/review/worklist").status_code == 401
     assert client.get("/v1/review/worklist", headers={"X-Reader-Key": "wrong"}).status_code == 401
     assert client.get("/v1/review/me", headers={"X-Remote-User": "dr b"}).json()["reader"] == "dr b"
+    # a keyed reader is never reached through the proxy header (probe v5 M5)
+    assert client.get("/v1/review/me", headers={"X-Remote-User": "ann"}).status_code == 403
     me = {"X-Reader-Key": key}
     target = ids[FILMS[0]]
     view = client.get(f"/v1/review/results/{target}", headers=me).json()
@@ -239,7 +241,15 @@ def test_the_review_api(tmp_path, predictor, predictions):
     verdicts = {label: "agree" for label in view["assessed"]}
     labels = [label for label in view["assessed"] if label in record["findings"]] or ["No Finding"]
     body = {"verdicts": verdicts, "labels": labels, "box": [10, 10, 200, 200], "submission": "first-try-0001"}
-    first = client.post(f"/v1/review/results/{target}/reviews", headers=me, json=body)
+    url = f"/v1/review/results/{target}/reviews"
+    # only the reader's own page can post (probe v5 M4): a text/plain body or another site's Origin
+    plain = client.post(url, headers=me | {"Content-Type": "text/plain"}, content=json.dumps(body))
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+    evil = client.post(url, headers=me | {"Origin": "http://evil.example"}, json=body)
+    assert evil.status_code == 403 and "Origin" in evil.json()["error"]
+    assert client.post(url, headers=me | {"Sec-Fetch-Site": "cross-site"}, json=body).status_code == 403
+    assert store.counts()["reviews"] == 0
+    first = client.post(url, headers=me | {"Origin": "http://testserver"}, json=body)
     assert first.status_code == 201, first.text
     again = client.post(f"/v1/review/results/{target}/reviews", headers=me, json=body)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]

@@ -20,6 +20,8 @@ otherwise). The store's blocking calls run in FastAPI's thread pool, never on th
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import base64
 import json
 from datetime import datetime, timezone
@@ -68,7 +70,13 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
                 raise Unauthorised("unknown reader key")
             return reader
         if reader_header and request.headers.get(reader_header):
-            return store.reader_by_name(request.headers[reader_header], create=True)
+            reader = store.reader_by_name(request.headers[reader_header], create=True)
+            if reader.key_sha256 is not None or reader.adjudicator:
+                # readers made with a key, and adjudicators, are never reached by a header anyone
+                # on the path to this server could send
+                raise PermissionError(f"{reader.name} is a reader with a key{' (an adjudicator)' if reader.adjudicator else ''}: "
+                                      f"they sign in with X-Reader-Key, never through the proxy header {reader_header}")
+            return reader
         raise Unauthorised("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
                               + (f" or come through the site proxy ({reader_header})" if reader_header else ""))
 
@@ -145,7 +153,14 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
 
     async def posted(request: Request, work, what: str = ""):
         """A POST's JSON body (at most :data:`MAX_REVIEW_BYTES`; 422 otherwise), then
-        ``work(reader, payload)`` in the thread pool, its failures answered by :func:`guarded`."""
+        ``work(reader, payload)`` in the thread pool, its failures answered by :func:`guarded`.
+        Only the reader's own page can post: a body that is not ``application/json`` (415) or a
+        request from another site (its ``Origin`` not this server's host, or ``Sec-Fetch-Site:
+        cross-site``; 403) is refused, so that a page elsewhere cannot file reviews in the name of a
+        reader whose credentials the browser adds by itself (an SSO proxy's, say)."""
+        refused = foreign_post(request)
+        if refused:
+            return _error(*refused)
         body = await request.body()
         if len(body) > MAX_REVIEW_BYTES:
             return _error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
@@ -154,6 +169,18 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         except ValueError:
             return _error(422, f"{what}the body is a JSON object")
         return await run_in_threadpool(guarded(lambda me: work(me, payload)), request)
+
+    def foreign_post(request: Request) -> tuple[int, str] | None:
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":
+            return 415, f"{what_json}, not {kind or 'a body without a Content-Type'}"
+        origin = request.headers.get("origin")
+        if (origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()) \
+                or request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+            return 403, "a review or rating is posted from this server's own page only (another site's Origin)"
+        return None
+
+    what_json = "the body is sent as Content-Type: application/json"
 
     def fields(payload: Any) -> dict[str, Any]:
         return payload if isinstance(payload, dict) else {}

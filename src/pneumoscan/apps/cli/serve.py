@@ -73,6 +73,9 @@ def serve(
         [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
     if (reader_header or keep_films) and not db:
         fail("--reader-header and --keep-films go with --db (the results store)")
+    if reader_header and not api_key:
+        err.print(f"warning: --reader-header {reader_header} without --api-key: anything that can reach this "
+                  f"server can name a reader in that header; give --api-key, which the site proxy adds", highlight=False)
     store = open_store(db) if db else None
     if keep_films:
         ensure_writable(keep_films, "--keep-films")
