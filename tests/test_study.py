@@ -100,7 +100,13 @@ def test_the_rules_of_reading(study_store, tmp_path):
     first = next_step(store, "rules", ann)["step"]
     assert first["arm"] == "unaided" and not {"model", "layers"} & set(first)
     assert next_step(store, "rules", bob)["step"]["arm"] == "aided"  # bob starts aided
-    assert set(next_step(store, "rules", bob)["step"]["model"][TARGET]) == {"probability", "threshold", "called"}
+    aided = next_step(store, "rules", bob)["step"]
+    assert set(aided["model"][TARGET]) == {"probability", "threshold", "called"}
+    # the target's own map or none (then named as missing), never another label's; the heart's ratio or why none
+    assert set(aided["layers"]["heat"]) <= {TARGET} and (TARGET in aided["missing_maps"]) == (not aided["layers"]["heat"])
+    assert aided["heart"]["cardiothoracic_ratio"] is not None or aided["heart"]["reason"]
+    other_maps = [store.result_view(c[0], None)["layers"]["heat"] for c in small]
+    assert any(set(m) - {TARGET} for m in other_maps)  # the stored results do hold other labels' maps
     with pytest.raises(StudyError, match="in the order given"):
         rate(store, "rules", ann, first["step_id"] + 1, {TARGET: {"score": 50, "call": False}})
     with pytest.raises(StudyError, match="0 to 100"):

@@ -150,8 +150,9 @@ def next_step(store: Store, name: str, reader: Reader, at: datetime | None = Non
 
 def step_view(session, study: Study, step: StudyStep) -> dict[str, Any]:
     """What the page may show for a step: in the unaided arm only the film (as a JPEG) and the
-    question; in the aided arm also the model's probability, threshold and call per target and
-    its heat maps and outlines. Nothing of the model's output is in an unaided answer."""
+    question; in the aided arm also the model's probability, threshold and call per target, the
+    targets' own heat maps (never another label's), the outlines, the cardiothoracic ratio or why
+    none, and which target has no stored map. Nothing of the model's output is in an unaided answer."""
     case = session.get(StudyCase, step.case_id)
     layers = session.get(Layers, case.result_id)
     view = {"step_id": step.id, "position": step.position, "arm": step.arm, "case": f"case {case.id}",
@@ -161,7 +162,15 @@ def step_view(session, study: Study, step: StudyStep) -> dict[str, Any]:
         view["model"] = {t: {"probability": (record.get("probabilities") or {}).get(t),
                              "threshold": (record.get("thresholds") or {}).get(t),
                              "called": t in (record.get("findings") or [])} for t in study.targets}
-        view["layers"] = {"scale": layers.scale, "lungs": layers.lungs, "heart": layers.heart, "heat": layers.heat}
+        # the study target's own explanation only: another label's map beside a target's score
+        # would show the reader the wrong evidence
+        heat = {label: png for label, png in (layers.heat or {}).items() if label in study.targets}
+        view["layers"] = {"scale": layers.scale, "lungs": layers.lungs, "heart": layers.heart, "heat": heat}
+        measurements = record.get("measurements") or {}
+        view["heart"] = {"cardiothoracic_ratio": measurements.get("cardiothoracic_ratio"),
+                         "reason": measurements.get("cardiothoracic_ratio_reason"),
+                         "unreliable": (record.get("mask_quality") or {}).get("unreliable") or []}
+        view["missing_maps"] = [t for t in study.targets if t not in heat and t != "Cardiomegaly"]
     return view
 
 
