@@ -80,3 +80,21 @@ def test_a_file_name_that_is_not_utf8_is_stored_escaped(tmp_path):
         assert store.add_result(record, film, {"classifier": "x"}, "predict", None) >= 1
         items, _ = store.worklist(None)
     assert items[0]["name"] == "bad\\xff\\xfename.png"
+
+
+def test_the_export_keeps_only_paths_that_still_hold_the_reviewed_film(tmp_path):
+    """Labels go with the film that was reviewed, never with whatever file has its name now
+    (probe v5 M6)."""
+    import hashlib
+
+    from pneumoscan.store.review import path_mismatch
+
+    film = tmp_path / "a.png"
+    film.write_bytes(b"the reviewed film")
+    sha = hashlib.sha256(b"the reviewed film").hexdigest()
+    assert path_mismatch(str(film), sha) is None
+    film.write_bytes(b"another film")
+    assert "another file" in path_mismatch(str(film), sha)
+    film.unlink()
+    assert "no longer" in path_mismatch(str(film), sha)
+    assert "no file path" in path_mismatch(None, sha)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -170,12 +171,30 @@ def film_labels(reviews: pd.DataFrame, adjudicator: str | None = None) -> tuple[
     return pd.DataFrame(films), pd.DataFrame(disagreements, columns=["film_id", "label", "positive", "negative"])
 
 
+def path_mismatch(path: Any, sha256: str) -> str | None:
+    """Why the stored path no longer holds the reviewed film (None when it does): no path kept,
+    the file gone or unreadable, or another file there now (its SHA-256 differs). The labels are
+    the film's, never whatever file now has its name."""
+    from pneumoscan.modelfile import file_sha256
+
+    if not isinstance(path, str) or not path:
+        return "no file path kept (uploaded or received without a kept copy)"
+    try:
+        if not Path(path).is_file():
+            return f"the file is no longer at {path}"
+        if file_sha256(Path(path)) != sha256:
+            return f"another file is at {path} now (its SHA-256 is not the reviewed film's)"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return None
+
+
 def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, split: str = "val",
                     source: str = "site") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """A manifest (:data:`pneumoscan.data.manifest.MANIFEST_COLUMNS`, plus the film's SHA-256 and
-    UIDs, its readers and the labels they disagreed on) of the reviewed films that have a file
-    path; the films left out (no path: uploaded or received over the network without a kept
-    copy); the disagreements."""
+    UIDs, its readers and the labels they disagreed on) of the reviewed films whose stored path
+    still holds them (:func:`path_mismatch`); the films left out and why (no path: uploaded or
+    received over the network without a kept copy; gone; replaced); the disagreements."""
     from pneumoscan.data.manifest import MANIFEST_COLUMNS
 
     labels, disagreements = film_labels(reviews, adjudicator)
@@ -190,9 +209,9 @@ def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, sp
         film = films.loc[row["film_id"]]
         record = records.get(film["result_id"], {})
         population, image = record.get("population") or {}, record.get("image") or {}
-        if not isinstance(film["path"], str) or not film["path"]:
-            left_out.append({"sha256": film["sha256"], "display_name": film["display_name"],
-                             "reason": "no file path kept (uploaded or received without a kept copy)"})
+        missing = path_mismatch(film["path"], film["sha256"])
+        if missing:
+            left_out.append({"sha256": film["sha256"], "display_name": film["display_name"], "reason": missing})
             continue
         rows.append({"path": film["path"], "source": source, "patient": film["patient_key"] or film["sha256"][:32],
                      "view": image.get("view_position") or "", "age": population.get("age"), "sex": "",
