@@ -231,3 +231,86 @@ def test_a_model_file_names_the_re_readings_its_threshold_holds_for(tmp_path, mo
     lungs.save(tmp_path / "bad.pt")
     with pytest.raises(ModelFileError, match="mask_quality.transforms"):
         LungSegmenter.load(tmp_path / "bad.pt")
+
+
+@needs_data
+def test_a_cardiomegaly_call_beside_a_small_ratio_says_why_and_has_its_own_map(predictor, monkeypatch):
+    """A call the measured heart contradicts (ratio at or below 0.50) never stands without a word:
+    it gets a Grad-CAM of its own and a sentence, in the record, the CSV and the overlay."""
+    import pneumoscan.predict as predict_module
+    from pneumoscan.measure import CardiothoracicRatio
+    from pneumoscan.outputs.overlay import findings_caption
+    from pneumoscan.outputs.writer import CSV_TAIL, csv_row
+
+    small = CardiothoracicRatio(0.45, None, 90, 200, (10, 5, 94), (12, 0, 199), False)
+    monkeypatch.setattr(predict_module, "cardiothoracic_ratio", lambda *a, **k: small)
+    result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
+    assert "Cardiomegaly" in result.findings
+    explanation = result.cams["Cardiomegaly"]
+    assert explanation["method"] == "grad-cam" and explanation["region"] and "Cardiomegaly" in result.cam_maps
+    assert "0.45" in explanation["note"] and "does not support" in explanation["note"]
+    assert result.measurements["ctr_call_note"] == explanation["note"]
+    assert "does not support" in dict(zip(CSV_TAIL, csv_row(result.to_dict())[16:]))["ctr_call_note"]
+    assert "does not support" in findings_caption(result)
+    plain = predictor.predict(film(CARDIOMEGALY))  # no --cam: the sentence still comes
+    assert "does not support" in plain.measurements["ctr_call_note"]
+
+
+@needs_data
+def test_a_cardiomegaly_call_with_an_untrusted_heart_gets_its_own_map(predictor, monkeypatch):
+    """No trusted ratio (the heart mask fails its quality check): the call is explained by its
+    Grad-CAM, not by an outline nobody should trust."""
+    good = predictor.predict(film(CARDIOMEGALY), keep_arrays=True)
+    height, width = good.pixels.shape
+    blob = np.zeros((height, width), np.uint8)
+    cv2.ellipse(blob, (width // 2, int(0.42 * height)), (int(0.13 * width), int(0.2 * height)), 0, 0, 360, 1, -1)
+    monkeypatch.setattr(predictor.heart, "heart_masks", lambda films, prepared=None: [blob for _ in films])
+    result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
+    assert "Cardiomegaly" in result.findings and result.measurements["cardiothoracic_ratio"] is None
+    assert result.cams["Cardiomegaly"]["method"] == "grad-cam" and result.cams["Cardiomegaly"]["region"]
+
+
+@needs_data
+def test_an_adult_without_an_age_the_estimate_cannot_place_keeps_the_adult_findings(predictor, monkeypatch):
+    """A film whose age no header gives and the estimate cannot place is read with the adult
+    reading and says so: Cardiomegaly, Effusion and Edema are scored, never dropped."""
+    model = dict(predictor.classifier.age_model)
+    monkeypatch.setitem(model, "paediatric", dict(model["paediatric"], adult_below=0.0, paediatric_at=1.01))
+    monkeypatch.setattr(predictor.classifier, "age_model", model)
+    result = predictor.predict(film(CARDIOMEGALY))
+    assert result.population["group"] == "unknown" and result.population["source"] == "estimate"
+    adult = predictor.classifier.readings["adult"]
+    assert result.not_assessed == [label for label, a in zip(result.probabilities, adult.assessed) if not a]
+    assert all(result.probabilities[label] is not None for label in ("Cardiomegaly", "Effusion", "Edema"))
+    assert "Cardiomegaly" in result.findings
+    assert "read with the adult reading" in result.calibrated_for
+    assert "read as an adult's" in result.measurements["ctr_cutoff_note"]
+
+
+@needs_data
+def test_a_child_is_read_as_a_child_and_a_mixed_batch_ranks_on_one_scale(predictor):
+    """Kermany children are read as children (no adult-only finding); adults' and children's
+    rank scores order the films as the raw scores do, where the calibrated probabilities of the
+    two populations do not share a scale."""
+    from pneumoscan.reading import logit
+
+    children = sorted((DATA / "kermany" / "train" / "PNEUMONIA").glob("*.jpeg"))[:3] + \
+        sorted((DATA / "kermany" / "train" / "NORMAL").glob("*.jpeg"))[:3]
+    adults = [film(name) for name in ("00000129_000.png", TWO_CALLED, CARDIOMEGALY, "00000100_000.png")]
+    results = list(predictor.predict_many([*children, *adults]))
+    kids = results[:len(children)]
+    assert sum(r.population["group"] == "paediatric" for r in kids) >= 5
+    for r in kids:
+        if r.population["group"] == "paediatric":
+            assert r.probabilities["Cardiomegaly"] is None and "Cardiomegaly" not in r.findings
+    readings = predictor.classifier.readings
+
+    def raw_logit(r) -> float:  # undo the population's Platt map (and prior shift) of Pneumonia
+        spec = readings[r.population["group"]].maps["Pneumonia"]
+        return float((logit(r.probabilities["Pneumonia"]) - spec["b"] - spec.get("shift", 0.0)) / spec["a"])
+
+    raw = [raw_logit(r) for r in results]
+    ranks = [r.rank_scores["Pneumonia"] for r in results]
+    assert all(0 <= v <= 100 for v in ranks)
+    order = np.argsort(raw, kind="stable")
+    assert all(ranks[i] <= ranks[j] + 1e-3 for i, j in zip(order[:-1], order[1:]))

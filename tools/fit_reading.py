@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, required=True)
     parser.add_argument("--model", type=Path, required=True, help="classifier whose reading is fitted")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rules-only", action="store_true",
+                        help="keep the model's calibration maps, paediatric assessment and age model; (re)write only "
+                             "the normal rules and the rank scores' knots (reading_fit.normal_rules, rank_section)")
     args = parser.parse_args()
     if args.out.exists():
         raise SystemExit(f"{args.out} exists; a model file is never overwritten")
@@ -50,8 +53,12 @@ def main() -> None:
     table = CropCache(args.cache).table.iloc[features["indices"]].reset_index(drop=True)
     if not np.array_equal(table["path"].astype(str).to_numpy(), oof["path"].astype(str).to_numpy()):
         raise SystemExit("features.npz, oof.csv and the cache describe different films")
-    reading = fit_reading(model, features["features"], table, oof[list(LABELS)].to_numpy(np.float64),
-                          oof["fold"].to_numpy(), method=config["operating"], target=config["target"])
+    scores, folds = oof[list(LABELS)].to_numpy(np.float64), oof["fold"].to_numpy()
+    if args.rules_only:
+        reading = add_rules(model, features["features"], table, scores, folds)
+    else:
+        reading = fit_reading(model, features["features"], table, scores, folds, method=config["operating"],
+                              target=config["target"])
     weights = Classifier.load(args.model).meta["weights_sha256"]
     written = model.save(args.out, half=True)  # shipped files store float16: the same weights either way
     if written["weights_sha256"] != weights:
@@ -60,7 +67,29 @@ def main() -> None:
         args.out.unlink()
         raise SystemExit("the weights changed on saving; nothing written")
     print(json.dumps({"sha256": written["sha256"], "weights_sha256": written["weights_sha256"],
-                      "age_evidence": reading["age_model"]["evidence"]}, indent=1))
+                      "age_evidence": reading["age_model"]["evidence"],
+                      "normal": {g: spec.get("normal") for g, spec in reading["populations"].items()}}, indent=1))
+
+
+def add_rules(model: Classifier, x: np.ndarray, table: pd.DataFrame, oof: np.ndarray, folds: np.ndarray) -> dict:
+    """The model's own reading with the normal rules and the rank knots (re)written."""
+    from pneumoscan.training.reading_fit import head_scores, normal_rules, rank_section
+
+    reading = model.meta.get("reading")
+    if not reading:
+        raise SystemExit("--rules-only needs a model with a reading section (fit it without --rules-only first)")
+    labels = table[list(LABELS)].to_numpy(np.float64)
+    sources = table["source"].astype(str).to_numpy()
+    ages = table["age"].to_numpy(np.float64)
+    populations = reading["populations"]
+    adult, child = normal_rules(oof, labels, folds, sources, ages, model.meta["assessment"],
+                                populations["paediatric"]["assessment"])
+    populations["adult"]["normal"] = adult
+    if child is not None:
+        populations["paediatric"]["normal"] = child
+    reading["rank"] = rank_section(head_scores(model, x), sources)
+    model._read_assessment()
+    return reading
 
 
 if __name__ == "__main__":
