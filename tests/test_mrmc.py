@@ -199,3 +199,43 @@ def test_auc_ties_and_jackknife_and_delong_agree_in_size():
     assert jack["auc"] == delong["auc"] and jack["or_components"]["var_error"] > 0 < delong["or_components"]["var_error"]
     with pytest.raises(RatingsError, match="2 treatments and 2 readers"):
         Ratings(scores[:1], truth, ["A"], ["r1", "r2"], [str(k) for k in range(6)])
+
+
+def _ratings_csv(rows: list[tuple[str, str, str, str, str]]) -> str:
+    return "reader,case,treatment,score,truth\n" + "".join(",".join(row) + "\n" for row in rows)
+
+
+def _crossed(cases: int = 6, score=lambda r, c, t: str((c * 7 + r * 3 + (t == "B")) % 5)) -> list[tuple]:
+    return [(f"R{r}", f"c{c}", t, score(r, c, t), str(c % 2)) for r in range(3) for c in range(cases) for t in "AB"]
+
+
+@pytest.mark.parametrize(("rows", "refusal"), [
+    (_crossed(cases=2), "too few cases to analyse: 1 normal and 1 abnormal"),
+    (_crossed() + [("R0", "c0", "A", "3", "0")], "rated case 'c0' twice under 'A'"),
+    (_crossed()[1:], "fully crossed design"),
+    ([(r, c, t, s, "inf" if c == "c3" else v) for r, c, t, s, v in _crossed()], "truth 'inf' is not 0 or 1"),
+    ([(r, c, t, s, "nan" if c == "c3" else v) for r, c, t, s, v in _crossed()], "truth 'nan' is not 0 or 1"),
+    ([(r, c, t, "inf" if c == "c2" else s, v) for r, c, t, s, v in _crossed()], "score 'inf' is not a finite number"),
+    (_crossed(score=lambda r, c, t: "50"), "cannot be analysed: the AUCs do not vary"),
+])
+def test_what_cannot_be_analysed_is_refused_in_one_line_with_no_output(tmp_path, rows, refusal):
+    """A p-value goes into a paper: a file the analysis cannot handle gets a one-line refusal
+    naming the problem and no study files (probe v5 M7, L5)."""
+    source = tmp_path / "ratings.csv"
+    source.write_text(_ratings_csv(rows))
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "study", "analyse", str(source),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 2 and refusal in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert not list((tmp_path / "out").glob("*"))
+
+
+def test_a_design_that_is_not_crossed_is_refused_before_any_array_is_allocated(tmp_path):
+    """12,000 readers each rating their own case would need a 12,000² array per treatment:
+    refused from the row count (probe v5 M8)."""
+    source = tmp_path / "bomb.csv"
+    source.write_text(_ratings_csv([(f"R{k}", f"c{k}", t, "1", str(k % 2)) for k in range(12_000) for t in "AB"]))
+    with pytest.raises(RatingsError, match="24,000 ratings for 2 treatments × 12000 readers × 12000 cases"):
+        read_ratings(source)
+    (tmp_path / "bin.lrc").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(RatingsError):
+        read_ratings(tmp_path / "bin.lrc")

@@ -31,6 +31,31 @@ class RatingsError(ValueError):
     """A ratings file that cannot be analysed; the message says why."""
 
 
+#: Leaving one case out must leave an AUC: at least this many cases of each truth.
+MIN_CASES_PER_CLASS = 2
+
+
+def _truth_value(value: str | float, case: str) -> int:
+    """A case's truth, 0 or 1 (written as a number), or a refusal that names the case."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise RatingsError(f"case {case!r}: truth {value!r} is not 0 or 1") from None
+    if number not in (0.0, 1.0):
+        raise RatingsError(f"case {case!r}: truth {value!r} is not 0 or 1")
+    return int(number)
+
+
+def _score_value(value: str | float, where: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise RatingsError(f"{where}: score {value!r} is not a number") from None
+    if not np.isfinite(number):
+        raise RatingsError(f"{where}: score {value!r} is not a finite number")
+    return number
+
+
 @dataclass
 class Ratings:
     """``scores[t, r, c]``: treatment t's rating by reader r of case c (higher = more likely
@@ -53,6 +78,10 @@ class Ratings:
             raise RatingsError(f"an MRMC analysis needs at least 2 treatments and 2 readers (got {t} and {r})")
         if not set(np.unique(self.truth)) == {0, 1}:
             raise RatingsError("the cases must include both normal (truth 0) and abnormal (truth 1) ones")
+        few = {name: int((self.truth == k).sum()) for k, name in ((0, "normal"), (1, "abnormal"))}
+        if min(few.values()) < MIN_CASES_PER_CLASS:
+            raise RatingsError(f"too few cases to analyse: {few['normal']} normal and {few['abnormal']} abnormal "
+                               f"(the jackknife needs at least {MIN_CASES_PER_CLASS} of each)")
         if not np.isfinite(self.scores).all():
             raise RatingsError("every reader must rate every case under every treatment (a fully crossed design)")
 
@@ -63,27 +92,45 @@ def read_ratings(path: str | Path) -> Ratings:
     """A ratings CSV (columns reader, case, treatment, score, truth), an Iowa ``.lrc`` or an iMRMC
     ``.imrmc`` file, told apart by their content."""
     text = Path(path).read_text(errors="replace")
-    if "BEGIN DATA:" in text:
-        return _read_imrmc(text)
-    first = text.lstrip().splitlines()[0] if text.strip() else ""
-    if {"reader", "case", "treatment", "score"} <= {h.strip().lower() for h in first.split(",")}:
-        return _read_csv(text)
-    if "*" in text and "#" in text:
-        return _read_lrc(text)
+    try:
+        if "BEGIN DATA:" in text:
+            return _read_imrmc(text)
+        first = text.lstrip().splitlines()[0] if text.strip() else ""
+        if {"reader", "case", "treatment", "score"} <= {h.strip().lower() for h in first.split(",")}:
+            return _read_csv(text)
+        if "*" in text and "#" in text:
+            return _read_lrc(text)
+    except (IndexError, KeyError, TypeError) as exc:  # a file cut short or of another layout
+        raise RatingsError(f"{path}: not a readable ratings file (it ends or breaks where a rating was expected: "
+                           f"{type(exc).__name__})") from None
     raise RatingsError(f"{path}: not a ratings CSV (reader, case, treatment, score, truth), an Iowa .lrc "
                        f"or an iMRMC .imrmc file")
 
 
 def _assemble(rows: list[tuple[str, str, str, float]], truth: dict[str, int], title: str) -> Ratings:
+    """The dense array of a fully crossed design; everything that would make it wrong (a case
+    without truth, a cell rated twice, a cell missing) is refused before it is allocated, so a
+    small file cannot ask for gigabytes."""
     treatments = list(dict.fromkeys(t for _, _, t, _ in rows))
     readers = list(dict.fromkeys(r for r, _, _, _ in rows))
     cases = list(truth)
+    seen: set[tuple[str, str, str]] = set()
+    for reader, case, treatment, _ in rows:
+        if case not in truth:
+            raise RatingsError(f"case {case!r} is rated but has no truth")
+        if (reader, case, treatment) in seen:
+            raise RatingsError(f"reader {reader!r} rated case {case!r} twice under {treatment!r}: one rating per "
+                               f"reader, case and treatment (a correction replaces, it is not a second row)")
+        seen.add((reader, case, treatment))
+    if len(rows) != len(treatments) * len(readers) * len(cases):
+        raise RatingsError(f"every reader must rate every case under every treatment (a fully crossed design): "
+                           f"{len(rows):,} ratings for {len(treatments)} treatments × {len(readers)} readers × "
+                           f"{len(cases)} cases")
     index = {c: k for k, c in enumerate(cases)}
+    t_index, r_index = {t: k for k, t in enumerate(treatments)}, {r: k for k, r in enumerate(readers)}
     scores = np.full((len(treatments), len(readers), len(cases)), np.nan)
     for reader, case, treatment, score in rows:
-        if case not in index:
-            raise RatingsError(f"case {case!r} is rated but has no truth")
-        scores[treatments.index(treatment), readers.index(reader), index[case]] = score
+        scores[t_index[treatment], r_index[reader], index[case]] = score
     return Ratings(scores, np.array([truth[c] for c in cases]), treatments, readers, cases, title)
 
 
@@ -97,9 +144,9 @@ def _read_imrmc(text: str) -> Ratings:
             raise RatingsError(f"iMRMC data line {line!r}: expected reader,case,modality,score")
         reader, case, modality, value = parts
         if reader == "-1" and modality.lower() == "truth":
-            truth[case] = int(float(value))
+            truth[case] = _truth_value(value, case)
         else:
-            rows.append((reader, case, modality, float(value)))
+            rows.append((reader, case, modality, _score_value(value, f"reader {reader!r}, case {case!r}")))
     return _assemble(rows, truth, title)
 
 
@@ -107,9 +154,10 @@ def _read_csv(text: str) -> Ratings:
     rows, truth = [], {}
     for row in csv.DictReader(io.StringIO(text)):
         row = {k.strip().lower(): (v or "").strip() for k, v in row.items()}
-        rows.append((row["reader"], row["case"], row["treatment"], float(row["score"])))
+        rows.append((row["reader"], row["case"], row["treatment"],
+                     _score_value(row["score"], f"reader {row['reader']!r}, case {row['case']!r}")))
         if row.get("truth", "") != "":
-            value = int(float(row["truth"]))
+            value = _truth_value(row["truth"], row["case"])
             if truth.setdefault(row["case"], value) != value:
                 raise RatingsError(f"case {row['case']!r} has two truths")
     return _assemble(rows, truth, "")
@@ -139,7 +187,7 @@ def _read_lrc(text: str) -> Ratings:
                 values = lines[k].split()[:len(treatments)]
                 case = f"{'abnormal' if label else 'normal'} {n + 1}"
                 truth[case] = label
-                rows += [(reader, case, t, float(v)) for t, v in zip(treatments, values)]
+                rows += [(reader, case, t, _score_value(v, f"reader {reader!r}, {case}")) for t, v in zip(treatments, values)]
                 n, k = n + 1, k + 1
             k += 1
     return _assemble(rows, truth, title)
@@ -269,6 +317,11 @@ def analyse(ratings: Ratings, *, covariance: str = "jackknife", alpha: float = 0
 
     # random readers, random cases (Hillis 2007)
     den = ms_tr + r * max(cov2 - cov3, 0.0)
+    if not (var > 0 and ms_tr > 0 and den > 0):
+        # all ratings tied, or readers' AUCs that agree exactly across treatments: no error term
+        raise RatingsError("these ratings cannot be analysed: the AUCs do not vary between readers and treatments "
+                           f"(error variance {var:.3g}, treatment × reader mean square {ms_tr:.3g}), for example "
+                           "because every rating is the same")
     ddf = den ** 2 / (ms_tr ** 2 / ((t - 1) * (r - 1)))
     f = ms_t / den
     rrrc = {"F": f, "ndf": t - 1, "ddf": ddf, "p": float(stats.f.sf(f, t - 1, ddf)), "error_term": den,
