@@ -253,6 +253,9 @@ def test_the_review_api(tmp_path, predictor, predictions):
     assert first.status_code == 201, first.text
     again = client.post(f"/v1/review/results/{target}/reviews", headers=me, json=body)
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    # another reader's review with the same id: refused, never answered with ann's (probe v5 L3)
+    other = client.post(url, headers={"X-Remote-User": "dr b"}, json=body)
+    assert other.status_code == 409 and "note" not in other.json()
     bad = client.post(f"/v1/review/results/{target}/reviews", headers=me, json=body | {"labels": [], "submission": None})
     assert bad.status_code == 422 and "No Finding" in bad.json()["error"]
     second = client.post(f"/v1/review/results/{target}/reviews", headers=me, json=body | {"note": "second look", "submission": None})
@@ -268,6 +271,11 @@ def test_the_review_api(tmp_path, predictor, predictions):
     assert all(i["status"] == status for i in client.get(f"/v1/review/worklist?status={status}", headers=me).json()["items"])
     assert client.get("/v1/review/worklist?since=yesterday", headers=me).status_code == 422
     assert client.get("/v1/review/results/999", headers=me).status_code == 404
+    # numbers past a 64-bit row id and JSON nested thousands deep are the client's mistake (probe v5 L1)
+    assert client.get("/v1/review/results/9223372036854775808", headers=me).status_code == 422
+    assert client.get("/v1/review/worklist?offset=99999999999999999999", headers=me).status_code == 422
+    deep = client.post(url, headers=me | {"Content-Type": "application/json"}, content=b"[" * 60_000)
+    assert deep.status_code == 422
     assert "X-Reader-Key" in client.get("/review").text  # the page is open; its data is not
     store.close()
 
@@ -322,7 +330,7 @@ def test_export_feeds_calibrate(tmp_path, predictor, data_dir):
                         table[table["Finding Labels"] != "No Finding"].head(16)])
     url = f"sqlite:///{tmp_path / 'r.sqlite'}"
     store = Store(url)
-    reader = store.reader_by_name("ann", create=True)
+    reader = store.reader_by_name('=HYPERLINK("http://evil.example","x")', create=True)  # a hostile proxy name
     for name, truth in zip(chosen["Image Index"], chosen["Finding Labels"]):
         path = data_dir / "nih-cxr14" / "images" / name
         result = predictor.predict(path, cam="top", keep_arrays=True)
@@ -339,6 +347,7 @@ def test_export_feeds_calibrate(tmp_path, predictor, data_dir):
     assert done.returncode == 0, done.stderr
     manifest = read_manifest(out)
     assert len(manifest) == 30 and int(manifest["No Finding"].sum()) == 14 and set(manifest["split"]) == {"val"}
+    assert set(pd.read_csv(out)["readers"]) == {"'=HYPERLINK(\"http://evil.example\",\"x\")"}  # text, not a formula (L4)
     stats = subprocess.run([*CLI, "review", "stats", "--db", url, "--out", str(tmp_path / "stats.json")],
                            check=False, capture_output=True, text=True)
     assert stats.returncode == 0, stats.stderr

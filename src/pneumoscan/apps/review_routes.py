@@ -20,19 +20,19 @@ otherwise). The store's blocking calls run in FastAPI's thread pool, never on th
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import base64
 import json
 from datetime import datetime, timezone
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from pneumoscan.store.db import NotFound, Store, StoreError
+from pneumoscan.store.db import NotFound, Store, StoreError, SubmissionTaken
 from pneumoscan.store.review import ReviewError, assessed, check_review
 from pneumoscan.store.schema import Reader
 from pneumoscan.store.study import Waiting
@@ -57,6 +57,12 @@ def _date(text: str | None, name: str) -> datetime | None:
     except ValueError:
         raise ValueError(f"'{name}' is an ISO date or time (2026-12-03 or 2026-12-03T14:00)") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+#: Row ids and offsets fit a signed 64-bit integer (SQLite's and PostgreSQL's bigint): a larger
+#: number is a client's mistake (422), never a database error (500 or 503).
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 
 
 def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None = None) -> None:
@@ -91,7 +97,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
                 return _error(403, str(exc))
             except NotFound as exc:
                 return _error(404, str(exc))
-            except Waiting as exc:
+            except (Waiting, SubmissionTaken) as exc:
                 return _error(409, str(exc))
             except (ReviewError, ValueError) as exc:
                 return _error(422, str(exc))
@@ -110,7 +116,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
     @app.get("/v1/review/worklist")
     def worklist(request: Request, status: str | None = None, finding: str | None = None, source: str | None = None,
                  since: str | None = None, until: str | None = None, reader: str | None = None,
-                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_ROW_ID)):
         def work(me: Reader) -> dict[str, Any]:
             items, total = store.worklist(me.id, status=status, finding=finding, source=source,
                                           since=_date(since, "since"), until=_date(until, "until"),
@@ -119,7 +125,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         return guarded(work)(request)
 
     @app.get("/v1/review/results/{result_id}")
-    def result(request: Request, result_id: int):
+    def result(request: Request, result_id: RowId):
         def work(me: Reader) -> dict[str, Any]:
             view = store.result_view(result_id, me.id)
             layers = view["layers"]
@@ -166,7 +172,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             return _error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
         try:
             payload = json.loads(body or b"null")
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
             return _error(422, f"{what}the body is a JSON object")
         return await run_in_threadpool(guarded(lambda me: work(me, payload)), request)
 
@@ -186,14 +192,14 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         return payload if isinstance(payload, dict) else {}
 
     @app.post("/v1/study/{name}/steps/{step_id}/rating", status_code=201)
-    async def rating(request: Request, name: str, step_id: int):
+    async def rating(request: Request, name: str, step_id: RowId):
         from pneumoscan.store.study import rate
 
         return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=rate(
             store, name, me, step_id, fields(payload).get("ratings"), fields(payload).get("seconds"))))
 
     @app.post("/v1/study/{name}/steps/{step_id}/correction", status_code=201)
-    async def correction(request: Request, name: str, step_id: int):
+    async def correction(request: Request, name: str, step_id: RowId):
         from pneumoscan.store.study import correct
 
         return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=correct(
@@ -201,7 +207,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             fields(payload).get("reason"))))
 
     @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
-    async def add(request: Request, result_id: int):
+    async def add(request: Request, result_id: RowId):
         def work(me: Reader, payload: Any):
             review = check_review(payload, store.result_for_review(result_id))
             saved = store.add_review(result_id, me, review)

@@ -40,6 +40,10 @@ class StoreError(RuntimeError):
     """The store cannot be reached, has another schema revision, or refused a write."""
 
 
+class SubmissionTaken(ValueError):
+    """A review's submission id that belongs to another reader's or result's review."""
+
+
 class NotFound(StoreError):
     """No such result."""
 
@@ -411,14 +415,19 @@ class Store:
 
     def add_review(self, result_id: int, reader: Reader, review: dict[str, Any]) -> dict[str, Any]:
         """Append a checked review (:func:`pneumoscan.store.review.check_review`): it supersedes
-        this reader's earlier one of the same result. A ``submission`` id sent twice (a client's
-        retry) is stored once."""
+        this reader's earlier one of the same result. A ``submission`` id sent twice by the same
+        reader for the same result (a client's retry) is stored once; the same id for another
+        reader or result is refused (:class:`SubmissionTaken`)."""
         for _ in range(RETRIES):
             try:
                 with self.session("storing a review") as session:
                     if review.get("submission"):
                         before = session.scalar(select(Review).options(selectinload(Review.verdicts))
                                                 .where(Review.submission == review["submission"]))
+                        if before is not None and (before.reader_id, before.result_id) != (reader.id, result_id):
+                            # another reader's (or result's) id: never answer with their review
+                            raise SubmissionTaken("this submission id was used for another review; send the review "
+                                                  "with a new id")
                         if before is not None:
                             return review_dict(before) | {"repeated": True}
                     seq = session.scalar(select(func.coalesce(func.max(Review.seq), 0))

@@ -25,6 +25,18 @@ review_app.add_typer(readers_app, name="readers")
 app.add_typer(review_app, name="review")
 
 
+
+def spreadsheet_safe_table(table, keep: tuple[str, ...] = ()):
+    """Every text cell (reader names, uploaded file names, notes) as a spreadsheet shows text,
+    :func:`pneumoscan.outputs.writer.spreadsheet_safe`; the ``keep`` columns as they are."""
+    from pneumoscan.outputs.writer import spreadsheet_safe
+
+    out = table.copy()
+    for column in out.columns:
+        if column not in keep and out[column].dtype == object:
+            out[column] = out[column].map(spreadsheet_safe)
+    return out
+
 @review_app.command("migrate")
 def migrate(
     db: DbOption = None,
@@ -123,10 +135,10 @@ def export(
         manifest, left_out, disagreements = export_manifest(reviews, adjudicator=adjudicator, split=split, source=source)
     if manifest.empty and left_out.empty:
         fail("no reviewed films in the store yet")
-    write_manifest(manifest, out)
+    write_manifest(spreadsheet_safe_table(manifest, keep=("path",)), out)  # paths are absolute: never a formula
     stem = out.with_suffix("")
-    disagreements.to_csv(f"{stem}.disagreements.csv", index=False)
-    left_out.to_csv(f"{stem}.left_out.csv", index=False)
+    spreadsheet_safe_table(disagreements).to_csv(f"{stem}.disagreements.csv", index=False)
+    spreadsheet_safe_table(left_out).to_csv(f"{stem}.left_out.csv", index=False)
     console.print(f"{len(manifest)} reviewed films → {out} (split {split}, labels by "
                   f"{'adjudicator ' + adjudicator + ' where they read, else ' if adjudicator else ''}majority of readers); "
                   f"{disagreements['film_id'].nunique() if len(disagreements) else 0} films with readers disagreeing "
