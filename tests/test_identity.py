@@ -98,3 +98,56 @@ def test_the_export_keeps_only_paths_that_still_hold_the_reviewed_film(tmp_path)
     film.unlink()
     assert "no longer" in path_mismatch(str(film), sha)
     assert "no file path" in path_mismatch(None, sha)
+
+
+def test_sqlite_and_postgresql_take_the_same_texts(tmp_path):
+    """NUL in a name or a note, and a UID past 64 characters, are handled before the database
+    sees them, so both databases accept or refuse the same things (probe v5 L6)."""
+    from pneumoscan.store.review import ReviewError, check_note
+
+    film, _ = identify(dicom_bytes(SOPInstanceUID="1." * 150 + "1"), "x\x00y.dcm", tmp_path / "x.dcm")
+    assert film.display_name == "x\\x00y.dcm" and film.sop_uid is None
+    with pytest.raises(ReviewError, match="NUL"):
+        check_note("a\x00b")
+
+
+def test_read_only_review_commands_refuse_a_store_that_does_not_exist(tmp_path):
+    """A mistyped --db reads as "no such store", never as an empty one made on the spot; --out a
+    folder is refused before anything is written (probe v5 L8)."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nonexist.sqlite"
+    for args in (["export", "--out", str(tmp_path / "y.csv")], ["stats"], ["readers", "list"]):
+        run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "review", *args, "--db", str(missing)],
+                             capture_output=True, text=True, timeout=120, check=False)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        assert not missing.exists()
+    Store(f"sqlite:///{tmp_path / 'db.sqlite'}").close()
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "review", "export", "--db",
+                          str(tmp_path / "db.sqlite"), "--out", str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert run.returncode == 2 and "is a folder" in run.stderr and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_store_that_keeps_failing_rests_instead_of_costing_every_film_its_wait():
+    """A store left locked by a hung process: after three films in a row it is not tried again
+    for a while, and every film says so (probe v5 L7)."""
+    from types import SimpleNamespace
+
+    from pneumoscan.outputs.writer import STORE_STRIKES, write_to_store
+    from pneumoscan.store.db import StoreError
+
+    class Locked:
+        calls = 0
+
+        def add_result(self, *args):
+            Locked.calls += 1
+            raise StoreError("results store x: storing f failed: database is locked")
+
+    store, result = Locked(), SimpleNamespace(pixels=None)
+    records = [write_to_store(store, {"path": f"f{k}.png"}, result, b"png", name=f"f{k}.png", path=None,
+                              run={}, source="predict") for k in range(6)]
+    assert Locked.calls == STORE_STRIKES
+    assert all("database is locked" in r["store_error"] for r in records)
+    assert all("not tried again" in r["store_error"] for r in records[STORE_STRIKES:])

@@ -294,16 +294,31 @@ class RecordSink:
                                 and "dicom" not in record and "dicom_error" not in record)
 
 
+#: A store that fails this many films in a row (locked, down) is not tried again for
+#: :data:`STORE_REST_S` seconds: a store left locked by a hung process would otherwise cost its
+#: 30-second wait for every film.
+STORE_STRIKES = 3
+STORE_REST_S = 300.0
+
+
 def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *, name: str, path: Path | None,
                    run: dict[str, Any], source: str) -> dict[str, Any]:
     """Store one record (after its files were written): ``store_id`` in the record, or, when the
     store is down or full, ``store_error`` (the file outputs already hold the result, so nothing
     is lost). ``data`` is the film's bytes (read from ``path`` when None). An unreadable film
-    (``error``) is not stored: there is nothing to review."""
+    (``error``) is not stored: there is nothing to review. After :data:`STORE_STRIKES` films in a
+    row the store failed, it rests (each film says so) before it is tried again."""
     from pneumoscan.store.db import StoreError
     from pneumoscan.store.identity import identify, layer_data, stored_record
 
     if record.get("error") or store is None:
+        return record
+    import time
+
+    failed, last, since = getattr(store, "failing", (0, "", 0.0))
+    if failed >= STORE_STRIKES and time.monotonic() - since < STORE_REST_S:
+        record["store_error"] = (f"not stored: the results store failed {failed} films in a row ({last}); not tried "
+                                 f"again for {STORE_REST_S:g} s")
         return record
     try:
         if data is None:
@@ -311,6 +326,10 @@ def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *,
         film, patient = identify(data, name, path)
         record["store_id"] = store.add_result(stored_record(record, film, patient), film, run, source,
                                               layer_data(result))
-    except (StoreError, OSError, UnicodeError) as exc:
+        store.failing = (0, "", 0.0)
+    except StoreError as exc:
+        record["store_error"] = f"not stored: {exc}"
+        store.failing = (failed + 1, str(exc), time.monotonic())
+    except (OSError, UnicodeError) as exc:  # this film's own trouble, not the store's
         record["store_error"] = f"not stored: {exc}"
     return record

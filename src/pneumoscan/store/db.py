@@ -195,6 +195,10 @@ class Store:
 
     def __init__(self, url: str | None = None, *, create: bool = True):
         self.url = store_url(url)
+        database = make_url(self.url).database if self.url.startswith("sqlite") else None
+        if not create and database and database != ":memory:" and not Path(database).exists():
+            # connecting would make an empty file: a mistyped --db must not read as "no reviews yet"
+            raise StoreError(f"no results store at {database}: give the --db that predict, serve or listen wrote to")
         self.engine = make_engine(self.url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         try:

@@ -126,9 +126,15 @@ def names_patient(text: str | None, patient_name: str, patient_id: str = "") -> 
 
 
 def storable_text(text: str) -> str:
-    """A name the database driver can take: bytes of a file name that are not UTF-8 (kept by
-    Python as surrogate escapes) written as ``\\xNN``."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """A name every database takes: bytes of a file name that are not UTF-8 (kept by Python as
+    surrogate escapes) and NUL (which PostgreSQL's text cannot hold) written as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def _uid(value: str) -> str | None:
+    """A DICOM UID as the store keeps it: at most 64 characters of digits and dots (PS3.5 9.1),
+    else None (a longer or malformed one would be stored by SQLite and refused by PostgreSQL)."""
+    return value if value and len(value) <= 64 and re.fullmatch(r"[0-9.]+", value) else None
 
 
 def identify(data: bytes, name: str, path: str | Path | None = None) -> tuple[FilmIdentity, PatientIdentifiers]:
@@ -142,12 +148,12 @@ def identify(data: bytes, name: str, path: str | Path | None = None) -> tuple[Fi
     patient = PatientIdentifiers.of(tags)
     shown = storable_text(Path(str(name).replace("\\", "/")).name or sha[:16])
     if patient.named_in(shown):
-        shown = first.get("SOPInstanceUID") or f"film {sha[:16]}"
+        shown = _uid(first.get("SOPInstanceUID", "")) or f"film {sha[:16]}"
     where = storable_text(str(Path(path).resolve())) if path is not None else None
     if patient.named_in(where):
         where = None
-    return (FilmIdentity(sha256=sha, display_name=shown, path=where, study_uid=first.get("StudyInstanceUID") or None,
-                         series_uid=first.get("SeriesInstanceUID") or None, sop_uid=first.get("SOPInstanceUID") or None,
+    return (FilmIdentity(sha256=sha, display_name=shown, path=where, study_uid=_uid(first.get("StudyInstanceUID", "")),
+                         series_uid=_uid(first.get("SeriesInstanceUID", "")), sop_uid=_uid(first.get("SOPInstanceUID", "")),
                          patient_id=first.get("PatientID") or None), patient)
 
 

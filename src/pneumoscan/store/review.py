@@ -104,6 +104,8 @@ def check_note(note: Any) -> str | None:
         return None
     if not isinstance(note, str) or len(note) > MAX_NOTE:
         raise ReviewError(f"'note' is text of at most {MAX_NOTE} characters")
+    if "\x00" in note:  # PostgreSQL's text cannot hold it: the same rule on every database
+        raise ReviewError("'note' cannot contain a NUL character")
     return note
 
 

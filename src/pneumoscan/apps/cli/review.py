@@ -93,7 +93,7 @@ def readers_list(db: DbOption = None) -> None:
     """The readers and how many reviews each has given."""
     import pandas as pd
 
-    with open_store(db) as store:
+    with open_store(db, create=False) as store:
         rows = store.readers()
     if not rows:
         console.print("no readers yet: pneumoscan review readers add NAME", highlight=False)
@@ -127,7 +127,9 @@ def export(
     from pneumoscan.data.manifest import write_manifest
     from pneumoscan.store.review import export_manifest
 
-    with open_store(db) as store:
+    if out.is_dir():
+        fail(f"--out {out} is a folder: give the manifest's file name (for example {out / 'site.csv'})")
+    with open_store(db, create=False) as store:
         reviews = _reviews(store)
         if adjudicator and adjudicator not in set(reviews["reader"]):
             fail(f"--adjudicator {adjudicator}: no review by that reader (readers: "
@@ -160,7 +162,9 @@ def stats(
 
     from pneumoscan.store.review import agreement
 
-    with open_store(db) as store:
+    if out is not None and out.is_dir():
+        fail(f"--out {out} is a folder: give the JSON file's name")
+    with open_store(db, create=False) as store:
         figures = agreement(_reviews(store))
     if not figures["labels"]:
         fail("no reviews of assessed labels in the store yet")
