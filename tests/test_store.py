@@ -135,11 +135,19 @@ def test_a_store_that_goes_down_is_an_error_for_the_film_not_a_lost_result(predi
     `predict` with one line, before any model loads."""
     url, stop = start_postgres()
     try:
+        from fastapi.testclient import TestClient
+
+        from pneumoscan.apps.server import create_app
+
         with Store(url) as store:
             path, result = predictions[0]
             assert "store_id" in write_to_store(store, result.to_dict(), result, None, name=path.name, path=path,
                                                 run=run_of(predictor), source="predict")
+            client = TestClient(create_app(predictor, store=store, allowed_hosts=None))
+            assert client.get("/health").json()["status"] == "ok"
             stop()
+            health = client.get("/health").json()  # a store that went down is not "ok"
+            assert health["status"].startswith("degraded") and health["store_reachable"] is False
             record = write_to_store(store, result.to_dict(), result, None, name=path.name, path=path,
                                     run=run_of(predictor), source="predict")
             assert "store_id" not in record and record["store_error"].startswith("not stored: results store")

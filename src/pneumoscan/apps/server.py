@@ -41,6 +41,7 @@ from fastapi import FastAPI, File, Form, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -253,7 +254,10 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
 
     @app.get("/health")
     async def health() -> dict[str, Any]:  # async: answered on the event loop, never queued
-        return {"status": "ok", "version": __version__, "models": predictor.models,
+        store_ok = True if store is None else await run_in_threadpool(store.reachable)
+        return {"status": "ok" if store_ok else "degraded: the results store cannot be reached",
+                "store_reachable": None if store is None else store_ok,
+                "version": __version__, "models": predictor.models,
                 "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key),
                 "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate,
                 "store": store.where if store is not None else None}

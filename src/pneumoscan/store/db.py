@@ -214,6 +214,15 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
+    def reachable(self) -> bool:
+        """Whether the database answers now (``/health`` says so; a store that went down is not "ok")."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(select(1))
+            return True
+        except SQLAlchemyError:
+            return False
+
     def __enter__(self) -> Store:  # noqa: PYI034 - Self needs Python 3.11
         return self
 

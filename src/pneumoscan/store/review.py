@@ -221,6 +221,11 @@ def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, sp
                      "sha256": film["sha256"], "study_uid": film["study_uid"] or "", "sop_uid": film["sop_uid"] or "",
                      "readers": row["readers"], "disagreement": disagreed.get(row["film_id"], "")})
     columns = [*MANIFEST_COLUMNS, "sha256", "study_uid", "sop_uid", "readers", "disagreement"]
+    if not disagreements.empty:  # found by the name the reader knows, and opened on the review page
+        disagreements = disagreements.assign(
+            display_name=[films.loc[f, "display_name"] for f in disagreements["film_id"]],
+            result_id=[int(films.loc[f, "result_id"]) for f in disagreements["film_id"]])
+        disagreements["review_page"] = [f"/review#result={r}" for r in disagreements["result_id"]]
     return pd.DataFrame(rows, columns=columns), pd.DataFrame(left_out, columns=["sha256", "display_name", "reason"]), disagreements
 
 
