@@ -126,7 +126,8 @@ def review_everything(url: str, key: str, truth: dict[str, list[str]], chromium:
             want = want or {"No Finding"}
             if want - {"No Finding"}:
                 want.discard("No Finding")
-            page.keyboard.press("a")  # agree with every call, then correct the labels that differ
+            if not (contrary and n % 3 == 1):  # bob ticks his own labels first on every third film
+                page.keyboard.press("a")  # agree with every call, then correct the labels that differ
             for label in LABELS:
                 if (label in want) != (label in checked(page)):
                     page.check(f'#own input[value="{label}"]') if label in want else page.uncheck(f'#own input[value="{label}"]')
@@ -134,6 +135,9 @@ def review_everything(url: str, key: str, truth: dict[str, list[str]], chromium:
             if contrary and n % 4 == 0:
                 page.keyboard.press("u")
             if n == 0:
+                # what the answer rests on: the population, the calibration and the verdict's words
+                reading = page.inner_text("#reading")
+                assert "Read as" in reading and "calibrated for" in reading, reading
                 page.evaluate("window.scrollTo(0, 0)")  # the label boxes' clicks scrolled the film away
                 box = page.locator("#view").bounding_box()
                 page.mouse.move(box["x"] + 60, box["y"] + 80)

@@ -274,6 +274,8 @@ def test_the_review_api(tmp_path, predictor, predictions):
     assert listed["total"] == 3 and listed["items"][-1]["id"] == target and listed["items"][-1]["reviewed_by_me"]
     assert not any(item["reviewed_by_me"] for item in listed["items"][:-1])
     assert client.get("/v1/review/worklist?reader=ann", headers=me).json()["total"] == 1
+    assert client.get("/v1/review/worklist?reader=AN", headers=me).json()["total"] == 1  # part of the name, any case
+    assert client.get("/v1/review/worklist?reader=%25", headers=me).json()["total"] == 0  # a wildcard is a character
     assert client.get("/v1/review/worklist?source=serve", headers=me).json()["total"] == 0
     status = predictions[0][1].to_dict()["status"]
     assert all(i["status"] == status for i in client.get(f"/v1/review/worklist?status={status}", headers=me).json()["items"])

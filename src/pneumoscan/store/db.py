@@ -355,7 +355,7 @@ class Store:
             query = query.where(Result.created_at < until)
         if reviewed_by:
             query = query.where(exists().where(Review.result_id == Result.id, Review.reader_id == Reader.id,
-                                               Reader.name == reviewed_by))
+                                               func.lower(Reader.name).contains(reviewed_by.lower(), autoescape=True)))
         with self.session("reading the worklist") as session:
             total = session.scalar(select(func.count()).select_from(query.subquery()))
             rows = session.execute(query.order_by(mine.asc(), Result.created_at.desc(), Result.id.desc())
