@@ -284,6 +284,7 @@ def test_an_adult_without_an_age_the_estimate_cannot_place_keeps_the_adult_findi
     assert all(result.probabilities[label] is not None for label in ("Cardiomegaly", "Effusion", "Edema"))
     assert "Cardiomegaly" in result.findings
     assert "read with the adult reading" in result.calibrated_for
+    assert "Cardiomegaly" in result.verdict_reason.split("; ")[-1] and "give the patient's age" in result.verdict_reason
     assert "read as an adult's" in result.measurements["ctr_cutoff_note"]
 
 

@@ -34,6 +34,7 @@ from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
 from pneumoscan.modelfile import ModelFileError
 from pneumoscan.reading import (
     Population,
+    adult_only_labels,
     estimate_population,
     population_from_age,
     rank_scores,
@@ -571,7 +572,8 @@ class Predictor:
             result.thresholds_from = classifier.thresholds_from
             result.findings = classifier.findings(p, who.group)
             result.verdict = verdict_of(result.findings, True, reading.normal_possible)
-            result.verdict_reason = verdict_reason(result.verdict, reading)
+            result.verdict_reason = verdict_reason(result.verdict, reading, result.findings,
+                                                   adult_only_labels(classifier.readings))
             result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
             explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                                  lungs_only=classifier.lung_masked, full=keep_arrays)

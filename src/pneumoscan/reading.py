@@ -181,8 +181,11 @@ def verdict_of(findings: list[str] | None, scored: bool, normal_possible: bool =
     return "indeterminate" if normal_possible else "no finding called"
 
 
-def verdict_reason(verdict: str | None, reading: Reading) -> str | None:
-    """The verdict in words, with why a film of this population is never called normal."""
+def verdict_reason(verdict: str | None, reading: Reading, findings: list[str] | None = None,
+                   adult_only: set[str] | None = None) -> str | None:
+    """The verdict in words, with why a film of this population is never called normal, and for a
+    film of unknown age read with the adult reading, which of its calls a child's film would not
+    have been assessed for (``adult_only``)."""
     if verdict is None:
         return None
     words = VERDICT_WORDS[verdict]
@@ -190,8 +193,18 @@ def verdict_reason(verdict: str | None, reading: Reading) -> str | None:
     if verdict == "no finding called" and rule.get("reason"):
         words += f" ({rule['reason']})"
     elif verdict == "normal" and rule.get("npv") is not None:
-        words += f" ({rule['npv']:.2f}, target {rule['npv_target']:.2f}, {rule['population']})"
+        words += f" (NPV {rule['npv']:.2f} out of fold, target {rule['npv_target']:.2f}, {rule['population']})"
+    caveat = [f for f in findings or [] if f in (adult_only or set())]
+    if reading.group == "unknown" and caveat:
+        words += (f"; {', '.join(caveat)} called with the adult reading because the film's age is not known: a "
+                  f"child's film is not assessed for {'it' if len(caveat) == 1 else 'them'} (give the patient's age)")
     return words
+
+
+def adult_only_labels(readings_of: dict[str, Reading]) -> set[str]:
+    """Labels the adult reading assesses and the paediatric one does not."""
+    adult, child = readings_of["adult"], readings_of["paediatric"]
+    return {label for label, a, c in zip(LABELS, adult.assessed, child.assessed) if a and not c}
 
 
 def one_verdict(called: list[str]) -> list[str]:

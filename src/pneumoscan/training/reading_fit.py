@@ -289,17 +289,30 @@ NORMAL_NPV_TARGET = 0.90
 MIN_CALLED_NORMAL = 20
 
 
+def _wilson_lower(share: float, n: float, z: float = 1.645) -> float:
+    """The one-sided 95 % Wilson lower bound of a share seen in ``n`` (effective) films."""
+    if n <= 0:
+        return 0.0
+    centre = share + z * z / (2 * n)
+    spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return float((centre - spread) / (1 + z * z / n))
+
+
 def _normal_threshold(nf: np.ndarray, diseased: np.ndarray, free: np.ndarray, w: np.ndarray,
                       target: float) -> float | None:
     """The lowest No Finding score (most films decided) at which the films called normal (score at
-    or above it, no finding called) are at least ``target`` free of findings (weighted), with
-    at least :data:`MIN_CALLED_NORMAL` of them; None when no score gets there."""
+    or above it, no finding called) are free of findings (weighted) with a one-sided 95 % lower
+    bound (Wilson, effective sample size of the weights) of at least ``target``, with at least
+    :data:`MIN_CALLED_NORMAL` of them; None when no score gets there. The bound, not the point
+    estimate, so that the NPV on films the choice never saw still reaches the target."""
     candidates = np.unique(nf[~diseased])
     for t in candidates:
         called = (nf >= t) & ~diseased
         if called.sum() < MIN_CALLED_NORMAL:
             return None
-        if np.average(free[called], weights=w[called]) >= target:
+        ww = w[called]
+        n_eff = ww.sum() ** 2 / (ww ** 2).sum()
+        if _wilson_lower(float(np.average(free[called], weights=ww)), n_eff) >= target:
             return float(t)
     return None
 
@@ -362,8 +375,9 @@ def fit_normal_rule(nf: np.ndarray, diseased: np.ndarray, free: np.ndarray, fold
     rule: dict[str, Any] = {
         "threshold": round(chosen, 6) if keep else None, "npv_target": target, "population": population,
         "truth": truth, "prevalence_free": prevalence_free,
-        "protocol": f"threshold chosen on four patient folds, calls judged on the fifth, {at}; NPV = share free of "
-                    "findings among films called normal (No Finding at or above the threshold and no finding called)",
+        "protocol": f"threshold chosen on four patient folds (the lowest whose NPV's one-sided 95 % Wilson lower bound "
+                    f"reaches the target), calls judged on the fifth, {at}; NPV = share free of findings among films "
+                    "called normal (No Finding at or above the threshold and no finding called)",
         "out_of_fold": evidence,
     }
     if keep:
@@ -394,7 +408,7 @@ def normal_rules(oof: np.ndarray, labels: np.ndarray, folds: np.ndarray, sources
         return fit_normal_rule(oof[rows, nf][known], called[known], labels[rows, nf][known], folds[rows][known],
                                prevalence, population, truth)
 
-    progress("normal rules: choosing and judging the No Finding operating points out of fold …")
+    progress("normal rules: choosing and judging the No Finding operating points out of fold …")  # noqa: T201
     adult_rows = (sources == ADULT_CALIBRATION_SOURCE) & ~(ages < 18)
     child_rows = sources == "kermany"
     adult = rule(adult_rows, adult_assessment, NIH_ADULT_PREVALENCE["No Finding"],
