@@ -43,7 +43,7 @@ VERDICT_WORDS = {
               "reaches the model file's figure",
     "abnormal": "abnormal: at least one assessed finding called",
     "indeterminate": "indeterminate: neither a finding nor No Finding called",
-    "no finding called": "no finding called: nothing reached its threshold, and this model cannot call a film of "
+    "no finding called": "no finding called: nothing reached its threshold, and this model never calls a film of "
                          "this population normal",
 }
 #: Age in years from which a film is read as an adult's.
@@ -191,9 +191,11 @@ def verdict_reason(verdict: str | None, reading: Reading, findings: list[str] | 
     words = VERDICT_WORDS[verdict]
     rule = reading.normal or {}
     if verdict == "no finding called" and rule.get("reason"):
-        words += f" ({rule['reason']})"
+        words += f": {rule['reason']}"
     elif verdict == "normal" and rule.get("npv") is not None:
         words += f" (NPV {rule['npv']:.2f} out of fold, target {rule['npv_target']:.2f}, {rule['population']})"
+    elif verdict == "normal" and rule.get("source"):
+        words += f" (the No Finding threshold: {rule['source']})"
     caveat = [f for f in findings or [] if f in (adult_only or set())]
     if reading.group == "unknown" and caveat:
         words += (f"; {', '.join(caveat)} called with the adult reading because the film's age is not known: a "

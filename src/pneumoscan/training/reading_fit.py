@@ -383,9 +383,9 @@ def fit_normal_rule(nf: np.ndarray, diseased: np.ndarray, free: np.ndarray, fold
     if keep:
         rule["npv"] = npv
     else:
-        best = "no film called normal" if npv is None else f"{npv:.2f} on {evidence['called_normal']} films called normal"
-        rule["reason"] = (f"no operating point of No Finding reached NPV {target:.2f} out of fold for {population} "
-                          f"({best}, {at}): a film is never called normal")
+        best = "no fold found one" if npv is None else f"best {npv:.2f} on {evidence['called_normal']} films"
+        rule["reason"] = (f"no No Finding operating point reaches NPV {target:.2f} out of fold for {population}, "
+                          f"{at}; {best}")
     return rule
 
 
