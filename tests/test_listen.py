@@ -373,8 +373,12 @@ def test_stow_rs_door_takes_films_and_refuses_the_rest_per_part(tmp_path):
     own.save_as(own_path)
     listener = Listener(None, tmp_path / "out", tmp_path / "out" / ".spool")
     boundary = "pneumoscan-test"
+    bad_vr = bytearray(other.read_bytes())  # its SOP Class UID element's VR made "UO" (probe v5 L2)
+    at = bad_vr.find(b"\x08\x00\x16\x00UI", 132 + 12)
+    assert at > 0
+    bad_vr[at + 4:at + 6] = b"UO"
     body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data + b"\r\n"
-                    for data in (film.read_bytes(), b"not dicom at all", own_path.read_bytes()))
+                    for data in (film.read_bytes(), b"not dicom at all", own_path.read_bytes(), bytes(bad_vr)))
     body += f"--{boundary}--\r\n".encode()
     with TestClient(listener.stow_app()) as http:
         response = http.post("/studies", content=body, headers={
@@ -382,7 +386,7 @@ def test_stow_rs_door_takes_films_and_refuses_the_rest_per_part(tmp_path):
         assert response.status_code == 202, response.text
         answer = response.json()
         stored = [item["00081155"]["Value"][0] for item in answer["00081199"]["Value"]]
-        assert stored == [pydicom.dcmread(film).SOPInstanceUID] and len(answer["00081198"]["Value"]) == 2
+        assert stored == [pydicom.dcmread(film).SOPInstanceUID] and len(answer["00081198"]["Value"]) == 3
         assert all(item["00081197"]["Value"] == [0xC000] for item in answer["00081198"]["Value"])
         assert http.post("/studies", content=b"x", headers={"Content-Type": "application/dicom"}).status_code == 415
     assert [p.name for p in listener.spool.iterdir()] == [f"{stored[0]}.dcm"]

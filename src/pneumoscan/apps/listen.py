@@ -614,11 +614,16 @@ class Listener:
             return CANNOT_UNDERSTAND, None
         except Exception:  # not DICOM
             return CANNOT_UNDERSTAND, None
-        uid = str(dataset.get("SOPInstanceUID", ""))
-        if str(dataset.get("SOPClassUID", "")) not in CHEST_STORAGE:
+        try:  # pydicom converts elements when first read: a bad one (an unknown VR, say) fails here
+            uid, sop_class = str(dataset.get("SOPInstanceUID", "")), str(dataset.get("SOPClassUID", ""))
+            part_study = str(dataset.get("StudyInstanceUID", ""))
+        except Exception as exc:  # noqa: BLE001 - this part alone is refused; the request's others go on
+            log.warning("refused a STOW-RS part from %s: its header cannot be read (%s)", sender, str(exc)[:200])
+            return CANNOT_UNDERSTAND, None
+        if sop_class not in CHEST_STORAGE:
             log.warning("refused %s from %s: not a CR, DX or Secondary Capture instance", printable(uid, 64), sender)
             return CANNOT_UNDERSTAND, dataset
-        if study is not None and str(dataset.get("StudyInstanceUID", "")) != study:
+        if study is not None and part_study != study:
             log.warning("refused %s from %s: not of the study the request names", printable(uid, 64), sender)
             return CANNOT_UNDERSTAND, dataset
         return self.receive(uid, dataset, part, sender), dataset

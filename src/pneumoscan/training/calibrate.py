@@ -114,6 +114,9 @@ def calibrate(manifest: str | Path, split: str, out: str | Path, *, method: str,
     if written["weights_sha256"] != parent["weights_sha256"]:
         Path(out).unlink()
         raise ValueError("the calibrated copy's weights differ from the parent's; nothing written")
+    shown = classifier.readings["adult"].shown_thresholds()  # the same operating points as predict prints them
+    for label, r in results.items():
+        r["new_shown"] = shown.get(label)
     result = {"model": str(out), "sha256": written["sha256"], "provenance": provenance, "labels": results,
               "skipped_unreadable": scored.skipped,
               "calibrated_for": classifier.readings["adult"].calibrated_for}
@@ -180,15 +183,20 @@ def card(result: dict[str, Any], thresholds_from: str) -> str:
              f"Same weights as model `{source['parent_model_sha256']}` (weights "
              f"`{source['parent_weights_sha256']}`); thresholds {thresholds_from}.", "",
              f"Films: {source['images']} (SHA-256 of their sorted paths `{source['images_sha256']}`).", "",
-             "| label | old threshold | new threshold | sensitivity (95 % CI) | specificity (95 % CI) | positives / negatives |",
-             "|---|---|---|---|---|---|"]
+             "Thresholds are on the raw score scale (what `evaluate` and `calibrate` compare); `predict`, the "
+             "overlay and the pages show the same operating points on the calibrated scale (last column).", "",
+             "| label | old threshold (raw) | new threshold (raw) | sensitivity (95 % CI) | specificity (95 % CI) | "
+             "positives / negatives | as predict shows it (calibrated) |",
+             "|---|---|---|---|---|---|---|"]
     for label, r in result["labels"].items():
+        calibrated = "–" if r.get("new_shown") is None else f"{r['new_shown']:.4g}"
         if r["changed"]:
             lines.append(f"| {label} | {r['old']:.4f} | {r['new']:.4f} | {r['sensitivity']:.3f} "
                          f"({r['sensitivity_ci'][0]:.3f}–{r['sensitivity_ci'][1]:.3f}) | {r['specificity']:.3f} "
-                         f"({r['specificity_ci'][0]:.3f}–{r['specificity_ci'][1]:.3f}) | {r['positives']} / {r['negatives']} |")
+                         f"({r['specificity_ci'][0]:.3f}–{r['specificity_ci'][1]:.3f}) | {r['positives']} / {r['negatives']} "
+                         f"| {calibrated} |")
         else:
-            lines.append(f"| {label} | {r['old']:.4f} | unchanged | – | – | {r['why']} |")
+            lines.append(f"| {label} | {r['old']:.4f} | unchanged | – | – | {r['why']} | {calibrated} |")
     lines += ["", f"Probabilities are calibrated for: {result.get('calibrated_for') or 'nothing (raw scores)'}.",
               *[f"- {w}" for w in result.get("warnings", [])],
               "", "These rates are measured on the films that chose the thresholds: expect less on new films.",

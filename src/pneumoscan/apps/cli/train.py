@@ -474,7 +474,8 @@ def calibrate(
                                                   prevalence=shares, refit=refit_calibration))
     import pandas as pd
 
-    rows = [{"label": label, "old": r["old"], "new": r["new"],
+    rows = [{"label": label, "old (raw)": r["old"], "new (raw)": r["new"],
+             "as predict shows it": "" if r.get("new_shown") is None else f"{r['new_shown']:.4g}",
              "sensitivity": f"{r['sensitivity']:.3f} ({r['sensitivity_ci'][0]:.3f}–{r['sensitivity_ci'][1]:.3f})"
              if r["changed"] else "", "specificity": f"{r['specificity']:.3f} ({r['specificity_ci'][0]:.3f}–"
              f"{r['specificity_ci'][1]:.3f})" if r["changed"] else "",
