@@ -789,3 +789,42 @@ def test_stow_rs_door_keeps_the_upload_pace_and_a_budget_per_client(tmp_path):
     assert status == 429 and int(headers[b"retry-after"]) >= 25 and reads == before
     assert post(whole, "10.0.0.7")[0] == 200
     assert [p.name for p in listener.spool.iterdir()] == [f"{pydicom.dcmread(film).SOPInstanceUID}.dcm"]
+
+
+def test_a_forward_target_that_dribbles_its_answer_meets_a_total_deadline(tmp_path):
+    """A target that sends one header line every half second never trips the per-read timeout:
+    the forward ends at its total deadline and is tried again later, so one slow target cannot
+    hold every later result (probe v5 M9)."""
+    import socket
+    import threading
+
+    from pneumoscan.apps.forward import StowForward, Transient
+
+    (film,) = _films(tmp_path / "films", 1)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def dribble():
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(1 << 20)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.5):
+                try:
+                    conn.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Transient, match="within 2 s"):
+            StowForward(f"http://127.0.0.1:{server.getsockname()[1]}/dw", timeout=1.0, deadline=2.0).send(
+                [film], "PNEUMOSCAN")
+        assert time.monotonic() - started < 6
+    finally:
+        stop.set()
+        server.close()

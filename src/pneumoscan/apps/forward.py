@@ -6,6 +6,8 @@ outbox tries again with backoff).
 
 from __future__ import annotations
 
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,9 @@ class StowForward:
 
     url: str
     timeout: float = 30.0
+    #: Seconds one instance's request may take in all: a target that sends its answer a little at
+    #: a time never trips the per-read ``timeout``, and would hold every later forward.
+    deadline: float = 120.0
 
     kind = "dicomweb"
 
@@ -94,13 +99,19 @@ class StowForward:
 
         session = requests.Session()
         session.max_redirects = 0
+        sockets = deadline_adapter(session)
         client = DICOMwebClient(url=self.url, session=session, timeout=self.timeout)
         client.set_http_retry_params(retry=False)  # the outbox tries again itself, with its own back-off
         outcome: dict[Path, str | None] = {}
         for path in paths:
             dataset = pydicom.dcmread(path)
+            expired = threading.Event()
+            watchdog = threading.Timer(self.deadline, lambda: (expired.set(), shut(sockets)))
+            watchdog.start()
             try:
                 answer = client.store_instances(datasets=[dataset])
+                if expired.is_set():  # whatever came before the cut is not an answer
+                    raise requests.ConnectionError("cut at the deadline")
             except requests.TooManyRedirects:
                 outcome[path] = f"{self} redirected the request (not followed)"
                 continue
@@ -111,10 +122,14 @@ class StowForward:
                 outcome[path] = f"{self} refused it (HTTP {code})"
                 continue
             except (requests.ConnectionError, requests.Timeout) as exc:
+                if expired.is_set():
+                    raise Transient(f"{self} did not finish answering within {self.deadline:g} s") from exc
                 raise Transient(f"{self} cannot be reached or did not answer in {self.timeout:g} s") from exc
             except (ValueError, KeyError) as exc:  # a JSON content type whose body is not DICOM JSON
                 outcome[path] = f"{self} answered something that is not DICOM JSON ({type(exc).__name__})"
                 continue
+            finally:
+                watchdog.cancel()
             outcome[path] = self.verdict(answer, str(dataset.SOPInstanceUID))
         return outcome
 
@@ -127,3 +142,42 @@ class StowForward:
             return f"{self} refused it (failure reason 0x{reasons[0]:04X})"
         stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in answer.get("ReferencedSOPSequence", [])}
         return None if uid in stored else f"{self} did not confirm storing it (its answer lists no such instance)"
+
+
+def deadline_adapter(session) -> list[socket.socket]:
+    """Mount on ``session`` an adapter whose connections record their sockets in the returned
+    list, so that :func:`shut` can end a request at its total deadline (requests and urllib3
+    have per-read timeouts only)."""
+    from requests.adapters import HTTPAdapter
+    from urllib3.connection import HTTPConnection, HTTPSConnection
+    from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+    sockets: list[socket.socket] = []
+
+    def recording(base):
+        class Recording(base):
+            def connect(self):
+                super().connect()
+                sockets.append(self.sock)
+        return Recording
+
+    class Pool(HTTPConnectionPool):
+        ConnectionCls = recording(HTTPConnection)
+
+    class SecurePool(HTTPSConnectionPool):
+        ConnectionCls = recording(HTTPSConnection)
+
+    adapter = HTTPAdapter(max_retries=0)
+    adapter.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": SecurePool}
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return sockets
+
+
+def shut(sockets: list[socket.socket]) -> None:
+    """End every recorded connection now: a read blocked on it returns at once."""
+    for sock in sockets:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
