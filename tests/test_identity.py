@@ -151,3 +151,22 @@ def test_a_store_that_keeps_failing_rests_instead_of_costing_every_film_its_wait
     assert Locked.calls == STORE_STRIKES
     assert all("database is locked" in r["store_error"] for r in records)
     assert all("not tried again" in r["store_error"] for r in records[STORE_STRIKES:])
+
+
+def test_evaluate_leaves_out_a_film_its_manifest_sha256_no_longer_names(tmp_path):
+    """An exported manifest names each film by its SHA-256 too: `evaluate` scores a path only
+    while it still holds that film (probe v5 M6)."""
+    import hashlib
+
+    import pandas as pd
+
+    from pneumoscan.training.evaluate import films_as_named
+
+    same, swapped = tmp_path / "same.png", tmp_path / "swapped.png"
+    same.write_bytes(b"film one")
+    swapped.write_bytes(b"another film")
+    rows = pd.DataFrame({"path": [str(same), str(swapped), str(tmp_path / "plain.png")],
+                         "sha256": [hashlib.sha256(b"film one").hexdigest(), hashlib.sha256(b"film two").hexdigest(), None]})
+    kept, changed = films_as_named(rows)
+    assert kept["path"].tolist() == [str(same), str(tmp_path / "plain.png")] and changed == [str(swapped)]
+    assert films_as_named(rows.drop(columns="sha256"))[1] == []

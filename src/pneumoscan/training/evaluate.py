@@ -36,10 +36,12 @@ class ScoredSplit:
     skipped: list[str]
     classifier: Any
     unlabelled: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
 
     def dropped(self) -> list[dict[str, str]]:
         """Every film of the split left out, and why (a report lists them)."""
         return ([{"path": p, "reason": "no known label"} for p in self.unlabelled]
+                + [{"path": p, "reason": "not the film its sha256 names (replaced or gone)"} for p in self.changed]
                 + [{"path": p, "reason": "unreadable or not in the cache"} for p in self.skipped])
 
     def calibrated(self) -> np.ndarray:
@@ -54,6 +56,19 @@ class ScoredSplit:
             if inside.any():
                 out[inside] = self.classifier.readings[group].calibrate(self.probs[inside])
         return out
+
+
+def films_as_named(rows) -> tuple[Any, list[str]]:
+    """Rows whose file is still the film the manifest's ``sha256`` column names (all rows when
+    it has none, or for a row whose cell is empty), and the paths of the others: a label must
+    never go with whatever file now has the reviewed film's name (``review export`` writes it)."""
+    from pneumoscan.store.review import path_mismatch
+
+    if "sha256" not in rows:
+        return rows, []
+    named = rows["sha256"].fillna("").astype(str).str.strip()
+    bad = [i for i, (path, sha) in enumerate(zip(rows["path"].astype(str), named)) if sha and path_mismatch(path, sha)]
+    return rows.drop(index=bad).reset_index(drop=True), rows["path"].iloc[bad].astype(str).tolist()
 
 
 def score_split(manifest: str | Path, split: str, *, model: str | Path | None = None,
@@ -82,6 +97,10 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
         print(f"leaving out {len(unlabelled):,} films of split {split!r} without a known label "
               f"(listed in the report)", file=sys.stderr, flush=True)
     rows = in_split[labelled].reset_index(drop=True)
+    rows, changed = films_as_named(rows)
+    if changed:
+        print(f"leaving out {len(changed):,} films whose file is not the one the manifest's sha256 names "
+              f"(listed in the report)", file=sys.stderr, flush=True)
     if rows.empty:
         raise ManifestError(f"{manifest}: split {split!r} has no labelled images "
                             f"(splits present: {sorted(table.split.unique())})")
@@ -118,7 +137,7 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
         inputs = scoring_inputs(classifier, pd.concat([rows, boxes], axis=1), classifier.size)
     note(f"scoring {len(rows):,} crops …")
     probs = classifier.predict_proba(crops.astype(np.float32) / 255.0, **inputs)
-    return ScoredSplit(rows, rows[list(LABELS)].to_numpy(np.float32), probs, skipped, classifier, unlabelled)
+    return ScoredSplit(rows, rows[list(LABELS)].to_numpy(np.float32), probs, skipped, classifier, unlabelled, changed)
 
 
 def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: str | Path | None = None,
