@@ -155,6 +155,8 @@ class Listener:
     _full: bool = field(default=False, init=False)
     #: P-DATA bytes received per association since its last C-STORE was handled
     _arriving: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False)
+    #: associations cut for sending an instance past the limit: nothing more of theirs is taken
+    _oversize: weakref.WeakSet = field(default_factory=weakref.WeakSet, init=False)
 
     def __post_init__(self) -> None:
         from pneumoscan.io import file_limit
@@ -220,6 +222,10 @@ class Listener:
 
         self._arriving.pop(event.assoc, None)
         uid = str(event.request.AffectedSOPInstanceUID)
+        if event.assoc in self._oversize:  # pynetdicom may still hand over what it had read
+            log.warning("refused %s from %s: the rest of an instance past the instance limit (never spooled)",
+                        printable(uid, 64), printable(event.assoc.requestor.ae_title))
+            return CANNOT_UNDERSTAND
         try:
             if str(event.context.transfer_syntax) == DEFLATED:
                 import pydicom
@@ -249,6 +255,8 @@ class Listener:
             log.warning("aborted the association from %s at %s: an instance of more than %d bytes was being "
                         "sent (the instance limit)", printable(event.assoc.requestor.ae_title),
                         event.assoc.requestor.address, limit)
+            self._oversize.add(event.assoc)
+            cut_off(event.assoc)
             # not from this thread: it is the association's own, which abort() waits for
             threading.Thread(target=event.assoc.abort, daemon=True).start()
 
@@ -643,7 +651,7 @@ class Listener:
         ae.add_supported_context(Verification)
         if self.titles:
             ae.require_calling_aet = list(self.titles)
-        ae.maximum_pdu_size = 0
+        ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.maximum_associations = self.max_associations
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.idle_timeout
         self.recover()
@@ -668,6 +676,25 @@ class Listener:
             thread.join(timeout=60)
         if self._sink is not None:
             self._sink.__exit__(None, None, None)
+
+
+#: The largest P-DATA PDU this listener accepts (advertised at association): a sender splits an
+#: instance into PDUs of at most this size, so the instance limit is checked every MiB as it arrives
+#: instead of after one unbounded PDU (pynetdicom reads a whole PDU before any event).
+MAX_PDU_BYTES = 1 << 20
+
+
+def cut_off(assoc) -> None:
+    """Stop reading from an association's socket now: the read blocked on it returns, and no
+    more of the instance is buffered while the abort goes through."""
+    import socket
+
+    raw = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if raw is not None:
+        try:
+            raw.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass  # already closed
 
 
 class TooManyParts(ValueError):
