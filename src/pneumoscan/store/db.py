@@ -484,6 +484,14 @@ class Store:
             row["current"] = latest[(row["result_id"], row["reader"])] == row["seq"]
         return out
 
+    def each_result(self, batch: int = 1000):
+        """Every result in stored order as (id, created_at, source, record), read ``batch`` rows at
+        a time (a site's monitor reads 100,000 of them without holding them all)."""
+        with self.session("reading results in stored order") as session:
+            query = select(Result.id, Result.created_at, Result.source, Result.record).order_by(Result.id)
+            for row in session.execute(query.execution_options(yield_per=batch)):
+                yield row.id, aware(row.created_at), row.source, row.record
+
     def counts(self) -> dict[str, int]:
         with self.session("counting") as session:
             return {name: session.scalar(select(func.count()).select_from(table)) for name, table in
