@@ -144,3 +144,51 @@ def test_pneumoscan_monitor_reads_a_real_store(tmp_path, data_dir):
     missing = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "monitor", "--db", str(tmp_path / "no.sqlite"),
                               "--out", str(tmp_path / "m4")], capture_output=True, text=True, timeout=300, check=False)
     assert missing.returncode == 2 and "no results store" in missing.stderr
+
+
+def test_the_monitor_page_shows_the_alerts_in_chromium(tmp_path):
+    """/monitor on a server with a store: a reader signs in with their key and sees the alert for
+    children arriving, with links that open the films on /review, and the plots."""
+    import os
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+    from test_review_page import LiveServer
+
+    from pneumoscan.apps.server import create_app
+    from pneumoscan.predict import Predictor
+    from pneumoscan.store.db import FilmIdentity, Store
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        (pytest.fail if os.environ.get("PNEUMOSCAN_REQUIRE_VALIDATORS") else pytest.skip)(
+            "Debian's chromium is not installed (.ci/run installs it)")
+    rng = np.random.default_rng(11)
+    store = Store(f"sqlite:///{tmp_path / 'site.sqlite'}")
+    for k in range(300):
+        film = FilmIdentity(sha256=f"{k:064x}", display_name=f"film{k}.dcm")
+        store.add_result(record(rng, child=k >= 250), film, {"classifier": "test"}, "listen", None)
+    key = store.add_reader("ann")
+    with LiveServer(create_app(Predictor.from_default(), store=store, allowed_hosts=None)) as url, \
+            sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(url + "/monitor")
+        page.fill("#readerkey", key)
+        page.fill("#reference", "200")
+        page.fill("#window", "50")
+        page.click("#run")
+        page.wait_for_selector("#alerts table", timeout=60_000)
+        text = page.inner_text("#alerts")
+        assert "population: 'paediatric'" in text
+        link = page.locator("#alerts a").first.get_attribute("href")
+        assert link.startswith("/review#result=") and int(link.split("=")[1]) > 250
+        assert page.get_attribute("#drift", "src").startswith("data:image/png;base64,")
+        artifacts = os.environ.get("PNEUMOSCAN_ARTIFACTS")
+        if artifacts:
+            page.screenshot(path=os.path.join(artifacts, "monitor_page.png"), full_page=True)
+        assert not errors, errors
+        browser.close()
+    store.close()

@@ -135,6 +135,24 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             return view
         return guarded(work)(request)
 
+    @app.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
+    def monitor_page() -> str:
+        return (resources.files("pneumoscan") / "apps" / "web" / "monitor.html").read_text()
+
+    @app.get("/v1/monitor")
+    def monitor(request: Request, reference: int = Query(500, ge=20, le=MAX_ROW_ID),
+                window: int = Query(100, ge=20, le=MAX_ROW_ID)):
+        """``pneumoscan monitor`` on this server's store, for any reader (docs/MONITOR.md)."""
+        from pneumoscan.monitoring import read_store, summary_line
+        from pneumoscan.monitoring.report import figures
+        from pneumoscan.monitoring.watch import monitor as run_monitor
+
+        def work(me: Reader) -> dict[str, Any]:
+            rows, truth = read_store(store)
+            report = run_monitor(rows, reference=reference, window=window, truth=truth)  # ValueError → 422
+            return {"summary": summary_line(report), "report": report, "figures": figures(report)}
+        return guarded(work)(request)
+
     @app.get("/study", response_class=HTMLResponse, include_in_schema=False)
     def study_page() -> str:
         return (resources.files("pneumoscan") / "apps" / "web" / "study.html").read_text()

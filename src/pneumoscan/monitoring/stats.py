@@ -27,7 +27,7 @@ MIN_CATEGORY = 5
 
 def categorical_shift(reference: list[str], window: list[str]) -> dict[str, Any]:
     """Chi-square homogeneity test of two samples of labels: ``p``, the effect ``tvd``, the
-    shares of each category in both, and the category that moved most."""
+    shares of each category in both, and the category that grew most (``moved``)."""
     from scipy.stats import chi2_contingency
 
     names = sorted(set(reference) | set(window))
@@ -47,7 +47,7 @@ def categorical_shift(reference: list[str], window: list[str]) -> dict[str, Any]
     if len(names) < 2 or ref.sum() == 0 or win.sum() == 0:
         return out | {"p": 1.0, "moved": None}
     p = float(chi2_contingency(np.vstack([ref, win]))[1])
-    moved = names[int(np.argmax(np.abs(win_share - ref_share)))]
+    moved = names[int(np.argmax(win_share - ref_share))]  # the category that grew: its films are the new kind
     return out | {"p": p, "moved": moved}
 
 
