@@ -135,7 +135,7 @@ def test_a_full_disk_keeps_every_finished_record_and_leaves_no_half_files(tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "predictions.run.json"]
     # Records alone: the lines that fit stay whole, the one that did not is cut off
     run = subprocess.run([*CLI, "predict", *films, "--out", str(out), "--backend", "torch", "--no-overlays"],
-                         capture_output=True, text=True, check=False, timeout=300, preexec_fn=_limited(3_000))
+                         capture_output=True, text=True, check=False, timeout=300, preexec_fn=_limited(7_000))
     text = (out / "predictions.jsonl").read_text()
     kept = [json.loads(x) for x in text.splitlines()]
     assert run.returncode == 1 and f"stopped after {len(kept)} of 3 images" in run.stderr, run.stderr

@@ -62,12 +62,12 @@ def test_migrations_up_and_down(db_url):
     store at an unknown (newer) revision or a database of other tables is refused with a reason."""
     assert migrate(db_url, "0001") == "0001"
     assert TABLES <= table_names(db_url) and not (STUDY_TABLES & table_names(db_url))
-    assert migrate(db_url) == head_revision() == "0002"  # 0001 → 0002 adds the reader-study tables
+    assert migrate(db_url) == head_revision() == "0003"  # 0002 adds the reader-study tables, 0003 widens verdict
     assert TABLES | STUDY_TABLES <= table_names(db_url)
     assert migrate(db_url, "0001", down=True) == "0001" and not (STUDY_TABLES & table_names(db_url))
-    with pytest.raises(StoreError, match="revision 0001; this PneumoScan needs 0002: run `pneumoscan review migrate"):
+    with pytest.raises(StoreError, match="revision 0001; this PneumoScan needs 0003: run `pneumoscan review migrate"):
         Store(db_url)
-    assert migrate(db_url) == "0002"
+    assert migrate(db_url) == "0003"
     assert migrate(db_url, "base", down=True) is None
     assert not ((TABLES | STUDY_TABLES) & table_names(db_url))
     with Store(db_url) as store:  # an empty database is created on first use
@@ -203,12 +203,17 @@ def test_a_review_must_say_one_thing():
             check_review(good | change, RECORD)
 
 
-def test_majority_labels_adjudicator_and_disagreements():
+def test_majority_labels_adjudicator_and_disagreements(tmp_path):
+    import hashlib
+
+    film = tmp_path / "x.png"
+    film.write_bytes(b"the reviewed film")
     rows = []
     for n, (reader, labels, verdict) in enumerate([("ann", ["Pneumonia"], "agree"), ("bob", ["No Finding"], "disagree"),
                                                    ("cy", ["Pneumonia"], "agree"), ("bob", ["Pneumonia"], "agree")]):
         rows.append({"id": n + 1, "seq": 1 + (n == 3), "reader": reader, "adjudicator": reader == "cy", "result_id": 1,
-                     "models_key": "m", "film_id": 7, "sha256": "a" * 64, "path": "/films/x.png", "display_name": "x.png",
+                     "models_key": "m", "film_id": 7, "sha256": hashlib.sha256(b"the reviewed film").hexdigest(),
+                     "path": str(film), "display_name": "x.png",
                      "study_uid": None, "sop_uid": None, "patient_key": None, "created_at": "", "labels": labels,
                      "verdicts": {"Pneumonia": verdict}, "record": RECORD})
     for row in rows:

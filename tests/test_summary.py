@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.labels import LABELS
+from pneumoscan.outputs.summary import VERDICT_ORDER
 from pneumoscan.outputs.writer import CSV_TAIL
+from pneumoscan.reading import VERDICTS
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -59,7 +61,7 @@ def test_statuses_add_up_in_the_summary_the_csv_and_stderr(folder):
     verdicts = {Path(r["path"]).name: r["verdict"] for r in rows}
     assert verdicts["broken.png"] == "" and verdicts["overlay.png"] == ""  # not scored: no verdict
     scored_names = [n for n, st in status.items() if st in ("called", "not called")]
-    assert {verdicts[n] for n in scored_names} <= {"normal", "abnormal", "indeterminate"}
+    assert {verdicts[n] for n in scored_names} <= set(VERDICTS)
     assert all((verdicts[n] == "abnormal") == (status[n] == "called") for n in scored_names)
     assert sum(summary["by_verdict"].values()) == len(scored_names) and "verdicts:" in run.stderr
     child = next(r for r in rows if "person1000" in r["path"])  # the Kermany example
@@ -90,7 +92,7 @@ def test_triage_sheet_in_headless_chromium(folder, tmp_path):
         names = [rows.nth(i).locator("td.name").inner_text().splitlines()[0] for i in range(5)]
         statuses = [rows.nth(i).locator("td.status").inner_text() for i in range(5)]
         assert set(statuses[-2:]) == {"refused", "error"}  # unscored films last
-        order = {"abnormal": 0, "indeterminate": 1, "normal": 2}  # then abnormal, indeterminate, normal
+        order = VERDICT_ORDER  # abnormal, then nothing called (indeterminate or no finding called), then normal
         assert [order[v] for v in statuses[:3]] == sorted(order[v] for v in statuses[:3])
         assert all(records[n]["verdict"] == v for n, v in zip(names[:3], statuses[:3]))
         assert "abnormal" in statuses  # the Kermany example is called Pneumonia: this order is tested

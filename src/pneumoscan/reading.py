@@ -256,10 +256,24 @@ class Reading:
         return [label for label, p, t, a in zip(LABELS, raw, self.thresholds, self.assessed) if a and p >= t]
 
 
+def rule_fits(reading: Reading, rule: dict[str, Any]) -> bool:
+    """Whether a normal rule was judged with this reading's thresholds (its NPV depends on which
+    findings are called): a file whose thresholds were changed since (a site's ``calibrate``, a
+    test's assessment) does not inherit a rule judged at others."""
+    fitted = rule.get("fitted_thresholds")
+    if fitted is None:
+        return True
+    current = {label: float(t) for label, t, a in zip(LABELS, reading.thresholds, reading.assessed) if a}
+    current.pop("No Finding", None)
+    fitted = {label: t for label, t in fitted.items() if label != "No Finding"}
+    return set(current) == set(fitted) and all(abs(current[k] - float(fitted[k])) < 1e-9 for k in current)
+
+
 def with_normal_rule(reading: Reading, rule: dict[str, Any] | None) -> Reading:
     """``reading`` whose No Finding threshold is the normal rule's (NaN when the rule says this
-    population is never called normal): a film is called normal only at that operating point."""
-    if rule is None:
+    population is never called normal): a film is called normal only at that operating point.
+    A rule judged at other thresholds (:func:`rule_fits`) is not applied."""
+    if rule is None or not rule_fits(reading, rule):
         return reading
     j = LABELS.index("No Finding")
     thresholds = np.array(reading.thresholds, np.float64, copy=True)

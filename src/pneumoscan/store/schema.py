@@ -66,7 +66,7 @@ class Result(Base):
     models: Mapped[dict[str, Any]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(32), index=True)
     status: Mapped[str] = mapped_column(String(16), index=True)
-    verdict: Mapped[str | None] = mapped_column(String(16))
+    verdict: Mapped[str | None] = mapped_column(String(32))  # 0003: "no finding called" needs 17
     population: Mapped[str | None] = mapped_column(String(16))
     #: the called labels as ``|A|B|`` (a filter by finding is one LIKE on SQLite and PostgreSQL)
     findings: Mapped[str] = mapped_column(String(400))

@@ -102,7 +102,9 @@ def calibrate(manifest: str | Path, split: str, out: str | Path, *, method: str,
             adult["normal"] = {"threshold": assessment["No Finding"]["threshold"], "npv": None,
                                "npv_target": None, "population": f"films of {Path(manifest).name} split {split}",
                                "source": f"calibrate ({method}) on the site's films; the NPV rule of the parent "
-                                         f"file no longer applies"}
+                                         f"file no longer applies",
+                               "fitted_thresholds": {label: float(entry["threshold"]) for label, entry in assessment.items()
+                                                     if entry.get("assessed") and label != "No Finding"}}
     classifier.set_assessment(assessment)
     classifier.meta["threshold_provenance"] = provenance
     if prevalence or refit:

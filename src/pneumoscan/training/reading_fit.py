@@ -405,8 +405,11 @@ def normal_rules(oof: np.ndarray, labels: np.ndarray, folds: np.ndarray, sources
         limits = np.array([assessment[LABELS[j]]["threshold"] for j in diseases])
         called = (oof[rows][:, diseases] >= limits).any(axis=1) if diseases else np.zeros(int(rows.sum()), bool)
         known = ~np.isnan(labels[rows, nf])
-        return fit_normal_rule(oof[rows, nf][known], called[known], labels[rows, nf][known], folds[rows][known],
+        rule = fit_normal_rule(oof[rows, nf][known], called[known], labels[rows, nf][known], folds[rows][known],
                                prevalence, population, truth)
+        # the thresholds its NPV was judged at: a file whose findings' thresholds change drops the rule
+        rule["fitted_thresholds"] = {LABELS[j]: float(assessment[LABELS[j]]["threshold"]) for j in diseases}
+        return rule
 
     progress("normal rules: choosing and judging the No Finding operating points out of fold …")  # noqa: T201
     adult_rows = (sources == ADULT_CALIBRATION_SOURCE) & ~(ages < 18)

@@ -31,9 +31,11 @@ def spreadsheet_safe_table(table, keep: tuple[str, ...] = ()):
     :func:`pneumoscan.outputs.writer.spreadsheet_safe`; the ``keep`` columns as they are."""
     from pneumoscan.outputs.writer import spreadsheet_safe
 
+    import pandas as pd
+
     out = table.copy()
     for column in out.columns:
-        if column not in keep and out[column].dtype == object:
+        if column not in keep and (out[column].dtype == object or pd.api.types.is_string_dtype(out[column])):
             out[column] = out[column].map(spreadsheet_safe)
     return out
 
