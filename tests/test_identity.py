@@ -170,3 +170,38 @@ def test_evaluate_leaves_out_a_film_its_manifest_sha256_no_longer_names(tmp_path
     kept, changed = films_as_named(rows)
     assert kept["path"].tolist() == [str(same), str(tmp_path / "plain.png")] and changed == [str(swapped)]
     assert films_as_named(rows.drop(columns="sha256"))[1] == []
+
+
+def test_the_probes_minor_notes(tmp_path):
+    """Probe v5's notes: booleans are not numbers in a review box or a rating, a device or a folder
+    given as a model file is named as such, and a manifest that is not UTF-8 names itself."""
+    from pneumoscan.data.manifest import ManifestError, read_manifest
+    from pneumoscan.modelfile import ModelFileError, load_model
+    from pneumoscan.store.review import ReviewError, check_box
+    from pneumoscan.store.study import StudyError, _check_rating
+
+    with pytest.raises(ReviewError, match="box"):
+        check_box([False, False, True, True], {"image": {"width": 100, "height": 100}})
+    assert check_box([1, 2, 30, 40], {"image": {"width": 100, "height": 100}}) == [1, 2, 30, 40]
+    with pytest.raises(StudyError, match="score"):
+        _check_rating({"score": True, "call": True}, "Pneumonia")
+    for odd in ("/dev/zero", str(tmp_path)):
+        with pytest.raises(ModelFileError, match="not a regular file"):
+            load_model(odd, kind="classifier")
+    bad = tmp_path / "m.csv"
+    bad.write_bytes(b"path,source\n/x/\xff.png,nih\n")
+    with pytest.raises(ManifestError, match=r"m\.csv is not UTF-8"):
+        read_manifest(bad)
+
+
+def test_removing_every_table_asks_for_yes(tmp_path):
+    """`review migrate --to base --down` deletes every result, review and study: refused without --yes."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    Store(url).close()
+    cli = [sys.executable, "-m", "pneumoscan.apps.cli", "review", "migrate", "--db", url, "--to", "base", "--down"]
+    refused = subprocess.run(cli, capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert subprocess.run([*cli, "--yes"], capture_output=True, text=True, timeout=120, check=False).returncode == 0

@@ -286,3 +286,13 @@ def test_study_create_from_a_case_list(study_store, tmp_path, data_dir):
     wrong = subprocess.run([*CLI, "study", "create", "cli2", "--cases", str(cases), "--target", "Effusion", "--reader", "ann",
                             "--reader", "bob", "--db", store.url], check=False, capture_output=True, text=True)
     assert wrong.returncode == 2 and "missing columns Effusion" in wrong.stderr and "Traceback" not in wrong.stderr
+    results = store.counts()["results"]
+    again = subprocess.run([*CLI, "study", "create", "cli", "--cases", str(cases), "--target", "Pneumonia", "--reader",
+                            "ann", "--db", store.url], check=False, capture_output=True, text=True)
+    assert again.returncode == 2 and "exists already" in again.stderr
+    doubled = tmp_path / "doubled.csv"
+    pd.concat([pd.read_csv(cases)] * 2).to_csv(doubled, index=False)
+    twice = subprocess.run([*CLI, "study", "create", "cli3", "--cases", str(doubled), "--target", "Pneumonia",
+                            "--reader", "ann", "--db", store.url], check=False, capture_output=True, text=True)
+    assert twice.returncode == 2 and "listed twice" in twice.stderr
+    assert store.counts()["results"] == results  # refused before anything was predicted or stored

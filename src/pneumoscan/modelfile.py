@@ -181,8 +181,10 @@ def load_model(path: str | Path, *, kind: str, labels: tuple[str, ...] | None = 
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and verify a model file; returns (float32 state dict, metadata)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ModelFileError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelFileError(f"{path} is not a regular file (a folder, a device or a pipe): give a model file")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: the model file is empty (0 bytes)")
     try:

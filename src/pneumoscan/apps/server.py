@@ -260,7 +260,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                 "version": __version__, "models": predictor.models,
                 "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key),
                 "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate,
-                "store": store.where if store is not None else None}
+                "store": store.url.split(":", 1)[0].split("+")[0] if store is not None else None}  # the kind only: /health is open
 
     @app.post("/v1/predict")
     def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),

@@ -172,6 +172,9 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
         table = pd.read_csv(path, dtype={"patient": str, "view": str, "mask": str, "sex": str})
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise ManifestError(f"cannot read manifest {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                            f"{exc.start}); save it as UTF-8") from None
     missing = [c for c in ["path", "source", "patient", "view", "split", *LABELS] if c not in table]
     if missing:
         raise ManifestError(f"{path}: not a PneumoScan manifest, missing columns {missing}")

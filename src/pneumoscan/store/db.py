@@ -33,7 +33,8 @@ from pneumoscan.store.schema import (
 
 #: How often a write that lost a race (two films or reviews inserted at once) is tried again.
 RETRIES = 5
-VERDICTS = ("agree", "disagree", "unsure")
+#: A reader's verdict on one of the model's calls (not the film's verdict, :data:`pneumoscan.reading.VERDICTS`).
+REVIEW_VERDICTS = ("agree", "disagree", "unsure")
 
 
 class StoreError(RuntimeError):

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.labels import LABELS
-from pneumoscan.store.db import VERDICTS
+from pneumoscan.store.db import REVIEW_VERDICTS
 
 NO_FINDING = "No Finding"
 MAX_NOTE = 2000
@@ -62,9 +62,9 @@ def check_review(body: Any, record: dict[str, Any]) -> dict[str, Any]:
         raise ReviewError(f"give a verdict on each assessed label ({', '.join(wanted) or 'none on this film'})"
                           + (f"; missing {', '.join(missing)}" if missing else "")
                           + (f"; not assessed here: {', '.join(extra)}" if extra else ""))
-    bad = sorted({v for v in verdicts.values()} - set(VERDICTS))
+    bad = sorted({v for v in verdicts.values()} - set(REVIEW_VERDICTS))
     if bad:
-        raise ReviewError(f"a verdict is one of {', '.join(VERDICTS)}, not {', '.join(bad)}")
+        raise ReviewError(f"a verdict is one of {', '.join(REVIEW_VERDICTS)}, not {', '.join(bad)}")
     strange = sorted(set(labels) - set(LABELS))
     if strange:
         raise ReviewError(f"unknown labels {strange}")
@@ -92,7 +92,8 @@ def check_box(box: Any, record: dict[str, Any]) -> list[int] | None:
         return None
     size = record.get("image") or {}
     width, height = size.get("width"), size.get("height")
-    if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(v, int | float) for v in box)
+    if (not isinstance(box, list) or len(box) != 4
+            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
             or not (0 <= box[0] < box[2]) or not (0 <= box[1] < box[3])
             or (width and box[2] > width) or (height and box[3] > height)):
         raise ReviewError(f"'box' is [x0, y0, x1, y1] in the film's pixels, inside {width}×{height}")

@@ -60,6 +60,12 @@ def plan_steps(case_ids: list[int], n_readers: int, design: str, seed: int) -> l
     return plans
 
 
+def study_exists(store: Store, name: str) -> bool:
+    """Whether the store already holds a study of that name (checked before its cases are predicted)."""
+    with store.session("looking up a study") as session:
+        return session.scalar(select(Study.id).where(Study.name == name)) is not None
+
+
 def create_study(store: Store, name: str, *, design: str, targets: list[str], readers: list[str],
                  cases: list[tuple[int, dict[str, int]]], seed: int = 2019,
                  washout_days: float = DEFAULT_WASHOUT_DAYS) -> int:
@@ -175,7 +181,8 @@ def step_view(session, study: Study, step: StudyStep) -> dict[str, Any]:
 
 
 def _check_rating(value: Any, target: str) -> tuple[float, bool]:
-    if not isinstance(value, dict) or not isinstance(value.get("score"), int | float) or not isinstance(value.get("call"), bool):
+    if (not isinstance(value, dict) or not isinstance(value.get("score"), int | float) or isinstance(value.get("score"), bool)
+            or not isinstance(value.get("call"), bool)):
         raise StudyError(f"{target}: a rating is {{'score': 0–100, 'call': true/false}}")
     score = float(value["score"])
     if not 0 <= score <= 100:

@@ -44,8 +44,13 @@ def migrate(
     db: DbOption = None,
     to: Annotated[str, typer.Option(help="Revision: head (the newest), base (empty) or a revision id.")] = "head",
     down: Annotated[bool, typer.Option(help="Downgrade to --to (removes what later revisions added).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="With --to base --down: yes, delete every result, review "
+                                                    "and study.")] = False,
 ) -> None:
     """Bring the store's schema to a revision (Alembic); prints where it was and where it is."""
+    if down and to == "base" and not yes:
+        fail("--to base --down deletes every stored result, review and study, with no copy: back the store up, "
+             "then add --yes")
     from pneumoscan.store.db import (
         StoreError,
         current_revision,

@@ -45,7 +45,7 @@ def create(
     from tqdm import tqdm
 
     from pneumoscan.outputs.writer import write_to_store
-    from pneumoscan.store.study import DESIGNS, StudyError, create_study
+    from pneumoscan.store.study import DESIGNS, StudyError, create_study, study_exists
 
     if design not in DESIGNS:
         fail(f"--design must be one of {', '.join(DESIGNS)}")
@@ -63,7 +63,12 @@ def create(
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         fail(f"{len(absent)} case file(s) not found, e.g. {absent[0]}")
+    twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if twice:  # found before anything is predicted or stored
+        fail(f"{cases}: {len(twice)} case(s) listed twice, e.g. {twice[0]}")
     store = open_store(db)
+    if study_exists(store, name):
+        fail(f"a study named {name!r} exists already; choose another name")
     predictor = load_predictor(None, model, backend="auto", device="cpu", allow_model_mismatch=False)
     run = predictor.run_identity()
     ids = []
