@@ -192,3 +192,29 @@ def test_the_monitor_page_shows_the_alerts_in_chromium(tmp_path):
         assert not errors, errors
         browser.close()
     store.close()
+
+
+def test_monitor_reads_sqlite_and_postgresql_alike(db_url, tmp_path):
+    """The same stored results give the same report on both databases, and reviews count as truth."""
+    from pneumoscan.monitoring import read_store
+    from pneumoscan.store.db import FilmIdentity, Store
+    from pneumoscan.store.review import check_review
+
+    rng = np.random.default_rng(12)
+    with Store(db_url) as store:
+        ids = [store.add_result(record(rng, child=k >= 250), FilmIdentity(sha256=f"{k:064x}", display_name=f"f{k}.dcm"),
+                                {"classifier": "test"}, "listen", None) for k in range(300)]
+        reader = store.reader_by_name("ann", create=True)
+        stored = store.result_for_review(ids[0])
+        verdicts = {label: "agree" if (label == "Pneumonia") == (label in stored["findings"]) else "disagree"
+                    for label, t in stored["thresholds"].items() if t is not None}
+        store.add_review(ids[0], reader, check_review({"verdicts": verdicts, "labels": ["Pneumonia"]}, stored))
+        rows, truth = read_store(store, batch=64)
+    assert [r.result_id for r in rows] == ids and truth[ids[0]]["Pneumonia"] == 1.0
+    report = monitor(rows, reference=200, window=50, truth=truth)
+    assert [a["statistic"] for a in report["alerts"] if a["statistic"] == "population"] == ["population"]
+    assert report["alerts"][0]["window"] == 1 and min(report["alerts"][0]["films"]) > ids[249]
+    done = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "monitor", "--db", db_url, "--out",
+                           str(tmp_path / "m"), "--reference", "200", "--window", "50", "--every", "2d"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0 and "alerts" in done.stdout, done.stderr
