@@ -126,6 +126,8 @@ def review_everything(url: str, key: str, truth: dict[str, list[str]], chromium:
             want = want or {"No Finding"}
             if want - {"No Finding"}:
                 want.discard("No Finding")
+            # an untrusted heart outline is drawn dashed and grey with its reason, on exactly the films that say so
+            assert bool(page.get_attribute("#heart", "data-untrusted")) == ("heart mask unreliable" in page.inner_text("#reading"))
             if not (contrary and n % 3 == 1):  # bob ticks his own labels first on every third film
                 page.keyboard.press("a")  # agree with every call, then correct the labels that differ
             for label in LABELS:
