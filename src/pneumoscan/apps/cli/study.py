@@ -11,6 +11,7 @@ import typer
 
 from pneumoscan.apps.cli.common import (
     DbOption,
+    QuietOption,
     app,
     console,
     ensure_writable,
@@ -38,13 +39,14 @@ def create(
     washout_days: Annotated[float, typer.Option(min=0, help="Crossover: days between a reader's two arms (enforced).")] = 28.0,
     seed: Annotated[int, typer.Option(help="Seeds each reader's case order (the same seed, the same orders).")] = 2019,
     model: Annotated[Path | None, typer.Option(help="Classifier for the aided arm (default: shipped).")] = None,
+    quiet: QuietOption = False,
 ) -> None:
     """A reader study in the results store: the cases are predicted once (the aided arm shows that
     output), each reader gets a seeded order per arm; readers read at /study of `serve --db`."""
     import pandas as pd
-    from tqdm import tqdm
 
     from pneumoscan.outputs.writer import write_to_store
+    from pneumoscan.progress import bar as progress_bar
     from pneumoscan.store.study import DESIGNS, StudyError, create_study, study_exists
 
     if design not in DESIGNS:
@@ -72,7 +74,7 @@ def create(
     predictor = load_predictor(None, model, backend="auto", device="cpu", allow_model_mismatch=False)
     run = predictor.run_identity()
     ids = []
-    with tqdm(total=len(paths), unit="case", desc="predict") as bar:
+    with progress_bar(len(paths), "predict", unit="case") as bar:
         for path, result in zip(paths, predictor.predict_many(paths, cam="top", keep_arrays=True)):
             record = write_to_store(store, result.to_dict(), result, None, name=path.name, path=path, run=run,
                                     source="study")
