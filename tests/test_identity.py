@@ -87,7 +87,7 @@ def test_the_export_keeps_only_paths_that_still_hold_the_reviewed_film(tmp_path)
     (probe v5 M6)."""
     import hashlib
 
-    from pneumoscan.store.review import path_mismatch
+    from pneumoscan.data.manifest import path_mismatch
 
     film = tmp_path / "a.png"
     film.write_bytes(b"the reviewed film")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -193,6 +194,24 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
     if bad:
         raise ManifestError(f"{path}: label columns must be 1, 0 or empty, found {sorted(bad)}")
     return table
+
+
+def path_mismatch(path: Any, sha256: str) -> str | None:
+    """Why the stored path no longer holds the reviewed film (None when it does): no path kept,
+    the file gone or unreadable, or another file there now (its SHA-256 differs). The labels are
+    the film's, never whatever file now has its name."""
+    from pneumoscan.modelfile import file_sha256
+
+    if not isinstance(path, str) or not path:
+        return "no file path kept (uploaded or received without a kept copy)"
+    try:
+        if not Path(path).is_file():
+            return f"the file is no longer at {path}"
+        if file_sha256(Path(path)) != sha256:
+            return f"another file is at {path} now (its SHA-256 is not the reviewed film's)"
+    except OSError as exc:
+        return f"{path} cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def unique_films(table: pd.DataFrame) -> tuple[pd.DataFrame, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -174,31 +173,13 @@ def film_labels(reviews: pd.DataFrame, adjudicator: str | None = None) -> tuple[
     return pd.DataFrame(films), pd.DataFrame(disagreements, columns=["film_id", "label", "positive", "negative"])
 
 
-def path_mismatch(path: Any, sha256: str) -> str | None:
-    """Why the stored path no longer holds the reviewed film (None when it does): no path kept,
-    the file gone or unreadable, or another file there now (its SHA-256 differs). The labels are
-    the film's, never whatever file now has its name."""
-    from pneumoscan.modelfile import file_sha256
-
-    if not isinstance(path, str) or not path:
-        return "no file path kept (uploaded or received without a kept copy)"
-    try:
-        if not Path(path).is_file():
-            return f"the file is no longer at {path}"
-        if file_sha256(Path(path)) != sha256:
-            return f"another file is at {path} now (its SHA-256 is not the reviewed film's)"
-    except OSError as exc:
-        return f"{path} cannot be read ({exc.strerror or exc})"
-    return None
-
-
 def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, split: str = "val",
                     source: str = "site") -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """A manifest (:data:`pneumoscan.data.manifest.MANIFEST_COLUMNS`, plus the film's SHA-256 and
     UIDs, its readers and the labels they disagreed on) of the reviewed films whose stored path
     still holds them (:func:`path_mismatch`); the films left out and why (no path: uploaded or
     received over the network without a kept copy; gone; replaced); the disagreements."""
-    from pneumoscan.data.manifest import MANIFEST_COLUMNS
+    from pneumoscan.data.manifest import MANIFEST_COLUMNS, path_mismatch
 
     labels, disagreements = film_labels(reviews, adjudicator)
     if labels.empty:
@@ -212,7 +193,7 @@ def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, sp
         film = films.loc[row["film_id"]]
         record = records.get(film["result_id"], {})
         population, image = record.get("population") or {}, record.get("image") or {}
-        missing = path_mismatch(film["path"], film["sha256"])
+        missing = path_mismatch(film["path"], film["sha256"])  # the labels go with the film, not the name
         if missing:
             left_out.append({"sha256": film["sha256"], "display_name": film["display_name"], "reason": missing})
             continue

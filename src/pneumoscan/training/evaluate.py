@@ -62,7 +62,7 @@ def films_as_named(rows) -> tuple[Any, list[str]]:
     """Rows whose file is still the film the manifest's ``sha256`` column names (all rows when
     it has none, or for a row whose cell is empty), and the paths of the others: a label must
     never go with whatever file now has the reviewed film's name (``review export`` writes it)."""
-    from pneumoscan.store.review import path_mismatch
+    from pneumoscan.data.manifest import path_mismatch
 
     if "sha256" not in rows:
         return rows, []
