@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from pneumoscan.store.db import NotFound, Store, StoreError, SubmissionTaken
@@ -134,6 +134,11 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             view["assessed"] = assessed(view["record"])
             return view
         return guarded(work)(request)
+
+    @app.get("/outlines.js", include_in_schema=False)
+    def outlines_script() -> Response:
+        return Response((resources.files("pneumoscan") / "apps" / "web" / "outlines.js").read_text(),
+                        media_type="text/javascript")
 
     @app.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
     def monitor_page() -> str:

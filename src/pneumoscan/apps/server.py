@@ -57,7 +57,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: multipart headers around the file may add this much to the body
 MULTIPART_SLACK = 64 * 1024
 PREDICT_PATH = "/v1/predict"
-OPEN_PATHS = {"/health", "/", "/review", "/study", "/monitor"}
+OPEN_PATHS = {"/health", "/", "/review", "/study", "/monitor", "/outlines.js"}
 KEPT_SUFFIXES = {".dcm", ".dicom", ".png", ".jpg", ".jpeg"}
 
 
