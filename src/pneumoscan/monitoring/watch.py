@@ -191,7 +191,7 @@ def flag(window: Window, tests: dict[str, dict[str, Any]], n_tests: int, alpha: 
                     f"{test['window'].get(moved, 0):.0%} (total variation {effect:.2f})")
             films = [r.result_id for r in window.rows if _category(r, name) == moved]
         else:
-            what = (f"{name}: median {test['reference_median']} → {test['window_median']} (KS D {effect:.2f}, "
+            what = (f"{name}: median {test['reference_median']:.3g} → {test['window_median']:.3g} (KS D {effect:.2f}, "
                     f"{test['n']} films)")
             films = _extreme_films(window.rows, name, test)
         alerts.append({"window": window.index, "since": window.start.isoformat(), "until": window.end.isoformat(),
