@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pneumoscan.errors import first_line
+
 FORMAT_VERSION = 2
 _WARNED: set[str] = set()
 
@@ -72,11 +74,6 @@ def atomic_write_bytes(path: Path, data: bytes, *, sync: bool = True) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def first_line(exc: BaseException, limit: int = 200) -> str:
-    """An exception's first line for a one-line message (its type when it says nothing)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import islice, repeat
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,10 @@ PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", 
                "modality", "transfer_syntax", "inverted", "windowed", "exif_orientation")
 
 
+#: What a :class:`Prediction` keeps with ``keep_arrays`` for pictures: never part of a record.
+ARRAY_FIELDS = ("pixels", "mask", "heart", "cam_maps")
+
+
 @dataclass
 class Prediction:
     """What PneumoScan says about one image. Arrays stay out of :meth:`to_dict`.
@@ -84,7 +88,12 @@ class Prediction:
     """
 
     path: str | None
+    verdict: str | None = None
+    verdict_reason: str | None = None
+    population: dict[str, Any] | None = None
     probabilities: dict[str, float | None] | None = None
+    calibrated_for: str | None = None
+    rank_scores: dict[str, float | None] | None = None
     findings: list[str] | None = None
     not_assessed: list[str] | None = None
     thresholds: dict[str, float | None] | None = None
@@ -102,11 +111,6 @@ class Prediction:
     cams: dict[str, dict[str, Any]] | None = None
     mask_quality: dict[str, Any] | None = None
     measurements: dict[str, Any] | None = None
-    verdict: str | None = None
-    verdict_reason: str | None = None
-    rank_scores: dict[str, float | None] | None = None
-    population: dict[str, Any] | None = None
-    calibrated_for: str | None = None
     error: str | None = None
     pixels: np.ndarray | None = field(default=None, repr=False)
     mask: np.ndarray | None = field(default=None, repr=False)
@@ -119,19 +123,11 @@ class Prediction:
         return (self.cam_maps or {}).get(self.cam_label) if self.cam_label else None
 
     def to_dict(self) -> dict[str, Any]:
+        """Every public field in declaration order, ``status`` after the path; the arrays stay out."""
         from pneumoscan.reading import status_of
 
-        record = {"path": self.path, "status": None, "verdict": self.verdict, "verdict_reason": self.verdict_reason,
-                  "population": self.population, "probabilities": self.probabilities,
-                  "calibrated_for": self.calibrated_for, "rank_scores": self.rank_scores,
-                  "findings": self.findings,
-                  "not_assessed": self.not_assessed, "thresholds": self.thresholds,
-                  "thresholds_from": self.thresholds_from, "quality": self.quality,
-                  "box": self.box, "local_box": self.local_box, "clinical": self.clinical, "fallback": self.fallback,
-                  "lung_fraction": self.lung_fraction,
-                  "image": self.image, "cam_label": self.cam_label, "cam_peak": self.cam_peak,
-                  "cam_region": self.cam_region, "cams": self.cams, "mask_quality": self.mask_quality,
-                  "measurements": self.measurements, "error": self.error}
+        record = {"path": self.path, "status": None} | {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "path" and f.name not in ARRAY_FIELDS}
         record["status"] = status_of(record)
         return record
 

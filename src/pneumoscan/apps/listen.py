@@ -359,7 +359,8 @@ class Listener:
 
     def _failed_try(self, uid: str, exc: Exception) -> bool:
         """Count a failed try on disk; True to try again, else the instance is moved to failed/."""
-        from pneumoscan.modelfile import atomic_write_bytes, first_line
+        from pneumoscan.errors import first_line
+        from pneumoscan.modelfile import atomic_write_bytes
 
         counter = self.spool / f"{uid}.tries"
         tries = int(counter.read_text() or 0) + 1 if counter.exists() else 1

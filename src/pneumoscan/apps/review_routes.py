@@ -20,7 +20,6 @@ otherwise). The store's blocking calls run in FastAPI's thread pool, never on th
 
 from __future__ import annotations
 
-import base64
 import json
 from datetime import datetime, timezone
 from importlib import resources
@@ -32,6 +31,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from pneumoscan.apps.responses import data_uri, json_error
 from pneumoscan.store.db import NotFound, Store, StoreError, SubmissionTaken
 from pneumoscan.store.review import ReviewError, assessed, check_review
 from pneumoscan.store.schema import Reader
@@ -43,10 +43,6 @@ READER_KEY_HEADER = "x-reader-key"
 class Unauthorised(PermissionError):
     """No reader, or an unknown key (401; a known reader without the right is 403)."""
 MAX_REVIEW_BYTES = 64 * 1024
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
 
 
 def _date(text: str | None, name: str) -> datetime | None:
@@ -92,17 +88,17 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             try:
                 return work(reader_of(request))
             except Unauthorised as exc:
-                return _error(401, str(exc))
+                return json_error(401, str(exc))
             except PermissionError as exc:
-                return _error(403, str(exc))
+                return json_error(403, str(exc))
             except NotFound as exc:
-                return _error(404, str(exc))
+                return json_error(404, str(exc))
             except (Waiting, SubmissionTaken) as exc:
-                return _error(409, str(exc))
+                return json_error(409, str(exc))
             except (ReviewError, ValueError) as exc:
-                return _error(422, str(exc))
+                return json_error(422, str(exc))
             except StoreError as exc:
-                return _error(503, str(exc))
+                return json_error(503, str(exc))
         return run
 
     @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
@@ -130,7 +126,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
             view = store.result_view(result_id, me.id)
             layers = view["layers"]
             if layers is not None:
-                layers["preview"] = "data:image/jpeg;base64," + base64.b64encode(layers["preview"]).decode()
+                layers["preview"] = data_uri(layers["preview"], "image/jpeg")
             view["assessed"] = assessed(view["record"])
             return view
         return guarded(work)(request)
@@ -175,8 +171,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         def work(me: Reader) -> dict[str, Any]:
             answer = next_step(store, name, me)
             if answer.get("step"):
-                answer["step"]["preview"] = ("data:image/jpeg;base64,"
-                                             + base64.b64encode(answer["step"]["preview"]).decode())
+                answer["step"]["preview"] = data_uri(answer["step"]["preview"], "image/jpeg")
             return answer
         return guarded(work)(request)
 
@@ -189,14 +184,14 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
         reader whose credentials the browser adds by itself (an SSO proxy's, say)."""
         refused = foreign_post(request)
         if refused:
-            return _error(*refused)
+            return json_error(*refused)
         body = await request.body()
         if len(body) > MAX_REVIEW_BYTES:
-            return _error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
+            return json_error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
         try:
             payload = json.loads(body or b"null")
         except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
-            return _error(422, f"{what}the body is a JSON object")
+            return json_error(422, f"{what}the body is a JSON object")
         return await run_in_threadpool(guarded(lambda me: work(me, payload)), request)
 
     def foreign_post(request: Request) -> tuple[int, str] | None:

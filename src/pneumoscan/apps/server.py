@@ -27,7 +27,6 @@ rebinding.
 
 from __future__ import annotations
 
-import base64
 import hmac
 import json
 import threading
@@ -47,6 +46,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pneumoscan import __version__
 from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
+from pneumoscan.apps.responses import data_uri, json_error
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
@@ -157,7 +157,7 @@ def _png_data_uri(bgr: np.ndarray) -> str:
     ok, data = cv2.imencode(".png", bgr)
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
         raise RuntimeError("PNG encoding failed")
-    return "data:image/png;base64," + base64.b64encode(data.tobytes()).decode()
+    return data_uri(data.tobytes(), "image/png")
 
 
 def preview_images(result) -> dict[str, Any]:
@@ -232,18 +232,15 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                          description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
                                      "Research use only.")
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse(status_code=status, content={"error": message})
-
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
+        return json_error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
 
     @app.exception_handler(HTTPException)
     async def _http(_request, exc: HTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail))
+        return json_error(exc.status_code, str(exc.detail))
 
     # Outermost first: Host check, then the key, then admission and the upload limit.
     app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace, strikes=slow_strikes)
@@ -278,23 +275,23 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
             cam = predictor.cam_class(cam)
             given = clinical_fields(predictor, {"age": age, "sex": sex, "view": view}, clinical)
         except ValueError as exc:
-            return error(422, str(exc))
+            return json_error(422, str(exc))
         data = file.file.read(limit + 1)
         if len(data) > limit:
-            return error(413, f"upload is over the {limit:,}-byte limit")
+            return json_error(413, f"upload is over the {limit:,}-byte limit")
         label = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:200]
         with decoding:  # at most `workers` decoded images in memory at once
             try:
                 image = decode_xray(data, name=label, max_pixels=max_pixels)
             except XrayReadError as exc:
-                return error(400, str(exc))
+                return json_error(400, str(exc))
             if store is None:
                 del data
             with lock:
                 result = predictor.predict(image, cam=cam, name=label, keep_arrays=images or store is not None,
                                            force=force, clinical=given)
             if result.error:  # pragma: no cover - decoding already succeeded above
-                return error(400, result.error)
+                return json_error(400, result.error)
             body = result.to_dict()
             if store is not None:
                 body = write_to_store(store, body, result, data, name=label, path=kept(data, label),

@@ -29,13 +29,13 @@ from torch import nn
 from pneumoscan.classify import KIND as CLASSIFIER_KIND
 from pneumoscan.classify import Choose, Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
+from pneumoscan.errors import first_line
 from pneumoscan.explain import cam_from_features
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import (
     ModelFileError,
     atomic_write_bytes,
     file_sha256,
-    first_line,
     load_model,
     metadata_sha256,
 )

@@ -114,7 +114,7 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
                 raise NoRoom(record, exc) from exc
     if outputs.dicom_out is not None and picture is not None:
         if is_dicom_file(Path(path)):  # PNG/JPEG inputs get no DICOM results (and no "dicom" key)
-            from pneumoscan.modelfile import first_line
+            from pneumoscan.errors import first_line
             from pneumoscan.outputs.dicom import DicomOutputError, write_dicom_results
 
             try:

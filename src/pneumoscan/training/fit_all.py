@@ -299,7 +299,8 @@ def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestCla
     then also judge it; or an interim look at a run still going), as ``fit_all_layers`` returns
     it, and what the model file records of the checkpoint. Refused when the checkpoint's run (its
     ``config.json`` beside ``checkpoints/``) validated on other films."""
-    from pneumoscan.modelfile import ModelFileError, file_sha256, first_line
+    from pneumoscan.errors import first_line
+    from pneumoscan.modelfile import ModelFileError, file_sha256
 
     def differs(key: str, theirs: Any, ours: Any) -> bool:
         if key == "cache":  # the same folder, however its path was written

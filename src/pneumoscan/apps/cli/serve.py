@@ -22,6 +22,17 @@ from pneumoscan.apps.cli.common import (
 )
 
 
+def store_and_kept_films(db: str | None, keep_films: Path | None):
+    """The results store of ``--db`` (None without one), with ``--keep-films`` checked: it goes
+    with a store (the export points at the kept copies) and must be writable."""
+    if keep_films and not db:
+        fail("--keep-films goes with --db (the results store)")
+    store = open_store(db) if db else None
+    if keep_films:
+        ensure_writable(keep_films, "--keep-films")
+    return store
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -71,14 +82,12 @@ def serve(
              f"--insecure-no-auth if something in front of it authenticates")
     hosts = [h.strip() for h in allowed_hosts.split(",") if h.strip()] or \
         [*LOOPBACK_HOSTS, *([] if loopback or host in ("0.0.0.0", "::") else [host])]
-    if (reader_header or keep_films) and not db:
-        fail("--reader-header and --keep-films go with --db (the results store)")
+    if reader_header and not db:
+        fail("--reader-header goes with --db (the results store)")
     if reader_header and not api_key:
         err.print(f"warning: --reader-header {reader_header} without --api-key: anything that can reach this "
                   f"server can name a reader in that header; give --api-key, which the site proxy adds", highlight=False)
-    store = open_store(db) if db else None
-    if keep_films:
-        ensure_writable(keep_films, "--keep-films")
+    store = store_and_kept_films(db, keep_films)
     predictor = load_predictor(seg_model, model, backend=backend, device=device,
                                allow_model_mismatch=allow_model_mismatch)
     app = create_app(predictor, max_upload_mb=max_upload_mb, workers=workers, queue=queue, api_key=api_key,
@@ -157,11 +166,7 @@ def listen(
     if dicomweb_port is not None:
         need_extra("web", "--dicomweb-port", "uvicorn", "starlette")
     ensure_writable(out, "--out")
-    if keep_films and not db:
-        fail("--keep-films goes with --db (the results store)")
-    store = open_store(db) if db else None
-    if keep_films:
-        ensure_writable(keep_films, "--keep-films")
+    store = store_and_kept_films(db, keep_films)
     predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
     from pneumoscan.apps.listen import OneLineFormatter
 

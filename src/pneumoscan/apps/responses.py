@@ -1,0 +1,17 @@
+"""The two things every HTTP face answers with: a JSON error (``{"error": "..."}``, one line, the
+status that says whose fault it is) and a picture inlined as a data URI."""
+
+from __future__ import annotations
+
+import base64
+
+from fastapi.responses import JSONResponse
+
+
+def json_error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message})
+
+
+def data_uri(data: bytes, media: str) -> str:
+    """``data:MEDIA;base64,...`` for an image the page shows without another request."""
+    return f"data:{media};base64," + base64.b64encode(data).decode()
