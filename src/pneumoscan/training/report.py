@@ -85,7 +85,7 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     lines += ["", "## Detail: pooled over every source of the split", "",
               "Pooled AUCs mix data sets: where a label's positives and negatives come from different "
               "sources they reward telling the sources apart. They are not finding measures.", "",
-              "| label | positives / known | pooled AUC | 95 % CI | threshold | sensitivity | specificity | ECE |",
+              "| label | positives / known | pooled AUC | 95 % CI | threshold (raw) | sensitivity | specificity | ECE |",
               "|---|---|---|---|---|---|---|---|"]
     for label in LABELS:
         pl, ci = report["per_label"][label], report["auc_ci"][label]
@@ -108,7 +108,9 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
     lines += [f"| this model | {fmt(mean)} | within-source mean over {_count(within['findings_scored'], 'assessed finding')}, "
               f"split `{report['split']}` of the given manifest ({within['images']} images) |", "",
               f"Thresholds: {report.get('thresholds_from') or 'stored with the model'}; labels the model does not "
-              "assess have none.", ""]
+              "assess have none. They are on the raw score scale, as the scores here are; `predict`, the overlay "
+              "and the pages print the same operating points on the calibrated scale (`calibrate`'s card and "
+              "output show both).", ""]
     lines += calibration_lines(report)
     dropped = report.get("dropped") or []
     if dropped:
