@@ -283,6 +283,9 @@ def test_study_create_from_a_case_list(study_store, tmp_path, data_dir):
     assert "study cli: 6 cases × 2 readers × 2 arms (sequential)" in done.stderr
     step = next_step(store, "cli", store.reader_by_name("bob"))
     assert step["total"] == 12 and step["step"]["arm"] == "unaided"
+    cases_of = {item["name"]: item["id"] for item in store.worklist(None, source="study", limit=500)[0]}
+    heat = {name: set(store.result_view(cases_of[name], None)["layers"]["heat"]) for name in images}
+    assert all("Pneumonia" in maps for maps in heat.values()), heat  # the target's own map
     wrong = subprocess.run([*CLI, "study", "create", "cli2", "--cases", str(cases), "--target", "Effusion", "--reader", "ann",
                             "--reader", "bob", "--db", store.url], check=False, capture_output=True, text=True)
     assert wrong.returncode == 2 and "missing columns Effusion" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -75,7 +75,9 @@ def create(
     run = predictor.run_identity()
     ids = []
     with progress_bar(len(paths), "predict", unit="case") as bar:
-        for path, result in zip(paths, predictor.predict_many(paths, cam="top", keep_arrays=True)):
+        # the aided arm shows the study target's own map: ask for it (the first target's), not the top finding's
+        asked = target[0] if target[0] in predictor.classifier.assessed_labels else "top"
+        for path, result in zip(paths, predictor.predict_many(paths, cam=asked, keep_arrays=True)):
             record = write_to_store(store, result.to_dict(), result, None, name=path.name, path=path, run=run,
                                     source="study")
             if result.error or "store_id" not in record:
