@@ -8,7 +8,8 @@ Why each piece:
   ``paediatric`` (DICOM PatientAge, or an age the caller gives, wins; else an estimate from the
   film by linear heads on the backbone's pooled features), or ``unknown`` when neither tells.
   Assessed labels and thresholds are kept per population: a child never gets an adult-only
-  finding; a film of unknown age gets only the labels assessed for both.
+  finding; a film of unknown age is read with the adult reading, and says so (an adult must not
+  lose the adult findings because the estimate could not place the film).
 - **Calibration.** The head's raw outputs are not probabilities (out-of-fold ECE 0.16–0.30 on
   adult films). A per-label map fitted on out-of-fold scores (Platt: ``a·logit(p) + b``, or an
   isotonic step function) plus a prior shift of the log-odds (Saerens et al. 2002) makes each
@@ -17,8 +18,11 @@ Why each piece:
   stored thresholds (their sensitivity and specificity unchanged) and the thresholds are shown
   on the calibrated scale.
 - **Verdict.** ``abnormal`` when an assessed finding is called, ``normal`` when No Finding is
-  called and nothing else is, ``indeterminate`` otherwise: No Finding is never listed beside a
-  finding.
+  called (at the population's normal rule, whose out-of-fold NPV reaches the file's figure) and
+  nothing else is, ``indeterminate`` otherwise, or ``no finding called`` where the population has
+  no such rule: No Finding is never listed beside a finding.
+- **Rank.** Calibrated probabilities live on their population's scale; ``rank_scores`` put every
+  film on one (the raw score's percentile among the development films) for sorting and ROC curves.
 
 A model file without a ``reading`` section (older files) gives uncalibrated scores (its records
 say ``calibrated_for: null``) and reads every film whose header has no age as ``unknown``.
