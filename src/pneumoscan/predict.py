@@ -603,12 +603,13 @@ class Predictor:
                     result.measurements["ctr_above_pa_cutoff"] = None
                 result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if paediatric else UNKNOWN_AGE_CTR_NOTE
             if OUTLINED in (result.findings or []):
-                if outline_supports(ctr):
+                if outline_supports(ctr) and OUTLINED not in (result.cams or {}):  # an asked-for map stays
                     result.cams = {**(result.cams or {}), OUTLINED: outline_explanation(ctr, heart)}
-                elif ratio_disagreement(ctr):
-                    result.measurements["ctr_call_note"] = ratio_disagreement(ctr)
+                note = ratio_disagreement(ctr)
+                if note:
+                    result.measurements["ctr_call_note"] = note
                     if OUTLINED in (result.cams or {}):
-                        result.cams[OUTLINED]["note"] = ratio_disagreement(ctr)
+                        result.cams[OUTLINED]["note"] = note
             if keep_arrays:
                 result.heart = heart
 
