@@ -43,8 +43,7 @@ GROUPS = ("adult", "paediatric", "unknown")
 VERDICTS = ("normal", "abnormal", "indeterminate", "no finding called")
 #: The words each verdict is shown with.
 VERDICT_WORDS = {
-    "normal": "normal: No Finding called, at an operating point whose out-of-fold negative predictive value "
-              "reaches the model file's figure",
+    "normal": "normal: No Finding called and nothing else",
     "abnormal": "abnormal: at least one assessed finding called",
     "indeterminate": "indeterminate: neither a finding nor No Finding called",
     "no finding called": "no finding called: nothing reached its threshold, and this model never calls a film of "
@@ -197,9 +196,8 @@ def verdict_reason(verdict: str | None, reading: Reading, findings: list[str] | 
     if verdict == "no finding called" and rule.get("reason"):
         words += f": {rule['reason']}"
     elif verdict == "normal" and rule.get("npv") is not None:
-        words += f" (NPV {rule['npv']:.2f} out of fold, target {rule['npv_target']:.2f}, {rule['population']})"
-    elif verdict == "normal" and rule.get("source"):
-        words += f" (the No Finding threshold: {rule['source']})"
+        words += (f", at an operating point whose negative predictive value is {rule['npv']:.2f} out of fold "
+                  f"(target {rule['npv_target']:.2f}, {rule['population']})")
     caveat = [f for f in findings or [] if f in (adult_only or set())]
     if reading.group == "unknown" and caveat:
         words += (f"; {', '.join(caveat)} called with the adult reading because the film's age is not known: a "

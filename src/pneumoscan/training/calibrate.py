@@ -96,15 +96,8 @@ def calibrate(manifest: str | Path, split: str, out: str | Path, *, method: str,
         results[label] = {"old": old, "new": new, "changed": True, **entry["threshold_source"]["achieved"]}
     if (results.get("No Finding") or {}).get("changed"):
         # the site chose its own No Finding operating point: the file's normal rule (an NPV judged
-        # on NIH films) gives way to it, and the records say whose it is
-        adult = classifier.meta.get("reading", {}).get("populations", {}).get("adult")
-        if adult is not None:
-            adult["normal"] = {"threshold": assessment["No Finding"]["threshold"], "npv": None,
-                               "npv_target": None, "population": f"films of {Path(manifest).name} split {split}",
-                               "source": f"calibrate ({method}) on the site's films; the NPV rule of the parent "
-                                         f"file no longer applies",
-                               "fitted_thresholds": {label: float(entry["threshold"]) for label, entry in assessment.items()
-                                                     if entry.get("assessed") and label != "No Finding"}}
+        # on NIH films) gives way to it
+        classifier.meta.get("reading", {}).get("populations", {}).get("adult", {}).pop("normal", None)
     classifier.set_assessment(assessment)
     classifier.meta["threshold_provenance"] = provenance
     if prevalence or refit:

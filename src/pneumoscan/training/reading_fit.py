@@ -411,7 +411,7 @@ def normal_rules(oof: np.ndarray, labels: np.ndarray, folds: np.ndarray, sources
         rule["fitted_thresholds"] = {LABELS[j]: float(assessment[LABELS[j]]["threshold"]) for j in diseases}
         return rule
 
-    progress("normal rules: choosing and judging the No Finding operating points out of fold …")  # noqa: T201
+    progress("normal rules: choosing and judging the No Finding operating points out of fold …")
     adult_rows = (sources == ADULT_CALIBRATION_SOURCE) & ~(ages < 18)
     child_rows = sources == "kermany"
     adult = rule(adult_rows, adult_assessment, NIH_ADULT_PREVALENCE["No Finding"],
