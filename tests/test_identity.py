@@ -140,6 +140,7 @@ def test_a_store_that_keeps_failing_rests_instead_of_costing_every_film_its_wait
 
     class Locked:
         calls = 0
+        failing = (0, "", 0.0)
 
         def add_result(self, *args):
             Locked.calls += 1

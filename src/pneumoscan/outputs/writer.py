@@ -315,7 +315,7 @@ def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *,
         return record
     import time
 
-    failed, last, since = getattr(store, "failing", (0, "", 0.0))
+    failed, last, since = store.failing
     if failed >= STORE_STRIKES and time.monotonic() - since < STORE_REST_S:
         record["store_error"] = (f"not stored: the results store failed {failed} films in a row ({last}); not tried "
                                  f"again for {STORE_REST_S:g} s")

@@ -191,6 +191,9 @@ class Store:
     another revision is refused with the command that migrates it."""
 
     def __init__(self, url: str | None = None, *, create: bool = True):
+        #: films in a row this store failed to take, the last reason and when (the writer rests a store
+        #: that keeps failing: pneumoscan.outputs.writer.write_to_store)
+        self.failing: tuple[int, str, float] = (0, "", 0.0)
         self.url = store_url(url)
         database = make_url(self.url).database if self.url.startswith("sqlite") else None
         if not create and database and database != ":memory:" and not Path(database).exists():
