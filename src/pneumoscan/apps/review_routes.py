@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -31,7 +30,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pneumoscan.apps.responses import data_uri, json_error
+from pneumoscan.apps.responses import data_uri, json_error, web_file
 from pneumoscan.store.db import NotFound, Store, StoreError, SubmissionTaken
 from pneumoscan.store.review import ReviewError, assessed, check_review
 from pneumoscan.store.schema import Reader
@@ -103,7 +102,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
 
     @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
     def review_page() -> str:
-        return (resources.files("pneumoscan") / "apps" / "web" / "review.html").read_text()
+        return web_file("review.html")
 
     @app.get("/v1/review/me")
     def me(request: Request):
@@ -133,12 +132,11 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
 
     @app.get("/outlines.js", include_in_schema=False)
     def outlines_script() -> Response:
-        return Response((resources.files("pneumoscan") / "apps" / "web" / "outlines.js").read_text(),
-                        media_type="text/javascript")
+        return Response(web_file("outlines.js"), media_type="text/javascript")
 
     @app.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
     def monitor_page() -> str:
-        return (resources.files("pneumoscan") / "apps" / "web" / "monitor.html").read_text()
+        return web_file("monitor.html")
 
     @app.get("/v1/monitor")
     def monitor(request: Request, reference: int = Query(500, ge=20, le=MAX_ROW_ID),
@@ -156,7 +154,7 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
 
     @app.get("/study", response_class=HTMLResponse, include_in_schema=False)
     def study_page() -> str:
-        return (resources.files("pneumoscan") / "apps" / "web" / "study.html").read_text()
+        return web_file("study.html")
 
     @app.get("/v1/study")
     def my_studies(request: Request):
@@ -197,14 +195,12 @@ def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None =
     def foreign_post(request: Request) -> tuple[int, str] | None:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind != "application/json":
-            return 415, f"{what_json}, not {kind or 'a body without a Content-Type'}"
+            return 415, f"the body is sent as Content-Type: application/json, not {kind or 'a body without a Content-Type'}"
         origin = request.headers.get("origin")
         if (origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()) \
                 or request.headers.get("sec-fetch-site", "").lower() == "cross-site":
             return 403, "a review or rating is posted from this server's own page only (another site's Origin)"
         return None
-
-    what_json = "the body is sent as Content-Type: application/json"
 
     def fields(payload: Any) -> dict[str, Any]:
         return payload if isinstance(payload, dict) else {}

@@ -30,7 +30,6 @@ from __future__ import annotations
 import hmac
 import json
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pneumoscan import __version__
 from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
-from pneumoscan.apps.responses import data_uri, json_error
+from pneumoscan.apps.responses import data_uri, json_error, web_file
 from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
@@ -303,7 +302,7 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
-        return (resources.files("pneumoscan") / "apps" / "web" / "index.html").read_text()
+        return web_file("index.html")
 
     def kept(data: bytes, label: str) -> Path | None:
         """The upload kept in ``keep_films`` (by SHA-256, the name's suffix kept), or None."""
