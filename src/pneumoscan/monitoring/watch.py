@@ -12,6 +12,7 @@ matter (:data:`MIN_TVD`, :data:`MIN_KS`), so that a stable stream does not cry w
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -134,24 +135,37 @@ def watched_labels(rows: list[FilmRow]) -> list[str]:
     return [label for label in LABELS if any(label in r.probabilities for r in rows)]
 
 
-def window_tests(reference: list[FilmRow], window: list[FilmRow], labels: list[str]) -> dict[str, dict[str, Any]]:
-    """Every test of one window against the reference, by name."""
-    tests: dict[str, dict[str, Any]] = {}
-    for name in CATEGORICAL:
-        tests[name] = {"kind": "categorical"} | categorical_shift([r.categories[name] for r in reference],
-                                                                  [r.categories[name] for r in window])
-    for name in CONTINUOUS:
-        tests[name] = {"kind": "continuous"} | continuous_shift(np.array([r.measures[name] for r in reference]),
-                                                                np.array([r.measures[name] for r in window]))
+#: A watched statistic: its kind (``categorical`` or ``continuous``) and how to read it from a
+#: film (None: the film does not count for it, e.g. a label not scored for its population).
+Statistic = tuple[str, Callable[[FilmRow], Any]]
+
+
+def statistics(labels: list[str], ranked: bool) -> dict[str, Statistic]:
+    """Every watched statistic by name: the categories and measurements of each film, and per
+    label its rank score (or probability, for records without ranks) and whether it was called."""
+    out: dict[str, Statistic] = {name: ("categorical", lambda r, n=name: r.categories[n]) for name in CATEGORICAL}
+    out |= {name: ("continuous", lambda r, n=name: r.measures[n]) for name in CONTINUOUS}
     for label in labels:
-        key = "rank" if any(r.ranks for r in reference) else "probability"
-        score = (lambda r: r.ranks.get(label, math.nan)) if key == "rank" else \
-            (lambda r: r.probabilities.get(label, math.nan))
-        tests[f"{key}:{label}"] = {"kind": "continuous"} | continuous_shift(
-            np.array([score(r) for r in reference]), np.array([score(r) for r in window]))
-        tests[f"called:{label}"] = {"kind": "categorical"} | categorical_shift(
-            [str(label in r.called) for r in reference if label in r.probabilities],
-            [str(label in r.called) for r in window if label in r.probabilities])
+        out[f"{'rank' if ranked else 'probability'}:{label}"] = (
+            "continuous", lambda r, l=label: (r.ranks if ranked else r.probabilities).get(l, math.nan))
+        out[f"called:{label}"] = ("categorical",
+                                  lambda r, l=label: str(l in r.called) if l in r.probabilities else None)
+    return out
+
+
+def values_of(rows: list[FilmRow], statistic: Statistic) -> list[Any]:
+    """One statistic's values over films, the films it does not count for left out."""
+    return [v for v in map(statistic[1], rows) if v is not None]
+
+
+def window_tests(reference: dict[str, list[Any]], window: list[FilmRow], stats: dict[str, Statistic]
+                 ) -> dict[str, dict[str, Any]]:
+    """Every test of one window against the reference's values (read once, by statistic)."""
+    tests: dict[str, dict[str, Any]] = {}
+    for name, statistic in stats.items():
+        kind, ref, win = statistic[0], reference[name], values_of(window, statistic)
+        tests[name] = {"kind": kind} | (categorical_shift(ref, win) if kind == "categorical"
+                                        else continuous_shift(np.array(ref, float), np.array(win, float)))
     return tests
 
 
@@ -174,7 +188,8 @@ def window_performance(window: list[FilmRow], labels: list[str], truth: dict[int
     return out
 
 
-def flag(window: Window, tests: dict[str, dict[str, Any]], n_tests: int, alpha: float) -> list[dict[str, Any]]:
+def flag(window: Window, tests: dict[str, dict[str, Any]], stats: dict[str, Statistic], n_tests: int,
+         alpha: float) -> list[dict[str, Any]]:
     """The alerts of one window: tests whose Bonferroni-corrected p-value (over ``n_tests``, every
     test of every window) is below ``alpha`` and whose effect is at least the minimum."""
     alerts = []
@@ -185,37 +200,23 @@ def flag(window: Window, tests: dict[str, dict[str, Any]], n_tests: int, alpha: 
         needed = MIN_TVD if test["kind"] == "categorical" else MIN_KS
         if corrected >= alpha or effect < needed:
             continue
+        get = stats[name][1]
         if test["kind"] == "categorical":
             moved = test.get("moved")
             what = (f"{name}: '{moved}' {test['reference'].get(moved, 0):.0%} of the reference films → "
                     f"{test['window'].get(moved, 0):.0%} (total variation {effect:.2f})")
-            films = [r.result_id for r in window.rows if _category(r, name) == moved]
+            films = [r.result_id for r in window.rows if get(r) == moved]
         else:
             what = (f"{name}: median {test['reference_median']:.3g} → {test['window_median']:.3g} (KS D {effect:.2f}, "
                     f"{test['n']} films)")
-            films = _extreme_films(window.rows, name, test)
+            # the films furthest from the reference median in the direction it moved
+            sign = 1 if (test["window_median"] or 0) >= (test["reference_median"] or 0) else -1
+            scored = [(sign * get(r), r.result_id) for r in window.rows if np.isfinite(get(r))]
+            films = [i for _, i in sorted(scored, reverse=True)]
         alerts.append({"window": window.index, "since": window.start.isoformat(), "until": window.end.isoformat(),
                        "statistic": name, "what": what, "effect": effect, "p_corrected": corrected,
                        "films": films[:20], "review_links": [f"/review#result={i}" for i in films[:20]]})
     return alerts
-
-
-def _category(row: FilmRow, name: str) -> str:
-    if name.startswith("called:"):
-        return str(name.split(":", 1)[1] in row.called)
-    return row.categories.get(name, "other")
-
-
-def _extreme_films(rows: list[FilmRow], name: str, test: dict[str, Any]) -> list[int]:
-    """The window's films furthest from the reference median in the direction it moved."""
-    if ":" in name:
-        kind, label = name.split(":", 1)
-        values = [(r.ranks if kind == "rank" else r.probabilities).get(label, math.nan) for r in rows]
-    else:
-        values = [r.measures[name] for r in rows]
-    sign = 1 if (test["window_median"] or 0) >= (test["reference_median"] or 0) else -1
-    scored = [(sign * v, r.result_id) for v, r in zip(values, rows) if np.isfinite(v)]
-    return [i for _, i in sorted(scored, reverse=True)]
 
 
 def monitor(rows: list[FilmRow], *, reference: int = 500, window: int | None = 100, every_days: float | None = None,
@@ -227,14 +228,16 @@ def monitor(rows: list[FilmRow], *, reference: int = 500, window: int | None = 1
                          f"left to watch (give a smaller --reference, or wait for more films)")
     ref, rest = rows[:reference], rows[reference:]
     labels = watched_labels(rows)
+    stats = statistics(labels, ranked=any(r.ranks for r in ref))
+    reference_values = {name: values_of(ref, statistic) for name, statistic in stats.items()}
     windows = cut_windows(rest, window, every_days)
-    tests = [window_tests(ref, w.rows, labels) for w in windows]
+    tests = [window_tests(reference_values, w.rows, stats) for w in windows]
     n_tests = max(1, sum(len(t) for t in tests))
     truth = truth or {}
     for w, t in zip(windows, tests):
         w.tests = t
         w.performance = window_performance(w.rows, labels, truth)
-        w.alerts = flag(w, t, n_tests, alpha)
+        w.alerts = flag(w, t, stats, n_tests, alpha)
     return {
         "reference": {"films": len(ref), "since": ref[0].created_at.isoformat(), "until": ref[-1].created_at.isoformat(),
                       "performance": window_performance(ref, labels, truth)},
