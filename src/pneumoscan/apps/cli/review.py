@@ -29,9 +29,9 @@ app.add_typer(review_app, name="review")
 def spreadsheet_safe_table(table, keep: tuple[str, ...] = ()):
     """Every text cell (reader names, uploaded file names, notes) as a spreadsheet shows text,
     :func:`pneumoscan.outputs.writer.spreadsheet_safe`; the ``keep`` columns as they are."""
-    from pneumoscan.outputs.writer import spreadsheet_safe
-
     import pandas as pd
+
+    from pneumoscan.outputs.writer import spreadsheet_safe
 
     out = table.copy()
     for column in out.columns:

@@ -4,6 +4,7 @@ on a study in the store, a ratings CSV, an Iowa ``.lrc`` or an iMRMC ``.imrmc`` 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -65,7 +66,7 @@ def create(
     absent = [str(p) for p in paths if not p.is_file()]
     if absent:
         fail(f"{len(absent)} case file(s) not found, e.g. {absent[0]}")
-    twice = sorted({str(p) for p in paths if paths.count(p) > 1})
+    twice = sorted(str(p) for p, n in Counter(paths).items() if n > 1)
     if twice:  # found before anything is predicted or stored
         fail(f"{cases}: {len(twice)} case(s) listed twice, e.g. {twice[0]}")
     store = open_store(db)
