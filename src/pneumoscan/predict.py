@@ -551,6 +551,7 @@ class Predictor:
 
         probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, maps_of, local_from=local_from,
                                                                            codes=codes)
+        adult_only = adult_only_labels(classifier.readings)
         for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
             if local is not None:
                 result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
@@ -568,8 +569,7 @@ class Predictor:
             result.thresholds_from = classifier.thresholds_from
             result.findings = classifier.findings(p, who.group)
             result.verdict = verdict_of(result.findings, True, reading.normal_possible)
-            result.verdict_reason = verdict_reason(result.verdict, reading, result.findings,
-                                                   adult_only_labels(classifier.readings))
+            result.verdict_reason = verdict_reason(result.verdict, reading, result.findings, adult_only)
             result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
             explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                                  lungs_only=classifier.lung_masked, full=keep_arrays)
