@@ -272,6 +272,40 @@ def test_index_command_writes_manifest_and_summary(tmp_path):
     assert "Images (patients) per source and split" in result.stdout
     assert "6,445" in result.stdout
     assert len(read_manifest(out)) == 6_445
+    # --root holds holdout-exclude/, so the index applied it by default and says so.
+    assert "left out 0 films listed in" in result.stdout and "holdout-exclude" in result.stdout
+
+
+@needs_data
+def test_films_of_an_exclusion_list_never_reach_the_manifest(tmp_path):
+    """Every film of a listed NIH patient goes (from both NIH extracts), and every listed file
+    name (a Shenzhen film here), before splits are drawn; the CLI reports the counts per source."""
+    base = pd.read_csv(DATA / "nih-cxr14" / "Data_Entry_2017.csv")
+    extra = pd.read_csv(DATA / "nih-cxr14-extra" / "Data_Entry_2017.csv")
+    both = sorted(set(base["Patient ID"]) & set(extra["Patient ID"]))[0]  # a patient in both folders
+    listed = tmp_path / "exclude"
+    listed.mkdir()
+    (listed / "nih_patient_ids.txt").write_text(f"{both}\n")
+    (listed / "other_file_names.txt").write_text("CHNCXR_0001_0.png\nJPCLN001.png\n")
+    from pneumoscan.data import Exclusions
+
+    sources = {"nih": [DATA / "nih-cxr14", DATA / "nih-cxr14-extra"], "shenzhen": DATA / "shenzhen"}
+    table = build_manifest(sources, exclusions=Exclusions.load(listed))
+    films = int((base["Patient ID"] == both).sum() + (extra["Patient ID"] == both).sum())
+    assert table.attrs["excluded"] == {"nih": films, "shenzhen": 1} and films >= 2
+    assert f"nih:{both}" not in set(table.patient)
+    assert not table.path.str.endswith("CHNCXR_0001_0.png").any()
+    assert len(table) == 657 + 416 - films - 1
+    out = tmp_path / "m.csv"
+    run = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "index", "--shenzhen", str(DATA / "shenzhen"),
+                          "--exclude", str(listed), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "left out 1 films listed in" in run.stdout and "shenzhen 1" in run.stdout
+    assert len(read_manifest(out)) == 415
+    (listed / "nih_patient_ids.txt").write_text("00000061_000.png\n")  # a file name in the ID list
+    bad = subprocess.run([sys.executable, "-m", "pneumoscan.apps.cli", "index", "--shenzhen", str(DATA / "shenzhen"),
+                          "--exclude", str(listed), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "NIH patient IDs are numbers" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_index_command_without_sources_fails_cleanly(tmp_path):

@@ -3,6 +3,7 @@
 from pneumoscan.data.actualmed import Actualmed
 from pneumoscan.data.base import SourceError, XraySource
 from pneumoscan.data.covid import CovidChestXray
+from pneumoscan.data.exclude import Exclusions, drop_excluded
 from pneumoscan.data.jsrt import JSRT
 from pneumoscan.data.kermany import Kermany
 from pneumoscan.data.manifest import (
@@ -27,8 +28,8 @@ from pneumoscan.data.rsna import RSNA
 from pneumoscan.data.shenzhen import Shenzhen
 
 __all__ = [
-    "Actualmed", "CovidChestXray", "DEFAULT_FRACTIONS", "DEFAULT_SEED", "JSRT", "Kermany",
+    "Actualmed", "CovidChestXray", "DEFAULT_FRACTIONS", "DEFAULT_SEED", "Exclusions", "JSRT", "Kermany",
     "MANIFEST_COLUMNS", "ManifestError", "Montgomery", "NIH", "NIHMasked", "RSNA", "SOURCES", "Shenzhen",
-    "SourceError", "XraySource", "build_manifest", "label_matrix", "patient_leaks", "population",
+    "SourceError", "XraySource", "build_manifest", "drop_excluded", "label_matrix", "patient_leaks", "population",
     "read_manifest", "resolve_sources", "summarize", "write_manifest",
 ]

@@ -20,6 +20,7 @@ import pandas as pd
 from pneumoscan.data.actualmed import Actualmed
 from pneumoscan.data.base import SourceError, XraySource
 from pneumoscan.data.covid import CovidChestXray
+from pneumoscan.data.exclude import Exclusions, drop_excluded
 from pneumoscan.data.kermany import Kermany
 from pneumoscan.data.montgomery import Montgomery
 from pneumoscan.data.nih import NIH
@@ -111,6 +112,7 @@ def build_manifest(
     nih_masked_images: str | Path | None = None,
     test_sources: Sequence[str] = (),
     warnings: list[str] | None = None,
+    exclusions: Exclusions | None = None,
 ) -> pd.DataFrame:
     """One row per image of every source: ``path, source, patient, view, split``, the 15 labels
     (1/0, NaN unknown) and ``mask`` (segmentation masks, ``;``-joined, or empty).
@@ -122,7 +124,9 @@ def build_manifest(
     ``test_sources`` pins every image of those sources to test, and with them every image of
     their patients in other sources (NIH originals held out while their lung-masked copies in
     ``nihmasked`` would otherwise train). ``nih_masked_images``: the repository snapshot that
-    ``nihmasked``'s index points into."""
+    ``nihmasked``'s index points into. ``exclusions``: films of an independent evaluation set,
+    dropped before anything else sees them; how many each source lost is in
+    ``table.attrs["excluded"]`` (and which list, in ``table.attrs["exclusions"]``)."""
     unknown_names = set(sources) - set(SOURCES)
     if unknown_names:
         raise ManifestError(f"unknown sources {sorted(unknown_names)}; known: {sorted(SOURCES)}")
@@ -159,12 +163,18 @@ def build_manifest(
     if not tables:
         raise ManifestError("no sources given")
     merged = pd.concat(tables, ignore_index=True)
+    excluded = None
+    if exclusions is not None:
+        merged, excluded = drop_excluded(merged, exclusions)
     unknown_test = set(test_sources) - set(sources)
     if unknown_test:
         raise ManifestError(f"test sources {sorted(unknown_test)} are not among the indexed sources")
     merged.loc[merged["source"].isin(list(test_sources)), "official_split"] = "test"
     merged["split"] = assign_splits(merged["patient"], merged["official_split"], fractions, seed)
-    return merged[MANIFEST_COLUMNS].reset_index(drop=True)
+    table = merged[MANIFEST_COLUMNS].reset_index(drop=True)
+    if excluded is not None:
+        table.attrs.update(excluded=excluded, exclusions=exclusions.folder)
+    return table
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:

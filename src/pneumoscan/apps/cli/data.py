@@ -48,13 +48,20 @@ def index(
              "(default: $PNEUMOSCAN_NIH_MASKED_IMAGES).")] = None,
     test_source: Annotated[Optional[list[str]], typer.Option(
         help="Pin every image of this source (and of its patients elsewhere) to test; repeatable.")] = None,
+    exclude: Annotated[Optional[Path], typer.Option(
+        exists=True, file_okay=False,
+        help="Films to leave out before anything trains or chooses on them: a folder with "
+             "nih_patient_ids.txt and/or other_file_names.txt (an independent evaluation set's list). "
+             "Default: ROOT/holdout-exclude when --root holds one.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the patient-wise split.")] = 2019,
     fractions: Annotated[str, typer.Option(help="train,val,test fractions.")] = "0.8,0.08,0.12",
     quiet: QuietOption = False,
 ) -> None:
     """Index data sources in their original layouts into one patient-wise split manifest."""
     from pneumoscan.data import (
+        Exclusions,
         ManifestError,
+        SourceError,
         build_manifest,
         patient_leaks,
         resolve_sources,
@@ -69,12 +76,15 @@ def index(
     if not sources:
         fail("no sources given: pass --root DIR or at least one of --nih, --kermany, --rsna, ...")
     parts = numbers(fractions, f"--fractions must be three numbers like 0.8,0.08,0.12, got {fractions!r}", 3)
+    if exclude is None and root is not None and (root / "holdout-exclude").is_dir():
+        exclude = root / "holdout-exclude"
     warnings: list[str] = []
     try:
+        exclusions = Exclusions.load(exclude) if exclude is not None else None
         table = build_manifest(sources, fractions=parts, seed=seed, rsna_mapping=rsna_mapping,
                                nih_masked_images=nih_masked_images, test_sources=test_source or (),
-                               warnings=warnings)
-    except ManifestError as exc:
+                               warnings=warnings, exclusions=exclusions)
+    except (ManifestError, SourceError) as exc:
         fail(str(exc))
     for line in warnings:
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
@@ -85,6 +95,13 @@ def index(
     per_source, per_label = summarize(table)
     print_table("Images (patients) per source and split", per_source)
     print_table("Positive / known labels per split", per_label)
+    if exclusions is not None:
+        lost = table.attrs["excluded"]
+        console.print(f"left out {sum(lost.values()):,} films listed in {escape(str(exclude))} ("
+                      + ", ".join(f"{s} {n:,}" for s, n in sorted(lost.items())) + ")")
+    else:
+        err.print("[yellow]warning:[/] no exclusion list (--exclude): if an independent evaluation set "
+                  "shares these sources, its films are in this manifest", highlight=False)
     console.print(f"wrote {len(table):,} rows to {out}")
 
 
