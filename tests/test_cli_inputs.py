@@ -243,3 +243,23 @@ def test_link_loops_and_dangling_links_in_an_input_folder_are_listed_and_the_bat
     assert set(records) == {"a.png", "loop.png", "gone.png"}
     assert records["a.png"]["error"] is None and records["a.png"]["probabilities"]
     assert "symbolic links" in records["loop.png"]["error"] and "no such file" in records["gone.png"]["error"]
+
+
+def test_every_error_a_user_can_act_on_shares_one_base():
+    """The faces catch PneumoScanError and show its first line; each error a user can fix derives
+    from it (and still from the built-in error it was, so older callers keep catching it)."""
+    from pneumoscan.apps.cluster import ClusterError
+    from pneumoscan.clinical import ClinicalError
+    from pneumoscan.data import ManifestError, SourceError
+    from pneumoscan.errors import PneumoScanError
+    from pneumoscan.io import XrayReadError
+    from pneumoscan.modelfile import ModelFileError
+    from pneumoscan.mrmc import RatingsError
+    from pneumoscan.store.db import StoreError
+    from pneumoscan.store.study import StudyError
+    from pneumoscan.training.cache import CacheError
+
+    for error in (ClusterError, ClinicalError, ManifestError, SourceError, XrayReadError, ModelFileError,
+                  RatingsError, StoreError, StudyError, CacheError):
+        assert issubclass(error, PneumoScanError), error
+    assert issubclass(ModelFileError, ValueError) and issubclass(StoreError, RuntimeError)

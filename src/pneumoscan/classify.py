@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.clinical import ClinicalEncoder, ClinicalSpec
 from pneumoscan.labels import LABELS
@@ -79,7 +80,7 @@ LocalFrom = Callable[[int, tuple[int, int, int, int]], np.ndarray]
 Choose = Callable[[int, np.ndarray, np.ndarray], list[int]]
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(PneumoScanError, RuntimeError):
     """ImageNet weights were asked for but cannot be used; the message says what to do."""
 
 

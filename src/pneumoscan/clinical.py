@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumoscan.errors import PneumoScanError
+
 #: Age bins in years (child, adolescent, adult decades, elderly): fixed, so they read the same
 #: in every model card.
 AGE_EDGES = (2.0, 12.0, 18.0, 30.0, 45.0, 60.0, 75.0)
@@ -34,7 +36,7 @@ MAX_CATEGORIES = 20
 MIN_COUNT = 5
 
 
-class ClinicalError(ValueError):
+class ClinicalError(PneumoScanError, ValueError):
     """Patient information that cannot be used as asked (unknown field, unreadable CSV)."""
 
 

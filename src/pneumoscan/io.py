@@ -22,6 +22,8 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
+from pneumoscan.errors import PneumoScanError
+
 #: Refuse images above this many pixels before decoding them (decompression bombs). The largest
 #: common chest radiographs (43×43 cm detectors at 0.1 mm) are about 4,300 × 4,300 = 18.5 M pixels.
 MAX_PIXELS = 64_000_000
@@ -41,7 +43,7 @@ DICOM_CODEC_HINT = (
 )
 
 
-class XrayReadError(ValueError):
+class XrayReadError(PneumoScanError, ValueError):
     """A file that cannot be read as a chest X-ray; the message says why in plain words."""
 
 

@@ -21,13 +21,13 @@ from typing import Any
 
 import torch
 
-from pneumoscan.errors import first_line
+from pneumoscan.errors import PneumoScanError, first_line
 
 FORMAT_VERSION = 2
 _WARNED: set[str] = set()
 
 
-class ModelFileError(ValueError):
+class ModelFileError(PneumoScanError, ValueError):
     """A model file that is missing, damaged, tampered with or meant for something else."""
 
 

@@ -26,8 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.errors import PneumoScanError
 
-class RatingsError(ValueError):
+
+class RatingsError(PneumoScanError, ValueError):
     """A ratings file that cannot be analysed; the message says why."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.classify import Classifier, ScoringClassifier
 from pneumoscan.clinical import values_from
 from pneumoscan.crop import (
@@ -141,7 +142,7 @@ def resolve_label(name: str) -> str:
     raise ValueError(f"unknown class {name!r}; choose 'top' or one of: {', '.join(LABELS)}")
 
 
-class NotAssessedError(ValueError):
+class NotAssessedError(PneumoScanError, ValueError):
     """A Grad-CAM was asked for a label the model does not assess."""
 
 

@@ -21,8 +21,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
 
+from pneumoscan.errors import PneumoScanError
 
-class ClusterError(RuntimeError):
+
+class ClusterError(PneumoScanError, RuntimeError):
     """Ray missing or not reachable."""
 
 

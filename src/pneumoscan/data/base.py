@@ -10,6 +10,7 @@ from typing import ClassVar
 import numpy as np
 import pandas as pd
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import FINDINGS, LABELS, NO_FINDING
 
 #: Columns of a source's ``csv`` before splitting. ``official_split`` is "train", "test" or "".
@@ -17,7 +18,7 @@ SOURCE_COLUMNS = ["path", "patient", "view", "age", "sex", "official_split", "ma
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}
 
 
-class SourceError(ValueError):
+class SourceError(PneumoScanError, ValueError):
     """A data-source folder that does not have the layout its source publishes."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.data.actualmed import Actualmed
 from pneumoscan.data.base import SourceError, XraySource
 from pneumoscan.data.covid import CovidChestXray
@@ -44,7 +45,7 @@ DEFAULT_FRACTIONS = (0.80, 0.08, 0.12)
 DEFAULT_SEED = 2019
 
 
-class ManifestError(ValueError):
+class ManifestError(PneumoScanError, ValueError):
     """A manifest that cannot be built or read safely."""
 
 

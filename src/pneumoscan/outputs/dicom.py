@@ -41,6 +41,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan import __version__
 from pneumoscan.labels import LABELS
 from pneumoscan.reading import VERDICTS
@@ -81,7 +82,7 @@ TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientS
                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
-class DicomOutputError(ValueError):
+class DicomOutputError(PneumoScanError, ValueError):
     """The source cannot be answered in DICOM (not a DICOM file, or missing what DICOM needs)."""
 
 

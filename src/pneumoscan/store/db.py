@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from pneumoscan.errors import first_line
+from pneumoscan.errors import PneumoScanError, first_line
 from pneumoscan.store.schema import (
     Film,
     Layers,
@@ -38,11 +38,11 @@ RETRIES = 5
 REVIEW_VERDICTS = ("agree", "disagree", "unsure")
 
 
-class StoreError(RuntimeError):
+class StoreError(PneumoScanError, RuntimeError):
     """The store cannot be reached, has another schema revision, or refused a write."""
 
 
-class SubmissionTaken(ValueError):
+class SubmissionTaken(PneumoScanError, ValueError):
     """A review's submission id that belongs to another reader's or result's review."""
 
 

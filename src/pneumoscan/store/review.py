@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 from pneumoscan.store.db import REVIEW_VERDICTS
 
@@ -29,7 +30,7 @@ MAX_NOTE = 2000
 SUBMISSION = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
-class ReviewError(ValueError):
+class ReviewError(PneumoScanError, ValueError):
     """A review that cannot be stored as sent (answered 422)."""
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 from pneumoscan.store.db import NotFound, Store, StoreError, aware, now
 from pneumoscan.store.schema import (
@@ -35,7 +36,7 @@ ARMS = ("unaided", "aided")
 DEFAULT_WASHOUT_DAYS = 28.0
 
 
-class StudyError(ValueError):
+class StudyError(PneumoScanError, ValueError):
     """A study that cannot be made, or a reading that cannot be taken as sent (the message says why)."""
 
 

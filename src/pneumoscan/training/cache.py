@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.data.manifest import write_manifest
 from pneumoscan.modelfile import atomic_write_bytes
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 CACHE_VERSION = 1
 
 
-class CacheError(ValueError):
+class CacheError(PneumoScanError, ValueError):
     """A cache folder that cannot be used as asked (wrong settings, damaged shard)."""
 
 

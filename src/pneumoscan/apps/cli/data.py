@@ -18,6 +18,7 @@ from pneumoscan.apps.cli.common import (
     numbers,
     print_table,
 )
+from pneumoscan.errors import PneumoScanError
 
 
 @app.command()
@@ -60,8 +61,6 @@ def index(
     """Index data sources in their original layouts into one patient-wise split manifest."""
     from pneumoscan.data import (
         Exclusions,
-        ManifestError,
-        SourceError,
         build_manifest,
         patient_leaks,
         resolve_sources,
@@ -84,7 +83,7 @@ def index(
         table = build_manifest(sources, fractions=parts, seed=seed, rsna_mapping=rsna_mapping,
                                nih_masked_images=nih_masked_images, test_sources=test_source or (),
                                warnings=warnings, exclusions=exclusions)
-    except (ManifestError, SourceError) as exc:
+    except PneumoScanError as exc:
         fail(str(exc))
     for line in warnings:
         err.print(f"[yellow]warning:[/] {escape(line)}", highlight=False)
@@ -131,10 +130,7 @@ def prepare(
     quiet: QuietOption = False,
 ) -> None:
     """Crop cache: read → CLAHE → segment → crop → resize every manifest image once, in shards."""
-    from pneumoscan.apps.cluster import ClusterError
-    from pneumoscan.data import ManifestError, read_manifest
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
+    from pneumoscan.data import read_manifest
     from pneumoscan.training.cache import prepare as run_prepare
 
     runner = None
@@ -148,7 +144,7 @@ def prepare(
         table = read_manifest(manifest)
         result = run_prepare(table, out, size=size, shard_size=shard_size, workers=workers,
                              shard=parse_shard(shard), seg_model=seg_model, masked=lung_mask, runner=runner)
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ClusterError) as exc:
+    except (PneumoScanError, FileNotFoundError) as exc:
         fail(str(exc))
     console.print(
         f"{result['shards_done_now']} shards ({result['images_done_now']:,} images) done now, "

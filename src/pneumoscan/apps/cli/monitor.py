@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from pneumoscan.apps.cli.common import DbOption, app, console, ensure_writable, err, fail, open_store
+from pneumoscan.apps.cli.common import (
+    DbOption,
+    app,
+    console,
+    ensure_writable,
+    err,
+    fail,
+    open_store,
+)
 
 
 def parse_every(text: str | None) -> float | None:

@@ -25,6 +25,7 @@ from pneumoscan.apps.cli.common import (
     open_store,
     output_lock,
 )
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.progress import bar as progress_bar
 
 
@@ -44,7 +45,6 @@ def segment(
     import cv2
 
     from pneumoscan.io import display_name
-    from pneumoscan.modelfile import ModelFileError
     from pneumoscan.outputs.overlay import masks_caption, prediction_picture
     from pneumoscan.predict import load_heart, masks_and_ratio, read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
@@ -52,7 +52,7 @@ def segment(
     try:
         segmenter = LungSegmenter.load(model) if model else load_default()
         heart_segmenter = load_heart(heart_model)
-    except (ModelFileError, FileNotFoundError) as exc:
+    except (PneumoScanError, FileNotFoundError) as exc:
         fail(str(exc))
     if heart_segmenter is None:
         fail("no heart model is installed; give --heart-model FILE")

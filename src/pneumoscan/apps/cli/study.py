@@ -21,6 +21,7 @@ from pneumoscan.apps.cli.common import (
     load_predictor,
     open_store,
 )
+from pneumoscan.errors import PneumoScanError
 
 study_app = typer.Typer(help="Reader studies: readers with and without PneumoScan (MRMC analysis).",
                         no_args_is_help=True)
@@ -128,15 +129,14 @@ def analyse(
         except (RatingsError, ValueError, KeyError, IndexError) as exc:
             fail(f"{source}: {exc}" if str(source) not in str(exc) else str(exc))
     else:
-        from pneumoscan.store.db import StoreError
-        from pneumoscan.store.study import StudyError, study_data, study_extras
+        from pneumoscan.store.study import study_data, study_extras
 
         if Path(source).exists():
             fail(f"{source}: not a file")
         store = open_store(db, create=False)
         try:
             data = study_data(store, source, target)
-        except (StudyError, StoreError, RatingsError) as exc:
+        except PneumoScanError as exc:
             fail(f"{exc} (SOURCE is neither a file nor, it seems, a study in {store.where})"
                  if "no study" in str(exc) else str(exc))
         finally:

@@ -21,6 +21,7 @@ from pneumoscan.apps.cli.common import (
     numbers,
     print_table,
 )
+from pneumoscan.errors import PneumoScanError
 
 T = TypeVar("T")
 
@@ -85,7 +86,6 @@ def eval_seg(
     masked image of the given sources."""
     import pandas as pd
 
-    from pneumoscan.modelfile import ModelFileError
     from pneumoscan.segment import (
         HeartSegmenter,
         LungSegmenter,
@@ -98,7 +98,7 @@ def eval_seg(
     try:
         segmenter = LungSegmenter.load(model) if model else load_default()
         heart = (HeartSegmenter.load(heart_model) if heart_model else load_default_heart()) if jsrt else None
-    except (ModelFileError, FileNotFoundError) as exc:
+    except (PneumoScanError, FileNotFoundError) as exc:
         fail(str(exc))
     for title, model_, sources, structure in (("Lung", segmenter, lung_sources, "lungs"),
                                               ("Heart", heart, {"jsrt": str(jsrt)}, "heart")):
@@ -196,9 +196,6 @@ def train(
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable;
     progress.jsonl has the watched figures after every validation)."""
-    from pneumoscan.classify import PretrainedWeightsError
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
     from pneumoscan.training.classify import TrainConfig, train_classifier
 
     beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2,
@@ -244,7 +241,7 @@ def train(
                       from_checkpoint=str(from_checkpoint) if from_checkpoint else "")
     try:
         meta = train_classifier(cfg)
-    except (PretrainedWeightsError, CacheError, ModelFileError, ClinicalError, ValueError) as exc:
+    except (PneumoScanError, ValueError) as exc:
         fail(str(exc))
     if meta is not None:
         console.print(f"model written to {out / 'model.pt'}")
@@ -333,13 +330,10 @@ def headline(within: dict, split: str, assessed: list[str] | None = None) -> str
 def scored_or_fail(job: Callable[[], T]) -> T:
     """Run a job that scores a manifest split (evaluate, compare, calibrate): what a manifest, a
     crop cache or a model file refuses ends in one line, never a traceback."""
-    from pneumoscan.data import ManifestError
-    from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.training.cache import CacheError
 
     try:
         return job()
-    except (CacheError, ManifestError, ModelFileError, FileNotFoundError, ValueError) as exc:
+    except (PneumoScanError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
 
 
@@ -519,7 +513,6 @@ def export(
 ) -> None:
     """Export the models for ONNX Runtime: lungs, classifier and the shipped heart model (then:
     pneumoscan predict --onnx OUT)."""
-    from pneumoscan.modelfile import ModelFileError
     from pneumoscan.predict import Predictor
 
     if fmt != "onnx":
@@ -527,7 +520,7 @@ def export(
     try:
         predictor = Predictor.from_paths(seg_model, model, backend="torch")
         from pneumoscan.backends.onnx import export_onnx
-    except (ModelFileError, FileNotFoundError) as exc:
+    except (PneumoScanError, FileNotFoundError) as exc:
         fail(str(exc))
     except ImportError:
         fail("export needs the onnx extra: pip install 'pneumoscan[onnx]'")
