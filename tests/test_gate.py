@@ -281,3 +281,19 @@ def test_a_grey_copy_of_pneumoscans_own_overlay_is_refused():
     for name in FRONTAL:
         image = read_xray(DATA / name)
         assert not own_overlay(image.pixels) and picture_reasons(image.pixels, image.meta) == [], name
+
+
+@needs_data
+def test_a_childs_film_in_a_large_white_field_is_refused_for_its_lungs_not_for_being_no_chest(gate):
+    """Like NIH 00005618_000 (a 3-year-old in a large white field): the lung model finds no two
+    lungs, and the refusal says that first instead of calling the film no chest X-ray; a CT slice
+    keeps "not a frontal chest X-ray"."""
+    child = read_xray(DATA / "kermany/train/NORMAL/IM-0115-0001.jpeg").pixels
+    field = np.full((1024, 1024), 0.95, np.float32)
+    field[358:666, 358:666] = cv2.resize(child, (308, 308))
+    result = _gate(gate, field)
+    assert not result.frontal_chest and result.reasons[0].startswith("lungs not found")
+    assert result.to_dict()["refused_as"] == "the lungs were not found, so it could not be checked as a frontal chest X-ray"
+    ct = read_xray(get_testdata_file("CT_small.dcm"))
+    assert _gate(gate, ct.pixels, ct.meta).to_dict()["refused_as"] == "not a frontal chest X-ray"
+    assert _gate(gate, read_xray(DATA / FRONTAL[0]).pixels).to_dict()["refused_as"] is None

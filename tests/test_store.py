@@ -9,6 +9,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pydicom
 import pytest
@@ -421,3 +422,23 @@ def test_serve_and_listen_store_what_they_read(tmp_path, predictor, predictions)
     manifest, left_out, _ = export_manifest(current_reviews(store.review_rows()))
     assert sorted(Path(p).parent for p in manifest["path"]) == [kept, kept] and left_out.empty
     store.close()
+
+
+def test_a_heat_map_of_a_finding_not_called_stays_faint():
+    """The review page's heat layer: a called finding's map reaches its full opacity at the peak,
+    a map of a finding not called (the most probable one on a film with no call) stays faint."""
+    import base64
+
+    import cv2
+
+    from pneumoscan.store.layers import FAINT_ALPHA, HEAT_ALPHA, heat_png
+
+    cam = np.zeros((400, 300), np.float32)
+    cam[100:200, 50:150] = np.linspace(0, 1, 100)[None, :]
+
+    def alpha(png: str) -> np.ndarray:
+        return cv2.imdecode(np.frombuffer(base64.b64decode(png), np.uint8), cv2.IMREAD_UNCHANGED)[..., 3]
+
+    called, faint = alpha(heat_png(cam)), alpha(heat_png(cam, called=False))
+    assert called.max() >= HEAT_ALPHA - 5 and faint.max() <= FAINT_ALPHA
+    assert faint.max() > 0 and (faint > 0).sum() == (called > 0).sum()  # the same region, fainter

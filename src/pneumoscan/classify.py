@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from pneumoscan.errors import PneumoScanError
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.clinical import ClinicalEncoder, ClinicalSpec
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import (
     ModelFileError,
@@ -267,10 +267,10 @@ class ScoringClassifier:
         from pneumoscan.reading import readings
 
         assessment = self.meta.get("assessment") or {}
-        self.assessed = np.array([bool((assessment.get(l) or {}).get("assessed")) for l in LABELS])
-        self.thresholds = np.array([(assessment.get(l) or {}).get("threshold") if a else np.nan
-                                    for l, a in zip(LABELS, self.assessed)], np.float32)
-        bad = [l for l, a, t in zip(LABELS, self.assessed, self.thresholds) if a and not 0 <= t <= 1]
+        self.assessed = np.array([bool((assessment.get(lab) or {}).get("assessed")) for lab in LABELS])
+        self.thresholds = np.array([(assessment.get(lab) or {}).get("threshold") if a else np.nan
+                                    for lab, a in zip(LABELS, self.assessed)], np.float32)
+        bad = [lab for lab, a, t in zip(LABELS, self.assessed, self.thresholds) if a and not 0 <= t <= 1]
         if bad:
             raise ModelFileError(f"assessed labels without a threshold in [0, 1]: {bad}")
         try:

@@ -163,7 +163,7 @@ def fit_spec(table, names: list[str]) -> ClinicalSpec:
             edges = tuple(sorted(set(np.round(np.quantile(numbers.astype(float), [0.2, 0.4, 0.6, 0.8]), 6))))
             fields.append(Field(name, "numeric", edges))
             continue
-        counts = given.map(lambda v: parse_category(name, v)).dropna().value_counts()
+        counts = given.map(lambda v, name=name: parse_category(name, v)).dropna().value_counts()
         values = tuple(sorted(counts[counts >= MIN_COUNT].index[:MAX_CATEGORIES].astype(str)))
         if not values:
             raise ClinicalError(f"--clinical field {name!r}: no value occurs {MIN_COUNT} times in the "

@@ -3,7 +3,8 @@ full original image through the crop box.
 
 Grad-CAM (Selvaraju et al.): gradients of the class score with respect to the target layer's
 activations, averaged per channel as weights, weighted sum of the activations, ReLU, bilinearly
-upsampled, normalised to [0, 1] (after upsampling, as MONAI does, so the peak is exactly 1). :class:`GradCAM` holds its forward hook only inside a ``with``
+upsampled, normalised to [0, 1] (after upsampling, as MONAI does, so the peak is exactly 1). :class:`GradCAM` holds its
+forward hook only inside a ``with``
 block (as pytorch-grad-cam does), so repeated use never piles hooks or activations up.
 
 At the last feature map the channel weights do not depend on position (the head sees only the

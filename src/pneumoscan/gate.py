@@ -77,7 +77,20 @@ class GateResult:
     method: str = "rules"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"refused_as": refusal_headline(self.reasons) if self.reasons else None}
+
+
+#: The start of the reason given when the lung model finds fewer than two lungs.
+LUNGS_NOT_FOUND = "lungs not found"
+
+
+def refusal_headline(reasons: list[str]) -> str:
+    """A refusal in a few words, for the line a person reads first. When the lung model found no two
+    lungs, that is said first: a child's film in a large white field, or an unusual exposure, is
+    refused because its lungs were not found, which "not a frontal chest X-ray" would misstate."""
+    if any(r.startswith(LUNGS_NOT_FOUND) for r in reasons):
+        return "the lungs were not found, so it could not be checked as a frontal chest X-ray"
+    return "not a frontal chest X-ray"
 
 
 #: A radiograph has hundreds of grey levels; a picture with fewer than this is a drawing, a mask
@@ -240,7 +253,7 @@ def gate_features(measures: dict[str, float], prob: np.ndarray, picture: np.ndar
 def shape_reasons(m: dict[str, float]) -> list[str]:
     """Reasons from :func:`lung_measures` (in the order a person would check them)."""
     if m["regions"] < 2:
-        return [f"lungs not found ({int(m['regions'])} lung region(s) instead of 2)"]
+        return [f"{LUNGS_NOT_FOUND} ({int(m['regions'])} lung region(s) instead of 2)"]
     checks = [
         (m["smaller_lung_area"] >= MIN_LUNG_AREA and TOTAL_LUNG_AREA[0] <= m["lung_area"] <= TOTAL_LUNG_AREA[1],
          f"lung area implausible ({m['lung_area']:.0%} of the image)"),
@@ -322,8 +335,9 @@ def check_frontal_chest(prob: np.ndarray, pixels: np.ndarray, meta: dict[str, An
         score = learnt.score(features)
         measures["frontal_score"] = score
         if score < learnt.threshold:
-            reasons += [f"does not look like a frontal chest X-ray to the learnt check (score {score:.2f}, "
-                        f"needs {learnt.threshold:.2f})"] + rules
+            lost = [r for r in rules if r.startswith(LUNGS_NOT_FOUND)]  # the cause a person acts on, first
+            reasons += lost + [f"does not look like a frontal chest X-ray to the learnt check (score {score:.2f}, "
+                               f"needs {learnt.threshold:.2f})"] + [r for r in rules if r not in lost]
     return GateResult(not reasons, reasons,  # None where a value could not be measured (valid JSON)
                       {k: round(v, 4) if np.isfinite(v) else None for k, v in measures.items()},
                       method="rules" if learnt is None else "learnt")

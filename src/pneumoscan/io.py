@@ -363,7 +363,8 @@ def inflated(data: bytes, name: str, max_pixels: int) -> bytes:
             meta = meta[:group_length] + fixed.to_bytes(4, "little") + meta[group_length + 4:]
         header = _parse_dicom(io.BytesIO(meta + body), name, force=False, header_only=True)
         rows, cols = _check_dicom_size(header, name, max_pixels)
-        per_pixel = _as_int(tag_value(header, "SamplesPerPixel", 1), 1) * -(-_as_int(tag_value(header, "BitsAllocated", 16), 16) // 8)
+        samples = _as_int(tag_value(header, "SamplesPerPixel", 1), 1)
+        per_pixel = samples * -(-_as_int(tag_value(header, "BitsAllocated", 16), 16) // 8)
         room = rows * cols * max(per_pixel, 1) + HEADER_ROOM
         body += stream.decompress(stream.unconsumed_tail, room - len(body) + 1)
     except zlib.error as exc:

@@ -47,8 +47,10 @@ def study_markdown(result: dict[str, Any], source: str) -> str:
     lines += [f"| {r} | " + " | ".join(_f(result["reader_auc"][t][r]) for t in treatments) + " |" for r in readers]
     lines += ["| **mean** | " + " | ".join(f"**{_f(result['auc'][t])}**" for t in treatments) + " |", "",
               "## ANOVA of the reader AUCs", "", "| source | SS | df | MS |", "|---|---|---|---|"]
-    lines += [f"| {k} | {v['SS']:.8f} | {v['df']} | {v['MS']:.8f} |" for k, v in result["anova"].items() if k != "R_within_treatment"]
-    lines += ["", "MS(R) within each treatment: " + ", ".join(f"{t} {v:.8f}" for t, v in result["anova"]["R_within_treatment"].items()),
+    lines += [f"| {k} | {v['SS']:.8f} | {v['df']} | {v['MS']:.8f} |"
+              for k, v in result["anova"].items() if k != "R_within_treatment"]
+    within = result["anova"]["R_within_treatment"]
+    lines += ["", "MS(R) within each treatment: " + ", ".join(f"{t} {v:.8f}" for t, v in within.items()),
               "", "## Variance components (OR; ANOVA estimates, which can be negative)", "",
               "| component | estimate |", "|---|---|"]
     lines += [f"| {k} | {v:.8f} |" for k, v in result["or_components"].items()]
@@ -100,7 +102,8 @@ def _study_lines(extra: dict[str, Any] | None) -> list[str]:
     if alone:
         lines += ["", f"PneumoScan alone (its probability as the score) on the {alone['cases']} cases it assessed"
                       + (f" ({alone['left_out']} left out)" if alone["left_out"] else "") + f": AUC {alone['auc']:.4f}; "
-                      "readers' average on the same cases " + ", ".join(f"{a} {v:.4f}" for a, v in alone["readers_average_auc"].items()) + "."]
+                      "readers' average on the same cases "
+                      + ", ".join(f"{a} {v:.4f}" for a, v in alone["readers_average_auc"].items()) + "."]
     return lines
 
 

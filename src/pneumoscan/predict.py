@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.errors import PneumoScanError
 from pneumoscan.classify import Classifier, ScoringClassifier
 from pneumoscan.clinical import values_from
 from pneumoscan.crop import (
@@ -27,6 +26,7 @@ from pneumoscan.crop import (
     local_crop,
     lungs_only,
 )
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.explain import heat_on_film
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.io import XrayImage, XrayReadError, decode_xray, display_name, read_xray
@@ -83,7 +83,8 @@ class Prediction:
     :meth:`to_dict` is :func:`pneumoscan.reading.status_of`.
     ``local_box`` is an AG-CNN model's attention box on the original image (what its local
     branch read); ``clinical`` says which patient-information fields a model that fuses them was
-    given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when ``frontal_chest`` is
+    given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when
+    ``frontal_chest`` is
     false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
     forced it, which ``quality["forced"]`` then says.
     """
@@ -495,21 +496,7 @@ class Predictor:
         segment → crop path."""
         classifier = self.classifier
         cam_label = None if cam in (None, "top") else cam
-        results = [Prediction(path=_label(*item.source[:2]), error=item.error) for item in chunk]
-        readable = [(r, item) for r, item in zip(results, chunk) if item.image is not None]
-        scored = []
-        for result, item in readable:
-            image, seg = item.image, item.seg
-            gate = check_frontal_chest(seg.prob, image.pixels, image.meta, self.frontal_check)
-            gate.forced = force and not gate.frontal_chest
-            result.image = {k: image.meta.get(k) for k in PUBLIC_META}
-            result.quality = gate.to_dict()
-            result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
-            result.lung_fraction = round(float(seg.lung_fraction), 4)
-            if keep_arrays:
-                result.pixels, result.mask = image.pixels, seg.mask
-            if gate.frontal_chest or force:
-                scored.append((result, item))
+        results, scored = self._gate(chunk, keep_arrays, force)
         if not scored:
             return results
         crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
@@ -558,34 +545,67 @@ class Predictor:
                 result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
             if codes is not None:
                 result.clinical = classifier.clinical.present(codes[k])
-            who = population(k, pooled[k])
-            reading = classifier.readings[who.group]
-            shown = reading.calibrate(p[None])[0]
-            result.population = who.to_dict()
-            result.calibrated_for = reading.calibrated_for
-            result.probabilities = {label: round(float(v), 6) if a else None
-                                    for label, v, a in zip(LABELS, shown, reading.assessed)}
-            result.not_assessed = [label for label, a in zip(LABELS, reading.assessed) if not a]
-            result.thresholds = reading.shown_thresholds()
-            result.thresholds_from = classifier.thresholds_from
-            result.findings = classifier.findings(p, who.group)
-            result.verdict = verdict_of(result.findings, True, reading.normal_possible)
-            result.verdict_reason = verdict_reason(result.verdict, reading, result.findings, adult_only)
-            result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
-            explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
-                                                 lungs_only=classifier.lung_masked, full=keep_arrays)
-                         for j, h in heat.items()}
-            result.cams = {label: {"method": "grad-cam", "called": label in result.findings,
-                                   "why": cam_reason(label, result.findings, cam_label),
-                                   "peak": peak, "region": region}
-                           for label, (peak, region, _) in explained.items()}
-            if explained:
-                result.cam_label = next(iter(explained))
-                result.cam_peak, result.cam_region = explained[result.cam_label][:2]
-            if keep_arrays:
-                result.cam_maps = {label: full for label, (_, _, full) in explained.items()}
+            self._reading(result, p, population(k, pooled[k]), adult_only)
+            self._explain(result, item, heat, cam_label, keep_arrays)
         self._measure(scored, measured, keep_arrays)
         return results
+
+    def _gate(self, chunk: list[Cropped], keep_arrays: bool, force: bool
+              ) -> tuple[list[Prediction], list[tuple[Prediction, Cropped]]]:
+        """One Prediction per input (an unreadable one carries its error) and the films the input
+        gate lets through (every readable film with ``force``), each with its gate verdict, crop box
+        and (``keep_arrays``) its pixels and lung mask."""
+        results = [Prediction(path=_label(*item.source[:2]), error=item.error) for item in chunk]
+        scored = []
+        for result, item in zip(results, chunk):
+            if item.image is None:
+                continue
+            image, seg = item.image, item.seg
+            gate = check_frontal_chest(seg.prob, image.pixels, image.meta, self.frontal_check)
+            gate.forced = force and not gate.frontal_chest
+            result.image = {k: image.meta.get(k) for k in PUBLIC_META}
+            result.quality = gate.to_dict()
+            result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
+            result.lung_fraction = round(float(seg.lung_fraction), 4)
+            if keep_arrays:
+                result.pixels, result.mask = image.pixels, seg.mask
+            if gate.frontal_chest or force:
+                scored.append((result, item))
+        return results, scored
+
+    def _reading(self, result: Prediction, p: np.ndarray, who: Population, adult_only: set[str]) -> None:
+        """The film's reading for its population: calibrated probabilities, thresholds, findings,
+        verdict and rank scores from the raw probabilities ``p``."""
+        classifier = self.classifier
+        reading = classifier.readings[who.group]
+        shown = reading.calibrate(p[None])[0]
+        result.population = who.to_dict()
+        result.calibrated_for = reading.calibrated_for
+        result.probabilities = {label: round(float(v), 6) if a else None
+                                for label, v, a in zip(LABELS, shown, reading.assessed)}
+        result.not_assessed = [label for label, a in zip(LABELS, reading.assessed) if not a]
+        result.thresholds = reading.shown_thresholds()
+        result.thresholds_from = classifier.thresholds_from
+        result.findings = classifier.findings(p, who.group)
+        result.verdict = verdict_of(result.findings, True, reading.normal_possible)
+        result.verdict_reason = verdict_reason(result.verdict, reading, result.findings, adult_only)
+        result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
+
+    def _explain(self, result: Prediction, item: Cropped, heat: dict[int, np.ndarray], cam_label: str | None,
+                 keep_arrays: bool) -> None:
+        """The film's Grad-CAM maps on the film: peak, region and why each is shown."""
+        explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
+                                             lungs_only=self.classifier.lung_masked, full=keep_arrays)
+                     for j, h in heat.items()}
+        result.cams = {label: {"method": "grad-cam", "called": label in result.findings,
+                               "why": cam_reason(label, result.findings, cam_label),
+                               "peak": peak, "region": region}
+                       for label, (peak, region, _) in explained.items()}
+        if explained:
+            result.cam_label = next(iter(explained))
+            result.cam_peak, result.cam_region = explained[result.cam_label][:2]
+        if keep_arrays:
+            result.cam_maps = {label: full for label, (_, _, full) in explained.items()}
 
     @staticmethod
     def _measure(scored: list[tuple[Prediction, Cropped]], measured: list[tuple[dict[str, Any], Any, Any]],

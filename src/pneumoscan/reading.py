@@ -305,9 +305,9 @@ def readings(meta: dict[str, Any], assessed: np.ndarray, thresholds: np.ndarray)
         return {"adult": adult, "paediatric": replace(adult, group="paediatric"), "unknown": unknown}
     spec = populations["paediatric"]
     ped_assessment = spec.get("assessment") or {}
-    ped_assessed = np.array([bool((ped_assessment.get(l) or {}).get("assessed")) for l in LABELS])
-    ped_thresholds = np.array([(ped_assessment.get(l) or {}).get("threshold") if a else np.nan
-                               for l, a in zip(LABELS, ped_assessed)], np.float64)
+    ped_assessed = np.array([bool((ped_assessment.get(lab) or {}).get("assessed")) for lab in LABELS])
+    ped_thresholds = np.array([(ped_assessment.get(lab) or {}).get("threshold") if a else np.nan
+                               for lab, a in zip(LABELS, ped_assessed)], np.float64)
     paediatric = with_normal_rule(Reading("paediatric", ped_assessed, ped_thresholds, spec.get("calibration") or {},
                                           spec.get("calibrated_for")), spec.get("normal"))
     return {"adult": adult, "paediatric": paediatric, "unknown": unknown}

@@ -106,7 +106,7 @@ class StowForward:
         for path in paths:
             dataset = pydicom.dcmread(path)
             expired = threading.Event()
-            watchdog = threading.Timer(self.deadline, lambda: (expired.set(), shut(sockets)))
+            watchdog = threading.Timer(self.deadline, lambda expired=expired: (expired.set(), shut(sockets)))
             watchdog.start()
             try:
                 answer = client.store_instances(datasets=[dataset])

@@ -203,7 +203,7 @@ class Listener:
                 log.info("%s from %s failed before; processing it again", uid, sender)
             if not (self.done / uid).exists():  # done before (the sender retried): nothing to do
                 spool_and_sync(self.spool / f"{uid}.dcm", encoded)
-        except Exception as exc:  # a full disk: the sender must retry
+        except Exception as exc:  # noqa: BLE001 - a full disk: the sender must retry
             with self._lock:
                 self._pending.discard(uid)
             log.error("could not spool %s (answered 0xA700, the sender retries): %s", uid,
@@ -238,7 +238,7 @@ class Listener:
             log.warning("refused an instance from %s: %s", printable(event.assoc.requestor.ae_title),
                         str(exc).replace(uid, "it")[:200])
             return CANNOT_UNDERSTAND
-        except Exception as exc:  # a dataset pydicom cannot decode
+        except Exception as exc:  # noqa: BLE001 - a dataset pydicom cannot decode
             log.warning("refused an instance from %s: undecodable (%s)", printable(event.assoc.requestor.ae_title),
                         type(exc).__name__)
             return CANNOT_UNDERSTAND
@@ -328,7 +328,7 @@ class Listener:
                 if self._full:
                     log.info("there is room again: processing goes on, C-STORE is taken again")
                     self._full, delay = False, 1.0
-            except Exception as exc:  # nothing escapes: one bad instance, or a full disk, never stops the worker
+            except Exception as exc:  # noqa: BLE001 - nothing escapes: one bad instance, or a full disk, never stops the worker
                 try:
                     again = self._wait_for_room(exc, delay) or self._failed_try(uid, exc)
                 except OSError as during:  # even counting the failed try found no room
@@ -500,7 +500,7 @@ class Listener:
                     log.warning("forward of %s waits %.0f s: %s", uid, delay, exc)
                     self._stopping.wait(delay)
                     delay = min(2 * delay, self.backoff_max_s)
-                except Exception as exc:  # the outbox entry itself is broken: drop it, say so
+                except Exception as exc:  # noqa: BLE001 - the outbox entry itself is broken: drop it, say so
                     log.error("forward of %s dropped: %s", uid, type(exc).__name__)
                     (self.outbox / f"{uid}.json").unlink(missing_ok=True)
                     break
@@ -625,7 +625,7 @@ class Listener:
         except XrayReadError as exc:
             log.warning("refused a STOW-RS part from %s: %s", sender, str(exc)[:200])
             return CANNOT_UNDERSTAND, None
-        except Exception:  # not DICOM
+        except Exception:  # noqa: BLE001 - not DICOM
             return CANNOT_UNDERSTAND, None
         try:  # pydicom converts elements when first read: a bad one (an unknown VR, say) fails here
             uid, sop_class = str(dataset.get("SOPInstanceUID", "")), str(dataset.get("SOPClassUID", ""))

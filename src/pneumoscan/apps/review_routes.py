@@ -21,11 +21,12 @@ otherwise). The store's blocking calls run in FastAPI's thread pool, never on th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
@@ -60,171 +61,196 @@ MAX_ROW_ID = 2**63 - 1
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 
 
+#: How each failure of a review or study request is answered (first match wins).
+ANSWERS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
+    (Unauthorised, 401), (PermissionError, 403), (NotFound, 404), ((Waiting, SubmissionTaken), 409),
+    ((ReviewError, ValueError), 422), (StoreError, 503))
+
+router = APIRouter()
+
+
 def add_review_routes(app: FastAPI, store: Store, *, reader_header: str | None = None) -> None:
-    """The review page and its API on ``app``."""
+    """The review page, the reader-study page, the monitor and their API on ``app``, over ``store``;
+    ``reader_header``: the site proxy's header that names a reader (trusted as given)."""
+    app.state.store, app.state.reader_header = store, reader_header
+    app.include_router(router)
 
-    def reader_of(request: Request) -> Reader:
-        key = request.headers.get(READER_KEY_HEADER)
-        if key:
-            reader = store.reader_by_key(key)
-            if reader is None:
-                raise Unauthorised("unknown reader key")
-            return reader
-        if reader_header and request.headers.get(reader_header):
-            reader = store.reader_by_name(request.headers[reader_header], create=True)
-            if reader.key_sha256 is not None or reader.adjudicator:
-                # readers made with a key, and adjudicators, are never reached by a header anyone
-                # on the path to this server could send
-                raise PermissionError(f"{reader.name} is a reader with a key{' (an adjudicator)' if reader.adjudicator else ''}: "
-                                      f"they sign in with X-Reader-Key, never through the proxy header {reader_header}")
-            return reader
-        raise Unauthorised("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
-                              + (f" or come through the site proxy ({reader_header})" if reader_header else ""))
 
-    def guarded(work):
-        """Run ``work(reader)``; the store's and the reader's failures as JSON errors."""
-        def run(request: Request):
-            try:
-                return work(reader_of(request))
-            except Unauthorised as exc:
-                return json_error(401, str(exc))
-            except PermissionError as exc:
-                return json_error(403, str(exc))
-            except NotFound as exc:
-                return json_error(404, str(exc))
-            except (Waiting, SubmissionTaken) as exc:
-                return json_error(409, str(exc))
-            except (ReviewError, ValueError) as exc:
-                return json_error(422, str(exc))
-            except StoreError as exc:
-                return json_error(503, str(exc))
-        return run
+def store_of(request: Request) -> Store:
+    return request.app.state.store
 
-    @app.get("/review", response_class=HTMLResponse, include_in_schema=False)
-    def review_page() -> str:
-        return web_file("review.html")
 
-    @app.get("/v1/review/me")
-    def me(request: Request):
-        return guarded(lambda reader: {"reader": reader.name, "adjudicator": reader.adjudicator})(request)
+def reader_of(request: Request) -> Reader:
+    """The reader the request's key names, or the site proxy's header (never a reader with a key
+    or an adjudicator: anyone on the path to this server could send that header)."""
+    store, header = store_of(request), request.app.state.reader_header
+    key = request.headers.get(READER_KEY_HEADER)
+    if key:
+        reader = store.reader_by_key(key)
+        if reader is None:
+            raise Unauthorised("unknown reader key")
+        return reader
+    if header and request.headers.get(header):
+        reader = store.reader_by_name(request.headers[header], create=True)
+        if reader.key_sha256 is not None or reader.adjudicator:
+            raise PermissionError(f"{reader.name} is a reader with a key{' (an adjudicator)' if reader.adjudicator else ''}: "
+                                  f"they sign in with X-Reader-Key, never through the proxy header {header}")
+        return reader
+    raise Unauthorised("reviewing needs a reader: send header X-Reader-Key (pneumoscan review readers add NAME)"
+                       + (f" or come through the site proxy ({header})" if header else ""))
 
-    @app.get("/v1/review/worklist")
-    def worklist(request: Request, status: str | None = None, finding: str | None = None, source: str | None = None,
-                 since: str | None = None, until: str | None = None, reader: str | None = None,
-                 limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_ROW_ID)):
-        def work(me: Reader) -> dict[str, Any]:
-            items, total = store.worklist(me.id, status=status, finding=finding, source=source,
-                                          since=_date(since, "since"), until=_date(until, "until"),
-                                          reviewed_by=reader, limit=limit, offset=offset)
-            return {"reader": me.name, "total": total, "items": items}
-        return guarded(work)(request)
 
-    @app.get("/v1/review/results/{result_id}")
-    def result(request: Request, result_id: RowId):
-        def work(me: Reader) -> dict[str, Any]:
-            view = store.result_view(result_id, me.id)
-            layers = view["layers"]
-            if layers is not None:
-                layers["preview"] = data_uri(layers["preview"], "image/jpeg")
-            view["assessed"] = assessed(view["record"])
-            return view
-        return guarded(work)(request)
+def guarded(request: Request, work: Callable[[Reader], Any]) -> Any:
+    """``work(reader)`` for the request's reader; a failure answered as :data:`ANSWERS` says."""
+    try:
+        return work(reader_of(request))
+    except tuple(kind for kinds, _ in ANSWERS for kind in (kinds if isinstance(kinds, tuple) else (kinds,))) as exc:
+        status = next(code for kinds, code in ANSWERS if isinstance(exc, kinds))
+        return json_error(status, str(exc))
 
-    @app.get("/outlines.js", include_in_schema=False)
-    def outlines_script() -> Response:
-        return Response(web_file("outlines.js"), media_type="text/javascript")
 
-    @app.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
-    def monitor_page() -> str:
-        return web_file("monitor.html")
+@router.get("/review", response_class=HTMLResponse, include_in_schema=False)
+def review_page() -> str:
+    return web_file("review.html")
 
-    @app.get("/v1/monitor")
-    def monitor(request: Request, reference: int = Query(500, ge=20, le=MAX_ROW_ID),
-                window: int = Query(100, ge=20, le=MAX_ROW_ID)):
-        """``pneumoscan monitor`` on this server's store, for any reader (docs/MONITOR.md)."""
-        from pneumoscan.monitoring import read_store, summary_line
-        from pneumoscan.monitoring.report import figures
-        from pneumoscan.monitoring.watch import monitor as run_monitor
 
-        def work(me: Reader) -> dict[str, Any]:
-            rows, truth = read_store(store)
-            report = run_monitor(rows, reference=reference, window=window, truth=truth)  # ValueError → 422
-            return {"summary": summary_line(report), "report": report, "figures": figures(report)}
-        return guarded(work)(request)
+@router.get("/v1/review/me")
+def me(request: Request):
+    return guarded(request, lambda reader: {"reader": reader.name, "adjudicator": reader.adjudicator})
 
-    @app.get("/study", response_class=HTMLResponse, include_in_schema=False)
-    def study_page() -> str:
-        return web_file("study.html")
 
-    @app.get("/v1/study")
-    def my_studies(request: Request):
-        from pneumoscan.store.study import studies_of
+@router.get("/v1/review/worklist")
+def worklist(request: Request, status: str | None = None, finding: str | None = None, source: str | None = None,
+             since: str | None = None, until: str | None = None, reader: str | None = None,
+             limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0, le=MAX_ROW_ID)):
+    def work(me: Reader) -> dict[str, Any]:
+        items, total = store_of(request).worklist(me.id, status=status, finding=finding, source=source,
+                                                  since=_date(since, "since"), until=_date(until, "until"),
+                                                  reviewed_by=reader, limit=limit, offset=offset)
+        return {"reader": me.name, "total": total, "items": items}
+    return guarded(request, work)
 
-        return guarded(lambda me: {"reader": me.name, "studies": studies_of(store, me)})(request)
 
-    @app.get("/v1/study/{name}/next")
-    def next_reading(request: Request, name: str):
-        from pneumoscan.store.study import next_step
+@router.get("/v1/review/results/{result_id}")
+def result(request: Request, result_id: RowId):
+    def work(me: Reader) -> dict[str, Any]:
+        view = store_of(request).result_view(result_id, me.id)
+        layers = view["layers"]
+        if layers is not None:
+            layers["preview"] = data_uri(layers["preview"], "image/jpeg")
+        view["assessed"] = assessed(view["record"])
+        return view
+    return guarded(request, work)
 
-        def work(me: Reader) -> dict[str, Any]:
-            answer = next_step(store, name, me)
-            if answer.get("step"):
-                answer["step"]["preview"] = data_uri(answer["step"]["preview"], "image/jpeg")
-            return answer
-        return guarded(work)(request)
 
-    async def posted(request: Request, work, what: str = ""):
-        """A POST's JSON body (at most :data:`MAX_REVIEW_BYTES`; 422 otherwise), then
-        ``work(reader, payload)`` in the thread pool, its failures answered by :func:`guarded`.
-        Only the reader's own page can post: a body that is not ``application/json`` (415) or a
-        request from another site (its ``Origin`` not this server's host, or ``Sec-Fetch-Site:
-        cross-site``; 403) is refused, so that a page elsewhere cannot file reviews in the name of a
-        reader whose credentials the browser adds by itself (an SSO proxy's, say)."""
-        refused = foreign_post(request)
-        if refused:
-            return json_error(*refused)
-        body = await request.body()
-        if len(body) > MAX_REVIEW_BYTES:
-            return json_error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
-        try:
-            payload = json.loads(body or b"null")
-        except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
-            return json_error(422, f"{what}the body is a JSON object")
-        return await run_in_threadpool(guarded(lambda me: work(me, payload)), request)
+@router.get("/outlines.js", include_in_schema=False)
+def outlines_script() -> Response:
+    return Response(web_file("outlines.js"), media_type="text/javascript")
 
-    def foreign_post(request: Request) -> tuple[int, str] | None:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != "application/json":
-            return 415, f"the body is sent as Content-Type: application/json, not {kind or 'a body without a Content-Type'}"
-        origin = request.headers.get("origin")
-        if (origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()) \
-                or request.headers.get("sec-fetch-site", "").lower() == "cross-site":
-            return 403, "a review or rating is posted from this server's own page only (another site's Origin)"
-        return None
 
-    def fields(payload: Any) -> dict[str, Any]:
-        return payload if isinstance(payload, dict) else {}
+@router.get("/monitor", response_class=HTMLResponse, include_in_schema=False)
+def monitor_page() -> str:
+    return web_file("monitor.html")
 
-    @app.post("/v1/study/{name}/steps/{step_id}/rating", status_code=201)
-    async def rating(request: Request, name: str, step_id: RowId):
-        from pneumoscan.store.study import rate
 
-        return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=rate(
-            store, name, me, step_id, fields(payload).get("ratings"), fields(payload).get("seconds"))))
+@router.get("/v1/monitor")
+def monitor(request: Request, reference: int = Query(500, ge=20, le=MAX_ROW_ID),
+            window: int = Query(100, ge=20, le=MAX_ROW_ID)):
+    """``pneumoscan monitor`` on this server's store, for any reader (docs/MONITOR.md)."""
+    from pneumoscan.monitoring import read_store, summary_line
+    from pneumoscan.monitoring.report import figures
+    from pneumoscan.monitoring.watch import monitor as run_monitor
 
-    @app.post("/v1/study/{name}/steps/{step_id}/correction", status_code=201)
-    async def correction(request: Request, name: str, step_id: RowId):
-        from pneumoscan.store.study import correct
+    def work(me: Reader) -> dict[str, Any]:
+        rows, truth = read_store(store_of(request))
+        report = run_monitor(rows, reference=reference, window=window, truth=truth)  # ValueError → 422
+        return {"summary": summary_line(report), "report": report, "figures": figures(report)}
+    return guarded(request, work)
 
-        return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=correct(
-            store, name, me, step_id, str(fields(payload).get("target")), fields(payload).get("rating"),
-            fields(payload).get("reason"))))
 
-    @app.post("/v1/review/results/{result_id}/reviews", status_code=201)
-    async def add(request: Request, result_id: RowId):
-        def work(me: Reader, payload: Any):
-            review = check_review(payload, store.result_for_review(result_id))
-            saved = store.add_review(result_id, me, review)
-            return JSONResponse(status_code=200 if saved["repeated"] else 201, content=saved | {"reader": me.name})
+@router.get("/study", response_class=HTMLResponse, include_in_schema=False)
+def study_page() -> str:
+    return web_file("study.html")
 
-        return await posted(request, work, "a review: ")
+
+@router.get("/v1/study")
+def my_studies(request: Request):
+    from pneumoscan.store.study import studies_of
+
+    return guarded(request, lambda me: {"reader": me.name, "studies": studies_of(store_of(request), me)})
+
+
+@router.get("/v1/study/{name}/next")
+def next_reading(request: Request, name: str):
+    from pneumoscan.store.study import next_step
+
+    def work(me: Reader) -> dict[str, Any]:
+        answer = next_step(store_of(request), name, me)
+        if answer.get("step"):
+            answer["step"]["preview"] = data_uri(answer["step"]["preview"], "image/jpeg")
+        return answer
+    return guarded(request, work)
+
+
+async def posted(request: Request, work: Callable[[Reader, Any], Any], what: str = ""):
+    """A POST's JSON body (at most :data:`MAX_REVIEW_BYTES`; 422 otherwise), then
+    ``work(reader, payload)`` in the thread pool, its failures answered by :func:`guarded`.
+    Only the reader's own page can post: a body that is not ``application/json`` (415) or a
+    request from another site (its ``Origin`` not this server's host, or ``Sec-Fetch-Site:
+    cross-site``; 403) is refused, so that a page elsewhere cannot file reviews in the name of a
+    reader whose credentials the browser adds by itself (an SSO proxy's, say)."""
+    refused = foreign_post(request)
+    if refused:
+        return json_error(*refused)
+    body = await request.body()
+    if len(body) > MAX_REVIEW_BYTES:
+        return json_error(422, f"{what}at most {MAX_REVIEW_BYTES:,} bytes")
+    try:
+        payload = json.loads(body or b"null")
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        return json_error(422, f"{what}the body is a JSON object")
+    return await run_in_threadpool(guarded, request, lambda me: work(me, payload))
+
+
+def foreign_post(request: Request) -> tuple[int, str] | None:
+    """Why a POST is refused (status, message), or None: not JSON, or from another site."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        return 415, f"the body is sent as Content-Type: application/json, not {kind or 'a body without a Content-Type'}"
+    origin = request.headers.get("origin")
+    if (origin is not None and urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()) \
+            or request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return 403, "a review or rating is posted from this server's own page only (another site's Origin)"
+    return None
+
+
+def fields(payload: Any) -> dict[str, Any]:
+    return payload if isinstance(payload, dict) else {}
+
+
+@router.post("/v1/study/{name}/steps/{step_id}/rating", status_code=201)
+async def rating(request: Request, name: str, step_id: RowId):
+    from pneumoscan.store.study import rate
+
+    return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=rate(
+        store_of(request), name, me, step_id, fields(payload).get("ratings"), fields(payload).get("seconds"))))
+
+
+@router.post("/v1/study/{name}/steps/{step_id}/correction", status_code=201)
+async def correction(request: Request, name: str, step_id: RowId):
+    from pneumoscan.store.study import correct
+
+    return await posted(request, lambda me, payload: JSONResponse(status_code=201, content=correct(
+        store_of(request), name, me, step_id, str(fields(payload).get("target")), fields(payload).get("rating"),
+        fields(payload).get("reason"))))
+
+
+@router.post("/v1/review/results/{result_id}/reviews", status_code=201)
+async def add(request: Request, result_id: RowId):
+    def work(me: Reader, payload: Any):
+        store = store_of(request)
+        review = check_review(payload, store.result_for_review(result_id))
+        saved = store.add_review(result_id, me, review)
+        return JSONResponse(status_code=200 if saved["repeated"] else 201, content=saved | {"reader": me.name})
+
+    return await posted(request, work, "a review: ")

@@ -13,7 +13,8 @@ prediction place is taken (at most ``4 × (workers + queue)`` at once): one that
 averages under 1 KiB/s after 10 s, or takes over 300 s gets 408 (:class:`UploadPace`), so slow
 senders cannot hold the predictions' places; one client address holds at most half the reading
 places, and after three uploads cut off within a minute it gets 429 for a minute
-(:class:`~pneumoscan.apps.limits.PeerBudget`), so reconnecting does not help a slow sender; one that passes the limit gets 413 at once, whatever
+(:class:`~pneumoscan.apps.limits.PeerBudget`), so reconnecting does not help a slow sender; one that passes the limit gets 413
+at once, whatever
 the transfer encoding (nothing is spooled to disk). At most ``workers`` images are decoded at a time (each bounded by
 ``max_pixels``), and one lock serialises the model (Grad-CAM hooks on a shared network must not
 interleave). ``/health`` runs on the event loop, outside the prediction pool.
@@ -30,12 +31,13 @@ from __future__ import annotations
 import hmac
 import json
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, File, Form, Query, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -210,6 +212,26 @@ def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: s
     return given
 
 
+@dataclass
+class Serving:
+    """What the routes of one app share (``app.state.serving``): the predictor behind one lock,
+    the decoding slots, the limits, and where results and films are kept."""
+
+    predictor: Predictor
+    limit: int
+    max_pixels: int
+    workers: int
+    pace: UploadPace
+    auth_required: bool
+    store: Any = None
+    keep_films: Path | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    decoding: threading.BoundedSemaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decoding = threading.BoundedSemaphore(self.workers)
+
+
 def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
                max_pixels: int = MAX_PIXELS, workers: int = 1, queue: int = 8, api_key: str | None = None,
                allowed_hosts: tuple[str, ...] | list[str] | None = LOOPBACK_HOSTS,
@@ -221,109 +243,124 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
     (:class:`pneumoscan.store.db.Store`) every result is stored and the review page is served
     (:mod:`pneumoscan.apps.review_routes`); ``keep_films``: a folder where uploaded films are kept
     (named by their SHA-256), so that reviewed films can be exported for evaluation."""
-    predictor = predictor or Predictor.from_default()
-    lock = threading.Lock()
-    decoding = threading.BoundedSemaphore(workers)
-    limit = int(max_upload_mb * 2**20)
+    serving = Serving(predictor or Predictor.from_default(), int(max_upload_mb * 2**20), max_pixels, workers, pace,
+                      bool(api_key), store, keep_films)
     # /docs and /redoc from files this server serves (fastapi-offline), never a CDN: hospital
     # networks often have no way out to the internet.
     app = FastAPIOffline(title="PneumoScan", version=__version__,
                          description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
                                      "Research use only.")
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return json_error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
-
-    @app.exception_handler(HTTPException)
-    async def _http(_request, exc: HTTPException) -> JSONResponse:
-        return json_error(exc.status_code, str(exc.detail))
-
+    app.state.serving = serving
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(HTTPException, _http)
     # Outermost first: Host check, then the key, then admission and the upload limit.
-    app.add_middleware(Admission, limit=limit, capacity=workers + queue, pace=pace, strikes=slow_strikes)
+    app.add_middleware(Admission, limit=serving.limit, capacity=workers + queue, pace=pace, strikes=slow_strikes)
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:  # async: answered on the event loop, never queued
-        store_ok = True if store is None else await run_in_threadpool(store.reachable)
-        return {"status": "ok" if store_ok else "degraded: the results store cannot be reached",
-                "store_reachable": None if store is None else store_ok,
-                "version": __version__, "models": predictor.models,
-                "max_upload_bytes": limit, "max_pixels": max_pixels, "auth_required": bool(api_key),
-                "upload_deadline_s": pace.deadline_s, "min_upload_rate": pace.min_rate,
-                "store": store.url.split(":", 1)[0].split("+")[0] if store is not None else None}  # the kind only: /health is open
-
-    @app.post("/v1/predict")
-    def predict(file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
-                cam: str = Query("top", description="'top' (a map per called finding, the most probable first), "
-                                                      "'none' or an assessed class name, any capitalisation"),
-                images: bool = Query(True, description="include original_png and overlay_png"),
-                force: bool = Query(False, description="score an image the input gate refuses as not a "
-                                                       "frontal chest X-ray (marked in 'quality')"),
-                age: str | None = Form(None, description="patient age in years or as a DICOM age (058Y), "
-                                                         "for a model that fuses patient information"),
-                sex: str | None = Form(None, description="M, F or O"),
-                view: str | None = Form(None, description="view position: PA or AP"),
-                clinical: str | None = Form(None, description="other fields of the model, as a JSON object")):
-        try:
-            cam = predictor.cam_class(cam)
-            given = clinical_fields(predictor, {"age": age, "sex": sex, "view": view}, clinical)
-        except ValueError as exc:
-            return json_error(422, str(exc))
-        data = file.file.read(limit + 1)
-        if len(data) > limit:
-            return json_error(413, f"upload is over the {limit:,}-byte limit")
-        label = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:200]
-        with decoding:  # at most `workers` decoded images in memory at once
-            try:
-                image = decode_xray(data, name=label, max_pixels=max_pixels)
-            except XrayReadError as exc:
-                return json_error(400, str(exc))
-            if store is None:
-                del data
-            with lock:
-                result = predictor.predict(image, cam=cam, name=label, keep_arrays=images or store is not None,
-                                           force=force, clinical=given)
-            if result.error:  # pragma: no cover - decoding already succeeded above
-                return json_error(400, result.error)
-            body = result.to_dict()
-            if store is not None:
-                body = write_to_store(store, body, result, data, name=label, path=kept(data, label),
-                                      run=predictor.run_identity(force), source="serve")
-                del data
-            if images:  # still inside the decode slot: the full-size arrays are freed after this
-                body.update(preview_images(result))
-        return body
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> str:
-        return web_file("index.html")
-
-    def kept(data: bytes, label: str) -> Path | None:
-        """The upload kept in ``keep_films`` (by SHA-256, the name's suffix kept), or None."""
-        if keep_films is None:
-            return None
-        import hashlib
-
-        from pneumoscan.modelfile import atomic_write_bytes
-
-        suffix = Path(label).suffix.lower() if Path(label).suffix.lower() in KEPT_SUFFIXES else ""
-        target = keep_films / f"{hashlib.sha256(data).hexdigest()}{suffix}"
-        try:
-            if not target.exists():
-                atomic_write_bytes(target, data, sync=False)
-        except OSError:
-            return None  # the store then says the film has no kept copy
-        return target
-
+    app.include_router(router)
     if store is not None:
         from pneumoscan.apps.review_routes import add_review_routes
 
         add_review_routes(app, store, reader_header=reader_header)
-
     return app
+
+
+async def _invalid(_request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return json_error(422, f"invalid request: {where} {first.get('msg', '')}".strip())
+
+
+async def _http(_request, exc: HTTPException) -> JSONResponse:
+    return json_error(exc.status_code, str(exc.detail))
+
+
+router = APIRouter()
+
+
+def serving_of(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:  # async: answered on the event loop, never queued
+    serving = serving_of(request)
+    store = serving.store
+    store_ok = True if store is None else await run_in_threadpool(store.reachable)
+    return {"status": "ok" if store_ok else "degraded: the results store cannot be reached",
+            "store_reachable": None if store is None else store_ok,
+            "version": __version__, "models": serving.predictor.models,
+            "max_upload_bytes": serving.limit, "max_pixels": serving.max_pixels, "auth_required": serving.auth_required,
+            "upload_deadline_s": serving.pace.deadline_s, "min_upload_rate": serving.pace.min_rate,
+            # the kind only: /health is open
+            "store": store.url.split(":", 1)[0].split("+")[0] if store is not None else None}
+
+
+@router.post("/v1/predict")
+def predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
+            cam: str = Query("top", description="'top' (a map per called finding, the most probable first), "
+                                                  "'none' or an assessed class name, any capitalisation"),
+            images: bool = Query(True, description="include original_png and overlay_png"),
+            force: bool = Query(False, description="score an image the input gate refuses as not a "
+                                                   "frontal chest X-ray (marked in 'quality')"),
+            age: str | None = Form(None, description="patient age in years or as a DICOM age (058Y), "
+                                                     "for a model that fuses patient information"),
+            sex: str | None = Form(None, description="M, F or O"),
+            view: str | None = Form(None, description="view position: PA or AP"),
+            clinical: str | None = Form(None, description="other fields of the model, as a JSON object")):
+    serving = serving_of(request)
+    predictor, store, limit = serving.predictor, serving.store, serving.limit
+    try:
+        cam = predictor.cam_class(cam)
+        given = clinical_fields(predictor, {"age": age, "sex": sex, "view": view}, clinical)
+    except ValueError as exc:
+        return json_error(422, str(exc))
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        return json_error(413, f"upload is over the {limit:,}-byte limit")
+    label = (file.filename or "upload").replace("\\", "/").rsplit("/", 1)[-1][:200]
+    with serving.decoding:  # at most `workers` decoded images in memory at once
+        try:
+            image = decode_xray(data, name=label, max_pixels=serving.max_pixels)
+        except XrayReadError as exc:
+            return json_error(400, str(exc))
+        if store is None:
+            del data
+        with serving.lock:
+            result = predictor.predict(image, cam=cam, name=label, keep_arrays=images or store is not None,
+                                       force=force, clinical=given)
+        if result.error:  # pragma: no cover - decoding already succeeded above
+            return json_error(400, result.error)
+        body = result.to_dict()
+        if store is not None:
+            body = write_to_store(store, body, result, data, name=label, path=kept(serving.keep_films, data, label),
+                                  run=predictor.run_identity(force), source="serve")
+            del data
+        if images:  # still inside the decode slot: the full-size arrays are freed after this
+            body.update(preview_images(result))
+    return body
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page() -> str:
+    return web_file("index.html")
+
+
+def kept(folder: Path | None, data: bytes, label: str) -> Path | None:
+    """The upload kept in ``folder`` (by SHA-256, the name's suffix kept), or None."""
+    if folder is None:
+        return None
+    import hashlib
+
+    from pneumoscan.modelfile import atomic_write_bytes
+
+    suffix = Path(label).suffix.lower() if Path(label).suffix.lower() in KEPT_SUFFIXES else ""
+    target = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+    try:
+        if not target.exists():
+            atomic_write_bytes(target, data, sync=False)
+    except OSError:
+        return None  # the store then says the film has no kept copy
+    return target

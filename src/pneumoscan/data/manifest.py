@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pneumoscan.errors import PneumoScanError
 from pneumoscan.data.actualmed import Actualmed
 from pneumoscan.data.base import SourceError, XraySource
 from pneumoscan.data.covid import CovidChestXray
@@ -28,6 +27,7 @@ from pneumoscan.data.nih import NIH
 from pneumoscan.data.nih_masked import NIHMasked
 from pneumoscan.data.rsna import RSNA
 from pneumoscan.data.shenzhen import Shenzhen
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 
 SOURCES: dict[str, type[XraySource]] = {

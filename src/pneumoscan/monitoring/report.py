@@ -80,14 +80,23 @@ def write_report(report: dict[str, Any], out: Path, title: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "monitor.json", json.dumps(report, indent=1, default=str).encode(), sync=False)
     plots = figures(report) if report["windows"] else {}
+    def film_links(alert: dict[str, Any]) -> str:
+        pairs = zip(alert["films"][:8], alert["review_links"][:8])
+        return " ".join(f"<a href={html.escape(link)!r}>{i}</a>" for i, link in pairs)
+
     rows = "".join(
         f"<tr><td>{a['window']}</td><td>{html.escape(a['since'][:19])}</td><td>{html.escape(a['what'])}</td>"
-        f"<td>{a['p_corrected']:.2g}</td><td>{' '.join(f'<a href={html.escape(link)!r}>{i}</a>' for i, link in zip(a['films'][:8], a['review_links'][:8]))}</td></tr>"
+        f"<td>{a['p_corrected']:.2g}</td><td>{film_links(a)}</td></tr>"
         for a in report["alerts"])
+    header = ("<tr><th>window</th><th>since</th><th>what moved</th><th>p (corrected)</th>"
+              "<th>films to look at (open on /review)</th></tr>")
+    alerts = (f"<table>{header}{rows}</table>" if rows
+              else '<p class="none">None: every window looks like the reference.</p>')
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }}
-table {{ border-collapse: collapse; }} td, th {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
+table {{ border-collapse: collapse; }}
+td, th {{ padding: 3px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
 img {{ max-width: 100%; }} .none {{ color: #2a7; }} .note {{ color: #555; }}</style></head><body>
 <h1>{html.escape(title)}</h1>
 <p>{html.escape(summary_line(report))}. Reference: the first {report['reference']['films']:,} films
@@ -96,7 +105,7 @@ img {{ max-width: 100%; }} .none {{ color: #2a7; }} .note {{ color: #555; }}</st
 variation of {report['settings']['min_effect']['categorical_tvd']} (categories) or a KS D of
 {report['settings']['min_effect']['continuous_ks_d']} (measurements).</p>
 <h2>Alerts</h2>
-{'<table><tr><th>window</th><th>since</th><th>what moved</th><th>p (corrected)</th><th>films to look at (open on /review)</th></tr>' + rows + '</table>' if rows else '<p class="none">None: every window looks like the reference.</p>'}
+{alerts}
 <h2>Drift</h2>{f'<img alt="drift against the reference, per window" src="{plots["drift"]}">' if plots else ''}
 <h2>Performance</h2>{f'<img alt="expected and reviewed AUC per window" src="{plots["performance"]}">' if plots else ''}
 <p class="note">Expected figures assume the probabilities stay calibrated for the films that arrive: a drift

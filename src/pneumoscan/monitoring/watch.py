@@ -84,7 +84,8 @@ def film_row(result_id: int, created_at: datetime, record: dict[str, Any]) -> Fi
     width, height = image.get("width"), image.get("height")
     measures = {
         "log_pixels": math.log10(width * height) if width and height else math.nan,
-        "estimated_age": float(population["age"]) if population.get("source") == "estimate" and population.get("age") is not None else math.nan,
+        "estimated_age": (float(population["age"]) if population.get("source") == "estimate"
+                          and population.get("age") is not None else math.nan),
         "lung_quality": float(masks["lungs"]) if masks.get("lungs") is not None else math.nan,
         "heart_quality": float(masks["heart"]) if masks.get("heart") is not None else math.nan,
         "ctr": float(measurements["cardiothoracic_ratio"]) if measurements.get("cardiothoracic_ratio") is not None else math.nan,
@@ -147,9 +148,9 @@ def statistics(labels: list[str], ranked: bool) -> dict[str, Statistic]:
     out |= {name: ("continuous", lambda r, n=name: r.measures[n]) for name in CONTINUOUS}
     for label in labels:
         out[f"{'rank' if ranked else 'probability'}:{label}"] = (
-            "continuous", lambda r, l=label: (r.ranks if ranked else r.probabilities).get(l, math.nan))
+            "continuous", lambda r, lab=label: (r.ranks if ranked else r.probabilities).get(lab, math.nan))
         out[f"called:{label}"] = ("categorical",
-                                  lambda r, l=label: str(l in r.called) if l in r.probabilities else None)
+                                  lambda r, lab=label: str(lab in r.called) if lab in r.probabilities else None)
     return out
 
 

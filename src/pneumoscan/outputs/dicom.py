@@ -41,8 +41,8 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from pneumoscan.errors import PneumoScanError
 from pneumoscan import __version__
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 from pneumoscan.reading import VERDICTS
 
@@ -258,7 +258,8 @@ def verdict_group(source: pydicom.Dataset, prediction, classifier_meta: dict[str
         finding_type=codes.SCT.Chest, algorithm_id=_algorithm(classifier_meta, name),
         measurements=measurements or None,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(VERDICT, VERDICT_VALUES[prediction.verdict]),
-                                 hd.sr.QualitativeEvaluation(POPULATION, POPULATION_VALUES.get(group, POPULATION_VALUES["unknown"]))],
+                                 hd.sr.QualitativeEvaluation(
+                                     POPULATION, POPULATION_VALUES.get(group, POPULATION_VALUES["unknown"]))],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 

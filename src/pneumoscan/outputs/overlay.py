@@ -3,6 +3,7 @@ panel per explained finding (its Grad-CAM), with captions that say what each sho
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -37,7 +38,7 @@ def findings_caption(result) -> str:
     quality = result.quality or {}
     reasons = "; ".join(quality.get("reasons") or [])
     if result.probabilities is None and reasons:
-        return f"NOT SCORED: not a frontal chest X-ray ({reasons})"
+        return f"NOT SCORED: {quality.get('refused_as') or 'not a frontal chest X-ray'} ({reasons})"
     found = ", ".join(result.findings) if result.findings else "none above threshold"
     line = f"Findings: {found}"
     if quality.get("forced"):
@@ -113,67 +114,110 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     10 ms, where the same figure in matplotlib took 0.44 s."""
     long_side = max(pixels.shape)
     scale = max_side / long_side if long_side > max_side else max(1.0, MIN_SIDE / long_side)
-    if scale != 1.0:  # the picture is for eyes, not measurements
-        size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-        pixels = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        mask = None if mask is None else cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
-        cam = None if cam is None else cv2.resize(cam, size, interpolation=cv2.INTER_LINEAR)
-        box = None if box is None else [round(v * scale) for v in box]
-        local_box = None if local_box is None else [round(v * scale) for v in local_box]
-        region = None if region is None else [round(v * scale) for v in region]
-        heart = None if heart is None else cv2.resize(heart, size, interpolation=cv2.INTER_NEAREST)
-    lines_of_ctr = [[round(v * scale) for v in line] for line in
-                    ((measurements or {}).get("heart_line"), (measurements or {}).get("thoracic_line"))
-                    if line] if (measurements or {}).get("cardiothoracic_ratio") is not None else []
-    height, width = pixels.shape
-    film = cv2.cvtColor(to_uint8(pixels), cv2.COLOR_GRAY2BGR)
-    thickness = max(1, round(min(height, width) / 400))
+    layers = _scaled(Layers(pixels, mask, box, local_box, region, cam, heart), scale)
+    ctr_lines = [[round(v * scale) for v in line] for line in
+                 ((measurements or {}).get("heart_line"), (measurements or {}).get("thoracic_line"))
+                 if line] if (measurements or {}).get("cardiothoracic_ratio") is not None else []
     called = probability is not None and threshold is not None and probability >= threshold
     muted = probability is not None and threshold is not None and not called
-    if cam is not None:
-        film = heat_blend(film, cam, alpha=MUTED_ALPHA if muted else 0.45)
-    if mask is not None and mask.any():
-        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(film, contours, -1, LUNG_BGR, thickness, cv2.LINE_AA)
-    if box is not None:
-        x0, y0, x1, y1 = box
-        if fallback:
-            _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1)
-        else:
-            cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1, cv2.LINE_AA)
-    if local_box is not None:
-        x0, y0, x1, y1 = local_box
-        cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), LOCAL_BGR, thickness + 1, cv2.LINE_AA)
-    if region is not None and cam is not None:
-        x0, y0, x1, y1 = region
-        _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), REGION_BGR, thickness)
-    if heart is not None and heart.any():
-        contours, _ = cv2.findContours(heart.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(film, contours, -1, HEART_BGR, thickness, cv2.LINE_AA)
-    if len(lines_of_ctr) == 2 and abs(lines_of_ctr[0][0] - lines_of_ctr[1][0]) < 12 * thickness:
-        lines_of_ctr[0][0] = lines_of_ctr[1][0] + 12 * thickness   # keep the heart's width visible
-    for (y, x0, x1), colour in zip(lines_of_ctr, (HEART_BGR, LUNG_BGR)):  # heart, thoracic width
-        cv2.line(film, (x0, y), (x1, y), colour, thickness + 1, cv2.LINE_AA)
-        for x in (x0, x1):
-            cv2.line(film, (x, y - 6 * thickness), (x, y + 6 * thickness), colour, thickness + 1)
-    text_scale = max(0.45, min(0.6, width / 1400))
-    line_height = int(30 * text_scale / 0.6)
-    bar_width = 70 if cam is not None else 0
-    total_width = width + bar_width
-    title = "lungs not found: whole image used" if fallback else "lung crop"
-    if local_box is not None:
-        title += " | local branch (magenta)"
-    if cam_label is not None:
-        # three significant digits: calibrated probabilities of rare findings are small (0.007 < 0.014)
-        verdict = "" if probability is None else f" p = {probability:.3g}" + (
-            "" if threshold is None else f" {'>=' if called else '<'} {threshold:.3g}, {'called' if called else 'not called'}")
-        title = f"Grad-CAM: {cam_label}{verdict}" + (f" ({why})" if why else "") + \
-            (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}"
+    film = _drawn_film(layers, fallback, muted, ctr_lines)
+    title = _title(cam_label, probability, threshold, called, why, layers.cam, fallback, local_box is not None)
     if measurements is not None:
         caption = (caption + "\n" if caption else "") + ctr_caption(measurements)
     if cam is not None:
         caption = (caption + "\n" if caption else "") + ("Colour bar: Grad-CAM relative to this map's maximum "
                                                          "(not a probability); cyan: where it reaches half of it")
+    return _framed(film, title, caption, with_bar=cam is not None)
+
+
+@dataclass
+class Layers:
+    """What is drawn on the film, in the film's pixels (boxes as [x0, y0, x1, y1])."""
+
+    pixels: np.ndarray
+    mask: np.ndarray | None
+    box: list[int] | None
+    local_box: list[int] | None
+    region: list[int] | None
+    cam: np.ndarray | None
+    heart: np.ndarray | None
+
+
+def _scaled(layers: Layers, scale: float) -> Layers:
+    """Every layer resized by ``scale`` (the picture is for eyes, not measurements)."""
+    if scale == 1.0:
+        return layers
+    pixels = layers.pixels
+    size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
+
+    def picture(a: np.ndarray | None, interpolation: int) -> np.ndarray | None:
+        return None if a is None else cv2.resize(a, size, interpolation=interpolation)
+
+    def boxed(b: list[int] | None) -> list[int] | None:
+        return None if b is None else [round(v * scale) for v in b]
+
+    return Layers(picture(pixels, cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
+                  picture(layers.mask, cv2.INTER_NEAREST), boxed(layers.box), boxed(layers.local_box),
+                  boxed(layers.region), picture(layers.cam, cv2.INTER_LINEAR), picture(layers.heart, cv2.INTER_NEAREST))
+
+
+def _drawn_film(layers: Layers, fallback: bool, muted: bool, ctr_lines: list[list[int]]) -> np.ndarray:
+    """The film in BGR with the heat map, the lung and heart outlines, the boxes and the CTR's widths."""
+    height, width = layers.pixels.shape
+    film = cv2.cvtColor(to_uint8(layers.pixels), cv2.COLOR_GRAY2BGR)
+    thickness = max(1, round(min(height, width) / 400))
+    if layers.cam is not None:
+        film = heat_blend(film, layers.cam, alpha=MUTED_ALPHA if muted else 0.45)
+    _outline(film, layers.mask, LUNG_BGR, thickness)
+    if layers.box is not None:
+        x0, y0, x1, y1 = layers.box
+        if fallback:
+            _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1)
+        else:
+            cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), BOX_BGR, thickness + 1, cv2.LINE_AA)
+    if layers.local_box is not None:
+        x0, y0, x1, y1 = layers.local_box
+        cv2.rectangle(film, (x0, y0), (x1 - 1, y1 - 1), LOCAL_BGR, thickness + 1, cv2.LINE_AA)
+    if layers.region is not None and layers.cam is not None:
+        x0, y0, x1, y1 = layers.region
+        _dashed_rectangle(film, (x0, y0), (x1 - 1, y1 - 1), REGION_BGR, thickness)
+    _outline(film, layers.heart, HEART_BGR, thickness)
+    if len(ctr_lines) == 2 and abs(ctr_lines[0][0] - ctr_lines[1][0]) < 12 * thickness:
+        ctr_lines[0][0] = ctr_lines[1][0] + 12 * thickness   # keep the heart's width visible
+    for (y, x0, x1), colour in zip(ctr_lines, (HEART_BGR, LUNG_BGR)):  # heart, thoracic width
+        cv2.line(film, (x0, y), (x1, y), colour, thickness + 1, cv2.LINE_AA)
+        for x in (x0, x1):
+            cv2.line(film, (x, y - 6 * thickness), (x, y + 6 * thickness), colour, thickness + 1)
+    return film
+
+
+def _outline(film: np.ndarray, mask: np.ndarray | None, colour: tuple[int, int, int], thickness: int) -> None:
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(film, contours, -1, colour, thickness, cv2.LINE_AA)
+
+
+def _title(cam_label: str | None, probability: float | None, threshold: float | None, called: bool,
+           why: str | None, cam: np.ndarray | None, fallback: bool, local: bool) -> str:
+    """The picture's title: the crop, and the class of the map with its probability and call."""
+    title = "lungs not found: whole image used" if fallback else "lung crop"
+    if local:
+        title += " | local branch (magenta)"
+    if cam_label is None:
+        return title
+    # three significant digits: calibrated probabilities of rare findings are small (0.007 < 0.014)
+    verdict = "" if probability is None else f" p = {probability:.3g}" + (
+        "" if threshold is None else f" {'>=' if called else '<'} {threshold:.3g}, {'called' if called else 'not called'}")
+    return (f"Grad-CAM: {cam_label}{verdict}" + (f" ({why})" if why else "")
+            + (" - no region raises this score" if cam is not None and not cam.any() else "") + f" | {title}")
+
+
+def _framed(film: np.ndarray, title: str, caption: str | None, with_bar: bool) -> np.ndarray:
+    """The film on a dark canvas: the wrapped title above, the caption below, the colour bar right."""
+    height, width = film.shape[:2]
+    text_scale = max(0.45, min(0.6, width / 1400))
+    line_height = int(30 * text_scale / 0.6)
+    total_width = width + (70 if with_bar else 0)
     titles = wrap_text(title, total_width - 16, text_scale)
     lines = wrap_text(caption or "", total_width - 16, text_scale) if caption else []
     top, bottom = line_height * len(titles) + 8, line_height * len(lines) + (10 if lines else 0)
@@ -184,7 +228,7 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     for i, line in enumerate(lines):
         cv2.putText(canvas, line, (8, top + height + line_height * (i + 1) - 4), FONT, text_scale, TEXT_BGR, 1,
                     cv2.LINE_AA)
-    if cam is not None:  # colour bar: 1 at the top, 0 at the bottom
+    if with_bar:  # colour bar: 1 at the top, 0 at the bottom
         ramp = np.linspace(255, 0, height).astype(np.uint8)[:, None].repeat(16, axis=1)
         canvas[top:top + height, width + 8:width + 24] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
         for value in (0.0, 0.5, 1.0):

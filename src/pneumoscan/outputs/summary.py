@@ -130,7 +130,8 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
+table {{ border-collapse: collapse; }}
+th, td {{ padding: 4px 8px; border-bottom: 1px solid #ddd; text-align: left; vertical-align: top; }}
 th {{ position: sticky; top: 0; background: #fff; }}
 img {{ width: 200px; display: block; }} td.over {{ font-weight: bold; color: #b00020; }} td.under {{ color: #555; }}
 small {{ color: #888; font-weight: normal; }} tr.called td.status {{ color: #b00020; font-weight: bold; }}

@@ -31,7 +31,8 @@ FORMATS = ("json", "csv")
 #: ``rank_scores`` their population-independent rank scores (JSON).
 CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
             "cam_label", "cam_peak", "cam_region", "explanations", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age", "age_source", "calibrated_for", "thresholds",
+            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age",
+            "age_source", "calibrated_for", "thresholds",
             "rank_scores", "verdict_reason", "ctr_call_note", "overlay", "error"]
 
 

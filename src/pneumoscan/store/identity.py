@@ -23,7 +23,6 @@ from typing import Any
 
 from pneumoscan.store.db import FilmIdentity, LayerData
 
-
 #: The header fields that identify a patient or an encounter; a stored name or path is checked
 #: against every one (PS3.15 Annex E's basic profile lists them among the attributes to remove).
 IDENTIFYING = ("PatientName", "OtherPatientNames", "PatientID", "OtherPatientIDs", "IssuerOfPatientID",
@@ -190,4 +189,5 @@ def layer_data(result) -> LayerData | None:
     preview, width, height = preview_jpeg(result.pixels, scale)
     return LayerData(preview=preview, width=width, height=height, scale=scale,
                      lungs=outlines(result.mask, scale), heart=outlines(result.heart, scale),
-                     heat={label: heat_png(cam) for label, cam in (result.cam_maps or {}).items()})
+                     heat={label: heat_png(cam, called=label in (result.findings or []))
+                           for label, cam in (result.cam_maps or {}).items()})

@@ -46,17 +46,22 @@ def outlines(mask: np.ndarray | None, scale: float) -> list[list[list[int]]]:
     return polygons
 
 
-def heat_png(cam: np.ndarray, side: int = HEAT_SIDE) -> str:
+#: The most opaque a heat map gets (of 255): a called finding's, and one of a finding not called
+#: (drawn faintly, as the overlay draws it, so that it draws the eye less than a call's).
+HEAT_ALPHA, FAINT_ALPHA = 170, 60
+
+
+def heat_png(cam: np.ndarray, side: int = HEAT_SIDE, called: bool = True) -> str:
     """A Grad-CAM map (film size, values in [0, 1]) as a small colour PNG (base64) whose alpha
     grows with the value, so the film shows through where the map is low; the page stretches it
-    over the whole film."""
+    over the whole film. The map of a finding not ``called`` stays faint even at its peak."""
     scale = max(1.0, max(cam.shape) / side)
     size = (max(1, round(cam.shape[1] / scale)), max(1, round(cam.shape[0] / scale)))
     small = cv2.resize(cam.astype(np.float32), size, interpolation=cv2.INTER_AREA)
     peak = float(small.max()) or 1.0
     value = np.clip(small / peak, 0, 1)
     colour = cv2.applyColorMap((value * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    alpha = (np.clip((value - 0.2) / 0.8, 0, 1) * 170).astype(np.uint8)
+    alpha = (np.clip((value - 0.2) / 0.8, 0, 1) * (HEAT_ALPHA if called else FAINT_ALPHA)).astype(np.uint8)
     ok, data = cv2.imencode(".png", np.dstack([colour, alpha]))
     if not ok:  # pragma: no cover
         raise ValueError("PNG encoding failed")

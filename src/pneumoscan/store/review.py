@@ -155,7 +155,8 @@ def film_labels(reviews: pd.DataFrame, adjudicator: str | None = None) -> tuple[
     """Labels per film (majority, or ``adjudicator`` where they read it), and the films whose
     readers disagreed (label, readers for, readers against)."""
     if reviews.empty:
-        return pd.DataFrame(columns=["film_id", "readers", *LABELS]), pd.DataFrame(columns=["film_id", "label", "positive", "negative"])
+        return (pd.DataFrame(columns=["film_id", "readers", *LABELS]),
+                pd.DataFrame(columns=["film_id", "label", "positive", "negative"]))
     latest = reviews.sort_values("id").groupby(["film_id", "reader"], as_index=False).last()
     films, disagreements = [], []
     for film_id, group in latest.groupby("film_id", sort=True):
@@ -209,7 +210,8 @@ def export_manifest(reviews: pd.DataFrame, *, adjudicator: str | None = None, sp
             display_name=[films.loc[f, "display_name"] for f in disagreements["film_id"]],
             result_id=[int(films.loc[f, "result_id"]) for f in disagreements["film_id"]])
         disagreements["review_page"] = [f"/review#result={r}" for r in disagreements["result_id"]]
-    return pd.DataFrame(rows, columns=columns), pd.DataFrame(left_out, columns=["sha256", "display_name", "reason"]), disagreements
+    return (pd.DataFrame(rows, columns=columns), pd.DataFrame(left_out, columns=["sha256", "display_name", "reason"]),
+            disagreements)
 
 
 def _kappa(a: np.ndarray, b: np.ndarray) -> float | None:

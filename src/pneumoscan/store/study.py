@@ -86,7 +86,8 @@ def create_study(store: Store, name: str, *, design: str, targets: list[str], re
     for target in targets:
         values = {truth.get(target) for _, truth in cases}
         if values != {0, 1}:
-            raise StudyError(f"every case needs a truth of 0 or 1 for {target}, and both must occur (found {sorted(values, key=str)})")
+            raise StudyError(f"every case needs a truth of 0 or 1 for {target}, and both must occur "
+                             f"(found {sorted(values, key=str)})")
     try:
         with store.session(f"creating study {name}") as session:
             known = {r.name: r for r in session.scalars(select(Reader).where(Reader.name.in_(readers)))}
@@ -125,7 +126,8 @@ def studies_of(store: Store, reader: Reader) -> list[dict[str, Any]]:
             .where(StudyStep.reader_id == reader.id).group_by(Study.id).order_by(Study.name)).all()
         out = []
         for study, total in rows:
-            done = session.scalar(select(func.count(StudyStep.id.distinct())).join(StudyRating, StudyRating.step_id == StudyStep.id)
+            done = session.scalar(select(func.count(StudyStep.id.distinct()))
+                                  .join(StudyRating, StudyRating.step_id == StudyStep.id)
                                   .where(StudyStep.study_id == study.id, StudyStep.reader_id == reader.id))
             out.append({"name": study.name, "design": study.design, "targets": study.targets, "done": done, "total": total})
     return out
@@ -299,7 +301,8 @@ def study_extras(data: dict[str, Any], alpha: float = 0.05) -> dict[str, Any]:
     for i, arm in enumerate(ratings.treatments):
         per[arm] = {reader: {"sensitivity": round(float(calls[i, j, truth].mean()), 4),
                              "specificity": round(float(1 - calls[i, j, ~truth].mean()), 4),
-                             "mean_seconds": None if np.isnan(seconds[i, j]).all() else round(float(np.nanmean(seconds[i, j])), 2)}
+                             "mean_seconds": (None if np.isnan(seconds[i, j]).all()
+                                              else round(float(np.nanmean(seconds[i, j])), 2))}
                     for j, reader in enumerate(ratings.readers)}
     times = np.nanmean(seconds, axis=2) if not np.isnan(seconds).all() else None
     timing = None
@@ -307,7 +310,8 @@ def study_extras(data: dict[str, Any], alpha: float = 0.05) -> dict[str, Any]:
         diff = times[1] - times[0]
         half = stats.t.ppf(1 - alpha / 2, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else np.nan
         timing = {"mean_seconds": {arm: round(float(times[i].mean()), 2) for i, arm in enumerate(ratings.treatments)},
-                  "difference": f"{ratings.treatments[1]} − {ratings.treatments[0]}", "mean_difference": round(float(diff.mean()), 2),
+                  "difference": f"{ratings.treatments[1]} − {ratings.treatments[0]}",
+                  "mean_difference": round(float(diff.mean()), 2),
                   "ci": [round(float(diff.mean() - half), 2), round(float(diff.mean() + half), 2)]}
     model = data["model"]
     known = ~np.isnan(model)  # a case the model refused, or did not assess this target on, is left out

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pneumoscan.errors import PneumoScanError
 from pneumoscan.data.manifest import write_manifest
+from pneumoscan.errors import PneumoScanError
 from pneumoscan.modelfile import atomic_write_bytes
 
 if TYPE_CHECKING:

@@ -90,7 +90,8 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
             inside = (sources == source) & ~np.isnan(y)
             entry = {"positives": first["positives"], "negatives": first["negatives"], "models": []}
             for k, part in enumerate(parts):
-                model_entry = {"auc": part[source]["auc"], "ci": part[source].get("ci", [None, None]), "assessed": label in assessed[k]}
+                model_entry = {"auc": part[source]["auc"], "ci": part[source].get("ci", [None, None]),
+                               "assessed": label in assessed[k]}
                 if k and weights[k] == weights[0]:  # same weights, same scores: nothing to resample
                     model_entry["difference_from_first"] = {"identical_weights": True}
                 elif k:
@@ -165,7 +166,8 @@ def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, 
     fold = frames[0]["fold"].to_numpy()
     unknown = sorted(set(folds or []) - set(fold.tolist()))
     if unknown:
-        raise ValueError(f"--fold {', '.join(map(str, unknown))}: the runs' folds are {', '.join(map(str, sorted(set(fold.tolist()))))}")
+        known = ", ".join(map(str, sorted(set(fold.tolist()))))
+        raise ValueError(f"--fold {', '.join(map(str, unknown))}: the runs' folds are {known}")
     keep = np.isin(fold, folds) if folds else np.ones(len(common), bool)
     rows = table.loc[common].reset_index()[keep].reset_index(drop=True)
     labels = rows[list(LABELS)].to_numpy(np.float32)

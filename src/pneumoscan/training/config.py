@@ -44,9 +44,11 @@ class TrainConfig:
     select: str = "Pneumonia"  # labels whose mean within-source validation AUC picks the checkpoint ("all": every trained label)
     view_balance: bool = False  # weigh the loss so that no label follows the view position (view_balance_weights)
     frozen_bn: bool = False  # every-layer fit: BatchNorm keeps its running statistics (fine-tuning a fitted backbone)
-    schedule: str = "plateau"  # plateau: LR × 0.1 after `patience` epochs without gain (the thesis); cosine: warm-up then cosine to 0
+    # plateau: LR × 0.1 after `patience` epochs without gain (the thesis); cosine: warm-up then cosine to 0
+    schedule: str = "plateau"
     warmup_epochs: float = 0.0  # cosine: linear warm-up over this many epochs
-    val_fold: int = -1  # ≥ 0: validate on this patient fold (crossval's folds) and train on the others, ignoring the manifest split
+    # ≥ 0: validate on this patient fold (crossval's folds) and train on the others, ignoring the manifest split
+    val_fold: int = -1
     folds: int = 5
     fold_seed: int = 2026  # crossval's default seed, so that fold k is crossval's fold k
     opacity_index: str = ""  # rsna-nih-masked/index.csv: adds the radiologists' opacity label to progress.jsonl

@@ -17,7 +17,8 @@ the cross-validation, and:
 - the out-of-fold probabilities, each from a head that never saw the film or its patient, choose
   the assessed flags and thresholds (:func:`pneumoscan.training.evaluate.assess_labels`), fit the
   calibration maps, the paediatric reading and the age estimate
-  (:func:`pneumoscan.training.reading_fit.fit_reading`) and are the figures reported; the shipped head is then fitted on all films with the settings most
+  (:func:`pneumoscan.training.reading_fit.fit_reading`) and are the figures reported; the shipped head is then fitted on all
+  films with the settings most
   folds chose.
 
 The linear head is written into the ordinary two-layer head of :class:`ChestClassifier`: the
@@ -159,7 +160,7 @@ def choose_settings(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, view
     weight of the originals is a choice like the L2 strength, so it is made inside each fold,
     on films the scored fold never lends."""
     inner = patient_folds(patients, 4, cfg.seed * 31 + salt) == 0
-    select = tuple(l for j, l in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
+    select = tuple(lab for j, lab in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
     judged = inner & (sources == cfg.confirm_in) if (sources[inner] == cfg.confirm_in).any() else inner
     scores: dict[tuple[float, float], float] = {}
     for dw in cfg.domain_weights:

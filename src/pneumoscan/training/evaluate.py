@@ -155,7 +155,7 @@ def evaluate_split(manifest: str | Path, split: str, out: str | Path, *, model: 
     report["thresholds_from"] = scored.classifier.thresholds_from
     report["calibrated_for"] = {g: scored.classifier.readings[g].calibrated_for for g in ("adult", "paediatric")}
     report["calibration_after"] = calibration_before_after(scored.labels, scored.probs, scored.calibrated(),
-                                                           [l for l in LABELS if thresholds.get(l) is not None])
+                                                           [lab for lab in LABELS if thresholds.get(lab) is not None])
     note("evaluate: subgroups and operating points …")
     report["subgroups"] = subgroups(scored.labels, scored.probs, thresholds, subgroup_values(scored.rows),
                                     n_boot=max(n_boot // 5, 0))

@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -32,93 +33,105 @@ from pneumoscan.training.loss import masked_bce
 from pneumoscan.training.metrics import SELECT_LABELS, selection_score
 
 
-def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any], val_sources: np.ndarray,
-            select: tuple[str, ...] = SELECT_LABELS, train_weights: np.ndarray | None = None,
-            progress=None, val_opacity: np.ndarray | None = None):
-    import lightning as L
+class ClassifierModule(L.LightningModule):
+    """The classifier in the Lightning loop: weighted BCE over known labels, seeded augmentation
+    per batch (replayable after a resume), the selection score after each validation, Adam with
+    the plateau (the thesis) or warm-up-cosine schedule."""
 
+    def __init__(self, cfg: TrainConfig, pos_weight: np.ndarray, val_sources: np.ndarray, hidden: int | None = None,
+                 select: tuple[str, ...] = SELECT_LABELS, train_weights: np.ndarray | None = None,
+                 progress=None, val_opacity: np.ndarray | None = None):
+        super().__init__()
+        self.cfg, self.val_sources, self.select = cfg, val_sources, select
+        self.train_weights, self.progress, self.val_opacity = train_weights, progress, val_opacity
+        self.model = ChestClassifier(**({} if hidden is None else {"hidden": hidden}))
+        self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, x):
+        return self.model(x)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        """With ``frozen_bn``, BatchNorm keeps its running statistics (eval mode) while its scale
+        and shift still learn. Set before every batch: Lightning restores each submodule's
+        mode around validation and never calls ``train()`` itself, so a mode set once (or in
+        an overridden ``train``) does not last — the first long run found that out."""
+        if self.cfg.frozen_bn:
+            freeze_batchnorm(self.model)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y, idx = batch
+        x = x.float() / 255.0
+        if self.trainer.training:
+            # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
+            # replayed after a resume is the batch an uninterrupted run saw.
+            step_seed = (self.cfg.seed * 1_000_003 + self.current_epoch * 10_007
+                         + self.trainer.fit_loop.epoch_loop.batch_idx + 7919 * self.global_rank)
+            torch.manual_seed(step_seed)
+            x = augment(x, torch.Generator().manual_seed(step_seed))
+        x = x.contiguous(memory_format=torch.channels_last)  # faster on GPUs and on this CPU too
+        return x, y, idx
+
+    def training_step(self, batch, _):
+        x, y, idx = batch
+        weights = (None if self.train_weights is None
+                   else torch.from_numpy(self.train_weights[idx.cpu().numpy()]).to(x.device))
+        loss = masked_bce(self.model(x), y, self.pos_weight, weights)
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
+                 sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, _):
+        x, y, idx = batch
+        logits = self.model(x)
+        loss = masked_bce(logits, y, self.pos_weight)
+        self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x), sync_dist=True)
+        self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach(), idx.detach()))
+
+    def on_validation_epoch_end(self):
+        if not self._val_outputs:
+            return
+        probs, labels, idx = (torch.cat(parts) for parts in zip(*self._val_outputs))
+        self._val_outputs.clear()
+        probs, labels, idx = self.all_gather(probs), self.all_gather(labels), self.all_gather(idx)
+        probs = probs.reshape(-1, len(LABELS)).cpu().numpy()
+        labels = labels.reshape(-1, len(LABELS)).cpu().numpy()
+        rows = idx.reshape(-1).cpu().numpy()
+        sources = self.val_sources[rows]
+        score, parts = selection_score(labels, probs, sources, self.select)
+        # Every rank logs the same number, so checkpoint selection agrees across DDP ranks.
+        self.log("val_select", score, prog_bar=True, sync_dist=False)
+        for name, value in parts.items():
+            self.log(f"val_auc/{name}", value, sync_dist=False)
+        if self.progress is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            opacity = None if self.val_opacity is None else self.val_opacity[rows]
+            self.progress(self.current_epoch, float(self.optimizers().param_groups[0]["lr"]),
+                          fold_figures(labels, probs, sources, opacity))
+
+    def configure_optimizers(self):
+        cfg = self.cfg
+        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        if cfg.schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))
+            per_epoch = max(1, total // max(1, cfg.epochs))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: warmup_cosine(step, total, int(cfg.warmup_epochs * per_epoch)))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+
+
+def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any], val_sources: np.ndarray,
+                     select: tuple[str, ...] = SELECT_LABELS, train_weights: np.ndarray | None = None,
+                     progress=None, val_opacity: np.ndarray | None = None) -> ClassifierModule:
+    """A :class:`ClassifierModule` initialised as ``cfg.init`` says (ImageNet, random, or a
+    PneumoScan classifier file, whose head width is kept so that fine-tuning the shipped model
+    starts from its head); ``init_info`` records where the weights came from."""
     source = None if cfg.init in ("imagenet", "random") else Classifier.load(cfg.init)
     # A checkpoint's head width is kept, so fine-tuning the shipped model (crossval's head is
     # 1024 wide, the loop's default 1000) starts from its head instead of a new one.
-    width = {} if source is None else {"hidden": source.model.head[3].in_features}
-
-    class ClassifierModule(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.model = ChestClassifier(**width)
-            self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
-            self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-        def forward(self, x):
-            return self.model(x)
-
-        def on_train_batch_start(self, batch, batch_idx):
-            """With ``frozen_bn``, BatchNorm keeps its running statistics (eval mode) while its scale
-            and shift still learn. Set before every batch: Lightning restores each submodule's
-            mode around validation and never calls ``train()`` itself, so a mode set once (or in
-            an overridden ``train``) does not last — the first long run found that out."""
-            if cfg.frozen_bn:
-                freeze_batchnorm(self.model)
-
-        def on_after_batch_transfer(self, batch, dataloader_idx):
-            x, y, idx = batch
-            x = x.float() / 255.0
-            if self.trainer.training:
-                # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
-                # replayed after a resume is the batch an uninterrupted run saw.
-                step_seed = (cfg.seed * 1_000_003 + self.current_epoch * 10_007
-                             + self.trainer.fit_loop.epoch_loop.batch_idx + 7919 * self.global_rank)
-                torch.manual_seed(step_seed)
-                x = augment(x, torch.Generator().manual_seed(step_seed))
-            x = x.contiguous(memory_format=torch.channels_last)  # faster on GPUs and on this CPU too
-            return x, y, idx
-
-        def training_step(self, batch, _):
-            x, y, idx = batch
-            weights = None if train_weights is None else torch.from_numpy(train_weights[idx.cpu().numpy()]).to(x.device)
-            loss = masked_bce(self.model(x), y, self.pos_weight, weights)
-            self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(x),
-                     sync_dist=True)
-            return loss
-
-        def validation_step(self, batch, _):
-            x, y, idx = batch
-            logits = self.model(x)
-            loss = masked_bce(logits, y, self.pos_weight)
-            self.log("val_loss", loss, prog_bar=True, on_epoch=True, batch_size=len(x), sync_dist=True)
-            self._val_outputs.append((torch.sigmoid(logits.float()).detach(), y.detach(), idx.detach()))
-
-        def on_validation_epoch_end(self):
-            if not self._val_outputs:
-                return
-            probs, labels, idx = (torch.cat(parts) for parts in zip(*self._val_outputs))
-            self._val_outputs.clear()
-            probs, labels, idx = self.all_gather(probs), self.all_gather(labels), self.all_gather(idx)
-            probs = probs.reshape(-1, len(LABELS)).cpu().numpy()
-            labels = labels.reshape(-1, len(LABELS)).cpu().numpy()
-            sources = val_sources[idx.reshape(-1).cpu().numpy()]
-            score, parts = selection_score(labels, probs, sources, select)
-            # Every rank logs the same number, so checkpoint selection agrees across DDP ranks.
-            self.log("val_select", score, prog_bar=True, sync_dist=False)
-            for name, value in parts.items():
-                self.log(f"val_auc/{name}", value, sync_dist=False)
-            if progress is not None and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-                opacity = None if val_opacity is None else val_opacity[idx.reshape(-1).cpu().numpy()]
-                progress(self.current_epoch, float(self.optimizers().param_groups[0]["lr"]),
-                         fold_figures(labels, probs, sources, opacity))
-
-        def configure_optimizers(self):
-            opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-            if cfg.schedule == "cosine":
-                total = max(1, int(self.trainer.estimated_stepping_batches))
-                per_epoch = max(1, total // max(1, cfg.epochs))
-                sched = torch.optim.lr_scheduler.LambdaLR(
-                    opt, lambda step: warmup_cosine(step, total, int(cfg.warmup_epochs * per_epoch)))
-                return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
-
-    module = ClassifierModule()
+    hidden = None if source is None else source.model.head[3].in_features
+    module = ClassifierModule(cfg, pos_weight, val_sources, hidden, select, train_weights, progress, val_opacity)
     if cfg.init == "imagenet":
         init_info.update(load_imagenet(module.model, cfg.weights))
     elif cfg.init == "random":

@@ -401,7 +401,7 @@ def normal_rules(oof: np.ndarray, labels: np.ndarray, folds: np.ndarray, sources
 
     def rule(rows: np.ndarray, assessment: dict[str, dict[str, Any]], prevalence: float | None,
              population: str, truth: str) -> dict[str, Any]:
-        diseases = [LABELS.index(l) for l in LABELS if l != "No Finding" and (assessment.get(l) or {}).get("assessed")]
+        diseases = [LABELS.index(lab) for lab in LABELS if lab != "No Finding" and (assessment.get(lab) or {}).get("assessed")]
         limits = np.array([assessment[LABELS[j]]["threshold"] for j in diseases])
         called = (oof[rows][:, diseases] >= limits).any(axis=1) if diseases else np.zeros(int(rows.sum()), bool)
         known = ~np.isnan(labels[rows, nf])

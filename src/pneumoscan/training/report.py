@@ -62,7 +62,7 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
         lines += [f"Model: weights SHA-256 `{model_meta.get('weights_sha256', '?')[:16]}…`, input "
                   f"{model_meta.get('input_size')} px, trained on "
                   f"{model_meta.get('training_data', {}).get('description', '?')}. Assessed labels: "
-                  + (", ".join(l for l in LABELS if (assessment.get(l) or {}).get("assessed")) or "none")
+                  + (", ".join(lab for lab in LABELS if (assessment.get(lab) or {}).get("assessed")) or "none")
                   + ".", ""]
     mean = within["mean_auc_findings"]
     lines += ["## Headline: AUC measured inside each data source", "",

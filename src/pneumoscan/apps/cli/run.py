@@ -231,7 +231,7 @@ def tell(record: dict, force: bool) -> None:
         err.print(f"[yellow]failed:[/] {escape(record['error'])}", highlight=False)
     elif not quality.get("frontal_chest"):
         verb = "scored anyway (--force)" if force else "refused"
-        err.print(f"[yellow]{verb}:[/] {path}: not a frontal chest X-ray: "
+        err.print(f"[yellow]{verb}:[/] {path}: {quality.get('refused_as') or 'not a frontal chest X-ray'}: "
                   f"{escape('; '.join(quality.get('reasons', [])))}", highlight=False)
     for key in ("overlay_error", "dicom_error", "store_error"):
         if record.get(key):
@@ -274,7 +274,8 @@ def summarise_run(outputs) -> None:
 
 def stopped_writing(exc: OSError, counts: dict, total: int, outputs) -> None:
     """A full or read-only output folder: one line saying what was kept, exit 1."""
-    fail(f"cannot write to {exc.filename or outputs.out}: {exc.strerror or exc}; stopped after {counts['written']} of {total} images, "
+    fail(f"cannot write to {exc.filename or outputs.out}: {exc.strerror or exc}; "
+         f"stopped after {counts['written']} of {total} images, "
          f"whose records are in {outputs.target}; make room and run again", 1)
 
 

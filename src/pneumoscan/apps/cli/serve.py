@@ -40,7 +40,8 @@ def serve(
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
-    workers: Annotated[int, typer.Option(min=1, help="Images decoded at once (each may take ~0.8 GB for the largest accepted picture).")] = 1,
+    workers: Annotated[int, typer.Option(
+        min=1, help="Images decoded at once (each may take ~0.8 GB for the largest accepted picture).")] = 1,
     queue: Annotated[int, typer.Option(min=0, help="Requests waiting beyond those; more get 503.")] = 8,
     upload_timeout: Annotated[float, typer.Option(min=1, help="Seconds an upload may take; slower ones get 408.")] = 300.0,
     min_upload_rate: Annotated[float, typer.Option(
@@ -115,8 +116,10 @@ def listen(
     allow: Annotated[Optional[list[str]], typer.Option(
         help="Calling AE title, or IP address or network (10.1.2.0/24), allowed to send (repeat); any if omitted. "
              "Addresses bind both doors; with AE titles alone the STOW-RS door takes requests from this machine only.")] = None,
-    queue: Annotated[int, typer.Option(min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
-    tries: Annotated[int, typer.Option(min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
+    queue: Annotated[int, typer.Option(
+        min=1, help="Instances waiting (to be processed or forwarded) at most; more are answered 'out of resources'.")] = 64,
+    tries: Annotated[int, typer.Option(
+        min=1, help="Tries of an instance whose processing fails before it goes to OUT/failed.")] = 3,
     idle_timeout: Annotated[float, typer.Option(
         min=1, help="Seconds an association may stay silent before it is closed (idle peers must not hold the "
                     "slots senders need).")] = 20.0,

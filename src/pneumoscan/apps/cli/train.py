@@ -158,7 +158,8 @@ def train(
         min=0, help="Leave labels with fewer training positives out of the loss.")] = 50,
     freeze_backbone: Annotated[bool, typer.Option(
         help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoints/last.ckpt (with --freeze-backbone: OUT/head_state*.pt) if present.")] = True,
+    resume: Annotated[bool, typer.Option(
+        help="Continue from OUT/checkpoints/last.ckpt (with --freeze-backbone: OUT/head_state*.pt) if present.")] = True,
     arch: Annotated[str, typer.Option(
         help="densenet121 (the thesis's) or agcnn (+ a local branch on the attention box, cut from the "
              "original image; trains stage-wise with --freeze-backbone).")] = "densenet121",
@@ -232,7 +233,8 @@ def train(
                       early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
                       devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                       frontal_only=not all_views, resume=resume, description=description,
-                      max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance, epoch_size=epoch_size,
+                      max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance,
+                      epoch_size=epoch_size,
                       adult_share=adult_share, freeze_backbone=freeze_backbone,
                       min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
                       train_from=train_from or "", select=select, view_balance=view_balance,
@@ -274,6 +276,9 @@ def crossval(
         help="Multipliers of the NIH originals' loss weight to choose from, inside each fold, by the AUC on "
              "originals of an inner split (comma-separated, e.g. 1,2,4,8,16; '1' keeps their source share; "
              "docs/ADULT.md has the trade-off measured).")] = "1",
+    l2_grid: Annotated[Optional[str], typer.Option(
+        help="L2 strengths (on standardised features) to choose from inside each fold, comma-separated "
+             "(default: the built-in grid, training.crossval.L2_GRID).")] = None,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
 ) -> None:
     """Fit the classifier's final stage on a frozen backbone with patient-grouped cross-validation:
@@ -296,12 +301,16 @@ def crossval(
         fail(f"--target must be between 0 and 1, got {target}")
     weights = numbers(domain_weights, f"--domain-weights must be positive comma-separated numbers, got "
                       f"{domain_weights!r}", valid=lambda w: w > 0)
+    from pneumoscan.training.crossval import L2_GRID
+
+    strengths = L2_GRID if l2_grid is None else numbers(
+        l2_grid, f"--l2-grid must be positive comma-separated numbers, got {l2_grid!r}", valid=lambda w: w > 0)
     ensure_writable(out, "--out")
     cfg = CrossvalConfig(cache=str(cache), backbone=str(backbone), out=str(out), folds=folds, seed=seed,
                          source_balance=source_balance, adult_share=adult_share, view_balance=view_balance,
                          min_positives=min_positives, description=description, normal_contrast=contrast,
                          operating=threshold_rule, target=None if threshold_rule == "youden" else target,
-                         domain_weights=weights)
+                         domain_weights=weights, l2_grid=strengths)
     result = scored_or_fail(lambda: run_crossval(cfg, progress=lambda m: err.print(m, highlight=False)))
     assessed = [label for label, a in result["assessment"].items() if a["assessed"]]
     console.print(f"model written to {out / 'model.pt'}")
