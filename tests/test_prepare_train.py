@@ -687,6 +687,45 @@ def test_crossval_weighs_the_films_read_as_in_use_by_what_an_inner_split_of_them
     assert (dw, l2) == (16.0, 1e-3) and scores["16/0.001"] > 0.8 > scores["1/0.001"]
 
 
+def test_per_label_l2_gives_each_label_the_strength_its_own_inner_auc_prefers():
+    """One strength per label, each the one its own inner AUC prefers (here the label carried by one
+    sharp feature takes the weak penalty, the one spread thin over thirty noisy features the strong
+    one), labels the inner split cannot judge the overall choice; the shipped head takes, per
+    label, the strength most folds chose."""
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.crossval import (
+        CrossvalConfig,
+        choose_settings,
+        describe_l2,
+        fit_linear_head,
+        label_strength,
+        shipped_settings,
+    )
+
+    assert label_strength("Pneumonia", {1e-3: {"Pneumonia/nih": 0.70, "Edema/nih": 0.8},
+                                        1e-5: {"Pneumonia/nih": 0.75, "Edema/nih": 0.6}}, 1e-3) == 1e-5
+    assert label_strength("Hernia", {1e-3: {"Pneumonia/nih": 0.7}}, 0.3) == 0.3  # not judged: the fallback
+    assert label_strength("Edema", {1e-3: {"Edema/nih": 0.8}, 1e-1: {"Edema/nih": 0.8}}, 1e-5) == 1e-1  # tie: stronger
+    rng = np.random.default_rng(3)
+    n = 1200
+    x = rng.normal(size=(n, 40)).astype(np.float32)
+    labels = np.full((n, len(LABELS)), np.nan, np.float32)
+    labels[:, 0] = (x[:, :30].sum(1) + rng.normal(scale=3, size=n) > 0).astype(np.float32)
+    labels[:, 1] = (x[:, 0] + rng.normal(scale=0.3, size=n) > 0).astype(np.float32)
+    sources, views, patients = np.array(["nih"] * n), np.array(["PA"] * n), np.array([f"p{i}" for i in range(n)])
+    cfg = CrossvalConfig(cache="", backbone="", out="", view_balance=False, l2_grid=(1e-4, 3.0), per_label_l2=True)
+    _, l2, _ = choose_settings(x, labels, sources, views, patients, cfg, salt=0)
+    assert len(l2) == len(LABELS) and (l2[0], l2[1]) == (3.0, 1e-4) and set(l2[2:]) == {1e-4}
+    assert "L2 per label" in describe_l2(l2) and describe_l2(1e-3) == "L2 0.001"
+    W, _ = fit_linear_head(x, labels, np.ones_like(labels), l2)
+    same, _ = fit_linear_head(x, labels, np.ones_like(labels), 3.0)
+    assert np.allclose(W[0], same[0], atol=1e-4) and np.abs(W[1]).max() > np.abs(same[1]).max()
+    folds = [{"domain_weight": 1.0, "l2": (1e-3, 1e-5)}, {"domain_weight": 1.0, "l2": (1e-3, 1e-4)},
+             {"domain_weight": 1.0, "l2": (1e-2, 1e-5)}]
+    assert shipped_settings(folds) == (1.0, (1e-3, 1e-5))
+    assert shipped_settings([{"domain_weight": 1.0, "l2": 0.01}] * 2) == (1.0, 0.01)
+
+
 def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():
     """Flip every label of one fold's films: that fold's out-of-fold probabilities stay exactly
     the same (no film, and no film of its patient, reached the head that scored it), while the

@@ -31,16 +31,44 @@ say ``calibrated_for: null``) and reads every film whose header has no age as ``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from pneumoscan.labels import LABELS
 
-GROUPS = ("adult", "paediatric", "unknown")
-#: ``no finding called``: nothing was called, and this model cannot call a film of this population
-#: normal (no operating point of No Finding reaches the negative predictive value its file asks for).
-VERDICTS = ("normal", "abnormal", "indeterminate", "no finding called")
+
+class Group(StrEnum):
+    """Who a film is read for."""
+
+    ADULT = "adult"
+    PAEDIATRIC = "paediatric"
+    UNKNOWN = "unknown"
+
+
+class Verdict(StrEnum):
+    """One verdict per scored film. ``no finding called``: nothing was called, and this model cannot
+    call a film of this population normal (no operating point of No Finding reaches the negative
+    predictive value its file asks for)."""
+
+    NORMAL = "normal"
+    ABNORMAL = "abnormal"
+    INDETERMINATE = "indeterminate"
+    NO_FINDING_CALLED = "no finding called"
+
+
+class Status(StrEnum):
+    """A record's status: an assessed finding called, scored with none called, refused by the input
+    gate, or unreadable."""
+
+    CALLED = "called"
+    NOT_CALLED = "not called"
+    REFUSED = "refused"
+    ERROR = "error"
+
+
+GROUPS, VERDICTS, STATUSES = tuple(Group), tuple(Verdict), tuple(Status)
 #: The words each verdict is shown with.
 VERDICT_WORDS = {
     "normal": "normal: No Finding called and nothing else",
@@ -99,10 +127,10 @@ def apply_map(p: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Population:
-    """Who the film is read for: ``group`` (:data:`GROUPS`), the age in years (None when not
+    """Who the film is read for: ``group`` (:class:`Group`), the age in years (None when not
     known), where it came from (``PatientAge``, ``given`` or ``estimate``) and why, in words."""
 
-    group: str
+    group: Group
     age: float | None = None
     source: str | None = None
     reason: str = ""
@@ -116,8 +144,8 @@ class Population:
         return out
 
 
-def group_of_age(age: float) -> str:
-    return "adult" if age >= ADULT_AGE else "paediatric"
+def group_of_age(age: float) -> Group:
+    return Group.ADULT if age >= ADULT_AGE else Group.PAEDIATRIC
 
 
 def _years(age: float) -> str:
@@ -135,35 +163,32 @@ def estimate_population(pooled: np.ndarray, model: dict[str, Any] | None) -> Pop
     ``age_model``: a linear age regression (for the age shown) and a linear paediatric-vs-adult
     head whose out-of-fold thresholds mark the films it cannot tell (``unknown``)."""
     if not model:
-        return Population("unknown", None, None, "no age in the header and this model has no age estimate")
+        return Population(Group.UNKNOWN, None, None, "no age in the header and this model has no age estimate")
     x = np.asarray(pooled, np.float64)
     age = float(np.clip(x @ np.asarray(model["age"]["w"]) + model["age"]["b"], *AGE_RANGE))
     child = float(expit(x @ np.asarray(model["paediatric"]["w"]) + model["paediatric"]["b"]))
     cut = model["paediatric"]
     if child >= cut["paediatric_at"]:
-        group = "paediatric"
+        group = Group.PAEDIATRIC
     elif child < cut["adult_below"]:
-        group = "adult"
+        group = Group.ADULT
     else:
-        group = "unknown"
+        group = Group.UNKNOWN
     reason = {"paediatric": "a child's film", "adult": "an adult's film",
               "unknown": "cannot tell a child's film from an adult's"}[group]
     return Population(group, age, "estimate", f"estimated from the film: {reason} (paediatric probability "
                                               f"{child:.2f}, estimated age {_years(age)})", child)
 
 
-STATUSES = ("called", "not called", "refused", "error")
-
-
-def status_of(record: dict[str, Any]) -> str:
+def status_of(record: dict[str, Any]) -> Status:
     """One record's status (:data:`STATUSES`): ``called`` (an assessed finding other than No
     Finding at or above its threshold), ``not called`` (scored, no such finding), ``refused``
     (the input gate said it is not a frontal chest X-ray) or ``error`` (unreadable)."""
     if record.get("error"):
-        return "error"
+        return Status.ERROR
     if record.get("probabilities") is None:
-        return "refused"
-    return "called" if [f for f in record.get("findings") or [] if f != "No Finding"] else "not called"
+        return Status.REFUSED
+    return Status.CALLED if [f for f in record.get("findings") or [] if f != "No Finding"] else Status.NOT_CALLED
 
 
 def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
@@ -171,17 +196,17 @@ def assessed_thresholds(record: dict[str, Any]) -> dict[str, float]:
     return {label: t for label, t in (record.get("thresholds") or {}).items() if t is not None}
 
 
-def verdict_of(findings: list[str] | None, scored: bool, normal_possible: bool = True) -> str | None:
+def verdict_of(findings: list[str] | None, scored: bool, normal_possible: bool = True) -> Verdict | None:
     """``abnormal`` / ``normal`` / ``indeterminate`` from a film's called labels (None when it was
     not scored); ``no finding called`` instead of ``indeterminate`` when the film's reading can
     never call a film normal (:attr:`Reading.normal_possible`)."""
     if not scored:
         return None
     if any(f != "No Finding" for f in findings or []):
-        return "abnormal"
+        return Verdict.ABNORMAL
     if "No Finding" in (findings or []):
-        return "normal"
-    return "indeterminate" if normal_possible else "no finding called"
+        return Verdict.NORMAL
+    return Verdict.INDETERMINATE if normal_possible else Verdict.NO_FINDING_CALLED
 
 
 def verdict_reason(verdict: str | None, reading: Reading, findings: list[str] | None = None,
@@ -222,7 +247,7 @@ class Reading:
     """How films of one population are read: which labels are assessed, their raw thresholds and
     the calibration maps (label → spec), for ``calibrated_for`` (None: uncalibrated)."""
 
-    group: str
+    group: Group
     assessed: np.ndarray
     thresholds: np.ndarray
     maps: dict[str, dict[str, Any]]
@@ -296,21 +321,21 @@ def readings(meta: dict[str, Any], assessed: np.ndarray, thresholds: np.ndarray)
     section = meta.get("reading") or {}
     populations = section.get("populations") or {}
     adult_spec = populations.get("adult") or {}
-    adult = with_normal_rule(Reading("adult", assessed, thresholds, adult_spec.get("calibration") or {},
+    adult = with_normal_rule(Reading(Group.ADULT, assessed, thresholds, adult_spec.get("calibration") or {},
                                      adult_spec.get("calibrated_for")), adult_spec.get("normal"))
-    unknown = replace(adult, group="unknown",
+    unknown = replace(adult, group=Group.UNKNOWN,
                       calibrated_for=adult.calibrated_for and f"{adult.calibrated_for} (the film's age is not known: "
                                                               f"read with the adult reading)")
     if "paediatric" not in populations:
-        return {"adult": adult, "paediatric": replace(adult, group="paediatric"), "unknown": unknown}
+        return {Group.ADULT: adult, Group.PAEDIATRIC: replace(adult, group=Group.PAEDIATRIC), Group.UNKNOWN: unknown}
     spec = populations["paediatric"]
     ped_assessment = spec.get("assessment") or {}
     ped_assessed = np.array([bool((ped_assessment.get(lab) or {}).get("assessed")) for lab in LABELS])
     ped_thresholds = np.array([(ped_assessment.get(lab) or {}).get("threshold") if a else np.nan
                                for lab, a in zip(LABELS, ped_assessed)], np.float64)
-    paediatric = with_normal_rule(Reading("paediatric", ped_assessed, ped_thresholds, spec.get("calibration") or {},
+    paediatric = with_normal_rule(Reading(Group.PAEDIATRIC, ped_assessed, ped_thresholds, spec.get("calibration") or {},
                                           spec.get("calibrated_for")), spec.get("normal"))
-    return {"adult": adult, "paediatric": paediatric, "unknown": unknown}
+    return {Group.ADULT: adult, Group.PAEDIATRIC: paediatric, Group.UNKNOWN: unknown}
 
 
 def rank_scores(raw: np.ndarray, spec: dict[str, Any] | None, assessed: np.ndarray) -> dict[str, float | None] | None:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,15 @@ from pneumoscan.store.schema import (
 #: How often a write that lost a race (two films or reviews inserted at once) is tried again.
 RETRIES = 5
 #: A reader's verdict on one of the model's calls (not the film's verdict, :data:`pneumoscan.reading.VERDICTS`).
-REVIEW_VERDICTS = ("agree", "disagree", "unsure")
+class ReviewVerdict(StrEnum):
+    """A reader's verdict on one of the model's calls."""
+
+    AGREE = "agree"
+    DISAGREE = "disagree"
+    UNSURE = "unsure"
+
+
+REVIEW_VERDICTS = tuple(ReviewVerdict)
 
 
 class StoreError(PneumoScanError, RuntimeError):

@@ -32,6 +32,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,8 @@ class CrossvalConfig:
     confirm_in: str = "nih"  # every assessed label must also reach the AUC bar on these films (unmasked NIH)
     min_positives: int = 50
     frontal_only: bool = True
+    #: choose the L2 strength per label (inner split, each label's own AUC) instead of one for all
+    per_label_l2: bool = False
     description: str = ""
 
 
@@ -117,15 +120,16 @@ def row_weights(labels: np.ndarray, sources: np.ndarray, views: np.ndarray, cfg:
     return w
 
 
-def fit_linear_head(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, l2: float,
+def fit_linear_head(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, l2: float | Sequence[float],
                     max_iter: int = 300) -> tuple[np.ndarray, np.ndarray]:
     """Per-label logistic regression by weighted BCE over known labels (positive weight =
-    negatives / positives) + ``l2``/2 ‖W‖² on standardised features; returns (W 15×F, b 15) on the
-    raw features (the standardisation folded in)."""
+    negatives / positives) + ``l2``/2 ‖W‖² on standardised features (``l2`` one strength, or one per
+    label); returns (W 15×F, b 15) on the raw features (the standardisation folded in)."""
     mean, std = x.mean(0), x.std(0) + 1e-6
     z = torch.from_numpy((x - mean) / std)
     y, w = torch.from_numpy(labels), torch.from_numpy(weights)
     pos_weight = torch.from_numpy(positive_weights(labels))
+    strength = torch.from_numpy(np.broadcast_to(np.asarray(l2, np.float32), (labels.shape[1],)).copy())[:, None]
     W = torch.zeros(labels.shape[1], x.shape[1], requires_grad=True)
     b = torch.zeros(labels.shape[1], requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
@@ -133,7 +137,7 @@ def fit_linear_head(x: np.ndarray, labels: np.ndarray, weights: np.ndarray, l2: 
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = masked_bce(z @ W.T + b, y, pos_weight, w) + 0.5 * l2 * (W ** 2).sum()
+        loss = masked_bce(z @ W.T + b, y, pos_weight, w) + 0.5 * (strength * W ** 2).sum()
         loss.backward()
         return loss
 
@@ -150,7 +154,8 @@ def linear_probs(x: np.ndarray, head: tuple[np.ndarray, np.ndarray]) -> np.ndarr
 
 
 def choose_settings(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,
-                    patients: np.ndarray, cfg: CrossvalConfig, salt: int) -> tuple[float, float, dict[str, float]]:
+                    patients: np.ndarray, cfg: CrossvalConfig, salt: int
+                    ) -> tuple[float, float | tuple[float, ...], dict[str, float]]:
     """The (domain weight, L2 strength) with the best mean within-source AUC of every trained label
     on an inner patient-grouped quarter of these films (fitted on the other three quarters),
     judged on the ``confirm_in`` films of that quarter when it holds any.
@@ -158,18 +163,43 @@ def choose_settings(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, view
     Why judged there: the lung-masked copies outnumber the films masked by our own U-Net 16 to 1,
     and a head that suits the copies does not carry over to the originals (docs/ADULT.md); the
     weight of the originals is a choice like the L2 strength, so it is made inside each fold,
-    on films the scored fold never lends."""
+    on films the scored fold never lends. With ``cfg.per_label_l2`` each label then takes the
+    strength with its own best inner AUC at that domain weight (the loss is a mean over every known
+    label, so one strength regularises a label with few known films far more than a common one)."""
     inner = patient_folds(patients, 4, cfg.seed * 31 + salt) == 0
     select = tuple(lab for j, lab in enumerate(LABELS) if (~np.isnan(labels[~inner, j])).any())
     judged = inner & (sources == cfg.confirm_in) if (sources[inner] == cfg.confirm_in).any() else inner
     scores: dict[tuple[float, float], float] = {}
+    parts: dict[tuple[float, float], dict[str, float]] = {}
     for dw in cfg.domain_weights:
         weights = row_weights(labels[~inner], sources[~inner], views[~inner], cfg, dw)
         for l2 in cfg.l2_grid:
             head = fit_linear_head(x[~inner], labels[~inner], weights, l2)
-            scores[dw, l2] = selection_score(labels[judged], linear_probs(x[judged], head), sources[judged], select)[0]
+            scores[dw, l2], parts[dw, l2] = selection_score(labels[judged], linear_probs(x[judged], head),
+                                                            sources[judged], select)
     dw, l2 = max(scores, key=lambda k: scores[k] if np.isfinite(scores[k]) else -np.inf)
-    return dw, l2, {f"{w:g}/{s:g}": score for (w, s), score in scores.items()}
+    inner_scores = {f"{w:g}/{s:g}": score for (w, s), score in scores.items()}
+    if not cfg.per_label_l2:
+        return dw, l2, inner_scores
+    return dw, tuple(label_strength(label, {s: parts[dw, s] for s in cfg.l2_grid}, l2) for label in LABELS), inner_scores
+
+
+def label_strength(label: str, parts: dict[float, dict[str, float]], fallback: float) -> float:
+    """The L2 strength under which ``label``'s mean within-source inner AUC is highest (the larger
+    strength on a tie), or ``fallback`` where the inner split cannot judge the label."""
+    mean = {s: np.mean([v for k, v in p.items() if k.split("/")[0] == label] or [np.nan]) for s, p in parts.items()}
+    judged = {s: v for s, v in mean.items() if np.isfinite(v)}
+    return max(judged, key=lambda s: (judged[s], s)) if judged else fallback
+
+
+def describe_l2(l2: float | Sequence[float]) -> str:
+    """One strength, or the per-label ones grouped by value."""
+    if np.ndim(l2) == 0:
+        return f"L2 {l2:g}"
+    groups: dict[float, list[str]] = {}
+    for label, s in zip(LABELS, l2):
+        groups.setdefault(float(s), []).append(label)
+    return "L2 per label: " + "; ".join(f"{s:g} ({', '.join(names)})" for s, names in sorted(groups.items()))
 
 
 def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views: np.ndarray,
@@ -185,8 +215,9 @@ def cross_validate(x: np.ndarray, labels: np.ndarray, sources: np.ndarray, views
         head = fit_linear_head(x[train], labels[train], row_weights(labels[train], sources[train], views[train], cfg, dw), l2)
         oof[~train] = linear_probs(x[~train], head)
         chosen.append({"fold": f, "films": int((~train).sum()), "domain_weight": dw, "l2": l2, "inner_scores": scores})
+        best = max(v for k, v in scores.items() if k.startswith(f"{dw:g}/"))
         progress(f"fold {f + 1}/{cfg.folds}: {int((~train).sum())} films scored; {cfg.confirm_in} films weighted "
-                 f"×{dw:g}, L2 {l2:g} (inner mean within-source AUC {scores[f'{dw:g}/{l2:g}']:.3f})")
+                 f"×{dw:g}, {describe_l2(l2)} (inner mean within-source AUC {best:.3f})")
     return {"oof": oof, "fold": fold_of, "folds": chosen}
 
 
@@ -254,8 +285,8 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     thresholds = {label: assessment[label]["threshold"] for label in LABELS}
     report = evaluate_probabilities(raw, cv["oof"], thresholds, split=f"out-of-fold ({cfg.folds}-fold CV)",
                                     sources=sources, patients=patients)
-    dw, l2 = Counter((f["domain_weight"], f["l2"]) for f in cv["folds"]).most_common(1)[0][0]
-    say(f"fitting the shipped head on all {len(rows)} films ({cfg.confirm_in} films ×{dw:g}, L2 {l2:g}) …")
+    dw, l2 = shipped_settings(cv["folds"])
+    say(f"fitting the shipped head on all {len(rows)} films ({cfg.confirm_in} films ×{dw:g}, {describe_l2(l2)}) …")
     head = fit_linear_head(x, labels, row_weights(labels, sources, views, cfg, dw), l2)
     classifier = Classifier(linear_into_model(parent.model, head),
                             shipped_meta(parent, cfg, table, masked, too_few, l2, dw))
@@ -282,8 +313,18 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     return {"model": written, "report": report, "assessment": assessment}
 
 
+def shipped_settings(folds: list[dict[str, Any]]) -> tuple[float, float | tuple[float, ...]]:
+    """The domain weight most folds chose, and the L2 strength most folds chose (per label, when
+    the folds chose one per label)."""
+    dw = Counter(f["domain_weight"] for f in folds).most_common(1)[0][0]
+    chosen = [f["l2"] for f in folds if f["domain_weight"] == dw]
+    if np.ndim(chosen[0]) == 0:
+        return dw, Counter(chosen).most_common(1)[0][0]
+    return dw, tuple(Counter(c[j] for c in chosen).most_common(1)[0][0] for j in range(len(chosen[0])))
+
+
 def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[str, list[str]],
-                 too_few: list[str], l2: float, domain_weight: float) -> dict[str, Any]:
+                 too_few: list[str], l2: float | tuple[float, ...], domain_weight: float) -> dict[str, Any]:
     """The shipped model's metadata: the parent's preprocessing and input, the new head's data."""
     meta = {k: parent.meta[k] for k in ("kind", "labels", "input_size", "preprocessing") if k in parent.meta}
     meta.update({
@@ -306,7 +347,8 @@ def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[st
         },
         "labels_against_normal": {"labels": list(cfg.normal_contrast), "negatives": "No Finding films only"},
         "optimiser": {"name": "L-BFGS (strong Wolfe)", "loss": "weighted BCE over known labels + L2",
-                      "l2": l2, "l2_grid": list(cfg.l2_grid), "trained": "head only (backbone frozen)"},
+                      "l2": l2 if np.ndim(l2) == 0 else dict(zip(LABELS, l2)), "l2_grid": list(cfg.l2_grid),
+                      "trained": "head only (backbone frozen)"},
         "selection": {"metric": f"domain weight and L2 strength by the mean AUC of every trained label on the "
                                 f"{cfg.confirm_in} films of an inner patient-grouped quarter of each fold's training "
                                 "films; the shipped head takes the pair most folds chose"},

@@ -276,6 +276,8 @@ def crossval(
         help="Multipliers of the NIH originals' loss weight to choose from, inside each fold, by the AUC on "
              "originals of an inner split (comma-separated, e.g. 1,2,4,8,16; '1' keeps their source share; "
              "docs/ADULT.md has the trade-off measured).")] = "1",
+    per_label_l2: Annotated[bool, typer.Option(
+        help="Choose the L2 strength per label (each label's own inner AUC) instead of one for all.")] = False,
     l2_grid: Annotated[Optional[str], typer.Option(
         help="L2 strengths (on standardised features) to choose from inside each fold, comma-separated "
              "(default: the built-in grid, training.crossval.L2_GRID).")] = None,
@@ -310,7 +312,7 @@ def crossval(
                          source_balance=source_balance, adult_share=adult_share, view_balance=view_balance,
                          min_positives=min_positives, description=description, normal_contrast=contrast,
                          operating=threshold_rule, target=None if threshold_rule == "youden" else target,
-                         domain_weights=weights, l2_grid=strengths)
+                         domain_weights=weights, l2_grid=strengths, per_label_l2=per_label_l2)
     result = scored_or_fail(lambda: run_crossval(cfg, progress=lambda m: err.print(m, highlight=False)))
     assessed = [label for label, a in result["assessment"].items() if a["assessed"]]
     console.print(f"model written to {out / 'model.pt'}")
