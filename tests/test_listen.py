@@ -289,12 +289,12 @@ def test_a_poison_instance_is_tried_n_times_then_moved_never_looped(tmp_path):
 
     listener = Listener(Boom(), tmp_path / "out", tmp_path / "out" / ".spool", tries=3)
     (listener.spool / "1.2.3.dcm").write_bytes(b"anything")
-    listener.recover()
-    worker = threading.Thread(target=listener._work, daemon=True)
+    listener.worker.recover()
+    worker = threading.Thread(target=listener.worker.run, daemon=True)
     worker.start()
     _wait(lambda: (listener.failed / "1.2.3.dcm").exists(), 30)
     time.sleep(0.5)
-    listener._queue.put(None)
+    listener.worker.queue.put(None)
     worker.join(timeout=10)
     assert Boom.calls == 3 and "failed 3 times" in (listener.failed / "1.2.3.error.txt").read_text()
     assert not list(listener.spool.iterdir()) and (listener.done / "1.2.3").exists()
@@ -313,14 +313,14 @@ def test_failed_keeps_to_its_count_and_bytes_dropping_the_oldest_with_a_log_line
         for k in range(5):
             uid = f"1.2.{k}"
             (listener.spool / f"{uid}.dcm").write_bytes(b"x" * 1000)
-            listener._give_up(uid, "unreadable")
+            listener.worker.give_up(uid, "unreadable")
             for path in listener.failed.glob(f"{uid}.*"):
                 os.utime(path, ns=(k * 10**9, k * 10**9))  # one second apart, oldest first
-            listener._trim_failed()
+            listener.worker.trim_failed()
         kept = sorted({p.name.split(".dcm")[0].split(".error")[0] for p in listener.failed.iterdir()})
         assert kept == ["1.2.2", "1.2.3", "1.2.4"]  # the count: the three newest
         (listener.spool / "1.2.9.dcm").write_bytes(b"x" * 9000)  # one big one: the bytes rule
-        listener._give_up("1.2.9", "unreadable")
+        listener.worker.give_up("1.2.9", "unreadable")
     kept = sorted({p.name.split(".dcm")[0].split(".error")[0] for p in listener.failed.iterdir()})
     assert kept == ["1.2.9"] and sum(p.stat().st_size for p in listener.failed.iterdir()) <= 10_000
     removed = [r.getMessage() for r in caplog.records if "removed the oldest failed instance" in r.getMessage()]
@@ -505,14 +505,14 @@ def test_a_full_disk_holds_instances_in_the_spool_and_loses_none(tmp_path, monke
         full.set()
         first = _send(films, port)
         assert set(first) <= {0x0000, 0xA700} and first[0] == 0x0000
-        _wait(lambda: listener._full, 120)
+        _wait(lambda: listener.worker.full, 120)
         assert _send(films[:1], port) == [0xA700]  # the worker cannot write: the sender is told to retry
         assert not list((out / "failed").iterdir())
         full.clear()
-        _wait(lambda: not listener._full and not listener._pending, 300)
+        _wait(lambda: not listener.worker.full and not listener.worker.pending, 300)
         refused = [f for f, status in zip(films, first) if status != 0x0000]
         assert not refused or set(_send(refused, port)) == {0x0000}  # the sender's retry, now there is room
-        _wait(lambda: all((out / ".done" / uid).exists() for uid in uids) and not listener._pending, 300)
+        _wait(lambda: all((out / ".done" / uid).exists() for uid in uids) and not listener.worker.pending, 300)
     finally:
         listener.stop()
     assert not list((out / "failed").iterdir())
@@ -839,7 +839,7 @@ def test_a_stow_body_is_parsed_holding_each_part_once_and_stops_at_the_part_limi
     import os
     import tracemalloc
 
-    from pneumoscan.apps.listen import TooManyParts, multipart_parts
+    from pneumoscan.apps.stow import TooManyParts, multipart_parts
 
     payload = os.urandom(20 << 20)
     body = b"--b\r\nContent-Type: application/dicom\r\n\r\n" + payload + b"\r\n--b--\r\n"

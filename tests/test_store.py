@@ -409,7 +409,7 @@ def test_serve_and_listen_store_what_they_read(tmp_path, predictor, predictions)
     ds.save_as(dicom)
     listener = Listener(predictor, tmp_path / "out", tmp_path / "out" / ".spool", store=store, keep_films=kept)
     assert listener.receive(ds.SOPInstanceUID, ds, dicom.read_bytes(), "PYTEST") == 0
-    listener.process(ds.SOPInstanceUID)
+    listener.worker.process(ds.SOPInstanceUID)
     items, total = store.worklist(None)
     assert total == 2 and {i["source"] for i in items} == {"serve", "listen"}
     listened = store.result_view(next(i["id"] for i in items if i["source"] == "listen"), None)

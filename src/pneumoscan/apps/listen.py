@@ -38,10 +38,8 @@ DICOM router or a VPN.
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import os
-import queue
 import re
 import threading
 import weakref
@@ -49,14 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pneumoscan.apps.forward import (
-    OUT_OF_RESOURCES,
-    SUCCESS,
-    Forward,
-    StowForward,
-    Transient,
-)
-from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
+from pneumoscan.apps.forward import OUT_OF_RESOURCES, SUCCESS, Forward, StowForward
+from pneumoscan.apps.outbox import Outbox
+from pneumoscan.apps.worker import Worker
 
 log = logging.getLogger("pneumoscan.apps.listen")
 
@@ -142,17 +135,10 @@ class Listener:
     #: an instance larger than this (bytes on the wire) ends its association while it arrives;
     #: 0: the file limit of :func:`pneumoscan.io.file_limit`, as for a file on disk
     max_instance_bytes: int = 0
-    _queue: queue.Queue = field(default_factory=queue.Queue, init=False)
-    _pending: set[str] = field(default_factory=set, init=False)
-    _outbox_queue: queue.Queue = field(default_factory=queue.Queue, init=False)
-    _forwarding: set[str] = field(default_factory=set, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
     _server: Any = field(default=None, init=False)
     _threads: list[threading.Thread] = field(default_factory=list, init=False)
-    _sink: Any = field(default=None, init=False)
-    #: the worker found no room to write results: C-STORE is answered 0xA700 until it does
-    _full: bool = field(default=False, init=False)
     #: P-DATA bytes received per association since its last C-STORE was handled
     _arriving: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, init=False)
     #: associations cut for sending an instance past the limit: nothing more of theirs is taken
@@ -167,6 +153,12 @@ class Listener:
         self.done, self.failed, self.outbox = self.out / ".done", self.out / "failed", self.out / ".outbox"
         for folder in (self.out, self.spool, self.done, self.failed, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
+        self.forwarder = Outbox(self.outbox, self.out, self.failed, self.forward, self.ae_title, self._lock,
+                                self._stopping, self.backoff_max_s)
+        self.worker = Worker(self.predictor, self.out, self.spool, self.forwarder, self._lock, self._stopping,
+                             store=self.store, keep_films=self.keep_films, tries=self.tries,
+                             backoff_max_s=self.backoff_max_s, failed_max=self.failed_max,
+                             failed_max_bytes=self.failed_max_bytes)
 
     # --- receiving -------------------------------------------------------------------------
     def receive(self, uid: str, dataset: Any, encoded: bytes, sender: str) -> int:
@@ -184,17 +176,18 @@ class Listener:
         if made_by_pneumoscan(dataset):
             log.info("refused %s from %s: one of PneumoScan's own results (loop guard)", uid, sender)
             return CANNOT_UNDERSTAND
-        if self._full:
+        worker = self.worker
+        if worker.full:
             log.warning("refused %s from %s: no room to write results (0xA700: send it again later)", uid, sender)
             return OUT_OF_RESOURCES
         with self._lock:
-            if uid in self._pending:
+            if uid in worker.pending:
                 return SUCCESS  # already spooled and waiting: storing it again changes nothing
-            waiting = len(self._pending) + len(self._forwarding)
+            waiting = len(worker.pending) + len(self.forwarder.owed)
             if waiting >= self.queue_size:
                 log.warning("queue full (%d waiting to be processed or forwarded): refused %s", waiting, uid)
                 return OUT_OF_RESOURCES
-            self._pending.add(uid)
+            worker.pending.add(uid)
         try:
             if (self.failed / f"{uid}.error.txt").exists():  # sent again after it failed: try it afresh
                 (self.done / uid).unlink(missing_ok=True)
@@ -205,11 +198,11 @@ class Listener:
                 spool_and_sync(self.spool / f"{uid}.dcm", encoded)
         except Exception as exc:  # noqa: BLE001 - a full disk: the sender must retry
             with self._lock:
-                self._pending.discard(uid)
+                worker.pending.discard(uid)
             log.error("could not spool %s (answered 0xA700, the sender retries): %s", uid,
                       getattr(exc, "strerror", None) or type(exc).__name__)
             return OUT_OF_RESOURCES
-        self._queue.put(uid)
+        worker.queue.put(uid)
         log.info("received %s from %s", uid, sender)
         return SUCCESS
 
@@ -294,352 +287,12 @@ class Listener:
         log.warning("refused an association from %s at %s (%s)", printable(event.assoc.requestor.ae_title),
                     event.assoc.requestor.address, why)
 
-    # --- processing ------------------------------------------------------------------------
-    def recover(self) -> int:
-        """Queue what a previous run spooled and did not finish (and its forwards); remove what
-        it finished."""
-        for part in self.spool.glob("*.dcm.tmp"):
-            part.unlink()  # never answered "success": the sender still has it
-        count = 0
-        for path in sorted(self.spool.glob("*.dcm"), key=lambda p: p.stat().st_mtime):
-            uid = path.name[: -len(".dcm")]
-            if (self.done / uid).exists():
-                path.unlink()
-                continue
-            with self._lock:
-                self._pending.add(uid)
-            self._queue.put(uid)
-            count += 1
-        for entry in sorted(self.outbox.glob("*.json"), key=lambda p: p.stat().st_mtime):
-            self._outbox_add(entry.stem)
-        if count:
-            log.info("recovered %d spooled instance(s) from the last run", count)
-        return count
-
-    def _work(self) -> None:
-        delay = 1.0
-        while True:
-            uid = self._queue.get()
-            if uid is None:
-                return
-            again = False
-            try:
-                self.process(uid)
-                if self._full:
-                    log.info("there is room again: processing goes on, C-STORE is taken again")
-                    self._full, delay = False, 1.0
-            except Exception as exc:  # noqa: BLE001 - nothing escapes: one bad instance, or a full disk, never stops the worker
-                try:
-                    again = self._wait_for_room(exc, delay) or self._failed_try(uid, exc)
-                except OSError as during:  # even counting the failed try found no room
-                    again = self._wait_for_room(during, delay)
-                if self._full:
-                    delay = min(2 * delay, self.backoff_max_s)
-            finally:
-                if again:
-                    self._queue.put(uid)
-                else:
-                    with self._lock:
-                        self._pending.discard(uid)
-
-    def _wait_for_room(self, exc: BaseException, delay: float) -> bool:
-        """For a full disk (or quota, or a read-only file system): keep the instance in the spool
-        (True: try it again), answer C-STORE 0xA700 meanwhile, and wait ``delay`` seconds. It is
-        not a failure of the instance, so it never goes to failed/. False for any other error."""
-        from pneumoscan.outputs.writer import NO_ROOM
-
-        if not isinstance(exc, OSError) or exc.errno not in NO_ROOM:
-            return False
-        if not self._full:
-            log.error("no room to write results (%s): instances wait in the spool, C-STORE is answered 0xA700 "
-                      "until there is room", exc.strerror or type(exc).__name__)
-        self._full = True
-        self._stopping.wait(delay)
-        return True
-
-    def _failed_try(self, uid: str, exc: Exception) -> bool:
-        """Count a failed try on disk; True to try again, else the instance is moved to failed/."""
-        from pneumoscan.errors import first_line
-        from pneumoscan.modelfile import atomic_write_bytes
-
-        counter = self.spool / f"{uid}.tries"
-        tries = int(counter.read_text() or 0) + 1 if counter.exists() else 1
-        reason = f"{type(exc).__name__}: {first_line(exc)}"
-        if tries < self.tries:
-            atomic_write_bytes(counter, str(tries).encode(), sync=False)
-            log.error("failed %s (try %d of %d): %s", uid, tries, self.tries, reason)
-            return True
-        self._give_up(uid, f"failed {tries} times; last: {reason}")
-        return False
-
-    def _give_up(self, uid: str, reason: str, status: str = "failed") -> None:
-        """Move a spooled instance to failed/ with its reason, record it, mark it done."""
-        from pneumoscan.modelfile import atomic_write_bytes
-
-        source = self.spool / f"{uid}.dcm"
-        if source.exists():
-            source.replace(self.failed / f"{uid}.dcm")
-        atomic_write_bytes(self.failed / f"{uid}.error.txt", (reason + "\n").encode())
-        self._record({"path": uid, "sop_instance_uid": uid, "status": status, "error": reason, "results": {}})
-        atomic_write_bytes(self.done / uid, b"")
-        (self.spool / f"{uid}.tries").unlink(missing_ok=True)
-        log.error("gave up on %s: %s (moved to %s)", uid, reason[:200], self.failed.name)
-        self._trim_failed()
-
-    def _trim_failed(self) -> None:
-        """Keep failed/ within ``failed_max`` instances and ``failed_max_bytes``: a sender that
-        keeps sending what cannot be read must not fill the disk through it. The oldest instances
-        (with their error and forward notes) go first, each logged."""
-        groups: dict[str, list[Path]] = {}
-        sizes: dict[str, int] = {}
-        ages: dict[str, int] = {}
-        for path in self.failed.iterdir():
-            uid = path.name
-            for suffix in (".error.txt", ".forward.txt", ".dcm"):
-                uid = uid.removesuffix(suffix)
-            info = path.stat()
-            groups.setdefault(uid, []).append(path)
-            sizes[uid] = sizes.get(uid, 0) + info.st_size
-            ages[uid] = max(ages.get(uid, 0), info.st_mtime_ns)
-        order = sorted(groups, key=lambda uid: (ages[uid], uid))  # oldest first
-        count, total = len(order), sum(sizes.values())
-        for uid in order:
-            if count <= self.failed_max and total <= self.failed_max_bytes:
-                break
-            for path in groups[uid]:
-                path.unlink(missing_ok=True)
-            count, total = count - 1, total - sizes[uid]
-            log.warning("removed the oldest failed instance %s from %s (it keeps at most %d instances and "
-                        "%d bytes)", uid, self.failed.name, self.failed_max, self.failed_max_bytes)
-
-    def _record(self, record: dict[str, Any]) -> None:
-        """A line of predictions.jsonl: the index from source instance to results."""
-        from pneumoscan.outputs.writer import Outputs, RecordSink
-
-        if self._sink is None:
-            self._sink = RecordSink(Outputs(out=self.out, overlays=False), append=True).__enter__()
-        self._sink.write(record)
-
-    def process(self, uid: str) -> list[Path]:
-        """Results for one spooled instance, queued for forwarding when asked; then its
-        done-mark."""
-        from pneumoscan.modelfile import atomic_write_bytes
-        from pneumoscan.outputs.writer import Outputs, write_files
-
-        path = self.spool / f"{uid}.dcm"
-        if not path.exists():
-            return []
-        result = self.predictor.predict(path, cam="top", keep_arrays=True)
-        if result.error:
-            self._give_up(uid, result.error.replace(str(path), uid), status="error")
-            return []
-        record = write_files(result, path, uid, Outputs(out=self.out, overlays=False, dicom_out=self.out),
-                             self.predictor)
-        if record.get("dicom_error"):  # tried again, then failed/
-            raise RuntimeError(record["dicom_error"])
-        written = [self.out / name for name in (record.get("dicom") or {}).values()]
-        if self.store is not None:
-            self._store(record, result, path, uid)
-        self._record({**record, "path": uid, "sop_instance_uid": uid,
-                      "results": {kind: name.rsplit("_", 1)[0] for kind, name in (record.get("dicom") or {}).items()}})
-        if self.forward and written:
-            entry = {target.kind: [p.name for p in written] for target in self.forward}
-            atomic_write_bytes(self.outbox / f"{uid}.json", json.dumps(entry).encode())
-            self._outbox_add(uid)
-        # Said before the done-mark: a kill in between repeats the line on restart, never loses it.
-        log.info("processed %s (%s): %d result object(s)", uid, record["status"], len(written))
-        atomic_write_bytes(self.done / uid, "\n".join(p.name for p in written).encode())
-        path.unlink()
-        (self.spool / f"{uid}.tries").unlink(missing_ok=True)
-        return written
-
-    def _store(self, record: dict[str, Any], result: Any, path: Path, uid: str) -> None:
-        """The result into the results store (the received film kept in ``keep_films``, by its
-        SHA-256, when given); a store that is down is logged and said in the record, never retried:
-        the DICOM results are out already."""
-        import hashlib
-        import shutil
-
-        from pneumoscan.outputs.writer import write_to_store
-
-        data = path.read_bytes()
-        kept = None
-        if self.keep_films is not None:
-            kept = self.keep_films / f"{hashlib.sha256(data).hexdigest()}.dcm"
-            try:
-                if not kept.exists():
-                    shutil.copyfile(path, kept)
-            except OSError as exc:
-                log.error("film %s not kept in %s: %s", uid, self.keep_films, exc.strerror or exc)
-                kept = None
-        run = self.predictor.run_identity()
-        write_to_store(self.store, record, result, data, name=uid, path=kept, run=run, source="listen")
-        if record.get("store_error"):
-            log.error("%s: %s", uid, record["store_error"][:300])
-
-    # --- forwarding ------------------------------------------------------------------------
-    def _outbox_add(self, uid: str) -> None:
-        with self._lock:
-            if uid in self._forwarding:
-                return
-            self._forwarding.add(uid)
-        self._outbox_queue.put(uid)
-
-    def _forward_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                uid = self._outbox_queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            delay = 1.0
-            while not self._stopping.is_set():
-                try:
-                    self.forward_one(uid)
-                    break
-                except Transient as exc:
-                    log.warning("forward of %s waits %.0f s: %s", uid, delay, exc)
-                    self._stopping.wait(delay)
-                    delay = min(2 * delay, self.backoff_max_s)
-                except Exception as exc:  # noqa: BLE001 - the outbox entry itself is broken: drop it, say so
-                    log.error("forward of %s dropped: %s", uid, type(exc).__name__)
-                    (self.outbox / f"{uid}.json").unlink(missing_ok=True)
-                    break
-            with self._lock:
-                if not (self.outbox / f"{uid}.json").exists():
-                    self._forwarding.discard(uid)
-
-    def forward_one(self, uid: str) -> None:
-        """Send one instance's results to every target still owed them; the outbox entry keeps
-        what is left after each target, so a restart sends nothing twice that was taken."""
-        from pneumoscan.modelfile import atomic_write_bytes
-
-        entry_path = self.outbox / f"{uid}.json"
-        if not entry_path.exists():
-            return
-        entry = json.loads(entry_path.read_text())
-        for target in self.forward:
-            names = entry.get(target.kind) or []
-            if not names:
-                continue
-            outcome = target.send([self.out / n for n in names], self.ae_title)
-            refused = {p.name: why for p, why in outcome.items() if why}
-            for name, why in refused.items():
-                log.error("forward of %s to %s: %s refused for good: %s", uid, target, name, why)
-                with open(self.failed / f"{uid}.forward.txt", "a") as handle:
-                    handle.write(f"{name}\t{target}\t{why}\n")
-            log.info("forwarded %d result object(s) of %s to %s", len(outcome) - len(refused), uid, target)
-            entry[target.kind] = []
-            atomic_write_bytes(entry_path, json.dumps(entry).encode())
-        entry_path.unlink()
-
     # --- DICOMweb in -----------------------------------------------------------------------
-    def stow_app(self, max_bytes: int = 256 * 2**20, max_parts: int = 1000, concurrent: int = 4,
-                 pace: UploadPace | None = None, budget: PeerBudget | None = None):
-        """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``, whose parts must all
-        belong to that study) with a ``multipart/related; type="application/dicom"`` body; each
-        part goes through :meth:`receive` like a C-STORE. Answers 200 (all stored), 202 (some
-        refused) or 409 (none), with the DICOM JSON Referenced/Failed SOP Sequences (failure reason
-        0xA700 "out of resources" when the queue was full, else 0xC000); 503 with ``Retry-After``
-        when nothing was taken only because the queue was full, or when ``concurrent`` requests are
-        already in; 413 past ``max_bytes`` or ``max_parts``. The REST server's limits hold here
-        too: the upload's pace (408, :class:`~pneumoscan.apps.limits.UploadPace`) and a budget per
-        client address (429, :class:`~pneumoscan.apps.limits.PeerBudget`); ``allow`` decides who
-        may send (403, :meth:`peer_refusal`). Parsing runs off the event loop."""
-        import asyncio
+    def stow_app(self, **limits: Any):
+        """The STOW-RS door (:func:`pneumoscan.apps.stow.stow_app`) onto :meth:`receive`."""
+        from pneumoscan.apps.stow import stow_app
 
-        from starlette.applications import Starlette
-        from starlette.concurrency import run_in_threadpool
-        from starlette.responses import JSONResponse
-        from starlette.routing import Route
-
-        places = asyncio.Semaphore(concurrent)
-        pace = pace or UploadPace()
-        budget = budget or PeerBudget(uploads=max(1, concurrent // 2))
-
-        async def store(request):
-            peer = request.client.host if request.client else "?"
-            why = self.peer_refusal(peer)
-            if why:
-                log.warning("refused a STOW-RS request from %s: %s", printable(peer, 64), why)
-                return JSONResponse({"error": why}, 403)
-            content_type = request.headers.get("content-type", "")
-            if not content_type.lower().startswith("multipart/related"):
-                return JSONResponse({"error": "expected multipart/related; type=\"application/dicom\""}, 415)
-            declared = request.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                return JSONResponse({"error": f"upload of {int(declared):,} bytes is over the {max_bytes:,}-byte limit"},
-                                    413, headers={"Connection": "close"})
-            refused = budget.refusal(peer)
-            if refused:
-                return JSONResponse({"error": refused[0]}, 429, headers={"Retry-After": str(refused[1])})
-            if places.locked():
-                return JSONResponse({"error": f"busy: {concurrent} STOW-RS requests in progress; retry shortly"}, 503,
-                                    headers={"Retry-After": "5"})
-            async with places:
-                try:
-                    with budget.reading(peer):
-                        body = await read_paced(request.receive, max_bytes, pace)
-                except UploadTooSlow as exc:
-                    budget.strike(peer)
-                    return JSONResponse({"error": str(exc)}, 408, headers={"Connection": "close"})
-                if body is None:  # the sender went away
-                    return JSONResponse({"error": "the upload ended early"}, 400)
-                if len(body) > max_bytes:
-                    return JSONResponse({"error": f"over the {max_bytes:,}-byte limit"}, 413,
-                                        headers={"Connection": "close"})
-                try:
-                    parts = await run_in_threadpool(multipart_parts, content_type, body, max_parts)
-                except TooManyParts as exc:
-                    return JSONResponse({"error": str(exc)}, 413)
-                finally:
-                    del body
-                if parts is None:
-                    return JSONResponse({"error": "the multipart/related body cannot be parsed"}, 400)
-                sender = f"STOW {peer}"
-                study = request.path_params.get("study")
-                outcome = []
-                while parts:  # each part's bytes made once more as its parsing buffer is let go
-                    outcome.append(await run_in_threadpool(self._receive_part, bytes(parts.pop(0)), sender, study))
-            stored = [status == SUCCESS for status, _ in outcome]
-            if not any(stored) and outcome and all(status == OUT_OF_RESOURCES for status, _ in outcome):
-                return JSONResponse(stow_response(outcome), 503, headers={"Retry-After": "5"},
-                                    media_type="application/dicom+json")
-            return JSONResponse(stow_response(outcome), 200 if all(stored) else 202 if any(stored) else 409,
-                                media_type="application/dicom+json")
-
-        return Starlette(routes=[Route("/studies", store, methods=["POST"]),
-                                 Route("/studies/{study}", store, methods=["POST"])])
-
-    def _receive_part(self, part: bytes, sender: str, study: str | None = None) -> tuple[int, Any]:
-        """One STOW-RS part through :meth:`receive`: (its status, the dataset or None); a part of
-        another study than the request's path names is refused."""
-        from io import BytesIO
-
-        import pydicom
-
-        from pneumoscan.io import MAX_PIXELS, XrayReadError, inflated
-
-        try:
-            part = inflated(part, "a STOW-RS part", MAX_PIXELS)  # a deflated part, bounded like a file
-            dataset = pydicom.dcmread(BytesIO(part))
-        except XrayReadError as exc:
-            log.warning("refused a STOW-RS part from %s: %s", sender, str(exc)[:200])
-            return CANNOT_UNDERSTAND, None
-        except Exception:  # noqa: BLE001 - not DICOM
-            return CANNOT_UNDERSTAND, None
-        try:  # pydicom converts elements when first read: a bad one (an unknown VR, say) fails here
-            uid, sop_class = str(dataset.get("SOPInstanceUID", "")), str(dataset.get("SOPClassUID", ""))
-            part_study = str(dataset.get("StudyInstanceUID", ""))
-        except Exception as exc:  # noqa: BLE001 - this part alone is refused; the request's others go on
-            log.warning("refused a STOW-RS part from %s: its header cannot be read (%s)", sender, str(exc)[:200])
-            return CANNOT_UNDERSTAND, None
-        if sop_class not in CHEST_STORAGE:
-            log.warning("refused %s from %s: not a CR, DX or Secondary Capture instance", printable(uid, 64), sender)
-            return CANNOT_UNDERSTAND, dataset
-        if study is not None and part_study != study:
-            log.warning("refused %s from %s: not of the study the request names", printable(uid, 64), sender)
-            return CANNOT_UNDERSTAND, dataset
-        return self.receive(uid, dataset, part, sender), dataset
+        return stow_app(self, **limits)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, block: bool = False):
@@ -655,8 +308,9 @@ class Listener:
         ae.maximum_pdu_size = MAX_PDU_BYTES
         ae.maximum_associations = self.max_associations
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = self.idle_timeout
-        self.recover()
-        for target, name in ((self._work, "worker"), (self._forward_loop, "forward")):
+        self.worker.recover()
+        self.forwarder.recover()
+        for target, name in ((self.worker.run, "worker"), (self.forwarder.loop, "forward")):
             thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -672,11 +326,10 @@ class Listener:
         if self._server is not None:
             self._server.shutdown()
         self._stopping.set()
-        self._queue.put(None)
+        self.worker.queue.put(None)
         for thread in self._threads:
             thread.join(timeout=60)
-        if self._sink is not None:
-            self._sink.__exit__(None, None, None)
+        self.worker.close()
 
 
 #: The largest P-DATA PDU this listener accepts (advertised at association): a sender splits an
@@ -696,62 +349,3 @@ def cut_off(assoc) -> None:
             raw.shutdown(socket.SHUT_RD)
         except OSError:
             pass  # already closed
-
-
-class TooManyParts(ValueError):
-    """A multipart body with more parts than one request may carry (counted while parsing)."""
-
-
-def multipart_parts(content_type: str, body: bytes, max_parts: int = 1_000) -> list[bytearray] | None:
-    """The parts of a ``multipart/related`` body (RFC 2387) by python-multipart's streaming
-    parser, which holds each part's bytes once (the standard library's MIME parser held a body
-    about 14 times); None when it is not one. Raises :class:`TooManyParts` as part
-    ``max_parts`` + 1 begins, before the rest is parsed."""
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    kind, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
-    if not kind.startswith(b"multipart/") or not boundary:
-        return None
-    parts: list[bytearray] = []
-    ended = []
-
-    def begin() -> None:
-        if len(parts) == max_parts:
-            raise TooManyParts(f"more than {max_parts:,} parts; at most {max_parts:,} in one request")
-        parts.append(bytearray())
-
-    parser = MultipartParser(boundary, callbacks={
-        "on_part_begin": begin, "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end]),
-        "on_end": lambda: ended.append(True)})
-    try:
-        for at in range(0, len(body), 1 << 20):  # 1 MiB at a time: one copy of a chunk, not of the body
-            parser.write(body[at:at + (1 << 20)])
-        parser.finalize()
-    except MultipartParseError:
-        return None
-    if not ended:
-        return None
-    return parts  # bytearrays: bytes-like everywhere they go, and not copied again
-
-
-def stow_response(outcome: list[tuple[int, Any]]) -> dict[str, Any]:
-    """The STOW-RS answer in DICOM JSON: Referenced SOP Sequence (0008,1199) for what was stored,
-    Failed SOP Sequence (0008,1198) with the Failure Reason (0xA700 out of resources, or 0xC000)
-    for the rest."""
-    def item(dataset: Any, reason: int | None) -> dict[str, Any]:
-        entry = {"00081150": {"vr": "UI", "Value": [str(dataset.get("SOPClassUID", ""))]} if dataset else {"vr": "UI"},
-                 "00081155": {"vr": "UI", "Value": [str(dataset.get("SOPInstanceUID", ""))]} if dataset else {"vr": "UI"}}
-        if reason is not None:
-            entry["00081197"] = {"vr": "US", "Value": [reason]}
-        return entry
-
-    answer: dict[str, Any] = {}
-    stored = [item(ds, None) for status, ds in outcome if status == SUCCESS]
-    failed = [item(ds, status) for status, ds in outcome if status != SUCCESS]
-    if stored:
-        answer["00081199"] = {"vr": "SQ", "Value": stored}
-    if failed:
-        answer["00081198"] = {"vr": "SQ", "Value": failed}
-    return answer
