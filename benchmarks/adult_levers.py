@@ -96,7 +96,7 @@ def tta_features(paths: list[str], model, size: int) -> tuple[np.ndarray, np.nda
     import torch
 
     from pneumoscan.crop import classifier_crop, lungs_only
-    from pneumoscan.predict import read_segment_crop
+    from pneumoscan.pipeline import read_segment_crop
     from pneumoscan.segment import LungSegmenter, default_model_path
 
     segmenter = LungSegmenter.load(default_model_path())

@@ -93,7 +93,7 @@ def main() -> int:
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.data.nih_masked import read_premasked
     from pneumoscan.explain import cam_from_features, place_on_original, within_lungs
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.labels import LABELS
     from pneumoscan.predict import Predictor
     from pneumoscan.training.cache import crop_paths

@@ -39,7 +39,7 @@ def main() -> int:
     import pandas as pd
 
     from pneumoscan.data import JSRT
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.segment import HeartSegmenter, load_default
     from pneumoscan.training.segment import dice_iou_acc, read_mask

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pneumoscan.data import build_manifest, resolve_sources
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.segment import load_default, locate_lungs
 from pneumoscan.training.segment import dice_iou_acc
 

@@ -1,4 +1,4 @@
-"""Type I error of the random-readers random-cases test (pneumoscan.mrmc) under the null, on
+"""Type I error of the random-readers random-cases test (pneumoscan.readerstudy.mrmc) under the null, on
 studies simulated with the Roe–Metz model (Roe & Metz, Acad Radiol 1997):
 
     score = μ·truth + R_r + C_c + (RC)_rc + (TR)_tr + (TC)_tc + (TRC)_trc (+ the same for the error)
@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from pneumoscan.mrmc import Ratings, analyse
+from pneumoscan.readerstudy.mrmc import Ratings, analyse
 
 
 def simulate(rng: np.random.Generator, readers: int, normal: int, abnormal: int, mu: float,

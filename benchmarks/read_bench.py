@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 
 from pneumoscan.enhance import clahe
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 
 
 def main() -> None:

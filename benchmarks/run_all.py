@@ -47,7 +47,7 @@ def main() -> None:
     from pneumoscan.crop import crop_resize
     from pneumoscan.data import build_manifest
     from pneumoscan.enhance import clahe
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.predict import Predictor
     from pneumoscan.training.cache import CropCache, prepare
     from pneumoscan.training.data import CropDataset

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from pneumoscan.crop import crop_resize
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.segment import load_default, locate_lungs
 
 

@@ -41,9 +41,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from pneumoscan.gate import check_frontal_chest
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.maskquality import TRANSFORMS
-    from pneumoscan.predict import Predictor, segment_and_crop
+    from pneumoscan.pipeline import segment_and_crop
+    from pneumoscan.predict import Predictor
 
     predictor = Predictor.from_default()
     lungs, heart, classifier = predictor.segmenter, predictor.heart, predictor.classifier

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from pneumoscan.backends.onnx import cache_root
-from pneumoscan.io import read_ahead, read_xray
+from pneumoscan.films import read_ahead, read_xray
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import ModelFileError
-from pneumoscan.predict import Predictor, read_segment_crop, segment_and_crop
+from pneumoscan.pipeline import read_segment_crop, segment_and_crop
+from pneumoscan.predict import Predictor
 from pneumoscan.segment import load_default
 
 from conftest import DATA, needs_data
@@ -104,9 +105,9 @@ def test_backend_and_device_choices_fail_in_one_line(tmp_path, monkeypatch):
         run = subprocess.run([*CLI, "predict", "x.png", "--out", str(tmp_path / "o"), *args],
                              capture_output=True, text=True, timeout=300)
         assert run.returncode == 2 and words in run.stderr and "Traceback" not in run.stderr, run.stderr
-    import pneumoscan.predict as predict
+    import pneumoscan.loading as loading
 
-    monkeypatch.setattr(predict, "_onnx_installed", lambda: False)
+    monkeypatch.setattr(loading, "_onnx_installed", lambda: False)
     assert Predictor.from_paths().models["backend"] == "torch (cpu)"  # auto without ONNX Runtime
     with pytest.raises(ValueError, match="onnx extra"):
         Predictor.from_paths(backend="onnx")

@@ -252,9 +252,9 @@ def test_every_error_a_user_can_act_on_shares_one_base():
     from pneumoscan.clinical import ClinicalError
     from pneumoscan.data import ManifestError, SourceError
     from pneumoscan.errors import PneumoScanError
-    from pneumoscan.io import XrayReadError
+    from pneumoscan.films import XrayReadError
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.mrmc import RatingsError
+    from pneumoscan.readerstudy.mrmc import RatingsError
     from pneumoscan.store.db import StoreError
     from pneumoscan.store.study import StudyError
     from pneumoscan.training.cache import CacheError

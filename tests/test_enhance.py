@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.enhance import clahe, resize, to_uint8
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 
 from conftest import needs_data
 

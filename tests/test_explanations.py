@@ -210,7 +210,7 @@ def test_a_model_file_names_the_re_readings_its_threshold_holds_for(tmp_path, mo
     """Issue 40: the re-readings behind a mask's quality are the model file's (a threshold is
     chosen for them, ``tools/fit_mask_quality.py --transforms``), not a constant of the code; a
     malformed list is refused when the file loads, not in the middle of a batch."""
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.maskquality import TRANSFORMS
     from pneumoscan.modelfile import ModelFileError
     from pneumoscan.segment import LungSegmenter, load_default
@@ -237,13 +237,13 @@ def test_a_model_file_names_the_re_readings_its_threshold_holds_for(tmp_path, mo
 def test_a_cardiomegaly_call_beside_a_small_ratio_says_why_and_has_its_own_map(predictor, monkeypatch):
     """A call the measured heart contradicts (ratio at or below 0.50) never stands without a word:
     it gets a Grad-CAM of its own and a sentence, in the record, the CSV and the overlay."""
-    import pneumoscan.predict as predict_module
+    import pneumoscan.evidence as evidence_module
     from pneumoscan.measure import CardiothoracicRatio
     from pneumoscan.outputs.overlay import findings_caption
     from pneumoscan.outputs.writer import CSV_TAIL, csv_row
 
     small = CardiothoracicRatio(0.45, None, 90, 200, (10, 5, 94), (12, 0, 199), False)
-    monkeypatch.setattr(predict_module, "cardiothoracic_ratio", lambda *a, **k: small)
+    monkeypatch.setattr(evidence_module, "cardiothoracic_ratio", lambda *a, **k: small)
     result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
     assert "Cardiomegaly" in result.findings
     explanation = result.cams["Cardiomegaly"]

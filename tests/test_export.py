@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pneumoscan.crop import crop_resize
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.labels import LABELS
 from pneumoscan.predict import Predictor
 

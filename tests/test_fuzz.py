@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 
-from pneumoscan.io import XrayImage, XrayReadError, decode_xray
+from pneumoscan.films import XrayImage, XrayReadError, decode_xray
 
 from conftest import DATA
 
@@ -279,7 +279,7 @@ def test_concurrent_huge_header_pngs_get_4xx(client):
 @given(data=mutated(), suffix=st.sampled_from([".png", ".jpg", ".dcm", ""]))
 def test_file_reader_never_fails_otherwise(tmp_path_factory, data, suffix):
     """The file path: size and DICOM header checked before the bytes are read."""
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
 
     path = tmp_path_factory.mktemp("f") / f"x{suffix}"
     path.write_bytes(data)
@@ -329,7 +329,7 @@ def test_deflated_dicom_reads_or_is_refused_at_every_door(data):
     """Issue 36's deflate path, damaged anywhere (header, compressed body, its end): a file or an
     upload reads or is an XrayReadError, and the listener's inflation of a network instance (the
     dataset after the file meta, as DIMSE carries it) gives bytes or an XrayReadError."""
-    from pneumoscan.io import file_meta_layout, inflated_instance
+    from pneumoscan.films.dicom import file_meta_layout, inflated_instance
 
     _check_reader(data, "x.dcm")
     try:

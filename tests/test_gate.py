@@ -19,7 +19,7 @@ from pneumoscan.gate import (
     load_default_check,
     tag_reasons,
 )
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.predict import Predictor
 from pneumoscan.segment import load_default
 
@@ -264,7 +264,7 @@ def test_a_grey_copy_of_pneumoscans_own_overlay_is_refused():
     encoding; the frontal films above, with their own black borders and burnt-in markers, are not
     taken for one."""
     from pneumoscan.gate import own_overlay, picture_reasons
-    from pneumoscan.io import decode_xray
+    from pneumoscan.films import decode_xray
     from pneumoscan.outputs.overlay import picture_for
 
     predictor = Predictor.from_default(backend="torch")

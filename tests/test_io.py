@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray, read_xray, window
+from pneumoscan.films import MAX_PIXELS, XrayReadError, decode_xray, read_xray
+from pneumoscan.films.dicom import window
 
 from conftest import DATA, needs_data
 
@@ -404,7 +405,7 @@ def test_huge_multi_frame_dicom_is_refused_without_reading_it(tmp_path, frames):
     path = tmp_path / "huge.dcm"
     _sparse_multiframe(path, frames)
     probe = ("import resource, sys\n"
-             "from pneumoscan.io import read_xray, XrayReadError\n"
+             "from pneumoscan.films import read_xray, XrayReadError\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "try:\n    read_xray(sys.argv[1])\nexcept XrayReadError as exc:\n    print(exc)\n"
              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
@@ -454,7 +455,7 @@ def _deflated(ds: pydicom.Dataset, path: Path, junk_mib: int = 0) -> Path:
 
     from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-    from pneumoscan.io import file_meta_layout
+    from pneumoscan.films.dicom import file_meta_layout
 
     ds = copy.deepcopy(ds)
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
@@ -492,7 +493,7 @@ def test_a_deflated_dicom_reads_like_the_plain_one_and_a_deflate_bomb_is_refused
     assert bomb.stat().st_size < 2 * 2**20
     with pytest.raises(XrayReadError, match="inflates past"):
         decode_xray(bomb.read_bytes(), name="bomb.dcm")
-    probe = ("import resource, sys; from pneumoscan.io import read_xray, XrayReadError\n"
+    probe = ("import resource, sys; from pneumoscan.films import read_xray, XrayReadError\n"
              "try: read_xray(sys.argv[1])\nexcept XrayReadError: pass\n"
              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     peak = {name: int(subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
@@ -505,7 +506,7 @@ def test_a_deflated_dicom_with_a_wrong_meta_group_length_is_a_clear_error(tmp_pa
     OverflowError while its meta group was rewritten for inflating."""
     from pydicom.data import get_testdata_file
 
-    from pneumoscan.io import file_meta_layout
+    from pneumoscan.films.dicom import file_meta_layout
 
     data = bytearray(_deflated(pydicom.dcmread(get_testdata_file("MR_small.dcm")), tmp_path / "ok.dcm").read_bytes())
     group_length = 132 + 8
@@ -526,7 +527,7 @@ def test_a_pipe_or_a_link_loop_is_refused_in_one_line_not_waited_on(tmp_path):
     os.mkfifo(fifo)
     loop = tmp_path / "loop.png"
     loop.symlink_to(loop)
-    script = ("import sys; from pneumoscan.io import read_xray, XrayReadError\n"
+    script = ("import sys; from pneumoscan.films import read_xray, XrayReadError\n"
               "for p in sys.argv[1:]:\n"
               "    try: read_xray(p)\n"
               "    except XrayReadError as e: print(e)\n")

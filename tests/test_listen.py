@@ -403,7 +403,7 @@ def _store_event(path: Path):
     from pynetdicom.events import Event
     from pynetdicom.presentation import PresentationContextTuple
 
-    from pneumoscan.io import file_meta_layout
+    from pneumoscan.films.dicom import file_meta_layout
 
     data = path.read_bytes()
     end, syntax, _, _ = file_meta_layout(data)

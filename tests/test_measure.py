@@ -103,7 +103,7 @@ def test_shipped_heart_model_on_jsrt_films():
     """The shipped heart model learnt from every JSRT film here, so this checks that it loads
     and works, not how well it generalises (docs/HEART.md has the cross-validated figure)."""
     from pneumoscan.data import JSRT
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.segment import load_default_heart
     from pneumoscan.training.segment import dice_iou_acc, read_mask
 

@@ -1,5 +1,5 @@
 """The MRMC analysis against the reference program: every figure of the Iowa OR-DBM MRMC 2.51
-output on the Van Dyke et al. (1993) data that pneumoscan.mrmc also reports, read from that
+output on the Van Dyke et al. (1993) data that pneumoscan.readerstudy.mrmc also reports, read from that
 output file and matched to the precision it prints (at least 4 decimals where it prints them),
 from both the .lrc and the .imrmc copy of the data; the formats round-trip."""
 
@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan.mrmc import (
+from pneumoscan.readerstudy.mrmc import (
     Ratings,
     RatingsError,
     analyse,

@@ -15,9 +15,10 @@ import torch
 
 from pneumoscan.classify import ChestClassifier
 from pneumoscan.explain import GradCAM, cam_from_features, place_on_original
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.labels import LABELS
-from pneumoscan.predict import Predictor, resolve_label
+from pneumoscan.predict import Predictor
+from pneumoscan.prediction import resolve_label
 
 from conftest import DATA, TEST_ASSESSED, needs_data
 

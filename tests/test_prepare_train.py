@@ -838,7 +838,7 @@ def test_evaluate_takes_the_crops_an_earlier_command_made_from_the_shared_cache(
     size limit (0 turns it off)."""
     import shutil
 
-    import pneumoscan.predict as predict_module
+    import pneumoscan.pipeline as pipeline_module
     from pneumoscan.data.manifest import read_manifest
     from pneumoscan.training.evaluate import score_split
 
@@ -852,8 +852,8 @@ def test_evaluate_takes_the_crops_an_earlier_command_made_from_the_shared_cache(
     rows["path"] = [str(films / f"{i}.png") for i in range(len(rows))]
     manifest = tmp_path / "m.csv"
     rows.to_csv(manifest, index=False)
-    real, read = predict_module.read_segment_crop, []
-    monkeypatch.setattr(predict_module, "read_segment_crop",
+    real, read = pipeline_module.read_segment_crop, []
+    monkeypatch.setattr(pipeline_module, "read_segment_crop",
                         lambda paths, *a, **k: read.extend(paths) or real(paths, *a, **k))
 
     def score():

@@ -15,7 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.modelfile import load_model
 from pneumoscan.segment import (
     KIND,

@@ -142,7 +142,7 @@ def test_resume_refuses_predictions_of_other_models_or_options(tmp_path):
 def test_names_that_are_not_utf8_make_outputs(tmp_path):
     import os
 
-    from pneumoscan.io import display_name
+    from pneumoscan.films import display_name
 
     odd = Path(os.fsdecode(b"bad\xff\xfename.png"))
     assert display_name(odd) == "bad\\xff\\xfename.png"

@@ -85,7 +85,7 @@ def main() -> int:
     from scipy.stats import spearmanr
 
     from pneumoscan.data import JSRT
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
     from pneumoscan.maskquality import TRANSFORMS, ShapeModel, method, shape_frame
     from pneumoscan.measure import cardiothoracic_ratio
     from pneumoscan.segment import (

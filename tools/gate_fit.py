@@ -58,7 +58,7 @@ def features(items, segmenter) -> tuple[np.ndarray, list[dict]]:
     from tqdm import tqdm
 
     from pneumoscan.gate import measure
-    from pneumoscan.io import XrayReadError
+    from pneumoscan.films import XrayReadError
 
     rows, vectors = [], []
     for group, key, item, frontal in tqdm(items, unit="img", desc="features"):

@@ -48,7 +48,7 @@ def negatives(films: list[str]) -> list[tuple[str, object]]:
     import skimage.data
     from pydicom.data import get_testdata_files
 
-    from pneumoscan.io import XrayReadError, read_xray
+    from pneumoscan.films import XrayReadError, read_xray
 
     out: list[tuple[str, object]] = []
     for name in sorted(skimage.data.__all__):
@@ -101,7 +101,7 @@ def negatives(films: list[str]) -> list[tuple[str, object]]:
 def load(item: object) -> tuple[str, np.ndarray, dict | None]:
     """(name, [0, 1] pixels, DICOM tags or None) of a path or a (name, array) pair from
     :func:`positives` / :func:`negatives`; XrayReadError when a file cannot be read."""
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
 
     if isinstance(item, tuple):
         return item[0], item[1], {}
@@ -138,7 +138,7 @@ def main() -> int:
     from tqdm import tqdm
 
     from pneumoscan.gate import check_frontal_chest, load_default_check
-    from pneumoscan.io import XrayReadError
+    from pneumoscan.films import XrayReadError
     from pneumoscan.segment import load_default
 
     segmenter = load_default()

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = ["FINDINGS", "LABELS", "Prediction", "Predictor", "XrayReadError", "__version__", "read_xray"]
 
 _LAZY = {"Predictor": "pneumoscan.predict", "Prediction": "pneumoscan.predict",
-         "read_xray": "pneumoscan.io", "XrayReadError": "pneumoscan.io"}
+         "read_xray": "pneumoscan.films", "XrayReadError": "pneumoscan.films"}
 
 
 def __getattr__(name: str):

@@ -258,7 +258,7 @@ class ScoringClassifier:
     @property
     def lung_masked(self) -> bool:
         """True when the model learnt from lung-masked crops (0 outside the lung mask): every
-        caller must then crop with ``masked=True`` (:func:`pneumoscan.predict.segment_and_crop`)."""
+        caller must then crop with ``masked=True`` (:func:`pneumoscan.pipeline.segment_and_crop`)."""
         return bool((self.meta.get("preprocessing") or {}).get("lung_mask", False))
 
     def _read_assessment(self) -> None:

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 
 from pneumoscan.crop import clean_mask
-from pneumoscan.io import code_string
+from pneumoscan.films.dicom import code_string
 from pneumoscan.modelfile import (
     ModelFileError,
     load_model,

@@ -133,7 +133,7 @@ class Listener:
     failed_max: int = 1000
     failed_max_bytes: int = 1 << 30
     #: an instance larger than this (bytes on the wire) ends its association while it arrives;
-    #: 0: the file limit of :func:`pneumoscan.io.file_limit`, as for a file on disk
+    #: 0: the file limit of :func:`pneumoscan.films.file_limit`, as for a file on disk
     max_instance_bytes: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _stopping: threading.Event = field(default_factory=threading.Event, init=False)
@@ -145,7 +145,7 @@ class Listener:
     _oversize: weakref.WeakSet = field(default_factory=weakref.WeakSet, init=False)
 
     def __post_init__(self) -> None:
-        from pneumoscan.io import file_limit
+        from pneumoscan.films import file_limit
 
         self.max_instance_bytes = self.max_instance_bytes or file_limit()
         self.titles, self.networks = split_allow(self.allow)
@@ -164,7 +164,7 @@ class Listener:
     def receive(self, uid: str, dataset: Any, encoded: bytes, sender: str) -> int:
         """One instance from any door (C-STORE, STOW-RS): checked, spooled durably, queued; the
         status to answer."""
-        from pneumoscan.io import made_by_pneumoscan
+        from pneumoscan.films.dicom import made_by_pneumoscan
 
         sender = printable(sender)
         if not valid_uid(uid):
@@ -211,7 +211,8 @@ class Listener:
         decoding would inflate a compressed-size bomb whole), and spooled in Explicit VR Little Endian."""
         from io import BytesIO
 
-        from pneumoscan.io import DEFLATED, XrayReadError, inflated_instance
+        from pneumoscan.films import XrayReadError
+        from pneumoscan.films.dicom import DEFLATED, inflated_instance
 
         self._arriving.pop(event.assoc, None)
         uid = str(event.request.AffectedSOPInstanceUID)

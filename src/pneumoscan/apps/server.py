@@ -48,7 +48,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from pneumoscan import __version__
 from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
 from pneumoscan.apps.responses import data_uri, json_error, web_file
-from pneumoscan.io import MAX_PIXELS, XrayReadError, decode_xray
+from pneumoscan.films import MAX_PIXELS, XrayReadError, decode_xray
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
 

@@ -98,7 +98,8 @@ def receive_part(listener: Listener, part: bytes, sender: str, study: str | None
 
     import pydicom
 
-    from pneumoscan.io import MAX_PIXELS, XrayReadError, inflated
+    from pneumoscan.films import MAX_PIXELS, XrayReadError
+    from pneumoscan.films.dicom import inflated
 
     try:
         part = inflated(part, "a STOW-RS part", MAX_PIXELS)  # a deflated part, bounded like a file

@@ -63,7 +63,7 @@ class FilmRow:
 
 
 def film_row(result_id: int, created_at: datetime, record: dict[str, Any]) -> FilmRow:
-    """The watched fields of one stored record (:meth:`pneumoscan.predict.Prediction.to_dict`)."""
+    """The watched fields of one stored record (:meth:`pneumoscan.prediction.Prediction.to_dict`)."""
     image, quality = record.get("image") or {}, record.get("quality") or {}
     population, masks = record.get("population") or {}, record.get("mask_quality") or {}
     measurements = record.get("measurements") or {}

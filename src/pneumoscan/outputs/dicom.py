@@ -1,6 +1,6 @@
 """Results as DICOM objects a PACS can store, linked to the image they describe (highdicom).
 
-For one DICOM input and its :class:`~pneumoscan.predict.Prediction`:
+For one DICOM input and its :class:`~pneumoscan.prediction.Prediction`:
 
 - **SR**, TID 1500 Measurement Report (Comprehensive 3D SR IOD, as highdicom writes TID 1500):
   one image-level measurement group (TID 1501) per *assessed* label, whose finding type is the

@@ -250,7 +250,7 @@ def ctr_caption(measurements: dict) -> str:
 
 
 def picture_for(result, max_side: int = 1024, only: str | None = None) -> np.ndarray:
-    """:func:`prediction_picture` of a :class:`~pneumoscan.predict.Prediction` kept with its
+    """:func:`prediction_picture` of a :class:`~pneumoscan.prediction.Prediction` kept with its
     arrays (``keep_arrays=True``), captioned with its findings or its refusal: one panel per
     Grad-CAM explanation, side by side (the first, ``cam_label``, leftmost), or only the panel of
     ``only`` (default: the label ``--cam LABEL`` asked for, if any); a film without a map gets one

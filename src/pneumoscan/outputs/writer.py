@@ -1,4 +1,4 @@
-"""One way out for results: a :class:`~pneumoscan.predict.Prediction` becomes a record (its dict,
+"""One way out for results: a :class:`~pneumoscan.prediction.Prediction` becomes a record (its dict,
 plus the names of the files made for it), the files (overlay PNG, DICOM SR/SEG/SC), and one line
 of ``predictions.jsonl`` or ``predictions.csv``. ``predict``, ``predict --ray`` and the listener
 all go through here, so a writing rule is made once.
@@ -98,7 +98,7 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
     cannot be written is said in the record (``overlay_error``, ``dicom_error``): one bad file
     never stops a batch. Only a folder that takes nothing more stops it (:class:`NoRoom`, which
     carries the record)."""
-    from pneumoscan.io import is_dicom_file
+    from pneumoscan.films import is_dicom_file
     from pneumoscan.outputs.overlay import picture_for, save_png
 
     record = result.to_dict()

@@ -38,7 +38,7 @@ MIN_DIGITS = 5
 def _dicom_tags(data: bytes) -> dict[str, list[str]]:
     """The UIDs and identifying fields of a DICOM file (header only; {} for anything else), each
     as a list of strings (multi-valued fields and sequences flattened)."""
-    from pneumoscan.io import has_dicom_preamble
+    from pneumoscan.films import has_dicom_preamble
 
     if not has_dicom_preamble(data[:132]):
         return {}
@@ -180,7 +180,7 @@ def stored_record(record: dict[str, Any], film: FilmIdentity, patient: PatientId
 
 
 def layer_data(result) -> LayerData | None:
-    """The review page's layers of a :class:`~pneumoscan.predict.Prediction` kept with its arrays."""
+    """The review page's layers of a :class:`~pneumoscan.prediction.Prediction` kept with its arrays."""
     from pneumoscan.store.layers import heat_png, outlines, preview_jpeg, preview_scale
 
     if result.pixels is None:

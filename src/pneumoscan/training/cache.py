@@ -119,13 +119,13 @@ def crop_premasked(path: str, size: int) -> tuple[np.ndarray, dict[str, Any]]:
 def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads: int = 1,
                masked: bool = False, sources: list[str] | None = None, progress: str | None = None,
                store: CropStore | None = None) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """read → segment → crop → resize for each path (:func:`pneumoscan.predict.read_segment_crop`):
+    """read → segment → crop → resize for each path (:func:`pneumoscan.pipeline.read_segment_crop`):
     uint8 crops (zeros where unreadable) and, per path, the box, fallback flag, lung fraction and
     error message ("" when read). ``masked``: lungs only. Films of a :data:`PREMASKED_SOURCES`
     source (named in ``sources``) are always cropped by their own mask. ``progress``: a bar
     with this title. ``store``: crops shared between commands
     (:class:`~pneumoscan.training.cropstore.CropStore`), taken from it and kept in it."""
-    from pneumoscan.predict import read_segment_crop
+    from pneumoscan.pipeline import read_segment_crop
     from pneumoscan.progress import bar, note
 
     crops = np.zeros((len(paths), size, size), np.uint8)
@@ -165,7 +165,7 @@ def _stored_crops(paths: list[str], rest: list[int], store: CropStore, crops: np
                   records: list[dict[str, Any]]) -> dict[int, str]:
     """Fill ``crops`` and ``records`` from ``store`` where it holds a film's crop; each film's
     SHA-256 by its index (none for a film that cannot be read: its error comes from the reader)."""
-    from pneumoscan.io import file_limit
+    from pneumoscan.films import file_limit
     from pneumoscan.modelfile import file_sha256
 
     digests, limit = {}, file_limit()
@@ -353,7 +353,7 @@ class CropCache:
 
     def original(self, i: int) -> np.ndarray:
         """Row i's original picture, read again (AG-CNN cuts its local crop from it)."""
-        from pneumoscan.io import read_xray
+        from pneumoscan.films import read_xray
 
         return read_xray(self.table["path"].iloc[i]).pixels
 
@@ -377,7 +377,7 @@ def scoring_inputs(classifier, rows: pd.DataFrame, size: int) -> dict[str, Any]:
     as in prediction, and the patient-information codes from the manifest columns."""
     from pneumoscan.clinical import table_records
     from pneumoscan.crop import local_crop
-    from pneumoscan.io import read_xray
+    from pneumoscan.films import read_xray
 
     codes = None if classifier.clinical is None else classifier.clinical.encode(
         table_records(rows, classifier.clinical.names))

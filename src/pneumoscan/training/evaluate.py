@@ -81,7 +81,7 @@ def score_split(manifest: str | Path, split: str, *, model: str | Path | None = 
     import pandas as pd
 
     from pneumoscan.data.manifest import ManifestError, read_manifest, unique_films
-    from pneumoscan.predict import load_models
+    from pneumoscan.loading import load_models
     from pneumoscan.training.cache import CropCache, crop_paths, scoring_inputs
     from pneumoscan.training.cropstore import CropStore
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pneumoscan.crop import lung_crop
 from pneumoscan.data import JSRT, Montgomery, Shenzhen
 from pneumoscan.data.manifest import unit_hash
-from pneumoscan.io import read_xray
+from pneumoscan.films import read_xray
 from pneumoscan.modelfile import checkpoint_callbacks, resumable_checkpoint
 from pneumoscan.segment import (
     SEGMENTERS,

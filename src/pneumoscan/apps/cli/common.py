@@ -184,7 +184,7 @@ def expand_inputs(paths: list[Path], skip: Path | None = None) -> list[Path]:
     """Files as given; folders searched recursively for PNG, JPEG and DICOM files (by extension,
     or by the DICOM magic for files without one), leaving out the folder ``skip`` (the run's own
     output: its overlays are not films). Anything but a regular file is skipped, said."""
-    from pneumoscan.io import display_name, is_dicom_file
+    from pneumoscan.films import display_name, is_dicom_file
 
     found: list[Path] = []
     skip = skip.resolve() if skip is not None else None

@@ -44,9 +44,11 @@ def segment(
 
     import cv2
 
-    from pneumoscan.io import display_name
+    from pneumoscan.evidence import masks_and_ratio
+    from pneumoscan.films import display_name
+    from pneumoscan.loading import load_heart
     from pneumoscan.outputs.overlay import masks_caption, prediction_picture
-    from pneumoscan.predict import load_heart, masks_and_ratio, read_segment_crop
+    from pneumoscan.pipeline import read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
 
     try:
@@ -175,7 +177,7 @@ def predict(
         need_extra("dicom", "--dicom-out", "highdicom")
         ensure_writable(dicom_out, "--dicom-out")
     if onnx is None:
-        from pneumoscan.predict import check_backend
+        from pneumoscan.loading import check_backend
 
         try:
             check_backend(backend, device)  # the options, then the inputs and --out, before any model loads
@@ -287,7 +289,7 @@ def predict_on_ray(files: list[Path], outputs, run: dict, *, ray: str, workers: 
     a file made by other models or options is refused (never mixed, never taken as done)."""
 
     from pneumoscan.apps.cluster import ClusterError, predict_records
-    from pneumoscan.io import display_name
+    from pneumoscan.films import display_name
     from pneumoscan.outputs.writer import (
         RecordSink,
         check_resumable,

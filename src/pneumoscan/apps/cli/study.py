@@ -1,5 +1,5 @@
 """Reader studies: ``pneumoscan study create`` (a study in the results store, read at ``/study``)
-and ``pneumoscan study analyse`` (the Obuchowski–Rockette–Hillis analysis of :mod:`pneumoscan.mrmc`
+and ``pneumoscan study analyse`` (the Obuchowski–Rockette–Hillis analysis of :mod:`pneumoscan.readerstudy.mrmc`
 on a study in the store, a ratings CSV, an Iowa ``.lrc`` or an iMRMC ``.imrmc`` file)."""
 
 from __future__ import annotations
@@ -115,9 +115,9 @@ def analyse(
     store also the binary calls' sensitivity and specificity, reading times and the model alone."""
     import json
 
-    from pneumoscan.mrmc import RatingsError, read_ratings, write_imrmc, write_lrc
-    from pneumoscan.mrmc import analyse as run_analysis
-    from pneumoscan.mrmc_report import study_html, study_markdown
+    from pneumoscan.readerstudy.mrmc import RatingsError, read_ratings, write_imrmc, write_lrc
+    from pneumoscan.readerstudy.mrmc import analyse as run_analysis
+    from pneumoscan.readerstudy.report import study_html, study_markdown
 
     if covariance not in ("jackknife", "delong"):
         fail("--covariance must be jackknife or delong")

@@ -498,7 +498,7 @@ def parse_prevalence(text: str | None) -> dict[str, float] | None:
     malformed part or an unknown label."""
     if not text:
         return None
-    from pneumoscan.predict import resolve_label
+    from pneumoscan.prediction import resolve_label
 
     shares = {}
     for part in text.split(","):

@@ -1,4 +1,4 @@
-"""The reader study's report: ``study.md`` (every table of :func:`pneumoscan.mrmc.analyse`, in the
+"""The reader study's report: ``study.md`` (every table of :func:`pneumoscan.readerstudy.mrmc.analyse`, in the
 order the Iowa OR-DBM MRMC program prints them, so a statistician can check it line by line) and
 ``study.html`` (the same with each reader's empirical ROC curve per treatment)."""
 

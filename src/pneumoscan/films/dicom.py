@@ -1,259 +1,29 @@
-"""Stage 1 (read): any chest X-ray file to a float32 picture in [0, 1], 0 = air (black), 1 = bone.
-
-PNG and JPEG are decoded with OpenCV (the fastest decoder measured here, ``../shared/STACK.md``);
-DICOM with pydicom, applying the modality LUT (rescale slope/intercept), then the VOI LUT or
-window when the file has one, then MONOCHROME1 inversion. Every way a file can be unusable ends
-in :class:`XrayReadError` with a sentence a person understands, never a library's own exception.
-"""
+"""DICOM films, by pydicom: the file meta and the header checked before any pixel is read (sizes,
+a deflated body bounded before it is inflated), then the modality LUT (rescale slope/intercept),
+the VOI LUT or window when the file has one, and MONOCHROME1 inversion."""
 
 from __future__ import annotations
 
 import io
-import os
 import re
-import stat
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import cv2
 import numpy as np
 
-from pneumoscan.errors import PneumoScanError
-
-#: Refuse images above this many pixels before decoding them (decompression bombs). The largest
-#: common chest radiographs (43×43 cm detectors at 0.1 mm) are about 4,300 × 4,300 = 18.5 M pixels.
-MAX_PIXELS = 64_000_000
-#: Below this side length a picture cannot hold a usable chest X-ray.
-MIN_SIDE = 64
-#: Bytes a file may hold per allowed pixel (a 32-bit uncompressed film is 4), plus room for the
-#: header: larger files are refused before anything is read into memory.
-BYTES_PER_PIXEL_CAP, HEADER_ROOM = 4, 16 * 2**20
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-
-DICOM_CODEC_HINT = (
-    "install a decoder for it: `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
-    "(JPEG, JPEG-LS, JPEG 2000) or `pip install python-gdcm`"
+from pneumoscan.films.base import (
+    DICOM_CODEC_HINT,
+    HEADER_ROOM,
+    MAX_PIXELS,
+    XrayReadError,
+    _as_int,
+    _check_size,
+    _first,
+    _min_max,
+    _to_uint8_or_16,
+    has_dicom_preamble,
 )
-
-
-class XrayReadError(PneumoScanError, ValueError):
-    """A file that cannot be read as a chest X-ray; the message says why in plain words."""
-
-
-@dataclass(frozen=True)
-class XrayImage:
-    """A decoded X-ray: ``pixels`` is float32 H×W in [0, 1]; ``meta`` describes the file."""
-
-    pixels: np.ndarray
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.pixels.shape  # type: ignore[return-value]
-
-
-def display_name(path: str | Path) -> str:
-    """A path as printable UTF-8 text: bytes that are not UTF-8 (kept by Python as lone
-    surrogates) shown as ``\\xNN``, so one odd file name can be written to JSON, CSV or a
-    terminal instead of stopping a batch."""
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
-
-
-def file_limit(max_pixels: int = MAX_PIXELS) -> int:
-    """The largest file read for ``max_pixels``: checked before any byte is read."""
-    return BYTES_PER_PIXEL_CAP * max_pixels + HEADER_ROOM
-
-
-def read_xray(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
-    """Read a PNG, JPEG or DICOM file. Raises :class:`XrayReadError` for anything unusable.
-    Nothing is read into memory before the file's size, and a DICOM file's header (frames, rows,
-    columns), pass their limits."""
-    path, name = Path(path), display_name(path)
-    try:
-        info = path.stat()
-        size = info.st_size
-        if stat.S_ISDIR(info.st_mode):
-            raise XrayReadError(f"{name}: is a folder, not an image file")
-        if not stat.S_ISREG(info.st_mode):  # a FIFO would block the reader forever; a device never ends
-            raise XrayReadError(f"{name}: not a regular file (a pipe, socket or device), not read")
-        if size > file_limit(max_pixels):
-            raise XrayReadError(f"{name}: {size:,} bytes is above the {file_limit(max_pixels):,}-byte file limit "
-                                f"for {max_pixels:,} pixels (refused unread to protect memory)")
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-            if has_dicom_preamble(head) or path.suffix.lower() in DICOM_SUFFIXES:
-                handle.seek(0)
-                check_dicom_header(handle, name, max_pixels, force=not has_dicom_preamble(head))
-            handle.seek(0)
-            data = handle.read()
-    except FileNotFoundError:
-        raise XrayReadError(f"{name}: no such file") from None
-    except OSError as exc:
-        raise XrayReadError(f"{name}: cannot be opened ({exc.strerror or exc})") from exc
-    image = decode_xray(data, name=name, max_pixels=max_pixels)
-    image.meta["path"] = name
-    return image
-
-
-T, R = TypeVar("T"), TypeVar("R")
-
-
-def read_ahead(fn: Callable[[T], R], items: Iterable[T], *, threads: int = 2, ahead: int = 16) -> Iterator[R]:
-    """``map(fn, items)`` in order, with ``fn`` running on ``threads`` threads at most ``ahead``
-    items in front of the consumer: decoding (OpenCV and pydicom's codecs release the GIL) overlaps
-    the model work, and memory stays bounded however many files there are."""
-    if threads <= 0:
-        yield from map(fn, items)
-        return
-    with ThreadPoolExecutor(threads, thread_name_prefix="pneumoscan-read") as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) > ahead:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-
-
-def has_dicom_preamble(head: bytes) -> bool:
-    """A DICOM Part 10 file whatever its name: "DICM" after the 128-byte preamble (PACS exports
-    often have no extension). The one DICOM sniffer of the package."""
-    return head[128:132] == b"DICM"
-
-
-def is_dicom_file(path: str | Path) -> bool:
-    """:func:`has_dicom_preamble` of a file's first bytes; False when it cannot be read."""
-    try:
-        with open(path, "rb") as handle:
-            return has_dicom_preamble(handle.read(132))
-    except OSError:
-        return False
-
-
-def decode_xray(data: bytes, *, name: str = "<upload>", max_pixels: int = MAX_PIXELS) -> XrayImage:
-    """Decode X-ray bytes (an upload, say); ``name`` is used in messages and to spot ``.dcm``."""
-    if len(data) == 0:
-        raise XrayReadError(f"{name}: the file is empty (0 bytes)")
-    if data.startswith(PNG_MAGIC):
-        pixels, meta = _decode_raster(data, "png", name, max_pixels)
-    elif data.startswith(JPEG_MAGIC):
-        pixels, meta = _decode_raster(data, "jpeg", name, max_pixels)
-    elif has_dicom_preamble(data) or Path(name).suffix.lower() in DICOM_SUFFIXES:
-        pixels, meta = _decode_dicom(data, name, max_pixels)
-    else:
-        raise XrayReadError(f"{name}: not a PNG, JPEG or DICOM file (unrecognised content)")
-    span = float(pixels.max() - pixels.min())
-    if not np.isfinite(span):
-        raise XrayReadError(f"{name}: pixel values are not finite numbers")
-    if span < 1e-6:
-        raise XrayReadError(
-            f"{name}: every pixel has the same value, so the image shows nothing to read"
-        )
-    return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), meta=meta)
-
-
-def _check_size(name: str, height: int, width: int, max_pixels: int) -> None:
-    if height * width > max_pixels:
-        raise XrayReadError(
-            f"{name}: {width}×{height} = {height * width:,} pixels is above the limit of "
-            f"{max_pixels:,} (refused to protect memory; pass a larger max_pixels if it is real)"
-        )
-    if min(height, width) < MIN_SIDE:
-        raise XrayReadError(
-            f"{name}: {width}×{height} pixels is too small for a chest X-ray "
-            f"(each side must be at least {MIN_SIDE})"
-        )
-
-
-def _decode_raster(
-    data: bytes, fmt: str, name: str, max_pixels: int
-) -> tuple[np.ndarray, dict[str, Any]]:
-    from PIL import Image  # header only: size and mode before any pixel is decoded
-
-    try:
-        with Image.open(io.BytesIO(data)) as header:
-            width, height = header.size
-            mode = header.mode
-            orientation = _as_int(header.getexif().get(EXIF_ORIENTATION, 1), 1) if fmt == "jpeg" else 1
-    except Image.DecompressionBombError as exc:
-        raise XrayReadError(f"{name}: refused as a decompression bomb ({exc})") from exc
-    except Exception as exc:  # PIL raises many types for broken headers
-        detail = re.sub(r"\s*<[^>]*object at 0x[0-9a-f]+>", "", str(exc))  # no memory addresses in messages
-        raise XrayReadError(f"{name}: the {fmt.upper()} header is damaged ({detail})") from exc
-    _check_size(name, height, width, max_pixels)
-    if fmt == "png" and data.rfind(b"IEND") == -1:
-        raise XrayReadError(f"{name}: the PNG file is truncated (no end chunk)")
-    if fmt == "jpeg" and data[-64:].rfind(b"\xff\xd9") == -1:
-        raise XrayReadError(f"{name}: the JPEG file is truncated (no end-of-image marker)")
-    try:
-        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    except cv2.error as exc:
-        raise XrayReadError(f"{name}: the {fmt.upper()} data cannot be decoded ({exc})") from exc
-    if raw is None:
-        raise XrayReadError(f"{name}: the {fmt.upper()} data is corrupt and cannot be decoded")
-    colour = 0.0
-    if raw.ndim == 3:
-        if raw.shape[2] == 4:
-            raw = raw[:, :, :3]  # alpha carries no anatomy; NIH's RGBA files are opaque
-        if raw.shape[2] == 3:
-            colour = colour_fraction(raw)
-            raw = cv2.cvtColor(raw, cv2.COLOR_BGR2GRAY)
-        else:
-            raw = raw[:, :, 0]
-    if raw.dtype not in (np.uint8, np.uint16):
-        raise XrayReadError(f"{name}: unsupported pixel type {raw.dtype}")
-    lo, hi = int(raw.min()), int(raw.max())
-    if lo == hi:  # refused before a float copy is made (a small PNG can hold a huge blank picture)
-        raise XrayReadError(f"{name}: every pixel has the same value, so the image shows nothing to read")
-    if raw.dtype == np.uint8:
-        bit_depth, value_range = 8, None
-    else:  # 16-bit files often hold 10-14 bit data: scale by the bits the data uses, never by its own min–max
-        bit_depth = png_significant_bits(data) if fmt == "png" else None
-        bit_depth = bit_depth or significant_bits(hi)
-        value_range = [0, 2 ** bit_depth - 1]
-    # One float copy, scaled in place: a temporary of the same size would double the peak memory.
-    pixels = raw.astype(np.float32)
-    del raw
-    pixels *= 1.0 / (2 ** bit_depth - 1)
-    np.clip(pixels, 0.0, 1.0, out=pixels)
-    pixels = exif_upright(pixels, orientation)
-    height, width = pixels.shape
-    meta = {
-        "format": fmt,
-        "exif_orientation": orientation,
-        "height": int(height),
-        "width": int(width),
-        "bit_depth": bit_depth,
-        "mode": mode,
-        "photometric": None,
-        "view_position": None,
-        "inverted": False,
-        "windowed": False,
-        "value_range": value_range,
-        "colour_fraction": colour,
-    }
-    return pixels, meta
-
-
-#: Channels further apart than this (of the channel's full scale) make a pixel "coloured".
-COLOUR_STEP = 24 / 255
-
-
-def colour_fraction(rgb: np.ndarray) -> float:
-    """The share of pixels that are clearly coloured (channels apart by over :data:`COLOUR_STEP`),
-    on every other pixel: a film stored as RGB is grey (0.0), an overlay with a heat map or a
-    photograph is not. The gate refuses coloured pictures."""
-    sample = rgb[::2, ::2].astype(np.int32)
-    step = COLOUR_STEP * (255 if rgb.dtype == np.uint8 else 65535)
-    spread = sample.max(axis=2) - sample.min(axis=2)
-    return round(float((spread > step).mean()), 4)
+from pneumoscan.films.raster import colour_fraction
 
 
 def tag_value(ds: Any, keyword: str, default: Any = None) -> Any:
@@ -272,40 +42,14 @@ def made_by_pneumoscan(ds: Any) -> bool:
     return any(str(t or "").strip().startswith("PneumoScan") for t in texts)
 
 
-EXIF_ORIENTATION = 0x0112
-
-
-def significant_bits(highest: int) -> int:
-    """The container depth a 16-bit raster's data uses: the least of 8, 10, 12, 14 and 16 bits that
-    holds its highest value. Scaling by it (not by the picture's own min–max) gives the same
-    picture whether a film is stored in 8 bits, as 8-bit values in 16 bits, or stretched to
-    16 bits (×257), and one hot pixel moves the scale only when it crosses a depth."""
-    return next(bits for bits in (8, 10, 12, 14, 16) if highest < 2 ** bits)
-
-
-def png_significant_bits(data: bytes) -> int | None:
-    """The grey depth a PNG's ``sBIT`` chunk declares (PNG spec 11.3.3.4), if it has one before
-    its image data."""
-    at, image = data.find(b"sBIT"), data.find(b"IDAT")
-    if at < 4 or (0 <= image < at) or at + 5 > len(data):
-        return None
-    bits = data[at + 4]
-    return int(bits) if 1 <= bits <= 16 else None
-
-
-def exif_upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """Apply an EXIF Orientation (1–8) so the picture stands as the camera meant (a phone photo
-    of a film is stored sideways with orientation 6 or 8); OpenCV's unchanged decode ignores it."""
-    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
-              5: lambda a: a.T, 6: lambda a: np.rot90(a, -1), 7: lambda a: a[::-1, ::-1].T,
-              8: lambda a: np.rot90(a, 1)}.get(orientation)
-    return np.ascontiguousarray(turned(pixels)) if turned else pixels
-
-
 #: Deflated Explicit VR Little Endian: pydicom inflates such a body in one unbounded call, so a
 #: 2 MB file can become gigabytes before any size check; :func:`inflated` bounds it first.
 DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
 _EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
+
+
 #: Explicit-VR value representations with a 4-byte length (after 2 reserved bytes).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
@@ -578,26 +322,3 @@ def window(values: np.ndarray, centre: float, width: float, function: str = "LIN
         return np.clip((values - centre) / width + 0.5, 0.0, 1.0)
     w = max(width - 1.0, 1e-12)
     return np.clip((values - (centre - 0.5)) / w + 0.5, 0.0, 1.0)
-
-
-def _min_max(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
-    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-
-
-def _to_uint8_or_16(arr: np.ndarray) -> np.ndarray:
-    return arr.astype(np.uint8 if arr.max() <= 255 else np.uint16)
-
-
-def _first(value: Any) -> float:
-    """Window tags may be multi-valued; the first pair is the default view."""
-    if hasattr(value, "__len__") and not isinstance(value, str | bytes):
-        value = value[0]
-    return float(value)
-
-
-def _as_int(value: Any, default: int) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default

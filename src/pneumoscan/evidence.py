@@ -1,0 +1,94 @@
+"""What a film's calls rest on besides the scores: the masks' quality, the heart outline and the
+cardiothoracic ratio (and when they support or contradict a Cardiomegaly call), and why each
+Grad-CAM is shown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
+from pneumoscan.pipeline import Cropped
+from pneumoscan.segment import HeartSegmenter, LungSegmenter
+
+#: Why the adult cut-off of the cardiothoracic ratio is not applied to a film.
+PAEDIATRIC_CTR_NOTE = ("read as a child's film: the adult cut-off 0.50 does not apply (a child's normal ratio "
+                       "reaches about 0.60)")
+UNKNOWN_AGE_CTR_NOTE = "the patient's age is not known: read as an adult's, with the adult cut-off 0.50"
+
+
+#: The finding explained by the heart and thoracic outlines, not by a lung map (the classifier
+#: reads lung-masked crops, so no map of its input can show the heart).
+OUTLINED = "Cardiomegaly"
+
+
+def cam_reason(label: str, findings: list[str] | None, asked: str | None) -> str:
+    """Why a label has a Grad-CAM: it was asked for, it was called, or (``--cam top``, nothing
+    called) it is the most probable finding."""
+    if label == asked:
+        return "asked for"
+    if label in (findings or []):
+        return "called"
+    return "most probable finding; none called"
+
+
+def outline_explanation(ctr: Any, heart: np.ndarray) -> dict[str, Any]:
+    """A Cardiomegaly call explained by what a reader would measure: the heart outline (its box
+    as ``region``) and the ratio of the two widths."""
+    ys, xs = np.nonzero(heart)
+    region = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
+    return {"method": "outlines", "called": True, "why": "called", "region": region,
+            "cardiothoracic_ratio": ctr.value, "reason": ctr.reason}
+
+
+def outline_supports(ctr: Any) -> bool:
+    """Whether the measured heart explains a Cardiomegaly call: a trusted ratio above the PA
+    cut-off. Otherwise (no trusted ratio, or one at or below 0.50, which no view enlarges into
+    a normal heart) the call gets a Grad-CAM of its own, and a contradicting ratio a sentence."""
+    return ctr is not None and ctr.value is not None and ctr.value > PA_CUTOFF
+
+
+def ratio_disagreement(ctr: Any) -> str | None:
+    """The sentence a Cardiomegaly call carries when the measured ratio says the heart is not
+    enlarged (None when it does not contradict)."""
+    if ctr is None or ctr.value is None or ctr.value > PA_CUTOFF:
+        return None
+    return (f"called from the film's appearance although the measured cardiothoracic ratio {ctr.value:.2f} is "
+            f"at or below the {PA_CUTOFF:.2f} cut-off: the heart outline does not support this call (the heart "
+            f"mask or the classifier is wrong here; read the film)")
+
+
+def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart_rule: Any) -> dict[str, Any]:
+    """``mask_quality`` of a record: each mask's quality, its threshold, and the reasons of the
+    masks below theirs (:mod:`pneumoscan.maskquality`)."""
+    from pneumoscan.maskquality import unreliable_reason
+
+    unreliable = [unreliable_reason(name, q, rule) for name, q, rule in (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
+                  if rule is not None and rule.reliable(q) is False]
+    return {"lungs": lungs, "heart": heart,
+            "thresholds": {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
+            "unreliable": unreliable}
+
+
+def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
+                    ) -> list[tuple[dict[str, Any], np.ndarray | None, Any]]:
+    """For segmented films (``predict`` and ``segment`` both): the masks' quality record
+    (:func:`mask_quality_record`), the heart mask and the cardiothoracic ratio (both None
+    without a heart model); a mask below its quality threshold gives no ratio and says why."""
+    if not items:
+        return []
+    prepared = np.stack([item.prepared for item in items])
+    lungs = [item.seg.mask for item in items]
+    lung_quality = segmenter.mask_quality(prepared, lungs)
+    if heart is None:
+        return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
+    hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
+    heart_quality = heart.heart_quality(prepared, hearts, lungs)
+    out = []
+    for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
+        quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
+        ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),
+                                   lungs_found=not item.seg.fallback, unreliable="; ".join(quality["unreliable"]) or None)
+        out.append((quality, mask, ctr))
+    return out

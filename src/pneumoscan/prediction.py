@@ -1,0 +1,110 @@
+"""The record of one film's reading (:class:`Prediction`): what every face shows and the one
+writer writes, apart from the :class:`~pneumoscan.predict.Predictor` that makes it; and how a class
+name a person types is matched to a label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+from pneumoscan.errors import PneumoScanError
+from pneumoscan.labels import LABELS
+
+#: Image metadata that may leave the process: technical fields only, never patient identity.
+PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
+               "modality", "transfer_syntax", "inverted", "windowed", "exif_orientation")
+
+
+#: What a :class:`Prediction` keeps with ``keep_arrays`` for pictures: never part of a record.
+ARRAY_FIELDS = ("pixels", "mask", "heart", "cam_maps")
+
+
+@dataclass
+class Prediction:
+    """What PneumoScan says about one image. Arrays stay out of :meth:`to_dict`.
+
+    ``probabilities[label]`` is None for a label the model does not assess (also listed in
+    ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
+    is never a finding. ``thresholds`` holds each assessed label's operating threshold.
+    ``cams`` holds one explanation per explained label (:func:`explanations`): every called
+    finding gets one, a Grad-CAM (``peak`` [x, y] and ``region`` [x0, y0, x1, y1], where the map
+    reaches half its maximum inside the lung mask, in original-image pixels) or, for Cardiomegaly
+    when a heart model runs, the heart and thoracic outlines with the measured ratio; ``cam_label``,
+    ``cam_peak`` and ``cam_region`` repeat the first Grad-CAM (the one an overlay draws largest).
+    ``mask_quality`` says how far the lung and heart masks can be trusted
+    (:mod:`pneumoscan.maskquality`); an unreliable heart or lung mask gives no ratio, with the reason.
+    ``probabilities`` are calibrated for ``calibrated_for`` (a population named in the model file;
+    None: the model carries no calibration, and the numbers are raw scores); ``population`` says
+    whether the film was read as an adult's or a child's and why (:mod:`pneumoscan.reading`), and
+    which labels are assessed depends on it; ``verdict`` is ``normal``, ``abnormal``,
+    ``indeterminate`` or ``no finding called`` (No Finding is never listed beside a finding;
+    ``verdict_reason`` says it in words); ``rank_scores`` put every assessed label on one scale
+    for all populations (:func:`pneumoscan.reading.rank_scores`: sort and draw ROC curves on
+    these, not on the probabilities); ``status`` in
+    :meth:`to_dict` is :func:`pneumoscan.reading.status_of`.
+    ``local_box`` is an AG-CNN model's attention box on the original image (what its local
+    branch read); ``clinical`` says which patient-information fields a model that fuses them was
+    given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when
+    ``frontal_chest`` is
+    false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
+    forced it, which ``quality["forced"]`` then says.
+    """
+
+    path: str | None
+    verdict: str | None = None
+    verdict_reason: str | None = None
+    population: dict[str, Any] | None = None
+    probabilities: dict[str, float | None] | None = None
+    calibrated_for: str | None = None
+    rank_scores: dict[str, float | None] | None = None
+    findings: list[str] | None = None
+    not_assessed: list[str] | None = None
+    thresholds: dict[str, float | None] | None = None
+    thresholds_from: str | None = None
+    quality: dict[str, Any] | None = None
+    box: list[int] | None = None
+    local_box: list[int] | None = None
+    clinical: dict[str, bool] | None = None
+    fallback: bool | None = None
+    lung_fraction: float | None = None
+    image: dict[str, Any] | None = None
+    cam_label: str | None = None
+    cam_peak: list[int] | None = None
+    cam_region: list[int] | None = None
+    cams: dict[str, dict[str, Any]] | None = None
+    mask_quality: dict[str, Any] | None = None
+    measurements: dict[str, Any] | None = None
+    error: str | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    mask: np.ndarray | None = field(default=None, repr=False)
+    heart: np.ndarray | None = field(default=None, repr=False)
+    cam_maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def cam(self) -> np.ndarray | None:
+        """The full-size map of ``cam_label`` (kept with ``keep_arrays``)."""
+        return (self.cam_maps or {}).get(self.cam_label) if self.cam_label else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every public field in declaration order, ``status`` after the path; the arrays stay out."""
+        from pneumoscan.reading import status_of
+
+        record = {"path": self.path, "status": None} | {
+            f.name: getattr(self, f.name) for f in fields(self) if f.name != "path" and f.name not in ARRAY_FIELDS}
+        record["status"] = status_of(record)
+        return record
+
+
+def resolve_label(name: str) -> str:
+    """A class name as typed by a person ("pneumonia", "pleural thickening") → its label."""
+    wanted = name.strip().lower().replace(" ", "_")
+    for label in LABELS:
+        if label.lower().replace(" ", "_") == wanted:
+            return label
+    raise ValueError(f"unknown class {name!r}; choose 'top' or one of: {', '.join(LABELS)}")
+
+
+class NotAssessedError(PneumoScanError, ValueError):
+    """A Grad-CAM was asked for a label the model does not assess."""
