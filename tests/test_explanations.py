@@ -109,6 +109,14 @@ def test_two_called_findings_get_two_explanations_in_every_output(predictor, tmp
     asked = predictor.predict(film(TWO_CALLED), keep_arrays=True, cam=called[1])
     assert next(iter(asked.cams)) == called[1] and asked.cams[called[1]]["why"] == "asked for"
     assert picture_for(asked).shape == picture_for(asked, only=called[1]).shape  # --cam LABEL: its panel only
+    # several labels (a reader study's targets): each asked label's map first, in the order asked
+    quiet = next(f for f in ("Edema", "Effusion", "Pneumonia") if f not in called)
+    both_asked = predictor.predict(film(TWO_CALLED), keep_arrays=True, cam=f"{quiet.lower()}, {called[1]}")
+    assert list(both_asked.cams)[:2] == [quiet, called[1]]
+    assert all(both_asked.cams[f]["why"] == "asked for" for f in (quiet, called[1]))
+    assert picture_for(both_asked).shape[1] > 1.9 * picture_for(both_asked, only=quiet).shape[1] * 768 / 1024
+    with pytest.raises(ValueError, match="Hernia is not assessed"):
+        predictor.predict(film(TWO_CALLED), cam=f"{called[1]},Hernia")
 
 
 @needs_data

@@ -23,10 +23,10 @@ UNKNOWN_AGE_CTR_NOTE = "the patient's age is not known: read as an adult's, with
 OUTLINED = "Cardiomegaly"
 
 
-def cam_reason(label: str, findings: list[str] | None, asked: str | None) -> str:
+def cam_reason(label: str, findings: list[str] | None, asked: list[str] | tuple[str, ...] = ()) -> str:
     """Why a label has a Grad-CAM: it was asked for, it was called, or (``--cam top``, nothing
     called) it is the most probable finding."""
-    if label == asked:
+    if label in asked:
         return "asked for"
     if label in (findings or []):
         return "called"

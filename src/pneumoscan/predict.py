@@ -152,15 +152,17 @@ class Predictor:
         return {"models": {k: v for k, v in self.models.items() if k != "backend"}, "force": force}
 
     def cam_class(self, cam: str | None) -> str | None:
-        """Check a Grad-CAM request up front: None, "top" or an assessed label (any spelling)."""
+        """Check a Grad-CAM request up front: None, "top", or assessed labels (any spelling; several
+        comma-separated, e.g. a reader study's targets, each then mapped first, in that order)."""
         if cam is None or cam.strip().lower() in ("top", "none"):
             return None if cam is None or cam.strip().lower() == "none" else "top"
-        label = resolve_label(cam)
-        if label not in self.classifier.assessed_labels:
+        labels = list(dict.fromkeys(resolve_label(part) for part in cam.split(",") if part.strip()))
+        unassessed = [label for label in labels if label not in self.classifier.assessed_labels]
+        if unassessed or not labels:
             raise NotAssessedError(
-                f"{label} is not assessed by this model, so its heat map would show nothing learnt; "
-                f"choose 'top' or one of: {', '.join(self.classifier.assessed_labels) or '(none)'}")
-        return label
+                f"{', '.join(unassessed) or repr(cam)} is not assessed by this model, so its heat map would show "
+                f"nothing learnt; choose 'top' or one of: {', '.join(self.classifier.assessed_labels) or '(none)'}")
+        return ",".join(labels)
 
     def predict(self, source: str | Path | bytes | np.ndarray | XrayImage, *, cam: str | None = None,
                 name: str | None = None, keep_arrays: bool = False, force: bool = False,
@@ -200,7 +202,7 @@ class Predictor:
         """Gate, classify, read for the film's population and explain one batch from the read →
         segment → crop path."""
         classifier = self.classifier
-        cam_label = None if cam in (None, "top") else cam
+        asked = [] if cam in (None, "top") else cam.split(",")
         results, scored = self._gate(chunk, keep_arrays, force)
         if not scored:
             return results
@@ -226,8 +228,8 @@ class Predictor:
             known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
             called = sorted((f for f in reading.called(p) if f in known), key=lambda f: -shown[LABELS.index(f)])
             chosen = [f for f in called if not (f == OUTLINED and outline_supports(measured[i][2]))]
-            if cam_label is not None:
-                chosen = [cam_label] + [f for f in chosen if f != cam_label]
+            if asked:
+                chosen = asked + [f for f in chosen if f not in asked]
             elif not called and known:
                 chosen = [max(known, key=lambda f: shown[LABELS.index(f)])]
             return [LABELS.index(f) for f in chosen]
@@ -251,7 +253,7 @@ class Predictor:
             if codes is not None:
                 result.clinical = classifier.clinical.present(codes[k])
             self._reading(result, p, population(k, pooled[k]), adult_only)
-            self._explain(result, item, heat, cam_label, keep_arrays)
+            self._explain(result, item, heat, asked, keep_arrays)
         self._measure(scored, measured, keep_arrays)
         return results
 
@@ -296,14 +298,14 @@ class Predictor:
         result.verdict_reason = verdict_reason(result.verdict, reading, result.findings, adult_only)
         result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
 
-    def _explain(self, result: Prediction, item: Cropped, heat: dict[int, np.ndarray], cam_label: str | None,
+    def _explain(self, result: Prediction, item: Cropped, heat: dict[int, np.ndarray], asked: list[str],
                  keep_arrays: bool) -> None:
         """The film's Grad-CAM maps on the film: peak, region and why each is shown."""
         explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                              lungs_only=self.classifier.lung_masked, full=keep_arrays)
                      for j, h in heat.items()}
         result.cams = {label: {"method": "grad-cam", "called": label in result.findings,
-                               "why": cam_reason(label, result.findings, cam_label),
+                               "why": cam_reason(label, result.findings, asked),
                                "peak": peak, "region": region}
                        for label, (peak, region, _) in explained.items()}
         if explained:

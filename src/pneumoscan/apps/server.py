@@ -301,7 +301,7 @@ async def health(request: Request) -> dict[str, Any]:  # async: answered on the 
 @router.post("/v1/predict")
 def predict(request: Request, file: UploadFile = File(..., description="PNG, JPEG or DICOM chest X-ray"),
             cam: str = Query("top", description="'top' (a map per called finding, the most probable first), "
-                                                  "'none' or an assessed class name, any capitalisation"),
+                                                  "'none' or assessed class names (comma-separated), any capitalisation"),
             images: bool = Query(True, description="include original_png and overlay_png"),
             force: bool = Query(False, description="score an image the input gate refuses as not a "
                                                    "frontal chest X-ray (marked in 'quality')"),

@@ -253,11 +253,11 @@ def picture_for(result, max_side: int = 1024, only: str | None = None) -> np.nda
     """:func:`prediction_picture` of a :class:`~pneumoscan.prediction.Prediction` kept with its
     arrays (``keep_arrays=True``), captioned with its findings or its refusal: one panel per
     Grad-CAM explanation, side by side (the first, ``cam_label``, leftmost), or only the panel of
-    ``only`` (default: the label ``--cam LABEL`` asked for, if any); a film without a map gets one
-    panel without."""
+    ``only`` (default: the panels of the labels ``--cam LABEL[,LABEL…]`` asked for, if any); a film
+    without a map gets one panel without."""
     maps = result.cam_maps or {}
-    only = only or next((label for label, e in (result.cams or {}).items() if e.get("why") == "asked for"), None)
-    labels = [only] if only in maps else list(maps) or [None]
+    asked = [label for label, e in (result.cams or {}).items() if e.get("why") == "asked for" and label in maps]
+    labels = [only] if only in maps else asked or list(maps) or [None]
     if len(labels) > 1:
         max_side = min(max_side, 768)  # two or three panels side by side stay a readable width
     panels = []

@@ -77,8 +77,8 @@ def create(
     run = predictor.run_identity()
     ids = []
     with progress_bar(len(paths), "predict", unit="case") as bar:
-        # the aided arm shows the study target's own map: ask for it (the first target's), not the top finding's
-        asked = target[0] if target[0] in predictor.classifier.assessed_labels else "top"
+        # the aided arm shows each study target's own map: ask for them, not for the top finding's
+        asked = ",".join(t for t in target if t in predictor.classifier.assessed_labels) or "top"
         for path, result in zip(paths, predictor.predict_many(paths, cam=asked, keep_arrays=True)):
             record = write_to_store(store, result.to_dict(), result, None, name=path.name, path=path, run=run,
                                     source="study")
