@@ -140,6 +140,9 @@ def review_everything(url: str, key: str, truth: dict[str, list[str]], chromium:
                 # what the answer rests on: the population, the calibration and the verdict's words
                 reading = page.inner_text("#reading")
                 assert "Read as" in reading and "calibrated for" in reading, reading
+                # the worklist's every column (Readers last) fits its panel in a 1,400 px window
+                assert page.evaluate("(() => { const w = document.getElementById('worklist-wrap');"
+                                     " return w.scrollWidth <= w.clientWidth + 1; })()")
                 page.evaluate("window.scrollTo(0, 0)")  # the label boxes' clicks scrolled the film away
                 box = page.locator("#view").bounding_box()
                 page.mouse.move(box["x"] + 60, box["y"] + 80)

@@ -84,7 +84,7 @@ def test_triage_sheet_in_headless_chromium(folder, tmp_path):
     artifacts.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto((folder / "json" / "triage.html").as_uri())
         page.wait_for_load_state("load")
         rows = page.locator("tbody tr")
@@ -98,6 +98,8 @@ def test_triage_sheet_in_headless_chromium(folder, tmp_path):
         assert "abnormal" in statuses  # the Kermany example is called Pneumonia: this order is tested
         loaded = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
         assert loaded == sum(1 for r in records.values() if r.get("overlay"))
+        widest = page.evaluate("document.documentElement.scrollWidth")
+        assert widest <= 1400, f"the sheet is {widest} px wide in a 1,400 px window"
         page.screenshot(path=str(artifacts / "triage.png"), full_page=True)
         browser.close()
     assert (artifacts / "triage.png").stat().st_size > 30_000

@@ -136,6 +136,7 @@ th {{ position: sticky; top: 0; background: #fff; }}
 img {{ width: 200px; display: block; }} td.over {{ font-weight: bold; color: #b00020; }} td.under {{ color: #555; }}
 small {{ color: #888; font-weight: normal; }} tr.called td.status {{ color: #b00020; font-weight: bold; }}
 tr.refused, tr.error {{ background: #f6f6f6; }} .why {{ color: #666; font-size: 12px; max-width: 28em; }}
+td.name {{ max-width: 24em; overflow-wrap: anywhere; }} th {{ overflow-wrap: anywhere; }}
 .note {{ color: #555; max-width: 60em; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
