@@ -123,8 +123,9 @@ def clinical_values(predictor, csv_path: Path | None, files: list[Path]) -> list
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="X-ray files or folders (PNG, JPEG, DICOM).")],
     out: Annotated[Path, typer.Option(help="Folder for predictions and overlays.")] = Path("pneumoscan-out"),
-    cam: Annotated[Optional[str], typer.Option(help="Grad-CAM: 'top' (a map per called finding, the most probable "
-                                                    "first), 'none', or class names, comma-separated (their maps first).")] = "top",
+    cam: Annotated[Optional[str], typer.Option(
+        help="Grad-CAM: 'top' (a map per called finding, the most probable first), 'none', or class names, "
+             "comma-separated (their maps first).")] = "top",
     fmt: Annotated[str, typer.Option("--format", help="json (predictions.jsonl) or csv (predictions.csv).")] = "json",
     seg_model: Annotated[Optional[Path], typer.Option(help="Lung model file (default: shipped).")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Classifier file (default: shipped).")] = None,
