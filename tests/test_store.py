@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, inspect, text
 from pneumoscan.labels import LABELS
 from pneumoscan.outputs.writer import write_to_store
 from pneumoscan.predict import Predictor
-from pneumoscan.store.db import Store, StoreError, head_revision, migrate, store_url
+from pneumoscan.store.database import StoreError, head_revision, migrate, store_url
+from pneumoscan.store.db import Store
 from pneumoscan.store.review import (
     ReviewError,
     check_review,

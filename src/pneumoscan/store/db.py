@@ -1,28 +1,36 @@
-"""The results store: where a database is, its schema's revision (Alembic), and the reads and
-writes of results, readers and reviews. Every failure is a :class:`StoreError` that says what to
+"""The results store's reads and writes of results, readers and reviews (where the database is
+and its schema's revision: :mod:`pneumoscan.store.database`). Every failure is a :class:`StoreError` that says what to
 do, never a driver's traceback; the URL's password never appears in a message."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, exists, func, inspect, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
+from sqlalchemy import exists, func, inspect, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from pneumoscan.errors import PneumoScanError, first_line
+from pneumoscan.store.database import (
+    StoreError,
+    alembic_config,
+    current_revision,
+    head_revision,
+    make_engine,
+    migrate,
+    shown,
+    store_url,
+)
 from pneumoscan.store.schema import (
     Film,
     Layers,
@@ -47,110 +55,12 @@ class ReviewVerdict(StrEnum):
 REVIEW_VERDICTS = tuple(ReviewVerdict)
 
 
-class StoreError(PneumoScanError, RuntimeError):
-    """The store cannot be reached, has another schema revision, or refused a write."""
-
-
 class SubmissionTaken(PneumoScanError, ValueError):
     """A review's submission id that belongs to another reader's or result's review."""
 
 
 class NotFound(StoreError):
     """No such result."""
-
-
-def default_path() -> Path:
-    """``$XDG_DATA_HOME/pneumoscan/results.sqlite`` (``~/.local/share/…`` when unset)."""
-    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "pneumoscan" / "results.sqlite"
-
-
-def store_url(given: str | None = None) -> str:
-    """The database URL: ``given`` (a URL, or a path to a SQLite file), else ``$PNEUMOSCAN_DB``,
-    else :func:`default_path`. ``postgresql://`` means the psycopg 3 driver."""
-    value = given or os.environ.get("PNEUMOSCAN_DB") or str(default_path())
-    if "://" not in value:
-        return "sqlite:///" + str(Path(value).expanduser().resolve())
-    if value.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + value.split("://", 1)[1]
-    return value
-
-
-def shown(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparsable URL>"
-
-
-def alembic_config(url: str):
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(resources.files("pneumoscan.store") / "migrations"))
-    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return config
-
-
-def head_revision() -> str:
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
-
-
-def migrate(url: str, to: str = "head", *, down: bool = False) -> str | None:
-    """Upgrade (or with ``down`` downgrade) the schema to revision ``to`` ("head", "base" or an
-    id); returns the revision it is at afterwards."""
-    from alembic import command
-
-    engine = make_engine(url)
-    try:
-        with engine.begin() as connection:
-            config = alembic_config(url)
-            config.attributes["connection"] = connection
-            (command.downgrade if down else command.upgrade)(config, to)
-        return current_revision(engine)
-    except SQLAlchemyError as exc:
-        raise StoreError(f"results store {shown(url)}: migration failed: {first_line(exc)}") from None
-    finally:
-        engine.dispose()
-
-
-def current_revision(engine: Engine) -> str | None:
-    from alembic.migration import MigrationContext
-
-    with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
-
-
-def _sqlite_pragmas(connection, _record) -> None:
-    """WAL (readers never wait for the writer), foreign keys on, and a writer waits up to 30 s for
-    another instead of failing at once."""
-    cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
-
-
-def make_engine(url: str) -> Engine:
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise StoreError(f"not a database URL or path: {url!r}") from None
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        return engine
-    try:
-        return create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4,
-                             connect_args={"connect_timeout": 10})
-    except (ArgumentError, ImportError) as exc:
-        raise StoreError(f"results store {shown(url)}: {first_line(exc)}") from None
 
 
 def now() -> datetime:

@@ -51,7 +51,7 @@ def migrate(
     if down and to == "base" and not yes:
         fail("--to base --down deletes every stored result, review and study, with no copy: back the store up, "
              "then add --yes")
-    from pneumoscan.store.db import (
+    from pneumoscan.store.database import (
         StoreError,
         current_revision,
         head_revision,
