@@ -891,3 +891,19 @@ def test_a_shared_crop_cache_size_that_is_not_a_size_is_a_clear_error(monkeypatc
         limit_from_env()
     monkeypatch.setenv("PNEUMOSCAN_CROP_CACHE_MB", "0.5")
     assert limit_from_env() == 2**19
+
+
+def test_train_config_refuses_what_cannot_work_when_it_is_made(tmp_path):
+    """The options are checked in TrainConfig itself, so a Python caller gets the command line's
+    one-line refusals; every problem is named at once."""
+    from pneumoscan.training.config import TrainConfig
+
+    with pytest.raises(ValueError) as refused:
+        TrainConfig(cache="c", out="o", init=str(tmp_path / "absent.pt"), strategy="mpi", train_from="denseblock4",
+                    freeze_backbone=True, betas=(0.9, 1.5), schedule="step")
+    text = str(refused.value)
+    for words in ("--init must be imagenet, random or an existing model file", "--strategy must be auto, ddp or fsdp",
+                  "--train-from and --freeze-backbone exclude each other", "--betas must be two numbers",
+                  "--schedule must be plateau or cosine"):
+        assert words in text, text
+    assert TrainConfig(cache="c", out="o", init="random", train_from="denseblock4").train_from == "denseblock4"

@@ -1,8 +1,10 @@
-"""The options of ``pneumoscan train`` as one record (saved beside every run as ``config.json``)."""
+"""The options of ``pneumoscan train`` as one record (saved beside every run as ``config.json``),
+checked when it is made: a Python caller gets the same one-line refusals as the command line."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pneumoscan.crop import ATTENTION_THRESHOLD
 
@@ -53,3 +55,32 @@ class TrainConfig:
     fold_seed: int = 2026  # crossval's default seed, so that fold k is crossval's fold k
     opacity_index: str = ""  # rsna-nih-masked/index.csv: adds the radiologists' opacity label to progress.jsonl
     from_checkpoint: str = ""  # a .ckpt of an every-layer run with these options: model.pt from it, no training
+
+    def __post_init__(self) -> None:
+        """Refuse options that cannot work together, before anything is loaded (ValueError)."""
+        from pneumoscan.classify import ARCHS
+        from pneumoscan.training.fit_tail import TRAIN_FROM
+
+        problems = [
+            (self.init not in ("imagenet", "random") and not Path(self.init).is_file(),
+             f"--init must be imagenet, random or an existing model file, got {self.init!r}"),
+            (self.strategy not in ("auto", "ddp", "fsdp"), f"--strategy must be auto, ddp or fsdp, got {self.strategy!r}"),
+            (self.arch not in ARCHS, f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}"),
+            (bool(self.train_from) and self.train_from not in TRAIN_FROM,
+             f"--train-from must be one of {', '.join(TRAIN_FROM)}, got {self.train_from!r}"),
+            (bool(self.from_checkpoint) and (self.freeze_backbone or bool(self.train_from)),
+             "--from-checkpoint takes the model of an every-layer run's checkpoint: it excludes --freeze-backbone "
+             "and --train-from"),
+            (bool(self.train_from) and self.freeze_backbone,
+             "--train-from and --freeze-backbone exclude each other (the first trains the last blocks, the second "
+             "the head alone)"),
+            (not all(0 < t < 1 for t in self.attention_thresholds),
+             f"--attention-threshold must be in (0, 1), got {list(self.attention_thresholds)}"),
+            (len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas),
+             f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {list(self.betas)}"),
+            (not 0 <= self.adult_share <= 1, f"--adult-share must be in [0, 1], got {self.adult_share}"),
+            (self.schedule not in ("plateau", "cosine"), f"--schedule must be plateau or cosine, got {self.schedule!r}"),
+        ]
+        wrong = [message for bad, message in problems if bad]
+        if wrong:
+            raise ValueError("; ".join(wrong))

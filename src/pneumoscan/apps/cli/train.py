@@ -98,46 +98,30 @@ def train(
 
     beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2,
                         lambda b: 0 <= b < 1)
-    if init not in ("imagenet", "random") and not Path(init).is_file():
-        fail(f"--init must be imagenet, random or an existing model file, got {init!r}")
-    if strategy not in ("auto", "ddp", "fsdp"):
-        fail(f"--strategy must be auto, ddp or fsdp, got {strategy!r}")
-    from pneumoscan.classify import ARCHS
     from pneumoscan.clinical import ClinicalError, parse_fields
     from pneumoscan.crop import ATTENTION_THRESHOLD
 
-    if arch not in ARCHS:
-        fail(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    from pneumoscan.training.fit_tail import TRAIN_FROM
-
-    if train_from is not None and train_from not in TRAIN_FROM:
-        fail(f"--train-from must be one of {', '.join(TRAIN_FROM)}, got {train_from!r}")
-    if from_checkpoint is not None and (freeze_backbone or train_from is not None):
-        fail("--from-checkpoint takes the model of an every-layer run's checkpoint: it excludes --freeze-backbone "
-             "and --train-from")
-    if train_from is not None and freeze_backbone:
-        fail("--train-from and --freeze-backbone exclude each other (the first trains the last blocks, "
-             "the second the head alone)")
     thresholds = tuple(attention_threshold or (ATTENTION_THRESHOLD,))
-    if not all(0 < t < 1 for t in thresholds):
-        fail(f"--attention-threshold must be in (0, 1), got {list(thresholds)}")
     try:
         fields = tuple(parse_fields(clinical)) if clinical is not None else ()
     except ClinicalError as exc:
         fail(str(exc))
-    cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
-                      epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
-                      early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
-                      devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
-                      frontal_only=not all_views, resume=resume, description=description,
-                      max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance,
-                      epoch_size=epoch_size,
-                      adult_share=adult_share, freeze_backbone=freeze_backbone,
-                      min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
-                      train_from=train_from or "", select=select, view_balance=view_balance,
-                      schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold, frozen_bn=frozen_bn,
-                      opacity_index=str(opacity_index) if opacity_index else "",
-                      from_checkpoint=str(from_checkpoint) if from_checkpoint else "")
+    try:
+        cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
+                          epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
+                          early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
+                          devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
+                          frontal_only=not all_views, resume=resume, description=description,
+                          max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance,
+                          epoch_size=epoch_size,
+                          adult_share=adult_share, freeze_backbone=freeze_backbone,
+                          min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
+                          train_from=train_from or "", select=select, view_balance=view_balance,
+                          schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold, frozen_bn=frozen_bn,
+                          opacity_index=str(opacity_index) if opacity_index else "",
+                          from_checkpoint=str(from_checkpoint) if from_checkpoint else "")
+    except ValueError as exc:
+        fail(str(exc))
     try:
         meta = train_classifier(cfg)
     except (PneumoScanError, ValueError) as exc:
