@@ -29,7 +29,6 @@ through its ReLU unchanged, and loading, ONNX export and Grad-CAM need nothing n
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -42,6 +41,7 @@ import torch
 
 from pneumoscan.classify import FEATURES, ChestClassifier, Classifier
 from pneumoscan.labels import LABELS
+from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.data import (
     mask_single_class_sources,
@@ -248,7 +248,7 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
     )
 
     def say(message: str) -> None:
-        print(message, file=sys.stderr, flush=True) if progress is None else progress(message)
+        note(message) if progress is None else progress(message)
 
     started = time.time()
     out = Path(cfg.out)

@@ -6,7 +6,6 @@ validation rows, the validation figures and Grad-CAM's reference features record
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pneumoscan.classify import (
     Classifier,
 )
 from pneumoscan.labels import LABELS
+from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.data import mask_single_class_sources
 
@@ -59,7 +59,7 @@ def finalise(classifier: Classifier, cache: CropCache, rows: dict[str, np.ndarra
     train_sources = table.iloc[rows["train"]]["source"].astype(str).to_numpy()
     train_labels, _ = mask_single_class_sources(  # count only the positives the loss saw
         table.iloc[rows["train"]][list(LABELS)].to_numpy(np.float32), train_sources)
-    print("finalise: assessing each label (bootstrap CIs) and writing the model …", file=sys.stderr, flush=True)
+    note("finalise: assessing each label (bootstrap CIs) and writing the model …")
     assessment = assess_labels(val_labels, val_probs, val_sources, train_labels, train_sources)
     classifier.set_assessment(assessment)
     sample, adult = reference_films(rows["train"], train_sources)

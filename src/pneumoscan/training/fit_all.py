@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from pneumoscan.classify import (
 )
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import checkpoint_callbacks, read_checkpoint, resumable_checkpoint, timed_checkpoint
+from pneumoscan.progress import note
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset, ResumableLoader, augment
 from pneumoscan.training.loss import masked_bce
@@ -221,7 +221,7 @@ def progress_log(path: Path):
         with open(path, "a") as handle:
             handle.write(json.dumps(line) + "\n")
         brief = ", ".join(f"{k} {v['auc']}" for k, v in figures.items() if isinstance(v, dict))
-        print(f"epoch {epoch}: {brief}", file=sys.stderr, flush=True)
+        note(f"epoch {epoch}: {brief}")
 
     return log
 
@@ -261,7 +261,7 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
 
         def on_train_start(self, trainer, _):
             if any(isinstance(c, EarlyStopping) and c.wait_count >= c.patience for c in trainer.callbacks):
-                print("the stopping rule had already fired: no more epochs", file=sys.stderr, flush=True)
+                note("the stopping rule had already fired: no more epochs")
                 trainer.should_stop = True
 
     gpu = cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
@@ -336,7 +336,7 @@ def model_from_checkpoint(cfg: TrainConfig, hidden: int) -> tuple[tuple[ChestCla
         raise ModelFileError(f"--from-checkpoint {path}: not a checkpoint of this classifier's every-layer "
                              f"training ({first_line(exc, 160)})") from exc
     epoch, step = int(ckpt["epoch"]), int(ckpt.get("global_step", -1))
-    print(f"model from checkpoint {path} (epoch {epoch}, step {step}); no training", file=sys.stderr, flush=True)
+    note(f"model from checkpoint {path} (epoch {epoch}, step {step}); no training")
     info = {"file": str(path), "sha256": file_sha256(path), "epoch": epoch, "global_step": step,
             "note": "epoch counts from 0; a checkpoint saved inside an epoch holds that epoch's first steps"}
     return (model, None, epoch, epoch), info

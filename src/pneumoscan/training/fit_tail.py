@@ -16,6 +16,7 @@ import torch
 from pneumoscan.classify import (
     ChestClassifier,
 )
+from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset
@@ -186,8 +187,8 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
                         "state": {k: v.clone() for k, v in model.state_dict().items()}}
             epoch, first_batch = epoch + 1, 0
             save(epoch, 0)
-            print(f"epoch {epoch - 1}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}, "
-                  f"selection {score:.4f} (best {best['score']:.4f}, epoch {best['best_epoch']})", flush=True)
+            note(f"epoch {epoch - 1}: train loss {np.mean(losses):.4f}, val loss {val_loss:.4f}, "
+                 f"selection {score:.4f} (best {best['score']:.4f}, epoch {best['best_epoch']})")
     if best["state"] is None:
         raise ValueError("the time limit ended the fit before one epoch was validated; allow more "
                          "--max-minutes (the run resumes where it stopped)")
