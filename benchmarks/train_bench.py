@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pneumoscan.classify import ChestClassifier
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.training.loss import masked_bce
 
 

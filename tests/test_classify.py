@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.classify import (
+from pneumoscan.classify import Classifier
+from pneumoscan.labels import LABELS
+from pneumoscan.networks import (
     IMAGENET_FILE,
     ChestClassifier,
-    Classifier,
     PretrainedWeightsError,
     backbone_key,
     imagenet_weights_path,
     load_imagenet,
 )
-from pneumoscan.labels import LABELS
 from pneumoscan.training.data import augment
 from pneumoscan.training.loss import masked_bce, positive_weights
 

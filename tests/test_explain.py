@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.classify import ChestClassifier
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.explain import GradCAM, cam_from_features, cam_summary, head_gradient
 from pneumoscan.outputs.overlay import prediction_picture
 

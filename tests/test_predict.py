@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.classify import ChestClassifier
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.explain import GradCAM, cam_from_features, place_on_original
 from pneumoscan.films import read_xray
 from pneumoscan.labels import LABELS

@@ -429,7 +429,7 @@ def test_timing_the_deadline_leaves_the_model_in_training_mode(tmp_path):
     eval mode, Lightning warning "Found 500 module(s) in eval mode")."""
     import time
 
-    from pneumoscan.classify import ChestClassifier
+    from pneumoscan.networks import ChestClassifier
     from pneumoscan.training.classify import TrainConfig
     from pneumoscan.training.fit_state import fit_deadline
 

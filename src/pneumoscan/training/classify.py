@@ -33,10 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pneumoscan.classify import (
-    KIND,
-    Classifier,
-)
+from pneumoscan.classify import KIND, Classifier
 from pneumoscan.clinical import fit_spec
 from pneumoscan.labels import LABELS
 from pneumoscan.training.cache import CropCache

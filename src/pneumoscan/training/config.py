@@ -58,7 +58,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Refuse options that cannot work together, before anything is loaded (ValueError)."""
-        from pneumoscan.classify import ARCHS
+        from pneumoscan.networks import ARCHS
         from pneumoscan.training.fit_tail import TRAIN_FROM
 
         problems = [

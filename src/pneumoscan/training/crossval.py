@@ -21,7 +21,7 @@ the cross-validation, and:
   films with the settings most
   folds chose.
 
-The linear head is written into the ordinary two-layer head of :class:`ChestClassifier`: the
+The linear head is written into the ordinary two-layer head of :class:`~pneumoscan.networks.ChestClassifier`: the
 pooled features are post-ReLU (never negative), so a first layer that is the identity passes them
 through its ReLU unchanged, and loading, ONNX export and Grad-CAM need nothing new.
 """
@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumoscan.classify import FEATURES, ChestClassifier, Classifier
+from pneumoscan.classify import Classifier
 from pneumoscan.labels import LABELS
+from pneumoscan.networks import FEATURES, ChestClassifier
 from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.data import (

@@ -12,9 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumoscan.classify import (
-    Classifier,
-)
+from pneumoscan.classify import Classifier
 from pneumoscan.labels import LABELS
 from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache

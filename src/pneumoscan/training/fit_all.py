@@ -19,13 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from pneumoscan.classify import (
-    ChestClassifier,
-    Classifier,
-    load_imagenet,
-)
+from pneumoscan.classify import Classifier
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import checkpoint_callbacks, read_checkpoint, resumable_checkpoint, timed_checkpoint
+from pneumoscan.networks import ChestClassifier, load_imagenet
 from pneumoscan.progress import note
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset, ResumableLoader, augment

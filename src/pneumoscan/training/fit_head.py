@@ -14,12 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumoscan.classify import (
-    FEATURES,
-    ChestClassifier,
-)
 from pneumoscan.clinical import ClinicalSpec, drop_fields, table_records
 from pneumoscan.crop import attention_box, local_crop
+from pneumoscan.networks import FEATURES, ChestClassifier
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset

@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-from pneumoscan.classify import (
-    ChestClassifier,
-)
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.training.config import TrainConfig
 
 #: A partial fine-tune saves its state every this many batches (and at each epoch's end).

@@ -13,9 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pneumoscan.classify import (
-    ChestClassifier,
-)
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.progress import note
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
