@@ -20,7 +20,8 @@ import time
 
 import numpy as np
 
-from pneumoscan.readerstudy.mrmc import Ratings, analyse
+from pneumoscan.readerstudy.mrmc import analyse
+from pneumoscan.readerstudy.ratings import Ratings
 
 
 def simulate(rng: np.random.Generator, readers: int, normal: int, abnormal: int, mu: float,

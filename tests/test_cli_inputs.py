@@ -254,7 +254,7 @@ def test_every_error_a_user_can_act_on_shares_one_base():
     from pneumoscan.errors import PneumoScanError
     from pneumoscan.films import XrayReadError
     from pneumoscan.modelfile import ModelFileError
-    from pneumoscan.readerstudy.mrmc import RatingsError
+    from pneumoscan.readerstudy.ratings import RatingsError
     from pneumoscan.store.db import StoreError
     from pneumoscan.store.study import StudyError
     from pneumoscan.training.cache import CacheError

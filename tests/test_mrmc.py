@@ -13,15 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan.readerstudy.mrmc import (
-    Ratings,
-    RatingsError,
-    analyse,
-    read_ratings,
-    trapezoidal_auc,
-    write_imrmc,
-    write_lrc,
-)
+from pneumoscan.readerstudy.mrmc import analyse, trapezoidal_auc
+from pneumoscan.readerstudy.ratings import Ratings, RatingsError, read_ratings, write_imrmc, write_lrc
 
 from conftest import DATA, needs_data
 

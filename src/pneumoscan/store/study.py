@@ -1,6 +1,6 @@
 """Reader studies in the results store: define one (cases = stored results with their truth,
 readers, a design, a seed), hand each reader their next reading, keep the ratings (append-only),
-and give them back as :class:`pneumoscan.readerstudy.mrmc.Ratings` for the Obuchowski–Rockette analysis.
+and give them back as :class:`pneumoscan.readerstudy.ratings.Ratings` for the Obuchowski–Rockette analysis.
 
 Designs: **sequential** — each case read unaided, then at once aided, the cases in a seeded order
 per reader; **crossover** — every case unaided, then (after a washout, 4 weeks by default, counted
@@ -250,7 +250,7 @@ def correct(store: Store, name: str, reader: Reader, step_id: int, target: str, 
 def study_data(store: Store, name: str, target: str | None = None) -> dict[str, Any]:
     """The study's latest ratings of ``target`` (default its first): the MRMC ratings, the binary
     calls, the reading times, and the model's probabilities on the same cases."""
-    from pneumoscan.readerstudy.mrmc import Ratings
+    from pneumoscan.readerstudy.ratings import Ratings
 
     with store.session("reading the study") as session:
         study = _study(session, name)

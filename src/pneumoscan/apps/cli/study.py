@@ -115,8 +115,8 @@ def analyse(
     store also the binary calls' sensitivity and specificity, reading times and the model alone."""
     import json
 
-    from pneumoscan.readerstudy.mrmc import RatingsError, read_ratings, write_imrmc, write_lrc
     from pneumoscan.readerstudy.mrmc import analyse as run_analysis
+    from pneumoscan.readerstudy.ratings import RatingsError, read_ratings, write_imrmc, write_lrc
     from pneumoscan.readerstudy.report import study_html, study_markdown
 
     if covariance not in ("jackknife", "delong"):
