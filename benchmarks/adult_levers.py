@@ -31,7 +31,9 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +85,47 @@ def fold_heads(x, labels, sources, views, patients, cfg, report):
         heads.append(fit_linear_head(x[train], labels[train], weights, chosen["l2"]))
         print(f"fold head {f + 1}/{cfg.folds} refitted", file=sys.stderr, flush=True)
     return fold_of, heads
+
+
+@dataclass
+class CvRun:
+    """A finished ``crossval`` run read back with its cache: its settings, its films (the rows it
+    used), their features and labels as it learnt and judged them."""
+
+    cfg: Any
+    report: dict
+    cache: Any
+    rows: np.ndarray
+    x: np.ndarray
+    table: Any
+    raw: np.ndarray
+    labels: np.ndarray
+    sources: np.ndarray
+    views: np.ndarray
+    patients: np.ndarray
+
+
+def load_cv_run(cv: Path, cache_folder: Path) -> CvRun:
+    """``cv``'s config, report and features on ``cache_folder`` (refused if they were computed on
+    other rows), with the labels as ``crossval`` made them."""
+    from pneumoscan.labels import LABELS
+    from pneumoscan.training.cache import CropCache
+    from pneumoscan.training.crossval import CrossvalConfig, against_normal
+    from pneumoscan.training.data import select_rows, training_labels
+
+    cfg_dict = json.loads((cv / "config.json").read_text())
+    cfg = CrossvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
+    cache = CropCache(cache_folder)
+    rows = np.sort(np.concatenate(list(select_rows(cache, cfg.frontal_only).values())))
+    saved = np.load(cv / "features.npz")
+    if not np.array_equal(saved["indices"], rows):
+        raise SystemExit(f"{cv}/features.npz was not computed on these cache rows")
+    table = cache.table.iloc[rows].reset_index(drop=True)
+    raw = against_normal(table[list(LABELS)].to_numpy(np.float32), cfg.normal_contrast)
+    sources = table["source"].astype(str).to_numpy()
+    return CvRun(cfg, json.loads((cv / "cv_report.json").read_text()), cache, rows, saved["features"], table, raw,
+                 training_labels(raw, sources, cfg.min_positives)[0], sources,
+                 table["view"].fillna("").astype(str).str.upper().to_numpy(), table["patient"].astype(str).to_numpy())
 
 
 def logits(x: np.ndarray, head) -> np.ndarray:
@@ -146,9 +189,6 @@ def main() -> None:
 
     from pneumoscan.classify import Classifier
     from pneumoscan.labels import LABELS
-    from pneumoscan.training.cache import CropCache
-    from pneumoscan.training.crossval import CrossvalConfig, against_normal
-    from pneumoscan.training.data import select_rows, training_labels
     from pneumoscan.training.metrics import auc_difference
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -160,21 +200,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = json.loads((args.cv / "config.json").read_text())
-    cfg = CrossvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    report = json.loads((args.cv / "cv_report.json").read_text())
-    cache = CropCache(args.cache)
-    rows = np.sort(np.concatenate(list(select_rows(cache, cfg.frontal_only).values())))
-    saved = np.load(args.cv / "features.npz")
-    if not np.array_equal(saved["indices"], rows):
-        raise SystemExit(f"{args.cv}/features.npz was not computed on these cache rows")
-    x, table = saved["features"], cache.table.iloc[rows].reset_index(drop=True)
-    raw = against_normal(table[list(LABELS)].to_numpy(np.float32), cfg.normal_contrast)
-    sources = table["source"].astype(str).to_numpy()
-    views = table["view"].fillna("").astype(str).str.upper().to_numpy()
-    patients = table["patient"].astype(str).to_numpy()
-    labels = training_labels(raw, sources, cfg.min_positives)[0]
-    fold_of, heads = fold_heads(x, labels, sources, views, patients, cfg, report)
+    run = load_cv_run(args.cv, args.cache)
+    cfg, cache, x, table, raw = run.cfg, run.cache, run.x, run.table, run.raw
+    sources, views, patients, labels = run.sources, run.views, run.patients, run.labels
+    fold_of, heads = fold_heads(x, labels, sources, views, patients, cfg, run.report)
 
     nih = np.flatnonzero(sources == "nih")
     base = np.stack([logits(x[i], heads[fold_of[i]]) for i in nih])

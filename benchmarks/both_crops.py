@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adult_eval import auc_entry, fmt  # noqa: E402
-from adult_levers import fold_heads, logits  # noqa: E402
+from adult_levers import fold_heads, load_cv_run, logits  # noqa: E402
 
 JUDGED = ("Pneumonia", "No Finding", "Cardiomegaly", "Effusion", "Edema")
 
@@ -35,8 +35,6 @@ def main() -> None:
     from pneumoscan.classify import Classifier
     from pneumoscan.labels import LABELS
     from pneumoscan.training.cache import CropCache
-    from pneumoscan.training.crossval import CrossvalConfig, against_normal
-    from pneumoscan.training.data import select_rows, training_labels
     from pneumoscan.training.fit_head import branch_features
     from pneumoscan.training.metrics import auc_difference
 
@@ -49,29 +47,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = json.loads((args.cv / "config.json").read_text())
-    cfg = CrossvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    report = json.loads((args.cv / "cv_report.json").read_text())
-    masked, plain = CropCache(args.cache), CropCache(args.plain)
-    rows = np.sort(np.concatenate(list(select_rows(masked, cfg.frontal_only).values())))
-    table = masked.table.iloc[rows].reset_index(drop=True)
+    run = load_cv_run(args.cv, args.cache)
+    cfg, table, raw, labels = run.cfg, run.table, run.raw, run.labels
+    sources, views, patients = run.sources, run.views, run.patients
+    plain = CropCache(args.plain)
     where = {p: i for i, p in enumerate(plain.table["path"])}
     missing = [p for p in table["path"] if p not in where]
     if missing:
         raise SystemExit(f"{len(missing)} films of --cache are not in --plain, e.g. {missing[0]}")
     plain_rows = np.array([where[p] for p in table["path"]])
-    saved = np.load(args.cv / "features.npz")
-    if not np.array_equal(saved["indices"], rows):
-        raise SystemExit(f"{args.cv}/features.npz was not computed on these cache rows")
     parent = Classifier.load(cfg.backbone)
     x_plain = branch_features(parent.model, plain, plain_rows, args.out / "features_plain.npz")["global"]
-    x = np.hstack([saved["features"], x_plain])
-    raw = against_normal(table[list(LABELS)].to_numpy(np.float32), cfg.normal_contrast)
-    sources = table["source"].astype(str).to_numpy()
-    views = table["view"].fillna("").astype(str).str.upper().to_numpy()
-    patients = table["patient"].astype(str).to_numpy()
-    labels = training_labels(raw, sources, cfg.min_positives)[0]
-    fold_of, heads = fold_heads(x, labels, sources, views, patients, cfg, report)
+    x = np.hstack([run.x, x_plain])
+    fold_of, heads = fold_heads(x, labels, sources, views, patients, cfg, run.report)
     nih = np.flatnonzero(sources == "nih")
     both = np.stack([logits(x[i], heads[fold_of[i]]) for i in nih])
     import pandas as pd

@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from adult_eval import DATA, auc_entry, fmt, rsna_classes  # noqa: E402
+from adult_levers import load_cv_run  # noqa: E402
 
 
 def pneumonia_targets(nih_labels: np.ndarray, normal: np.ndarray, rsna: np.ndarray) -> dict[str, np.ndarray]:
@@ -44,9 +45,8 @@ def main() -> None:
     import torch
 
     from pneumoscan.labels import LABELS
-    from pneumoscan.training.cache import CropCache
-    from pneumoscan.training.crossval import CrossvalConfig, against_normal, fit_linear_head, row_weights
-    from pneumoscan.training.data import patient_folds, select_rows, training_labels
+    from pneumoscan.training.crossval import fit_linear_head, row_weights
+    from pneumoscan.training.data import patient_folds
     from pneumoscan.training.metrics import auc_difference
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,20 +58,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg_dict = json.loads((args.cv / "config.json").read_text())
-    cfg = CrossvalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_dict.items()})
-    report = json.loads((args.cv / "cv_report.json").read_text())
-    cache = CropCache(args.cache)
-    rows = np.sort(np.concatenate(list(select_rows(cache, cfg.frontal_only).values())))
-    saved = np.load(args.cv / "features.npz")
-    if not np.array_equal(saved["indices"], rows):
-        raise SystemExit(f"{args.cv}/features.npz was not computed on these cache rows")
-    x, table = saved["features"], cache.table.iloc[rows].reset_index(drop=True)
-    raw = against_normal(table[list(LABELS)].to_numpy(np.float32), cfg.normal_contrast)
-    sources = table["source"].astype(str).to_numpy()
-    views = table["view"].fillna("").astype(str).str.upper().to_numpy()
-    patients = table["patient"].astype(str).to_numpy()
-    labels = training_labels(raw, sources, cfg.min_positives)[0]
+    run = load_cv_run(args.cv, args.cache)
+    cfg, report, x, table, raw, labels = run.cfg, run.report, run.x, run.table, run.raw, run.labels
+    sources, views, patients = run.sources, run.views, run.patients
     j, nf = LABELS.index("Pneumonia"), LABELS.index("No Finding")
     masked = sources == "nihmasked"
     rsna = rsna_classes(table["path"][masked].map(lambda p: Path(p).name).tolist(), args.rsna_index, key="path")
