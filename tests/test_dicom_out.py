@@ -139,7 +139,7 @@ def test_a_rerun_makes_the_same_uids(results, assessed_model, tmp_path):
 
 
 def test_non_conformant_patient_and_study_values_are_repaired_or_emptied():
-    from pneumoscan.outputs.dicom import conform_copied
+    from pneumoscan.outputs.dicom_source import conform_copied
 
     ds = pydicom.Dataset()
     ds.PatientBirthDate, ds.PatientSex, ds.StudyDate, ds.StudyTime = "1970-02-28", "female", "2024/01/01", "12:30:05"

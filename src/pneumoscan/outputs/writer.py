@@ -116,7 +116,8 @@ def write_files(result, path: Path, stem: str, outputs: Outputs, predictor) -> d
     if outputs.dicom_out is not None and picture is not None:
         if is_dicom_file(Path(path)):  # PNG/JPEG inputs get no DICOM results (and no "dicom" key)
             from pneumoscan.errors import first_line
-            from pneumoscan.outputs.dicom import DicomOutputError, write_dicom_results
+            from pneumoscan.outputs.dicom import write_dicom_results
+            from pneumoscan.outputs.dicom_source import DicomOutputError
 
             try:
                 written = write_dicom_results(path, result, predictor, picture, outputs.dicom_out)
