@@ -157,7 +157,8 @@ def test_the_monitor_page_shows_the_alerts_in_chromium(tmp_path):
 
     from pneumoscan.apps.server import create_app
     from pneumoscan.predict import Predictor
-    from pneumoscan.store.db import FilmIdentity, Store
+    from pneumoscan.store.db import Store
+    from pneumoscan.store.records import FilmIdentity
 
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -197,7 +198,8 @@ def test_the_monitor_page_shows_the_alerts_in_chromium(tmp_path):
 def test_monitor_reads_sqlite_and_postgresql_alike(db_url, tmp_path):
     """The same stored results give the same report on both databases, and reviews count as truth."""
     from pneumoscan.monitoring import read_store
-    from pneumoscan.store.db import FilmIdentity, Store
+    from pneumoscan.store.db import Store
+    from pneumoscan.store.records import FilmIdentity
     from pneumoscan.store.review import check_review
 
     rng = np.random.default_rng(12)

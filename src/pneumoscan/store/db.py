@@ -5,12 +5,10 @@ do, never a driver's traceback; the URL's password never appears in a message.""
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from pneumoscan.store.database import (
     shown,
     store_url,
 )
+from pneumoscan.store.records import FilmIdentity, LayerData, aware, key_digest, models_key, now
 from pneumoscan.store.schema import (
     Film,
     Layers,
@@ -61,48 +60,6 @@ class SubmissionTaken(PneumoScanError, ValueError):
 
 class NotFound(StoreError):
     """No such result."""
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def aware(moment: datetime) -> datetime:
-    """SQLite gives back naive datetimes; every time in the store is UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def models_key(run: dict[str, Any]) -> str:
-    """One result per film per ``run`` (the models' SHA-256s and the options that change an answer)."""
-    return hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
-
-
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class FilmIdentity:
-    """How the store knows a film: never by a patient's name or ID (see :mod:`.identity`)."""
-
-    sha256: str
-    display_name: str
-    path: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_uid: str | None = None
-    patient_id: str | None = None  # only ever stored salted and hashed (``patient_key``)
-
-
-@dataclass(frozen=True)
-class LayerData:
-    preview: bytes
-    width: int
-    height: int
-    scale: float
-    lungs: list
-    heart: list
-    heat: dict[str, str]
 
 
 class Store:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pneumoscan.store.db import FilmIdentity, LayerData
+from pneumoscan.store.records import FilmIdentity, LayerData
 
 #: The header fields that identify a patient or an encounter; a stored name or path is checked
 #: against every one (PS3.15 Annex E's basic profile lists them among the attributes to remove).

@@ -20,7 +20,8 @@ from sqlalchemy.exc import IntegrityError
 
 from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
-from pneumoscan.store.db import NotFound, Store, StoreError, aware, now
+from pneumoscan.store.db import NotFound, Store, StoreError
+from pneumoscan.store.records import aware, now
 from pneumoscan.store.schema import (
     Layers,
     Reader,
