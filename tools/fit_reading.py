@@ -81,7 +81,8 @@ def main() -> None:
 
 def add_rules(model: Classifier, x: np.ndarray, table: pd.DataFrame, oof: np.ndarray, folds: np.ndarray) -> dict:
     """The model's own reading with the normal rules and the rank knots (re)written."""
-    from pneumoscan.training.reading_fit import head_scores, normal_rules, rank_section
+    from pneumoscan.training.normal_rule import normal_rules
+    from pneumoscan.training.reading_fit import head_scores, rank_section
 
     reading = model.meta.get("reading")
     if not reading:
