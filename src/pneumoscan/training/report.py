@@ -49,9 +49,19 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
         _plot_reliability({label: (e["bins"], f"ECE {fmt3(e['calibrated']['ece'])}, raw {fmt3(e['raw']['ece'])}")
                            for label, e in report["calibration_after"].items()},
                           out / "reliability_calibrated.png", "calibrated probability", "Reliability, calibrated")
-    within = report["within_source"]
-    fmt = fmt3
     assessment = (model_meta or {}).get("assessment") or {}
+    lines = (_header_lines(report, model_meta, assessment) + _within_lines(report["within_source"], assessment)
+             + _pooled_lines(report) + operating_point_lines(report.get("operating_points") or {})
+             + subgroup_lines(report.get("subgroups") or []) + _published_lines(report) + calibration_lines(report))
+    dropped = report.get("dropped") or []
+    if dropped:
+        lines += ["", f"## Films left out ({len(dropped)})", "", "| film | why |", "|---|---|"]
+        lines += [f"| {d['path']} | {d['reason']} |" for d in dropped]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def _header_lines(report: dict[str, Any], model_meta: dict[str, Any] | None, assessment: dict[str, Any]) -> list[str]:
+    """The title, how the intervals were drawn, and which model with which assessed labels."""
     lines = [f"# Evaluation on split `{report['split']}` ({report['n_images']} images)", ""]
     unit = report.get("ci_resamples")
     if unit:
@@ -64,29 +74,40 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
                   f"{model_meta.get('training_data', {}).get('description', '?')}. Assessed labels: "
                   + (", ".join(lab for lab in LABELS if (assessment.get(lab) or {}).get("assessed")) or "none")
                   + ".", ""]
+    return lines
+
+
+def _within_lines(within: dict[str, Any], assessment: dict[str, Any]) -> list[str]:
+    """The headline: each AUC inside one data source, and their mean over the assessed findings."""
     mean = within["mean_auc_findings"]
-    lines += ["## Headline: AUC measured inside each data source", "",
-              (f"Mean AUC over {_count(within['findings_scored'], 'assessed finding')} "
-               f"({', '.join(within['findings_scored'])}; the other {14 - len(within['findings_scored'])} "
-               f"are not averaged), each measured inside the sources that have at "
-               f"least {within['min_per_class']} positives and negatives: **{mean:.3f}**."
-               if mean is not None else
-               f"No finding the model assesses has {within['min_per_class']} positives and negatives inside "
-               f"one source of this split, so no mean AUC is reported (a pooled figure would measure the "
-               f"data sets, and unassessed labels are never averaged)."),
-              "", "| label | source | positives / negatives | AUC | 95 % CI | assessed by the model |",
-              "|---|---|---|---|---|---|"]
+    lines = ["## Headline: AUC measured inside each data source", "",
+             (f"Mean AUC over {_count(within['findings_scored'], 'assessed finding')} "
+              f"({', '.join(within['findings_scored'])}; the other {14 - len(within['findings_scored'])} "
+              f"are not averaged), each measured inside the sources that have at "
+              f"least {within['min_per_class']} positives and negatives: **{mean:.3f}**."
+              if mean is not None else
+              f"No finding the model assesses has {within['min_per_class']} positives and negatives inside "
+              f"one source of this split, so no mean AUC is reported (a pooled figure would measure the "
+              f"data sets, and unassessed labels are never averaged)."),
+             "", "| label | source | positives / negatives | AUC | 95 % CI | assessed by the model |",
+             "|---|---|---|---|---|---|"]
     for label, entry in within["per_label"].items():
         flag = "yes" if (assessment.get(label) or {}).get("assessed") else "no"
         for source, v in entry["sources"].items():
             ci = v.get("ci") or [None, None]
-            lines.append(f"| {label} | {source} | {v['positives']} / {v['negatives']} | {fmt(v['auc'])} | "
-                         f"{fmt(ci[0])}–{fmt(ci[1])} | {flag} |")
-    lines += ["", "## Detail: pooled over every source of the split", "",
-              "Pooled AUCs mix data sets: where a label's positives and negatives come from different "
-              "sources they reward telling the sources apart. They are not finding measures.", "",
-              "| label | positives / known | pooled AUC | 95 % CI | threshold (raw) | sensitivity | specificity | ECE |",
-              "|---|---|---|---|---|---|---|---|"]
+            lines.append(f"| {label} | {source} | {v['positives']} / {v['negatives']} | {fmt3(v['auc'])} | "
+                         f"{fmt3(ci[0])}–{fmt3(ci[1])} | {flag} |")
+    return lines
+
+
+def _pooled_lines(report: dict[str, Any]) -> list[str]:
+    """The detail pooled over every source, with the warning where it measures the sources."""
+    fmt = fmt3
+    lines = ["", "## Detail: pooled over every source of the split", "",
+             "Pooled AUCs mix data sets: where a label's positives and negatives come from different "
+             "sources they reward telling the sources apart. They are not finding measures.", "",
+             "| label | positives / known | pooled AUC | 95 % CI | threshold (raw) | sensitivity | specificity | ECE |",
+             "|---|---|---|---|---|---|---|---|"]
     for label in LABELS:
         pl, ci = report["per_label"][label], report["auc_ci"][label]
         lines.append(f"| {label} | {pl['positives']} / {pl['known']} | {fmt(report['auc'][label])} | "
@@ -100,23 +121,23 @@ def write_report(report: dict[str, Any], labels: np.ndarray, probs: np.ndarray, 
         lines += ["", "**Source warning.** For " + ", ".join(confounded) + ", more than half of the "
                   "negatives come from data sources that have no positive for that label, so the pooled "
                   "AUC above rewards telling the sources apart rather than finding the disease."]
-    lines += operating_point_lines(report.get("operating_points") or {})
-    lines += subgroup_lines(report.get("subgroups") or [])
-    lines += ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
-              "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
+    return lines
+
+
+def _published_lines(report: dict[str, Any]) -> list[str]:
+    """Published mean AUCs beside this model's (for orientation), and the thresholds' scale."""
+    within = report["within_source"]
+    lines = ["", "## Published mean AUCs on NIH ChestX-ray14 (for orientation, not comparable)", "",
+             "| method | mean AUC (14 findings) | data and split |", "|---|---|---|"]
     lines += [f"| {name} | {auc:.3f} | {split} |" for name, auc, split in PUBLISHED]
-    lines += [f"| this model | {fmt(mean)} | within-source mean over {_count(within['findings_scored'], 'assessed finding')}, "
+    lines += [f"| this model | {fmt3(within['mean_auc_findings'])} | within-source mean over "
+              f"{_count(within['findings_scored'], 'assessed finding')}, "
               f"split `{report['split']}` of the given manifest ({within['images']} images) |", "",
               f"Thresholds: {report.get('thresholds_from') or 'stored with the model'}; labels the model does not "
               "assess have none. They are on the raw score scale, as the scores here are; `predict`, the overlay "
               "and the pages print the same operating points on the calibrated scale (`calibrate`'s card and "
               "output show both).", ""]
-    lines += calibration_lines(report)
-    dropped = report.get("dropped") or []
-    if dropped:
-        lines += ["", f"## Films left out ({len(dropped)})", "", "| film | why |", "|---|---|"]
-        lines += [f"| {d['path']} | {d['reason']} |" for d in dropped]
-    (out / "report.md").write_text("\n".join(lines))
+    return lines
 
 
 def calibration_lines(report: dict[str, Any]) -> list[str]:
