@@ -203,6 +203,21 @@ def do_shard(job: ShardJob) -> tuple[int, int, int]:
     return job.k, len(job.rows), sum(1 for r in records if r["error"])
 
 
+def claim_folder(root: Path, config: dict[str, Any], table: pd.DataFrame) -> None:
+    """A new cache's manifest and settings written into ``root``, or, when ``root`` holds a cache
+    already, its settings checked against ``config`` (a rerun resumes it; other settings are refused)."""
+    config_path = root / "config.json"
+    if config_path.exists():
+        existing = json.loads(config_path.read_text())
+        if existing != config:
+            changed = sorted(k for k in config if existing.get(k) != config.get(k))
+            raise CacheError(f"{root} holds a cache made with other settings ({', '.join(changed)}); "
+                             f"use a new folder or delete this one")
+    else:
+        write_manifest(table, root / "manifest.csv")
+        atomic_write_bytes(config_path, json.dumps(config, indent=2).encode())
+
+
 def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size: int = 128,
             workers: int = 1, shard: tuple[int, int] = (0, 1), seg_model: str | Path | None = None,
             progress: bool = True, masked: bool = False,
@@ -233,16 +248,7 @@ def prepare(table: pd.DataFrame, out: str | Path, *, size: int = 224, shard_size
                       + ("; 0 outside the lung mask (pre-masked sources: their own mask, cleaned alike)"
                          if masked else ""),
               **({"lung_mask": True} if masked else {})}
-    config_path = root / "config.json"
-    if config_path.exists():
-        existing = json.loads(config_path.read_text())
-        if existing != config:
-            changed = sorted(k for k in config if existing.get(k) != config.get(k))
-            raise CacheError(f"{root} holds a cache made with other settings ({', '.join(changed)}); "
-                             f"use a new folder or delete this one")
-    else:
-        write_manifest(table, root / "manifest.csv")
-        atomic_write_bytes(config_path, json.dumps(config, indent=2).encode())
+    claim_folder(root, config, table)
     records = table[["path", "source"]].assign(row=np.arange(len(table))).to_dict("records")
     mine = [k for k in range(config["shards"]) if k % count == index]
     jobs = [ShardJob(str(root), k, records[k * shard_size:(k + 1) * shard_size], size,
