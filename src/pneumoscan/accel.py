@@ -27,7 +27,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 def place(net: nn.Module, device: torch.device) -> nn.Module:
     """Move a network to ``device`` (channels_last on CUDA)."""
     net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    # Module.to takes memory_format; torch's stubs list only its device/dtype/tensor forms
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net  # type: ignore[call-overload]
 
 
 def run(net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -63,7 +63,7 @@ def clean_mask(prob: np.ndarray, threshold: float = THRESHOLD,
 
     Returns the 0/1 uint8 mask and how many regions it holds (0 … ``keep``).
     """
-    binary = (prob >= threshold).astype(np.uint8)
+    binary: np.ndarray = (prob >= threshold).astype(np.uint8)
     k = kernel_size(binary.shape)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
     binary = cv2.morphologyEx(binary, cv2.MORPH_OPEN, kernel)

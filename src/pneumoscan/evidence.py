@@ -65,7 +65,7 @@ def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart
     from pneumoscan.maskquality import unreliable_reason
 
     unreliable = [unreliable_reason(name, q, rule) for name, q, rule in (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
-                  if rule is not None and rule.reliable(q) is False]
+                  if q is not None and rule is not None and rule.reliable(q) is False]
     return {"lungs": lungs, "heart": heart,
             "thresholds": {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
             "unreliable": unreliable}
@@ -78,14 +78,14 @@ def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
     without a heart model); a mask below its quality threshold gives no ratio and says why."""
     if not items:
         return []
-    prepared = np.stack([item.prepared for item in items])
+    prepared = np.stack([np.asarray(item.prepared) for item in items])
     lungs = [item.seg.mask for item in items]
     lung_quality = segmenter.mask_quality(prepared, lungs)
     if heart is None:
         return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
     heart_quality = heart.heart_quality(prepared, hearts, lungs)
-    out = []
+    out: list[tuple[dict[str, Any], np.ndarray | None, Any]] = []
     for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
         quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
         ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),

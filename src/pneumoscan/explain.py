@@ -24,6 +24,8 @@ therefore always has a non-empty map.
 
 from __future__ import annotations
 
+from typing import cast
+
 import cv2
 import numpy as np
 import torch
@@ -84,9 +86,10 @@ class GradCAM:
 
 def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> np.ndarray:
     """d(logit[class]) / d(pooled features) for the thesis head (Linear, ReLU, Dropout, Linear)."""
-    w1 = head[0].weight.detach().cpu().numpy()
-    b1 = head[0].bias.detach().cpu().numpy()
-    w2 = head[3].weight.detach().cpu().numpy()[class_index]
+    first, last = cast(nn.Linear, head[0]), cast(nn.Linear, head[3])
+    w1 = first.weight.detach().cpu().numpy()
+    b1 = first.bias.detach().cpu().numpy()
+    w2 = last.weight.detach().cpu().numpy()[class_index]
     active = (pooled @ w1.T + b1) > 0  # N×hidden
     return (active * w2) @ w1  # N×1024
 

@@ -21,8 +21,9 @@ extra pass), and stored in the model file (``mask_quality``) with where they cam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -144,7 +145,7 @@ class ShapeModel:
 
 
 #: How a heart mask's quality is made of its two estimates (the model file names one).
-ESTIMATES = {"tta": lambda tta, shape: tta, "shape": lambda tta, shape: shape,
+ESTIMATES: dict[str, Callable[[float, float], float]] = {"tta": lambda tta, shape: tta, "shape": lambda tta, shape: shape,
              "mean": lambda tta, shape: (tta + shape) / 2, "min": min}
 
 
@@ -172,7 +173,8 @@ class QualityRule:
         transforms = tuple(tuple(float(v) for v in t) for t in section.get("transforms") or TRANSFORMS)
         if not transforms or any(len(t) != 4 for t in transforms):
             raise ValueError("mask_quality.transforms: expected a list of [rotation, zoom, shift x, shift y]")
-        return cls(None if value is None else float(value), section.get("chosen_on"), transforms)
+        return cls(None if value is None else float(value), section.get("chosen_on"),
+                   cast(tuple[tuple[float, float, float, float], ...], transforms))
 
     def reliable(self, quality: float | None) -> bool | None:
         if quality is None or self.threshold is None:

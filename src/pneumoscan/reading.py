@@ -96,7 +96,7 @@ NIH_ADULT_POPULATION = ("adult frontal chest films at NIH ChestX-ray14 prevalenc
 _EPS = 1e-6
 
 
-def logit(p: np.ndarray) -> np.ndarray:
+def logit(p: float | np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, np.float64), _EPS, 1 - _EPS)
     return np.log(p) - np.log1p(-p)
 

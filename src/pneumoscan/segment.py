@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import cv2
 import numpy as np
@@ -98,7 +98,7 @@ class Preprocessing:
 class Segmentation(LungCrop):
     """A :class:`LungCrop` on the original image plus the U-Net's probability map (size×size)."""
 
-    prob: np.ndarray = field(default=None, repr=False)  # type: ignore[assignment]
+    prob: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
 
 
 class Segmenter:
@@ -123,14 +123,14 @@ class Segmenter:
         except (TypeError, ValueError) as exc:
             raise ModelFileError(f"{self.label} model metadata unusable: {exc}") from exc
 
-    def to(self, device: str | torch.device) -> Segmenter:
+    def to(self, device: str | torch.device) -> Self:
         """Run on ``device`` (``cuda``: channels_last, bfloat16 autocast)."""
         self.device = resolve_device(device)
         self.net = place(self.net, self.device)
         return self
 
     @classmethod
-    def load(cls, path: str | Path) -> Segmenter:
+    def load(cls, path: str | Path) -> Self:
         state, meta = load_model(path, kind=cls.kind)
         try:
             net = build_unet(meta["preset"])

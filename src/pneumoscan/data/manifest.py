@@ -136,6 +136,7 @@ def build_manifest(
         parts = []
         for root in _folders(roots):
             try:
+                source: XraySource
                 if name == "rsna":
                     source = RSNA(root, mapping=rsna_mapping)
                 elif name == "nihmasked":
@@ -144,7 +145,7 @@ def build_manifest(
                     source = SOURCES[name](root)
             except SourceError as exc:
                 raise ManifestError(str(exc)) from exc
-            if name == "rsna" and "nih" in sources and not source.has_mapping and len(source):
+            if isinstance(source, RSNA) and "nih" in sources and not source.has_mapping and len(source):
                 raise ManifestError(
                     "RSNA images are re-annotated NIH images; without the RSNA↔NIH mapping "
                     f"({'pneumonia-challenge-dataset-mappings_2018.json'}) the same radiograph could "
@@ -173,7 +174,7 @@ def build_manifest(
     merged.loc[merged["source"].isin(list(test_sources)), "official_split"] = "test"
     merged["split"] = assign_splits(merged["patient"], merged["official_split"], fractions, seed)
     table = merged[MANIFEST_COLUMNS].reset_index(drop=True)
-    if excluded is not None:
+    if exclusions is not None:
         table.attrs.update(excluded=excluded, exclusions=exclusions.folder)
     return table
 

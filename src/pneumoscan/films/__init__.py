@@ -36,7 +36,8 @@ __all__ = ["MAX_PIXELS", "MIN_SIDE", "XrayImage", "XrayReadError", "decode_xray"
            "has_dicom_preamble", "is_dicom_file", "read_ahead", "read_xray"]
 
 
-T, R = TypeVar("T"), TypeVar("R")
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def display_name(path: str | Path) -> str:

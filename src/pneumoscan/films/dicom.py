@@ -124,11 +124,14 @@ def inflated_instance(raw: bytes, sop_class: str, uid: str, max_pixels: int = MA
     the file meta, as DIMSE carries them) as a whole file in Explicit VR Little Endian, inflated
     with the same bounds as a file (:func:`inflated`); :class:`XrayReadError` for a bomb."""
     from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = sop_class, uid, DEFLATED
-    buffer = io.BytesIO()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(sop_class), UID(uid)
+    meta.TransferSyntaxUID = UID(DEFLATED)
+    buffer = DicomBytesIO()
     buffer.write(bytes(128) + b"DICM")
     write_file_meta_info(buffer, meta, enforce_standard=True)
     return inflated(buffer.getvalue() + raw, uid, max_pixels)

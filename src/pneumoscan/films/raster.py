@@ -56,8 +56,8 @@ def _decode_raster(
     if raw.dtype == np.uint8:
         bit_depth, value_range = 8, None
     else:  # 16-bit files often hold 10-14 bit data: scale by the bits the data uses, never by its own min–max
-        bit_depth = png_significant_bits(data) if fmt == "png" else None
-        bit_depth = bit_depth or significant_bits(hi)
+        declared = png_significant_bits(data) if fmt == "png" else None
+        bit_depth = declared or significant_bits(hi)
         value_range = [0, 2 ** bit_depth - 1]
     # One float copy, scaled in place: a temporary of the same size would double the peak memory.
     pixels = raw.astype(np.float32)

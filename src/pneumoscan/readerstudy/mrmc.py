@@ -80,7 +80,7 @@ def _average_covariances(cov: np.ndarray, t: int, r: int, treatments=None, reade
     and Cov3 (both differ), averaged over the treatments and readers given (default: all)."""
     treatments = range(t) if treatments is None else treatments
     readers = range(r) if readers is None else readers
-    sums = {"var": [], "cov1": [], "cov2": [], "cov3": []}
+    sums: dict[str, list[float]] = {"var": [], "cov1": [], "cov2": [], "cov3": []}
     for i in range(t):
         for j in range(r):
             for i2 in range(t):

@@ -138,7 +138,8 @@ def _read_imrmc(text: str) -> Ratings:
 
 
 def _read_csv(text: str) -> Ratings:
-    rows, truth = [], {}
+    rows: list[tuple[str, str, str, float]] = []
+    truth: dict[str, int] = {}
     for row in csv.DictReader(io.StringIO(text)):
         row = {k.strip().lower(): (v or "").strip() for k, v in row.items()}
         rows.append((row["reader"], row["case"], row["treatment"],
