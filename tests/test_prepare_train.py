@@ -724,6 +724,9 @@ def test_per_label_l2_gives_each_label_the_strength_its_own_inner_auc_prefers():
              {"domain_weight": 1.0, "l2": (1e-2, 1e-5)}]
     assert shipped_settings(folds) == (1.0, (1e-3, 1e-5))
     assert shipped_settings([{"domain_weight": 1.0, "l2": 0.01}] * 2) == (1.0, 0.01)
+    # one strength for all: the pair most folds chose, as before per-label strengths existed
+    pairs = [(1.0, 0.1), (1.0, 0.01), (2.0, 0.03), (2.0, 0.03), (1.0, 0.3)]
+    assert shipped_settings([{"domain_weight": d, "l2": s} for d, s in pairs]) == (2.0, 0.03)
 
 
 def test_out_of_fold_probabilities_never_depend_on_the_films_own_labels():

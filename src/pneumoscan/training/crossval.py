@@ -315,12 +315,12 @@ def run_crossval(cfg: CrossvalConfig, progress=None) -> dict[str, Any]:
 
 
 def shipped_settings(folds: list[dict[str, Any]]) -> tuple[float, float | tuple[float, ...]]:
-    """The domain weight most folds chose, and the L2 strength most folds chose (per label, when
-    the folds chose one per label)."""
+    """The (domain weight, L2 strength) pair most folds chose; with one strength per label, the
+    domain weight most folds chose and, per label, the strength most of those folds chose."""
+    if np.ndim(folds[0]["l2"]) == 0:
+        return Counter((f["domain_weight"], f["l2"]) for f in folds).most_common(1)[0][0]
     dw = Counter(f["domain_weight"] for f in folds).most_common(1)[0][0]
     chosen = [f["l2"] for f in folds if f["domain_weight"] == dw]
-    if np.ndim(chosen[0]) == 0:
-        return dw, Counter(chosen).most_common(1)[0][0]
     return dw, tuple(Counter(c[j] for c in chosen).most_common(1)[0][0] for j in range(len(chosen[0])))
 
 
