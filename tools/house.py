@@ -55,8 +55,8 @@ def imported(path: Path) -> set[str]:
             top = name.split(".")
             if top[0] == "torch":
                 found.add("torch")
-            elif top[0] == "pneumoscan" and len(top) > 1 and (PACKAGE / top[1]).exists() \
-                    or top[0] == "pneumoscan" and len(top) > 1 and (PACKAGE / f"{top[1]}.py").exists():
+            elif top[0] == "pneumoscan" and len(top) > 1 and \
+                    ((PACKAGE / top[1]).is_dir() or (PACKAGE / f"{top[1]}.py").is_file()):
                 found.add(top[1])
     return found
 

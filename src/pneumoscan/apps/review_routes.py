@@ -61,10 +61,12 @@ MAX_ROW_ID = 2**63 - 1
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ROW_ID)]
 
 
-#: How each failure of a review or study request is answered (first match wins).
-ANSWERS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], int], ...] = (
-    (Unauthorised, 401), (PermissionError, 403), (NotFound, 404), ((Waiting, SubmissionTaken), 409),
-    ((ReviewError, ValueError), 422), (StoreError, 503))
+#: How each failure of a review or study request is answered (first match wins: a subclass before
+#: its base, Unauthorised before PermissionError, NotFound before StoreError).
+ANSWERS: tuple[tuple[type[BaseException], int], ...] = (
+    (Unauthorised, 401), (PermissionError, 403), (NotFound, 404), (Waiting, 409), (SubmissionTaken, 409),
+    (ReviewError, 422), (ValueError, 422), (StoreError, 503))
+_ANSWERED = tuple(kind for kind, _ in ANSWERS)
 
 router = APIRouter()
 
@@ -104,8 +106,8 @@ def guarded(request: Request, work: Callable[[Reader], Any]) -> Any:
     """``work(reader)`` for the request's reader; a failure answered as :data:`ANSWERS` says."""
     try:
         return work(reader_of(request))
-    except tuple(kind for kinds, _ in ANSWERS for kind in (kinds if isinstance(kinds, tuple) else (kinds,))) as exc:
-        status = next(code for kinds, code in ANSWERS if isinstance(exc, kinds))
+    except _ANSWERED as exc:
+        status = next(code for kind, code in ANSWERS if isinstance(exc, kind))
         return json_error(status, str(exc))
 
 

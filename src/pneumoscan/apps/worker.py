@@ -30,12 +30,12 @@ class Worker:
     forwarder: Outbox
     lock: threading.Lock
     stopping: threading.Event
-    store: Any = None
-    keep_films: Path | None = None
-    tries: int = 3
-    backoff_max_s: float = 60.0
-    failed_max: int = 1000
-    failed_max_bytes: int = 1 << 30
+    store: Any
+    keep_films: Path | None
+    tries: int
+    backoff_max_s: float
+    failed_max: int
+    failed_max_bytes: int
     queue: queues.Queue = field(default_factory=queues.Queue, init=False)
     pending: set[str] = field(default_factory=set, init=False)
     #: no room to write results: C-STORE is answered 0xA700 until there is

@@ -228,8 +228,6 @@ def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger:
     """The Lightning Trainer for ``cfg``: DDP when devices × nodes > 1 unless ``cfg.strategy``
     names one. Its rank and world come from the launcher's environment (torchrun's or SLURM's,
     docs/MULTINODE.md), which Lightning reads here."""
-    import lightning as L
-
     distributed = cfg.devices * cfg.num_nodes > 1
     strategy = ("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy
     return L.Trainer(

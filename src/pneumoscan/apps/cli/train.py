@@ -96,8 +96,7 @@ def train(
     progress.jsonl has the watched figures after every validation)."""
     from pneumoscan.training.classify import TrainConfig, train_classifier
 
-    beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2,
-                        lambda b: 0 <= b < 1)
+    beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2)
     from pneumoscan.clinical import ClinicalError, parse_fields
     from pneumoscan.crop import ATTENTION_THRESHOLD
 
