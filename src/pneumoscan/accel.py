@@ -8,9 +8,12 @@ path stays bit-for-bit the one the tests check.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -24,7 +27,7 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-def place(net: nn.Module, device: torch.device) -> nn.Module:
+def place(net: M, device: torch.device) -> M:
     """Move a network to ``device`` (channels_last on CUDA)."""
     net = net.to(device)
     # Module.to takes memory_format; torch's stubs list only its device/dtype/tensor forms

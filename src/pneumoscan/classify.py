@@ -27,6 +27,7 @@ from torch import nn
 
 from pneumoscan.accel import place, resolve_device, run
 from pneumoscan.clinical import ClinicalEncoder, ClinicalSpec
+from pneumoscan.explain import head_linears
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import (
     ModelFileError,
@@ -100,7 +101,7 @@ class ScoringClassifier:
     def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
 
-    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+    def _head_modules(self) -> tuple[nn.Sequential, ClinicalEncoder | None]:
         raise NotImplementedError
 
     def _gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:
@@ -238,10 +239,11 @@ class ScoringClassifier:
         if self.arch == "agcnn":
             if local_from is None:
                 raise ValueError("the AG-CNN classifier needs each crop's original image for its local crop")
-            boxes = [attention_box(m, self.attention_threshold, self.size) for m in maps]
-            local = np.stack([local_from(i, b) for i, b in enumerate(boxes)]).astype(np.float32) / 255.0
+            found = [attention_box(m, self.attention_threshold, self.size) for m in maps]
+            local = np.stack([local_from(i, b) for i, b in enumerate(found)]).astype(np.float32) / 255.0
+            boxes = list(found)
         head, clinical = self._head_modules()
-        device = head[0].weight.device
+        device = head_linears(head)[0].weight.device
         with torch.inference_mode():
             x = fuse(torch.from_numpy(maps.mean(axis=(2, 3))).to(device),
                      None if local is None else self._local_pooled(local).to(device), clinical,
@@ -259,7 +261,7 @@ class Classifier(ScoringClassifier):
     """A trained :class:`~pneumoscan.networks.ChestClassifier` in PyTorch, with its metadata; the one that can be
     saved, trained further and exported."""
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any]):
+    def __init__(self, model: ChestClassifier, meta: dict[str, Any]):
         super().__init__(meta)
         self.model = model.eval()
         self.device = torch.device("cpu")
@@ -303,7 +305,7 @@ class Classifier(ScoringClassifier):
     def _probs_and_pooled(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(crops, np.float32))[:, None]
         pooled = run(lambda t: self.model.feature_map(t).mean(dim=(2, 3)), x, self.device)
-        logits = self.model.head(pooled.to(self.model.head[0].weight.device)).float().cpu()
+        logits = self.model.head(pooled.to(head_linears(self.model.head)[0].weight.device)).float().cpu()
         return torch.sigmoid(logits).numpy(), pooled.float().numpy()
 
     @torch.inference_mode()
@@ -316,7 +318,7 @@ class Classifier(ScoringClassifier):
         return run(self.model.local_pooled, torch.from_numpy(np.ascontiguousarray(local, np.float32))[:, None],
                    self.device)
 
-    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+    def _head_modules(self) -> tuple[nn.Sequential, ClinicalEncoder | None]:
         """The fused head and the clinical encoder (where the model is)."""
         return self.model.head, self.model.clinical
 

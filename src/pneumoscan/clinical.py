@@ -15,10 +15,10 @@ the API (:func:`values_from`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class ClinicalSpec:
     def names(self) -> list[str]:
         return [f.name for f in self.fields]
 
-    def encode(self, records: list[Mapping[str, Any]]) -> np.ndarray:
+    def encode(self, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
         """N×F int64 codes (0 = missing) from dicts of raw values (any may be absent)."""
         return np.array([[f.code(r.get(f.name)) for f in self.fields] for r in records], np.int64
                         ).reshape(len(records), len(self.fields))
@@ -221,6 +221,11 @@ class ClinicalEncoder(nn.Module):
     @property
     def dim(self) -> int:
         return len(self.tables) * EMBED_DIM
+
+    @property
+    def embeddings(self) -> list[nn.Embedding]:
+        """The tables, one per field, typed as what they are."""
+        return [cast(nn.Embedding, table) for table in self.tables]
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         return torch.cat([table(codes[:, k]) for k, table in enumerate(self.tables)], dim=1)

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumoscan.measure import PA_CUTOFF, cardiothoracic_ratio
+from pneumoscan.measure import PA_CUTOFF, CardiothoracicRatio, cardiothoracic_ratio
 from pneumoscan.pipeline import Cropped
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
@@ -72,20 +72,31 @@ def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart
 
 
 def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
-                    ) -> list[tuple[dict[str, Any], np.ndarray | None, Any]]:
+                    ) -> list[tuple[dict[str, Any], np.ndarray | None, CardiothoracicRatio | None]]:
     """For segmented films (``predict`` and ``segment`` both): the masks' quality record
     (:func:`mask_quality_record`), the heart mask and the cardiothoracic ratio (both None
     without a heart model); a mask below its quality threshold gives no ratio and says why."""
+    if heart is not None:
+        return list(heart_and_ratio(items, segmenter, heart))
+    if not items:
+        return []
+    prepared = np.stack([np.asarray(item.prepared) for item in items])
+    lung_quality = segmenter.mask_quality(prepared, [item.seg.mask for item in items])
+    return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
+
+
+def heart_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter
+                    ) -> list[tuple[dict[str, Any], np.ndarray, CardiothoracicRatio]]:
+    """:func:`masks_and_ratio` with a heart model: every film gets its heart mask and a ratio
+    (whose value is None, with the reason, when a mask cannot be trusted)."""
     if not items:
         return []
     prepared = np.stack([np.asarray(item.prepared) for item in items])
     lungs = [item.seg.mask for item in items]
     lung_quality = segmenter.mask_quality(prepared, lungs)
-    if heart is None:
-        return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
     heart_quality = heart.heart_quality(prepared, hearts, lungs)
-    out: list[tuple[dict[str, Any], np.ndarray | None, Any]] = []
+    out: list[tuple[dict[str, Any], np.ndarray, CardiothoracicRatio]] = []
     for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
         quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
         ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),

@@ -84,9 +84,14 @@ class GradCAM:
                                     for c in cam]))
 
 
+def head_linears(head: nn.Sequential) -> tuple[nn.Linear, nn.Linear]:
+    """The thesis head's two Linear layers (Linear, ReLU, Dropout, Linear)."""
+    return cast(nn.Linear, head[0]), cast(nn.Linear, head[3])
+
+
 def head_gradient(pooled: np.ndarray, head: nn.Sequential, class_index: int) -> np.ndarray:
     """d(logit[class]) / d(pooled features) for the thesis head (Linear, ReLU, Dropout, Linear)."""
-    first, last = cast(nn.Linear, head[0]), cast(nn.Linear, head[3])
+    first, last = head_linears(head)
     w1 = first.weight.detach().cpu().numpy()
     b1 = first.bias.detach().cpu().numpy()
     w2 = last.weight.detach().cpu().numpy()[class_index]

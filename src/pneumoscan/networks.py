@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -54,6 +54,11 @@ class ChestClassifier(nn.Module):
     """N×1×S×S crops in [0, 1] → N×15 logits; AG-CNN also takes the N×1×S×S local crops and a
     clinical model the N×F field codes (0 = missing)."""
 
+    mean: torch.Tensor  # registered buffers, declared for the type checker
+    std: torch.Tensor
+    local: nn.Module | None
+    clinical: ClinicalEncoder | None
+
     def __init__(self, num_labels: int = len(LABELS), hidden: int = 1000, dropout: float = 0.4,
                  arch: str = "densenet121", clinical: ClinicalSpec | None = None):
         super().__init__()
@@ -81,7 +86,7 @@ class ChestClassifier(nn.Module):
 
     @property
     def head(self) -> nn.Sequential:
-        return self.net.class_layers.out
+        return cast(nn.Sequential, self.net.class_layers.out)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
@@ -90,10 +95,12 @@ class ChestClassifier(nn.Module):
                 codes: torch.Tensor | None = None) -> torch.Tensor:
         if not self.fused:
             return self.net(self.normalise(x))
-        if self.local is not None and local is None:
-            raise ValueError("the AG-CNN classifier needs the local crops as well")
-        return self.head(fuse(self.feature_map(x).mean(dim=(2, 3)),
-                              None if self.local is None else self.local_pooled(local), self.clinical, codes))
+        local_pooled = None
+        if self.local is not None:
+            if local is None:
+                raise ValueError("the AG-CNN classifier needs the local crops as well")
+            local_pooled = self.local_pooled(local)
+        return self.head(fuse(self.feature_map(x).mean(dim=(2, 3)), local_pooled, self.clinical, codes))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's post-ReLU features (N×1024×s×s): what the head pools, what the
@@ -102,6 +109,8 @@ class ChestClassifier(nn.Module):
 
     def local_pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The local branch's pooled post-ReLU features of local crops (N×1024)."""
+        if self.local is None:
+            raise ValueError("only the AG-CNN classifier has a local branch")
         return torch.relu(self.local(self.normalise(x))).mean(dim=(2, 3))
 
 

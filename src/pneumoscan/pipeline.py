@@ -64,7 +64,7 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
     while chunk := list(islice(loaded, batch)):
         readable = [c for c in chunk if c.image is not None]
         segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch,
-                                       np.stack([c.prepared for c in readable]) if readable else None,
+                                       np.stack([c.prepared for c in readable if c.prepared is not None]) if readable else None,
                                        masked=masked)
         for item, seg, crop in zip(readable, segs, crops):
             item.seg, item.crop = seg, crop

@@ -206,14 +206,15 @@ class Predictor:
         results, scored = self._gate(chunk, keep_arrays, force)
         if not scored:
             return results
-        crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
+        crops = np.stack([item.crop for _, item in scored if item.crop is not None]).astype(np.float32) / 255.0
         measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
         stated = [stated_age(item.image.meta, item.source[2]) for _, item in scored]
         populations: dict[int, Population] = {}  # film i's, decided once (the map's choice needs it first)
 
         def population(i: int, pooled: np.ndarray) -> Population:
             if i not in populations:
-                populations[i] = (population_from_age(*stated[i]) if stated[i] is not None
+                age = stated[i]
+                populations[i] = (population_from_age(*age) if age is not None
                                   else estimate_population(pooled, classifier.age_model))
             return populations[i]
 
@@ -250,7 +251,7 @@ class Predictor:
         for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
             if local is not None:
                 result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
-            if codes is not None:
+            if codes is not None and classifier.clinical is not None:
                 result.clinical = classifier.clinical.present(codes[k])
             self._reading(result, p, population(k, pooled[k]), adult_only)
             self._explain(result, item, heat, asked, keep_arrays)
@@ -304,7 +305,7 @@ class Predictor:
         explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                              lungs_only=self.classifier.lung_masked, full=keep_arrays)
                      for j, h in heat.items()}
-        result.cams = {label: {"method": "grad-cam", "called": label in result.findings,
+        result.cams = {label: {"method": "grad-cam", "called": label in (result.findings or []),
                                "why": cam_reason(label, result.findings, asked),
                                "peak": peak, "region": region}
                        for label, (peak, region, _) in explained.items()}
@@ -312,7 +313,7 @@ class Predictor:
             result.cam_label = next(iter(explained))
             result.cam_peak, result.cam_region = explained[result.cam_label][:2]
         if keep_arrays:
-            result.cam_maps = {label: full for label, (_, _, full) in explained.items()}
+            result.cam_maps = {label: full for label, (_, _, full) in explained.items() if full is not None}
 
     @staticmethod
     def _measure(scored: list[tuple[Prediction, Cropped]], measured: list[tuple[dict[str, Any], Any, Any]],
@@ -336,7 +337,7 @@ class Predictor:
                 note = ratio_disagreement(ctr)
                 if note:
                     result.measurements["ctr_call_note"] = note
-                    if OUTLINED in (result.cams or {}):
+                    if result.cams and OUTLINED in result.cams:
                         result.cams[OUTLINED]["note"] = note
             if keep_arrays:
                 result.heart = heart

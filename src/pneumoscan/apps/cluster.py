@@ -16,9 +16,11 @@ the work goes to that cluster, whose workers must see the same file paths (a sha
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from pneumoscan.errors import PneumoScanError
@@ -39,7 +41,7 @@ def ray_init(address: str | None, num_cpus: int | None = None):
     if not ray.is_initialized():
         try:
             ray.init(address=address or None, num_cpus=None if address else num_cpus, include_dashboard=False,
-                     log_to_driver=False, configure_logging=True, logging_level="ERROR")
+                     log_to_driver=False, configure_logging=True, logging_level=logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ClusterError(f"cannot reach the Ray cluster at {address}: {str(exc).splitlines()[0][:200]}") from exc
     ctx = ray.data.DataContext.get_current()
@@ -107,7 +109,7 @@ class PredictWorker:
         from pneumoscan.outputs.writer import NoRoom, write_files
 
         try:
-            return write_files(result, path, stem, self.outputs, self.predictor)
+            return write_files(result, Path(path), stem, self.outputs, self.predictor)
         except NoRoom as exc:
             return exc.record
 

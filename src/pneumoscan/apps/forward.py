@@ -106,7 +106,7 @@ class StowForward:
         for path in paths:
             dataset = pydicom.dcmread(path)
             expired = threading.Event()
-            watchdog = threading.Timer(self.deadline, lambda expired=expired: (expired.set(), shut(sockets)))
+            watchdog = threading.Timer(self.deadline, expire, args=(expired, sockets))
             watchdog.start()
             try:
                 answer = client.store_instances(datasets=[dataset])
@@ -172,6 +172,12 @@ def deadline_adapter(session) -> list[socket.socket]:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return sockets
+
+
+def expire(expired: threading.Event, sockets: list[socket.socket]) -> None:
+    """The watchdog's deadline: mark the send expired, then end its connections."""
+    expired.set()
+    shut(sockets)
 
 
 def shut(sockets: list[socket.socket]) -> None:

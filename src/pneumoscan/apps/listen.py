@@ -298,7 +298,10 @@ class Listener:
     # --- lifecycle -------------------------------------------------------------------------
     def start(self, block: bool = False):
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-        from pynetdicom.sop_class import Verification
+        from pynetdicom.events import EventHandlerType
+
+        # pynetdicom makes its SOP class names when imported; no stub can list them
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
         ae = AE(ae_title=self.ae_title)
         for uid in CHEST_STORAGE:
@@ -315,7 +318,7 @@ class Listener:
             thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        handlers = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
+        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
                     (evt.EVT_DATA_RECV, self.handle_data), (evt.EVT_REQUESTED, self.handle_requested)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         log.info("ready: listening as %s on %s:%d", self.ae_title, self.host, self.port)

@@ -203,7 +203,7 @@ def clinical_fields(predictor: Predictor, named: dict[str, str | None], extra: s
         if not isinstance(more, dict) or not all(v is None or isinstance(v, str | int | float) for v in more.values()):
             raise ValueError("'clinical' must be a flat JSON object of field: value (numbers or text)")
         given |= {str(k): v for k, v in more.items() if v not in (None, "")}
-    if not given:
+    if not given or spec is None:  # (no spec and something given was refused above)
         return None
     unknown = sorted(set(given) - set(spec.names))
     if unknown:
@@ -251,8 +251,8 @@ def create_app(predictor: Predictor | None = None, *, max_upload_mb: float = DEF
                          description="Chest X-ray findings with lung segmentation, DenseNet-121 and Grad-CAM. "
                                      "Research use only.")
     app.state.serving = serving
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(HTTPException, _http)
+    app.exception_handler(RequestValidationError)(_invalid)
+    app.exception_handler(HTTPException)(_http)
     # Outermost first: Host check, then the key, then admission and the upload limit.
     app.add_middleware(Admission, limit=serving.limit, capacity=workers + queue, pace=pace, strikes=slow_strikes)
     if api_key:
@@ -313,7 +313,7 @@ def predict(request: Request, file: UploadFile = File(..., description="PNG, JPE
     serving = serving_of(request)
     predictor, store, limit = serving.predictor, serving.store, serving.limit
     try:
-        cam = predictor.cam_class(cam)
+        asked = predictor.cam_class(cam)
         given = clinical_fields(predictor, {"age": age, "sex": sex, "view": view}, clinical)
     except ValueError as exc:
         return json_error(422, str(exc))
@@ -329,7 +329,7 @@ def predict(request: Request, file: UploadFile = File(..., description="PNG, JPE
         if store is None:
             del data
         with serving.lock:
-            result = predictor.predict(image, cam=cam, name=label, keep_arrays=images or store is not None,
+            result = predictor.predict(image, cam=asked, name=label, keep_arrays=images or store is not None,
                                        force=force, clinical=given)
         if result.error:  # pragma: no cover - decoding already succeeded above
             return json_error(400, result.error)

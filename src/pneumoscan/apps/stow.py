@@ -167,8 +167,9 @@ def stow_response(outcome: list[tuple[int, Any]]) -> dict[str, Any]:
     Failed SOP Sequence (0008,1198) with the Failure Reason (0xA700 out of resources, or 0xC000)
     for the rest."""
     def item(dataset: Any, reason: int | None) -> dict[str, Any]:
-        entry = {"00081150": {"vr": "UI", "Value": [str(dataset.get("SOPClassUID", ""))]} if dataset else {"vr": "UI"},
-                 "00081155": {"vr": "UI", "Value": [str(dataset.get("SOPInstanceUID", ""))]} if dataset else {"vr": "UI"}}
+        entry: dict[str, Any] = {
+            "00081150": {"vr": "UI", "Value": [str(dataset.get("SOPClassUID", ""))]} if dataset else {"vr": "UI"},
+            "00081155": {"vr": "UI", "Value": [str(dataset.get("SOPInstanceUID", ""))]} if dataset else {"vr": "UI"}}
         if reason is not None:
             entry["00081197"] = {"vr": "US", "Value": [reason]}
         return entry

@@ -30,7 +30,7 @@ from pneumoscan.classify import KIND as CLASSIFIER_KIND
 from pneumoscan.classify import Choose, Classifier, ScoringClassifier, check_crops
 from pneumoscan.clinical import ClinicalEncoder
 from pneumoscan.errors import first_line
-from pneumoscan.explain import cam_from_features
+from pneumoscan.explain import cam_from_features, head_linears
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import (
     ModelFileError,
@@ -39,7 +39,8 @@ from pneumoscan.modelfile import (
     load_model,
     metadata_sha256,
 )
-from pneumoscan.segment import HEART_KIND, KIND, HeartSegmenter, LungSegmenter
+from pneumoscan.networks import ChestClassifier
+from pneumoscan.segment import HEART_KIND, KIND, HeartSegmenter, LungSegmenter, Segmenter
 
 META_FILE = "pneumoscan_onnx.json"
 #: How long a process waits for another one exporting the same pair before giving up.
@@ -110,7 +111,7 @@ class _LogitsAndFeatures(nn.Module):
     """The classifier with its last feature map as a second output (a fused model: the feature
     map alone; its head runs after the local branch, outside the graph)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: ChestClassifier):
         super().__init__()
         self.model = model
 
@@ -118,13 +119,13 @@ class _LogitsAndFeatures(nn.Module):
         features = self.model.feature_map(x)
         if self.model.fused:
             return features
-        return self.model.net.class_layers.out(features.mean(dim=(2, 3))), features
+        return self.model.head(features.mean(dim=(2, 3))), features
 
 
 class _LocalPooled(nn.Module):
     """AG-CNN's local branch: local crops → pooled features."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: ChestClassifier):
         super().__init__()
         self.model = model
 
@@ -140,15 +141,15 @@ def _export(module: nn.Module, size: int, path: Path, inputs: str, outputs: list
                       opset_version=17, dynamo=False)
 
 
-def head_weights(model: nn.Module) -> dict[str, Any]:
+def head_weights(model: ChestClassifier) -> dict[str, Any]:
     """What the ONNX path needs of the head outside the graphs: the weights Grad-CAM reads, and
     for a fused model the whole head and the clinical embedding tables (it runs them itself)."""
-    head = model.net.class_layers.out
-    out = {"w1": head[0].weight.detach().tolist(), "b1": head[0].bias.detach().tolist(),
-           "w2": head[3].weight.detach().tolist()}
+    first, last = head_linears(model.head)
+    out = {"w1": first.weight.detach().tolist(), "b1": first.bias.detach().tolist(),
+           "w2": last.weight.detach().tolist()}
     if model.fused:
-        out["b2"] = head[3].bias.detach().tolist()
-        out["clinical"] = [t.weight.detach().tolist() for t in model.clinical.tables] if model.clinical else []
+        out["b2"] = last.bias.detach().tolist()
+        out["clinical"] = [t.weight.detach().tolist() for t in model.clinical.embeddings] if model.clinical else []
     return out
 
 
@@ -175,7 +176,7 @@ def export_onnx(segmenter: LungSegmenter, classifier: Classifier, out: str | Pat
         if heart is not None:
             paths["heart"] = out / "heart_unet.onnx"
             _export(heart.net, heart.preprocessing.size, paths["heart"], "image", ["logits"])
-    meta = {"segmentation": segmenter.meta | {"preprocessing": segmenter.preprocessing.to_dict()},
+    meta: dict[str, Any] = {"segmentation": segmenter.meta | {"preprocessing": segmenter.preprocessing.to_dict()},
             "classifier": classifier.meta, "head": head_weights(classifier.model),
             **({"heart": heart.meta | {"preprocessing": heart.preprocessing.to_dict()}} if heart else {}),
             "files": {path.name: file_sha256(path) for path in paths.values()}}
@@ -201,7 +202,7 @@ def ort_session(path: Path):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-class _OnnxMaps:
+class _OnnxMaps(Segmenter):
     """A U-Net through ONNX Runtime; clean-up, boxes and mask quality are the PyTorch path's own code."""
 
     def __init__(self, path: Path, preprocessing, meta: dict[str, Any]):
@@ -248,13 +249,14 @@ class OnnxClassifier(ScoringClassifier):
         self.head = nn.Sequential(nn.Linear(w1.shape[1], w1.shape[0]), nn.ReLU(), nn.Identity(),
                                   nn.Linear(w1.shape[0], len(head["w2"]), bias=fused))
         self.encoder = ClinicalEncoder(self.clinical) if self.clinical is not None else None
+        first, last = head_linears(self.head)
         with torch.no_grad():
-            self.head[0].weight.copy_(w1)
-            self.head[0].bias.copy_(torch.tensor(head["b1"]))
-            self.head[3].weight.copy_(torch.tensor(head["w2"]))
+            first.weight.copy_(w1)
+            first.bias.copy_(torch.tensor(head["b1"]))
+            last.weight.copy_(torch.tensor(head["w2"]))
             if fused:
-                self.head[3].bias.copy_(torch.tensor(head["b2"]))
-            for table, weights in zip(self.encoder.tables if self.encoder else [], head.get("clinical", [])):
+                last.bias.copy_(torch.tensor(head["b2"]))
+            for table, weights in zip(self.encoder.embeddings if self.encoder else [], head.get("clinical", [])):
                 table.weight.copy_(torch.tensor(weights))
 
     @property
@@ -272,9 +274,11 @@ class OnnxClassifier(ScoringClassifier):
         return self._run(crops)[-1]
 
     def _local_pooled(self, local: np.ndarray) -> torch.Tensor:
+        if self.local_session is None:
+            raise ValueError("only an AG-CNN model has a local branch")
         return torch.from_numpy(self.local_session.run(None, {"crops": np.ascontiguousarray(local, np.float32)[:, None]})[0])
 
-    def _head_modules(self) -> tuple[nn.Module, ClinicalEncoder | None]:
+    def _head_modules(self) -> tuple[nn.Sequential, ClinicalEncoder | None]:
         return self.head, self.encoder
 
     def _gradcam(self, crop: np.ndarray, class_index: int) -> np.ndarray:

@@ -56,12 +56,12 @@ def figures(report: dict[str, Any]) -> dict[str, str]:
         expected = [w["performance"].get(label, {}).get("expected_auc") for w in windows]
         if not any(v is not None for v in expected):
             continue
-        line, = ax.plot(x, [np.nan if v is None else v for v in expected], lw=1.2, label=f"{label} expected")
+        colour = ax.plot(x, [np.nan if v is None else v for v in expected], lw=1.2, label=f"{label} expected")[0].get_color()
         observed = [w["performance"].get(label, {}).get("observed_auc") for w in windows]
-        ax.scatter(x, [np.nan if v is None else v for v in observed], color=line.get_color(), marker="x", s=25)
+        ax.scatter(x, [np.nan if v is None else v for v in observed], color=colour, marker="x", s=25)
         reference = report["reference"]["performance"].get(label, {}).get("expected_auc")
         if reference is not None:
-            ax.axhline(reference, color=line.get_color(), ls=":", lw=1)
+            ax.axhline(reference, color=colour, ls=":", lw=1)
     ax.set_ylabel("AUC")
     ax.set_title("expected AUC from the calibrated probabilities (lines; dotted: the reference's), "
                  "AUC against reviewers' labels (×)", fontsize=9)

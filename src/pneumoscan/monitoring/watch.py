@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -128,6 +129,8 @@ def cut_windows(rows: list[FilmRow], size: int | None = None, every_days: float 
                 windows.append(Window(k, []))
             windows[-1].rows.append(row)
         return windows
+    if size is None:
+        raise ValueError("cut_windows needs a window size or a number of days")
     return [Window(k, rows[i:i + size]) for k, i in enumerate(range(0, len(rows), size))]
 
 
@@ -144,14 +147,29 @@ Statistic = tuple[str, Callable[[FilmRow], Any]]
 def statistics(labels: list[str], ranked: bool) -> dict[str, Statistic]:
     """Every watched statistic by name: the categories and measurements of each film, and per
     label its rank score (or probability, for records without ranks) and whether it was called."""
-    out: dict[str, Statistic] = {name: ("categorical", lambda r, n=name: r.categories[n]) for name in CATEGORICAL}
-    out |= {name: ("continuous", lambda r, n=name: r.measures[n]) for name in CONTINUOUS}
+    out: dict[str, Statistic] = {name: ("categorical", partial(_category, name)) for name in CATEGORICAL}
+    out |= {name: ("continuous", partial(_measure, name)) for name in CONTINUOUS}
     for label in labels:
-        out[f"{'rank' if ranked else 'probability'}:{label}"] = (
-            "continuous", lambda r, lab=label: (r.ranks if ranked else r.probabilities).get(lab, math.nan))
-        out[f"called:{label}"] = ("categorical",
-                                  lambda r, lab=label: str(lab in r.called) if lab in r.probabilities else None)
+        out[f"{'rank' if ranked else 'probability'}:{label}"] = ("continuous", partial(_score, label, ranked))
+        out[f"called:{label}"] = ("categorical", partial(_called, label))
     return out
+
+
+def _category(name: str, row: FilmRow) -> Any:
+    return row.categories[name]
+
+
+def _measure(name: str, row: FilmRow) -> Any:
+    return row.measures[name]
+
+
+def _score(label: str, ranked: bool, row: FilmRow) -> float:
+    return (row.ranks if ranked else row.probabilities).get(label, math.nan)
+
+
+def _called(label: str, row: FilmRow) -> str | None:
+    """Whether the label was called, for films that scored it (None: not scored for its population)."""
+    return str(label in row.called) if label in row.probabilities else None
 
 
 def values_of(rows: list[FilmRow], statistic: Statistic) -> list[Any]:

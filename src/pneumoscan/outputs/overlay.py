@@ -156,7 +156,7 @@ def _scaled(layers: Layers, scale: float) -> Layers:
     def boxed(b: list[int] | None) -> list[int] | None:
         return None if b is None else [round(v * scale) for v in b]
 
-    return Layers(picture(pixels, cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
+    return Layers(cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR),
                   picture(layers.mask, cv2.INTER_NEAREST), boxed(layers.box), boxed(layers.local_box),
                   boxed(layers.region), picture(layers.cam, cv2.INTER_LINEAR), picture(layers.heart, cv2.INTER_NEAREST))
 

@@ -104,7 +104,7 @@ def triage_html(rows: list[dict[str, Any]], summary: dict[str, Any], title: str)
     """One row per film, most urgent first: the overlay's thumbnail (a link to it), each assessed
     probability against its threshold (bold when at or above), the status and why."""
     labels = summary["assessed_labels"]
-    ordered = sorted(rows, key=lambda r: (VERDICT_ORDER.get(r.get("verdict"), len(VERDICT_ORDER)), -urgency(r)))
+    ordered = sorted(rows, key=lambda r: (VERDICT_ORDER.get(r.get("verdict") or "", len(VERDICT_ORDER)), -urgency(r)))
     counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
     verdicts = ", ".join(f"{n} {v}" for v, n in summary.get("by_verdict", {}).items())
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)

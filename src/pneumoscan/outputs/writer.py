@@ -274,14 +274,17 @@ class RecordSink:
             self.handle.close()
 
     def _line(self, text: str) -> None:
-        data, start = text.encode(), self.handle.tell()
+        handle = self.handle
+        if handle is None:
+            raise RuntimeError("RecordSink writes only inside its with-block")
+        data, start = text.encode(), handle.tell()
         try:
             view = memoryview(data)
             while view:
-                view = view[self.handle.write(view):]
+                view = view[handle.write(view):]
         except OSError:
-            os.ftruncate(self.handle.fileno(), start)  # never half a line
-            self.handle.seek(start)
+            os.ftruncate(handle.fileno(), start)  # never half a line
+            handle.seek(start)
             raise
 
     def write(self, record: dict[str, Any]) -> None:
@@ -324,7 +327,9 @@ def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *,
         return record
     try:
         if data is None:
-            data = Path(path).read_bytes()
+            if path is None:
+                raise ValueError("write_to_store needs the film's bytes or its path")
+            data = path.read_bytes()
         film, patient = identify(data, name, path)
         record["store_id"] = store.add_result(stored_record(record, film, patient), film, run, source,
                                               layer_data(result))

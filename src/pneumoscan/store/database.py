@@ -56,7 +56,10 @@ def alembic_config(url: str):
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    if head is None:  # only a broken install ships no migration
+        raise RuntimeError("the results store's migrations are missing from this install (reinstall pneumoscan)")
+    return head
 
 
 def migrate(url: str, to: str = "head", *, down: bool = False) -> str | None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 from sqlalchemy import exists, func, inspect, select
 from sqlalchemy.engine import make_url
@@ -233,7 +233,7 @@ class Store:
             query = query.where(exists().where(Review.result_id == Result.id, Review.reader_id == Reader.id,
                                                func.lower(Reader.name).contains(reviewed_by.lower(), autoescape=True)))
         with self.session("reading the worklist") as session:
-            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
             rows = session.execute(query.order_by(mine.asc(), Result.created_at.desc(), Result.id.desc())
                                    .limit(limit).offset(offset)).all()
         return [{"id": r.id, "name": f.display_name, "status": r.status, "verdict": r.verdict,
@@ -278,6 +278,12 @@ class Store:
         with self.session("checking a reader key") as session:
             return session.scalar(select(Reader).where(Reader.key_sha256 == key_digest(key)))
 
+    @overload
+    def reader_by_name(self, name: str, *, create: Literal[True]) -> Reader: ...
+
+    @overload
+    def reader_by_name(self, name: str, *, create: bool = False) -> Reader | None: ...
+
     def reader_by_name(self, name: str, *, create: bool = False) -> Reader | None:
         """A reader named by the site's proxy header (made on first sight when ``create``)."""
         name = check_reader_name(name)
@@ -319,8 +325,9 @@ class Store:
                                                   "with a new id")
                         if before is not None:
                             return review_dict(before) | {"repeated": True}
-                    seq = session.scalar(select(func.coalesce(func.max(Review.seq), 0))
-                                         .where(Review.result_id == result_id, Review.reader_id == reader.id)) + 1
+                    seq = (session.scalar(select(func.coalesce(func.max(Review.seq), 0))
+                                          .where(Review.result_id == result_id, Review.reader_id == reader.id))
+                           or 0) + 1
                     row = Review(result_id=result_id, reader_id=reader.id, seq=seq, submission=review.get("submission"),
                                  labels=review["labels"], box=review.get("box"), note=review.get("note"),
                                  seconds=review.get("seconds"), created_at=now())
@@ -370,7 +377,7 @@ class Store:
 
     def counts(self) -> dict[str, int]:
         with self.session("counting") as session:
-            return {name: session.scalar(select(func.count()).select_from(table)) for name, table in
+            return {name: session.scalar(select(func.count()).select_from(table)) or 0 for name, table in
                     (("films", Film), ("results", Result), ("readers", Reader), ("reviews", Review),
                      ("verdicts", Verdict))}
 

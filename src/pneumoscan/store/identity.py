@@ -87,7 +87,8 @@ class PatientIdentifiers:
 
     @classmethod
     def of(cls, tags: dict[str, list[str]]) -> PatientIdentifiers:
-        fragments, words = set(), set()
+        fragments: set[str] = set()
+        words: set[str] = set()
         for name in tags.get("PatientName", []) + tags.get("OtherPatientNames", []):
             for group in name.split("="):  # alphabetic, ideographic and phonetic component groups
                 parts = [_squash(p) for p in re.split(r"[\^\s,.\-_]+", group) if _squash(p)]

@@ -266,7 +266,7 @@ def study_data(store: Store, name: str, target: str | None = None) -> dict[str, 
             .order_by(StudyRating.seq)).all()
         cases = session.execute(select(StudyCase, Result.record).join(Result, Result.id == StudyCase.result_id)
                                 .where(StudyCase.study_id == study.id).order_by(StudyCase.id)).all()
-        steps_total = session.scalar(select(func.count(StudyStep.id)).where(StudyStep.study_id == study.id))
+        steps_total = session.scalar(select(func.count(StudyStep.id)).where(StudyStep.study_id == study.id)) or 0
         readers = sorted({r for _, _, r, _ in rows})
     latest = {}
     for step, rating, reader, case in rows:  # ordered by seq: the last one wins
@@ -278,8 +278,8 @@ def study_data(store: Store, name: str, target: str | None = None) -> dict[str, 
     index = {c: k for k, c in enumerate(case_ids)}
     shape = (len(ARMS), len(readers), len(case_ids))
     scores, calls, seconds = np.full(shape, np.nan), np.zeros(shape, bool), np.full(shape, np.nan)
-    for (reader, arm, case), (score, call, spent) in latest.items():
-        where = (ARMS.index(arm), readers.index(reader), index[case])
+    for (reader, arm, case_id), (score, call, spent) in latest.items():
+        where = (ARMS.index(arm), readers.index(reader), index[case_id])
         scores[where], calls[where], seconds[where] = score, call, np.nan if spent is None else spent
     model = np.array([(record.get("probabilities") or {}).get(target, np.nan) or np.nan for _, record in cases], float)
     ratings = Ratings(scores, truth, list(ARMS), readers, [f"case {c}" for c in case_ids], f"study {name}: {target}")

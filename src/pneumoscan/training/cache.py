@@ -131,11 +131,11 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
     crops = np.zeros((len(paths), size, size), np.uint8)
     records: list[dict[str, Any]] = [{}] * len(paths)
     premasked = [sources is not None and sources[i] in PREMASKED_SOURCES for i in range(len(paths))]
-    for i in np.flatnonzero(premasked):
-        crops[i], records[i] = crop_premasked(paths[i], size)
+    for k in np.flatnonzero(premasked):
+        crops[k], records[k] = crop_premasked(paths[k], size)
     rest = [i for i in range(len(paths)) if not premasked[i]]
     digests = _stored_crops(paths, rest, store, crops, records) if store is not None else {}
-    if digests:
+    if store is not None and digests:
         kept = sum(1 for i in rest if records[i])
         if kept:
             note(f"{kept:,} of {len(rest):,} films' crops taken from the shared crop cache ({store.folder})")
@@ -147,12 +147,12 @@ def crop_paths(paths: list[str], segmenter, size: int, batch: int = 16, threads:
         for i, item in zip(rest, items):
             rec = {"path": item.source, "x0": -1, "y0": -1, "x1": -1, "y1": -1, "fallback": True,
                    "lung_fraction": np.nan, "error": item.error or ""}
-            if item.seg is not None:
+            if item.seg is not None and item.crop is not None:  # a crop comes with every segmentation
                 crops[i] = item.crop
                 x0, y0, x1, y1 = item.seg.box
                 rec.update(x0=x0, y0=y0, x1=x1, y1=y1, fallback=item.seg.fallback,
                            lung_fraction=round(item.seg.lung_fraction, 4))
-                if i in digests:
+                if store is not None and i in digests:
                     store.put(digests[i], crops[i], rec)
             records[i] = rec
             shown.update()
@@ -374,7 +374,8 @@ class CropCache:
 
 def lung_boxes(rows: pd.DataFrame) -> list[tuple[int, int, int, int]]:
     """The ``x0 y0 x1 y1`` lung box of each row, as ints."""
-    return [tuple(int(v) for v in b) for b in rows[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
+    return [(int(x0), int(y0), int(x1), int(y1))
+            for x0, y0, x1, y1 in rows[["x0", "y0", "x1", "y1"]].itertuples(index=False)]
 
 
 def scoring_inputs(classifier, rows: pd.DataFrame, size: int) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from typing import Any
 
 from pneumoscan.classify import KIND, Classifier
 from pneumoscan.clinical import fit_spec
+from pneumoscan.explain import head_linears
 from pneumoscan.labels import LABELS
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
@@ -117,7 +118,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
         fitted = fit_tail(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out, select, deadline)
         precision = "32-true"
     elif cfg.from_checkpoint:
-        fitted, source_checkpoint = model_from_checkpoint(cfg, module.model.head[3].in_features)
+        fitted, source_checkpoint = model_from_checkpoint(cfg, head_linears(module.model.head)[1].in_features)
         precision = "32-true"
     else:
         fitted, precision = fit_all_layers(module, train_set, val_set, sampler, cfg, out, deadline)

@@ -16,13 +16,14 @@ trained on folds 1–4 is judged on fold 0 alone).
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pneumoscan.labels import LABELS
-from pneumoscan.training.evaluate import score_split
+from pneumoscan.training.evaluate import ScoredSplit, score_split
 from pneumoscan.training.metrics import (
     MIN_PER_CLASS,
     auc_ci,
@@ -35,7 +36,7 @@ from pneumoscan.training.report import fmt3
 from pneumoscan.training.tables import patient_keys
 
 
-def compare_models(manifest: str | Path, split: str, models: list[str | Path], *, cache: str | Path | None = None,
+def compare_models(manifest: str | Path, split: str, models: Sequence[str | Path], *, cache: str | Path | None = None,
                    seg_model: str | Path | None = None, n_boot: int = 1000, backend: str = "auto",
                    labels: list[str] | None = None) -> dict[str, Any]:
     """The comparison as a dict (see the module's docstring); ``labels``: the labels to compare
@@ -52,7 +53,8 @@ def compare_models(manifest: str | Path, split: str, models: list[str | Path], *
 
     classifiers = [Classifier.load(model) for model in models]
     weights = [c.meta.get("weights_sha256") for c in classifiers]
-    scored, crops_memo = [], {}
+    scored: list[ScoredSplit] = []
+    crops_memo: dict[Any, Any] = {}
     for k, model in enumerate(models):
         twin = weights.index(weights[k])
         if twin < k:  # the same network (a calibrated copy, say): its raw scores are the twin's
@@ -131,7 +133,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, opacity_index: str | Path | None = None,
+def compare_crossval(runs: Sequence[str | Path], *, folds: list[int] | None = None, opacity_index: str | Path | None = None,
                      n_boot: int = 1000) -> dict[str, Any]:
     """``crossval`` runs on their out-of-fold probabilities: each watched task's AUC with its CI and
     each run's paired difference from the first, resampling patients; only films every run scored
@@ -186,7 +188,8 @@ def compare_crossval(runs: list[str | Path], *, folds: list[int] | None = None, 
         entry: dict[str, Any] = {"title": title, "positives": positives, "negatives": negatives, "runs": []}
         for k, p in enumerate(probs):
             low, high = auc_ci(y[inside], p[inside, j], n_boot, groups=patients[inside])
-            run_entry = {"auc": nan_to_none(roc_auc(y[inside], p[inside, j])), "ci": [nan_to_none(low), nan_to_none(high)]}
+            run_entry: dict[str, Any] = {"auc": nan_to_none(roc_auc(y[inside], p[inside, j])),
+                                         "ci": [nan_to_none(low), nan_to_none(high)]}
             if k:
                 diff = auc_difference(y[inside], p[inside, j], probs[0][inside, j], n_boot, groups=patients[inside])
                 run_entry["difference_from_first"] = {key_: nan_to_none(v) for key_, v in diff.items()}

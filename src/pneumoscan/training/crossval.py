@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from pneumoscan.classify import Classifier
+from pneumoscan.explain import head_linears
 from pneumoscan.labels import LABELS
 from pneumoscan.networks import FEATURES, ChestClassifier
 from pneumoscan.progress import note
@@ -198,7 +199,7 @@ def describe_l2(l2: float | Sequence[float]) -> str:
     if np.ndim(l2) == 0:
         return f"L2 {l2:g}"
     groups: dict[float, list[str]] = {}
-    for label, s in zip(LABELS, l2):
+    for label, s in zip(LABELS, np.atleast_1d(l2)):
         groups.setdefault(float(s), []).append(label)
     return "L2 per label: " + "; ".join(f"{s:g} ({', '.join(names)})" for s, names in sorted(groups.items()))
 
@@ -229,11 +230,12 @@ def linear_into_model(model: ChestClassifier, head: tuple[np.ndarray, np.ndarray
     out = ChestClassifier(hidden=FEATURES)
     out.net.features.load_state_dict(model.net.features.state_dict())
     W, b = head
+    first, last = head_linears(out.head)
     with torch.no_grad():
-        out.head[0].weight.copy_(torch.eye(FEATURES))
-        out.head[0].bias.zero_()
-        out.head[3].weight.copy_(torch.from_numpy(W))
-        out.head[3].bias.copy_(torch.from_numpy(b))
+        first.weight.copy_(torch.eye(FEATURES))
+        first.bias.zero_()
+        last.weight.copy_(torch.from_numpy(W))
+        last.bias.copy_(torch.from_numpy(b))
     return out.eval()
 
 
@@ -327,7 +329,8 @@ def shipped_settings(folds: list[dict[str, Any]]) -> tuple[float, float | tuple[
 def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[str, list[str]],
                  too_few: list[str], l2: float | tuple[float, ...], domain_weight: float) -> dict[str, Any]:
     """The shipped model's metadata: the parent's preprocessing and input, the new head's data."""
-    meta = {k: parent.meta[k] for k in ("kind", "labels", "input_size", "preprocessing") if k in parent.meta}
+    meta: dict[str, Any] = {k: parent.meta[k] for k in ("kind", "labels", "input_size", "preprocessing")
+                            if k in parent.meta}
     meta.update({
         "hidden": FEATURES, "dropout": 0.4, "architecture": {"name": "densenet121", "head": (
             "linear (logistic per label), written into the two-layer head with an identity first layer")},
@@ -348,7 +351,7 @@ def shipped_meta(parent: Classifier, cfg: CrossvalConfig, table, masked: dict[st
         },
         "labels_against_normal": {"labels": list(cfg.normal_contrast), "negatives": "No Finding films only"},
         "optimiser": {"name": "L-BFGS (strong Wolfe)", "loss": "weighted BCE over known labels + L2",
-                      "l2": l2 if np.ndim(l2) == 0 else dict(zip(LABELS, l2)), "l2_grid": list(cfg.l2_grid),
+                      "l2": dict(zip(LABELS, l2)) if isinstance(l2, tuple) else l2, "l2_grid": list(cfg.l2_grid),
                       "trained": "head only (backbone frozen)"},
         "selection": {"metric": f"domain weight and L2 strength by the mean AUC of every trained label on the "
                                 f"{cfg.confirm_in} films of an inner patient-grouped quarter of each fold's training "

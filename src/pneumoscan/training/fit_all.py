@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pneumoscan.classify import Classifier
+from pneumoscan.explain import head_linears
 from pneumoscan.labels import LABELS
 from pneumoscan.modelfile import checkpoint_callbacks, read_checkpoint, resumable_checkpoint, timed_checkpoint
 from pneumoscan.networks import ChestClassifier, load_imagenet
@@ -41,7 +42,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         self.cfg, self.val_sources, self.select = cfg, val_sources, select
         self.train_weights, self.progress, self.val_opacity = train_weights, progress, val_opacity
-        self.model = ChestClassifier(**({} if hidden is None else {"hidden": hidden}))
+        self.model = ChestClassifier() if hidden is None else ChestClassifier(hidden=hidden)
         self.register_buffer("pos_weight", torch.from_numpy(pos_weight))
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
@@ -127,12 +128,10 @@ def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[s
     source = None if cfg.init in ("imagenet", "random") else Classifier.load(cfg.init)
     # A checkpoint's head width is kept, so fine-tuning the shipped model (crossval's head is
     # 1024 wide, the loop's default 1000) starts from its head instead of a new one.
-    hidden = None if source is None else source.model.head[3].in_features
+    hidden = None if source is None else head_linears(source.model.head)[1].in_features
     module = ClassifierModule(cfg, pos_weight, val_sources, hidden, select, train_weights, progress, val_opacity)
-    if cfg.init == "imagenet":
-        init_info.update(load_imagenet(module.model, cfg.weights))
-    elif cfg.init == "random":
-        init_info.update({"init": "random"})
+    if source is None:
+        init_info.update(load_imagenet(module.model, cfg.weights) if cfg.init == "imagenet" else {"init": "random"})
     else:
         module.model.net.features.load_state_dict(source.model.net.features.state_dict())
         same_head = all(a.shape == b.shape for a, b in zip(module.model.head.state_dict().values(),
@@ -223,11 +222,11 @@ def progress_log(path: Path):
     return log
 
 
-def make_trainer(cfg: TrainConfig, precision: str, callbacks: list[Any], logger: Any,
+def make_trainer(cfg: TrainConfig, precision: Any, callbacks: list[Any], logger: Any,
                  deadline: float = float("inf")):
-    """The Lightning Trainer for ``cfg``: DDP when devices × nodes > 1 unless ``cfg.strategy``
-    names one. Its rank and world come from the launcher's environment (torchrun's or SLURM's,
-    docs/MULTINODE.md), which Lightning reads here."""
+    """The Lightning Trainer for ``cfg`` (``precision``: a name Lightning checks itself): DDP when
+    devices × nodes > 1 unless ``cfg.strategy`` names one. Its rank and world come from the
+    launcher's environment (torchrun's or SLURM's, docs/MULTINODE.md), which Lightning reads here."""
     distributed = cfg.devices * cfg.num_nodes > 1
     strategy = ("ddp" if distributed else "auto") if cfg.strategy == "auto" else cfg.strategy
     return L.Trainer(
@@ -272,8 +271,8 @@ def fit_all_layers(module, train_set: CropDataset, val_set: CropDataset, sampler
     # channels_last: 20–35 % more training images/s than NCHW on the 2-core CPU as well
     # (benchmarks/train_bench.py --all-modes), and the layout GPUs' bf16 kernels want.
     module = module.to(memory_format=torch.channels_last)
-    loader_args = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
-                   "pin_memory": gpu}
+    loader_args: dict[str, Any] = {"num_workers": cfg.workers, "persistent_workers": cfg.workers > 0,
+                                   "pin_memory": gpu}
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(
         module,

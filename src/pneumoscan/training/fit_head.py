@@ -16,6 +16,7 @@ import torch
 
 from pneumoscan.clinical import ClinicalSpec, drop_fields, table_records
 from pneumoscan.crop import attention_box, local_crop
+from pneumoscan.explain import head_linears
 from pneumoscan.networks import FEATURES, ChestClassifier
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
@@ -64,10 +65,11 @@ def branch_features(model: ChestClassifier, cache: CropCache, indices: np.ndarra
                 for t in thresholds:
                     crops = [local_crop(pixels, lung, attention_box(m, t, cache.size), cache.size)
                              for pixels, lung, m in zip(originals, boxes, maps)]
-                    crops = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)[:, None]
-                    local[t][start:start + len(x)] = model.local_pooled(crops).numpy()
+                    stacked = torch.from_numpy(np.stack(crops).astype(np.float32) / 255.0)[:, None]
+                    local[t][start:start + len(x)] = model.local_pooled(stacked).numpy()
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=out, indices=indices, **{k: local[t] for t, k in zip(thresholds, wanted)})
+    arrays: dict[str, Any] = {"features": out, "indices": indices} | {k: local[t] for t, k in zip(thresholds, wanted)}
+    np.savez(tmp, **arrays)
     tmp.replace(path)
     return {"global": out, "local": local}
 
@@ -112,10 +114,10 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
             "training": "stage-wise with frozen branches: global branch from --init, local branch a copy "
                         "of it, fusion head fitted per attention threshold; the threshold chosen on validation"})
     with torch.no_grad():  # fold (f - mean) / std into the image-feature columns of the first layer
-        first, (mean, std) = model.head[0], fit["standardise"]
+        first, (mean, std) = head_linears(model.head)[0], fit["standardise"]
         width = len(mean)
         scale = torch.from_numpy(1.0 / std)
-        first.bias -= first.weight[:, :width] @ torch.from_numpy(mean * (1.0 / std))
+        first.bias.sub_(first.weight[:, :width] @ torch.from_numpy(mean * (1.0 / std)))
         first.weight[:, :width] *= scale[None, :]
     score = fit["score"]
     return model, (score if np.isfinite(score) else None), cfg.epochs, fit["best_epoch"]
@@ -133,16 +135,16 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     z = {name: torch.from_numpy((f - mean) / std) for name, f in features.items()}
     head = model.head
-    for layer in (head[0], head[3]):
+    for layer in head_linears(head):
         layer.reset_parameters()  # a new head: the one loaded was fitted to another population
     params = list(head.parameters())
     if model.clinical is not None:
-        for table in model.clinical.tables:
+        for table in model.clinical.embeddings:
             table.reset_parameters()
         params += list(model.clinical.parameters())
 
     def head_input(name: str, rows: torch.Tensor | slice, epoch: int, k: int) -> torch.Tensor:
-        if model.clinical is None:
+        if model.clinical is None or codes is None:  # (codes come with a clinical model)
             return z[name][rows]
         c = codes[name][rows]
         if name == "train" and cfg.field_dropout > 0:
@@ -151,7 +153,7 @@ def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], code
 
     y_train, y_val = torch.from_numpy(train_set.labels), torch.from_numpy(val_set.labels)
     weight = torch.from_numpy(pos_weight)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
     state_path = out / f"head_state{tag}.pt"
     best: dict[str, Any] = {"score": -np.inf, "head": None, "clinical": None, "best_epoch": 0}

@@ -114,7 +114,7 @@ def fit_tail(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
 
     y_train, y_val = torch.from_numpy(train_set.labels), torch.from_numpy(val_set.labels)
     weight = torch.from_numpy(pos_weight)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
     state_path = out / "tail_state.pt"
     settings = {"lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size, "seed": cfg.seed,

@@ -72,7 +72,8 @@ def verdict_figures(nf: np.ndarray, diseased: np.ndarray, free: np.ndarray, w: n
         return [round(float(v), 4) for v in np.quantile(values, [0.025, 0.975])] if len(values) else None
 
     names = ("normal_npv", "abnormal_ppv", "normal_share", "abnormal_share", "undecided_share")
-    out = {name: (None if np.isnan(point[k]) else round(float(point[k]), 4)) for k, name in enumerate(names)}
+    out: dict[str, Any] = {name: (None if np.isnan(point[k]) else round(float(point[k]), 4))
+                           for k, name in enumerate(names)}
     out |= {f"{name}_ci": ci(k) for k, name in enumerate(names) if not np.isnan(point[k])}
     out["films"] = int(len(nf))
     out["called_normal"] = int(normal.sum())
@@ -103,7 +104,7 @@ def fit_normal_rule(nf: np.ndarray, diseased: np.ndarray, free: np.ndarray, fold
     npv = evidence["normal_npv"]
     keep = chosen is not None and npv is not None and npv >= target
     rule: dict[str, Any] = {
-        "threshold": round(chosen, 6) if keep else None, "npv_target": target, "population": population,
+        "threshold": round(chosen, 6) if keep and chosen is not None else None, "npv_target": target, "population": population,
         "truth": truth, "prevalence_free": prevalence_free,
         "protocol": f"threshold chosen on four patient folds (the lowest whose NPV's one-sided 95 % Wilson lower bound "
                     f"reaches the target), calls judged on the fifth, {at}; NPV = share free of findings among films "

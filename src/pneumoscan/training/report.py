@@ -203,7 +203,8 @@ def html_report(markdown_path: Path) -> str:
     numbers; tables from the Markdown, so the two cannot disagree)."""
     import html as escaping
 
-    blocks, table = [], []
+    blocks: list[str] = []
+    table: list[str] = []
 
     def flush() -> None:
         if table:
@@ -245,7 +246,7 @@ def _plot_roc(labels: np.ndarray, probs: np.ndarray, path: Path, assessed: Seque
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(7, 7))
-    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: no two labels share one
+    colours = plt.get_cmap("tab20")(np.arange(20))  # 20 distinct colours: no two labels share one
     for j, label in enumerate(LABELS):
         y, p = known_pairs(labels[:, j], probs[:, j])
         if len(np.unique(y)) == 2:

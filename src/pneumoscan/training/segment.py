@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
@@ -42,7 +42,7 @@ from pneumoscan.segment import (
 SEG_SOURCES = {"montgomery": Montgomery, "shenzhen": Shenzhen, "jsrt": JSRT}
 
 
-def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2,
+def segmentation_table(sources: Mapping[str, str | Path], val_fraction: float = 0.2,
                        seed: int = 2019, structure: str = "lungs", folds: int = 0,
                        fold: int = 0) -> pd.DataFrame:
     """Rows ``path, source, patient, mask, split`` for every image with a mask of ``structure``.
@@ -72,12 +72,14 @@ def segmentation_table(sources: dict[str, str | Path], val_fraction: float = 0.2
 
 def read_mask(spec: str) -> np.ndarray:
     """A 0/1 uint8 mask from one or more ``;``-joined mask files (merged by union)."""
-    merged = None
+    merged: np.ndarray | None = None
     for path in spec.split(";"):
         mask = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise ValueError(f"cannot read mask {path}")
         merged = mask if merged is None else np.maximum(merged, mask)
+    if merged is None:
+        raise ValueError(f"no mask named in {spec!r}")
     return (merged > 127).astype(np.uint8)
 
 
@@ -137,7 +139,7 @@ class SegDataset(Dataset):
         mask = torch.from_numpy(self.masks[i]).float()[None]
         if self.augment:
             self.transform.set_random_state(seed=(self.seed * 7919 + self.epoch * 100_003 + i) % 2**32)
-            out = self.transform({"image": image, "mask": mask})
+            out = cast(dict[str, Any], self.transform({"image": image, "mask": mask}))  # MetaTensors
             image, mask = out["image"].as_tensor(), out["mask"].as_tensor()
         return image, mask
 

@@ -94,11 +94,11 @@ def assess_labels(val_labels: np.ndarray, val_probs: np.ndarray, val_sources: np
         if assessed:
             inside = sources == chosen_in
             threshold = round(operating_threshold(val_labels[inside, j], val_probs[inside, j], method, target), 6)
+        if best is not None and not reasons:
+            reasons.append(f"AUC {best[1]['auc']} (95 % CI {best[1]['ci'][0]}–{best[1]['ci'][1]}) "
+                           f"within {best[0]} validation images ({films[best[0]]} films)")
         out[label] = {"assessed": assessed, "threshold": threshold, "threshold_chosen_in": chosen_in if assessed else None,
-                      f"{group}_train_positives": train_pos,
-                      "validation": parts, "reason": "; ".join(reasons) if reasons else
-                      f"AUC {best[1]['auc']} (95 % CI {best[1]['ci'][0]}–{best[1]['ci'][1]}) "
-                      f"within {best[0]} validation images ({films[best[0]]} films)",
+                      f"{group}_train_positives": train_pos, "validation": parts, "reason": "; ".join(reasons),
                       "rule": {"min_adult_train_positives": min_train_positives, "min_val_films": min_val_films,
                                "min_val_each": min_val_each, "min_lower_auc": min_lower_auc,
                                "confirmed_in": confirm_in,

@@ -74,13 +74,14 @@ def index(
     sources.update({k: v for k, v in given.items() if v is not None})
     if not sources:
         fail("no sources given: pass --root DIR or at least one of --nih, --kermany, --rsna, ...")
-    parts = numbers(fractions, f"--fractions must be three numbers like 0.8,0.08,0.12, got {fractions!r}", 3)
+    train_share, val_share, test_share = numbers(
+        fractions, f"--fractions must be three numbers like 0.8,0.08,0.12, got {fractions!r}", 3)
     if exclude is None and root is not None and (root / "holdout-exclude").is_dir():
         exclude = root / "holdout-exclude"
     warnings: list[str] = []
     try:
         exclusions = Exclusions.load(exclude) if exclude is not None else None
-        table = build_manifest(sources, fractions=parts, seed=seed, rsna_mapping=rsna_mapping,
+        table = build_manifest(sources, fractions=(train_share, val_share, test_share), seed=seed, rsna_mapping=rsna_mapping,
                                nih_masked_images=nih_masked_images, test_sources=test_source or (),
                                warnings=warnings, exclusions=exclusions)
     except PneumoScanError as exc:

@@ -32,9 +32,12 @@ def export(
     try:
         predictor = Predictor.from_paths(seg_model, model, backend="torch")
         from pneumoscan.backends.onnx import export_onnx
+        from pneumoscan.classify import Classifier
     except (PneumoScanError, FileNotFoundError) as exc:
         fail(str(exc))
     except ImportError:
         fail("export needs the onnx extra: pip install 'pneumoscan[onnx]'")
+    if not isinstance(predictor.classifier, Classifier):  # (loaded with backend="torch" above)
+        fail("export needs the PyTorch classifier")
     paths = export_onnx(predictor.segmenter, predictor.classifier, out, heart=predictor.heart)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))

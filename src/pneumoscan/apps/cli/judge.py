@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional, TypeVar
+from typing import Annotated, Optional, TypeVar, cast
 
 import typer
 from rich.markup import escape
@@ -134,7 +134,8 @@ def compare(
         text = crossval_markdown(result)
     else:
         note("compare: loading models …")
-        result = scored_or_fail(lambda: compare_models(manifest, split, models, cache=cache, seg_model=seg_model,
+        checked = cast(Path, manifest), cast(str, split)  # both required above without --crossval
+        result = scored_or_fail(lambda: compare_models(*checked, models, cache=cache, seg_model=seg_model,
                                                        n_boot=n_boot, backend=backend, labels=label))
         text = markdown(result)
     (out / "compare.json").write_text(json.dumps(result, indent=1))

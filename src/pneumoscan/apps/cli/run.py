@@ -4,7 +4,7 @@ through the one result writer (:mod:`pneumoscan.outputs.writer`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
@@ -44,7 +44,7 @@ def segment(
 
     import cv2
 
-    from pneumoscan.evidence import masks_and_ratio
+    from pneumoscan.evidence import heart_and_ratio
     from pneumoscan.films import display_name
     from pneumoscan.loading import load_heart
     from pneumoscan.outputs.overlay import masks_caption, prediction_picture
@@ -67,9 +67,9 @@ def segment(
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
             readable = [item for item in chunk if item.seg is not None]
-            measured = iter(masks_and_ratio(readable, segmenter, heart_segmenter))  # one per readable film
+            measured = iter(heart_and_ratio(readable, segmenter, heart_segmenter))  # one per readable film
             for item in chunk:
-                record = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
+                record: dict[str, Any] = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
                           "cardiothoracic_ratio": None, "error": item.error}
                 seg, stem = item.seg, next(stems)
                 if seg is not None:
@@ -98,7 +98,7 @@ def segment(
         raise typer.Exit(1)
 
 
-def clinical_values(predictor, csv_path: Path | None, files: list[Path]) -> list[dict] | None:
+def clinical_values(predictor, csv_path: Path | None, files: list[Path]) -> list[dict[str, Any] | None] | None:
     """Per input, the patient information ``--clinical-csv`` gives for it (matched by file name);
     None when there is no CSV. A model without clinical fields refuses a CSV it would ignore."""
     from pneumoscan.clinical import ClinicalError, read_clinical_csv

@@ -211,5 +211,5 @@ def start_stow(listener, host: str, port: int) -> None:
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(listener.stow_app(), host=host, port=port, log_level="warning"))
-    server.install_signal_handlers = lambda: None  # the DICOM side owns the signals
+    # On a thread of its own: uvicorn takes signals only on the main thread, so the DICOM side keeps them.
     threading.Thread(target=server.run, name="pneumoscan-stow", daemon=True).start()

@@ -96,7 +96,7 @@ def train(
     progress.jsonl has the watched figures after every validation)."""
     from pneumoscan.training.classify import TrainConfig, train_classifier
 
-    beta_pair = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2)
+    beta1, beta2 = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2)
     from pneumoscan.clinical import ClinicalError, parse_fields
     from pneumoscan.crop import ATTENTION_THRESHOLD
 
@@ -107,7 +107,7 @@ def train(
         fail(str(exc))
     try:
         cfg = TrainConfig(cache=str(cache), out=str(out), init=init, weights=str(weights) if weights else None,
-                          epochs=epochs, batch_size=batch_size, lr=lr, betas=beta_pair, patience=patience,
+                          epochs=epochs, batch_size=batch_size, lr=lr, betas=(beta1, beta2), patience=patience,
                           early_stop=early_stop, seed=seed, workers=workers, accelerator=accelerator,
                           devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                           frontal_only=not all_views, resume=resume, description=description,
