@@ -316,6 +316,7 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
     """``--train-from``: the frozen layers' output is computed once; the fit, interrupted in the
     middle of an epoch, resumes from its saved state to the weights an unbroken fit reaches."""
     import pneumoscan.training.classify as ct
+    import pneumoscan.training.fit_loop as loop
     import pneumoscan.training.fit_tail as tail
 
     reference = ct.train_classifier(_tail_cfg(cache64, tmp_path / "a"))
@@ -325,7 +326,7 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
 
     monkeypatch.setattr(tail, "SAVE_EVERY", 1)
     calls = {"n": 0}
-    real_bce = tail.masked_bce
+    real_bce = loop.masked_bce
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
@@ -333,12 +334,12 @@ def test_train_from_a_block_resumes_exactly_after_an_interruption(cache64, tmp_p
             raise KeyboardInterrupt
         return real_bce(*args, **kwargs)
 
-    monkeypatch.setattr(tail, "masked_bce", interrupted)
+    monkeypatch.setattr(loop, "masked_bce", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
     state = __import__("torch").load(tmp_path / "b" / "tail_state.pt", weights_only=True)
     assert (state["epoch"], state["batch"]) == (1, 1)
-    monkeypatch.setattr(tail, "masked_bce", real_bce)
+    monkeypatch.setattr(loop, "masked_bce", real_bce)
     resumed = ct.train_classifier(_tail_cfg(cache64, tmp_path / "b"))
     assert resumed["best_epoch"] == reference["best_epoch"]
     (a, _), (b, _) = (load_model(run / "model.pt", kind="chest-classifier") for run in (tmp_path / "a", tmp_path / "b"))

@@ -93,6 +93,23 @@ class OneLineFormatter(logging.Formatter):
         return re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", super().format(record))
 
 
+def harden_process() -> None:
+    """What a process that takes films from the network sets once, before the first arrives: log
+    lines through :class:`OneLineFormatter` (the libraries' chatter at warnings only), and
+    pydicom's reading validation off, whose warnings quote wire values (a patient's name, or a
+    forged log line); the listener checks every value it uses itself. Process-wide, so the
+    listener's own process only (:meth:`Listener.serve_forever`), never a host that embeds it."""
+    import pydicom
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for noisy in ("pynetdicom", "highdicom", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 def spool_and_sync(path: Path, data: bytes) -> None:
     """Temporary name, fsync, rename, then fsync of the folder: the rename itself survives a
     power cut before "success" is answered."""
@@ -296,6 +313,17 @@ class Listener:
         return stow_app(self, **limits)
 
     # --- lifecycle -------------------------------------------------------------------------
+    def serve_forever(self, stow_port: int | None = None) -> None:
+        """The listener as a process of its own (``pneumoscan listen``): the process made safe for
+        wire values (:func:`harden_process`), the STOW-RS door on ``stow_port`` when given, then
+        the DICOM port, until stopped."""
+        from pneumoscan.apps.stow import serve_stow
+
+        harden_process()
+        if stow_port is not None:
+            serve_stow(self, stow_port)
+        self.start(block=True)
+
     def start(self, block: bool = False):
         from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
         from pynetdicom.events import EventHandlerType
@@ -318,8 +346,9 @@ class Listener:
             thread = threading.Thread(target=target, name=f"pneumoscan-listen-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        handlers: list[EventHandlerType] = [(evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
-                    (evt.EVT_DATA_RECV, self.handle_data), (evt.EVT_REQUESTED, self.handle_requested)]
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_DATA_RECV, self.handle_data), (evt.EVT_REQUESTED, self.handle_requested)]
         self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         log.info("ready: listening as %s on %s:%d", self.ae_title, self.host, self.port)
         while block and not self._stopping.wait(1.0):

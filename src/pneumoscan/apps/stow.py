@@ -14,6 +14,17 @@ if TYPE_CHECKING:
     from pneumoscan.apps.listen import Listener
 
 
+def serve_stow(listener: Listener, port: int) -> None:
+    """The STOW-RS door served by uvicorn on a thread beside the DICOM port, on the listener's host.
+    On a thread of its own: uvicorn takes signals only on the main thread, so the DICOM side keeps them."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(listener.stow_app(), host=listener.host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, name="pneumoscan-stow", daemon=True).start()
+
+
 def stow_app(listener: Listener, max_bytes: int = 256 * 2**20, max_parts: int = 1000, concurrent: int = 4,
              pace: UploadPace | None = None, budget: PeerBudget | None = None):
     """STOW-RS (PS3.18 10.5): ``POST /studies`` (or ``/studies/{study}``, whose parts must all

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pneumoscan.classify import KIND, Classifier
-from pneumoscan.clinical import fit_spec
+from pneumoscan.clinical import ClinicalSpec, fit_spec
 from pneumoscan.explain import head_linears
 from pneumoscan.labels import LABELS
+from pneumoscan.networks import ChestClassifier
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import (
@@ -61,14 +64,79 @@ from pneumoscan.training.fit_tail import fit_tail
 from pneumoscan.training.loss import positive_weights, trained_labels
 
 
+@dataclass
+class Inputs:
+    """What every fit reads: the cache's rows, their data sets (labels as the loss sees them), the
+    positive weights, the labels that choose the checkpoint, the patient-information spec."""
+
+    cache: CropCache
+    rows: dict[str, np.ndarray]
+    train_set: CropDataset
+    val_set: CropDataset
+    masked: dict[str, list[str]]
+    too_few: list[str]
+    pos_weight: np.ndarray
+    select: tuple[str, ...]
+    spec: ClinicalSpec | None
+
+
 def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     """Train; on rank 0 write ``model.pt`` (the checkpoint with the best within-source validation
     AUC, with each label's assessment and threshold) and ``val_report.json``."""
-    import lightning as L
-
     out = Path(cfg.out)
     command_started = time.time()  # --max-minutes bounds the whole command, finalise included
     out.mkdir(parents=True, exist_ok=True)
+    inputs = training_inputs(cfg)
+    init_info: dict[str, Any] = {}
+    val_opacity = opacity_of(inputs.cache.table.iloc[inputs.rows["val"]], cfg.opacity_index) \
+        if cfg.opacity_index else None
+    module = lightning_module(cfg, inputs.pos_weight, init_info, inputs.val_set.sources, inputs.select,
+                              inputs.train_set.weights, progress_log(out / "progress.jsonl"), val_opacity)
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    sampler = BalancedSampler(sampling_weights(inputs.train_set.sources, cfg.source_balance, cfg.adult_share),
+                              cfg.epoch_size or len(inputs.train_set), cfg.seed)
+    started = time.time()
+    deadline = fit_deadline(cfg, command_started, module.model, len(inputs.rows["val"]), inputs.cache.size)
+    architecture: dict[str, Any] = {"name": cfg.arch}
+    source_checkpoint: dict[str, Any] | None = None  # --from-checkpoint: which one
+    if cfg.freeze_backbone:
+        model = with_options(module.model, cfg.arch, inputs.spec) if fused(cfg) else module.model
+        fitted = fit_head(model, inputs.cache, inputs.train_set, inputs.val_set, sampler, inputs.pos_weight, cfg, out,
+                          inputs.spec, architecture, inputs.select, deadline)
+        precision = "32-true"
+    elif cfg.train_from:
+        fitted = fit_tail(module.model, inputs.cache, inputs.train_set, inputs.val_set, sampler, inputs.pos_weight,
+                          cfg, out, inputs.select, deadline)
+        precision = "32-true"
+    elif cfg.from_checkpoint:
+        fitted, source_checkpoint = model_from_checkpoint(cfg, head_linears(module.model.head)[1].in_features)
+        precision = "32-true"
+    else:
+        fitted, precision = fit_all_layers(module, inputs.train_set, inputs.val_set, sampler, cfg, out, deadline)
+        if fitted is None:  # not rank 0
+            return None
+    model, best_score, epochs_trained, best_epoch = fitted
+    meta = model_meta(cfg, inputs, model, init_info, architecture, len(sampler)) | {
+        "optimiser": optimiser_meta(cfg, precision),
+        "selection": {"metric": "mean within-source validation AUC of " + ", ".join(inputs.select),
+                      "best": None if best_score is None else round(float(best_score), 4)},
+        "epochs_trained": int(epochs_trained), "best_epoch": int(best_epoch),
+        **({"from_checkpoint": source_checkpoint} if source_checkpoint else {}),
+        "train_seconds_this_run": round(time.time() - started, 1),
+    }
+    return finalise(Classifier(model, meta), inputs.cache, inputs.rows, out)
+
+
+def fused(cfg: TrainConfig) -> bool:
+    """An AG-CNN or patient-information model (a fusion head on frozen branches)."""
+    return cfg.arch != "densenet121" or bool(cfg.clinical)
+
+
+def training_inputs(cfg: TrainConfig) -> Inputs:
+    """The rows and data sets a fit reads, checked against the options (both splits present, a
+    fused model only with --freeze-backbone, --select naming labels); seeds everything."""
+    import lightning as L
+
     if cfg.schedule not in ("plateau", "cosine"):
         raise ValueError(f"--schedule {cfg.schedule!r}: choose plateau or cosine")
     cache = CropCache(cfg.cache)
@@ -76,8 +144,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     if len(rows["train"]) == 0 or len(rows["val"]) == 0:
         raise ValueError(f"the cache has {len(rows['train'])} training and {len(rows['val'])} "
                          f"validation images with labels; both are needed")
-    fused = cfg.arch != "densenet121" or bool(cfg.clinical)
-    if fused and not cfg.freeze_backbone:
+    if fused(cfg) and not cfg.freeze_backbone:
         raise ValueError("--arch agcnn and --clinical train in stages on frozen DenseNet-121s in this "
                          "version (global branch from --init, local branch a copy of it, then the fusion "
                          "head): add --freeze-backbone")
@@ -89,75 +156,48 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any] | None:
     if cfg.view_balance:
         views = cache.table["view"].fillna("").astype(str).str.upper().to_numpy()[train_set.indices]
         train_set.weights = view_balance_weights(train_set.labels, train_set.sources, views)
-    init_info: dict[str, Any] = {}
     select = trained_labels(train_set.labels) if cfg.select == "all" else tuple(cfg.select.split(","))
     unknown_labels = set(select) - set(LABELS)
     if unknown_labels:
         raise ValueError(f"--select names unknown labels {sorted(unknown_labels)}; use label names or 'all'")
-    val_opacity = opacity_of(cache.table.iloc[rows["val"]], cfg.opacity_index) if cfg.opacity_index else None
-    module = lightning_module(cfg, pos_weight, init_info, val_set.sources, select, train_set.weights,
-                     progress_log(out / "progress.jsonl"), val_opacity)
-    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return Inputs(cache, rows, train_set, val_set, masked, too_few, pos_weight, select, spec)
 
-    sampler = BalancedSampler(sampling_weights(train_set.sources, cfg.source_balance, cfg.adult_share),
-                              cfg.epoch_size or len(train_set), cfg.seed)
 
-    started = time.time()
-    deadline = fit_deadline(cfg, command_started, module.model, len(rows["val"]), cache.size)
-    architecture: dict[str, Any] = {"name": cfg.arch}
-    source_checkpoint: dict[str, Any] | None = None  # --from-checkpoint: which one
-    if cfg.freeze_backbone:
-        model = with_options(module.model, cfg.arch, spec) if fused else module.model
-        fitted = fit_head(model, cache, train_set, val_set, sampler, pos_weight, cfg, out, spec, architecture,
-                          select, deadline)
-        precision = "32-true"
-    elif cfg.train_from:
-        if fused:
-            raise ValueError("--train-from trains the plain DenseNet-121; AG-CNN and --clinical train with "
-                             "--freeze-backbone")
-        fitted = fit_tail(module.model, cache, train_set, val_set, sampler, pos_weight, cfg, out, select, deadline)
-        precision = "32-true"
-    elif cfg.from_checkpoint:
-        fitted, source_checkpoint = model_from_checkpoint(cfg, head_linears(module.model.head)[1].in_features)
-        precision = "32-true"
-    else:
-        fitted, precision = fit_all_layers(module, train_set, val_set, sampler, cfg, out, deadline)
-        if fitted is None:  # not rank 0
-            return None
-    model, best_score, epochs_trained, best_epoch = fitted
-    table = cache.table
-    meta = {
+def model_meta(cfg: TrainConfig, inputs: Inputs, model: ChestClassifier, init_info: dict[str, Any],
+               architecture: dict[str, Any], epoch_size: int) -> dict[str, Any]:
+    """The model file's record of what the model is and what it learnt from."""
+    cache, rows = inputs.cache, inputs.rows
+    return {
         "kind": KIND, "labels": list(LABELS), "input_size": cache.size,
         "preprocessing": {"crop": cache.config["crop"], "input": "grey crop in [0,1], copied to 3 "
                           "channels, ImageNet mean/std normalisation inside the model",
                           "segmentation_model_sha256": cache.config["segmentation_model_sha256"],
                           "lung_mask": cache.lung_masked,
                           "cache_transport": cache.config.get("transport", "none (crops as prepared)")},
-        "init": init_info, "hidden": model.head[3].in_features, "dropout": 0.4, "architecture": architecture,
-        **({"clinical": spec.to_dict() | {"field_dropout": cfg.field_dropout}} if spec else {}),
+        "init": init_info, "hidden": head_linears(model.head)[1].in_features, "dropout": 0.4,
+        "architecture": architecture,
+        **({"clinical": inputs.spec.to_dict() | {"field_dropout": cfg.field_dropout}} if inputs.spec else {}),
         "training_data": {
             "description": cfg.description or "crop cache " + str(Path(cfg.cache).name),
             "images_per_source": {str(k): int(v) for k, v in
-                                  table.iloc[rows["train"]]["source"].value_counts().items()},
+                                  cache.table.iloc[rows["train"]]["source"].value_counts().items()},
             "train_images": int(len(rows["train"])), "val_images": int(len(rows["val"])),
             "split": "patient-wise manifest split (see pneumoscan.data.manifest)",
-            "positive_weights": dict(zip(LABELS, map(float, pos_weight))),
+            "positive_weights": dict(zip(LABELS, map(float, inputs.pos_weight))),
             "sampling": {"adult_share": cfg.adult_share, "source_balance": cfg.source_balance,
-                         "epoch_size": len(sampler), "view_balance": cfg.view_balance},
-            "labels_masked_in_single_class_sources": masked,
-            "labels_left_out_of_the_loss": {"min_positives": cfg.min_positives, "labels": too_few},
+                         "epoch_size": epoch_size, "view_balance": cfg.view_balance},
+            "labels_masked_in_single_class_sources": inputs.masked,
+            "labels_left_out_of_the_loss": {"min_positives": cfg.min_positives, "labels": inputs.too_few},
         },
-        "optimiser": {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
-                      "trained": "head only (backbone frozen)" if cfg.freeze_backbone else
-                      f"{cfg.train_from} onwards and the head (earlier layers frozen)" if cfg.train_from
-                      else "all layers",
-                      "plateau_patience": cfg.patience, "precision": precision, "schedule": cfg.schedule,
-                      "frozen_batchnorm_statistics": cfg.frozen_bn,
-                      "devices": cfg.devices * cfg.num_nodes},
-        "selection": {"metric": "mean within-source validation AUC of " + ", ".join(select),
-                      "best": None if best_score is None else round(float(best_score), 4)},
-        "epochs_trained": int(epochs_trained), "best_epoch": int(best_epoch),
-        **({"from_checkpoint": source_checkpoint} if source_checkpoint else {}),
-        "train_seconds_this_run": round(time.time() - started, 1),
     }
-    return finalise(Classifier(model, meta), cache, rows, out)
+
+
+def optimiser_meta(cfg: TrainConfig, precision: str) -> dict[str, Any]:
+    """How the weights were fitted: optimiser, schedule, what was trained, on what."""
+    return {"name": "Adam", "lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size,
+            "trained": "head only (backbone frozen)" if cfg.freeze_backbone else
+            f"{cfg.train_from} onwards and the head (earlier layers frozen)" if cfg.train_from
+            else "all layers",
+            "plateau_patience": cfg.patience, "precision": precision, "schedule": cfg.schedule,
+            "frozen_batchnorm_statistics": cfg.frozen_bn,
+            "devices": cfg.devices * cfg.num_nodes}

@@ -27,6 +27,7 @@ from pneumoscan.networks import ChestClassifier, load_imagenet
 from pneumoscan.progress import note
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset, ResumableLoader, augment
+from pneumoscan.training.fit_loop import adam, plateau_schedule, step_seed
 from pneumoscan.training.loss import masked_bce
 from pneumoscan.training.metrics import SELECT_LABELS, selection_score
 
@@ -63,10 +64,10 @@ class ClassifierModule(L.LightningModule):
         if self.trainer.training:
             # Augmentation and dropout draw from (seed, epoch, batch, rank) alone, so a batch
             # replayed after a resume is the batch an uninterrupted run saw.
-            step_seed = (self.cfg.seed * 1_000_003 + self.current_epoch * 10_007
-                         + self.trainer.fit_loop.epoch_loop.batch_idx + 7919 * self.global_rank)
-            torch.manual_seed(step_seed)
-            x = augment(x, torch.Generator().manual_seed(step_seed))
+            seed = (step_seed(self.cfg.seed, self.current_epoch, self.trainer.fit_loop.epoch_loop.batch_idx)
+                    + 7919 * self.global_rank)
+            torch.manual_seed(seed)
+            x = augment(x, torch.Generator().manual_seed(seed))
         x = x.contiguous(memory_format=torch.channels_last)  # faster on GPUs and on this CPU too
         return x, y, idx
 
@@ -108,15 +109,14 @@ class ClassifierModule(L.LightningModule):
 
     def configure_optimizers(self):
         cfg = self.cfg
-        opt = torch.optim.Adam(self.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+        opt = adam(self.parameters(), cfg)
         if cfg.schedule == "cosine":
             total = max(1, int(self.trainer.estimated_stepping_batches))
             per_epoch = max(1, total // max(1, cfg.epochs))
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda step: warmup_cosine(step, total, int(cfg.warmup_epochs * per_epoch)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau_schedule(opt, cfg), "monitor": "val_loss"}}
 
 
 def lightning_module(cfg: TrainConfig, pos_weight: np.ndarray, init_info: dict[str, Any], val_sources: np.ndarray,

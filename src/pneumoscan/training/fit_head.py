@@ -6,8 +6,6 @@ resumes from its saved state.
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +19,8 @@ from pneumoscan.networks import FEATURES, ChestClassifier
 from pneumoscan.training.cache import CropCache
 from pneumoscan.training.config import TrainConfig
 from pneumoscan.training.data import BalancedSampler, CropDataset
-from pneumoscan.training.fit_state import save_fit_state, saved_fit_state
-from pneumoscan.training.loss import masked_bce
-from pneumoscan.training.metrics import SELECT_LABELS, selection_score
+from pneumoscan.training.fit_loop import FitLoop
+from pneumoscan.training.metrics import SELECT_LABELS
 
 
 def with_options(plain: ChestClassifier, arch: str, spec: ClinicalSpec | None) -> ChestClassifier:
@@ -103,9 +100,9 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
                                  "" if t is None else f"_t{t:g}", select, deadline)
     chosen = max(fits, key=lambda t: fits[t]["score"] if np.isfinite(fits[t]["score"]) else -np.inf)
     fit = fits[chosen]
-    model.head.load_state_dict(fit["head"])
+    model.head.load_state_dict(fit["state"]["head"])
     if model.clinical is not None:
-        model.clinical.load_state_dict(fit["clinical"])
+        model.clinical.load_state_dict(fit["state"]["clinical"])
     if agcnn and architecture is not None:
         architecture.update({
             "attention_threshold": chosen,
@@ -120,92 +117,41 @@ def fit_head(model: ChestClassifier, cache: CropCache, train_set: CropDataset, v
         first.bias.sub_(first.weight[:, :width] @ torch.from_numpy(mean * (1.0 / std)))
         first.weight[:, :width] *= scale[None, :]
     score = fit["score"]
-    return model, (score if np.isfinite(score) else None), cfg.epochs, fit["best_epoch"]
+    return model, (score if np.isfinite(score) else None), fit["epochs"], fit["best_epoch"]
 
 
 def _fit_head_once(model: ChestClassifier, features: dict[str, np.ndarray], codes: dict[str, torch.Tensor] | None,
                    train_set: CropDataset, val_set: CropDataset, sampler: BalancedSampler,
                    pos_weight: np.ndarray, cfg: TrainConfig, out: Path, tag: str,
                    select: tuple[str, ...] = SELECT_LABELS, deadline: float = float("inf")) -> dict[str, Any]:
-    """One head fit on fixed image features (+ clinical codes), resumable from ``head_state{tag}.pt``
-    (everything random draws from (seed, epoch, batch), so a resumed fit repeats an unbroken one)."""
-    import csv
-
+    """One head fit on fixed image features (+ clinical codes) through
+    :class:`~pneumoscan.training.fit_loop.FitLoop`, resumable from ``head_state{tag}.pt``."""
     torch.manual_seed(cfg.seed)
     mean, std = features["train"].mean(0), features["train"].std(0) + 1e-6
     z = {name: torch.from_numpy((f - mean) / std) for name, f in features.items()}
-    head = model.head
+    head, clinical = model.head, model.clinical
     for layer in head_linears(head):
         layer.reset_parameters()  # a new head: the one loaded was fitted to another population
-    params = list(head.parameters())
-    if model.clinical is not None:
-        for table in model.clinical.embeddings:
+    modules: dict[str, torch.nn.Module] = {"head": head}
+    if clinical is not None:
+        for table in clinical.embeddings:
             table.reset_parameters()
-        params += list(model.clinical.parameters())
+        modules["clinical"] = clinical
 
-    def head_input(name: str, rows: torch.Tensor | slice, epoch: int, k: int) -> torch.Tensor:
-        if model.clinical is None or codes is None:  # (codes come with a clinical model)
+    def head_input(name: str, rows: np.ndarray | slice, epoch: int, k: int) -> torch.Tensor:
+        if clinical is None or codes is None:  # (codes come with a clinical model)
             return z[name][rows]
         c = codes[name][rows]
         if name == "train" and cfg.field_dropout > 0:
             c = drop_fields(c, cfg.field_dropout, torch.Generator().manual_seed(cfg.seed * 7 + epoch * 10_007 + k))
-        return torch.cat([z[name][rows], model.clinical(c)], dim=1)
+        return torch.cat([z[name][rows], clinical(c)], dim=1)
 
-    y_train, y_val = torch.from_numpy(train_set.labels), torch.from_numpy(val_set.labels)
-    weight = torch.from_numpy(pos_weight)
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
-    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=cfg.patience)
-    state_path = out / f"head_state{tag}.pt"
-    best: dict[str, Any] = {"score": -np.inf, "head": None, "clinical": None, "best_epoch": 0}
-    first_epoch = 0
     # What a resumed fit must share with the one it continues (the epoch count may grow).
     settings = {"lr": cfg.lr, "betas": list(cfg.betas), "batch_size": cfg.batch_size, "seed": cfg.seed,
                 "patience": cfg.patience, "epoch_size": len(sampler), "field_dropout": cfg.field_dropout,
                 "features": list(features["train"].shape), "labels": train_set.labels.shape[0]}
-    state = saved_fit_state(state_path, settings, cfg.resume, "head fit")
-    if state is not None:
-        head.load_state_dict(state["head"])
-        if model.clinical is not None:
-            model.clinical.load_state_dict(state["clinical"])
-        opt.load_state_dict(state["opt"])
-        plateau.load_state_dict(state["plateau"])
-        best, first_epoch = state["best"], state["epoch"] + 1
-    with open(out / f"head_metrics{tag}.csv", "a" if first_epoch else "w", newline="") as handle:
-        log = csv.writer(handle)
-        if not first_epoch:
-            log.writerow(["epoch", "train_loss", "val_loss", "val_select", "parts"])
-        for epoch in range(first_epoch, cfg.epochs):
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler))
-            head.train()
-            losses = []
-            for k, start in enumerate(range(0, len(order), cfg.batch_size)):
-                torch.manual_seed(cfg.seed * 1_000_003 + epoch * 10_007 + k)  # dropout replays exactly
-                batch = order[start:start + cfg.batch_size]
-                loss = masked_bce(head(head_input("train", batch, epoch, k)), y_train[batch], weight,
-                                  None if train_set.weights is None else torch.from_numpy(train_set.weights[batch.numpy()]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-            head.eval()
-            with torch.no_grad():
-                logits = head(head_input("val", slice(None), epoch, 0))
-                val_loss = float(masked_bce(logits, y_val, weight))
-            score, parts = selection_score(val_set.labels, torch.sigmoid(logits).numpy(), val_set.sources, select)
-            plateau.step(val_loss)
-            log.writerow([epoch, round(np.mean(losses), 5), round(val_loss, 5), round(score, 5), json.dumps(parts)])
-            handle.flush()
-            # Without a within-source score (too few validation positives) the latest epoch is kept.
-            if best["head"] is None or not np.isfinite(best["score"]) or score > best["score"]:
-                best = {"score": float(score), "best_epoch": epoch,
-                        "head": {k: v.clone() for k, v in head.state_dict().items()},
-                        "clinical": None if model.clinical is None else
-                        {k: v.clone() for k, v in model.clinical.state_dict().items()}}
-            state = {"epoch": epoch, "settings": settings, "head": head.state_dict(), "opt": opt.state_dict(),
-                     "plateau": plateau.state_dict(), "best": best,
-                     "clinical": None if model.clinical is None else model.clinical.state_dict()}
-            save_fit_state(state_path, state)
-            if time.time() > deadline:  # --max-minutes: the best head so far is kept; a rerun resumes
-                break
+    loop = FitLoop(modules, [p for m in modules.values() for p in m.parameters()], cfg, sampler, train_set, val_set,
+                   pos_weight, select, out / f"head_state{tag}.pt", out / f"head_metrics{tag}.csv", settings)
+    best = loop.run(lambda rows, epoch, k: head(head_input("train", rows, epoch, k)),
+                    lambda: head(head_input("val", slice(None), 0, 0)), deadline)
     return best | {"standardise": (mean, std)}

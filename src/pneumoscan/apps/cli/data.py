@@ -81,8 +81,8 @@ def index(
     warnings: list[str] = []
     try:
         exclusions = Exclusions.load(exclude) if exclude is not None else None
-        table = build_manifest(sources, fractions=(train_share, val_share, test_share), seed=seed, rsna_mapping=rsna_mapping,
-                               nih_masked_images=nih_masked_images, test_sources=test_source or (),
+        table = build_manifest(sources, fractions=(train_share, val_share, test_share), seed=seed,
+                               rsna_mapping=rsna_mapping, nih_masked_images=nih_masked_images, test_sources=test_source or (),
                                warnings=warnings, exclusions=exclusions)
     except PneumoScanError as exc:
         fail(str(exc))
@@ -95,14 +95,18 @@ def index(
     per_source, per_label = summarize(table)
     print_table("Images (patients) per source and split", per_source)
     print_table("Positive / known labels per split", per_label)
-    if exclusions is not None:
-        lost = table.attrs["excluded"]
-        console.print(f"left out {sum(lost.values()):,} films listed in {escape(str(exclude))} ("
+    tell_exclusions(table.attrs.get("excluded") if exclusions is not None else None, exclude)
+    console.print(f"wrote {len(table):,} rows to {out}")
+
+
+def tell_exclusions(lost: dict[str, int] | None, listed_in: Path | None) -> None:
+    """How many films each source lost to the exclusion list, or a warning that none was given."""
+    if lost is not None:
+        console.print(f"left out {sum(lost.values()):,} films listed in {escape(str(listed_in))} ("
                       + ", ".join(f"{s} {n:,}" for s, n in sorted(lost.items())) + ")")
     else:
         err.print("[yellow]warning:[/] no exclusion list (--exclude): if an independent evaluation set "
                   "shares these sources, its films are in this manifest", highlight=False)
-    console.print(f"wrote {len(table):,} rows to {out}")
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -3,6 +3,7 @@ through the one result writer (:mod:`pneumoscan.outputs.writer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -158,32 +159,9 @@ def predict(
     Images that do not look like a frontal chest X-ray are not scored: their record says why
     (quality.reasons) unless --force is given. With --db every result also goes into the results
     store (for the review page); a store that fails is said per film, the files are written anyway."""
+    from pneumoscan.outputs.writer import Outputs
 
-    from pneumoscan.outputs.writer import (
-        FORMATS,
-        NoRoom,
-        Outputs,
-        RecordSink,
-        output_stems,
-        write_files,
-        write_to_store,
-    )
-
-    if fmt not in FORMATS:
-        fail("--format must be json or csv")
-    if onnx is not None and (model or seg_model):
-        fail("--onnx DIR runs the models exported in DIR; --model and --seg-model would be ignored with it: "
-             "export those models (pneumoscan export), or leave --onnx out")
-    if dicom_out:
-        need_extra("dicom", "--dicom-out", "highdicom")
-        ensure_writable(dicom_out, "--dicom-out")
-    if onnx is None:
-        from pneumoscan.loading import check_backend
-
-        try:
-            check_backend(backend, device)  # the options, then the inputs and --out, before any model loads
-        except ValueError as exc:
-            fail(str(exc))
+    check_predict_options(fmt, onnx, seg_model, model, dicom_out, backend, device)
     files = gather_inputs(paths, out)
     _held = output_lock(out)  # held until predict returns; a second predict into --out stops here, before any model loads
     if ray is not None and db:
@@ -204,9 +182,42 @@ def predict(
         return predict_on_ray(files, outputs, run, ray=ray, workers=workers, gpus=gpus_per_worker,
                               seg_model=seg_model, model=model, backend=backend, device=device,
                               batch_size=batch_size)
+    results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays or store is not None, force=force,
+                                     batch_size=batch_size, threads=read_threads, clinical=given)
+    write_results(files, results, predictor, outputs, store, run, force)
+
+
+def check_predict_options(fmt: str, onnx: Path | None, seg_model: Path | None, model: Path | None,
+                          dicom_out: Path | None, backend: str, device: str) -> None:
+    """predict's options that contradict each other or need an extra, refused in one line before
+    the inputs are gathered and any model loads."""
+    from pneumoscan.outputs.writer import FORMATS
+
+    if fmt not in FORMATS:
+        fail("--format must be json or csv")
+    if onnx is not None and (model or seg_model):
+        fail("--onnx DIR runs the models exported in DIR; --model and --seg-model would be ignored with it: "
+             "export those models (pneumoscan export), or leave --onnx out")
+    if dicom_out:
+        need_extra("dicom", "--dicom-out", "highdicom")
+        ensure_writable(dicom_out, "--dicom-out")
+    if onnx is None:
+        from pneumoscan.loading import check_backend
+
+        try:
+            check_backend(backend, device)  # the options, then the inputs and --out, before any model loads
+        except ValueError as exc:
+            fail(str(exc))
+
+
+def write_results(files: list[Path], results: Iterable[Any], predictor, outputs, store, run: dict[str, Any],
+                  force: bool) -> None:
+    """Each film's files, its line in the records and the store, as its result comes (the films
+    are read, segmented and scored lazily, in batches); a full disk stops the run after the film
+    it failed on, with its record kept."""
+    from pneumoscan.outputs.writer import NoRoom, RecordSink, output_stems, write_files, write_to_store
+
     with RecordSink(outputs, run=run) as sink, progress_bar(len(files), "predict") as bar:
-        results = predictor.predict_many(files, cam=cam, keep_arrays=outputs.needs_arrays or store is not None, force=force,
-                                         batch_size=batch_size, threads=read_threads, clinical=given)
         try:
             for path, stem, result in zip(files, output_stems(files), results):
                 try:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -101,6 +101,24 @@ def serve(
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)  # "Uvicorn running on …": ready
 
 
+def forward_targets(forward: str | None, forward_dicomweb: str | None) -> list[Any]:
+    """--forward (HOST:PORT:AET, by C-STORE) and --forward-dicomweb (a service root, by STOW-RS),
+    checked: one line for a malformed one."""
+    from pneumoscan.apps.forward import Forward, StowForward
+
+    targets: list[Any] = []
+    try:
+        targets += [Forward.parse(forward)] if forward else []
+    except ValueError as exc:
+        fail(str(exc))
+    if forward_dicomweb:
+        need_extra("dicom", "--forward-dicomweb", "dicomweb_client")
+        if not forward_dicomweb.startswith(("http://", "https://")):
+            fail(f"--forward-dicomweb {forward_dicomweb!r}: expected an http:// or https:// service root")
+        targets.append(StowForward(forward_dicomweb.rstrip("/")))
+    return targets
+
+
 @app.command()
 def listen(
     out: Annotated[Path, typer.Option(help="Folder for the DICOM results (SR, SEG, Secondary Capture) and predictions.jsonl.")],
@@ -143,10 +161,7 @@ def listen(
     SEG + Secondary Capture out (and forwarded with --forward / --forward-dicomweb). Received
     instances are spooled to disk first, so a crash loses nothing; C-ECHO answers for monitoring.
     No TLS: keep it behind the hospital's DICOM router or a VPN. Research use only."""
-    import logging
-
     need_extra("dicom", "listen", "pynetdicom", "highdicom")
-    from pneumoscan.apps.forward import Forward, StowForward
     from pneumoscan.apps.listen import Listener
 
     if not 1 <= len(ae_title) <= 16:
@@ -156,60 +171,25 @@ def listen(
                   f"no authentication beyond {'the --allow list' if allow else 'nothing (no --allow given)'}"
                   f"{' and the STOW-RS door none at all' if dicomweb_port is not None and not allow else ''}; keep it behind the "
                   f"hospital's DICOM router or a VPN", highlight=False)
-    targets: list = []
-    try:
-        targets += [Forward.parse(forward)] if forward else []
-    except ValueError as exc:
-        fail(str(exc))
-    if forward_dicomweb:
-        need_extra("dicom", "--forward-dicomweb", "dicomweb_client")
-        if not forward_dicomweb.startswith(("http://", "https://")):
-            fail(f"--forward-dicomweb {forward_dicomweb!r}: expected an http:// or https:// service root")
-        targets.append(StowForward(forward_dicomweb.rstrip("/")))
+    targets = forward_targets(forward, forward_dicomweb)
     if dicomweb_port is not None:
         need_extra("web", "--dicomweb-port", "uvicorn", "starlette")
     ensure_writable(out, "--out")
     store = store_and_kept_films(db, keep_films)
     predictor = load_predictor(seg_model, model, backend=backend, device="cpu", allow_model_mismatch=False)
-    from pneumoscan.apps.listen import OneLineFormatter
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    for noisy in ("pynetdicom", "highdicom", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    import pydicom
-
-    # pydicom's validation warnings quote wire values (a patient's, or a forged log line): off here,
-    # where every value is checked by the listener itself.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
     listener = Listener(predictor, out, spool or out / ".spool", ae_title=ae_title, port=port, host=host,
                         forward=tuple(targets), allow=tuple(allow or ()), queue_size=queue, tries=tries,
                         store=store, keep_films=keep_films, idle_timeout=idle_timeout,
                         max_associations=max_associations, failed_max=failed_max,
                         max_instance_bytes=int(max_instance_mb * 2**20),
                         failed_max_bytes=int(failed_max_mb * 2**20))
-    if dicomweb_port is not None:
-        start_stow(listener, host, dicomweb_port)
     console.print(f"PneumoScan DICOM listener {ae_title} on {host}:{port}"
                   + (f" (STOW-RS on http://{host}:{dicomweb_port}/studies)" if dicomweb_port is not None else "")
                   + f"; results in {out}" + (f" and {store.where}" if store else "")
                   + "".join(f", forwarded to {target}" for target in targets), highlight=False)
     try:
-        listener.start(block=True)
+        listener.serve_forever(stow_port=dicomweb_port)
     except OSError as exc:
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     except KeyboardInterrupt:
         listener.stop()
-
-
-def start_stow(listener, host: str, port: int) -> None:
-    """The listener's STOW-RS door, served by uvicorn on a thread beside the DICOM port."""
-    import threading
-
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(listener.stow_app(), host=host, port=port, log_level="warning"))
-    # On a thread of its own: uvicorn takes signals only on the main thread, so the DICOM side keeps them.
-    threading.Thread(target=server.run, name="pneumoscan-stow", daemon=True).start()

@@ -19,6 +19,56 @@ from pneumoscan.apps.cli.common import (
 from pneumoscan.apps.cli.judge import headline, scored_or_fail
 from pneumoscan.errors import PneumoScanError
 
+#: train's options whose help runs over a line (Typer's Annotated aliases).
+CheckpointMinutesOption = Annotated[float, typer.Option(
+    min=0, help="Every-layer fit: save last.ckpt this often inside an epoch too, so that a killed run "
+                "resumes at the next batch (0 = at epochs' ends only).")]
+NumNodesOption = Annotated[int, typer.Option(min=1, help="Machines (Lightning reads the launcher's environment; "
+                                                   "docs/MULTINODE.md).")]
+SourceBalanceOption = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="Inside adult and inside paediatric films: a source's share "
+                           "∝ its size to this power (0 = sources equal, 1 = as indexed).")]
+AdultShareOption = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="Share of draws from adult films; the rest from paediatric ones.")]
+MinPositivesOption = Annotated[int, typer.Option(
+    min=0, help="Leave labels with fewer training positives out of the loss.")]
+FreezeBackboneOption = Annotated[bool, typer.Option(
+    help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")]
+ResumeOption = Annotated[bool, typer.Option(
+    help="Continue from OUT/checkpoints/last.ckpt (with --freeze-backbone: OUT/head_state*.pt) if present.")]
+ArchOption = Annotated[str, typer.Option(
+    help="densenet121 (the thesis's) or agcnn (+ a local branch on the attention box, cut from the "
+         "original image; trains stage-wise with --freeze-backbone).")]
+ClinicalOption = Annotated[Optional[str], typer.Option(
+    help="Patient information fused with the image: manifest columns, e.g. age,sex,view (each with a "
+         "learnt 'missing' value; needs --freeze-backbone).")]
+AttentionThresholdOption = Annotated[Optional[list[float]], typer.Option(
+    help="AG-CNN attention threshold(s) in (0, 1); several: the best on validation is kept.")]
+TrainFromOption = Annotated[Optional[str], typer.Option(
+    help="Fine-tune from this block on (denseblock3 or denseblock4) with the earlier layers frozen and "
+         "their output computed once: about 20 images/s on 2 CPU cores instead of 3 for every layer.")]
+SelectOption = Annotated[str, typer.Option(
+    help="Labels whose mean within-source validation AUC picks the checkpoint: comma-separated names, "
+         "or 'all' (every label that reaches the loss).")]
+ViewBalanceOption = Annotated[bool, typer.Option(
+    help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")]
+ScheduleOption = Annotated[str, typer.Option(
+    help="plateau (LR × 0.1 after --patience epochs without gain, the thesis) or cosine (warm-up, then "
+         "cosine to 0 over --epochs: a schedule fixed in advance for long runs).")]
+ValFoldOption = Annotated[int, typer.Option(
+    help="Validate on this patient fold of crossval's folds (0 … 4) and train on the others, ignoring the "
+         "manifest split (-1: the manifest's split).")]
+FrozenBnOption = Annotated[bool, typer.Option(
+    help="Every-layer fit: BatchNorm layers keep their running statistics (eval mode) while the rest learns; "
+         "for fine-tuning a backbone whose head was fitted on its frozen features.")]
+OpacityIndexOption = Annotated[Optional[Path], typer.Option(
+    exists=True, dir_okay=False, help="rsna-nih-masked/index.csv: progress.jsonl also tracks the radiologists' "
+                                      "opacity label.")]
+FromCheckpointOption = Annotated[Optional[Path], typer.Option(
+    exists=True, dir_okay=False, help="A .ckpt of an every-layer run with these options: write OUT/model.pt from "
+                                      "it (assessed on the validation films) without training; e.g. a long "
+                                      "run's last.ckpt, when its validation fold must not choose the epoch.")]
+
 
 @app.command()
 def train(
@@ -33,73 +83,42 @@ def train(
     patience: Annotated[int, typer.Option(help="Epochs without val-loss gain before LR × 0.1.")] = 8,
     early_stop: Annotated[int, typer.Option(help="Stop after N epochs without gain (0 = never).")] = 0,
     max_minutes: Annotated[float, typer.Option(help="Stop cleanly after this many minutes (0 = no limit).")] = 0.0,
-    checkpoint_minutes: Annotated[float, typer.Option(
-        min=0, help="Every-layer fit: save last.ckpt this often inside an epoch too, so that a killed run "
-                    "resumes at the next batch (0 = at epochs' ends only).")] = 15.0,
+    checkpoint_minutes: CheckpointMinutesOption = 15.0,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader workers per process.")] = 2,
     accelerator: Annotated[str, typer.Option(help="auto, cpu or gpu.")] = "auto",
     devices: Annotated[int, typer.Option(min=1, help="Processes/GPUs per node (DDP when > 1).")] = 1,
-    num_nodes: Annotated[int, typer.Option(min=1, help="Machines (Lightning reads the launcher's environment; "
-                                                       "docs/MULTINODE.md).")] = 1,
+    num_nodes: NumNodesOption = 1,
     strategy: Annotated[str, typer.Option(help="auto (DDP when devices × nodes > 1), ddp or fsdp.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto (bf16-mixed on GPU), 32-true, 16-mixed, ...")] = "auto",
     seed: Annotated[int, typer.Option()] = 2019,
     all_views: Annotated[bool, typer.Option(help="Also train on lateral views.")] = False,
-    source_balance: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Inside adult and inside paediatric films: a source's share "
-                               "∝ its size to this power (0 = sources equal, 1 = as indexed).")] = 0.5,
-    adult_share: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Share of draws from adult films; the rest from paediatric ones.")] = 0.5,
+    source_balance: SourceBalanceOption = 0.5,
+    adult_share: AdultShareOption = 0.5,
     epoch_size: Annotated[int, typer.Option(min=0, help="Images drawn per epoch (0 = training-set size).")] = 0,
-    min_positives: Annotated[int, typer.Option(
-        min=0, help="Leave labels with fewer training positives out of the loss.")] = 50,
-    freeze_backbone: Annotated[bool, typer.Option(
-        help="Train the head only on frozen DenseNet features (first stage of linear-probe-then-fine-tune).")] = False,
-    resume: Annotated[bool, typer.Option(
-        help="Continue from OUT/checkpoints/last.ckpt (with --freeze-backbone: OUT/head_state*.pt) if present.")] = True,
-    arch: Annotated[str, typer.Option(
-        help="densenet121 (the thesis's) or agcnn (+ a local branch on the attention box, cut from the "
-             "original image; trains stage-wise with --freeze-backbone).")] = "densenet121",
-    clinical: Annotated[Optional[str], typer.Option(
-        help="Patient information fused with the image: manifest columns, e.g. age,sex,view (each with a "
-             "learnt 'missing' value; needs --freeze-backbone).")] = None,
-    attention_threshold: Annotated[Optional[list[float]], typer.Option(
-        help="AG-CNN attention threshold(s) in (0, 1); several: the best on validation is kept.")] = None,
+    min_positives: MinPositivesOption = 50,
+    freeze_backbone: FreezeBackboneOption = False,
+    resume: ResumeOption = True,
+    arch: ArchOption = "densenet121",
+    clinical: ClinicalOption = None,
+    attention_threshold: AttentionThresholdOption = None,
     description: Annotated[str, typer.Option(help="Training-data description for the model card.")] = "",
-    train_from: Annotated[Optional[str], typer.Option(
-        help="Fine-tune from this block on (denseblock3 or denseblock4) with the earlier layers frozen and "
-             "their output computed once: about 20 images/s on 2 CPU cores instead of 3 for every layer.")] = None,
-    select: Annotated[str, typer.Option(
-        help="Labels whose mean within-source validation AUC picks the checkpoint: comma-separated names, "
-             "or 'all' (every label that reaches the loss).")] = "Pneumonia",
-    view_balance: Annotated[bool, typer.Option(
-        help="Weigh the loss so that no label follows the view position (AP/PA) inside a source.")] = False,
-    schedule: Annotated[str, typer.Option(
-        help="plateau (LR × 0.1 after --patience epochs without gain, the thesis) or cosine (warm-up, then "
-             "cosine to 0 over --epochs: a schedule fixed in advance for long runs).")] = "plateau",
+    train_from: TrainFromOption = None,
+    select: SelectOption = "Pneumonia",
+    view_balance: ViewBalanceOption = False,
+    schedule: ScheduleOption = "plateau",
     warmup_epochs: Annotated[float, typer.Option(min=0, help="cosine: linear warm-up over this many epochs.")] = 0.0,
-    val_fold: Annotated[int, typer.Option(
-        help="Validate on this patient fold of crossval's folds (0 … 4) and train on the others, ignoring the "
-             "manifest split (-1: the manifest's split).")] = -1,
-    frozen_bn: Annotated[bool, typer.Option(
-        help="Every-layer fit: BatchNorm layers keep their running statistics (eval mode) while the rest learns; "
-             "for fine-tuning a backbone whose head was fitted on its frozen features.")] = False,
-    opacity_index: Annotated[Optional[Path], typer.Option(
-        exists=True, dir_okay=False, help="rsna-nih-masked/index.csv: progress.jsonl also tracks the radiologists' "
-                                          "opacity label.")] = None,
-    from_checkpoint: Annotated[Optional[Path], typer.Option(
-        exists=True, dir_okay=False, help="A .ckpt of an every-layer run with these options: write OUT/model.pt from "
-                                          "it (assessed on the validation films) without training; e.g. a long "
-                                          "run's last.ckpt, when its validation fold must not choose the epoch.")] = None,
+    val_fold: ValFoldOption = -1,
+    frozen_bn: FrozenBnOption = False,
+    opacity_index: OpacityIndexOption = None,
+    from_checkpoint: FromCheckpointOption = None,
 ) -> None:
     """Train the DenseNet-121 classifier on a crop cache (checkpoint every epoch, resumable;
     progress.jsonl has the watched figures after every validation)."""
+    from pneumoscan.clinical import ClinicalError, parse_fields
+    from pneumoscan.crop import ATTENTION_THRESHOLD
     from pneumoscan.training.classify import TrainConfig, train_classifier
 
     beta1, beta2 = numbers(betas, f"--betas must be two numbers in [0, 1) like 0.9,0.999, got {betas!r}", 2)
-    from pneumoscan.clinical import ClinicalError, parse_fields
-    from pneumoscan.crop import ATTENTION_THRESHOLD
-
     thresholds = tuple(attention_threshold or (ATTENTION_THRESHOLD,))
     try:
         fields = tuple(parse_fields(clinical)) if clinical is not None else ()
@@ -112,8 +131,7 @@ def train(
                           devices=devices, num_nodes=num_nodes, strategy=strategy, precision=precision,
                           frontal_only=not all_views, resume=resume, description=description,
                           max_minutes=max_minutes, checkpoint_minutes=checkpoint_minutes, source_balance=source_balance,
-                          epoch_size=epoch_size,
-                          adult_share=adult_share, freeze_backbone=freeze_backbone,
+                          epoch_size=epoch_size, adult_share=adult_share, freeze_backbone=freeze_backbone,
                           min_positives=min_positives, arch=arch, clinical=fields, attention_thresholds=thresholds,
                           train_from=train_from or "", select=select, view_balance=view_balance,
                           schedule=schedule, warmup_epochs=warmup_epochs, val_fold=val_fold, frozen_bn=frozen_bn,
