@@ -86,7 +86,8 @@ def predicted(predictor, table):
     for rec, result in zip(table.to_dict("records"), tqdm(
             predictor.predict_many(table.path.tolist(), cam="top", force=True, batch_size=8, keep_arrays=True), total=len(table),
             unit="img")):
-        m = result.measurements or {}
+        record = result.to_dict()
+        m = record["measurements"] or {}
         ungated = None if result.error else cardiothoracic_ratio(
             result.mask, result.heart, rec["view"], lungs_found=not result.fallback).value
         shape = None if result.error or predictor.heart.shape_model is None else \
@@ -94,13 +95,13 @@ def predicted(predictor, table):
         rows.append({"path": Path(rec["path"]).name, "patient": rec["patient"], "view": rec["view"],
                      "cardiomegaly": rec["Cardiomegaly"], "ctr": m.get("cardiothoracic_ratio"),
                      "reason": m.get("cardiothoracic_ratio_reason") or result.error,
-                     "gate_frontal": (result.quality or {}).get("frontal_chest"),
+                     "gate_frontal": (record["quality"] or {}).get("frontal_chest"),
                      "classifier": (result.probabilities or {}).get("Cardiomegaly"), "ctr_ungated": ungated,
-                     "lung_quality": (result.mask_quality or {}).get("lungs"),
-                     "heart_quality": (result.mask_quality or {}).get("heart"), "heart_shape": shape,
+                     "lung_quality": (record["mask_quality"] or {}).get("lungs"),
+                     "heart_quality": (record["mask_quality"] or {}).get("heart"), "heart_shape": shape,
                      "called": "|".join(f for f in result.findings or [] if f != "No Finding"),
                      "unexplained": "|".join(f for f in result.findings or [] if f != "No Finding"
-                                             and not ((result.cams or {}).get(f) or {}).get("region"))})
+                                             and not ((record["cams"] or {}).get(f) or {}).get("region"))})
     return pd.DataFrame(rows)
 
 

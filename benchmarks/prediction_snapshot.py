@@ -9,7 +9,8 @@ comparison of two snapshots.
 
 Films: the first 80 NIH and 20 Shenzhen films by name in ../shared/data, PyTorch backend, shipped
 models. The comparison prints how many films differ in the gate's verdict, box, Grad-CAM peak and
-cardiothoracic ratio, and the largest probability difference.
+cardiothoracic ratio, the largest probability difference, and how many films' whole records
+(``Prediction.to_dict()``, as every output writes them) differ at all.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def snapshot(out: Path, model: Path | None = None) -> None:
     predictor = Predictor.from_paths(cls_model=model, backend="torch")
     found = {}
     for r in predictor.predict_many([str(f) for f in films], cam="top", batch_size=8):
-        found[r.path] = {"probs": r.probabilities, "box": r.box, "cam_peak": r.cam_peak,
-                         "frontal": (r.quality or {}).get("frontal_chest"),
-                         "ctr": (r.measurements or {}).get("cardiothoracic_ratio")}
+        record = r.to_dict()
+        found[r.path] = {"probs": record["probabilities"], "box": record["box"], "cam_peak": record["cam_peak"],
+                         "frontal": (record["quality"] or {}).get("frontal_chest"),
+                         "ctr": (record["measurements"] or {}).get("cardiothoracic_ratio"), "record": record}
     out.write_text(json.dumps(found))
     print(f"{len(found)} films → {out}")
 
@@ -55,8 +57,9 @@ def compare(a_path: Path, b_path: Path) -> None:
                 worst = float("inf")
             elif p is not None:
                 worst = max(worst, abs(p - q))
+    whole = sum(1 for path in a if "record" in a[path] and a[path].get("record") != b[path].get("record"))
     print(f"{len(a)} films; differing: " + ", ".join(f"{k} {v}" for k, v in differ.items())
-          + f"; largest probability difference {worst:.2e}")
+          + f"; largest probability difference {worst:.2e}; whole records (JSON) differing: {whole}")
 
 
 if __name__ == "__main__":

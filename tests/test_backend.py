@@ -43,7 +43,7 @@ def test_default_backend_is_onnx_and_matches_pytorch_within_1e_3(assessed_model)
     films = _dev_films()
     for a, b in zip(fast.predict_batch(films, cam="top"), slow.predict_batch(films, cam="top")):
         assert a.error is None and b.error is None
-        assert a.quality["frontal_chest"] == b.quality["frontal_chest"]
+        assert a.quality.frontal_chest == b.quality.frontal_chest
         assert a.box == b.box and a.findings == b.findings and a.cam_label == b.cam_label
         for label in LABELS:
             pa, pb = a.probabilities[label], b.probabilities[label]

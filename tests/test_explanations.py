@@ -74,7 +74,7 @@ def test_a_heart_drawn_over_the_spine_gives_no_ratio_and_says_why(predictor, mon
     rules alone pass it) is not: no ratio, the reason with the quality."""
     path = film("00000129_000.png")
     good = predictor.predict(path, keep_arrays=True)
-    assert good.measurements["cardiothoracic_ratio"] is not None and good.mask_quality["unreliable"] == []
+    assert good.measurements.ratio.value is not None and good.mask_quality.unreliable == []
     height, width = good.pixels.shape
     blob = np.zeros((height, width), np.uint8)
     cv2.ellipse(blob, (width // 2, int(0.42 * height)), (int(0.13 * width), int(0.2 * height)), 0, 0, 360, 1, -1)
@@ -83,10 +83,11 @@ def test_a_heart_drawn_over_the_spine_gives_no_ratio_and_says_why(predictor, mon
     assert cardiothoracic_ratio(good.mask, blob, "PA").value is not None  # the old rules measure it
     monkeypatch.setattr(predictor.heart, "heart_masks", lambda films, prepared=None: [blob for _ in films])
     bad = predictor.predict(path)
-    assert bad.measurements["cardiothoracic_ratio"] is None
-    reason = bad.measurements["cardiothoracic_ratio_reason"]
-    assert reason.startswith("heart mask unreliable (quality ") and bad.mask_quality["heart"] < predictor.heart.quality_rule.threshold
-    assert bad.mask_quality["unreliable"] == [reason]
+    assert bad.measurements.ratio.value is None
+    reason = bad.measurements.ratio.reason
+    assert reason.startswith("heart mask unreliable (quality ")
+    assert bad.mask_quality.heart < predictor.heart.quality_rule.threshold
+    assert bad.mask_quality.unreliable == [reason]
 
 
 @needs_data
@@ -96,7 +97,7 @@ def test_two_called_findings_get_two_explanations_in_every_output(predictor, tmp
     result = predictor.predict(film(TWO_CALLED), keep_arrays=True, cam="top")
     called = [f for f in result.findings if f != "No Finding"]
     assert len(called) >= 2
-    assert set(result.cams) == set(called) and all(e["method"] == "grad-cam" and e["region"] for e in result.cams.values())
+    assert set(result.cams) == set(called) and all(e.method == "grad-cam" and e.region for e in result.cams.values())
     assert result.cam_label == max(called, key=lambda f: result.probabilities[f])  # the most probable first
     assert not np.array_equal(*[result.cam_maps[f] for f in called[:2]])  # each finding its own map
     record = result.to_dict()
@@ -107,13 +108,13 @@ def test_two_called_findings_get_two_explanations_in_every_output(predictor, tmp
     both = picture_for(result)
     assert both.shape[1] > 1.9 * single.shape[1] * 768 / 1024 and both.shape[0] >= single.shape[0] * 0.7
     asked = predictor.predict(film(TWO_CALLED), keep_arrays=True, cam=called[1])
-    assert next(iter(asked.cams)) == called[1] and asked.cams[called[1]]["why"] == "asked for"
+    assert next(iter(asked.cams)) == called[1] and asked.cams[called[1]].why == "asked for"
     assert picture_for(asked).shape == picture_for(asked, only=called[1]).shape  # --cam LABEL: its panel only
     # several labels (a reader study's targets): each asked label's map first, in the order asked
     quiet = next(f for f in ("Edema", "Effusion", "Pneumonia") if f not in called)
     both_asked = predictor.predict(film(TWO_CALLED), keep_arrays=True, cam=f"{quiet.lower()}, {called[1]}")
     assert list(both_asked.cams)[:2] == [quiet, called[1]]
-    assert all(both_asked.cams[f]["why"] == "asked for" for f in (quiet, called[1]))
+    assert all(both_asked.cams[f].why == "asked for" for f in (quiet, called[1]))
     assert picture_for(both_asked).shape[1] > 1.9 * picture_for(both_asked, only=quiet).shape[1] * 768 / 1024
     with pytest.raises(ValueError, match="Hernia is not assessed"):
         predictor.predict(film(TWO_CALLED), cam=f"{called[1]},Hernia")
@@ -124,12 +125,12 @@ def test_a_cardiomegaly_call_is_explained_by_the_outlines_not_a_lung_map(predict
     result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
     assert "Cardiomegaly" in result.findings
     outline = result.cams["Cardiomegaly"]
-    assert outline["method"] == "outlines" and "Cardiomegaly" not in result.cam_maps
-    assert outline["cardiothoracic_ratio"] == result.measurements["cardiothoracic_ratio"] is not None
+    assert outline.method == "outlines" and "Cardiomegaly" not in result.cam_maps
+    assert outline.cardiothoracic_ratio == result.measurements.ratio.value is not None
     ys, xs = np.nonzero(result.heart)
-    assert outline["region"] == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+    assert outline.region == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     others = [f for f in result.findings if f not in ("Cardiomegaly", "No Finding")]
-    assert all(result.cams[f]["method"] == "grad-cam" for f in others)
+    assert all(result.cams[f].method == "grad-cam" for f in others)
 
 
 def test_titles_fit_a_small_film():
@@ -159,15 +160,15 @@ def test_the_sr_holds_one_region_per_explained_finding_and_each_masks_quality(pr
     written = write_dicom_results(source, result, predictor, picture_for(result), tmp_path / "out")
     sr = highdicom.sr.srread(tmp_path / "out" / written["sr"])
     regions = {r.tracking_identifier for r in sr.content.get_planar_roi_measurement_groups()}
-    assert regions == {f"{f} heat-map region" for f, e in result.cams.items() if e["method"] == "grad-cam"}
+    assert regions == {f"{f} heat-map region" for f, e in result.cams.items() if e.method == "grad-cam"}
     assert len(regions) >= 2
     groups = {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
     for name, key in (("Lungs mask quality", "lungs"), ("Heart mask quality", "heart")):
         (value,) = groups[name].get_measurements()
-        assert abs(value.value - result.mask_quality[key]) < 1e-6
+        assert abs(value.value - getattr(result.mask_quality, key)) < 1e-6
         assert groups[name].get_qualitative_evaluations()[0].value.meaning == "Yes"
     (ctr,) = groups["Cardiothoracic ratio"].get_measurements()  # both masks trusted: the ratio is given
-    assert abs(ctr.value - result.measurements["cardiothoracic_ratio"]) < 1e-6 and "Danzer" in ctr.method.meaning
+    assert abs(ctr.value - result.measurements.ratio.value) < 1e-6 and "Danzer" in ctr.method.meaning
     validate_dicom(tmp_path / "out" / written["sr"])
 
 
@@ -255,13 +256,13 @@ def test_a_cardiomegaly_call_beside_a_small_ratio_says_why_and_has_its_own_map(p
     result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
     assert "Cardiomegaly" in result.findings
     explanation = result.cams["Cardiomegaly"]
-    assert explanation["method"] == "grad-cam" and explanation["region"] and "Cardiomegaly" in result.cam_maps
-    assert "0.45" in explanation["note"] and "does not support" in explanation["note"]
-    assert result.measurements["ctr_call_note"] == explanation["note"]
+    assert explanation.method == "grad-cam" and explanation.region and "Cardiomegaly" in result.cam_maps
+    assert "0.45" in explanation.note and "does not support" in explanation.note
+    assert result.measurements.call_note == explanation.note
     assert "does not support" in dict(zip(CSV_TAIL, csv_row(result.to_dict())[16:]))["ctr_call_note"]
     assert "does not support" in findings_caption(result)
     plain = predictor.predict(film(CARDIOMEGALY))  # no --cam: the sentence still comes
-    assert "does not support" in plain.measurements["ctr_call_note"]
+    assert "does not support" in plain.measurements.call_note
 
 
 @needs_data
@@ -274,8 +275,8 @@ def test_a_cardiomegaly_call_with_an_untrusted_heart_gets_its_own_map(predictor,
     cv2.ellipse(blob, (width // 2, int(0.42 * height)), (int(0.13 * width), int(0.2 * height)), 0, 0, 360, 1, -1)
     monkeypatch.setattr(predictor.heart, "heart_masks", lambda films, prepared=None: [blob for _ in films])
     result = predictor.predict(film(CARDIOMEGALY), keep_arrays=True, cam="top")
-    assert "Cardiomegaly" in result.findings and result.measurements["cardiothoracic_ratio"] is None
-    assert result.cams["Cardiomegaly"]["method"] == "grad-cam" and result.cams["Cardiomegaly"]["region"]
+    assert "Cardiomegaly" in result.findings and result.measurements.ratio.value is None
+    assert result.cams["Cardiomegaly"].method == "grad-cam" and result.cams["Cardiomegaly"].region
 
 
 @needs_data
@@ -286,14 +287,14 @@ def test_an_adult_without_an_age_the_estimate_cannot_place_keeps_the_adult_findi
     monkeypatch.setitem(model, "paediatric", dict(model["paediatric"], adult_below=0.0, paediatric_at=1.01))
     monkeypatch.setattr(predictor.classifier, "age_model", model)
     result = predictor.predict(film(CARDIOMEGALY))
-    assert result.population["group"] == "unknown" and result.population["source"] == "estimate"
+    assert result.population.group == "unknown" and result.population.source == "estimate"
     adult = predictor.classifier.readings["adult"]
     assert result.not_assessed == [label for label, a in zip(result.probabilities, adult.assessed) if not a]
     assert all(result.probabilities[label] is not None for label in ("Cardiomegaly", "Effusion", "Edema"))
     assert "Cardiomegaly" in result.findings
     assert "read with the adult reading" in result.calibrated_for
     assert "Cardiomegaly" in result.verdict_reason.split("; ")[-1] and "give the patient's age" in result.verdict_reason
-    assert "read as an adult's" in result.measurements["ctr_cutoff_note"]
+    assert "read as an adult's" in result.measurements.cutoff_note
 
 
 @needs_data
@@ -308,14 +309,14 @@ def test_a_child_is_read_as_a_child_and_a_mixed_batch_ranks_on_one_scale(predict
     adults = [film(name) for name in ("00000129_000.png", TWO_CALLED, CARDIOMEGALY, "00000100_000.png")]
     results = list(predictor.predict_many([*children, *adults]))
     kids = results[:len(children)]
-    assert sum(r.population["group"] == "paediatric" for r in kids) >= 5
+    assert sum(r.population.group == "paediatric" for r in kids) >= 5
     for r in kids:
-        if r.population["group"] == "paediatric":
+        if r.population.group == "paediatric":
             assert r.probabilities["Cardiomegaly"] is None and "Cardiomegaly" not in r.findings
     readings = predictor.classifier.readings
 
     def raw_logit(r) -> float:  # undo the population's Platt map (and prior shift) of Pneumonia
-        spec = readings[r.population["group"]].maps["Pneumonia"]
+        spec = readings[r.population.group].maps["Pneumonia"]
         return float((logit(r.probabilities["Pneumonia"]) - spec["b"] - spec.get("shift", 0.0)) / spec["a"])
 
     raw = [raw_logit(r) for r in results]

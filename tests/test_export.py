@@ -51,11 +51,11 @@ def test_onnx_matches_pytorch_on_real_images(exported, assessed_model):
     # the heart model is in the export too: same maps, same masks, same ratio
     assert (exported / "heart_unet.onnx").exists() and type(onnx_p.heart).__name__ == "OnnxHeartSegmenter"
     np.testing.assert_allclose(onnx_p.heart.probabilities(images), torch_p.heart.probabilities(images), atol=1e-4)
-    assert a.measurements["cardiothoracic_ratio_reason"] == b.measurements["cardiothoracic_ratio_reason"]
-    assert abs(a.mask_quality["heart"] - b.mask_quality["heart"]) < 0.005
+    assert a.measurements.ratio.reason == b.measurements.ratio.reason
+    assert abs(a.mask_quality.heart - b.mask_quality.heart) < 0.005
     a, b = torch_p.predict(paths[1], cam=None), onnx_p.predict(paths[1], cam=None)  # a film with a ratio
-    ratio = a.measurements["cardiothoracic_ratio"]
-    assert ratio is not None and abs(b.measurements["cardiothoracic_ratio"] - ratio) < 0.005
+    ratio = a.measurements.ratio.value
+    assert ratio is not None and abs(b.measurements.ratio.value - ratio) < 0.005
 
 
 def test_a_cached_export_loads_without_building_the_networks(tmp_path):

@@ -175,8 +175,8 @@ def _check_prediction(result) -> None:
     """An error, a refusal by the input gate (with reasons), or scores for the assessed labels."""
     if result.error is not None:
         assert result.probabilities is None
-    elif not result.quality["frontal_chest"]:
-        assert result.probabilities is None and result.findings is None and result.quality["reasons"]
+    elif not result.quality.frontal_chest:
+        assert result.probabilities is None and result.findings is None and result.quality.reasons
     else:
         values = result.probabilities
         assert len(values) == 15 and all(values[l] is None for l in result.not_assessed)

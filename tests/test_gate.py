@@ -113,13 +113,13 @@ def test_predictor_refuses_without_findings_and_force_scores(assessed_model, tmp
     ct = get_testdata_file("CT_small.dcm")
     refused = predictor.predict_batch([noise, ct, DATA / FRONTAL[0]], cam="top")
     for result in refused[:2]:
-        assert result.error is None and result.quality["frontal_chest"] is False
+        assert result.error is None and result.quality.frontal_chest is False
         assert result.probabilities is None and result.findings is None and result.cam_label is None
-        assert result.quality["reasons"] and not result.quality["forced"]
-    assert refused[2].quality["frontal_chest"] and refused[2].probabilities["Pneumonia"] is not None
-    assert refused[2].quality["method"] == "learnt" and refused[2].quality["measures"]["frontal_score"] > 0.9
+        assert result.quality.reasons and not result.quality.forced
+    assert refused[2].quality.frontal_chest and refused[2].probabilities["Pneumonia"] is not None
+    assert refused[2].quality.method == "learnt" and refused[2].quality.measures["frontal_score"] > 0.9
     forced = predictor.predict(noise, force=True)
-    assert forced.quality["forced"] and forced.probabilities["Pneumonia"] is not None
+    assert forced.quality.forced and forced.probabilities["Pneumonia"] is not None
     assert json.dumps(forced.to_dict())
 
 
@@ -207,7 +207,7 @@ def test_learnt_check_is_tied_to_its_lung_model_and_its_file_is_verified(tmp_pat
         predictor = Predictor(other, Classifier.load(assessed_model), allow_model_mismatch=True)
     assert predictor.frontal_check is None
     result = predictor.predict(np.random.default_rng(0).random((300, 300), dtype=np.float32))
-    assert result.quality["method"] == "rules" and not result.quality["frontal_chest"]
+    assert result.quality.method == "rules" and not result.quality.frontal_chest
 
     check = load_default_check()
     path = tmp_path / "gate.pt"
@@ -252,8 +252,8 @@ def test_pictures_with_few_grey_levels_are_refused():
     for picture in (binary, posterised):
         assert grey_levels(picture) < MIN_GREY_LEVELS and "grey levels" in picture_reasons(picture)[0]
     result = Predictor.from_default(backend="torch").predict(binary)
-    assert result.quality["frontal_chest"] is False and result.probabilities is None
-    assert any("grey levels" in reason for reason in result.quality["reasons"])
+    assert result.quality.frontal_chest is False and result.probabilities is None
+    assert any("grey levels" in reason for reason in result.quality.reasons)
 
 
 @needs_data
@@ -276,8 +276,8 @@ def test_a_grey_copy_of_pneumoscans_own_overlay_is_refused():
                 pixels = decode_xray(cv2.imencode(suffix, copy)[1].tobytes(), name="copy" + suffix).pixels
                 assert own_overlay(pixels), (cam, copy.shape, suffix)
     result = predictor.predict(pixels)
-    assert result.quality["frontal_chest"] is False and result.probabilities is None
-    assert any("PneumoScan's own overlay" in reason for reason in result.quality["reasons"])
+    assert result.quality.frontal_chest is False and result.probabilities is None
+    assert any("PneumoScan's own overlay" in reason for reason in result.quality.reasons)
     for name in FRONTAL:
         image = read_xray(DATA / name)
         assert not own_overlay(image.pixels) and picture_reasons(image.pixels, image.meta) == [], name

@@ -226,3 +226,47 @@ def test_every_called_finding_has_a_heat_map_that_points_inside_the_lungs():
             assert x0 <= one.cam_peak[0] < x1 and y0 <= one.cam_peak[1] < y1
             assert one.cam_region is not None and x0 <= one.cam_region[0] < one.cam_region[2] <= x1
     assert called > 0, "no finding called on these films: the test would test nothing"
+
+
+def test_the_record_is_the_prediction_s_typed_parts_as_json():
+    """``to_dict`` is derived from the fields (arrays left out) and each typed part writes the keys,
+    in the order, that every output and the store read."""
+    from dataclasses import fields
+
+    from pneumoscan.gate import GateResult
+    from pneumoscan.maskquality import MaskQuality, QualityRule
+    from pneumoscan.measure import CardiothoracicRatio, Measurements
+    from pneumoscan.prediction import Explanation, Prediction
+    from pneumoscan.reading import Group, Population
+
+    ratio = CardiothoracicRatio(0.45, None, 90, 200, (10, 5, 95), (12, 0, 199), False)
+    prediction = Prediction(
+        "a.png", population=Population(Group.PAEDIATRIC, 7.04, "PatientAge", "DICOM PatientAge 7 y"),
+        quality=GateResult(False, ["upside down"], {"aspect": 1.2}),
+        cams={"Pneumonia": Explanation("grad-cam", True, "called", [1, 2, 30, 40], peak=[5, 6]),
+              "Cardiomegaly": Explanation("outlines", True, "called", [0, 0, 50, 50], cardiothoracic_ratio=0.6,
+                                          reason=None, note="read the film")},
+        mask_quality=MaskQuality.of(0.9, QualityRule(0.8), 0.5, QualityRule(0.7)),
+        measurements=Measurements(ratio, cutoff_applies=False, cutoff_note="a child's", call_note="not enlarged"),
+        pixels=np.zeros((4, 4)), mask=np.ones((4, 4), np.uint8), cam_maps={"Pneumonia": np.zeros((4, 4))})
+    record = prediction.to_dict()
+    assert json.loads(json.dumps(record)) == record
+    exported = {f.name for f in fields(Prediction) if f.metadata.get("export", True)}
+    assert list(record)[:2] == ["path", "status"] and set(record) == exported | {"status"}
+    assert not {"pixels", "mask", "heart", "cam_maps"} & set(record)
+    assert record["population"] == {"group": "paediatric", "age": 7.0, "source": "PatientAge",
+                                    "reason": "DICOM PatientAge 7 y"}
+    assert record["quality"] == {"frontal_chest": False, "reasons": ["upside down"], "measures": {"aspect": 1.2},
+                                 "forced": False, "method": "rules", "refused_as": prediction.quality.refused_as}
+    assert record["cams"]["Pneumonia"] == {"method": "grad-cam", "called": True, "why": "called", "peak": [5, 6],
+                                           "region": [1, 2, 30, 40]}
+    assert record["cams"]["Cardiomegaly"] == {"method": "outlines", "called": True, "why": "called",
+                                              "region": [0, 0, 50, 50], "cardiothoracic_ratio": 0.6, "reason": None,
+                                              "note": "read the film"}
+    assert record["mask_quality"] == {"lungs": 0.9, "heart": 0.5, "thresholds": {"lungs": 0.8, "heart": 0.7},
+                                      "unreliable": ["heart mask unreliable (quality 0.500 < 0.700)"]}
+    assert list(record["measurements"]) == ["cardiothoracic_ratio", "cardiothoracic_ratio_reason", "heart_width_px",
+                                            "thoracic_width_px", "heart_line", "thoracic_line", "ctr_above_pa_cutoff",
+                                            "ctr_cutoff_note", "ctr_call_note"]
+    assert record["measurements"]["ctr_above_pa_cutoff"] is None and record["measurements"]["heart_line"] == [10, 5, 95]
+    assert record["status"] == "refused"  # the gate said no, and nothing was scored

@@ -178,9 +178,9 @@ def test_dicom_patient_age_decides_how_the_film_is_read(shipped, siim_dicom, tmp
     classifier = shipped.classifier
     child = shipped.predict(_with_age(siim_dicom, tmp_path, "007Y"))
     adult = shipped.predict(_with_age(siim_dicom, tmp_path, "045Y"))
-    assert child.population == {"group": "paediatric", "age": 7.0, "source": "PatientAge",
-                                "reason": "DICOM PatientAge 7 y"}
-    assert adult.population["group"] == "adult" and adult.population["age"] == 45.0
+    assert child.population.to_dict() == {"group": "paediatric", "age": 7.0, "source": "PatientAge",
+                                          "reason": "DICOM PatientAge 7 y"}
+    assert adult.population.group == "adult" and adult.population.age == 45.0
     for result, group in ((child, "paediatric"), (adult, "adult")):
         reading = classifier.readings[group]
         allowed = {label for label, a in zip(LABELS, reading.assessed) if a}
@@ -191,8 +191,8 @@ def test_dicom_patient_age_decides_how_the_film_is_read(shipped, siim_dicom, tmp
     adult_only = {l for l, a, c in zip(LABELS, classifier.readings["adult"].assessed,
                                        classifier.readings["paediatric"].assessed) if a and not c}
     assert adult_only and not adult_only & {k for k, v in child.probabilities.items() if v is not None}
-    if child.measurements and child.measurements["cardiothoracic_ratio"] is not None:
-        assert child.measurements["ctr_above_pa_cutoff"] is None and "child" in child.measurements["ctr_cutoff_note"]
+    if child.measurements and child.measurements.ratio.value is not None:
+        assert child.measurements.to_dict()["ctr_above_pa_cutoff"] is None and "child" in child.measurements.cutoff_note
 
 
 @needs_data
@@ -200,8 +200,8 @@ def test_the_shipped_model_is_calibrated_and_estimates_the_population(shipped, n
     """Without an age in the header the film's population is estimated; its probabilities name
     the population they are calibrated for; the calibrated thresholds keep the raw calls."""
     result = shipped.predict(nih_png)
-    assert result.population["source"] == "estimate" and result.population["group"] in ("adult", "paediatric", "unknown")
-    assert result.population["age"] is not None and "estimated" in result.population["reason"]
+    assert result.population.source == "estimate" and result.population.group in ("adult", "paediatric", "unknown")
+    assert result.population.age is not None and "estimated" in result.population.reason
     assert result.calibrated_for and "NIH" in shipped.classifier.readings["adult"].calibrated_for
     for label, p in result.probabilities.items():
         if p is None:

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from pneumoscan.maskquality import MaskQuality
 from pneumoscan.measure import PA_CUTOFF, CardiothoracicRatio, cardiothoracic_ratio
 from pneumoscan.pipeline import Cropped
+from pneumoscan.prediction import Explanation
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
 #: Why the adult cut-off of the cardiothoracic ratio is not applied to a film.
@@ -33,13 +35,12 @@ def cam_reason(label: str, findings: list[str] | None, asked: list[str] | tuple[
     return "most probable finding; none called"
 
 
-def outline_explanation(ctr: Any, heart: np.ndarray) -> dict[str, Any]:
+def outline_explanation(ctr: CardiothoracicRatio, heart: np.ndarray) -> Explanation:
     """A Cardiomegaly call explained by what a reader would measure: the heart outline (its box
     as ``region``) and the ratio of the two widths."""
     ys, xs = np.nonzero(heart)
     region = [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1] if len(xs) else None
-    return {"method": "outlines", "called": True, "why": "called", "region": region,
-            "cardiothoracic_ratio": ctr.value, "reason": ctr.reason}
+    return Explanation("outlines", True, "called", region, cardiothoracic_ratio=ctr.value, reason=ctr.reason)
 
 
 def outline_supports(ctr: Any) -> bool:
@@ -59,22 +60,10 @@ def ratio_disagreement(ctr: Any) -> str | None:
             f"mask or the classifier is wrong here; read the film)")
 
 
-def mask_quality_record(lungs: float, lung_rule: Any, heart: float | None, heart_rule: Any) -> dict[str, Any]:
-    """``mask_quality`` of a record: each mask's quality, its threshold, and the reasons of the
-    masks below theirs (:mod:`pneumoscan.maskquality`)."""
-    from pneumoscan.maskquality import unreliable_reason
-
-    unreliable = [unreliable_reason(name, q, rule) for name, q, rule in (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
-                  if q is not None and rule is not None and rule.reliable(q) is False]
-    return {"lungs": lungs, "heart": heart,
-            "thresholds": {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
-            "unreliable": unreliable}
-
-
 def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
-                    ) -> list[tuple[dict[str, Any], np.ndarray | None, CardiothoracicRatio | None]]:
+                    ) -> list[tuple[MaskQuality, np.ndarray | None, CardiothoracicRatio | None]]:
     """For segmented films (``predict`` and ``segment`` both): the masks' quality record
-    (:func:`mask_quality_record`), the heart mask and the cardiothoracic ratio (both None
+    (:class:`~pneumoscan.maskquality.MaskQuality`), the heart mask and the cardiothoracic ratio (both None
     without a heart model); a mask below its quality threshold gives no ratio and says why."""
     if heart is not None:
         return list(heart_and_ratio(items, segmenter, heart))
@@ -82,11 +71,11 @@ def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
         return []
     prepared = np.stack([np.asarray(item.prepared) for item in items])
     lung_quality = segmenter.mask_quality(prepared, [item.seg.mask for item in items])
-    return [(mask_quality_record(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
+    return [(MaskQuality.of(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
 
 
 def heart_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter
-                    ) -> list[tuple[dict[str, Any], np.ndarray, CardiothoracicRatio]]:
+                    ) -> list[tuple[MaskQuality, np.ndarray, CardiothoracicRatio]]:
     """:func:`masks_and_ratio` with a heart model: every film gets its heart mask and a ratio
     (whose value is None, with the reason, when a mask cannot be trusted)."""
     if not items:
@@ -96,10 +85,10 @@ def heart_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
     lung_quality = segmenter.mask_quality(prepared, lungs)
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)
     heart_quality = heart.heart_quality(prepared, hearts, lungs)
-    out: list[tuple[dict[str, Any], np.ndarray, CardiothoracicRatio]] = []
+    out: list[tuple[MaskQuality, np.ndarray, CardiothoracicRatio]] = []
     for item, mask, lq, hq in zip(items, hearts, lung_quality, heart_quality):
-        quality = mask_quality_record(lq, segmenter.quality_rule, hq, heart.quality_rule)
+        quality = MaskQuality.of(lq, segmenter.quality_rule, hq, heart.quality_rule)
         ctr = cardiothoracic_ratio(item.seg.mask, mask, item.image.meta.get("view_position"),
-                                   lungs_found=not item.seg.fallback, unreliable="; ".join(quality["unreliable"]) or None)
+                                   lungs_found=not item.seg.fallback, unreliable="; ".join(quality.unreliable) or None)
         out.append((quality, mask, ctr))
     return out

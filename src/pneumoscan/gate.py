@@ -76,8 +76,13 @@ class GateResult:
     forced: bool = False
     method: str = "rules"
 
+    @property
+    def refused_as(self) -> str | None:
+        """The refusal in a few words (:func:`refusal_headline`); None when nothing was refused."""
+        return refusal_headline(self.reasons) if self.reasons else None
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"refused_as": refusal_headline(self.reasons) if self.reasons else None}
+        return asdict(self) | {"refused_as": self.refused_as}
 
 
 #: The start of the reason given when the lung model finds fewer than two lungs.

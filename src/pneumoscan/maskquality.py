@@ -182,6 +182,37 @@ class QualityRule:
         return quality >= self.threshold
 
 
+@dataclass(frozen=True)
+class MaskQuality:
+    """A film's ``mask_quality``: each mask's quality estimate (``heart`` None without a heart
+    model), the thresholds they are held to, and why a mask below its threshold is not trusted."""
+
+    lungs: float
+    heart: float | None
+    thresholds: dict[str, float | None]
+    unreliable: list[str]
+
+    @classmethod
+    def of(cls, lungs: float, lung_rule: QualityRule, heart: float | None, heart_rule: QualityRule | None
+           ) -> MaskQuality:
+        """Each mask's quality against its rule; the reasons of the masks below theirs."""
+        unreliable = [unreliable_reason(name, q, rule) for name, q, rule in
+                      (("lung", lungs, lung_rule), ("heart", heart, heart_rule))
+                      if q is not None and rule is not None and rule.reliable(q) is False]
+        return cls(lungs, heart, {"lungs": lung_rule.threshold, "heart": heart_rule.threshold if heart_rule else None},
+                   unreliable)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"lungs": self.lungs, "heart": self.heart, "thresholds": dict(self.thresholds),
+                "unreliable": list(self.unreliable)}
+
+    def caption(self) -> str:
+        """Each mask's quality in words, and which masks are not to be trusted (pictures' captions)."""
+        values = ", ".join(f"{name} {q:.2f}" for name, q in (("lungs", self.lungs), ("heart", self.heart))
+                           if q is not None)
+        return f"Mask quality: {values}" + (f" - {'; '.join(self.unreliable).upper()}" if self.unreliable else "")
+
+
 def unreliable_reason(structure: str, quality: float, rule: QualityRule) -> str:
     """The words a record, an overlay and an SR use for a mask below its threshold."""
     return f"{structure} mask unreliable (quality {quality:.3f} < {rule.threshold:.3f})"

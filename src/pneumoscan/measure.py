@@ -54,6 +54,29 @@ class CardiothoracicRatio:
                 "ctr_above_pa_cutoff": self.enlarged}
 
 
+@dataclass
+class Measurements:
+    """A film's ``measurements``: its cardiothoracic ratio, whether the PA cut-off is applied to
+    it (not for a child's film, whose normal ratio is larger), and the sentences a reader must see
+    with it: why the cut-off is not applied (``cutoff_note``), and a Cardiomegaly call the ratio
+    contradicts (``call_note``)."""
+
+    ratio: CardiothoracicRatio
+    cutoff_applies: bool = True
+    cutoff_note: str | None = None
+    call_note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.ratio.to_dict()
+        if not self.cutoff_applies:
+            out["ctr_above_pa_cutoff"] = None
+        if self.cutoff_note is not None:
+            out["ctr_cutoff_note"] = self.cutoff_note
+        if self.call_note is not None:
+            out["ctr_call_note"] = self.call_note
+        return out
+
+
 def heart_extent(heart: np.ndarray) -> tuple[int, int, int]:
     """(y, x0, x1) of the heart's widest horizontal extent; y is the mean row of the two extreme
     pixels (they need not share a row)."""

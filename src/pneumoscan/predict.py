@@ -40,10 +40,13 @@ from pneumoscan.films import XrayImage, XrayReadError, decode_xray, display_name
 from pneumoscan.gate import FrontalCheck, check_frontal_chest, load_default_check
 from pneumoscan.labels import FINDINGS, LABELS
 from pneumoscan.loading import load_heart, load_models
+from pneumoscan.maskquality import MaskQuality
+from pneumoscan.measure import CardiothoracicRatio, Measurements
 from pneumoscan.modelfile import ModelFileError
 from pneumoscan.pipeline import Cropped, read_segment_crop
-from pneumoscan.prediction import PUBLIC_META, NotAssessedError, Prediction, resolve_label
+from pneumoscan.prediction import PUBLIC_META, Explanation, NotAssessedError, Prediction, resolve_label
 from pneumoscan.reading import (
+    Group,
     Population,
     adult_only_labels,
     estimate_population,
@@ -272,7 +275,7 @@ class Predictor:
             gate = check_frontal_chest(seg.prob, image.pixels, image.meta, self.frontal_check)
             gate.forced = force and not gate.frontal_chest
             result.image = {k: image.meta.get(k) for k in PUBLIC_META}
-            result.quality = gate.to_dict()
+            result.quality = gate
             result.box, result.fallback = [int(v) for v in seg.box], bool(seg.fallback)
             result.lung_fraction = round(float(seg.lung_fraction), 4)
             if keep_arrays:
@@ -287,7 +290,7 @@ class Predictor:
         classifier = self.classifier
         reading = classifier.readings[who.group]
         shown = reading.calibrate(p[None])[0]
-        result.population = who.to_dict()
+        result.population = who
         result.calibrated_for = reading.calibrated_for
         result.probabilities = {label: round(float(v), 6) if a else None
                                 for label, v, a in zip(LABELS, shown, reading.assessed)}
@@ -305,9 +308,8 @@ class Predictor:
         explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
                                              lungs_only=self.classifier.lung_masked, full=keep_arrays)
                      for j, h in heat.items()}
-        result.cams = {label: {"method": "grad-cam", "called": label in (result.findings or []),
-                               "why": cam_reason(label, result.findings, asked),
-                               "peak": peak, "region": region}
+        result.cams = {label: Explanation("grad-cam", label in (result.findings or []),
+                                          cam_reason(label, result.findings, asked), region, peak=peak)
                        for label, (peak, region, _) in explained.items()}
         if explained:
             result.cam_label = next(iter(explained))
@@ -316,29 +318,27 @@ class Predictor:
             result.cam_maps = {label: full for label, (_, _, full) in explained.items() if full is not None}
 
     @staticmethod
-    def _measure(scored: list[tuple[Prediction, Cropped]], measured: list[tuple[dict[str, Any], Any, Any]],
+    def _measure(scored: list[tuple[Prediction, Cropped]],
+                 measured: list[tuple[MaskQuality, np.ndarray | None, CardiothoracicRatio | None]],
                  keep_arrays: bool) -> None:
         """Each scored film's mask quality, heart mask and cardiothoracic ratio
         (:func:`masks_and_ratio`), and a Cardiomegaly call's explanation: the heart outline when
         the ratio supports it, else its Grad-CAM with the contradicting ratio in a sentence."""
         for (result, _), (quality, heart, ctr) in zip(scored, measured):
             result.mask_quality = quality
-            if ctr is None:
+            if ctr is None or heart is None:  # (no heart model: neither)
                 continue
-            result.measurements = ctr.to_dict()
-            if (result.population or {}).get("group") != "adult" and ctr.value is not None:
-                paediatric = (result.population or {}).get("group") == "paediatric"
-                if paediatric:
-                    result.measurements["ctr_above_pa_cutoff"] = None
-                result.measurements["ctr_cutoff_note"] = PAEDIATRIC_CTR_NOTE if paediatric else UNKNOWN_AGE_CTR_NOTE
+            measurements = result.measurements = Measurements(ctr)
+            group = result.population.group if result.population else None
+            if group != Group.ADULT and ctr.value is not None:
+                measurements.cutoff_applies = group != Group.PAEDIATRIC
+                measurements.cutoff_note = UNKNOWN_AGE_CTR_NOTE if measurements.cutoff_applies else PAEDIATRIC_CTR_NOTE
             if OUTLINED in (result.findings or []):
                 if outline_supports(ctr) and OUTLINED not in (result.cams or {}):  # an asked-for map stays
                     result.cams = {**(result.cams or {}), OUTLINED: outline_explanation(ctr, heart)}
-                note = ratio_disagreement(ctr)
-                if note:
-                    result.measurements["ctr_call_note"] = note
-                    if result.cams and OUTLINED in result.cams:
-                        result.cams[OUTLINED]["note"] = note
+                measurements.call_note = ratio_disagreement(ctr)
+                if measurements.call_note and result.cams and OUTLINED in result.cams:
+                    result.cams[OUTLINED].note = measurements.call_note
             if keep_arrays:
                 result.heart = heart
 

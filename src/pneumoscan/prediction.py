@@ -5,20 +5,63 @@ name a person types is matched to a label."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pneumoscan.errors import PneumoScanError
 from pneumoscan.labels import LABELS
 
+if TYPE_CHECKING:  # the parts' own modules (the record itself stays light to import)
+    from pneumoscan.gate import GateResult
+    from pneumoscan.maskquality import MaskQuality
+    from pneumoscan.measure import Measurements
+    from pneumoscan.reading import Population, Verdict
+
 #: Image metadata that may leave the process: technical fields only, never patient identity.
 PUBLIC_META = ("format", "height", "width", "bit_depth", "mode", "photometric", "view_position",
                "modality", "transfer_syntax", "inverted", "windowed", "exif_orientation")
 
 
-#: What a :class:`Prediction` keeps with ``keep_arrays`` for pictures: never part of a record.
-ARRAY_FIELDS = ("pixels", "mask", "heart", "cam_maps")
+#: A :class:`Prediction` field kept with ``keep_arrays`` for pictures: never part of a record.
+ARRAY = {"export": False}
+
+
+@dataclass
+class Explanation:
+    """Where one label is shown, and why: a Grad-CAM (``method`` "grad-cam": ``peak`` [x, y] and
+    ``region`` [x0, y0, x1, y1], where the map reaches half its maximum inside the lung mask, in
+    original-image pixels) or, for a Cardiomegaly call the measured heart supports, the heart and
+    thoracic outlines (``method`` "outlines": the heart's box as ``region``, the ratio and its
+    reason). ``called``: the label is a finding; ``why`` it is shown (called, asked for, the most
+    probable); ``note``: a sentence a reader must see with it (a ratio that contradicts the call)."""
+
+    method: str
+    called: bool
+    why: str
+    region: list[int] | None
+    peak: list[int] | None = None
+    cardiothoracic_ratio: float | None = None
+    reason: str | None = None
+    note: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": self.method, "called": self.called, "why": self.why}
+        if self.method == "outlines":
+            out |= {"region": self.region, "cardiothoracic_ratio": self.cardiothoracic_ratio, "reason": self.reason}
+        else:
+            out |= {"peak": self.peak, "region": self.region}
+        return out | ({"note": self.note} if self.note is not None else {})
+
+
+def plain(value: Any) -> Any:
+    """A record's value as JSON-ready data: a typed part by its ``to_dict``, a dict of parts entry
+    by entry, anything else as it is."""
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -49,13 +92,13 @@ class Prediction:
     given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when
     ``frontal_chest`` is
     false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
-    forced it, which ``quality["forced"]`` then says.
+    forced it, which ``quality.forced`` then says.
     """
 
     path: str | None
-    verdict: str | None = None
+    verdict: Verdict | None = None
     verdict_reason: str | None = None
-    population: dict[str, Any] | None = None
+    population: Population | None = None
     probabilities: dict[str, float | None] | None = None
     calibrated_for: str | None = None
     rank_scores: dict[str, float | None] | None = None
@@ -63,7 +106,7 @@ class Prediction:
     not_assessed: list[str] | None = None
     thresholds: dict[str, float | None] | None = None
     thresholds_from: str | None = None
-    quality: dict[str, Any] | None = None
+    quality: GateResult | None = None
     box: list[int] | None = None
     local_box: list[int] | None = None
     clinical: dict[str, bool] | None = None
@@ -73,14 +116,14 @@ class Prediction:
     cam_label: str | None = None
     cam_peak: list[int] | None = None
     cam_region: list[int] | None = None
-    cams: dict[str, dict[str, Any]] | None = None
-    mask_quality: dict[str, Any] | None = None
-    measurements: dict[str, Any] | None = None
+    cams: dict[str, Explanation] | None = None
+    mask_quality: MaskQuality | None = None
+    measurements: Measurements | None = None
     error: str | None = None
-    pixels: np.ndarray | None = field(default=None, repr=False)
-    mask: np.ndarray | None = field(default=None, repr=False)
-    heart: np.ndarray | None = field(default=None, repr=False)
-    cam_maps: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    pixels: np.ndarray | None = field(default=None, repr=False, metadata=ARRAY)
+    mask: np.ndarray | None = field(default=None, repr=False, metadata=ARRAY)
+    heart: np.ndarray | None = field(default=None, repr=False, metadata=ARRAY)
+    cam_maps: dict[str, np.ndarray] | None = field(default=None, repr=False, metadata=ARRAY)
 
     @property
     def cam(self) -> np.ndarray | None:
@@ -88,11 +131,13 @@ class Prediction:
         return (self.cam_maps or {}).get(self.cam_label) if self.cam_label else None
 
     def to_dict(self) -> dict[str, Any]:
-        """Every public field in declaration order, ``status`` after the path; the arrays stay out."""
+        """The record (JSON-ready): every public field in declaration order, its typed parts as
+        their dicts, ``status`` after the path; the arrays stay out."""
         from pneumoscan.reading import status_of
 
         record = {"path": self.path, "status": None} | {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name != "path" and f.name not in ARRAY_FIELDS}
+            f.name: plain(getattr(self, f.name)) for f in fields(self)
+            if f.name != "path" and f.metadata.get("export", True)}
         record["status"] = status_of(record)
         return record
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
@@ -45,6 +45,9 @@ from pneumoscan import __version__
 from pneumoscan.labels import LABELS
 from pneumoscan.outputs.dicom_source import DicomOutputError, read_source
 from pneumoscan.reading import VERDICTS
+
+if TYPE_CHECKING:
+    from pneumoscan.prediction import Prediction
 
 MANUFACTURER = "PneumoScan"
 SCHEME = "99PNEUMOSCAN"  # a private coding scheme ("99" prefix) for what SNOMED CT lacks here
@@ -100,7 +103,7 @@ def _algorithm(meta: dict[str, Any], name: str, threshold: float | None = None, 
                                          parameters=parameters)
 
 
-def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], device_uid: str,
+def findings_sr(source: pydicom.Dataset, prediction: Prediction, classifier_meta: dict[str, Any], device_uid: str,
                 heart_meta: dict[str, Any] | None = None, lung_meta: dict[str, Any] | None = None):
     """TID 1500 SR of the assessed labels' probabilities, thresholds and above/below, one region
     per Grad-CAM explanation, the masks' quality, and the cardiothoracic ratio where it was
@@ -126,14 +129,16 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
     if prediction.verdict is not None:
         groups.append(verdict_group(source, prediction, classifier_meta, name))
     for label, explanation in (prediction.cams or {}).items():
-        if explanation["method"] == "grad-cam" and explanation.get("region") and label in (prediction.thresholds or {}):
-            groups.append(heat_map_region(source, prediction, label, explanation["region"], classifier_meta, name))
-    masks = prediction.mask_quality or {}
+        if explanation.method == "grad-cam" and explanation.region and label in (prediction.thresholds or {}):
+            groups.append(heat_map_region(source, prediction, label, explanation.region, classifier_meta, name))
+    masks = prediction.mask_quality
     for structure, finding, meta, model in (("lungs", codes.SCT.Lung, lung_meta, "PneumoScan lung U-Net"),
                                             ("heart", codes.SCT.Heart, heart_meta, "PneumoScan heart U-Net")):
-        if masks.get(structure) is not None and meta is not None:
-            groups.append(mask_quality_group(source, structure, finding, masks, meta, model))
-    ratio = (prediction.measurements or {}).get("cardiothoracic_ratio")
+        quality = getattr(masks, structure) if masks is not None else None
+        if masks is not None and quality is not None and meta is not None:
+            groups.append(mask_quality_group(source, structure, finding, quality, masks.thresholds.get(structure),
+                                             meta, model))
+    ratio = prediction.measurements.ratio.value if prediction.measurements else None
     if ratio is not None and heart_meta is not None:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -161,28 +166,31 @@ def findings_sr(source: pydicom.Dataset, prediction, classifier_meta: dict[str, 
     return sr
 
 
-def verdict_group(source: pydicom.Dataset, prediction, classifier_meta: dict[str, Any], name: str):
+def verdict_group(source: pydicom.Dataset, prediction: Prediction, classifier_meta: dict[str, Any], name: str):
     """One image-level group for the film as a whole: the verdict (normal, abnormal,
     indeterminate), the population it was read for and, when estimated from the film, the age."""
     import highdicom as hd
 
-    population = prediction.population or {}
-    group = population.get("group", "unknown")
+    population, verdict = prediction.population, prediction.verdict
+    if verdict is None:
+        raise ValueError("a film without a verdict has no verdict group")
+    group = population.group if population else "unknown"
     measurements = []
-    if population.get("source") == "estimate" and population.get("age") is not None:
-        measurements.append(hd.sr.Measurement(name=ESTIMATED_AGE, value=float(population["age"]), unit=codes.UCUM.Year))
+    if population and population.source == "estimate" and population.age is not None:
+        age = round(float(population.age), 1)  # as the record shows it
+        measurements.append(hd.sr.Measurement(name=ESTIMATED_AGE, value=age, unit=codes.UCUM.Year))
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=derived_uid(source.SOPInstanceUID, "tracking", "verdict"), identifier="Overall verdict"),
         finding_type=codes.SCT.Chest, algorithm_id=_algorithm(classifier_meta, name),
         measurements=measurements or None,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(VERDICT, VERDICT_VALUES[prediction.verdict]),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(VERDICT, VERDICT_VALUES[verdict]),
                                  hd.sr.QualitativeEvaluation(
                                      POPULATION, POPULATION_VALUES.get(group, POPULATION_VALUES["unknown"]))],
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
 
-def heat_map_region(source: pydicom.Dataset, prediction, label: str, region: list[int],
+def heat_map_region(source: pydicom.Dataset, prediction: Prediction, label: str, region: list[int],
                     classifier_meta: dict[str, Any], name: str):
     """TID 1410 planar ROI group: where the Grad-CAM of ``label`` reaches half its maximum inside
     the lungs (its ``region``), as a closed POLYLINE in the source's pixel coordinates (PS3.3
@@ -202,16 +210,15 @@ def heat_map_region(source: pydicom.Dataset, prediction, label: str, region: lis
             ABOVE, codes.SCT.Yes if label in (prediction.findings or []) else codes.SCT.No)])
 
 
-def mask_quality_group(source: pydicom.Dataset, structure: str, finding: Code, masks: dict[str, Any],
-                       meta: dict[str, Any], model: str):
+def mask_quality_group(source: pydicom.Dataset, structure: str, finding: Code, quality: float,
+                       threshold: float | None, meta: dict[str, Any], model: str):
     """One image-level group per mask: its quality (UCUM "1") and, where the model carries a
     threshold, whether the mask passed it (an unreliable heart mask is why no ratio is given)."""
     import highdicom as hd
 
     from pneumoscan.maskquality import QualityRule
 
-    threshold = (masks.get("thresholds") or {}).get(structure)
-    reliable = QualityRule(threshold).reliable(masks[structure])
+    reliable = QualityRule(threshold).reliable(quality)
     evaluations = None if reliable is None else [hd.sr.QualitativeEvaluation(
         MASK_RELIABLE, codes.SCT.Yes if reliable else codes.SCT.No)]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -219,7 +226,7 @@ def mask_quality_group(source: pydicom.Dataset, structure: str, finding: Code, m
             uid=derived_uid(source.SOPInstanceUID, "tracking", f"mask-{structure}"),
             identifier=f"{structure.capitalize()} mask quality"),
         finding_type=finding, algorithm_id=_algorithm(meta, model, threshold),
-        measurements=[hd.sr.Measurement(name=MASK_QUALITY, value=float(masks[structure]), unit=codes.UCUM.NoUnits)],
+        measurements=[hd.sr.Measurement(name=MASK_QUALITY, value=float(quality), unit=codes.UCUM.NoUnits)],
         qualitative_evaluations=evaluations,
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(source)])
 
@@ -276,22 +283,24 @@ def overlay_sc(source: pydicom.Dataset, picture_rgb: np.ndarray, models: str):
     return sc
 
 
-def dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray) -> dict[str, Any]:
+def dicom_results(path: str | Path, prediction: Prediction, predictor, picture_bgr: np.ndarray) -> dict[str, Any]:
     """The SR, SEG and SC datasets for one DICOM input (only the SC when the gate refused it or
     it was forced)."""
     import cv2
 
     source = read_source(path)
     models = f"{predictor.segmenter.meta.get('sha256', '')}{predictor.classifier.meta.get('sha256', '')}"
-    quality = prediction.quality or {}
+    gate = prediction.quality
     with warnings.catch_warnings(action="ignore", category=UserWarning):  # they quote the source's values
         try:
             out = {"sc": overlay_sc(source, cv2.cvtColor(picture_bgr, cv2.COLOR_BGR2RGB), models)}
-            if prediction.probabilities is not None and quality.get("frontal_chest") and not quality.get("forced"):
+            if prediction.probabilities is not None and gate is not None and gate.frontal_chest and not gate.forced:
                 device_uid = derived_uid("PneumoScan device", models)
                 heart = getattr(predictor, "heart", None)
                 out["sr"] = findings_sr(source, prediction, predictor.classifier.meta, device_uid,
                                         heart.meta if heart is not None else None, predictor.segmenter.meta)
+                if prediction.mask is None:
+                    raise ValueError("the lung mask was not kept (keep_arrays)")
                 out["seg"] = lung_seg(source, prediction.mask, predictor.segmenter.meta)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # what highdicom finds wanting
             raise DicomOutputError(f"{Path(path).name}: the source lacks what DICOM results need "
@@ -311,7 +320,7 @@ def unquoted(message: str) -> str:
     return re.sub(r"'[^']*'|\"[^\"]*\"", keep, message)
 
 
-def write_dicom_results(path: str | Path, prediction, predictor, picture_bgr: np.ndarray,
+def write_dicom_results(path: str | Path, prediction: Prediction, predictor, picture_bgr: np.ndarray,
                         out: str | Path) -> dict[str, Path]:
     """Write :func:`dicom_results` as ``<SOPInstanceUID>_{sr,seg,sc}.dcm`` in ``out``
     (each under a temporary name, fsynced and renamed: never half a file, and on disk before the

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from pneumoscan.enhance import to_uint8
+
+if TYPE_CHECKING:
+    from pneumoscan.prediction import Prediction
 
 LUNG_BGR = (80, 220, 80)
 BOX_BGR = (40, 170, 255)
@@ -33,35 +37,28 @@ def _dashed_rectangle(canvas: np.ndarray, p0: tuple[int, int], p1: tuple[int, in
             cv2.line(canvas, s, e, colour, thickness)
 
 
-def findings_caption(result) -> str:
+def findings_caption(result: Prediction) -> str:
     """What the model says and what it does not assess, in words, for pictures people read."""
-    quality = result.quality or {}
-    reasons = "; ".join(quality.get("reasons") or [])
+    quality = result.quality
+    reasons = "; ".join(quality.reasons) if quality else ""
     if result.probabilities is None and reasons:
-        return f"NOT SCORED: {quality.get('refused_as') or 'not a frontal chest X-ray'} ({reasons})"
+        return f"NOT SCORED: {(quality.refused_as if quality else None) or 'not a frontal chest X-ray'} ({reasons})"
     found = ", ".join(result.findings) if result.findings else "none above threshold"
     line = f"Findings: {found}"
-    if quality.get("forced"):
+    if quality and quality.forced:
         line = f"FORCED: the input gate refused this image ({reasons}); scored anyway\n" + line
     if result.not_assessed:
         names = ", ".join(result.not_assessed) if len(result.not_assessed) <= 4 else \
             f"{len(result.not_assessed)} of 15 labels"
         line += f"\nNot assessed by this model: {names}"
-    outlined = [label for label, e in (result.cams or {}).items() if e["method"] == "outlines"]
+    outlined = [label for label, e in (result.cams or {}).items() if e.method == "outlines"]
     if outlined:
         line += f"\n{', '.join(outlined)}: explained by the heart outline (red) and the thoracic width (green)"
-    if (result.measurements or {}).get("ctr_call_note"):
-        line += f"\nCardiomegaly {result.measurements['ctr_call_note']}"
+    if result.measurements and result.measurements.call_note:
+        line += f"\nCardiomegaly {result.measurements.call_note}"
     if result.mask_quality:
-        line += "\n" + masks_caption(result.mask_quality)
+        line += "\n" + result.mask_quality.caption()
     return line
-
-
-def masks_caption(quality: dict) -> str:
-    """Each mask's quality in words, and which masks are not to be trusted."""
-    values = ", ".join(f"{name} {quality[name]:.2f}" for name in ("lungs", "heart") if quality.get(name) is not None)
-    unreliable = quality.get("unreliable") or []
-    return f"Mask quality: {values}" + (f" - {'; '.join(unreliable).upper()}" if unreliable else "")
 
 
 FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -249,27 +246,30 @@ def ctr_caption(measurements: dict) -> str:
     return f"Cardiothoracic ratio (heart width in red / thoracic width in green): {value:.2f}{verdict}"
 
 
-def picture_for(result, max_side: int = 1024, only: str | None = None) -> np.ndarray:
+def picture_for(result: Prediction, max_side: int = 1024, only: str | None = None) -> np.ndarray:
     """:func:`prediction_picture` of a :class:`~pneumoscan.prediction.Prediction` kept with its
     arrays (``keep_arrays=True``), captioned with its findings or its refusal: one panel per
     Grad-CAM explanation, side by side (the first, ``cam_label``, leftmost), or only the panel of
     ``only`` (default: the panels of the labels ``--cam LABEL[,LABEL…]`` asked for, if any); a film
     without a map gets one panel without."""
+    if result.pixels is None:
+        raise ValueError("a picture needs the prediction's arrays: predict with keep_arrays=True")
     maps = result.cam_maps or {}
-    asked = [label for label, e in (result.cams or {}).items() if e.get("why") == "asked for" and label in maps]
-    labels = [only] if only in maps else asked or list(maps) or [None]
+    asked = [label for label, e in (result.cams or {}).items() if e.why == "asked for" and label in maps]
+    labels: list[str | None] = [only] if only in maps else [*asked] or [*maps] or [None]
     if len(labels) > 1:
         max_side = min(max_side, 768)  # two or three panels side by side stay a readable width
     panels = []
     for label in labels:
-        explanation = (result.cams or {}).get(label) or {}
+        explanation = (result.cams or {}).get(label) if label else None
         panels.append(prediction_picture(
-            result.pixels, result.mask, result.box, result.fallback, maps.get(label), label,
+            result.pixels, result.mask, result.box, bool(result.fallback), maps.get(label) if label else None, label,
             (result.probabilities or {}).get(label) if label else None, max_side=max_side,
             caption=findings_caption(result), local_box=result.local_box,
-            threshold=(result.thresholds or {}).get(label) if label else None, region=explanation.get("region"),
-            heart=result.heart, measurements=result.measurements,
-            why=None if explanation.get("why") == "called" else explanation.get("why")))
+            threshold=(result.thresholds or {}).get(label) if label else None,
+            region=explanation.region if explanation else None, heart=result.heart,
+            measurements=result.measurements.to_dict() if result.measurements else None,
+            why=None if explanation is None or explanation.why == "called" else explanation.why))
     return side_by_side(panels)
 
 

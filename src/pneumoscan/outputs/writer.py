@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -26,14 +27,55 @@ from pneumoscan.reading import assessed_thresholds, status_of
 #: Output names stay well under the 255-byte limit of most file systems, suffixes included.
 MAX_STEM_BYTES = 120
 FORMATS = ("json", "csv")
-#: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell);
-#: ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed labels',
-#: ``rank_scores`` their population-independent rank scores (JSON).
-CSV_TAIL = ["findings", "not_assessed", "frontal_chest", "gate_reasons", "box", "local_box", "fallback",
-            "cam_label", "cam_peak", "cam_region", "explanations", "cardiothoracic_ratio", "cardiothoracic_ratio_reason",
-            "lung_mask_quality", "heart_mask_quality", "masks_unreliable", "status", "verdict", "population", "age",
-            "age_source", "calibrated_for", "thresholds",
-            "rank_scores", "verdict_reason", "ctr_call_note", "overlay", "error"]
+
+
+def _cell(value: Any) -> Any:
+    return "" if value is None else value
+
+
+def _listed(value: Any) -> str:
+    return json.dumps(value) if value else ""
+
+
+def _part(record: dict[str, Any], name: str) -> dict[str, Any]:
+    return record.get(name) or {}
+
+
+#: CSV columns after the path and the 15 probabilities (a label not assessed has an empty cell),
+#: each with how its cell is read from a record: the header and every row come from this one
+#: table. ``status`` is :func:`~pneumoscan.reading.status_of`, ``thresholds`` the assessed
+#: labels', ``rank_scores`` their population-independent rank scores (JSON).
+CSV_COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
+    ("findings", lambda r: "|".join(r.get("findings") or [])),
+    ("not_assessed", lambda r: "|".join(r.get("not_assessed") or [])),
+    ("frontal_chest", lambda r: _cell(_part(r, "quality").get("frontal_chest"))),
+    ("gate_reasons", lambda r: "|".join(_part(r, "quality").get("reasons", []))),
+    ("box", lambda r: json.dumps(r.get("box"))),
+    ("local_box", lambda r: _listed(r.get("local_box"))),
+    ("fallback", lambda r: r.get("fallback")),
+    ("cam_label", lambda r: r.get("cam_label")),
+    ("cam_peak", lambda r: _listed(r.get("cam_peak"))),
+    ("cam_region", lambda r: _listed(r.get("cam_region"))),
+    ("explanations", lambda r: explained(r.get("cams"))),
+    ("cardiothoracic_ratio", lambda r: _cell(_part(r, "measurements").get("cardiothoracic_ratio"))),
+    ("cardiothoracic_ratio_reason", lambda r: _cell(_part(r, "measurements").get("cardiothoracic_ratio_reason"))),
+    ("lung_mask_quality", lambda r: _cell(_part(r, "mask_quality").get("lungs"))),
+    ("heart_mask_quality", lambda r: _cell(_part(r, "mask_quality").get("heart"))),
+    ("masks_unreliable", lambda r: "|".join(_part(r, "mask_quality").get("unreliable") or [])),
+    ("status", status_of),
+    ("verdict", lambda r: _cell(r.get("verdict"))),
+    ("population", lambda r: _cell(_part(r, "population").get("group"))),
+    ("age", lambda r: _cell(_part(r, "population").get("age"))),
+    ("age_source", lambda r: _cell(_part(r, "population").get("source"))),
+    ("calibrated_for", lambda r: _cell(r.get("calibrated_for"))),
+    ("thresholds", lambda r: _listed(assessed_thresholds(r))),
+    ("rank_scores", lambda r: _listed({k: v for k, v in (r.get("rank_scores") or {}).items() if v is not None})),
+    ("verdict_reason", lambda r: _cell(r.get("verdict_reason"))),
+    ("ctr_call_note", lambda r: _cell(_part(r, "measurements").get("ctr_call_note"))),
+    ("overlay", lambda r: r.get("overlay")),
+    ("error", lambda r: r.get("error") or ""),
+)
+CSV_TAIL = [name for name, _ in CSV_COLUMNS]
 
 
 #: Errors that mean no later file can be written either: the batch stops instead of failing
@@ -147,33 +189,9 @@ def from_spreadsheet_safe(cell: str) -> str:
 
 def csv_row(record: dict[str, Any]) -> list[Any]:
     """One CSV row of a record: path, the 15 probabilities (empty when not assessed), then
-    :data:`CSV_TAIL`; every text cell :func:`spreadsheet_safe`."""
-    probs = record.get("probabilities") or {}
-    quality = record.get("quality") or {}
-    measurements = record.get("measurements") or {}
-    population = record.get("population") or {}
-    masks = record.get("mask_quality") or {}
-
-    def cell(value: Any) -> Any:
-        return "" if value is None else value
-
-    def listed(value: Any) -> str:
-        return json.dumps(value) if value else ""
-
-    row = [record["path"], *(cell(probs.get(label)) for label in LABELS),
-           "|".join(record.get("findings") or []), "|".join(record.get("not_assessed") or []),
-           cell(quality.get("frontal_chest")), "|".join(quality.get("reasons", [])),
-           json.dumps(record.get("box")), listed(record.get("local_box")), record.get("fallback"),
-           record.get("cam_label"), listed(record.get("cam_peak")), listed(record.get("cam_region")),
-           explained(record.get("cams")),
-           cell(measurements.get("cardiothoracic_ratio")), cell(measurements.get("cardiothoracic_ratio_reason")),
-           cell(masks.get("lungs")), cell(masks.get("heart")), "|".join(masks.get("unreliable") or []),
-           status_of(record), cell(record.get("verdict")), cell(population.get("group")), cell(population.get("age")),
-           cell(population.get("source")), cell(record.get("calibrated_for")),
-           listed(assessed_thresholds(record)),
-           listed({k: v for k, v in (record.get("rank_scores") or {}).items() if v is not None}),
-           cell(record.get("verdict_reason")), cell(measurements.get("ctr_call_note")),
-           record.get("overlay"), record.get("error") or ""]
+    :data:`CSV_COLUMNS`; every text cell :func:`spreadsheet_safe`."""
+    probs = _part(record, "probabilities")
+    row = [record["path"], *(_cell(probs.get(label)) for label in LABELS), *(read(record) for _, read in CSV_COLUMNS)]
     return [spreadsheet_safe(value) for value in row]
 
 

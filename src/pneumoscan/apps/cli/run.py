@@ -48,7 +48,7 @@ def segment(
     from pneumoscan.evidence import heart_and_ratio
     from pneumoscan.films import display_name
     from pneumoscan.loading import load_heart
-    from pneumoscan.outputs.overlay import masks_caption, prediction_picture
+    from pneumoscan.outputs.overlay import prediction_picture
     from pneumoscan.pipeline import read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
 
@@ -77,10 +77,10 @@ def segment(
                     quality, heart, ctr = next(measured)
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
                                   fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
-                                  cardiothoracic_ratio_reason=ctr.reason, mask_quality=quality)
+                                  cardiothoracic_ratio_reason=ctr.reason, mask_quality=quality.to_dict())
                     picture = prediction_picture(item.image.pixels, seg.mask, list(seg.box), seg.fallback, None, None,
                                                  None, heart=heart, measurements=ctr.to_dict(),
-                                                 caption=masks_caption(quality))
+                                                 caption=quality.caption())
                     try:  # a file is listed only once it is written
                         for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", picture)):
                             if not cv2.imwrite(str(out / f"{stem}_{kind}.png"), image):
