@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,45 @@ def matching_check(lung_model_sha256: str | None) -> FrontalCheck | None:
                   f"not on the loaded {str(lung_model_sha256)[:12]}…; the gate uses its rules only "
                   f"(refit it with tools/gate_fit.py)", stacklevel=3)
     return None
+
+
+@dataclass
+class ExplanationPlan:
+    """One batch's choice of maps, made while the classifier runs: who each film is read for
+    (decided once, from its stated age or else estimated from its features: the choice of maps
+    needs it before the reading does) and which labels get a Grad-CAM."""
+
+    classifier: ScoringClassifier
+    cam: str | None
+    asked: list[str]
+    stated: list[tuple[float, str] | None]
+    ratios: list[CardiothoracicRatio | None]
+    populations: dict[int, Population] = field(default_factory=dict)
+
+    def population(self, i: int, pooled: np.ndarray) -> Population:
+        if i not in self.populations:
+            age = self.stated[i]
+            self.populations[i] = (population_from_age(*age) if age is not None
+                                   else estimate_population(pooled, self.classifier.age_model))
+        return self.populations[i]
+
+    def maps_of(self, i: int, p: np.ndarray, pooled: np.ndarray) -> list[int]:
+        """The labels given a Grad-CAM: the ones asked for first, then every called finding by
+        calibrated probability (Cardiomegaly's explanation is the heart outline when the ratio
+        supports it); with 'top' and nothing called, the most probable finding assessed for the
+        population."""
+        if self.cam is None:
+            return []
+        reading = self.classifier.readings[self.population(i, pooled).group]
+        shown = reading.calibrate(p[None])[0]  # "most probable" as the reader sees the numbers
+        known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
+        called = sorted((f for f in reading.called(p) if f in known), key=lambda f: -shown[LABELS.index(f)])
+        chosen = [f for f in called if not (f == OUTLINED and outline_supports(self.ratios[i]))]
+        if self.asked:
+            chosen = self.asked + [f for f in chosen if f not in self.asked]
+        elif not called and known:
+            chosen = [max(known, key=lambda f: shown[LABELS.index(f)])]
+        return [LABELS.index(f) for f in chosen]
 
 
 class Predictor:
@@ -211,33 +251,8 @@ class Predictor:
             return results
         crops = np.stack([item.crop for _, item in scored if item.crop is not None]).astype(np.float32) / 255.0
         measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
-        stated = [stated_age(item.image.meta, item.source[2]) for _, item in scored]
-        populations: dict[int, Population] = {}  # film i's, decided once (the map's choice needs it first)
-
-        def population(i: int, pooled: np.ndarray) -> Population:
-            if i not in populations:
-                age = stated[i]
-                populations[i] = (population_from_age(*age) if age is not None
-                                  else estimate_population(pooled, classifier.age_model))
-            return populations[i]
-
-        def maps_of(i: int, p: np.ndarray, pooled: np.ndarray) -> list[int]:
-            """The labels given a Grad-CAM: the one asked for first, then every called finding by
-            calibrated probability (Cardiomegaly's explanation is the heart outline when a heart model runs);
-            with 'top' and nothing called, the most probable finding assessed for the population."""
-            if cam is None:
-                return []
-            reading = classifier.readings[population(i, pooled).group]
-            shown = reading.calibrate(p[None])[0]  # "most probable" as the reader sees the numbers
-            known = [f for f in FINDINGS if reading.assessed[LABELS.index(f)]]
-            called = sorted((f for f in reading.called(p) if f in known), key=lambda f: -shown[LABELS.index(f)])
-            chosen = [f for f in called if not (f == OUTLINED and outline_supports(measured[i][2]))]
-            if asked:
-                chosen = asked + [f for f in chosen if f not in asked]
-            elif not called and known:
-                chosen = [max(known, key=lambda f: shown[LABELS.index(f)])]
-            return [LABELS.index(f) for f in chosen]
-
+        plan = ExplanationPlan(classifier, cam, asked, [stated_age(item.image.meta, item.source[2]) for _, item in scored],
+                               [ratio for _, _, ratio in measured])
         codes = None
         if classifier.clinical is not None:
             names = classifier.clinical.names
@@ -248,7 +263,7 @@ class Predictor:
             item = scored[i][1]
             return local_crop(item.image.pixels, item.seg.box, box, classifier.size)
 
-        probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, maps_of, local_from=local_from,
+        probs, pooled, heats, local_boxes = classifier.predict_and_explain(crops, plan.maps_of, local_from=local_from,
                                                                            codes=codes)
         adult_only = adult_only_labels(classifier.readings)
         for k, ((result, item), p, heat, local) in enumerate(zip(scored, probs, heats, local_boxes)):
@@ -256,7 +271,7 @@ class Predictor:
                 result.local_box = [int(v) for v in box_in_original(local, item.seg.box, classifier.size)]
             if codes is not None and classifier.clinical is not None:
                 result.clinical = classifier.clinical.present(codes[k])
-            self._reading(result, p, population(k, pooled[k]), adult_only)
+            self._reading(result, p, plan.population(k, pooled[k]), adult_only)
             self._explain(result, item, heat, asked, keep_arrays)
         self._measure(scored, measured, keep_arrays)
         return results
