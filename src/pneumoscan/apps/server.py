@@ -49,7 +49,7 @@ from pneumoscan import __version__
 from pneumoscan.apps.limits import PeerBudget, UploadPace, UploadTooSlow, read_paced
 from pneumoscan.apps.responses import data_uri, json_error, web_file
 from pneumoscan.films import MAX_PIXELS, XrayReadError, decode_xray
-from pneumoscan.outputs.writer import write_to_store
+from pneumoscan.outputs.writer import keep_film, write_to_store
 from pneumoscan.predict import Predictor
 
 DEFAULT_MAX_UPLOAD_MB = 32
@@ -352,15 +352,8 @@ def kept(folder: Path | None, data: bytes, label: str) -> Path | None:
     """The upload kept in ``folder`` (by SHA-256, the name's suffix kept), or None."""
     if folder is None:
         return None
-    import hashlib
-
-    from pneumoscan.modelfile import atomic_write_bytes
-
     suffix = Path(label).suffix.lower() if Path(label).suffix.lower() in KEPT_SUFFIXES else ""
-    target = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
     try:
-        if not target.exists():
-            atomic_write_bytes(target, data, sync=False)
+        return keep_film(folder, data, suffix)
     except OSError:
         return None  # the store then says the film has no kept copy
-    return target

@@ -206,21 +206,15 @@ class Worker:
         """The result into the results store (the received film kept in ``keep_films``, by its
         SHA-256, when given); a store that is down is logged and said in the record, never retried:
         the DICOM results are out already."""
-        import hashlib
-        import shutil
-
-        from pneumoscan.outputs.writer import write_to_store
+        from pneumoscan.outputs.writer import keep_film, write_to_store
 
         data = path.read_bytes()
         kept = None
         if self.keep_films is not None:
-            kept = self.keep_films / f"{hashlib.sha256(data).hexdigest()}.dcm"
             try:
-                if not kept.exists():
-                    shutil.copyfile(path, kept)
+                kept = keep_film(self.keep_films, data, ".dcm")
             except OSError as exc:
                 log.error("film %s not kept in %s: %s", uid, self.keep_films, exc.strerror or exc)
-                kept = None
         run = self.predictor.run_identity()
         write_to_store(self.store, record, result, data, name=uid, path=kept, run=run, source="listen")
         if record.get("store_error"):

@@ -324,6 +324,17 @@ STORE_STRIKES = 3
 STORE_REST_S = 300.0
 
 
+def keep_film(folder: Path, data: bytes, suffix: str) -> Path:
+    """A received film kept for the store's export, named by its SHA-256 (written once, atomically:
+    the same film sent twice is one file); OSError when it cannot be written."""
+    from pneumoscan.modelfile import atomic_write_bytes
+
+    target = folder / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+    if not target.exists():
+        atomic_write_bytes(target, data, sync=False)
+    return target
+
+
 def write_to_store(store, record: dict[str, Any], result, data: bytes | None, *, name: str, path: Path | None,
                    run: dict[str, Any], source: str) -> dict[str, Any]:
     """Store one record (after its files were written): ``store_id`` in the record, or, when the
