@@ -10,7 +10,7 @@ import numpy as np
 
 from pneumoscan.maskquality import MaskQuality
 from pneumoscan.measure import PA_CUTOFF, CardiothoracicRatio, cardiothoracic_ratio
-from pneumoscan.pipeline import Cropped
+from pneumoscan.pipeline import Segmented
 from pneumoscan.prediction import Explanation
 from pneumoscan.segment import HeartSegmenter, LungSegmenter
 
@@ -60,7 +60,7 @@ def ratio_disagreement(ctr: Any) -> str | None:
             f"mask or the classifier is wrong here; read the film)")
 
 
-def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter | None
+def masks_and_ratio(items: list[Segmented], segmenter: LungSegmenter, heart: HeartSegmenter | None
                     ) -> list[tuple[MaskQuality, np.ndarray | None, CardiothoracicRatio | None]]:
     """For segmented films (``predict`` and ``segment`` both): the masks' quality record
     (:class:`~pneumoscan.maskquality.MaskQuality`), the heart mask and the cardiothoracic ratio (both None
@@ -69,18 +69,18 @@ def masks_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: Heart
         return list(heart_and_ratio(items, segmenter, heart))
     if not items:
         return []
-    prepared = np.stack([np.asarray(item.prepared) for item in items])
+    prepared = np.stack([item.prepared for item in items])
     lung_quality = segmenter.mask_quality(prepared, [item.seg.mask for item in items])
     return [(MaskQuality.of(q, segmenter.quality_rule, None, None), None, None) for q in lung_quality]
 
 
-def heart_and_ratio(items: list[Cropped], segmenter: LungSegmenter, heart: HeartSegmenter
+def heart_and_ratio(items: list[Segmented], segmenter: LungSegmenter, heart: HeartSegmenter
                     ) -> list[tuple[MaskQuality, np.ndarray, CardiothoracicRatio]]:
     """:func:`masks_and_ratio` with a heart model: every film gets its heart mask and a ratio
     (whose value is None, with the reason, when a mask cannot be trusted)."""
     if not items:
         return []
-    prepared = np.stack([np.asarray(item.prepared) for item in items])
+    prepared = np.stack([item.prepared for item in items])
     lungs = [item.seg.mask for item in items]
     lung_quality = segmenter.mask_quality(prepared, lungs)
     hearts = heart.heart_masks([item.image.pixels for item in items], prepared)

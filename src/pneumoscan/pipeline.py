@@ -6,12 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pneumoscan.crop import classifier_crop, lungs_only
-from pneumoscan.films import XrayReadError, read_xray
+from pneumoscan.films import XrayImage, XrayReadError, read_xray
+
+if TYPE_CHECKING:
+    from pneumoscan.segment import Segmentation
 
 
 def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int = 16,
@@ -30,17 +33,34 @@ def segment_and_crop(images: list[np.ndarray], segmenter, size: int, batch: int 
     return segs, crops
 
 
-@dataclass
-class Cropped:
-    """One input on the read → segment → crop path: the image (None if unreadable, with ``error``
-    saying why), its segmentation and its uint8 classifier crop."""
+@dataclass(frozen=True)
+class Segmented:
+    """A readable film after the lung U-Net: what the stages after it read, nothing missing."""
 
     source: Any
-    image: Any = None            # pneumoscan.films.XrayImage
+    image: XrayImage
+    prepared: np.ndarray  # the U-Nets' input
+    seg: Segmentation
+    crop: np.ndarray      # the classifier's uint8 crop
+
+
+@dataclass
+class Cropped:
+    """One input on the read → segment → crop path, filled in as it goes: the image (None if
+    unreadable, with ``error`` saying why), its segmentation and its uint8 classifier crop."""
+
+    source: Any
+    image: XrayImage | None = None
     error: str | None = None
     prepared: np.ndarray | None = None  # the U-Nets' input, made on the decoding thread
-    seg: Any = None              # pneumoscan.segment.Segmentation
+    seg: Segmentation | None = None
     crop: np.ndarray | None = None
+
+    def segmented(self) -> Segmented | None:
+        """The film as the stages after the U-Net read it; None when it could not be read."""
+        if self.image is None or self.prepared is None or self.seg is None or self.crop is None:
+            return None
+        return Segmented(self.source, self.image, self.prepared, self.seg, self.crop)
 
 
 def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: int = 16, threads: int = 2,
@@ -62,10 +82,10 @@ def read_segment_crop(sources: Iterable[Any], segmenter, size: int, *, batch: in
 
     loaded = read_ahead(load, sources, threads=threads, ahead=2 * batch)
     while chunk := list(islice(loaded, batch)):
-        readable = [c for c in chunk if c.image is not None]
-        segs, crops = segment_and_crop([c.image.pixels for c in readable], segmenter, size, batch,
-                                       np.stack([c.prepared for c in readable if c.prepared is not None]) if readable else None,
+        readable = [(c, c.image, c.prepared) for c in chunk if c.image is not None and c.prepared is not None]
+        segs, crops = segment_and_crop([image.pixels for _, image, _ in readable], segmenter, size, batch,
+                                       np.stack([prepared for _, _, prepared in readable]) if readable else None,
                                        masked=masked)
-        for item, seg, crop in zip(readable, segs, crops):
+        for (item, _, _), seg, crop in zip(readable, segs, crops):
             item.seg, item.crop = seg, crop
         yield chunk

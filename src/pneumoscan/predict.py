@@ -44,7 +44,7 @@ from pneumoscan.loading import load_heart, load_models
 from pneumoscan.maskquality import MaskQuality
 from pneumoscan.measure import CardiothoracicRatio, Measurements
 from pneumoscan.modelfile import ModelFileError
-from pneumoscan.pipeline import Cropped, read_segment_crop
+from pneumoscan.pipeline import Cropped, Segmented, read_segment_crop
 from pneumoscan.prediction import PUBLIC_META, Explanation, NotAssessedError, Prediction, resolve_label
 from pneumoscan.reading import (
     Group,
@@ -249,7 +249,7 @@ class Predictor:
         results, scored = self._gate(chunk, keep_arrays, force)
         if not scored:
             return results
-        crops = np.stack([item.crop for _, item in scored if item.crop is not None]).astype(np.float32) / 255.0
+        crops = np.stack([item.crop for _, item in scored]).astype(np.float32) / 255.0
         measured = masks_and_ratio([item for _, item in scored], self.segmenter, self.heart)
         plan = ExplanationPlan(classifier, cam, asked, [stated_age(item.image.meta, item.source[2]) for _, item in scored],
                                [ratio for _, _, ratio in measured])
@@ -277,14 +277,15 @@ class Predictor:
         return results
 
     def _gate(self, chunk: list[Cropped], keep_arrays: bool, force: bool
-              ) -> tuple[list[Prediction], list[tuple[Prediction, Cropped]]]:
+              ) -> tuple[list[Prediction], list[tuple[Prediction, Segmented]]]:
         """One Prediction per input (an unreadable one carries its error) and the films the input
         gate lets through (every readable film with ``force``), each with its gate verdict, crop box
         and (``keep_arrays``) its pixels and lung mask."""
         results = [Prediction(path=_label(*item.source[:2]), error=item.error) for item in chunk]
         scored = []
-        for result, item in zip(results, chunk):
-            if item.image is None:
+        for result, cropped in zip(results, chunk):
+            item = cropped.segmented()
+            if item is None:  # unreadable: its error is said
                 continue
             image, seg = item.image, item.seg
             gate = check_frontal_chest(seg.prob, image.pixels, image.meta, self.frontal_check)
@@ -317,7 +318,7 @@ class Predictor:
         result.verdict_reason = verdict_reason(result.verdict, reading, result.findings, adult_only)
         result.rank_scores = rank_scores(p, classifier.rank, reading.assessed)
 
-    def _explain(self, result: Prediction, item: Cropped, heat: dict[int, np.ndarray], asked: list[str],
+    def _explain(self, result: Prediction, item: Segmented, heat: dict[int, np.ndarray], asked: list[str],
                  keep_arrays: bool) -> None:
         """The film's Grad-CAM maps on the film: peak, region and why each is shown."""
         explained = {LABELS[j]: heat_on_film(h, item.seg.mask, item.seg.box, item.image.pixels.shape,
@@ -333,7 +334,7 @@ class Predictor:
             result.cam_maps = {label: full for label, (_, _, full) in explained.items() if full is not None}
 
     @staticmethod
-    def _measure(scored: list[tuple[Prediction, Cropped]],
+    def _measure(scored: list[tuple[Prediction, Segmented]],
                  measured: list[tuple[MaskQuality, np.ndarray | None, CardiothoracicRatio | None]],
                  keep_arrays: bool) -> None:
         """Each scored film's mask quality, heart mask and cardiothoracic ratio

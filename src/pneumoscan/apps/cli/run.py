@@ -67,18 +67,19 @@ def segment(
     with open(out / "segment.jsonl", "w") as log, progress_bar(len(paths), "segment") as bar:
         # The crop itself is not needed here; it is the shared path's by-product (a resize).
         for chunk in read_segment_crop(paths, segmenter, 8, batch=batch_size, threads=2):
-            readable = [item for item in chunk if item.seg is not None]
-            measured = iter(heart_and_ratio(readable, segmenter, heart_segmenter))  # one per readable film
-            for item in chunk:
-                record: dict[str, Any] = {"path": display_name(item.source), "box": None, "lung_fraction": None, "fallback": None,
-                          "cardiothoracic_ratio": None, "error": item.error}
-                seg, stem = item.seg, next(stems)
-                if seg is not None:
+            films = [item.segmented() for item in chunk]
+            measured = iter(heart_and_ratio([f for f in films if f is not None], segmenter, heart_segmenter))
+            for item, film in zip(chunk, films):
+                record: dict[str, Any] = {"path": display_name(item.source), "box": None, "lung_fraction": None,
+                                          "fallback": None, "cardiothoracic_ratio": None, "error": item.error}
+                stem = next(stems)
+                if film is not None:
+                    seg = film.seg
                     quality, heart, ctr = next(measured)
                     record.update(box=list(seg.box), lung_fraction=round(seg.lung_fraction, 4),
                                   fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
                                   cardiothoracic_ratio_reason=ctr.reason, mask_quality=quality.to_dict())
-                    picture = prediction_picture(item.image.pixels, seg.mask, list(seg.box), seg.fallback, None, None,
+                    picture = prediction_picture(film.image.pixels, seg.mask, list(seg.box), seg.fallback, None, None,
                                                  None, heart=heart, measurements=ctr.to_dict(),
                                                  caption=quality.caption())
                     try:  # a file is listed only once it is written
