@@ -66,10 +66,13 @@ class Measurements:
     cutoff_note: str | None = None
     call_note: str | None = None
 
+    @property
+    def above_cutoff(self) -> bool | None:
+        """Whether the ratio is above the PA cut-off, where the cut-off applies to this film."""
+        return self.ratio.enlarged if self.cutoff_applies else None
+
     def to_dict(self) -> dict[str, Any]:
-        out = self.ratio.to_dict()
-        if not self.cutoff_applies:
-            out["ctr_above_pa_cutoff"] = None
+        out = self.ratio.to_dict() | {"ctr_above_pa_cutoff": self.above_cutoff}
         if self.cutoff_note is not None:
             out["ctr_cutoff_note"] = self.cutoff_note
         if self.call_note is not None:

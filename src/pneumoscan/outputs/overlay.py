@@ -13,6 +13,7 @@ import numpy as np
 from pneumoscan.enhance import to_uint8
 
 if TYPE_CHECKING:
+    from pneumoscan.measure import Measurements
     from pneumoscan.prediction import Prediction
 
 LUNG_BGR = (80, 220, 80)
@@ -99,7 +100,7 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
                        max_side: int = 1024, caption: str | None = None,
                        local_box: list[int] | None = None, threshold: float | None = None,
                        region: list[int] | None = None, heart: np.ndarray | None = None,
-                       measurements: dict | None = None, why: str | None = None) -> np.ndarray:
+                       measurements: Measurements | None = None, why: str | None = None) -> np.ndarray:
     """BGR uint8 picture for people: the X-ray (drawn between :data:`MIN_SIDE` and ``max_side``
     on its long side) with lung contour, crop box (dashed when the whole image was used), an
     AG-CNN model's local box (what its local branch read, in magenta) and, if given, the Grad-CAM
@@ -112,9 +113,9 @@ def prediction_picture(pixels: np.ndarray, mask: np.ndarray | None, box: list[in
     long_side = max(pixels.shape)
     scale = max_side / long_side if long_side > max_side else max(1.0, MIN_SIDE / long_side)
     layers = _scaled(Layers(pixels, mask, box, local_box, region, cam, heart), scale)
-    ctr_lines = [[round(v * scale) for v in line] for line in
-                 ((measurements or {}).get("heart_line"), (measurements or {}).get("thoracic_line"))
-                 if line] if (measurements or {}).get("cardiothoracic_ratio") is not None else []
+    ratio = measurements.ratio if measurements is not None else None
+    ctr_lines = [[round(v * scale) for v in line] for line in (ratio.heart_line, ratio.thorax_line)
+                 if line] if ratio is not None and ratio.value is not None else []
     called = probability is not None and threshold is not None and probability >= threshold
     muted = probability is not None and threshold is not None and not called
     film = _drawn_film(layers, fallback, muted, ctr_lines)
@@ -235,12 +236,12 @@ def _framed(film: np.ndarray, title: str, caption: str | None, with_bar: bool) -
     return canvas
 
 
-def ctr_caption(measurements: dict) -> str:
+def ctr_caption(measurements: Measurements) -> str:
     """The cardiothoracic ratio in words, or why there is none."""
-    value = measurements.get("cardiothoracic_ratio")
+    value = measurements.ratio.value
     if value is None:
-        return f"Cardiothoracic ratio: not measured ({measurements.get('cardiothoracic_ratio_reason')})"
-    above = measurements.get("ctr_above_pa_cutoff")
+        return f"Cardiothoracic ratio: not measured ({measurements.ratio.reason})"
+    above = measurements.above_cutoff
     verdict = ("" if above is None else
                f" ({'above' if above else 'not above'} the PA cut-off 0.50)")
     return f"Cardiothoracic ratio (heart width in red / thoracic width in green): {value:.2f}{verdict}"
@@ -268,7 +269,7 @@ def picture_for(result: Prediction, max_side: int = 1024, only: str | None = Non
             caption=findings_caption(result), local_box=result.local_box,
             threshold=(result.thresholds or {}).get(label) if label else None,
             region=explanation.region if explanation else None, heart=result.heart,
-            measurements=result.measurements.to_dict() if result.measurements else None,
+            measurements=result.measurements,
             why=None if explanation is None or explanation.why == "called" else explanation.why))
     return side_by_side(panels)
 

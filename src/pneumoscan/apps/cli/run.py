@@ -48,6 +48,7 @@ def segment(
     from pneumoscan.evidence import heart_and_ratio
     from pneumoscan.films import display_name
     from pneumoscan.loading import load_heart
+    from pneumoscan.measure import Measurements
     from pneumoscan.outputs.overlay import prediction_picture
     from pneumoscan.pipeline import read_segment_crop
     from pneumoscan.segment import LungSegmenter, load_default
@@ -80,7 +81,7 @@ def segment(
                                   fallback=seg.fallback, cardiothoracic_ratio=ctr.value,
                                   cardiothoracic_ratio_reason=ctr.reason, mask_quality=quality.to_dict())
                     picture = prediction_picture(film.image.pixels, seg.mask, list(seg.box), seg.fallback, None, None,
-                                                 None, heart=heart, measurements=ctr.to_dict(),
+                                                 None, heart=heart, measurements=Measurements(ctr),
                                                  caption=quality.caption())
                     try:  # a file is listed only once it is written
                         for kind, image in (("mask", seg.mask * 255), ("heart", heart * 255), ("overlay", picture)):
