@@ -71,7 +71,7 @@ class Prediction:
     ``probabilities[label]`` is None for a label the model does not assess (also listed in
     ``not_assessed``): the model was never shown to have learnt it, so no number is given and it
     is never a finding. ``thresholds`` holds each assessed label's operating threshold.
-    ``cams`` holds one explanation per explained label (:func:`explanations`): every called
+    ``cams`` holds one :class:`Explanation` per explained label: every called
     finding gets one, a Grad-CAM (``peak`` [x, y] and ``region`` [x0, y0, x1, y1], where the map
     reaches half its maximum inside the lung mask, in original-image pixels) or, for Cardiomegaly
     when a heart model runs, the heart and thoracic outlines with the measured ratio; ``cam_label``,
@@ -89,10 +89,10 @@ class Prediction:
     :meth:`to_dict` is :func:`pneumoscan.reading.status_of`.
     ``local_box`` is an AG-CNN model's attention box on the original image (what its local
     branch read); ``clinical`` says which patient-information fields a model that fuses them was
-    given (the values themselves stay out). ``quality`` is the input gate's verdict (:mod:`pneumoscan.gate`): when
-    ``frontal_chest`` is
-    false the image was not scored (``probabilities`` and ``findings`` are None) unless the caller
-    forced it, which ``quality.forced`` then says.
+    given (the values themselves stay out). ``quality`` is the input gate's verdict
+    (:class:`pneumoscan.gate.GateResult`): when ``frontal_chest`` is false the image was not scored
+    (``probabilities`` and ``findings`` are None) unless the caller forced it, which
+    ``quality.forced`` then says.
     """
 
     path: str | None

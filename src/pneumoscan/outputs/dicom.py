@@ -134,7 +134,7 @@ def findings_sr(source: pydicom.Dataset, prediction: Prediction, classifier_meta
     masks = prediction.mask_quality
     for structure, finding, meta, model in (("lungs", codes.SCT.Lung, lung_meta, "PneumoScan lung U-Net"),
                                             ("heart", codes.SCT.Heart, heart_meta, "PneumoScan heart U-Net")):
-        quality = getattr(masks, structure) if masks is not None else None
+        quality = getattr(masks, structure, None)
         if masks is not None and quality is not None and meta is not None:
             groups.append(mask_quality_group(source, structure, finding, quality, masks.thresholds.get(structure),
                                              meta, model))

@@ -141,9 +141,10 @@ class FitLoop:
             loss.backward()
             self.opt.step()
             losses.append(float(loss.detach()))
-            if self.save_every is not None and ((k + 1) % self.save_every == 0 or time.time() > deadline):
+            late = time.time() > deadline
+            if self.save_every is not None and ((k + 1) % self.save_every == 0 or late):
                 self._save(epoch, k + 1)
-                if time.time() > deadline:
+                if late:
                     return None
         return losses
 
